@@ -1,0 +1,50 @@
+"""``omnibyte <verb> ...``: one entry point; each verb lives in ``omnibyte/commands/<verb>.py``.
+
+A command module defines ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``.
+Modules import heavy dependencies (torch, PIL) inside ``run`` so that ``omnibyte --help`` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+VERBS = ("train", "eval", "generate", "inspect", "prepare", "list", "plot")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="omnibyte", description="Multimodal byte-level language modelling.")
+    sub = parser.add_subparsers(dest="verb", metavar="verb")
+    for verb in VERBS:
+        try:
+            mod = importlib.import_module(f"omnibyte.commands.{verb}")
+        except ModuleNotFoundError as e:
+            if e.name != f"omnibyte.commands.{verb}":
+                raise
+            continue
+        p = sub.add_parser(verb, help=mod.HELP, description=mod.HELP)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    from .config import ConfigError
+    from .errors import DataError, SerializationError
+    from .registry import RegistryError
+
+    try:
+        return int(args._run(args) or 0)
+    except (ConfigError, RegistryError, SerializationError, DataError, FileNotFoundError) as e:
+        print(f"omnibyte {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

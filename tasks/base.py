@@ -1,0 +1,50 @@
+"""The task interface: where raw samples come from, and how a trained model is scored on them.
+
+A task reads a dataset in its native layout under ``root`` and yields raw samples (dicts, see
+:mod:`serializers.base`) in a fixed, deterministic order. Sharding across ranks and workers,
+shuffling and packing are the data loader's job (:mod:`omnibyte.data`), not the task's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from omnibyte.config import Node
+from omnibyte.registry import TASKS  # noqa: F401  (re-exported for task modules)
+
+
+@dataclass(frozen=True)
+class TaskConfig(Node):
+    root: str = ""  # the dataset's directory; tasks may provide a default (e.g. generated data)
+    on_bad_sample: Literal["fail", "skip"] = "fail"  # skip = count and go on; fail = raise naming it
+
+
+class Task:
+    Config = TaskConfig
+    #: how samples become fixed-length rows: one per row ("pad") or concatenated and chunked ("concat")
+    packing: Literal["pad", "concat"] = "pad"
+
+    def __init__(self, config: TaskConfig | None = None):
+        self.config = config if config is not None else self.Config()
+        self.skipped = 0  # bad samples skipped under on_bad_sample=skip
+
+    @property
+    def name(self) -> str:
+        return getattr(type(self), "registry_name", type(self).__name__)
+
+    def splits(self) -> list[str]:
+        raise NotImplementedError
+
+    def samples(self, split: str) -> Iterator[dict[str, Any]]:
+        """Every sample of ``split``, in a fixed order; finite."""
+        raise NotImplementedError
+
+    def num_samples(self, split: str) -> int | None:
+        """Number of samples in ``split`` if cheaply known."""
+        return None
+
+    def evaluate(self, model: Any, serializer: Any, split: str, run_dir: Any = None, **kwargs: Any) -> dict:
+        """Task metrics (accuracy, perplexity, ...) beyond the generic bits per byte. Default: none."""
+        return {}
