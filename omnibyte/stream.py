@@ -14,11 +14,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import vocab
 from .vocab import Modality
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True, eq=False)
@@ -136,10 +140,10 @@ class Batch:
     ``PAD`` tokens of weight 0 and modality SPECIAL. ``lengths`` holds each row's real length.
     """
 
-    tokens: "torch.Tensor"  # noqa: UP037
-    loss_mask: "torch.Tensor"  # noqa: UP037
-    modality: "torch.Tensor"  # noqa: UP037
-    lengths: "torch.Tensor"  # noqa: UP037
+    tokens: torch.Tensor
+    loss_mask: torch.Tensor
+    modality: torch.Tensor
+    lengths: torch.Tensor
     ids: list[str] = field(default_factory=list)
     meta: list[dict] = field(default_factory=list)
 
