@@ -1,0 +1,163 @@
+"""An h5py store of pre-serialized streams: fast re-runs and random access.
+
+One file per split. The streams are concatenated into flat datasets and addressed by offsets::
+
+    /tokens     uint16[N]    all streams' tokens, back to back
+    /loss_mask  float32[N]   (fractional weights kept exactly)
+    /modality   uint8[N]
+    /offsets    int64[n+1]   stream i is [offsets[i], offsets[i+1])
+    /ids        str[n]       sample ids
+    attrs: contract_version, serializer (the serializer config as JSON), serializer_name, split,
+           num_streams, format, plus any ``extra`` given (e.g. the task config)
+
+A store written under another token contract is refused on open (:func:`omnibyte.vocab.check_contract`).
+``H5Streams`` opens the file lazily and again after a fork, so it is safe in DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from omnibyte.errors import DataError
+from omnibyte.stream import ByteStream
+from omnibyte.vocab import CONTRACT_VERSION, check_contract
+
+FORMAT = 1
+_CHUNK = 1 << 16
+
+
+def write_streams(streams: Iterable[ByteStream], path: str | os.PathLike, *, serializer_config: Any = None,
+                  serializer_name: str = "", split: str = "", total: int | None = None, progress: bool = True,
+                  compression: str | None = None, extra: dict[str, Any] | None = None) -> Path:
+    """Write streams to ``path`` (via a temporary file renamed at the end); returns the path."""
+    import h5py
+    from tqdm.auto import tqdm
+
+    from omnibyte.config import to_dict
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    kw = {"chunks": (_CHUNK,), "maxshape": (None,)}
+    if compression:
+        kw["compression"] = compression
+    offsets = [0]
+    ids: list[str] = []
+    try:
+        with h5py.File(tmp, "w") as f:
+            tok = f.create_dataset("tokens", shape=(0,), dtype=np.uint16, **kw)
+            mask = f.create_dataset("loss_mask", shape=(0,), dtype=np.float32, **kw)
+            mod = f.create_dataset("modality", shape=(0,), dtype=np.uint8, **kw)
+            buf: list[ByteStream] = []
+
+            def flush() -> None:
+                if not buf:
+                    return
+                n0 = tok.shape[0]
+                n1 = n0 + sum(len(s) for s in buf)
+                for ds, key in ((tok, "tokens"), (mask, "loss_mask"), (mod, "modality")):
+                    ds.resize((n1,))
+                    ds[n0:n1] = np.concatenate([getattr(s, key) for s in buf])
+                buf.clear()
+
+            pending = 0
+            for s in tqdm(streams, total=total, desc=f"h5 {split or path.stem}", unit="stream",
+                          disable=not progress):
+                s.validate()
+                buf.append(s)
+                ids.append(s.id)
+                offsets.append(offsets[-1] + len(s))
+                pending += len(s)
+                if pending >= 1 << 22:
+                    flush()
+                    pending = 0
+            flush()
+            f.create_dataset("offsets", data=np.asarray(offsets, dtype=np.int64))
+            f.create_dataset("ids", data=np.asarray(ids, dtype=object), dtype=h5py.string_dtype())
+            cfg = to_dict(serializer_config) if serializer_config is not None else None
+            f.attrs["format"] = FORMAT
+            f.attrs["contract_version"] = CONTRACT_VERSION
+            f.attrs["serializer"] = json.dumps(cfg, sort_keys=True)
+            f.attrs["serializer_name"] = serializer_name or (cfg or {}).get("name", "")
+            f.attrs["split"] = split
+            f.attrs["num_streams"] = len(ids)
+            for k, v in (extra or {}).items():
+                f.attrs[k] = v if isinstance(v, (int, float, str)) else json.dumps(v, sort_keys=True)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+class H5Streams:
+    """Random access to a store written by :func:`write_streams`: ``len(s)``, ``s[i] -> ByteStream``."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DataError(f"{self.path}: no such h5 store (write one with `omnibyte prepare <config> --h5`)")
+        self._file = None
+        self._pid = None
+        f = self._h5()
+        for key in ("tokens", "loss_mask", "modality", "offsets", "ids"):
+            if key not in f:
+                raise DataError(f"{self.path}: not an omnibyte stream store (no /{key})")
+        try:
+            check_contract(int(f.attrs.get("contract_version", -1)), where=str(self.path))
+        except ValueError as e:
+            raise DataError(str(e)) from None
+        self.offsets = f["offsets"][:]
+        self.attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+
+    def _h5(self):
+        import h5py
+
+        if self._file is None or self._pid != os.getpid():
+            self._file = h5py.File(self.path, "r")
+            self._pid = os.getpid()
+        return self._file
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_file"] = None  # h5py handles do not pickle; reopen in the worker
+        return state
+
+    def __len__(self) -> int:
+        return int(self.offsets.shape[0] - 1)
+
+    @property
+    def serializer_config(self) -> dict[str, Any] | None:
+        return json.loads(self.attrs.get("serializer", "null"))
+
+    @property
+    def split(self) -> str:
+        return str(self.attrs.get("split", ""))
+
+    def id(self, i: int) -> str:
+        v = self._h5()["ids"][i]
+        return v.decode() if isinstance(v, bytes) else str(v)
+
+    def __getitem__(self, i: int) -> ByteStream:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"stream {i} out of range for {self.path} ({n} streams)")
+        i %= n
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        f = self._h5()
+        return ByteStream(f["tokens"][a:b], f["loss_mask"][a:b], f["modality"][a:b], id=self.id(i))
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
