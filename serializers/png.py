@@ -1,0 +1,68 @@
+"""``png``: PNG file bytes as the stream, passed through or deterministically re-encoded.
+
+Output length (IMAGE-modality bytes only, no markers, loss 1 on every byte):
+
+* ``method: passthrough``: ``L = len(file)``, the input file unchanged, byte for byte.
+* ``method: reencode``: ``L = len(PNG written by Pillow)`` for the processed image, which is data dependent
+  (zlib) and has no closed form; it is exact in the sense that ``decode(stream)`` gives that file back.
+  The file holds exactly the chunks ``IHDR, IDAT+, IEND`` (no metadata: no tEXt, pHYs, iCCP, gAMA, ...),
+  8-bit RGB (colour type 2) or L (colour type 0), non-interlaced, so
+  ``L = 8 + 25 + sum(12 + len(idat_i)) + 12`` with the IDAT payload a zlib stream of
+  ``H * (1 + W * C)`` filtered bytes.
+
+Determinism: passthrough is the identity. Re-encoding depends only on the sample, the config and the
+Pillow / zlib build (recorded by the benchmark); the same build always writes the same bytes.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Literal
+
+from ._image import (
+    ImageError,
+    ImageSerializer,
+    ProcessConfig,
+    check_limits,
+    check_png,
+    load_pixels,
+    open_image,
+)
+from .base import SERIALIZERS
+
+
+@SERIALIZERS.register("png")
+class PNGSerializer(ImageSerializer):
+    """PNG file bytes: passthrough (checked) or deterministic re-encode (crop, resize, mode, no metadata)."""
+
+    @dataclass(frozen=True)
+    class Config(ProcessConfig):
+        method: Literal["passthrough", "reencode"] = "passthrough"
+        # passthrough checks: structure = signature + chunk walk to IEND (cheap, catches truncation);
+        # crc = also every chunk CRC; decode = also a full pixel decode with Pillow (slow)
+        verify: Literal["structure", "crc", "decode"] = "structure"
+        compress_level: int = 6  # zlib level 0..9 of re-encoded files
+
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            if not 0 <= self.compress_level <= 9:
+                raise ValueError(f"compress_level must be in 0..9, got {self.compress_level}")
+
+    def _encode(self, data: bytes) -> bytes:
+        cfg = self.config
+        if cfg.method == "passthrough":
+            check_limits(cfg, len(data))
+            w, h = check_png(data, crc=cfg.verify != "structure")
+            check_limits(cfg, len(data), w, h)
+            if cfg.verify == "decode":
+                im = open_image(data, cfg, structure=False)
+                try:
+                    im.load()
+                except Exception as e:
+                    raise ImageError(f"PNG does not decode: {type(e).__name__}: {e}") from None
+            return data
+        im = load_pixels(data, cfg)
+        buf = io.BytesIO()
+        im.save(buf, format="PNG", compress_level=cfg.compress_level, optimize=False)
+        return buf.getvalue()
