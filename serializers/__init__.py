@@ -1,3 +1,3 @@
 """Serializers: raw samples -> ByteStreams. Importing this package registers every shipped one."""
 
-from . import base, jpeg, png, qa, text  # noqa: F401  (registers jpeg, png, qa, utf8)
+from . import base, jpeg, pixels, png, qa, text  # noqa: F401  (registers jpeg, pixels, png, qa, utf8)
