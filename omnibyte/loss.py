@@ -1,0 +1,83 @@
+"""Masked next-byte cross-entropy, bits per byte, per-modality sums.
+
+``logits[:, t]`` predicts ``tokens[:, t]``, so ``loss_mask[:, t]`` weights that prediction. Weights may be
+fractional. The loss is ``sum(w * nll) / sum(w)`` (a zero with a gradient path when ``sum(w) == 0``).
+
+Memory: the model computes per-token NLL itself (``model(tokens, output="nll", chunk_size=...)``), chunked
+over the sequence and checkpointed, so fp32 logits exist for one chunk at a time, forward and backward.
+Calling through ``model(...)`` (not a method) keeps DDP / FSDP forward hooks working.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+LN2 = math.log(2.0)
+
+
+def bits_per_byte(nats: float | torch.Tensor, n: float | torch.Tensor) -> float:
+    """Total nats over ``n`` bytes -> bits per byte (nan when n == 0)."""
+    nats, n = float(nats), float(n)
+    return nats / n / LN2 if n > 0 else float("nan")
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # scalar to backprop: sum(w * nll) / sum(w)
+    nats_sum: torch.Tensor  # detached sum(w * nll)
+    weight_sum: torch.Tensor  # detached sum(w)
+    per_modality: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    @property
+    def bpb(self) -> float:
+        return bits_per_byte(self.nats_sum, self.weight_sum)
+
+    def modality_bpb(self) -> dict[int, float]:
+        return {m: bits_per_byte(n, w) for m, (n, w) in self.per_modality.items()}
+
+
+def _nll(model, tokens: torch.Tensor, chunk_size: int | None) -> torch.Tensor:
+    """(B, L) fp32 nats; through the model's chunked path when it has one, else chunked over its logits."""
+    inner = model
+    for attr in ("module", "_orig_mod"):  # DDP / torch.compile wrappers
+        while hasattr(inner, attr) and isinstance(getattr(inner, attr), torch.nn.Module):
+            inner = getattr(inner, attr)
+    if hasattr(inner, "token_nll"):
+        return model(tokens, output="nll", chunk_size=chunk_size)
+    logits = model(tokens)  # generic model: (B, L, V)
+    B, L, V = logits.shape
+    step = chunk_size or L
+    parts = [F.cross_entropy(logits[:, a:a + step].float().reshape(-1, V), tokens[:, a:a + step].reshape(-1),
+                             reduction="none").view(B, -1) for a in range(0, L, step)]
+    return torch.cat(parts, dim=1)
+
+
+def compute_loss(model, tokens: torch.Tensor, loss_mask: torch.Tensor, modality: torch.Tensor | None = None,
+                 chunk_size: int | None = None) -> LossOutput:
+    """Masked next-byte cross-entropy. tokens (B, L) long, loss_mask (B, L) float weights, modality (B, L)
+    codes (optional). ``chunk_size``: bytes of the sequence per checkpointed chunk (None: model default)."""
+    tokens = tokens.long()
+    nll = _nll(model, tokens, chunk_size)  # (B, L) fp32
+    w = loss_mask.to(nll.device, torch.float32)
+    weighted = nll * w
+    nats = weighted.sum()
+    wsum = w.sum()
+    loss = nats / wsum.clamp_min(1e-12) if float(wsum) > 0 else nats * 0.0
+    per: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    if modality is not None:
+        mod = modality.to(nll.device).long()
+        wd, wnd = w.detach(), weighted.detach()
+        for m in torch.unique(mod[wd != 0]).tolist():
+            sel = mod == m
+            per[int(m)] = (wnd[sel].sum(), wd[sel].sum())
+    return LossOutput(loss=loss, nats_sum=nats.detach(), weight_sum=wsum.detach(), per_modality=per)
+
+
+@torch.no_grad()
+def per_token_nll(model, tokens: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+    """(B, L) float32 nats of each token given the ones before it (evaluation outputs)."""
+    return _nll(model, tokens.long(), chunk_size).float()

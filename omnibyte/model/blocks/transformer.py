@@ -1,0 +1,152 @@
+"""Transformer stage block: pre-norm, RMSNorm, RoPE (or learned positions), SwiGLU, causal SDPA.
+
+``torch.nn.functional.scaled_dot_product_attention`` with ``is_causal=True`` picks the flash / cuDNN /
+memory-efficient kernels on H100 (the reference falls back to math attention on anything but an A100).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...config import Node
+from ...registry import STAGES
+from ..cache import BlockCache
+from ..layers import RMSNorm, apply_rope, init_linear, rope_cos_sin, scaled_std
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, head_dim: int, dropout: float, rope: bool, rope_base: float,
+                 bias: bool):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.qkv = nn.Linear(dim, 3 * heads * head_dim, bias=bias)
+        self.out = nn.Linear(heads * head_dim, dim, bias=bias)
+        self.dropout = dropout
+        self.rope = rope
+        self.rope_base = rope_base
+
+    def forward(self, x: torch.Tensor, state: dict | None = None, offset: int = 0) -> torch.Tensor:
+        N, T, _ = x.shape
+        qkv = self.qkv(x).view(N, T, 3, self.heads, self.head_dim)  # (N, T, 3, H, hd)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (N, H, T, hd)
+        if self.rope:
+            pos = torch.arange(offset, offset + T, device=x.device)
+            cos, sin = rope_cos_sin(pos, self.head_dim, self.rope_base)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if state is not None:
+            if "k" in state:
+                k = torch.cat((state["k"], k), dim=2)
+                v = torch.cat((state["v"], v), dim=2)
+            state["k"], state["v"] = k, v
+        S = k.shape[2]
+        drop = self.dropout if self.training else 0.0
+        if S == T:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
+        elif T == 1:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
+        else:  # T new queries after S - T cached keys: query i sees keys <= S - T + i
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+        y = y.transpose(1, 2).reshape(N, T, self.heads * self.head_dim)  # (N, T, H*hd)
+        return self.out(y)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int, bias: bool):
+        super().__init__()
+        self.gate_up = nn.Linear(dim, 2 * hidden, bias=bias)
+        self.down = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, dim: int, cfg: TransformerBlock.Config, dropout: float):
+        super().__init__()
+        head_dim = cfg.head_dim or dim // cfg.heads
+        hidden = cfg.mlp_hidden or -(-int(cfg.mlp_ratio * dim) // 64) * 64  # ceil to a multiple of 64
+        self.norm1 = RMSNorm(dim, cfg.norm_eps)
+        self.attn = Attention(dim, cfg.heads, head_dim, dropout, cfg.positions == "rope", cfg.rope_base, cfg.bias)
+        self.norm2 = RMSNorm(dim, cfg.norm_eps)
+        self.mlp = SwiGLU(dim, hidden, cfg.bias)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, state: dict | None = None, offset: int = 0) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), state, offset))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+@STAGES.register("transformer")
+class TransformerBlock(nn.Module):
+    """A stack of causal Transformer layers over (N, T, D) sequences, with a final RMSNorm."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Config(Node):
+        name: str = "transformer"
+        heads: int = 8
+        head_dim: int = 0  # 0: width // heads
+        mlp_ratio: float = 8 / 3  # SwiGLU hidden = ratio * width, rounded to a multiple of 64
+        mlp_hidden: int = 0  # explicit SwiGLU hidden size (overrides mlp_ratio)
+        positions: Literal["rope", "learned", "none"] = "rope"
+        rope_base: float = 10000.0
+        norm_eps: float = 1e-5
+        bias: bool = False
+
+        def __post_init__(self):
+            if self.heads < 1:
+                raise ValueError(f"heads must be >= 1, got {self.heads}")
+            if self.head_dim and self.head_dim % 2:
+                raise ValueError(f"head_dim must be even (RoPE), got {self.head_dim}")
+
+    def __init__(self, config: Config, *, dim: int, layers: int, max_len: int | None = None,
+                 dropout: float = 0.0, init_std: float = 0.02):
+        super().__init__()
+        self.config = config
+        if not config.head_dim and dim % config.heads:
+            raise ValueError(f"transformer: width {dim} is not divisible by heads {config.heads}; set head_dim")
+        hd = config.head_dim or dim // config.heads
+        if config.positions == "rope" and hd % 2:
+            raise ValueError(f"transformer: RoPE needs an even head_dim, got {hd}")
+        self.max_len = max_len if config.positions == "learned" else None
+        if config.positions == "learned":
+            if not max_len:
+                raise ValueError("transformer: positions 'learned' needs the stage length")
+            self.pos = nn.Parameter(torch.zeros(max_len, dim))
+            nn.init.normal_(self.pos, std=init_std)
+        self.layers = nn.ModuleList(TransformerLayer(dim, config, dropout) for _ in range(layers))
+        self.norm = RMSNorm(dim, config.norm_eps)
+        init_linear(self, init_std)
+        for layer in self.layers:
+            nn.init.normal_(layer.attn.out.weight, std=scaled_std(init_std, layers))
+            nn.init.normal_(layer.mlp.down.weight, std=scaled_std(init_std, layers))
+        self.checkpoint_layers = False
+
+    @property
+    def unbounded(self) -> bool:
+        return self.max_len is None
+
+    def forward(self, x: torch.Tensor, cache: BlockCache | None = None) -> torch.Tensor:
+        """x: (N, T, D) -> (N, T, D), causal over T. With ``cache``, x continues the cached positions."""
+        offset = cache.length if cache is not None else 0
+        T = x.shape[1]
+        if self.max_len is not None:
+            if offset + T > self.max_len:
+                raise ValueError(f"transformer with learned positions: sequence of {offset + T} positions "
+                                 f"exceeds the stage length {self.max_len}")
+            x = x + self.pos[offset:offset + T].to(x.dtype)
+        for i, layer in enumerate(self.layers):
+            state = cache.layer(i) if cache is not None else None
+            if self.checkpoint_layers and self.training and cache is None:
+                x = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
+            else:
+                x = layer(x, state, offset)
+        if cache is not None:
+            cache.length += T
+        return self.norm(x)

@@ -1,0 +1,486 @@
+"""The Multiscale Byte Language Model: a stack of stages over a (B, L) byte sequence.
+
+Length semantics (as in MBLM's ``seq_lens``): ``stages[s].length`` is P_s. Stage 0 (global, outermost)
+sees the stream as P_0 patches of Q_0 = P_1 * ... * P_{S-1} bytes; stage s sees each unit of stage s-1 as
+P_s units of Q_s bytes; the innermost stage works on single bytes (Q_{S-1} = 1). MBLM's ``[1024, 8]`` is
+therefore 1024 patches of 8 bytes = 8,192 bytes. P_0 bounds the context only where the global block needs
+it (learned positions); Mamba and RoPE global stages take any number of patches.
+
+Forward (per stage s, outermost first)::
+
+    u_s     = unit embeddings of the stage-s units (bytes: a table; coarser: a linear map of the
+              concatenated finer embeddings)                         (N_s, P_s, D_s)
+    in_s    = [start_s, u_s[:-1]] + ctx_s                             the causal shift, plus context
+    h_s     = block_s(in_s)                                           (N_s, P_s, D_s)
+    ctx_s+1 = to_next_s(h_s) viewed as one (P_{s+1}, D_{s+1}) block per stage-s position
+
+where N_s counts the stage-s sequences (B, then B * P_0, ...). The innermost h gives logits with
+``logits[:, t]`` predicting ``tokens[:, t]``: position t sees the outer context of all complete units before
+its own and the bytes before it inside them. Inputs are padded to a multiple of Q_0 and the output cropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .. import vocab
+from ..config import ConfigError, Node, poly
+from ..registry import MODELS, STAGES
+from .cache import GenerationState, StageState
+from .layers import RMSNorm
+
+log = logging.getLogger("omnibyte.model")
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """One stage. ``length``: stage 0 = number of patches (training length = product of all lengths; a
+    bound only for learned global positions), inner stages = patch length in units of the next stage."""
+
+    length: int = 8
+    width: int = 256
+    layers: int = 2
+    block: Node = poly("stages", default="transformer")
+    checkpoint: bool = False  # activation checkpointing of each layer of this stage (training only)
+
+    def __post_init__(self):
+        if self.length < 1:
+            raise ValueError(f"length must be >= 1, got {self.length}")
+        if self.width < 1:
+            raise ValueError(f"width must be >= 1, got {self.width}")
+        if self.layers < 0:
+            raise ValueError(f"layers must be >= 0, got {self.layers}")
+
+
+def _default_stages() -> tuple[StageConfig, ...]:
+    return (StageConfig(length=1024, width=256, layers=2), StageConfig(length=8, width=256, layers=2))
+
+
+@dataclass(frozen=True)
+class MBLMConfig(Node):
+    name: str = "mblm"
+    vocab_size: int = vocab.VOCAB_SIZE
+    stages: tuple[StageConfig, ...] = dataclasses.field(default_factory=_default_stages)
+    dropout: float = 0.0
+    init_std: float = 0.02
+    tie_embeddings: bool = False  # share the byte embedding and the head (needs equal innermost width)
+    inner_chunk_bytes: int = 1 << 20  # training nll path: inner stages + head + loss per chunk of ~this many bytes
+
+    def __post_init__(self):
+        if not self.stages:
+            raise ValueError("stages: at least one stage is needed")
+        if self.vocab_size < 2:
+            raise ValueError(f"vocab_size must be >= 2, got {self.vocab_size}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.inner_chunk_bytes < 0:
+            raise ValueError("inner_chunk_bytes must be >= 0 (0: no chunking)")
+        if self.tie_embeddings and self.stages[-1].width <= 0:
+            raise ValueError("tie_embeddings needs an innermost width")
+
+    @property
+    def patch_product(self) -> int:
+        return math.prod(s.length for s in self.stages[1:])
+
+    @property
+    def train_length(self) -> int:
+        return math.prod(s.length for s in self.stages)
+
+
+@dataclass(frozen=True)
+class StreamMeta:
+    vocab_size: int
+    patch_product: int  # inputs are padded to a multiple of this (Q_0)
+    max_len: int | None  # longest stream the model accepts (None: unbounded)
+    contract_version: int = vocab.CONTRACT_VERSION
+
+
+def _block_node(node: Any) -> Node:
+    if node is None:
+        return STAGES.get("transformer").Config()
+    return node
+
+
+@MODELS.register("mblm")
+class MBLM(nn.Module):
+    Config = MBLMConfig
+
+    def __init__(self, config: MBLMConfig):
+        super().__init__()
+        if isinstance(config, dict):
+            from ..config import from_dict
+
+            config = from_dict(MBLMConfig, config, path="model")
+        self.config = config
+        st = config.stages
+        self.num_stages = S = len(st)
+        self.lengths = [s.length for s in st]  # P_s
+        self.units = [math.prod(self.lengths[s + 1:]) for s in range(S)]  # Q_s bytes per stage-s position
+        self.widths = [s.width for s in st]
+        std = config.init_std
+
+        self.embed = nn.Embedding(config.vocab_size, self.widths[-1])
+        nn.init.normal_(self.embed.weight, std=std)
+        # coarser unit embeddings: (P_{s+1} * D_{s+1}) -> D_s, then RMSNorm
+        self.patch_embed = nn.ModuleList()
+        for s in range(S - 1):
+            lin = nn.Linear(self.lengths[s + 1] * self.widths[s + 1], self.widths[s], bias=False)
+            nn.init.normal_(lin.weight, std=1.0 / math.sqrt(lin.in_features))
+            self.patch_embed.append(nn.Sequential(lin, RMSNorm(self.widths[s])))
+        self.start = nn.ParameterList(nn.Parameter(torch.randn(d) * std) for d in self.widths)
+        self.blocks = nn.ModuleList()
+        for sc in st:
+            blk = STAGES.build(_block_node(sc.block), dim=sc.width, layers=sc.layers, max_len=sc.length,
+                               dropout=config.dropout, init_std=std)
+            if sc.checkpoint:
+                blk.checkpoint_layers = True
+            self.blocks.append(blk)
+        self.to_next = nn.ModuleList()
+        for s in range(S - 1):
+            lin = nn.Linear(self.widths[s], self.lengths[s + 1] * self.widths[s + 1], bias=False)
+            nn.init.normal_(lin.weight, std=std)
+            self.to_next.append(lin)
+        self.head = nn.Linear(self.widths[-1], config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.head.weight = self.embed.weight
+        else:
+            nn.init.normal_(self.head.weight, std=std)
+        bounded = not getattr(self.blocks[0], "unbounded", True)
+        self.stream_meta = StreamMeta(
+            vocab_size=config.vocab_size,
+            patch_product=self.units[0],
+            max_len=self.lengths[0] * self.units[0] if bounded else None,
+        )
+
+    # ------------------------------------------------------------------------------------------
+    # helpers
+
+    def stage_blocks(self) -> list[nn.Module]:
+        """The per-layer modules of every stage (what parallel.py wraps for checkpointing / FSDP)."""
+        out: list[nn.Module] = []
+        for blk in self.blocks:
+            out.extend(blk.layers)
+        return out
+
+    def _unit_embeddings(self, x: torch.Tensor, first: int = 0) -> list[torch.Tensor | None]:
+        """x: (B, n0, P_1, ..., P_{S-1}) ids -> u[s]: (B, n0, P_1, ..., P_s, D_s) for s >= first."""
+        S = self.num_stages
+        u: list[torch.Tensor | None] = [None] * S
+        cur = self.embed(x)  # (B, n0, P_1, ..., P_{S-1}, D_{S-1})
+        u[S - 1] = cur
+        for s in range(S - 2, first - 1, -1):
+            cur = self.patch_embed[s](cur.flatten(-2))  # (..., P_{s+1} * D_{s+1}) -> (..., D_s)
+            u[s] = cur
+        return u
+
+    def _run_stage(self, s: int, u: torch.Tensor, ctx: torch.Tensor | None) -> torch.Tensor:
+        """u: (N_s, T, D_s) unit embeddings; ctx: (N_s, T, D_s) or None -> block output (N_s, T, D_s)."""
+        N, T, D = u.shape
+        start = self.start[s].to(u.dtype).expand(N, 1, D)
+        inp = torch.cat((start, u[:, :-1]), dim=1)  # causal shift: position p sees units < p
+        if ctx is not None:
+            inp = inp + ctx
+        return self.blocks[s](inp)
+
+    def _ctx(self, s: int, h: torch.Tensor) -> torch.Tensor:
+        """h: (..., D_s) -> context for stage s+1: (prod(...), P_{s+1}, D_{s+1})."""
+        return self.to_next[s](h).view(-1, self.lengths[s + 1], self.widths[s + 1])
+
+    def _pad(self, tokens: torch.Tensor) -> tuple[torch.Tensor, int]:
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be (B, L), got shape {tuple(tokens.shape)}")
+        B, L = tokens.shape
+        if L < 1:
+            raise ValueError("tokens must have at least one position (L >= 1)")
+        ml = self.stream_meta.max_len
+        if ml is not None and L > ml:
+            raise ValueError(f"sequence of {L} tokens exceeds this model's max_len {ml} (global stage with "
+                             f"learned positions: {self.lengths[0]} patches x {self.units[0]} bytes)")
+        Q = self.units[0]
+        n0 = -(-L // Q)
+        if n0 * Q != L:
+            tokens = F.pad(tokens, (0, n0 * Q - L), value=vocab.PAD)
+        return tokens.view(B, n0, *self.lengths[1:]), n0
+
+    # ------------------------------------------------------------------------------------------
+    # forward
+
+    def forward(self, tokens: torch.Tensor, *, output: str = "logits", chunk_size: int | None = None):
+        """tokens (B, L) long -> logits (B, L, V) (``output="logits"``), final hidden states (B, L, D)
+        (``"hidden"``), or per-token next-byte NLL in nats (B, L) fp32 computed in checkpointed chunks so
+        no full fp32 (B, L, V) tensor exists (``"nll"``; used by omnibyte.loss, goes through forward so
+        DDP / FSDP hooks fire)."""
+        if output == "logits":
+            return self.logits(self.hidden(tokens))
+        if output == "hidden":
+            return self.hidden(tokens)
+        if output == "nll":
+            return self.token_nll(tokens, chunk_size)
+        raise ValueError(f"output must be 'logits', 'hidden' or 'nll', got {output!r}")
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden)
+
+    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        B, L = tokens.shape[0], tokens.shape[-1]
+        x, n0 = self._pad(tokens)
+        u = self._unit_embeddings(x)
+        h = self._run_stage(0, u[0].reshape(B, n0, -1), None)  # (B, n0, D_0)
+        for s in range(1, self.num_stages):
+            ctx = self._ctx(s - 1, h)  # (N_s, P_s, D_s)
+            h = self._run_stage(s, u[s].reshape(ctx.shape), ctx)
+        return h.reshape(B, n0 * self.units[0], self.widths[-1])[:, :L]
+
+    def _inner_nll(self, h0: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Stages 1.. + head + NLL for a chunk. h0: (B, c, D_0) global outputs, x: (B, c, P_1, ...) ids
+        -> (B, c * Q_0) fp32 nats."""
+        B = x.shape[0]
+        u = self._unit_embeddings(x, first=1)
+        h = h0
+        for s in range(1, self.num_stages):
+            ctx = self._ctx(s - 1, h)
+            h = self._run_stage(s, u[s].reshape(ctx.shape), ctx)
+        logits = self.head(h).float().view(-1, self.config.vocab_size)
+        return F.cross_entropy(logits, x.reshape(-1), reduction="none").view(B, -1)
+
+    def _global_inputs(self, x: torch.Tensor, chunk: int) -> torch.Tensor:
+        """Stage-0 unit embeddings (B, n0, D_0), computed in checkpointed chunks of ``chunk`` patches so the
+        byte-level embeddings of a long stream are never all alive at once."""
+        if self.num_stages == 1:
+            return self.embed(x)
+        fn = lambda xc: self._unit_embeddings(xc)[0]  # noqa: E731
+        n0 = x.shape[1]
+        if chunk >= n0 or not torch.is_grad_enabled():
+            return fn(x)
+        parts = [checkpoint(fn, x[:, a:a + chunk], use_reentrant=False) for a in range(0, n0, chunk)]
+        return torch.cat(parts, dim=1)
+
+    def token_nll(self, tokens: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+        """(B, L) fp32 nats of ``-log p(tokens[t] | tokens[<t])``; chunked over the sequence and checkpointed."""
+        B, L = tokens.shape
+        chunk_bytes = chunk_size or self.config.inner_chunk_bytes or L
+        if self.num_stages == 1:
+            h = self.hidden(tokens)
+            step = max(1, chunk_bytes // max(B, 1))
+
+            def head_nll(hc, tc):
+                return F.cross_entropy(self.head(hc).float().flatten(0, 1), tc.reshape(-1),
+                                       reduction="none").view(tc.shape)
+
+            parts = []
+            for a in range(0, L, step):
+                hc, tc = h[:, a:a + step], tokens[:, a:a + step]
+                use_ckpt = torch.is_grad_enabled() and step < L
+                parts.append(checkpoint(head_nll, hc, tc, use_reentrant=False) if use_ckpt else head_nll(hc, tc))
+            return torch.cat(parts, dim=1)
+        x, n0 = self._pad(tokens)
+        Q = self.units[0]
+        c = max(1, chunk_bytes // (Q * max(B, 1)))  # global patches per chunk
+        e0 = self._global_inputs(x, c)  # (B, n0, D_0)
+        h0 = self._run_stage(0, e0, None)
+        if c >= n0:
+            return self._inner_nll(h0, x).reshape(B, -1)[:, :L]
+        parts = []
+        for a in range(0, n0, c):
+            hc, xc = h0[:, a:a + c], x[:, a:a + c]
+            if torch.is_grad_enabled():
+                parts.append(checkpoint(self._inner_nll, hc, xc, use_reentrant=False))
+            else:
+                parts.append(self._inner_nll(hc, xc))
+        return torch.cat(parts, dim=1)[:, :L]
+
+    # ------------------------------------------------------------------------------------------
+    # generation
+
+    def new_state(self, batch: int, device: torch.device | None = None) -> GenerationState:
+        device = device or self.head.weight.device
+        return GenerationState([StageState() for _ in range(self.num_stages)],
+                               torch.zeros(batch, 0, dtype=torch.long, device=device))
+
+    def _unit_embedding_of(self, s: int, units: torch.Tensor) -> torch.Tensor:
+        """units: (N, T, Q_s) byte ids -> (N, T, D_s)."""
+        N, T, _ = units.shape
+        x = units.reshape(N, T, *self.lengths[s + 1:])
+        return self._unit_embeddings(x, first=s)[s]
+
+    @torch.no_grad()
+    def feed(self, state: GenerationState, new_tokens: torch.Tensor) -> torch.Tensor:
+        """Append ``new_tokens`` (N, k), k >= 0, to the stream and return the logits (N, V) predicting the
+        next token. Each stage processes only the positions it has not seen (prefill for long prompts,
+        one position per new byte afterwards)."""
+        if new_tokens.numel():
+            state.tokens = torch.cat((state.tokens, new_tokens.to(state.tokens.device)), dim=1)
+        n = state.length  # we predict token index n
+        toks = state.tokens
+        N = toks.shape[0]
+        ml = self.stream_meta.max_len
+        if ml is not None and n + 1 > ml:
+            raise ValueError(f"generation past this model's max_len {ml}")
+        h = None
+        for s in range(self.num_stages):
+            Qs, Qp = self.units[s], (self.units[s - 1] if s else None)
+            st = state.stages[s]
+            parent = n // Qp if s else 0
+            if st.parent != parent:  # new parent unit: this stage starts a new sequence
+                st.cache.reset()
+                st.parent = parent
+            base = parent * Qp if s else 0
+            p = (n - base) // Qs  # position in this stage sequence that covers byte n
+            first = st.cache.length
+            if first == p + 1:  # nothing new for this stage; its ctx stays valid
+                continue
+            if first > p + 1:  # pragma: no cover
+                raise RuntimeError("generation state out of sync")
+            # positions first..p: inputs are start (pos 0) or the embedding of unit q-1
+            lo, hi = max(first - 1, 0), p  # units lo..hi-1 are needed
+            parts = []
+            if first == 0:
+                parts.append(self.start[s].to(self.head.weight.dtype).expand(N, 1, -1))
+            if hi > lo:
+                units = toks[:, base + lo * Qs: base + hi * Qs].reshape(N, hi - lo, Qs)
+                parts.append(self._unit_embedding_of(s, units).to(parts[0].dtype if parts else
+                                                                  self.head.weight.dtype))
+            inp = torch.cat(parts, dim=1)  # (N, p - first + 1, D_s)
+            if s:
+                inp = inp + state.stages[s - 1].ctx[:, first:p + 1]
+            h = self.blocks[s](inp, st.cache)[:, -1]  # (N, D_s)
+            if s + 1 < self.num_stages:
+                st.ctx = self._ctx(s, h).view(N, self.lengths[s + 1], self.widths[s + 1])
+        if h is None:  # pragma: no cover
+            raise RuntimeError("nothing to compute")
+        return self.head(h).float()
+
+    @torch.no_grad()
+    def generate(self, prompt, max_new_bytes: int, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0, stop_tokens=(), generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sample up to ``max_new_bytes`` tokens after ``prompt`` ((B, P) LongTensor, list[int] or bytes).
+        Returns (B, <= max_new_bytes) new tokens; generation stops early once every row has produced a stop
+        token (rows that stopped are padded with PAD). temperature 0 = greedy."""
+        device = self.head.weight.device
+        prompt = _as_batch(prompt, device)
+        was_training = self.training
+        self.eval()
+        try:
+            state = self.new_state(prompt.shape[0], device)
+            logits = self.feed(state, prompt)
+            out = []
+            done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=device)
+            stops = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
+            for i in range(max_new_bytes):
+                nxt = sample(logits, temperature, top_k, top_p, generator)
+                nxt = torch.where(done, torch.full_like(nxt, vocab.PAD), nxt)
+                out.append(nxt)
+                if stops.numel():
+                    done |= torch.isin(nxt, stops)
+                    if bool(done.all()):
+                        break
+                if i + 1 < max_new_bytes:
+                    logits = self.feed(state, nxt[:, None])
+            return torch.stack(out, dim=1) if out else torch.zeros(prompt.shape[0], 0, dtype=torch.long,
+                                                                   device=device)
+        finally:
+            self.train(was_training)
+
+    @torch.no_grad()
+    def score(self, prefix, candidates) -> torch.Tensor:
+        """Log-likelihood (nats) of each candidate continuation (a list of token lists / bytes) given
+        ``prefix`` (1-D tokens); the prefix is processed once and its cache fanned out to all candidates."""
+        device = self.head.weight.device
+        prefix = _as_batch(prefix, device)
+        if prefix.shape[0] != 1:
+            raise ValueError("score: prefix must be a single sequence")
+        cands = [list(c) for c in candidates]
+        K = len(cands)
+        if K == 0:
+            return torch.zeros(0, device=device)
+        T = max(len(c) for c in cands)
+        was_training = self.training
+        self.eval()
+        try:
+            state = self.new_state(1, device)
+            logits = self.feed(state, prefix)  # (1, V)
+            state.select(torch.zeros(K, dtype=torch.long, device=device))
+            logits = logits.expand(K, -1)
+            cand = torch.zeros(K, T, dtype=torch.long, device=device)
+            mask = torch.zeros(K, T, dtype=torch.bool, device=device)
+            for i, c in enumerate(cands):
+                if c:
+                    cand[i, :len(c)] = torch.tensor(c, dtype=torch.long)
+                    mask[i, :len(c)] = True
+            total = torch.zeros(K, dtype=torch.float32, device=device)
+            for t in range(T):
+                lp = torch.log_softmax(logits.float(), dim=-1).gather(1, cand[:, t:t + 1]).squeeze(1)
+                total += torch.where(mask[:, t], lp, torch.zeros_like(lp))
+                if t + 1 < T:
+                    logits = self.feed(state, cand[:, t:t + 1])
+            return total
+        finally:
+            self.train(was_training)
+
+
+def _as_batch(prompt, device) -> torch.Tensor:
+    if isinstance(prompt, (bytes, bytearray)):
+        prompt = list(prompt)
+    if isinstance(prompt, torch.Tensor):
+        t = prompt.to(device=device, dtype=torch.long)
+    else:
+        t = torch.tensor(list(prompt), dtype=torch.long, device=device)
+    if t.dim() == 1:
+        t = t[None]
+    if t.dim() != 2:
+        raise ValueError(f"prompt must be (B, P) or 1-D, got shape {tuple(t.shape)}")
+    return t
+
+
+def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits (N, V) -> (N,) ids. temperature 0 = argmax; top_k / top_p (nucleus) filtering."""
+    logits = logits.float()
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        cum = probs.cumsum(-1)
+        remove = cum - probs > top_p  # keep the smallest prefix whose mass reaches top_p
+        sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(1, idx, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def build_model(config: Any) -> nn.Module:
+    """Build a model from an MBLMConfig (or any registered model Config), a dict (a model node, with or
+    without ``name:``, or a whole run config with a ``model:`` key) or a YAML path / config name."""
+    from ..config import from_dict, load_yaml
+
+    if isinstance(config, Node):
+        return MODELS.build(config)
+    if isinstance(config, (str,)) or hasattr(config, "__fspath__"):
+        data = load_yaml(config)
+        if "model" not in data:
+            raise ConfigError(f"{config}: no 'model:' section")
+        config = data["model"]
+    if not isinstance(config, dict):
+        raise TypeError(f"build_model takes a config node, dict or YAML path, got {type(config).__name__}")
+    if "model" in config and "stages" not in config:
+        config = config["model"]
+    if isinstance(config, str):
+        config = {"name": config}
+    config = dict(config)
+    config.setdefault("name", "mblm")
+    cls = MODELS.get(config["name"])
+    return cls(from_dict(cls.Config, config, path="model"))

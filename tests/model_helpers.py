@@ -1,0 +1,22 @@
+"""Shared tiny model configs for the model tests."""
+
+from __future__ import annotations
+
+import torch
+
+from omnibyte import build_model
+
+TF = {"name": "transformer", "heads": 2}
+M2 = {"name": "mamba2_ref", "d_state": 8, "headdim": 8, "chunk_size": 4}
+M1 = {"name": "mamba1", "d_state": 4}
+
+
+def tiny(stages, block=TF, seed=0, **kw):
+    """stages: list of (length, width) or (length, width, block) tuples, outermost first."""
+    torch.manual_seed(seed)
+    nodes = []
+    for st in stages:
+        length, width = st[0], st[1]
+        blk = st[2] if len(st) > 2 else block
+        nodes.append({"length": length, "width": width, "layers": 2, "block": dict(blk)})
+    return build_model({"stages": nodes, **kw}).eval()
