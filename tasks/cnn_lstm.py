@@ -1,0 +1,195 @@
+"""``clevr_cnn_lstm``: the CNN+LSTM VQA baseline of Johnson et al. (2017), on omnibyte's own batches.
+
+It reads the same ``qa`` streams as the byte models, so it trains and evaluates with the same engine,
+data and split under the same budget:
+
+* the stream is parsed by its markers: the first ``SOM_IMAGE .. EOM`` segment holds the image (decoded by
+  the image serializer named in ``image:``, which must equal the run's ``serializer.image``: ``pixels``
+  recommended, since ``png``/``jpeg`` bytes cost a Pillow decode per sample per step), the first
+  ``SOM_QUESTION .. EOM`` segment the question, and ``SOM_ANSWER .. EOS`` the answer (the label);
+* a torchvision ResNet trunk trained from scratch (``weights=None``: nothing is downloaded; Johnson et al.
+  used frozen ImageNet ResNet-101 conv4 features instead), its first ``trunk_stages`` stages, global
+  average pooled;
+* an LSTM over the question's words (hashed into ``word_buckets`` ids with CRC-32, so no vocabulary pass
+  over the data is needed) or bytes, its last hidden state;
+* both concatenated into an MLP classifying over CLEVR's 28 answers (``answers``).
+
+A sample whose answer is outside ``answers`` gets weight 0. :meth:`compute_batch_loss` returns a
+:class:`omnibyte.loss.LossOutput` whose "nats" are the answer classification cross-entropy (so its
+``bpb`` is bits per answer, not per byte); :meth:`predict_answers` gives the argmax answers, which
+``clevr_vqa``'s evaluation uses.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from omnibyte import vocab
+from omnibyte.config import Node, poly
+from omnibyte.registry import MODELS
+from omnibyte.stream import ByteStream
+from omnibyte.vocab import Modality
+
+from .clevr import CLEVR_ANSWERS
+
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+@dataclass(frozen=True)
+class CNNLSTMConfig(Node):
+    name: str = "clevr_cnn_lstm"
+    image: Node = poly("serializers", default="pixels")  # how image segments decode: the run's serializer.image
+    input_size: tuple[int, int] = (0, 0)  # (width, height) images are resized to; (0, 0): as decoded
+    trunk: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"
+    trunk_stages: int = 3  # ResNet stages kept (1..4), after the stem
+    question_tokens: Literal["words", "bytes"] = "words"
+    word_buckets: int = 4096
+    embed_dim: int = 300
+    lstm_hidden: int = 1024
+    lstm_layers: int = 1
+    mlp_hidden: int = 1024
+    dropout: float = 0.0
+    answers: tuple[str, ...] = CLEVR_ANSWERS
+
+    def __post_init__(self):
+        if not 1 <= self.trunk_stages <= 4:
+            raise ValueError(f"trunk_stages must be in 1..4, got {self.trunk_stages}")
+        if min(self.word_buckets, self.embed_dim, self.lstm_hidden, self.lstm_layers, self.mlp_hidden) < 1:
+            raise ValueError("word_buckets, embed_dim, lstm_hidden, lstm_layers and mlp_hidden must be >= 1")
+        if len(set(self.answers)) != len(self.answers) or len(self.answers) < 2:
+            raise ValueError("answers must be at least two distinct strings")
+
+
+@MODELS.register("clevr_cnn_lstm")
+class CNNLSTM(nn.Module):
+    """CNN+LSTM VQA baseline (Johnson et al. 2017): ResNet trunk from scratch + question LSTM + MLP."""
+
+    Config = CNNLSTMConfig
+
+    def __init__(self, config: CNNLSTMConfig | None = None):
+        super().__init__()
+        import torchvision
+
+        from omnibyte.registry import SERIALIZERS
+
+        self.config = cfg = config if config is not None else CNNLSTMConfig()
+        self.image_serializer = SERIALIZERS.build(cfg.image)
+        if not getattr(self.image_serializer, "is_image", False):
+            raise ValueError(f"image: {cfg.image.name!r} is not an image serializer")
+        resnet = getattr(torchvision.models, cfg.trunk)(weights=None)  # from scratch: no download
+        stages = [resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4][: cfg.trunk_stages]
+        self.trunk = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool, *stages)
+        expansion = 4 if cfg.trunk == "resnet50" else 1
+        cnn_dim = 64 * 2 ** (cfg.trunk_stages - 1) * expansion
+        n_tok = cfg.word_buckets + 1 if cfg.question_tokens == "words" else vocab.NUM_BYTES + 1
+        self.embed = nn.Embedding(n_tok, cfg.embed_dim, padding_idx=0)
+        self.lstm = nn.LSTM(cfg.embed_dim, cfg.lstm_hidden, num_layers=cfg.lstm_layers, batch_first=True)
+        self.classifier = nn.Sequential(
+            nn.Linear(cnn_dim + cfg.lstm_hidden, cfg.mlp_hidden), nn.ReLU(), nn.Dropout(cfg.dropout),
+            nn.Linear(cfg.mlp_hidden, len(cfg.answers)),
+        )
+        self.answer_index = {a: i for i, a in enumerate(cfg.answers)}
+        self.register_buffer("_mean", torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def answers(self) -> tuple[str, ...]:
+        return self.config.answers
+
+    @property
+    def stream_meta(self):
+        from omnibyte.model.mblm import StreamMeta
+
+        return StreamMeta(vocab_size=vocab.VOCAB_SIZE, patch_product=1, max_len=None)
+
+    # --- parsing a batch of qa streams ---------------------------------------------------------
+    def parse(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, L) qa tokens -> images (B, 3, H, W) float, question ids (B, T), lengths (B,), labels (B,)."""
+        rows = tokens.detach().cpu().numpy()
+        images, questions, labels = [], [], []
+        for r, row in enumerate(rows):
+            seg = _segments(row)
+            if "image" not in seg or "question" not in seg:
+                raise ValueError(f"row {r}: not a qa stream (needs SOM_IMAGE .. EOM and SOM_QUESTION .. EOM)")
+            images.append(self._image(seg["image"], r))
+            questions.append(self._question_ids(seg["question"]))
+            ans = seg.get("answer")
+            labels.append(self.answer_index.get(ans.decode("utf-8", "replace"), -1) if ans is not None else -1)
+        shapes = {im.shape for im in images}
+        if len(shapes) != 1:
+            raise ValueError(f"images of different sizes in one batch {sorted(shapes)}; set model.input_size "
+                             f"or a fixed serializer.image.size")
+        device = tokens.device
+        x = torch.from_numpy(np.stack(images)).to(device).permute(0, 3, 1, 2).float().div_(255.0)
+        lengths = torch.tensor([max(1, len(q)) for q in questions], dtype=torch.long)
+        q = torch.zeros(len(questions), int(lengths.max()), dtype=torch.long)
+        for i, ids in enumerate(questions):
+            q[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        return x, q.to(device), lengths, torch.tensor(labels, dtype=torch.long, device=device)
+
+    def _image(self, data: bytes, row: int) -> np.ndarray:
+        im = self.image_serializer.decode_image(ByteStream.from_bytes(data, Modality.IMAGE, id=f"row {row}"))
+        im = im.convert("RGB")
+        w, h = self.config.input_size
+        if w and h and im.size != (w, h):
+            from PIL import Image
+
+            im = im.resize((w, h), Image.BILINEAR)
+        return np.asarray(im, dtype=np.uint8)
+
+    def _question_ids(self, data: bytes) -> list[int]:
+        if self.config.question_tokens == "bytes":
+            return [b + 1 for b in data]
+        words = _WORD.findall(data.decode("utf-8", "replace").lower())
+        return [zlib.crc32(w.encode()) % self.config.word_buckets + 1 for w in words]
+
+    # --- model ---------------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor, questions: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) in [0, 1], question ids (B, T), lengths (B,) -> answer logits (B, A)."""
+        feats = self.trunk(images - self._mean).mean(dim=(2, 3))  # (B, C)
+        packed = nn.utils.rnn.pack_padded_sequence(self.embed(questions), lengths.cpu(), batch_first=True,
+                                                   enforce_sorted=False)
+        _, (h, _) = self.lstm(packed)  # h: (layers, B, hidden)
+        return self.classifier(torch.cat([feats, h[-1]], dim=1))
+
+    def answer_logits(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, q, lengths, labels = self.parse(tokens)
+        return self(x, q, lengths), labels
+
+    def compute_batch_loss(self, batch: Any):
+        from omnibyte.loss import LossOutput
+
+        logits, labels = self.answer_logits(batch.tokens)
+        valid = labels >= 0
+        nll = F.cross_entropy(logits.float(), labels.clamp(min=0), reduction="none") * valid
+        w = valid.float()
+        nats, weight = nll.sum(), w.sum()
+        loss = nats / weight.clamp(min=1.0)
+        per = {int(Modality.ANSWER): (nats.detach(), weight.detach())}
+        return LossOutput(loss=loss, nats_sum=nats.detach(), weight_sum=weight.detach(), per_modality=per)
+
+    @torch.no_grad()
+    def predict_answers(self, batch: Any) -> list[str]:
+        logits, _ = self.answer_logits(batch.tokens)
+        return [self.config.answers[i] for i in logits.argmax(dim=1).tolist()]
+
+
+def _segments(row: np.ndarray) -> dict[str, bytes]:
+    """First segment of each kind in a qa row: {"image", "question", "answer"} -> bytes."""
+    out: dict[str, bytes] = {}
+    kinds = {vocab.SOM_IMAGE: "image", vocab.SOM_QUESTION: "question", vocab.SOM_ANSWER: "answer"}
+    starts = np.flatnonzero(row >= vocab.NUM_BYTES)  # every special token
+    for k, pos in enumerate(starts):
+        kind = kinds.get(int(row[pos]))
+        if kind is None or kind in out:
+            continue
+        end = starts[k + 1] if k + 1 < len(starts) else len(row)
+        out[kind] = row[pos + 1: end].astype(np.uint8).tobytes()
+    return out
