@@ -124,15 +124,17 @@ class PG19(Task):
 
     # --- evaluation -------------------------------------------------------------------------------
     def evaluate(self, model: Any, serializer: Any, split: str, run_dir: Any = None, *, context: int = 0,
-                 stride: int = 0, max_books: int = 0, batch_size: int = 8, device: Any = None,
-                 **_: Any) -> dict:
+                 stride: int = 0, max_books: int = 0, max_samples: int = 0, batch_size: int = 8,
+                 device: Any = None, **_: Any) -> dict:
         """Bits per byte and word perplexity of ``split`` (see the module docstring for the windows).
 
         ``context`` defaults to the model's maximum length or 8,192; ``stride`` to ``context`` (disjoint).
-        ``max_books`` limits the books scored (0: all). Results also go to ``run_dir/eval/pg19_<split>.json``.
+        ``max_books`` (or ``max_samples``, as ``omnibyte eval`` passes it) limits the books scored (0: all).
+        Results also go to ``run_dir/eval/pg19_<split>.json``.
         """
         import torch
 
+        max_books = max_books or max_samples
         context = int(context or _model_max_len(model) or 8192)
         stride = int(stride or context)
         if not 0 < stride <= context:
@@ -272,8 +274,10 @@ def _per_token_nll(model: Any, tokens: Any) -> Any:
 
 
 def _model_max_len(model: Any) -> int | None:
+    """The model's bound on the input length, else the length it is built for (MBLM: product of stage lengths)."""
     meta = getattr(model, "stream_meta", None)
-    return getattr(meta, "max_len", None) if meta is not None else None
+    bound = getattr(meta, "max_len", None) if meta is not None else None
+    return bound or getattr(getattr(model, "config", None), "train_length", None)
 
 
 def _model_device(model: Any) -> Any:

@@ -1,0 +1,140 @@
+"""clevr_vqa: the real CLEVR v1.0 layout (hand-built fixture), filters, subsampling, bad data, default set."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from omnibyte.errors import DataError
+from omnibyte.registry import TASKS
+from tasks.clevr import CLEVR_ANSWERS, ClevrVQA, default_set_dir, program_function, question_type
+
+FIXTURE = Path(__file__).parent / "fixtures" / "clevr_mini"
+
+
+def build(**kw) -> ClevrVQA:
+    return TASKS.build({"name": "clevr_vqa", "root": str(kw.pop("root", FIXTURE)), **kw})
+
+
+def test_reads_layout_and_samples():
+    t = build()
+    assert t.splits() == ["train", "val", "test"]
+    samples = list(t.samples("train"))
+    assert len(samples) == t.num_samples("train") == 8
+    s = samples[0]
+    assert s["id"] == "clevr/train/0" and s["question"] == "How many cubes are there?" and s["answer"] == "1"
+    assert s["family"] == 40 and s["qtype"] == "count" and s["function"] == "count"
+    # image file bytes, undecoded and untouched (RGBA PNG: colour type 6 in IHDR)
+    disk = (FIXTURE / "images" / "train" / "CLEVR_train_000000.png").read_bytes()
+    assert s["image"] == disk and s["image"][25] == 6
+    assert {x["answer"] for x in samples} <= set(CLEVR_ANSWERS)
+    assert list(t.samples("train")) == samples  # fixed order
+
+
+def test_question_types_follow_johnson():
+    t = build()
+    by_q = {s["question"]: s["qtype"] for split in ("train", "val") for s in t.samples(split)}
+    assert by_q["Is there a blue thing?"] == "exist"
+    assert by_q["Are there more cubes than spheres?"] == "compare_integer"
+    assert by_q["What color is the sphere?"] == "query_attribute"
+    assert by_q["Is the cylinder made of the same material as the sphere?"] == "compare_attribute"
+    # both program formats; fused generator nodes; the string form
+    assert program_function([{"function": "scene"}, {"function": "less_than"}]) == "less_than"
+    assert program_function([{"type": "scene"}, {"type": "filter_exist", "side_inputs": ["red"]}]) == "filter_exist"
+    assert question_type("filter_exist") == "exist" and question_type("filter_count") == "count"
+    assert question_type(program_function(["scene", "query_shape[x]"])) == "query_attribute"
+    assert question_type("equal_integer") == "compare_integer" and question_type("equal_shape") == "compare_attribute"
+    assert question_type("") == "unknown"
+
+
+def test_test_split_has_no_answers():
+    t = build()
+    samples = list(t.samples("test"))
+    assert len(samples) == 2 and all("answer" not in s for s in samples)
+    assert not t.is_answered("test") and t.is_answered("val")
+    with pytest.raises(DataError, match="no answers"):
+        t.evaluate(None, None, "test")
+
+
+def test_filters_and_seeded_subsampling():
+    assert [s["family"] for s in build(families=[89]).samples("train")] == [89, 89]
+    assert {s["qtype"] for s in build(question_types=["exist", "compare_integer"]).samples("train")} == {
+        "exist", "compare_integer"}
+    assert [s["function"] for s in build(question_types=["query_color"]).samples("val")] == ["query_color"]
+    a = [s["id"] for s in build(max_questions=3, subsample_seed=1).samples("train")]
+    b = [s["id"] for s in build(max_questions=3, subsample_seed=1).samples("train")]
+    c = [s["id"] for s in build(max_questions=3, subsample_seed=2).samples("train")]
+    assert a == b and len(a) == 3 and a == sorted(a, key=lambda i: int(i.rsplit("/", 1)[1]))
+    assert c != a
+    with pytest.raises(DataError, match="unknown 'colour'"):
+        build(question_types=["colour"]).num_samples("train")
+
+
+def _copy(tmp_path: Path) -> Path:
+    root = tmp_path / "clevr"
+    shutil.copytree(FIXTURE, root)
+    return root
+
+
+def test_missing_image_fail_or_skip(tmp_path):
+    root = _copy(tmp_path)
+    (root / "images" / "train" / "CLEVR_train_000001.png").unlink()
+    with pytest.raises(DataError, match="CLEVR_train_000001.png"):
+        list(build(root=root).samples("train"))
+    t = build(root=root, on_bad_sample="skip")
+    assert len(list(t.samples("train"))) == 5 and t.skipped == 3
+
+
+def test_malformed_json_names_the_file(tmp_path):
+    root = _copy(tmp_path)
+    qfile = root / "questions" / "CLEVR_val_questions.json"
+    qfile.write_text(qfile.read_text()[:-40])
+    with pytest.raises(DataError, match=r"CLEVR_val_questions.json: malformed JSON at line"):
+        list(build(root=root, on_bad_sample="skip").samples("val"))
+
+
+def test_missing_answer_in_answered_split(tmp_path):
+    root = _copy(tmp_path)
+    qfile = root / "questions" / "CLEVR_val_questions.json"
+    data = json.loads(qfile.read_text())
+    del data["questions"][2]["answer"]
+    qfile.write_text(json.dumps(data))
+    with pytest.raises(DataError, match="question 2: no answer"):
+        list(build(root=root).samples("val"))
+    t = build(root=root, on_bad_sample="skip")
+    assert [s["id"] for s in t.samples("val")] == ["clevr/val/0", "clevr/val/1", "clevr/val/3"] and t.skipped == 1
+
+
+def test_actionable_errors_for_wrong_root(tmp_path):
+    with pytest.raises(DataError, match="no questions/ folder.*CLEVR v1.0 layout"):
+        build(root=tmp_path).splits()
+    with pytest.raises(DataError, match=r"no file .*CLEVR_dev_questions.json \(splits found: train, val, test\)"):
+        list(build().samples("dev"))
+
+
+def test_default_set_is_generated_once_atomically(tmp_path, monkeypatch):
+    """With root empty the generator is called once into the cache (temp folder + rename), then reused."""
+    import tasks
+
+    calls = []
+
+    def fake_generate(out_dir, images, questions_per_image, seed, size, splits, progress):
+        calls.append((images, questions_per_image, seed, size, splits))
+        assert ".tmp-" in Path(out_dir).name
+        shutil.copytree(FIXTURE, out_dir)
+
+    fake = type("M", (), {"generate": staticmethod(fake_generate)})
+    monkeypatch.setitem(__import__("sys").modules, "tasks.clevr_synth", fake)
+    monkeypatch.setattr(tasks, "clevr_synth", fake, raising=False)
+    monkeypatch.setenv("OMNIBYTE_CACHE", str(tmp_path / "cache"))
+    t = TASKS.build({"name": "clevr_vqa", "synth": {"images": 6, "questions_per_image": 2, "seed": 3}})
+    assert t.num_samples("val") == 4
+    target = default_set_dir(t.config)
+    assert t.root == target and target.parent == tmp_path / "cache" and (target / ".complete").is_file()
+    assert calls == [(6, 2, 3, (480, 320), ("train", "val"))]
+    again = TASKS.build({"name": "clevr_vqa", "synth": {"images": 6, "questions_per_image": 2, "seed": 3}})
+    assert again.num_samples("train") == 8 and len(calls) == 1
+    assert not list((tmp_path / "cache").glob(".tmp-*"))
