@@ -1,0 +1,111 @@
+"""VQA evaluation: metrics on hand-checked cases, generate / rank / classify paths, results files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from omnibyte import vocab
+from omnibyte.registry import SERIALIZERS, TASKS
+from tasks.vqa_eval import OTHER, accuracy_by, confusion_matrix, decode_answer, vqa_metrics
+
+FIXTURE = Path(__file__).parent / "fixtures" / "clevr_mini"
+
+
+def test_accuracy_and_confusion_hand_checked():
+    golds = ["yes", "no", "2", "red", "yes"]
+    preds = ["yes", "yes", "2", "blue", "maybe"]
+    qtypes = ["exist", "exist", "count", "query_attribute", "exist"]
+    fams = [39, 39, 40, 89, 39]
+    m = vqa_metrics(golds, preds, qtypes, fams, ["yes", "no", "2", "red", "blue"])
+    assert m["accuracy"] == pytest.approx(2 / 5) and (m["correct"], m["total"]) == (2, 5)
+    assert m["by_qtype"]["exist"] == {"accuracy": pytest.approx(1 / 3), "correct": 1, "total": 3}
+    assert m["by_qtype"]["count"]["accuracy"] == 1.0 and m["by_qtype"]["query_attribute"]["accuracy"] == 0.0
+    assert list(m["by_family"]) == ["39", "40", "89"] and m["by_family"]["39"]["total"] == 3
+    cm = m["confusion"]
+    assert cm["labels"] == ["yes", "no", "2", "red", "blue", OTHER]
+    rows = {g: dict(zip(cm["labels"], r)) for g, r in zip(cm["labels"], cm["matrix"])}
+    assert rows["yes"]["yes"] == 1 and rows["yes"][OTHER] == 1 and rows["no"]["yes"] == 1
+    assert rows["red"]["blue"] == 1 and rows["2"]["2"] == 1
+    assert sum(map(sum, cm["matrix"])) == 5
+    assert confusion_matrix(["zz"], ["yes"], ["yes"])["matrix"] == [[0, 0], [1, 0]]
+    assert accuracy_by(["a"], ["a"], [10]) == {"10": {"accuracy": 1.0, "correct": 1, "total": 1}}
+
+
+def test_decode_answer_stops_at_first_special():
+    assert decode_answer([ord("y"), ord("e"), ord("s"), vocab.EOS, ord("x")]) == "yes"
+    assert decode_answer([ord(" "), ord("2"), vocab.PAD]) == "2"
+    assert decode_answer([vocab.EOS]) == "" and decode_answer([0xFF]) == "\ufffd"
+
+
+class Oracle(torch.nn.Module):
+    """A fake byte model that 'knows' answers by question text: generate and score follow a lookup."""
+
+    def __init__(self, answers: dict[str, str], serializer):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.answers = answers
+        self.ser = serializer
+        self.generated_shapes = []
+
+    def _answer(self, prompt_tokens) -> str:
+        q = self.ser.decode(_stream(prompt_tokens))["question"]
+        return self.answers.get(q, "no")
+
+    def generate(self, prompt, max_new_bytes, temperature=1.0, stop_tokens=(), **_):
+        assert temperature == 0 and vocab.EOS in stop_tokens
+        self.generated_shapes.append(tuple(prompt.shape))
+        rows = [list(self._answer(p).encode()) + [vocab.EOS] for p in prompt]
+        width = max(map(len, rows))
+        return torch.tensor([r + [vocab.PAD] * (width - len(r)) for r in rows])[:, :max_new_bytes]
+
+    def score(self, prefix, candidates):
+        target = self.ser.answer_tokens(self._answer(prefix))
+        return torch.tensor([0.0 if list(c) == target else -5.0 - len(c) for c in candidates])
+
+
+def _stream(tokens):
+    import numpy as np
+
+    from omnibyte.stream import ByteStream
+
+    t = np.asarray(tokens.cpu() if hasattr(tokens, "cpu") else tokens, dtype=np.uint16)
+    return ByteStream(t, np.zeros(len(t), np.float32), np.zeros(len(t), np.uint8))
+
+
+def test_generate_and_rank_paths_and_results_files(tmp_path):
+    task = TASKS.build({"name": "clevr_vqa", "root": str(FIXTURE)})
+    ser = SERIALIZERS.build({"name": "qa", "image": {"name": "pixels", "size": [8, 6]}})
+    golds = {s["question"]: s["answer"] for s in task.samples("val")}
+    # right on everything except the compare_attribute question, where it answers "yes" (gold "no")
+    answers = dict(golds)
+    answers["Is the cylinder made of the same material as the sphere?"] = "yes"
+    model = Oracle(answers, ser)
+    res = task.evaluate(model, ser, "val", run_dir=tmp_path, progress=False, batch_size=3)
+    assert res["modes"] == ["generate", "rank"] and res["num_samples"] == 4
+    assert res["accuracy_generate"] == res["accuracy_rank"] == res["accuracy"] == pytest.approx(0.75)
+    assert res["by_qtype_rank"] == {"compare_attribute": 0.0, "count": 1.0, "exist": 1.0, "query_attribute": 1.0}
+    assert all(b <= 3 for b, _ in model.generated_shapes)  # batched by prompt length
+    saved = json.loads((tmp_path / "eval" / "vqa_val.json").read_text())
+    assert saved["details"]["rank"]["by_family"]["28"]["accuracy"] == 0.0
+    preds = [json.loads(line) for line in (tmp_path / "eval" / "vqa_val_predictions.jsonl").read_text().splitlines()]
+    assert [p["pred_generate"] for p in preds] == ["2", "yes", "yes", "red"]
+    one = task.evaluate(model, ser, "val", mode="rank", max_samples=2, progress=False)
+    assert one["modes"] == ["rank"] and one["num_samples"] == 2 and one["accuracy"] == 1.0
+    with pytest.raises(ValueError, match="classifier|predict_answers"):
+        task.evaluate(model, ser, "val", mode="classify", progress=False)
+
+
+def test_real_model_runs_both_modes():
+    """The real (untrained, tiny) MBLM goes through generate() and score() without errors."""
+    from omnibyte.model import build_model
+
+    task = TASKS.build({"name": "clevr_vqa", "root": str(FIXTURE)})
+    ser = SERIALIZERS.build({"name": "qa", "image": {"name": "png", "method": "reencode", "size": [8, 6]}})
+    tiny = {"length": 4, "width": 16, "layers": 1, "block": {"name": "transformer", "heads": 2}}
+    model = build_model({"name": "mblm", "stages": [{**tiny, "length": 64}, tiny]})
+    res = task.evaluate(model, ser, "val", max_samples=2, progress=False)
+    assert 0.0 <= res["accuracy_rank"] <= 1.0 and res["num_samples"] == 2
