@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from omnibyte import build_model
@@ -20,3 +21,12 @@ def tiny(stages, block=TF, seed=0, **kw):
         blk = st[2] if len(st) > 2 else block
         nodes.append({"length": length, "width": width, "layers": 2, "block": dict(blk)})
     return build_model({"stages": nodes, **kw}).eval()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest single-threaded (and CI boxes are often oversubscribed)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -6,7 +6,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from model_helpers import tiny
+from model_helpers import one_thread, tiny  # noqa: F401
 
 from omnibyte.loss import bits_per_byte, compute_loss, per_token_nll
 

@@ -5,4 +5,9 @@ cache=None) -> (N, T, D)``, causal over T; with a :class:`~omnibyte.model.cache.
 positions continue the cached ones and the cache is updated. ``layers`` is an nn.ModuleList.
 """
 
-from . import transformer  # noqa: F401
+from . import (
+    mamba1,  # noqa: F401,E402
+    mamba2,  # noqa: F401,E402
+    mamba2_ref,  # noqa: F401,E402
+    transformer,  # noqa: F401
+)

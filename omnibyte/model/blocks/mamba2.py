@@ -1,0 +1,141 @@
+"""Mamba-2 stage block on mamba-ssm's Triton kernels (CUDA), falling back to the pure-PyTorch twin.
+
+Loading: released ``mamba_ssm``'s package ``__init__`` imports ``selective_scan_cuda`` (a compiled
+extension, via ``mamba_ssm.ops.selective_scan_interface``), so with a ``MAMBA_SKIP_CUDA_BUILD`` install
+every ``import mamba_ssm...`` fails, although the Mamba-2 kernels we need are plain Triton modules
+(``ops.triton.ssd_combined``, ``ops.triton.layernorm_gated``, ``ops.triton.selective_state_update``).
+:func:`load_mamba_kernels` therefore registers the ``mamba_ssm`` package in ``sys.modules`` as a bare
+package object created from its import spec *without executing its __init__* (its ``__path__`` points at
+the installed folder), and then imports the three submodules normally. Their own imports stay inside
+``mamba_ssm.ops.triton`` / ``mamba_ssm.utils`` (whose ``__init__`` files are empty), so nothing compiled is
+needed. This saves users the long CUDA build of mamba-ssm. Side effect: in that process ``import mamba_ssm``
+then returns the bare package (no ``Mamba2`` attribute); where ``selective_scan_cuda`` exists we import the
+package normally instead.
+
+Paths (logged once each on logger ``omnibyte.model``):
+* "triton fused": training/eval forward without a cache when ``causal_conv1d``'s compiled extension imports:
+  ``mamba_split_conv1d_scan_combined`` (conv, scan, gated norm and out_proj in one memory-efficient op).
+* "triton unfused": torch conv1d + ``mamba_chunk_scan_combined`` + Triton gated RMSNorm (also every
+  prefill with a cache); decode steps use ``selective_state_update``.
+* "torch twin": CPU, or no mamba-ssm / Triton.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import sys
+import types
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+from ...registry import STAGES
+from .mamba2_ref import Mamba2Config, Mamba2RefBlock, log, log_path_once
+
+
+@lru_cache(maxsize=1)
+def load_mamba_kernels() -> types.SimpleNamespace | None:
+    """The Triton kernels as a namespace, or None (logged) when CUDA, Triton or mamba-ssm is missing."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        log.info("mamba2: triton not importable; using the torch twin")
+        return None
+    try:
+        spec = importlib.util.find_spec("mamba_ssm")  # finds the package without running its __init__
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or spec.submodule_search_locations is None:
+        log.info("mamba2: mamba-ssm not installed; using the torch twin")
+        return None
+    try:
+        if "mamba_ssm" not in sys.modules:
+            if importlib.util.find_spec("selective_scan_cuda") is not None:
+                importlib.import_module("mamba_ssm")  # a full build: the normal import works
+            else:
+                pkg = importlib.util.module_from_spec(spec)  # bare package: __path__ set, __init__ not run
+                sys.modules["mamba_ssm"] = pkg
+        ssd = importlib.import_module("mamba_ssm.ops.triton.ssd_combined")
+        lng = importlib.import_module("mamba_ssm.ops.triton.layernorm_gated")
+        ssu = importlib.import_module("mamba_ssm.ops.triton.selective_state_update")
+    except Exception as e:  # noqa: BLE001 - any failure means: use the twin, and say why
+        log.warning("mamba2: could not load mamba-ssm Triton kernels (%s: %s); using the torch twin",
+                    type(e).__name__, e)
+        return None
+    fused = getattr(ssd, "causal_conv1d_fwd_function", None) is not None
+    causal_conv1d_fn = getattr(ssd, "causal_conv1d_fn", None) if fused else None
+    return types.SimpleNamespace(
+        chunk_scan=ssd.mamba_chunk_scan_combined,
+        split_conv1d_scan=ssd.mamba_split_conv1d_scan_combined,
+        rmsnorm_fn=lng.rmsnorm_fn,
+        state_update=ssu.selective_state_update,
+        fused=fused,
+        causal_conv1d_fn=causal_conv1d_fn,
+    )
+
+
+def kernel_forward(m, K, u: torch.Tensor, state: dict | None) -> torch.Tensor:
+    """The Mamba-2 mixer ``m`` (a Mamba2Mixer) on CUDA through the Triton kernels."""
+    N, T, _ = u.shape
+    zxbcdt = m.in_proj(u)
+    A = -torch.exp(m.A_log.float())
+    if state is None and K.fused:
+        log_path_once("triton fused (mamba_split_conv1d_scan_combined)")
+        return K.split_conv1d_scan(
+            zxbcdt, m.conv1d.weight.squeeze(1), m.conv1d.bias, m.dt_bias, A, m.D, m.chunk_size,
+            activation="silu", rmsnorm_weight=m.norm.weight, rmsnorm_eps=m.norm.eps,
+            outproj_weight=m.out_proj.weight, outproj_bias=m.out_proj.bias, headdim=m.headdim,
+            ngroups=m.ngroups, norm_before_gate=False)
+    z, xBC, dt = m._split(zxbcdt)
+    if state is not None and T == 1 and "ssm" in state:
+        log_path_once("triton step (selective_state_update)")
+        xBC = m._conv(xBC, state)[:, 0]  # (N, C)
+        x, B, C = torch.split(xBC, [m.d_inner, m.ngroups * m.d_state, m.ngroups * m.d_state], -1)
+        H, P, n = m.nheads, m.headdim, m.d_state
+        y = K.state_update(
+            state["ssm"], x.reshape(N, H, P), dt[:, 0, :, None].expand(N, H, P), A[:, None, None].expand(H, P, n),
+            B.reshape(N, m.ngroups, n), C.reshape(N, m.ngroups, n), m.D[:, None].expand(H, P),
+            z=None, dt_bias=m.dt_bias[:, None].expand(H, P), dt_softplus=True)
+        y = K.rmsnorm_fn(y.reshape(N, 1, m.d_inner), m.norm.weight, None, z=z, eps=m.norm.eps,
+                         group_size=m.d_inner // m.ngroups, norm_before_gate=False)
+        return m.out_proj(y)
+    log_path_once("triton unfused (torch conv1d + mamba_chunk_scan_combined)")
+    if state is None and K.causal_conv1d_fn is not None:
+        xBC = K.causal_conv1d_fn(xBC.transpose(1, 2), m.conv1d.weight.squeeze(1), m.conv1d.bias,
+                                 activation="silu").transpose(1, 2)
+    else:
+        xBC = m._conv(xBC, state)
+    x, B, C = torch.split(xBC, [m.d_inner, m.ngroups * m.d_state, m.ngroups * m.d_state], -1)
+    init = state.get("ssm") if state is not None else None
+    out = K.chunk_scan(
+        x.reshape(N, T, m.nheads, m.headdim), dt, A, B.reshape(N, T, m.ngroups, m.d_state),
+        C.reshape(N, T, m.ngroups, m.d_state), chunk_size=m.chunk_size, D=m.D, z=None, dt_bias=m.dt_bias,
+        dt_softplus=True, initial_states=init, return_final_states=state is not None)
+    if state is not None:
+        y, final = out
+        state["ssm"] = final.float().contiguous()
+    else:
+        y = out
+    y = K.rmsnorm_fn(y.reshape(N, T, m.d_inner), m.norm.weight, None, z=z, eps=m.norm.eps,
+                     group_size=m.d_inner // m.ngroups, norm_before_gate=False)
+    return m.out_proj(y)
+
+
+@STAGES.register("mamba2")
+class Mamba2Block(Mamba2RefBlock):
+    """Mamba-2 layers: Triton kernels for CUDA inputs when mamba-ssm is installed, the twin otherwise.
+    Same parameters and state_dict keys as ``mamba2_ref``."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Config(Mamba2Config):
+        name: str = "mamba2"
+
+    kernels = True
+
+
+__all__ = ["Mamba2Block", "load_mamba_kernels", "kernel_forward", "F"]

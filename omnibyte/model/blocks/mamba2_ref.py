@@ -1,0 +1,273 @@
+"""Mamba-2 stage block, pure PyTorch: the chunked SSD ("state space duality") twin of the Triton kernels.
+
+Parameterisation mirrors mamba_ssm's ``Mamba2`` mixer (``in_proj`` -> [z, x, B, C, dt], depthwise causal
+``conv1d`` over [x, B, C], per-head ``dt_bias``, ``A_log``, ``D``, gated RMSNorm ``norm``, ``out_proj``), so
+:class:`Mamba2RefBlock` (registered ``mamba2_ref``) and :class:`~.mamba2.Mamba2Block` (``mamba2``, kernel
+path on CUDA) have identical parameters and state_dict keys. The scan runs in fp32 whatever the input dtype.
+
+Recurrence per head h (state S: headdim x d_state), with dt = softplus(dt_raw + dt_bias), A = -exp(A_log)::
+
+    S_t = exp(dt_t * A) * S_{t-1} + dt_t * x_t B_t^T          y_t = S_t C_t + D * x_t
+
+The chunked form computes the same thing: quadratic attention-like products inside chunks of
+``chunk_size`` positions and a linear recurrence over chunk states between them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...config import Node
+from ...registry import STAGES
+from ..cache import BlockCache
+from ..layers import RMSNorm, init_linear, scaled_std
+from .transformer import SwiGLU
+
+log = logging.getLogger("omnibyte.model")
+_logged: set[str] = set()
+
+
+def log_path_once(path: str) -> None:
+    if path not in _logged:
+        _logged.add(path)
+        log.info("mamba path: %s", path)
+
+
+def segsum(a: torch.Tensor) -> torch.Tensor:
+    """a (..., T) -> (..., T, T) with out[i, j] = a[j+1] + ... + a[i] for j <= i and -inf above the diagonal
+    (summed from a masked copy rather than as a cumsum difference, which loses precision)."""
+    T = a.shape[-1]
+    x = a.unsqueeze(-1).expand(*a.shape, T)  # x[..., i, j] = a[i]
+    strict = torch.ones(T, T, dtype=torch.bool, device=a.device).tril(-1)
+    x = x.masked_fill(~strict, 0.0).cumsum(dim=-2)  # sum over i' <= i with i' > j
+    return x.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=a.device).tril(), float("-inf"))
+
+
+def ssd_chunked(x, dt, A, B, C, chunk: int, D=None, initial_state=None):
+    """Chunked SSD in fp32. x (N, T, H, P); dt (N, T, H) already softplus'ed; A (H,) negative;
+    B, C (N, T, G, n); D (H,); initial_state (N, H, P, n). Returns y (N, T, H, P) fp32, final state."""
+    N, T, H, P = x.shape
+    G, n = B.shape[2], B.shape[3]
+    x, dt, B, C = x.float(), dt.float(), B.float(), C.float()
+    B = B.repeat_interleave(H // G, dim=2)  # (N, T, H, n)
+    C = C.repeat_interleave(H // G, dim=2)
+    chunk = max(1, min(chunk, T))
+    pad = (-T) % chunk
+    if pad:  # zero dt: no decay and no input, so the state passes through the padding unchanged
+        x, dt = F.pad(x, (0, 0, 0, 0, 0, pad)), F.pad(dt, (0, 0, 0, pad))
+        B, C = F.pad(B, (0, 0, 0, 0, 0, pad)), F.pad(C, (0, 0, 0, 0, 0, pad))
+    c = (T + pad) // chunk
+    X = (x * dt[..., None]).view(N, c, chunk, H, P)  # dt-scaled input
+    a = (dt * A.float()).view(N, c, chunk, H).permute(0, 3, 1, 2)  # (N, H, c, l) log-decays
+    Bc, Cc = B.view(N, c, chunk, H, n), C.view(N, c, chunk, H, n)
+    acs = a.cumsum(-1)  # (N, H, c, l)
+    # 1) within-chunk outputs (the "attention" form)
+    Lmat = torch.exp(segsum(a))  # (N, H, c, l, s)
+    scores = torch.einsum("nclhd,ncshd->nhcls", Cc, Bc) * Lmat
+    y = torch.einsum("nhcls,ncshp->nclhp", scores, X)
+    # 2) state at the end of every chunk, from its own inputs
+    decay_to_end = torch.exp(acs[..., -1:] - acs)  # (N, H, c, l)
+    states = torch.einsum("nclhd,nhcl,nclhp->nchpd", Bc, decay_to_end, X)  # (N, c, H, P, n)
+    # 3) pass states between chunks
+    init = initial_state.float() if initial_state is not None else x.new_zeros(N, H, P, n)
+    states = torch.cat((init[:, None], states), dim=1)  # (N, c + 1, H, P, n)
+    chunk_decay = torch.exp(segsum(F.pad(acs[..., -1], (1, 0))))  # (N, H, c + 1, c + 1)
+    states = torch.einsum("nhzc,nchpd->nzhpd", chunk_decay, states)
+    final = states[:, -1]
+    # 4) contribution of the state entering each chunk
+    y = y + torch.einsum("nclhd,nchpd,nhcl->nclhp", Cc, states[:, :-1], torch.exp(acs))
+    y = y.reshape(N, c * chunk, H, P)[:, :T]
+    if D is not None:
+        y = y + x[:, :T] * D.float()[:, None]
+    return y, final
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm(y * silu(z)) * weight, normalised per group of ``group_size`` channels (norm_before_gate=False)."""
+
+    def __init__(self, dim: int, group_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.group_size, self.eps = group_size, eps
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        dtype = y.dtype
+        g = y.float() * F.silu(z.float())
+        shp = g.shape
+        g = g.view(*shp[:-1], -1, self.group_size)
+        g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (g.view(shp) * self.weight.float()).to(dtype)
+
+
+class Mamba2Mixer(nn.Module):
+    """The Mamba-2 mixer. ``use_kernels`` (set by the ``mamba2`` block) routes CUDA inputs to the Triton
+    kernels; otherwise the pure-PyTorch path below runs."""
+
+    use_kernels = False
+
+    def __init__(self, dim: int, cfg):
+        super().__init__()
+        self.d_inner = cfg.expand * dim
+        if self.d_inner % cfg.headdim:
+            raise ValueError(f"mamba2: expand * width = {self.d_inner} is not divisible by headdim {cfg.headdim}")
+        self.headdim, self.d_state, self.ngroups, self.d_conv = cfg.headdim, cfg.d_state, cfg.ngroups, cfg.d_conv
+        self.nheads = self.d_inner // cfg.headdim
+        if self.nheads % cfg.ngroups:
+            raise ValueError(f"mamba2: {self.nheads} heads are not divisible into {cfg.ngroups} groups")
+        self.chunk_size = cfg.chunk_size
+        self.conv_dim = self.d_inner + 2 * cfg.ngroups * cfg.d_state
+        self.in_proj = nn.Linear(dim, 2 * self.d_inner + 2 * cfg.ngroups * cfg.d_state + self.nheads, bias=cfg.bias)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, cfg.d_conv, groups=self.conv_dim, bias=cfg.conv_bias)
+        dt = torch.exp(torch.rand(self.nheads) * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min))
+        dt = dt.clamp(min=cfg.dt_init_floor)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        self.A_log = nn.Parameter(torch.empty(self.nheads).uniform_(*cfg.A_init_range).log())
+        self.D = nn.Parameter(torch.ones(self.nheads))
+        for p in (self.dt_bias, self.A_log, self.D):
+            p._no_weight_decay = True  # type: ignore[attr-defined]
+        self.norm = GatedRMSNorm(self.d_inner, self.d_inner // cfg.ngroups, cfg.norm_eps)
+        self.out_proj = nn.Linear(self.d_inner, dim, bias=cfg.bias)
+
+    def _split(self, zxbcdt):
+        return torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
+
+    def _conv(self, xBC: torch.Tensor, state: dict | None) -> torch.Tensor:
+        """Depthwise causal conv + SiLU over time; xBC (N, T, C). Keeps the last d_conv - 1 inputs in state."""
+        N, T, Cd = xBC.shape
+        xt = xBC.transpose(1, 2)  # (N, C, T)
+        k = self.d_conv - 1
+        hist = state.get("conv") if state is not None else None
+        if hist is None:
+            hist = xt.new_zeros(N, Cd, k)
+        full = torch.cat((hist.to(xt.dtype), xt), dim=-1)  # (N, C, k + T)
+        if state is not None:
+            state["conv"] = full[..., full.shape[-1] - k:].clone() if k else full[..., :0]
+        w, b = self.conv1d.weight, self.conv1d.bias
+        out = F.conv1d(full, w.to(xt.dtype), b.to(xt.dtype) if b is not None else None, groups=Cd)
+        return F.silu(out).transpose(1, 2)  # (N, T, C)
+
+    def forward(self, u: torch.Tensor, state: dict | None = None) -> torch.Tensor:
+        if self.use_kernels and u.is_cuda:
+            from .mamba2 import kernel_forward, load_mamba_kernels
+
+            K = load_mamba_kernels()
+            if K is not None:
+                return kernel_forward(self, K, u, state)
+        log_path_once("torch twin (pure-PyTorch chunked SSD)")
+        return self.forward_ref(u, state)
+
+    def forward_ref(self, u: torch.Tensor, state: dict | None = None) -> torch.Tensor:
+        N, T, _ = u.shape
+        z, xBC, dt = self._split(self.in_proj(u))
+        xBC = self._conv(xBC, state)
+        x, B, C = torch.split(xBC, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], -1)
+        dt = F.softplus(dt.float() + self.dt_bias.float())  # (N, T, H)
+        A = -torch.exp(self.A_log.float())
+        y, final = ssd_chunked(x.view(N, T, self.nheads, self.headdim), dt, A,
+                               B.view(N, T, self.ngroups, self.d_state), C.view(N, T, self.ngroups, self.d_state),
+                               self.chunk_size, self.D, state.get("ssm") if state is not None else None)
+        if state is not None:
+            state["ssm"] = final
+        y = self.norm(y.reshape(N, T, self.d_inner).to(u.dtype), z)
+        return self.out_proj(y)
+
+
+class SSMLayer(nn.Module):
+    """Pre-norm residual layer around a mixer, with an optional SwiGLU MLP (mlp_ratio > 0)."""
+
+    def __init__(self, dim: int, mixer: nn.Module, cfg, dropout: float):
+        super().__init__()
+        self.norm = RMSNorm(dim, cfg.norm_eps)
+        self.mixer = mixer
+        self.mlp = None
+        if cfg.mlp_ratio > 0:
+            self.norm2 = RMSNorm(dim, cfg.norm_eps)
+            self.mlp = SwiGLU(dim, -(-int(cfg.mlp_ratio * dim) // 64) * 64, cfg.bias)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, state: dict | None = None) -> torch.Tensor:
+        x = x + self.drop(self.mixer(self.norm(x), state))
+        if self.mlp is not None:
+            x = x + self.drop(self.mlp(self.norm2(x)))
+        return x
+
+
+class SSMStack(nn.Module):
+    """A stack of SSM layers with a final RMSNorm; subclasses say which mixer to build."""
+
+    unbounded = True
+
+    def __init__(self, config, *, dim: int, layers: int, max_len: int | None = None, dropout: float = 0.0,
+                 init_std: float = 0.02):
+        super().__init__()
+        self.config = config
+        self.layers = nn.ModuleList(SSMLayer(dim, self.make_mixer(dim, config), config, dropout)
+                                    for _ in range(layers))
+        self.norm = RMSNorm(dim, config.norm_eps)
+        for layer in self.layers:
+            init_linear(layer, init_std)
+            nn.init.normal_(layer.mixer.out_proj.weight, std=scaled_std(init_std, layers))
+            if layer.mlp is not None:
+                nn.init.normal_(layer.mlp.down.weight, std=scaled_std(init_std, layers))
+        self.checkpoint_layers = False
+
+    def make_mixer(self, dim: int, config) -> nn.Module:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, cache: BlockCache | None = None) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            if cache is not None:
+                x = layer(x, cache.layer(i))
+            elif self.checkpoint_layers and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
+            else:
+                x = layer(x)
+        if cache is not None:
+            cache.length += x.shape[1]
+        return self.norm(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class Mamba2Config(Node):
+    name: str = "mamba2"
+    d_state: int = 128
+    d_conv: int = 4
+    expand: int = 2
+    headdim: int = 64
+    ngroups: int = 1
+    chunk_size: int = 256
+    A_init_range: tuple[float, float] = (1.0, 16.0)
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4
+    conv_bias: bool = True
+    bias: bool = False
+    norm_eps: float = 1e-5
+    mlp_ratio: float = 0.0  # 0: no MLP (as MBLM's Mamba-2 stages)
+
+    def __post_init__(self):
+        for k in ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+
+
+@STAGES.register("mamba2_ref")
+class Mamba2RefBlock(SSMStack):
+    """Mamba-2 layers that always run the pure-PyTorch path (any device)."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Config(Mamba2Config):
+        name: str = "mamba2_ref"
+
+    kernels = False
+
+    def make_mixer(self, dim: int, config) -> nn.Module:
+        m = Mamba2Mixer(dim, config)
+        m.use_kernels = self.kernels
+        return m
