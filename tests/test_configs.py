@@ -1,0 +1,99 @@
+"""Every shipped config loads as a run config and builds its task, serializer and model at a tiny size."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from omnibyte.config import configs_dir, to_dict
+from omnibyte.registry import MODELS, SERIALIZERS, TASKS
+from omnibyte.runconfig import load_run_config
+from omnibyte.stream import Batch
+
+FIXTURE = Path(__file__).parent / "fixtures" / "clevr_mini"
+CONFIGS = sorted(p.stem for p in configs_dir().glob("*.yaml"))
+
+
+def tiny_overrides(name: str) -> list[str]:
+    """Shrink a config's model (widths, depths) keeping its kind, stage count and block types."""
+    cfg = load_run_config(name)
+    model = to_dict(cfg.model)
+    if model["name"] == "clevr_cnn_lstm":
+        return ["model.trunk_stages=1", "model.embed_dim=8", "model.lstm_hidden=8", "model.mlp_hidden=8"]
+    out = []
+    for i, stage in enumerate(model.get("stages", [])):
+        out += [f"model.stages.{i}.width=16", f"model.stages.{i}.layers=1"]
+        block = stage.get("block") or {}
+        if "heads" in block:
+            out.append(f"model.stages.{i}.block.heads=2")
+    return out
+
+
+def test_configs_exist():
+    assert {"clevr_vqa_png", "clevr_vqa_jpeg", "clevr_vqa_pixels", "clevr_vqa_pixels_patch", "pg19_lm",
+            "pg19_to_clevr_png", "clevr_to_pg19", "clevr_cnn_lstm"} <= set(CONFIGS)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_loads_and_builds_tiny(name):
+    cfg = load_run_config(name, tiny_overrides(name))
+    assert cfg.run_name == name
+    task = TASKS.build(cfg.task)  # lazy: no data is read (nor generated) here
+    serializer = SERIALIZERS.build(cfg.serializer)
+    model = MODELS.build(cfg.model)
+    assert sum(p.numel() for p in model.parameters()) < 3_000_000
+    assert task.packing in ("pad", "concat") and serializer is not None
+
+
+def _first_streams(name, n=2):
+    cfg = load_run_config(name, [f"task.root={FIXTURE}"])
+    task, ser = TASKS.build(cfg.task), SERIALIZERS.build(cfg.serializer)
+    return cfg, [ser(s) for s, _ in zip(task.samples("train"), range(n))]
+
+
+@pytest.mark.parametrize("name", [c for c in CONFIGS if c.startswith("clevr_vqa") or c in
+                                  ("pg19_to_clevr_png", "clevr_cnn_lstm")])
+def test_clevr_configs_fit_their_rows_and_run_a_step(name):
+    """A real CLEVR-layout sample serializes within data.seq_len, and the tiny model takes the batch."""
+    cfg, streams = _first_streams(name)
+    assert all(len(s) <= cfg.data.seq_len for s in streams)
+    assert cfg.serializer.loss == "answer" and cfg.eval.split == "val"
+    model = MODELS.build(load_run_config(name, tiny_overrides(name)).model)
+    meta = model.stream_meta
+    batch = Batch.collate(streams, pad_to_multiple=meta.patch_product)
+    if hasattr(model, "compute_batch_loss"):
+        out = model.compute_batch_loss(batch)
+    else:
+        from omnibyte.loss import compute_loss
+
+        out = compute_loss(model, batch.tokens, batch.loss_mask, batch.modality)
+    assert torch.isfinite(out.loss)
+
+
+def test_pixel_lengths_match_the_documented_formula():
+    for name, image_bytes in (("clevr_vqa_pixels", 62 * 41 * 3), ("clevr_vqa_pixels_patch", 64 * 48 * 3)):
+        cfg, (s, _) = _first_streams(name)
+        from omnibyte.vocab import Modality
+
+        assert len(s.data_bytes(Modality.IMAGE)) == image_bytes
+        assert cfg.data.seq_len % load_run_config(name).model.stages[1].length == 0
+
+
+def test_transfer_pairs_share_the_model():
+    clevr, pg19 = load_run_config("clevr_vqa_png"), load_run_config("pg19_lm")
+    assert to_dict(clevr.model) == to_dict(pg19.model)
+    a, b = load_run_config("pg19_to_clevr_png"), load_run_config("clevr_to_pg19")
+    assert to_dict(a.model) == to_dict(pg19.model) and a.train.init_from.endswith("pg19_lm")
+    assert to_dict(b.model) == to_dict(clevr.model) and b.train.init_from.endswith("clevr_vqa_png")
+    assert a.task.name == "clevr_vqa" and b.task.name == "pg19"
+
+
+def test_cnn_lstm_baseline_matches_the_byte_models_setup():
+    base, cnn = load_run_config("clevr_vqa_base"), load_run_config("clevr_cnn_lstm")
+    assert to_dict(cnn.task) == to_dict(base.task) and to_dict(cnn.eval) == to_dict(base.eval)
+    assert to_dict(cnn.serializer) == to_dict(base.serializer)
+    assert to_dict(cnn.model.image) == to_dict(cnn.serializer.image)
+    assert (cnn.data.batch_size, cnn.train.steps, cnn.train.grad_accum) == (
+        base.data.batch_size, base.train.steps, base.train.grad_accum)
