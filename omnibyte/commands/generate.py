@@ -1,0 +1,64 @@
+"""omnibyte generate <run-dir> --prompt TEXT [--max-new-bytes N] ..."""
+
+from __future__ import annotations
+
+HELP = "sample bytes from a trained run's model after a prompt"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("run_dir")
+    p.add_argument("--prompt", default="", help="prompt text (UTF-8)")
+    p.add_argument("--prompt-file", default=None, help="read the prompt's bytes from this file instead")
+    p.add_argument("--raw", action="store_true",
+                   help="feed the prompt bytes as they are (default: through the run's serializer, minus its end)")
+    p.add_argument("--max-new-bytes", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num", type=int, default=1, help="samples to draw")
+    p.add_argument("--checkpoint", choices=["latest", "best"], default="latest")
+    p.add_argument("--device", default="auto")
+
+
+def prompt_tokens(serializer, text: str, data: bytes | None, raw: bool) -> list[int]:
+    """The prompt as the model saw such text in training: serialized, trailing EOS/EOM dropped."""
+    from omnibyte import vocab
+
+    if data is not None or raw:
+        return list(data if data is not None else text.encode("utf-8"))
+    field = getattr(serializer.config, "field", "text")
+    try:
+        stream = serializer({"id": "prompt", field: text})
+    except Exception:  # serializers that need more than text (qa, images): the bytes themselves
+        return list(text.encode("utf-8"))
+    tokens = [int(t) for t in stream.tokens]
+    while tokens and tokens[-1] in (vocab.EOS, vocab.EOM):
+        tokens.pop()
+    return tokens
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from omnibyte import vocab
+    from omnibyte.evaluate import load_trained
+
+    _, _, serializer, model, _, _ = load_trained(args.run_dir, (), args.checkpoint, args.device)
+    if not hasattr(model, "generate"):
+        raise SystemExit(f"omnibyte generate: {type(model).__name__} does not generate bytes")
+    data = Path(args.prompt_file).read_bytes() if args.prompt_file else None
+    prompt = prompt_tokens(serializer, args.prompt, data, args.raw) or [vocab.BOS]
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    batch = torch.tensor([prompt] * args.num, dtype=torch.long, device=device)
+    out = model.generate(batch, args.max_new_bytes, temperature=args.temperature, top_k=args.top_k,
+                         top_p=args.top_p, stop_tokens=(vocab.EOS,), generator=gen)
+    for row in out.tolist():
+        data = bytes(t for t in row if t < vocab.NUM_BYTES)
+        print(args.prompt + data.decode("utf-8", errors="replace"))
+        if args.num > 1:
+            print("-" * 40)
+    return 0

@@ -1,0 +1,31 @@
+"""omnibyte train <config> [key=value ...]"""
+
+from __future__ import annotations
+
+HELP = "train (or resume) a run from a YAML config; torchrun --nproc-per-node N -m omnibyte train ... for DDP/FSDP2"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("config", help="a YAML path, a name in configs/ (e.g. debug_tiny), or a run directory")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-3 model.stages.0.layers=4")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+
+
+def run(args) -> int:
+    import logging
+    import sys
+
+    from omnibyte.logging import setup_console_logging
+    from omnibyte.runconfig import load_run_config
+    from omnibyte.train import TrainingError, train
+
+    setup_console_logging(logging.WARNING if args.quiet else logging.INFO)
+    overrides = list(args.overrides) + (["train.progress=false"] if args.quiet else [])
+    cfg = load_run_config(args.config, overrides)
+    try:
+        run_dir = train(cfg)
+    except TrainingError as e:
+        print(f"omnibyte train: failed: {e}", file=sys.stderr)
+        return 1
+    print(run_dir)
+    return 0

@@ -1,0 +1,126 @@
+"""Run outputs for humans and tools: a tqdm bar, ``metrics.jsonl``, TensorBoard events, ``train.log``.
+
+``metrics.jsonl`` holds one JSON object per line: ``{"step", "split", "loss", "bpb", ...}`` with
+``split`` ``train`` (every ``log_every`` steps) or the eval split; per-modality bits per byte appear as
+``bpb/<modality>``. On resume from step ``k`` the lines after ``k`` (written by the killed run after
+its last checkpoint) are dropped and TensorBoard purges its events after ``k``, so the curves of a
+resumed run are the curves of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from .vocab import Modality
+
+METRICS = "metrics.jsonl"
+log = logging.getLogger("omnibyte")
+
+
+def setup_console_logging(level: int = logging.INFO) -> None:
+    """Log ``omnibyte.*`` to stderr through tqdm.write, so messages don't break the progress bar."""
+    from tqdm import tqdm
+
+    class _TqdmHandler(logging.Handler):
+        def emit(self, record):
+            try:
+                tqdm.write(self.format(record), file=sys.stderr)
+            except Exception:  # pragma: no cover
+                self.handleError(record)
+
+    root = logging.getLogger("omnibyte")
+    if not any(isinstance(h, _TqdmHandler) for h in root.handlers) and not root.handlers:
+        h = _TqdmHandler()
+        h.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s", "%H:%M:%S"))
+        root.addHandler(h)
+    root.setLevel(level)
+
+
+def modality_name(code: int) -> str:
+    try:
+        return Modality(int(code)).name.lower()
+    except ValueError:
+        return str(code)
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a kill -9
+                continue
+    return out
+
+
+class RunLogger:
+    """Writes metrics (main rank only) and drives the progress bar."""
+
+    def __init__(self, run_dir: Path, *, enabled: bool, start_step: int, total_steps: int, progress: bool = True):
+        self.enabled = enabled
+        self.path = Path(run_dir) / METRICS
+        self.writer = None
+        self.bar = None
+        if not enabled:
+            return
+        kept = [r for r in read_metrics(run_dir) if int(r.get("step", 0)) <= start_step]
+        from .checkpoint import write_text_atomic
+
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        self._file = open(self.path, "a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(Path(run_dir) / "events"),
+                                        purge_step=start_step + 1 if start_step else None)
+        except ImportError:  # pragma: no cover - tensorboard is a dependency, but keep training without it
+            log.warning("tensorboard not installed: no event files")
+        file_handler = logging.FileHandler(Path(run_dir) / "train.log")
+        file_handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+        logging.getLogger("omnibyte").addHandler(file_handler)
+        self._file_handler = file_handler
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+                            file=sys.stderr, mininterval=0.5)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self._file.write(json.dumps(clean) + "\n")
+        self._file.flush()
+        if self.writer is not None:
+            split, step = record.get("split", "train"), int(record["step"])
+            for k, v in record.items():
+                if k not in ("step", "split") and isinstance(v, (int, float)) and math.isfinite(v):
+                    self.writer.add_scalar(f"{split}/{k}", v, step)
+
+    def progress(self, n: int = 1, **postfix: Any) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+            if postfix:
+                self.bar.set_postfix(postfix, refresh=False)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        self._file.close()
+        logging.getLogger("omnibyte").removeHandler(self._file_handler)
+        self._file_handler.close()

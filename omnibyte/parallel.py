@@ -1,0 +1,197 @@
+"""Process groups, devices, and everything applied to a model from outside it.
+
+Order (as in torchtitan's parallelize): activation checkpointing, then ``torch.compile``, both per
+block (``model.stage_blocks()``), then data parallelism -- FSDP2 ``fully_shard`` on each block and
+then the root, or DDP around the whole model. Each step changes modules in place without renaming
+parameters, so checkpoints stay plain ``state_dict`` keys whatever the strategy. The model file never
+imports ``torch.distributed``.
+
+Launch: ``torchrun --nproc-per-node N -m omnibyte train <config>`` (RANK/WORLD_SIZE/LOCAL_RANK set by
+torchrun). NCCL on CUDA, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+log = logging.getLogger("omnibyte.parallel")
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    strategy: str = "none"  # none | ddp | fsdp2
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+def pick_device(spec: str, local_rank: int = 0) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"train.device={spec!r} but CUDA is not available")
+        if dev.index is None:
+            dev = torch.device("cuda", local_rank)
+    return dev
+
+
+def init_distributed(pcfg, device_spec: str = "auto") -> DistInfo:
+    """Join the torchrun process group if there is one; pick this rank's device and strategy."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_spec, local_rank)
+    strategy = pcfg.strategy
+    if strategy == "auto":
+        strategy = "ddp" if world > 1 else "none"
+    if world > 1:
+        if strategy == "none":
+            raise RuntimeError(f"parallel.strategy=none under torchrun with {world} processes; use ddp or fsdp2")
+        backend = pcfg.backend
+        if backend == "auto":
+            backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=10),
+                                    device_id=device if backend == "nccl" else None)
+        log.info("rank %d/%d on %s (%s, %s)", rank, world, device, backend, strategy)
+    elif device.type == "cuda":
+        torch.cuda.set_device(device)
+    return DistInfo(rank, world, local_rank, device, strategy if world > 1 else "none")
+
+
+def destroy() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def blocks_of(model: nn.Module) -> list[nn.Module]:
+    """The per-block modules to wrap: ``model.stage_blocks()`` if the model has it, else none."""
+    fn = getattr(model, "stage_blocks", None)
+    return list(fn()) if callable(fn) else []
+
+
+def apply_activation_checkpointing(model: nn.Module) -> int:
+    """Recompute each block's forward in backward. Patches ``forward`` per instance: state_dict keys
+    stay unchanged (checkpoint_wrapper would insert ``_checkpoint_wrapped_module``)."""
+    from torch.utils.checkpoint import checkpoint
+
+    blocks = blocks_of(model)
+    for block in blocks:
+        inner = block.forward
+
+        def forward(*args, _inner=inner, **kwargs):
+            if torch.is_grad_enabled():
+                return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+            return _inner(*args, **kwargs)
+
+        block.forward = forward
+    return len(blocks)
+
+
+def apply_compile(model: nn.Module) -> int:
+    """``torch.compile`` each block in place (``Module.compile``: keys unchanged); the whole model if it
+    exposes no blocks."""
+    blocks = blocks_of(model)
+    for block in blocks:
+        block.compile()
+    if not blocks:
+        model.compile()
+    return len(blocks)
+
+
+def parallelize(model: nn.Module, info: DistInfo, tcfg, pcfg, bf16: bool) -> nn.Module:
+    """Apply AC, compile and DDP/FSDP2 in that order. Returns the module to call in training (the DDP
+    wrapper, or ``model`` itself, sharded in place for FSDP2)."""
+    if tcfg.activation_checkpointing:
+        log.info("activation checkpointing on %d blocks", apply_activation_checkpointing(model))
+    if tcfg.compile:
+        log.info("torch.compile on %d blocks", apply_compile(model))
+    if info.strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [info.device.index] if info.device.type == "cuda" else None
+        return DDP(model, device_ids=ids, find_unused_parameters=pcfg.find_unused_parameters)
+    if info.strategy == "fsdp2":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+        kw = {"mp_policy": mp} if mp is not None else {}
+        blocks = blocks_of(model)
+        for i, block in enumerate(blocks):
+            # the last block's weights are needed again at once by backward: keep them gathered
+            fully_shard(block, reshard_after_forward=pcfg.reshard_after_forward and i < len(blocks) - 1, **kw)
+        fully_shard(model, reshard_after_forward=pcfg.reshard_after_forward, **kw)
+        return model
+    return model
+
+
+def sync_context(train_model: nn.Module, last_micro: bool):
+    """Skip the gradient all-reduce on all but the last micro-batch of an accumulation."""
+    if hasattr(train_model, "no_sync") and not last_micro:
+        return train_model.no_sync()  # DDP
+    if hasattr(train_model, "set_requires_gradient_sync"):
+        train_model.set_requires_gradient_sync(last_micro)  # FSDP2
+    return contextlib.nullcontext()
+
+
+def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_gather_object(obj, info: DistInfo) -> list:
+    if not info.distributed:
+        return [obj]
+    out = [None] * info.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier(info: DistInfo) -> None:
+    if info.distributed:
+        dist.barrier()
+
+
+def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, info: DistInfo) -> tuple[dict, dict]:
+    """Unsharded model and optimizer state on CPU (FQN-keyed optimizer state, same under any strategy)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=info.distributed)
+    msd, osd = get_state_dict(model, optimizer, options=opts)
+    return msd, osd
+
+
+def load_full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer | None, msd: dict,
+                          osd: dict | None, info: DistInfo) -> None:
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
+    set_model_state_dict(model, msd, options=opts)
+    if optimizer is not None and osd is not None:
+        set_optimizer_state_dict(model, optimizer, osd, options=opts)
