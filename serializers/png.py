@@ -3,20 +3,20 @@
 Output length (IMAGE-modality bytes only, no markers, loss 1 on every byte):
 
 * ``method: passthrough``: ``L = len(file)``, the input file unchanged, byte for byte.
-* ``method: reencode``: ``L = len(PNG written by Pillow)`` for the processed image, which is data dependent
-  (zlib) and has no closed form; it is exact in the sense that ``decode(stream)`` gives that file back.
-  The file holds exactly the chunks ``IHDR, IDAT+, IEND`` (no metadata: no tEXt, pHYs, iCCP, gAMA, ...),
-  8-bit RGB (colour type 2) or L (colour type 0), non-interlaced, so
-  ``L = 8 + 25 + sum(12 + len(idat_i)) + 12`` with the IDAT payload a zlib stream of
-  ``H * (1 + W * C)`` filtered bytes.
+* ``method: reencode``: the processed image (crop, alpha dropped, mode, resize) written by omnibyte's own
+  minimal PNG writer (:func:`serializers._image.encode_png`): exactly the chunks ``IHDR, IDAT, IEND`` (no
+  metadata: no tEXt, pHYs, iCCP, gAMA, ...), 8-bit RGB (colour type 2) or L (colour type 0),
+  non-interlaced, one IDAT holding ``zlib.compress(rows, compress_level)`` of the ``H * (1 + W * C)``
+  filtered bytes, so ``L = 57 + len(zlib stream)`` (8 signature + 25 IHDR + 12 IDAT framing + 12 IEND).
+  The zlib length is data dependent (no closed form); ``decode(stream)`` gives that file back.
 
-Determinism: passthrough is the identity. Re-encoding depends only on the sample, the config and the
-Pillow / zlib build (recorded by the benchmark); the same build always writes the same bytes.
+Determinism: passthrough is the identity. Re-encoding depends only on the sample, the config, the
+decoded pixels (lossless for PNG inputs, whichever decoder), Pillow's resampling and zlib's
+compressor; the same versions always write the same bytes.
 """
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from typing import Literal
 
@@ -26,6 +26,7 @@ from ._image import (
     ProcessConfig,
     check_limits,
     check_png,
+    encode_png,
     load_pixels,
     open_image,
 )
@@ -43,6 +44,8 @@ class PNGSerializer(ImageSerializer):
         # crc = also every chunk CRC; decode = also a full pixel decode with Pillow (slow)
         verify: Literal["structure", "crc", "decode"] = "structure"
         compress_level: int = 6  # zlib level 0..9 of re-encoded files
+        # PNG row filter of re-encoded files: one for all rows, or adaptive (per row, min sum |residual|)
+        filter: Literal["none", "sub", "up", "average", "paeth", "adaptive"] = "adaptive"
 
         def __post_init__(self) -> None:
             super().__post_init__()
@@ -62,7 +65,4 @@ class PNGSerializer(ImageSerializer):
                 except Exception as e:
                     raise ImageError(f"PNG does not decode: {type(e).__name__}: {e}") from None
             return data
-        im = load_pixels(data, cfg)
-        buf = io.BytesIO()
-        im.save(buf, format="PNG", compress_level=cfg.compress_level, optimize=False)
-        return buf.getvalue()
+        return encode_png(load_pixels(data, cfg), cfg.compress_level, cfg.filter)
