@@ -42,7 +42,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from omnibyte.errors import DataError
 
@@ -107,6 +107,7 @@ class ClevrConfig(TaskConfig):
     question_types: tuple[str, ...] = ()  # keep these qtypes or outermost functions (empty: all)
     max_questions: int = 0  # per split, after filters: a seeded random subset (0: all)
     subsample_seed: int = 0
+    eval_mode: Literal["auto", "generate", "rank", "both"] = "auto"  # auto: both (classify for classifiers)
     synth: SynthDefaults = field(default_factory=SynthDefaults)
     cache_dir: str = ""  # where the default set goes ("" -> $OMNIBYTE_CACHE or ~/.cache/omnibyte)
 
@@ -265,13 +266,14 @@ class ClevrVQA(Task):
         """VQA accuracy (overall, per question type, per family) and a confusion matrix.
 
         See :func:`tasks.vqa_eval.evaluate_vqa` for the keyword arguments (``mode`` generate|rank|both,
-        ``max_samples``, ``batch_size``, ...). Results are also written to ``run_dir/eval/``.
+        default ``task.eval_mode``; ``max_samples``, ``batch_size``, ...). Results also go to ``run_dir/eval/``.
         """
         if not self.is_answered(split):
             raise DataError(f"CLEVR split {split!r} has no answers (like CLEVR's test split); "
                             f"evaluate on a split with answers, e.g. val")
         from .vqa_eval import evaluate_vqa
 
+        kwargs.setdefault("mode", self.config.eval_mode)
         return evaluate_vqa(self, model, serializer, split, run_dir=run_dir, **kwargs)
 
 

@@ -46,6 +46,8 @@ SPLITS = ("train", "validation", "test")
 class PG19Config(TaskConfig):
     max_books: int = 0  # per split, the first N books in id order (0: all)
     max_bytes: int = 0  # cut each book to its first N UTF-8 bytes (0: whole books); for quick runs
+    eval_context: int = 0  # evaluation window (0: the run's data.seq_len, else the model's length)
+    eval_stride: int = 0  # window step (0: eval_context, i.e. disjoint windows)
 
 
 @TASKS.register("pg19")
@@ -128,15 +130,17 @@ class PG19(Task):
                  device: Any = None, **_: Any) -> dict:
         """Bits per byte and word perplexity of ``split`` (see the module docstring for the windows).
 
-        ``context`` defaults to the model's maximum length or 8,192; ``stride`` to ``context`` (disjoint).
+        ``context`` defaults to ``task.eval_context``, else the run's ``data.seq_len`` (read from
+        ``run_dir/config.resolved.yaml``), else the model's length; ``stride`` to ``task.eval_stride``, else
+        ``context`` (disjoint windows).
         ``max_books`` (or ``max_samples``, as ``omnibyte eval`` passes it) limits the books scored (0: all).
         Results also go to ``run_dir/eval/pg19_<split>.json``.
         """
         import torch
 
         max_books = max_books or max_samples
-        context = int(context or _model_max_len(model) or 8192)
-        stride = int(stride or context)
+        context = int(context or self.config.eval_context or _run_seq_len(run_dir) or _model_max_len(model) or 8192)
+        stride = int(stride or self.config.eval_stride or context)
         if not 0 < stride <= context:
             raise ValueError(f"stride must be in 1..context ({context}), got {stride}")
         device = device or _model_device(model)
@@ -271,6 +275,19 @@ def _per_token_nll(model: Any, tokens: Any) -> Any:
 
     logits = model(tokens).float()
     return F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none")
+
+
+def _run_seq_len(run_dir: Any) -> int | None:
+    """``data.seq_len`` of the run whose directory this is (its ``config.resolved.yaml``), if any."""
+    if run_dir is None:
+        return None
+    path = Path(run_dir) / "config.resolved.yaml"
+    if not path.is_file():
+        return None
+    import yaml
+
+    data = yaml.safe_load(path.read_text()) or {}
+    return (data.get("data") or {}).get("seq_len")
 
 
 def _model_max_len(model: Any) -> int | None:

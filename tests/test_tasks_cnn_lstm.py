@@ -15,7 +15,7 @@ from tasks.clevr import CLEVR_ANSWERS
 
 FIXTURE = Path(__file__).parent / "fixtures" / "clevr_mini"
 IMAGE = {"name": "pixels", "size": [24, 16]}
-TINY = {"name": "clevr_cnn_lstm", "image": IMAGE, "trunk_stages": 1, "embed_dim": 8, "lstm_hidden": 16,
+TINY = {"name": "clevr_cnn_lstm", "image": IMAGE, "trunk_stages": 1, "embed_dim": 8, "lstm_hidden": 16, "word_buckets": 256,
         "mlp_hidden": 32}
 
 

@@ -1,0 +1,59 @@
+"""prepare -> train -> eval end to end on CPU through the CLI (tiny models, a few steps)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from omnibyte.cli import main
+
+FIXTURE = Path(__file__).parent / "fixtures" / "clevr_mini"
+MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "pg19-mini"
+TINY_MBLM = [f"model.stages.{i}.{k}={v}" for i in (0, 1) for k, v in (("width", 16), ("layers", 1),
+                                                                      ("block.heads", 2))]
+QUICK = ["train.steps=3", "train.warmup=1", "train.eval_every=0", "train.ckpt_every=0", "data.batch_size=4",
+         "train.progress=false"]
+
+
+def _eval(run_dir: Path, capsys, *extra: str) -> dict:
+    capsys.readouterr()
+    assert main(["eval", str(run_dir), *extra]) == 0
+    out = capsys.readouterr().out
+    return json.loads(out[out.index("{"):])
+
+
+def test_clevr_prepare_train_eval(tmp_path, capsys):
+    data, runs = tmp_path / "data", tmp_path / "runs"
+    common = [f"task.root={FIXTURE}", "serializer.image.size=[16,12]", "model.stages.0.length=128",
+              "data.seq_len=1024"]
+    assert main(["prepare", "clevr_vqa_png", *common, "--out", str(data), "--no-progress"]) == 0
+    assert main(["train", "clevr_vqa_png", *common, *TINY_MBLM, *QUICK, "data.source=shards",
+                 f"data.path={data}", f"out_dir={runs}", "--quiet"]) == 0
+    res = _eval(runs / "clevr_vqa_png", capsys, "eval.max_samples=4")
+    task = res["task"]
+    assert task["num_samples"] == 4 and set(task["modes"]) == {"generate", "rank"}
+    assert set(task["by_qtype_rank"]) == {"count", "exist", "compare_attribute", "query_attribute"}
+    assert (runs / "clevr_vqa_png" / "eval" / "vqa_val.json").is_file()
+    assert "bpb/answer" in res
+
+
+def test_cnn_lstm_baseline_trains_and_evaluates(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    assert main(["train", "clevr_cnn_lstm", f"task.root={FIXTURE}", "serializer.image.size=[16,12]",
+                 "model.image.size=[16,12]", "model.trunk_stages=1", "model.embed_dim=8", "model.lstm_hidden=8",
+                 "model.mlp_hidden=8", *QUICK, f"out_dir={runs}", "--quiet"]) == 0
+    task = _eval(runs / "clevr_cnn_lstm", capsys, "eval.max_samples=4")["task"]
+    assert task["modes"] == ["classify"] and task["num_samples"] == 4 and 0 <= task["accuracy"] <= 1
+
+
+@pytest.mark.skipif(not MINI.is_dir(), reason="../shared/data/pg19-mini is absent")
+def test_pg19_train_eval_reports_bpb_and_word_ppl(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    assert main(["train", "pg19_lm", f"task.root={MINI}", "task.max_bytes=2000", *TINY_MBLM, *QUICK,
+                 "data.seq_len=128", f"out_dir={runs}", "--quiet"]) == 0
+    task = _eval(runs / "pg19_lm", capsys, "eval.max_samples=1", "task.eval_stride=64")["task"]
+    assert task["split"] == "test" and task["num_books"] == 1 and task["num_bytes"] == 2000
+    assert task["context"] == 128 and task["stride"] == 64 and task["num_words"] > 300
+    assert 0 < task["bpb"] < 10 and task["word_ppl"] > 1
