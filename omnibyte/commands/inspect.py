@@ -29,8 +29,12 @@ def resolve_serializer_node(spec: str, overrides: list[str]) -> dict:
         try:
             data = load_yaml(spec)
         except ConfigError as e:
-            raise ConfigError(f"--serializer {spec!r} is neither a registered serializer "
-                              f"({', '.join(SERIALIZERS.names())}) nor a config file: {e}") from None
+            import difflib
+
+            close = difflib.get_close_matches(spec, SERIALIZERS.names(), n=1, cutoff=0.5)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(f"--serializer {spec!r}: {hint}not a registered serializer "
+                              f"({', '.join(SERIALIZERS.names())}) and not a config file ({e})") from None
         if "serializer" in data:
             node = data["serializer"]
         elif "name" in data:
