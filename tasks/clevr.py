@@ -60,6 +60,8 @@ CLEVR_ANSWERS: tuple[str, ...] = (
     "small", "large",
 )
 
+INDEX_CACHE_MIN_BYTES = 16 << 20  # questions files this large get a cached compact index
+INDEX_FORMAT = 1
 QTYPES: tuple[str, ...] = ("exist", "count", "compare_integer", "query_attribute", "compare_attribute")
 _ATTRS = ("size", "color", "material", "shape")
 _QTYPE_OF: dict[str, str] = {
@@ -155,23 +157,38 @@ class ClevrVQA(Task):
         return self.root / "questions" / f"CLEVR_{split}_questions.json"
 
     # --- index ------------------------------------------------------------------------------------
-    def _load_index(self, split: str) -> list[dict[str, Any]]:
-        if split in self._index:
-            return self._index[split]
+    def _records(self, split: str) -> tuple[bool, list[list[Any]]]:
+        """(answered, records) of a questions file: one compact record per question, in file order:
+        ``[question_index, image_filename, image_index, question, answer, family, function]``, or
+        ``["BAD", reason]``. Files of INDEX_CACHE_MIN_BYTES or more (CLEVR's train questions are hundreds
+        of MB) are parsed once, under a lock, and the records cached; later loads, other ranks and
+        DataLoader workers read the small cache instead."""
         qfile = self.questions_file(split)
         if not qfile.is_file():
             have = ", ".join(self.splits()) or "none"
             raise DataError(f"CLEVR split {split!r}: no file {qfile} (splits found: {have})")
-        try:
-            with open(qfile, "rb") as f:
-                data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{qfile}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-        questions = data.get("questions") if isinstance(data, dict) else None
-        if not isinstance(questions, list):
-            raise DataError(f"{qfile}: expected an object with a 'questions' list (CLEVR v1.0 format)")
-        answered = any(isinstance(q, dict) and q.get("answer") is not None for q in questions)
-        self._answered[split] = answered
+        st = qfile.stat()
+        if st.st_size < INDEX_CACHE_MIN_BYTES:
+            return _parse_questions(qfile, split)
+        import hashlib
+
+        key = hashlib.sha1(f"{INDEX_FORMAT}|{qfile.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+        cache = cache_root(self.config.cache_dir) / "clevr-index" / f"{split}-{key[:16]}.json"
+        if not cache.is_file():
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            with _file_lock(cache.with_suffix(".lock")):
+                if not cache.is_file():
+                    log.info("indexing %s (once; cached in %s)", qfile, cache)
+                    answered, recs = _parse_questions(qfile, split)
+                    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+                    tmp.write_text(json.dumps({"answered": answered, "records": recs}))
+                    os.replace(tmp, cache)
+        data = json.loads(cache.read_text())
+        return data["answered"], data["records"]
+
+    def _load_index(self, split: str) -> list[dict[str, Any]]:
+        if split in self._index:
+            return self._index[split]
         cfg = self.config
         want_fam = set(cfg.families)
         want_type = set(cfg.question_types)
@@ -179,37 +196,20 @@ class ClevrVQA(Task):
             if t not in QTYPES and t not in _QTYPE_OF:
                 raise DataError(f"task.question_types: unknown {t!r}; use one of {', '.join(QTYPES)} "
                                 f"or an outermost function such as query_color")
+        answered, records = self._records(split)
+        self._answered[split] = answered
         index = []
-        for pos, q in enumerate(questions):
-            where = f"{qfile} question {pos}"
-            if not isinstance(q, dict) or not isinstance(q.get("question"), str) or not q["question"].strip():
-                self._bad(f"{where}: no question text")
+        for r in records:
+            if r[0] == "BAD":
+                self._bad(r[1])
                 continue
-            if not isinstance(q.get("image_filename"), str):
-                if isinstance(q.get("image_index"), int):
-                    q = {**q, "image_filename": f"CLEVR_{split}_{q['image_index']:06d}.png"}
-                else:
-                    self._bad(f"{where}: neither image_filename nor image_index")
-                    continue
-            if answered and q.get("answer") is None:
-                self._bad(f"{where}: no answer (the split's other questions have one)")
+            qindex, image_filename, image_index, question, answer, family, function = r
+            rec = {"qindex": qindex, "image_filename": image_filename, "image_index": image_index,
+                   "question": question, "answer": answer, "family": family, "function": function,
+                   "qtype": question_type(function)}
+            if want_fam and family not in want_fam:
                 continue
-            fn = program_function(q.get("program"))
-            fam = q.get("question_family_index")
-            rec = {
-                "pos": pos,
-                "qindex": int(q.get("question_index", pos)),
-                "image_filename": q["image_filename"],
-                "image_index": q.get("image_index"),
-                "question": q["question"],
-                "answer": None if q.get("answer") is None else str(q["answer"]),
-                "family": int(fam) if fam is not None else -1,
-                "function": fn,
-                "qtype": question_type(fn),
-            }
-            if want_fam and rec["family"] not in want_fam:
-                continue
-            if want_type and rec["qtype"] not in want_type and rec["function"] not in want_type:
+            if want_type and rec["qtype"] not in want_type and function not in want_type:
                 continue
             index.append(rec)
         if cfg.max_questions and len(index) > cfg.max_questions:
@@ -275,6 +275,39 @@ class ClevrVQA(Task):
 
         kwargs.setdefault("mode", self.config.eval_mode)
         return evaluate_vqa(self, model, serializer, split, run_dir=run_dir, **kwargs)
+
+
+def _parse_questions(qfile: Path, split: str) -> tuple[bool, list[list[Any]]]:
+    """Read a CLEVR questions file into compact records (see :meth:`ClevrVQA._records`)."""
+    try:
+        with open(qfile, "rb") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{qfile}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    questions = data.get("questions") if isinstance(data, dict) else None
+    if not isinstance(questions, list):
+        raise DataError(f"{qfile}: expected an object with a 'questions' list (CLEVR v1.0 format)")
+    answered = any(isinstance(q, dict) and q.get("answer") is not None for q in questions)
+    records: list[list[Any]] = []
+    for pos, q in enumerate(questions):
+        where = f"{qfile} question {pos}"
+        if not isinstance(q, dict) or not isinstance(q.get("question"), str) or not q["question"].strip():
+            records.append(["BAD", f"{where}: no question text"])
+            continue
+        fname = q.get("image_filename")
+        if not isinstance(fname, str):
+            if not isinstance(q.get("image_index"), int):
+                records.append(["BAD", f"{where}: neither image_filename nor image_index"])
+                continue
+            fname = f"CLEVR_{split}_{q['image_index']:06d}.png"
+        if answered and q.get("answer") is None:
+            records.append(["BAD", f"{where}: no answer (the split's other questions have one)"])
+            continue
+        fam = q.get("question_family_index")
+        records.append([int(q.get("question_index", pos)), fname, q.get("image_index"), q["question"],
+                        None if q.get("answer") is None else str(q["answer"]), int(fam) if fam is not None else -1,
+                        program_function(q.get("program"))])
+    return answered, records
 
 
 # --- the default generated set ------------------------------------------------------------------

@@ -138,3 +138,24 @@ def test_default_set_is_generated_once_atomically(tmp_path, monkeypatch):
     again = TASKS.build({"name": "clevr_vqa", "synth": {"images": 6, "questions_per_image": 2, "seed": 3}})
     assert again.num_samples("train") == 8 and len(calls) == 1
     assert not list((tmp_path / "cache").glob(".tmp-*"))
+
+
+def test_large_question_files_are_indexed_once(tmp_path, monkeypatch):
+    import tasks.clevr as clevr_mod
+
+    root = _copy(tmp_path)
+    monkeypatch.setattr(clevr_mod, "INDEX_CACHE_MIN_BYTES", 0)
+    monkeypatch.setenv("OMNIBYTE_CACHE", str(tmp_path / "cache"))
+    first = [s["id"] for s in build(root=root).samples("val")]
+    assert len(list((tmp_path / "cache" / "clevr-index").glob("val-*.json"))) == 1
+    parse = clevr_mod._parse_questions
+    monkeypatch.setattr(clevr_mod, "_parse_questions", lambda *a: pytest.fail("parsed again"))
+    t = build(root=root, question_types=["exist"])
+    assert [s["id"] for s in t.samples("val")] == ["clevr/val/1"] and t.is_answered("val")
+    assert [s["id"] for s in build(root=root).samples("val")] == first
+    monkeypatch.setattr(clevr_mod, "_parse_questions", parse)
+    qfile = root / "questions" / "CLEVR_val_questions.json"
+    data = json.loads(qfile.read_text())
+    data["questions"] = data["questions"][:2]
+    qfile.write_text(json.dumps(data))  # a changed file gets a fresh index
+    assert build(root=root).num_samples("val") == 2
