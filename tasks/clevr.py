@@ -101,6 +101,7 @@ class SynthDefaults:
     seed: int = 0
     size: tuple[int, int] = (480, 320)  # width, height: CLEVR's
     splits: tuple[str, ...] = ("train", "val")
+    workers: int = 0  # rendering processes (0: one per CPU core, at most 16); the output does not depend on it
 
 
 @dataclass(frozen=True)
@@ -339,8 +340,9 @@ def ensure_default_set(config: ClevrConfig) -> Path:
         tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
         _rmtree(tmp)
         log.warning("task.root is empty: generating a CLEVR-format set (%d images) into %s", s.images, final)
+        workers = s.workers or min(os.cpu_count() or 1, 16)
         clevr_synth.generate(str(tmp), images=s.images, questions_per_image=s.questions_per_image, seed=s.seed,
-                             size=tuple(s.size), splits=tuple(s.splits), progress=True)
+                             size=tuple(s.size), splits=tuple(s.splits), progress=True, workers=workers)
         (tmp / ".complete").write_text(json.dumps({"synth": {"images": s.images, "seed": s.seed,
                                                              "questions_per_image": s.questions_per_image,
                                                              "size": list(s.size), "splits": list(s.splits)}}))

@@ -121,7 +121,7 @@ def test_default_set_is_generated_once_atomically(tmp_path, monkeypatch):
 
     calls = []
 
-    def fake_generate(out_dir, images, questions_per_image, seed, size, splits, progress):
+    def fake_generate(out_dir, images, questions_per_image, seed, size, splits, progress, workers):
         calls.append((images, questions_per_image, seed, size, splits))
         assert ".tmp-" in Path(out_dir).name
         shutil.copytree(FIXTURE, out_dir)
@@ -159,3 +159,20 @@ def test_large_question_files_are_indexed_once(tmp_path, monkeypatch):
     data["questions"] = data["questions"][:2]
     qfile.write_text(json.dumps(data))  # a changed file gets a fresh index
     assert build(root=root).num_samples("val") == 2
+
+
+def test_reads_the_generators_output(tmp_path):
+    """A CLEVR-layout set these tests never saw (the offline generator's) loads without code changes."""
+    pytest.importorskip("tasks.clevr_synth")
+    from omnibyte.cli import main
+    from tasks.clevr import QTYPES
+
+    out = tmp_path / "synth"
+    assert main(["prepare", "clevr-synth", "--out", str(out), "--images", "6", "--questions-per-image", "4",
+                 "--size", "96x64", "--seed", "1", "--no-progress"]) == 0
+    t = build(root=out)
+    assert t.splits() == ["train", "val"]
+    samples = [s for split in t.splits() for s in t.samples(split)]
+    assert len(samples) >= 12 and all(s["image"][:8] == b"\x89PNG\r\n\x1a\n" for s in samples)
+    assert {s["answer"] for s in samples} <= set(CLEVR_ANSWERS)
+    assert {s["qtype"] for s in samples} <= set(QTYPES) and all(s["family"] >= 0 for s in samples)
