@@ -11,11 +11,11 @@ from .scene import sample_scene
 from .templates import load_templates
 
 __all__ = ["generate", "main", "build_parser", "split_counts", "answer", "execute", "ANSWERS",
-           "sample_scene", "load_templates", "render"]
+           "sample_scene", "load_templates", "render_scene"]
 
 
-def render(scene, width: int = 480, height: int = 320):
+def render_scene(scene, width: int = 480, height: int = 320):
     """RGB uint8 image of a scene from :func:`sample_scene` (see render.py)."""
-    from .render import render as _render
+    from .render import render
 
-    return _render(scene, width, height)
+    return render(scene, width, height)

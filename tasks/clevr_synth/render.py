@@ -65,18 +65,18 @@ def _intersect(obj: dict, o: np.ndarray, D: np.ndarray):
     dx, dy, dz = D[..., 0], D[..., 1], D[..., 2]
     shape = obj["shape"]
     if shape == "sphere":
-        ox, oy, oz = o[0] - x, o[1] - y, o[2] - r
+        ox, oy, oz = o[..., 0] - x, o[..., 1] - y, o[..., 2] - r
         b = dx * ox + dy * oy + dz * oz
         disc = b * b - (ox * ox + oy * oy + oz * oz - r * r)
         t = np.where(disc > 0, -b - np.sqrt(np.maximum(disc, 0)), _INF)
 
         def normals(m):
             tm, dm = t[m][:, None], D[m]
-            return (np.array([ox, oy, oz], np.float32) + tm * dm) / r
+            return (_origin(ox, oy, oz, m) + tm * dm) / r
         return t, normals
     if shape == "cylinder":
         hgt = 2 * r
-        ox, oy, oz = o[0] - x, o[1] - y, o[2]
+        ox, oy, oz = o[..., 0] - x, o[..., 1] - y, o[..., 2]
         a = dx * dx + dy * dy + 1e-12
         b = ox * dx + oy * dy
         disc = b * b - a * (ox * ox + oy * oy - r * r)
@@ -89,7 +89,7 @@ def _intersect(obj: dict, o: np.ndarray, D: np.ndarray):
         t = np.minimum(ts, tt)
 
         def normals(m):
-            q = np.array([ox, oy, oz], np.float32) + t[m][:, None] * D[m]
+            q = _origin(ox, oy, oz, m) + t[m][:, None] * D[m]
             rho = np.sqrt(q[:, 0] ** 2 + q[:, 1] ** 2) + 1e-9
             bev = _BEVEL * r
             k = 1 - np.minimum(rho, r - bev) / rho
@@ -100,7 +100,7 @@ def _intersect(obj: dict, o: np.ndarray, D: np.ndarray):
     s = r
     th = math.radians(obj["rotation"])
     ct, st = math.cos(th), math.sin(th)
-    wx, wy, wz = o[0] - x, o[1] - y, o[2] - s
+    wx, wy, wz = o[..., 0] - x, o[..., 1] - y, o[..., 2] - s
     lo = (ct * wx + st * wy, -st * wx + ct * wy, wz)
     ldx, ldy = ct * dx + st * dy, -st * dx + ct * dy
     tn, tf = None, None
@@ -114,11 +114,19 @@ def _intersect(obj: dict, o: np.ndarray, D: np.ndarray):
 
     def normals(m):
         tm = t[m]
-        q = np.stack([lo[0] + tm * ldx[m], lo[1] + tm * ldy[m], lo[2] + tm * dz[m]], -1)
+        lm = _origin(*lo, m)
+        q = lm + tm[:, None] * np.stack([ldx[m], ldy[m], dz[m]], -1)
         inner = s * (1 - _BEVEL)
         nl = _unit_rows(q - np.clip(q, -inner, inner))
         return np.stack([ct * nl[:, 0] - st * nl[:, 1], st * nl[:, 0] + ct * nl[:, 1], nl[:, 2]], -1)
     return t, normals
+
+
+def _origin(ox, oy, oz, m) -> np.ndarray:
+    """Ray origins relative to an object, (3,) for a shared origin or (k, 3) picked by mask ``m``."""
+    if np.ndim(ox) == 0:
+        return np.array([ox, oy, oz], np.float32)
+    return np.stack([ox[m], oy[m], oz[m]], -1)
 
 
 def _trace(objects: list[dict], camera: Camera, w: int, h: int, want_normals: bool = True):
@@ -163,8 +171,8 @@ class _Ground:
         fx, fy = fx / nrm, fy / nrm
         rx, ry = np.asarray(camera.right)[:2]
         # spot: where the lamps point, a little in front of the scene centre, slightly to the right
-        self.sx = loc[0] + fx * 7.5 + rx * 1.2
-        self.sy = loc[1] + fy * 7.5 + ry * 1.2
+        self.sx = loc[0] + fx * 5.8 + rx * 1.8
+        self.sy = loc[1] + fy * 5.8 + ry * 1.8
         self.lx, self.ly = loc[0], loc[1]
 
     def __call__(self, gx: np.ndarray, gy: np.ndarray) -> np.ndarray:
@@ -378,7 +386,8 @@ class _Shader:
         ndf = np.maximum(n @ fill, 0)
         ndr = np.maximum(n @ rim, 0)
         ao = 0.7 + 0.3 * _smooth(0.0, 0.45, p[:, 2])  # the ground occludes the lowest parts a little
-        irr = (ik * 0.42 * _smooth(-0.3, 1.0, ndk) ** 1.5 + 0.07 * ndf + 0.05 * ndr
+        shadow = self._object_shadows(p, ids)
+        irr = (ik * 0.42 * _smooth(-0.3, 1.0, ndk) ** 1.5 * (1 - 0.8 * shadow) + 0.07 * ndf + 0.05 * ndr
                + (0.055 + 0.03 * n[:, 2])) * ao
         hv = _unit_rows(key[None] - d)
         sheen = 0.018 * np.maximum(np.sum(n * hv, -1), 0) ** 8 * ik
@@ -399,14 +408,59 @@ class _Shader:
             hk = np.maximum(refl @ key, 0)
             hf = np.maximum(refl @ fill, 0)
             lamps = ik * (3.0 * hk ** 150 + 0.5 * hk ** 12) + 0.9 * hf ** 60
+            env3 = np.repeat((env + lamps)[:, None], 3, 1)
+            self._reflect_objects(mp, refl, ids[metal], env3)
             cosv = np.clip(-np.sum(md * mn, -1), 0, 1)
             fres = 0.04 + 0.3 * (1 - cosv) ** 5
-            mcol = ma * ((env + lamps) * (0.85 + 0.15 * ao[metal]))[:, None]
-            mcol = mcol * (1 - fres[:, None]) + ((env + lamps) * fres)[:, None]
+            mcol = ma * env3 * (0.85 + 0.15 * ao[metal])[:, None]
+            mcol = mcol * (1 - fres[:, None]) + env3 * fres[:, None]
             mcol += ma * (0.05 * irr[metal])[:, None]
             col[metal] = mcol
         img[sel] = col
         return img
+
+    def _object_shadows(self, p: np.ndarray, own: np.ndarray) -> np.ndarray:
+        """Soft occlusion of the key light at object points by the other objects (as spheres)."""
+        occ = np.zeros(len(p), np.float32)
+        key = self.key
+        for j, obj in enumerate(self.objects):
+            x, y, r = obj["3d_coords"]
+            rad = {"sphere": r, "cylinder": 1.05 * r, "cube": 1.2 * r}[obj["shape"]]
+            vx, vy, vz = x - p[:, 0], y - p[:, 1], r - p[:, 2]
+            t = vx * key[0] + vy * key[1] + vz * key[2]
+            cand = (t > 0) & (own != j)
+            if not cand.any():
+                continue
+            d2 = vx * vx + vy * vy + vz * vz - t * t
+            w = 0.04 + 0.12 * np.maximum(t, 0)
+            o = _smooth(rad + w, rad - w, np.sqrt(np.maximum(d2, 0))) * cand
+            np.maximum(occ, o, out=occ)
+        return occ
+
+    def _reflect_objects(self, p: np.ndarray, refl: np.ndarray, own: np.ndarray, env3: np.ndarray) -> None:
+        """Replace ``env3`` by the (simply shaded) colour of other objects seen in the reflection."""
+        k = len(p)
+        best = np.full(k, _INF, np.float32)
+        hit_id = np.full(k, -1, np.int16)
+        hit_n = np.zeros((k, 3), np.float32)
+        for j, obj in enumerate(self.objects):
+            cand = np.nonzero(own != j)[0]
+            if not len(cand):
+                continue
+            t, normals = _intersect(obj, p[cand], refl[cand])
+            closer = (t > 1e-3) & (t < best[cand])
+            if not closer.any():
+                continue
+            idx = cand[closer]
+            best[idx] = t[closer]
+            hit_id[idx] = j
+            hit_n[idx] = normals(closer)
+        hit = hit_id >= 0
+        if hit.any():
+            hn, hj = hit_n[hit], hit_id[hit]
+            lit = 0.06 + 0.03 * hn[:, 2] + 0.4 * self.ik * np.maximum(hn @ self.key, 0)
+            lit = np.where(self.metal[hj], 0.22, lit)
+            env3[hit] = 0.7 * self.albedo[hj] * lit[:, None] + 0.3 * env3[hit]  # slightly glossy, not a mirror
 
 
 def _unit_rows(v: np.ndarray) -> np.ndarray:
