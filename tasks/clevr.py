@@ -96,7 +96,7 @@ def question_type(function: str) -> str:
 class SynthDefaults:
     """The generated set made when ``root`` is empty (see :mod:`tasks.clevr_synth`)."""
 
-    images: int = 1200  # divided among splits by the generator (train gets most; see clevr_synth)
+    images: int = 2000  # divided among splits by the generator (val 15%, train the rest; see clevr_synth)
     questions_per_image: int = 10
     seed: int = 0
     size: tuple[int, int] = (480, 320)  # width, height: CLEVR's
@@ -340,7 +340,11 @@ def ensure_default_set(config: ClevrConfig) -> Path:
         tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
         _rmtree(tmp)
         log.warning("task.root is empty: generating a CLEVR-format set (%d images) into %s", s.images, final)
+        import multiprocessing
+
         workers = s.workers or min(os.cpu_count() or 1, 16)
+        if multiprocessing.current_process().daemon:  # e.g. inside a DataLoader worker: no child processes
+            workers = 0
         clevr_synth.generate(str(tmp), images=s.images, questions_per_image=s.questions_per_image, seed=s.seed,
                              size=tuple(s.size), splits=tuple(s.splits), progress=True, workers=workers)
         (tmp / ".complete").write_text(json.dumps({"synth": {"images": s.images, "seed": s.seed,

@@ -252,7 +252,7 @@ def score_stream(model: Any, stream: Any, context: int, stride: int, batch_size:
     by_len: dict[int, list[tuple[int, int, int]]] = {}
     for w in wins:
         by_len.setdefault(w[1] - w[0], []).append(w)
-    for length, group in by_len.items():
+    for group in by_len.values():
         for i in range(0, len(group), batch_size):
             chunk = group[i: i + batch_size]
             x = torch.from_numpy(np.stack([tokens[b:e] for b, e, _ in chunk])).to(device)
