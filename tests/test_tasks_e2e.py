@@ -57,3 +57,7 @@ def test_pg19_train_eval_reports_bpb_and_word_ppl(tmp_path, capsys):
     assert task["split"] == "test" and task["num_books"] == 1 and task["num_bytes"] == 2000
     assert task["context"] == 128 and task["stride"] == 64 and task["num_words"] > 300
     assert 0 < task["bpb"] < 10 and task["word_ppl"] > 1
+    # transfer: the CLEVR config starts from this PG19 run (same model)
+    assert main(["train", "pg19_to_clevr_png", f"task.root={FIXTURE}", "serializer.image.size=[16,12]",
+                 f"train.init_from={runs / 'pg19_lm'}", *TINY_MBLM, *QUICK, "train.steps=1", f"out_dir={runs}",
+                 "eval.max_samples=2", "--quiet"]) == 0
