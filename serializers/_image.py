@@ -58,11 +58,16 @@ class ProcessConfig(ImageConfig):
     crop_box: tuple[int, int, int, int] | None = None  # explicit (left, top, right, bottom); overrides crop
     size: tuple[int, int] | None = None  # output (width, height); None keeps the (cropped) size
     resample: Literal["nearest", "box", "bilinear", "hamming", "bicubic", "lanczos"] = "bilinear"
+    # Pillow's two-step resize: an integer box reduction first while the remaining scale stays >= this gap
+    # (3.0: "indistinguishable from fair resampling", max 2 levels off on CLEVR, ~40% faster); null = exact
+    reducing_gap: float | None = 3.0
     mode: Literal["RGB", "L"] = "RGB"  # L = ITU-R 601-2 luma
     background: tuple[int, int, int] = (255, 255, 255)  # alpha is composited on this colour, then dropped
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.reducing_gap is not None and self.reducing_gap < 1.0:
+            raise ValueError(f"reducing_gap must be >= 1.0 or null, got {self.reducing_gap}")
         if not 0.0 <= self.crop < 1.0:
             raise ValueError(f"crop must be in [0, 1), got {self.crop}")
         if self.size is not None and min(self.size) <= 0:
@@ -279,7 +284,8 @@ def _finish(im, box, cfg: ProcessConfig):
     """Crop + resize in one pass, then the output mode; strip metadata."""
     full = tuple(box) == (0, 0, im.size[0], im.size[1])
     if cfg.size is not None and (not full or tuple(cfg.size) != im.size):
-        im = im.resize(tuple(cfg.size), _RESAMPLE[cfg.resample], box=None if full else box)
+        im = im.resize(tuple(cfg.size), _RESAMPLE[cfg.resample], box=None if full else box,
+                       reducing_gap=cfg.reducing_gap)
     elif not full:
         im = im.crop(tuple(int(round(v)) for v in box))
     if im.mode != cfg.mode:
@@ -308,59 +314,60 @@ def _pyspng():
     return _SPNG
 
 
-def encode_png(im, compress_level: int = 6, filter: str = "adaptive") -> bytes:
+_STRATEGY = {"default": zlib.Z_DEFAULT_STRATEGY, "filtered": zlib.Z_FILTERED, "rle": zlib.Z_RLE,
+             "huffman": zlib.Z_HUFFMAN_ONLY}
+
+
+def encode_png(im, compress_level: int = 6, filter: str = "adaptive", strategy: str = "filtered") -> bytes:
     """A minimal, deterministic PNG writer: ``IHDR, IDAT, IEND`` only, 8-bit gray or RGB, non-interlaced.
 
     ``filter``: one PNG filter for every row (none, sub, up, average, paeth) or ``adaptive``: per row the
     filter with the smallest sum of absolute signed residuals (libpng's heuristic), computed with numpy.
-    The bytes depend only on the pixels, these two options and zlib, so
+    ``strategy`` is zlib's (``filtered`` is what libpng uses for filtered rows; ``rle`` compresses about 10x
+    faster for a few percent more bytes). The bytes depend only on the pixels, these options and zlib, so
     ``len = 8 + 25 + (12 + len(zlib stream)) + 12``.
     """
     arr = np.asarray(im)
     if arr.ndim == 2:
         arr = arr[:, :, None]
     H, W, C = arr.shape
-    bpp = C
     x = arr.reshape(H, W * C).astype(np.int16)
-    up = np.zeros_like(x)
-    up[1:] = x[:-1]
-    left = np.zeros_like(x)
-    left[:, bpp:] = x[:, :-bpp]
-    upleft = np.zeros_like(x)
-    upleft[1:, bpp:] = x[:-1, :-bpp]
-    cands = {}
-    want = ("none", "sub", "up", "average", "paeth") if filter == "adaptive" else (filter,)
-    for name in want:
+    # neighbours in the previous row (up), previous pixel (left) and both (upleft), 0 outside the image
+    pad = np.zeros((H + 1, W * C + C), dtype=np.int16)
+    pad[1:, C:] = x
+    up, left, upleft = pad[:-1, C:], pad[1:, :-C], pad[:-1, :-C]
+    if filter == "adaptive":
+        names = ("none", "sub", "up", "average", "paeth")
+    elif filter in _FILTER_CODE:
+        names = (filter,)
+    else:
+        raise ValueError(f"unknown PNG filter {filter!r}")
+    preds = []
+    for name in names:
         if name == "none":
-            r = x
+            preds.append(np.zeros_like(x))
         elif name == "sub":
-            r = x - left
+            preds.append(left)
         elif name == "up":
-            r = x - up
+            preds.append(up)
         elif name == "average":
-            r = x - ((left + up) >> 1)
-        elif name == "paeth":
+            preds.append((left + up) >> 1)
+        else:  # paeth
             p = left + up - upleft
             pa, pb, pc = np.abs(p - left), np.abs(p - up), np.abs(p - upleft)
-            pred = np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, up, upleft))
-            r = x - pred
-        else:
-            raise ValueError(f"unknown PNG filter {filter!r}")
-        cands[name] = (r & 0xFF).astype(np.uint8)
-    names = list(cands)
+            preds.append(np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, up, upleft)))
+    res = ((x[None] - np.stack(preds)) & 0xFF).astype(np.uint8)  # (filters, H, W*C)
     if len(names) == 1:
-        code = np.full(H, _FILTER_CODE[names[0]], dtype=np.uint8)
-        body = cands[names[0]]
-    else:
-        stack = np.stack([cands[n] for n in names])  # (5, H, W*C)
-        cost = np.abs(stack.view(np.int8).astype(np.int32)).sum(axis=2)  # (5, H)
-        best = cost.argmin(axis=0)  # first minimum wins ties: none < sub < up < average < paeth
-        body = stack[best, np.arange(H)]
-        code = np.array([_FILTER_CODE[names[i]] for i in best], dtype=np.uint8)
+        best = np.zeros(H, dtype=np.intp)
+    else:  # libpng's heuristic: smallest sum of |residual| read as signed bytes; first filter wins ties
+        best = np.abs(res.view(np.int8).astype(np.int16)).sum(axis=2).argmin(axis=0)
+    body = res[best, np.arange(H)]
+    code = np.asarray([_FILTER_CODE[n] for n in names], dtype=np.uint8)[best]
     raw = np.concatenate([code[:, None], body], axis=1).tobytes()
     ihdr = struct.pack(">IIBBBBB", W, H, 8, 0 if C == 1 else 2, 0, 0, 0)
-    return b"".join((PNG_SIGNATURE, _chunk(b"IHDR", ihdr), _chunk(b"IDAT", zlib.compress(raw, compress_level)),
-                     _chunk(b"IEND", b"")))
+    z = zlib.compressobj(compress_level, zlib.DEFLATED, 15, 8, _STRATEGY[strategy])
+    idat = z.compress(raw) + z.flush()
+    return b"".join((PNG_SIGNATURE, _chunk(b"IHDR", ihdr), _chunk(b"IDAT", idat), _chunk(b"IEND", b"")))
 
 
 _FILTER_CODE = {"none": 0, "sub": 1, "up": 2, "average": 3, "paeth": 4}
