@@ -150,8 +150,21 @@ class CNNLSTM(nn.Module):
         words = _WORD.findall(data.decode("utf-8", "replace").lower())
         return [zlib.crc32(w.encode()) % self.config.word_buckets + 1 for w in words]
 
+    def labels(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B,) answer class of each qa row (-1: no answer segment, or an answer outside ``answers``)."""
+        out = []
+        for row in tokens.detach().cpu().numpy():
+            ans = _segments(row).get("answer")
+            out.append(self.answer_index.get(ans.decode("utf-8", "replace"), -1) if ans is not None else -1)
+        return torch.tensor(out, dtype=torch.long, device=tokens.device)
+
     # --- model ---------------------------------------------------------------------------------
-    def forward(self, images: torch.Tensor, questions: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, L) qa tokens -> answer logits (B, A). Going through ``forward`` keeps DDP wrappers working."""
+        x, q, lengths, _ = self.parse(tokens)
+        return self.classify(x, q, lengths)
+
+    def classify(self, images: torch.Tensor, questions: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """images (B, 3, H, W) in [0, 1], question ids (B, T), lengths (B,) -> answer logits (B, A)."""
         feats = self.trunk(images - self._mean).mean(dim=(2, 3))  # (B, C)
         packed = nn.utils.rnn.pack_padded_sequence(self.embed(questions), lengths.cpu(), batch_first=True,
@@ -159,14 +172,13 @@ class CNNLSTM(nn.Module):
         _, (h, _) = self.lstm(packed)  # h: (layers, B, hidden)
         return self.classifier(torch.cat([feats, h[-1]], dim=1))
 
-    def answer_logits(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x, q, lengths, labels = self.parse(tokens)
-        return self(x, q, lengths), labels
-
-    def compute_batch_loss(self, batch: Any):
+    def compute_batch_loss(self, batch: Any, forward: Any = None):
+        """Answer cross-entropy as a LossOutput. ``forward``: the callable to run the model through (e.g. its
+        DDP wrapper, so gradients are synchronised); default the model itself."""
         from omnibyte.loss import LossOutput
 
-        logits, labels = self.answer_logits(batch.tokens)
+        logits = (forward or self)(batch.tokens)
+        labels = self.labels(batch.tokens)
         valid = labels >= 0
         nll = F.cross_entropy(logits.float(), labels.clamp(min=0), reduction="none") * valid
         w = valid.float()
@@ -177,7 +189,7 @@ class CNNLSTM(nn.Module):
 
     @torch.no_grad()
     def predict_answers(self, batch: Any) -> list[str]:
-        logits, _ = self.answer_logits(batch.tokens)
+        logits = self(batch.tokens)
         return [self.config.answers[i] for i in logits.argmax(dim=1).tolist()]
 
 

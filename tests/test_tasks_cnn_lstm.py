@@ -75,6 +75,11 @@ def test_byte_questions_and_bad_rows():
     s = next(task.samples("train"))
     _, q, lengths, _ = model.parse(Batch.collate([ser(s)]).tokens)
     assert lengths.tolist() == [len(s["question"])] and q[0, 0] == s["question"].encode()[0] + 1
+    batch = Batch.collate([ser(s), ser.prompt(s)])
+    assert model(batch.tokens).shape == (2, len(CLEVR_ANSWERS))  # forward(tokens): DDP-wrappable
+    calls = []
+    out = model.compute_batch_loss(batch, forward=lambda t: calls.append(t.shape) or model(t))
+    assert calls == [batch.tokens.shape] and float(out.weight_sum) == 1  # the prompt row has no label
     text = SERIALIZERS.build({"name": "utf8"})({"id": "t", "text": "hello"})
     with pytest.raises(ValueError, match="not a qa stream"):
         model.parse(Batch.collate([text]).tokens)
