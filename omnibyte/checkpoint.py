@@ -238,6 +238,8 @@ def select_stages(weights: dict[str, torch.Tensor], stages: tuple[int, ...]) -> 
     if not stages:
         return dict(weights)
     num = 1 + max((int(m.group(1)) for k in weights if (m := STAGE_KEY_RE.match(k))), default=0)
+    if any(not -num <= s < num for s in stages):
+        raise ValueError(f"init_stages={list(stages)}: the checkpoint has stages 0..{num - 1}")
     wanted = {s % num for s in stages}
     out = {}
     for k, v in weights.items():

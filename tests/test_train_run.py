@@ -1,0 +1,119 @@
+"""End-to-end CPU runs of the engine: learning, the run directory, eval/generate/plot, NaN steps, init_from."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from omnibyte.cli import main
+from omnibyte.logging import read_metrics
+
+TINY = {
+    "seed": 0,
+    "task": {"name": "synthetic_text", "samples": {"train": 512, "validation": 16}},
+    "serializer": {"name": "utf8", "eos": True},
+    "model": {"name": "mblm", "stages": [
+        {"length": 16, "width": 48, "layers": 1, "block": {"name": "transformer", "heads": 2}},
+        {"length": 4, "width": 32, "layers": 1, "block": {"name": "transformer", "heads": 2}}]},
+    "data": {"seq_len": 64, "batch_size": 8, "shuffle_buffer": 64},
+    "train": {"steps": 40, "lr": 3e-3, "min_lr": 3e-4, "warmup": 5, "log_every": 5, "eval_every": 20,
+              "ckpt_every": 20, "progress": False},
+    "eval": {"max_samples": 8},
+}
+
+
+def write_config(tmp_path, name="tiny", **sections):
+    cfg = json.loads(json.dumps(TINY))
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            cfg.setdefault(section, {}).update(values)
+        else:
+            cfg[section] = values
+    cfg["out_dir"] = str(tmp_path / "runs")
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("run")
+    assert main(["train", str(write_config(tmp)), "--quiet"]) == 0
+    return tmp / "runs" / "tiny"
+
+
+def test_short_run_learns_and_writes_a_complete_run_dir(trained):
+    run = trained
+    for name in ("config.resolved.yaml", "metrics.jsonl", "train.log", "checkpoints/latest", "checkpoints/best.json"):
+        assert (run / name).is_file(), name
+    assert list((run / "events").glob("events.out.tfevents.*"))
+    ckpts = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
+    assert ckpts == ["step_000020", "step_000040"]
+    for f in ("model.safetensors", "optimizer.pt", "rng.pt", "state.json"):
+        assert (run / "checkpoints/step_000040" / f).is_file()
+    records = read_metrics(run)
+    train = [r for r in records if r["split"] == "train"]
+    assert [r["step"] for r in train] == list(range(5, 41, 5))
+    assert train[-1]["loss"] < 0.7 * train[0]["loss"], (train[0]["loss"], train[-1]["loss"])
+    assert all(k in train[-1] for k in ("bpb", "bpb/text", "lr", "grad_norm", "bytes_per_s"))
+    evals = [r for r in records if r["split"] == "validation"]
+    assert [r["step"] for r in evals] == [20, 40] and evals[1]["bpb"] < evals[0]["bpb"]
+    # weights load without unpickling code, with the token contract recorded
+    weights = load_file(str(run / "checkpoints/step_000040/model.safetensors"))
+    assert "head.weight" in weights
+    state = json.loads((run / "checkpoints/step_000040/state.json").read_text())
+    assert state["contract_version"] == 1 and state["step"] == 40 and state["config"]["train"]["steps"] == 40
+    torch.load(run / "checkpoints/step_000040/optimizer.pt", weights_only=True)
+
+
+def test_eval_generate_plot(trained, capsys):
+    run = trained
+    assert main(["eval", str(run), "validation"]) == 0
+    out = json.loads((run / "eval/validation_40.json").read_text())
+    assert out["step"] == 40 and out["bpb"] > 0 and "bpb/text" in out
+    import h5py
+
+    with h5py.File(run / "eval/validation_40.h5") as f:
+        assert f["nll"].shape == f["tokens"].shape and f.attrs["step"] == 40
+        mask = f["loss_mask"][:]
+        bpb = float((f["nll"][:] * mask).sum() / mask.sum() / 0.6931471805599453)
+    assert bpb == pytest.approx(out["bpb"], rel=1e-4)
+    capsys.readouterr()
+    assert main(["generate", str(run), "--prompt", "The red", "--max-new-bytes", "20", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("The red")
+    assert main(["plot", str(run)]) == 0
+    assert (run / "curves.png").stat().st_size > 10_000
+
+
+def test_nan_steps_are_skipped_and_counted(tmp_path):
+    cfg = write_config(tmp_path, train={"steps": 8, "log_every": 1, "eval_every": 0, "ckpt_every": 0,
+                                        "inject_nan_at": [3, 4]})
+    assert main(["train", str(cfg), "--quiet"]) == 0
+    train = [r for r in read_metrics(tmp_path / "runs/tiny") if r["split"] == "train"]
+    assert [r["bad_steps"] for r in train] == [0, 0, 1, 2, 2, 2, 2, 2]
+    assert train[2]["loss"] is None and train[4]["loss"] is not None  # nothing counted from skipped steps
+
+
+def test_too_many_bad_steps_in_a_row_fail(tmp_path, capsys):
+    cfg = write_config(tmp_path, train={"steps": 8, "inject_nan_at": [2, 3, 4], "max_bad_steps": 3})
+    assert main(["train", str(cfg), "--quiet"]) == 1
+    assert "3 non-finite steps in a row" in capsys.readouterr().err
+
+
+def test_init_from_loads_all_or_selected_stages(trained, tmp_path):
+    src = load_file(str(trained / "checkpoints/step_000040/model.safetensors"))
+    frozen = {"steps": 1, "lr": 0.0, "min_lr": 0.0, "warmup": 0, "eval_every": 0, "ckpt_every": 0,
+              "init_from": str(trained)}
+    assert main(["train", str(write_config(tmp_path, "all", train=frozen)), "--quiet"]) == 0
+    got = load_file(str(tmp_path / "runs/all/checkpoints/step_000001/model.safetensors"))
+    assert all(torch.equal(got[k], src[k]) for k in src)
+    frozen["init_stages"] = [0]
+    assert main(["train", str(write_config(tmp_path, "stage0", train=frozen)), "--quiet"]) == 0
+    got = load_file(str(tmp_path / "runs/stage0/checkpoints/step_000001/model.safetensors"))
+    stage0 = [k for k in src if k.startswith(("blocks.0.", "start.0", "patch_embed.0.", "to_next.0."))]
+    assert stage0 and all(torch.equal(got[k], src[k]) for k in stage0)
+    assert not torch.equal(got["head.weight"], src["head.weight"])  # the inner stage starts fresh
