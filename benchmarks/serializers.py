@@ -37,7 +37,6 @@ from pathlib import Path
 import numpy as np
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-RENDERS = SHARED / "clevr-gen" / "sample-images"
 
 CASES: list[tuple[str, dict]] = [
     ("png:passthrough", {"name": "png"}),
@@ -49,10 +48,24 @@ CASES: list[tuple[str, dict]] = [
     ("qa:png-passthrough", {"name": "qa"}),
     ("qa:png-reencode-62x41", {"name": "qa", "image": {"name": "png", "method": "reencode", "size": [62, 41],
                                                        "crop": 0.1}}),
+    ("qa:png-reencode-62x41-level9", {"name": "qa", "image": {"name": "png", "method": "reencode", "size": [62, 41],
+                                                             "crop": 0.1, "compress_level": 9}}),
+    ("qa:png-reencode-62x41-rle", {"name": "qa", "image": {"name": "png", "method": "reencode", "size": [62, 41],
+                                                           "crop": 0.1, "strategy": "rle"}}),
     ("qa:jpeg-reencode-62x41", {"name": "qa", "image": {"name": "jpeg", "method": "reencode", "size": [62, 41],
                                                         "crop": 0.1}}),
     ("qa:pixels-62x41", {"name": "qa", "image": {"name": "pixels", "size": [62, 41], "crop": 0.1}}),
 ]
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def pin_one_core() -> str:
@@ -63,11 +76,12 @@ def pin_one_core() -> str:
     return "not pinned (no sched_setaffinity)"
 
 
-def clevr_like_pngs() -> tuple[list[bytes], str]:
+def clevr_like_pngs(shared: Path = SHARED) -> tuple[list[bytes], str]:
     from PIL import Image
 
     out = []
-    files = sorted(RENDERS.glob("*.png")) if RENDERS.is_dir() else []
+    renders = shared / "clevr-gen" / "sample-images"
+    files = sorted(renders.glob("*.png")) if renders.is_dir() else []
     for f in files:
         im = Image.open(f)
         im = im.resize((480, 360), Image.BICUBIC).crop((0, 20, 480, 340))
@@ -95,8 +109,8 @@ def clevr_like_pngs() -> tuple[list[bytes], str]:
     return out, "8 synthetic CLEVR-like 480x320 RGBA scenes (no ../shared data found)"
 
 
-def texts() -> list[str]:
-    books = sorted((SHARED / "pg19-mini" / "train").glob("*.txt")) if SHARED.is_dir() else []
+def texts(shared: Path = SHARED) -> list[str]:
+    books = sorted((shared / "pg19-mini" / "train").glob("*.txt")) if shared.is_dir() else []
     if books:
         raw = books[0].read_bytes()[:64 * 4096]
         return [raw[i:i + 4096].decode("utf-8", errors="ignore") for i in range(0, len(raw), 4096)]
@@ -131,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=0.4, help="length of one timed round")
     ap.add_argument("--only", default="*", help="glob over case names, e.g. 'qa*'")
     ap.add_argument("--out", help="also append the JSON lines to this file")
+    ap.add_argument("--shared", type=Path, default=SHARED, help=f"the shared data folder (default {SHARED})")
     args = ap.parse_args(argv)
 
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
@@ -146,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     from omnibyte.registry import SERIALIZERS
     from serializers._image import _pyspng
 
-    pngs, source = clevr_like_pngs()
+    pngs, source = clevr_like_pngs(args.shared)
     jpegs = []
     for d in pngs:
         buf = io.BytesIO()
@@ -155,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     question, answer = "What color is the large rubber sphere in front of the gray cylinder?", "cyan"
     spng = _pyspng()
     common = {
-        "device": "cpu", "cpu": platform.processor() or platform.machine(), "threads": pinned,
+        "device": "cpu", "cpu": cpu_name(), "threads": pinned,
         "python": platform.python_version(), "torch": torch.__version__, "pillow": PIL.__version__,
         "numpy": np.__version__, "pyspng": getattr(spng, "__version__", None) if spng else None,
         "input": source,
@@ -167,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         ser = SERIALIZERS.build(node)
         name = node["name"]
         if name == "utf8":
-            samples = [{"id": f"t{i}", "text": t} for i, t in enumerate(texts())]
+            samples = [{"id": f"t{i}", "text": t} for i, t in enumerate(texts(args.shared))]
             nbytes = [len(s["text"].encode()) for s in samples]
         else:
             files = jpegs if case == "jpeg:passthrough" else pngs
