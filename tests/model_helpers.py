@@ -9,6 +9,7 @@ from omnibyte import build_model
 
 TF = {"name": "transformer", "heads": 2}
 M2 = {"name": "mamba2_ref", "d_state": 8, "headdim": 8, "chunk_size": 4}
+M2K = dict(M2, name="mamba2")
 M1 = {"name": "mamba1", "d_state": 4}
 
 

@@ -49,11 +49,18 @@ class GenerationState:
     """Everything needed to continue a byte stream: per-stage caches and the bytes seen so far."""
 
     stages: list[StageState]
-    tokens: torch.Tensor  # (N, n) every token fed so far
+    tokens: torch.Tensor  # (N, n - offset): the tokens fed so far from index ``offset`` on
+    offset: int = 0  # tokens before this index are dropped (no stage needs them again)
 
     @property
     def length(self) -> int:
-        return int(self.tokens.shape[1])
+        return self.offset + int(self.tokens.shape[1])
+
+    def trim(self, keep_from: int) -> None:
+        """Drop tokens before absolute index ``keep_from`` (memory stays flat over long generations)."""
+        if keep_from > self.offset:
+            self.tokens = self.tokens[:, keep_from - self.offset:]
+            self.offset = keep_from
 
     def select(self, index: torch.Tensor) -> None:
         self.tokens = self.tokens.index_select(0, index)

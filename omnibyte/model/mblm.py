@@ -346,7 +346,8 @@ class MBLM(nn.Module):
             if first == 0:
                 parts.append(self.start[s].to(self.head.weight.dtype).expand(N, 1, -1))
             if hi > lo:
-                units = toks[:, base + lo * Qs: base + hi * Qs].reshape(N, hi - lo, Qs)
+                a = base + lo * Qs - state.offset
+                units = toks[:, a: a + (hi - lo) * Qs].reshape(N, hi - lo, Qs)
                 parts.append(self._unit_embedding_of(s, units).to(parts[0].dtype if parts else
                                                                   self.head.weight.dtype))
             inp = torch.cat(parts, dim=1)  # (N, p - first + 1, D_s)
@@ -357,14 +358,18 @@ class MBLM(nn.Module):
                 st.ctx = self._ctx(s, h).view(N, self.lengths[s + 1], self.widths[s + 1])
         if h is None:  # pragma: no cover
             raise RuntimeError("nothing to compute")
+        # stage 0 next needs the patch now in progress (and, right at a boundary, the one before)
+        state.trim(max(0, (n // self.units[0] - 1) * self.units[0]))
         return self.head(h).float()
 
     @torch.no_grad()
     def generate(self, prompt, max_new_bytes: int, temperature: float = 1.0, top_k: int = 0,
-                 top_p: float = 1.0, stop_tokens=(), generator: torch.Generator | None = None) -> torch.Tensor:
+                 top_p: float = 1.0, stop_tokens=(), generator: torch.Generator | None = None,
+                 use_graphs: bool = True) -> torch.Tensor:
         """Sample up to ``max_new_bytes`` tokens after ``prompt`` ((B, P) LongTensor, list[int] or bytes).
         Returns (B, <= max_new_bytes) new tokens; generation stops early once every row has produced a stop
-        token (rows that stopped are padded with PAD). temperature 0 = greedy."""
+        token (rows that stopped are padded with PAD). temperature 0 = greedy. On CUDA, with a Mamba-2 global
+        stage, the per-byte step replays CUDA graphs (``use_graphs``; see omnibyte.model.generation)."""
         device = self.head.weight.device
         prompt = _as_batch(prompt, device)
         was_training = self.training
@@ -372,6 +377,14 @@ class MBLM(nn.Module):
         try:
             state = self.new_state(prompt.shape[0], device)
             logits = self.feed(state, prompt)
+            step = lambda tok: self.feed(state, tok)  # noqa: E731
+            if device.type == "cuda" and use_graphs:
+                from .generation import GraphStepper
+
+                try:
+                    step = GraphStepper(self, state).feed
+                except NotImplementedError as e:
+                    log.info("generate: no CUDA-graph step (%s); eager steps", e)
             out = []
             done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=device)
             stops = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
@@ -384,7 +397,7 @@ class MBLM(nn.Module):
                     if bool(done.all()):
                         break
                 if i + 1 < max_new_bytes:
-                    logits = self.feed(state, nxt[:, None])
+                    logits = step(nxt[:, None])
             return torch.stack(out, dim=1) if out else torch.zeros(prompt.shape[0], 0, dtype=torch.long,
                                                                    device=device)
         finally:

@@ -68,7 +68,9 @@ def ssd_chunked(x, dt, A, B, C, chunk: int, D=None, initial_state=None):
     Bc, Cc = B.view(N, c, chunk, H, n), C.view(N, c, chunk, H, n)
     acs = a.cumsum(-1)  # (N, H, c, l)
     # 1) within-chunk outputs (the "attention" form)
-    Lmat = torch.exp(segsum(a))  # (N, H, c, l, s)
+    # L[i, j] = exp(acs_i - acs_j) for j <= i (as the Triton kernel: a cumsum difference inside a chunk)
+    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=x.device).tril()
+    Lmat = torch.exp((acs[..., :, None] - acs[..., None, :]).masked_fill(~causal, float("-inf")))  # (N,H,c,l,s)
     scores = torch.einsum("nclhd,ncshd->nhcls", Cc, Bc) * Lmat
     y = torch.einsum("nhcls,ncshp->nclhp", scores, X)
     # 2) state at the end of every chunk, from its own inputs

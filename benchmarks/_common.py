@@ -1,0 +1,179 @@
+"""Shared helpers for the model benchmarks: presets, environment record, FLOP counts, JSON lines.
+
+Every benchmark prints one JSON line per measurement (``emit``) with the device, torch version, git commit
+and UTC date, so results pasted into RESULTS.md carry their provenance.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+H100_BF16_PEAK = 989e12  # dense bf16 tensor-core FLOP/s of an H100 SXM (the MFU denominator)
+
+# The reference's released 360M configuration (MBLM, Egli et al. 2025): 2 stages, seq_lens [1024, 8],
+# hidden_dims [1024, 1024], num_layers [25, 21]; Mamba-2 global (d_state 128, d_conv 4, expand 2,
+# headdim 64) and Transformer local (16 heads x 64, RoPE). mblm's local feed-forward is a GELU MLP with
+# hidden 2 * width (8.4M parameters per layer with attention); our SwiGLU with hidden 1344 matches it.
+PRESETS = {
+    "mblm360m": dict(stages=[
+        dict(length=1024, width=1024, layers=25,
+             block=dict(name="mamba2", d_state=128, d_conv=4, expand=2, headdim=64)),
+        dict(length=8, width=1024, layers=21,
+             block=dict(name="transformer", heads=16, head_dim=64, mlp_hidden=1344)),
+    ]),
+    # mblm's small CPU config: 8,192 bytes, width 256, 2 + 2 layers, Mamba global (mblm's documented block
+    # settings: d_state 128, d_conv 4, expand 2, headdim 64) + Transformer local (4 heads x 64)
+    "small": dict(stages=[
+        dict(length=1024, width=256, layers=2, block=dict(name="mamba2", d_state=128, d_conv=4, expand=2, headdim=64)),
+        dict(length=8, width=256, layers=2, block=dict(name="transformer", heads=4, head_dim=64, mlp_hidden=320)),
+    ]),
+    # the same with d_state 16 (a Mamba-1-sized state), to show how the ratio depends on it
+    "small_s16": dict(stages=[
+        dict(length=1024, width=256, layers=2, block=dict(name="mamba2", d_state=16, d_conv=4, expand=2, headdim=64)),
+        dict(length=8, width=256, layers=2, block=dict(name="transformer", heads=4, head_dim=64, mlp_hidden=320)),
+    ]),
+    # the 3-stage family of the context-length benchmark: widths 1024/512/256, layers 6/4/2, patches x64 x8
+    "ctx3": dict(stages=[
+        dict(length=1024, width=1024, layers=6,
+             block=dict(name="mamba2", d_state=128, d_conv=4, expand=2, headdim=64)),
+        dict(length=64, width=512, layers=4, block=dict(name="transformer", heads=8, head_dim=64)),
+        dict(length=8, width=256, layers=2, block=dict(name="transformer", heads=4, head_dim=64)),
+    ]),
+}
+
+# the same presets for mblm 0.4.2 (MBLMModelConfig kwargs + per-stage blocks)
+MBLM_PRESETS = {
+    "mblm360m": dict(hidden_dims=[1024, 1024], num_layers=[25, 21], seq_lens=[1024, 8],
+                     blocks=[dict(kind="mamba", d_state=128, d_conv=4, expand=2, headdim=64),
+                             dict(kind="transformer", heads=16, head_dim=64)]),
+    "small": dict(hidden_dims=[256, 256], num_layers=[2, 2], seq_lens=[1024, 8],
+                  blocks=[dict(kind="mamba", d_state=128, d_conv=4, expand=2, headdim=64),
+                          dict(kind="transformer", heads=4, head_dim=64)]),
+    "small_s16": dict(hidden_dims=[256, 256], num_layers=[2, 2], seq_lens=[1024, 8],
+                      blocks=[dict(kind="mamba", d_state=16, d_conv=4, expand=2, headdim=64),
+                              dict(kind="transformer", heads=4, head_dim=64)]),
+    "ctx3": dict(hidden_dims=[1024, 512, 256], num_layers=[6, 4, 2], seq_lens=[1024, 64, 8],
+                 blocks=[dict(kind="mamba", d_state=128, d_conv=4, expand=2, headdim=64),
+                         dict(kind="transformer", heads=8, head_dim=64),
+                         dict(kind="transformer", heads=4, head_dim=64)]),
+}
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except Exception:  # noqa: BLE001
+        return os.environ.get("OMNIBYTE_COMMIT", "unknown")
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"cpu: {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+
+
+def emit(record: dict, out: str | None = None) -> None:
+    record = dict(record)
+    record.setdefault("date", datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+    record.setdefault("commit", os.environ.get("OMNIBYTE_COMMIT") or git_commit())
+    record.setdefault("torch", torch.__version__)
+    line = json.dumps(record)
+    print(line, flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(line + "\n")
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def now() -> float:
+    return time.perf_counter()
+
+
+def build_omnibyte(preset: str, **over):
+    from omnibyte import build_model
+
+    cfg = dict(PRESETS[preset])
+    cfg.update(over)
+    return build_model(cfg)
+
+
+def build_mblm(preset: str, vocab: int = 257, pad: int = 256, checkpoint_chunks=None):
+    """mblm 0.4.2 on the same configuration. Its Mamba-2 mixers are switched to the unfused path
+    (``use_mem_eff_path=False``): the fused path needs causal-conv1d's compiled extension, absent here."""
+    from mblm import MBLM, MambaBlock, MBLMModelConfig, TransformerBlock
+
+    p = MBLM_PRESETS[preset]
+    blocks = []
+    for b in p["blocks"]:
+        if b["kind"] == "mamba":
+            blocks.append(MambaBlock(d_state=b["d_state"], d_conv=b["d_conv"], expand=b["expand"],
+                                     headdim=b["headdim"], pos_emb_type=None))
+        else:
+            blocks.append(TransformerBlock(attn_head_dims=b["head_dim"], attn_num_heads=b["heads"],
+                                           attn_use_rot_embs=True, use_flash_attn=True, pos_emb_type=None))
+    cfg = MBLMModelConfig(num_tokens=vocab, pad_token_id=pad, hidden_dims=p["hidden_dims"],
+                          num_layers=p["num_layers"], seq_lens=p["seq_lens"], block=blocks,
+                          train_checkpoint_chunks=checkpoint_chunks)
+    model = MBLM(cfg)
+    for mod in model.modules():
+        if hasattr(mod, "use_mem_eff_path"):
+            mod.use_mem_eff_path = False
+    return model
+
+
+def stub_selective_scan_cuda() -> None:
+    """mblm imports ``mamba_ssm`` whose __init__ needs the compiled ``selective_scan_cuda`` (Mamba-1 only).
+    For the side-by-side run we give that import an empty module so mblm gets its Mamba-2 path (which
+    never calls it) instead of silently falling back to the pure-PyTorch Mamba-1 package."""
+    import types
+
+    sys.modules.setdefault("selective_scan_cuda", types.ModuleType("selective_scan_cuda"))
+
+
+def train_flops_per_step(model, batch: int, length: int) -> float:
+    """Model FLOPs of one training step (forward + backward = 3x forward; no recompute counted):
+    2 * params * positions for every matrix multiply, plus causal attention 2 * 2 * T * width / 2 per
+    position and layer. Uses omnibyte's model structure (same configuration as the mblm comparison)."""
+    total = 0.0
+    S = model.num_stages
+    for s in range(S):
+        positions = batch * length / model.units[s]
+        blk = model.blocks[s]
+        mm = sum(p.numel() for n, p in blk.named_parameters() if p.dim() == 2)
+        if s + 1 < S:
+            mm += model.to_next[s].weight.numel() + model.patch_embed[s][0].weight.numel()
+        total += 2 * mm * positions
+        if blk.__class__.__name__ == "TransformerBlock":
+            T = model.lengths[s] if s else length / model.units[0]
+            total += 2 * len(blk.layers) * positions * T * model.widths[s]  # QK^T and AV, causal half
+        else:  # SSD: roughly 2 * (2 * d_inner * d_state) per position and layer for state in/out products
+            cfg = blk.config
+            d_inner = getattr(cfg, "expand", 2) * model.widths[s]
+            total += 2 * len(blk.layers) * positions * 2 * d_inner * getattr(cfg, "d_state", 16) * 2
+    total += 2 * model.head.weight.numel() * batch * length
+    return 3 * total
+
+
+def param_count(model) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,152 @@
+"""Training throughput: bytes/s, MFU and peak memory of full training steps (AdamW, grad clip 1.0).
+
+    python benchmarks/train_throughput.py --preset mblm360m --impl omnibyte [--batch 6] [--length 8192]
+    python benchmarks/train_throughput.py --preset mblm360m --impl mblm      # mblm 0.4.2, same config
+    python benchmarks/train_throughput.py --preset mblm360m --impl both      # each in its own subprocess
+    python benchmarks/train_throughput.py --preset small --impl both --device cpu
+
+A step = forward + masked next-byte loss + backward + clip_grad_norm(1.0) + AdamW step, under bf16 autocast
+on CUDA (fp32 params), fp32 on CPU. ``--warmup`` steps (Triton JIT, cudnn autotune) are not timed; the
+``--steps`` after them are. bytes/s = batch * length * steps / seconds. MFU = model FLOPs (see
+_common.train_flops_per_step; the same count for both implementations) / seconds / 989 TFLOP/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+import torch
+from _common import (
+    H100_BF16_PEAK,
+    ROOT,
+    build_mblm,
+    build_omnibyte,
+    device_name,
+    emit,
+    now,
+    param_count,
+    stub_selective_scan_cuda,
+    sync,
+    train_flops_per_step,
+)
+
+
+def run(args) -> dict:
+    dev = args.device
+    torch.manual_seed(0)
+    if args.impl == "mblm":
+        if dev.startswith("cuda"):
+            stub_selective_scan_cuda()
+        model = build_mblm(args.preset).to(dev)
+        vocab = 257
+    else:
+        model = build_omnibyte(args.preset).to(dev)
+        vocab = 256
+        if args.compile:
+            for blk in model.blocks:
+                for i, layer in enumerate(blk.layers):
+                    blk.layers[i] = torch.compile(layer)
+    ref = build_omnibyte(args.preset)  # FLOP count on the shared configuration
+    flops = train_flops_per_step(ref, args.batch, args.length)
+    del ref
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
+                            fused=dev.startswith("cuda"))
+    x = torch.randint(0, vocab - 1, (args.batch, args.length), device=dev)
+    mask = torch.ones(args.batch, args.length, device=dev)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.startswith("cuda")):
+            if args.impl == "mblm":
+                from mblm import MBLMReturnType
+
+                loss = model(x, return_type=MBLMReturnType.LOSS)
+            else:
+                from omnibyte.loss import compute_loss
+
+                loss = compute_loss(model, x, mask).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    t0 = now()
+    for _ in range(args.warmup):
+        loss = step()
+    sync(dev)
+    warm = now() - t0
+    if dev.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    t0 = now()
+    for _ in range(args.steps):
+        loss = step()
+    sync(dev)
+    dt = now() - t0
+    bps = args.batch * args.length * args.steps / dt
+    rec = dict(bench="train_throughput", impl=args.impl, preset=args.preset, device=device_name(dev),
+               batch=args.batch, length=args.length, steps=args.steps, seconds=round(dt, 3),
+               step_ms=round(1000 * dt / args.steps, 1), bytes_per_s=round(bps), params=param_count(model),
+               loss=round(float(loss.detach()), 4), warmup_s=round(warm, 1), compile=bool(args.compile),
+               threads=torch.get_num_threads() if dev == "cpu" else None)
+    if args.impl == "mblm":  # which Mamba mblm really ran (its import falls back to Mamba-1 silently)
+        rec["mblm_global_block"] = type(model.stage_models[0]).__module__ + "." + type(model.stage_models[0]).__name__
+    if dev.startswith("cuda"):
+        rec["mfu"] = round(flops * args.steps / dt / H100_BF16_PEAK, 4)
+        rec["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    if args.impl == "omnibyte":
+        import logging
+
+        rec["mamba_paths"] = sorted(__import__("omnibyte.model.blocks.mamba2_ref", fromlist=["x"])._logged)
+        del logging
+    return rec
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", default="mblm360m")
+    p.add_argument("--impl", choices=["omnibyte", "mblm", "both"], default="both")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, default=6)
+    p.add_argument("--length", type=int, default=8192)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--compile", action="store_true", help="torch.compile each layer (omnibyte only)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--out", default=None, help="append the JSON lines to this file")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.impl == "both":
+        results = {}
+        for impl in ("omnibyte", "mblm"):
+            cmd = [sys.executable, __file__] + [a for a in sys.argv[1:]] + ["--impl", impl]
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ))
+            sys.stderr.write(proc.stderr[-3000:])
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+            if proc.returncode or not lines:
+                emit(dict(bench="train_throughput", impl=impl, preset=args.preset, error=proc.stderr[-500:]),
+                     args.out)
+                continue
+            import json
+
+            results[impl] = json.loads(lines[-1])
+            print(lines[-1], flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(lines[-1] + "\n")
+        if len(results) == 2:
+            emit(dict(bench="train_throughput_ratio", preset=args.preset, device=results["omnibyte"]["device"],
+                      omnibyte_bytes_per_s=results["omnibyte"]["bytes_per_s"],
+                      mblm_bytes_per_s=results["mblm"]["bytes_per_s"],
+                      ratio=round(results["omnibyte"]["bytes_per_s"] / results["mblm"]["bytes_per_s"], 2)),
+                 args.out)
+        return
+    emit(run(args), args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""The per-byte decode step on static buffers, replayable as CUDA graphs (``GraphStepper``).
+
+Eager decoding (:meth:`MBLM.feed`) launches a few hundred small kernels per byte, which at batch 1 costs
+more than the arithmetic. Here every cache lives in a buffer allocated once (attention KV of the inner
+stages sized to their patch length; Mamba conv/SSM states updated in place), and the step for byte n is
+fully determined by its phase ``n mod Q_0`` (which stages advance, at which positions, reading which bytes of
+the last Q_0). So there is one static step per phase, captured once as a CUDA graph and replayed.
+
+Requirements: the global stage is an SSM (its step does not depend on the position), inner stages are
+Transformer or Mamba-2 blocks; otherwise ``GraphStepper`` raises ``NotImplementedError`` and callers use
+``MBLM.feed``. Without CUDA (tests) the same static step runs eagerly.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .blocks.mamba2_ref import Mamba2Mixer, SSMStack
+from .blocks.transformer import TransformerBlock
+from .cache import GenerationState
+from .layers import apply_rope, rope_cos_sin
+
+
+def _mamba2_step_inplace(m: Mamba2Mixer, u: torch.Tensor, st: dict) -> torch.Tensor:
+    """One position (u: (N, 1, D)) of a Mamba-2 mixer, updating st["conv"] and st["ssm"] in place."""
+    N = u.shape[0]
+    z, xBC, dt = m._split(m.in_proj(u)[:, 0])  # (N, ...)
+    conv = st["conv"]  # (N, C, K - 1)
+    full = torch.cat((conv, xBC[:, :, None].to(conv.dtype)), dim=-1)  # (N, C, K)
+    conv.copy_(full[..., 1:])
+    w = m.conv1d.weight[:, 0].to(full.dtype)  # (C, K)
+    xBC = (full * w).sum(-1)
+    if m.conv1d.bias is not None:
+        xBC = xBC + m.conv1d.bias.to(xBC.dtype)
+    xBC = F.silu(xBC)
+    x, B, C = torch.split(xBC, [m.d_inner, m.ngroups * m.d_state, m.ngroups * m.d_state], -1)
+    H, P, n, G = m.nheads, m.headdim, m.d_state, m.ngroups
+    A = -torch.exp(m.A_log.float())
+    K = None
+    if u.is_cuda and m.use_kernels:
+        from .blocks.mamba2 import load_mamba_kernels
+
+        K = load_mamba_kernels()
+    if K is not None:
+        y = K.state_update(st["ssm"], x.reshape(N, H, P), dt[:, :, None].expand(N, H, P),
+                           A[:, None, None].expand(H, P, n), B.reshape(N, G, n), C.reshape(N, G, n),
+                           m.D[:, None].expand(H, P), z=None, dt_bias=m.dt_bias[:, None].expand(H, P),
+                           dt_softplus=True)
+    else:
+        S = st["ssm"]
+        dtp = F.softplus(dt.float() + m.dt_bias.float())  # (N, H)
+        xh = x.float().reshape(N, H, P)
+        Bh = B.float().reshape(N, G, n).repeat_interleave(H // G, 1)
+        Ch = C.float().reshape(N, G, n).repeat_interleave(H // G, 1)
+        S.copy_(S * torch.exp(dtp * A)[:, :, None, None] + (dtp[:, :, None] * xh)[..., None] * Bh[:, :, None])
+        y = torch.einsum("nhpd,nhd->nhp", S, Ch) + m.D.float()[:, None] * xh
+    y = m.norm(y.reshape(N, 1, m.d_inner).to(u.dtype), z[:, None])
+    return m.out_proj(y)
+
+
+class GraphStepper:
+    """Continue a :class:`GenerationState` one byte at a time on static buffers / CUDA graphs.
+
+    ``feed(tok (N, 1)) -> logits (N, V)`` matches ``MBLM.feed`` on the same state (the ``state`` object is
+    not kept up to date afterwards)."""
+
+    def __init__(self, model, state: GenerationState, use_graphs: bool | None = None):
+        self.model, self.state = model, state
+        blocks = model.blocks
+        if not isinstance(blocks[0], SSMStack) or not all(isinstance(m, Mamba2Mixer) for m in
+                                                          (lay.mixer for lay in blocks[0].layers)):
+            raise NotImplementedError("GraphStepper needs a Mamba-2 global stage")
+        for b in blocks[1:]:
+            if isinstance(b, SSMStack) and not all(isinstance(lay.mixer, Mamba2Mixer) for lay in b.layers):
+                raise NotImplementedError("GraphStepper supports Transformer and Mamba-2 inner stages")
+            if isinstance(b, TransformerBlock) and b.max_len is not None:
+                raise NotImplementedError("GraphStepper: learned positions in inner stages")
+        dev = model.head.weight.device
+        self.use_graphs = dev.type == "cuda" if use_graphs is None else use_graphs
+        self.Q0 = model.units[0]
+        self.ready = False
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.N = state.tokens.shape[0]
+        self.dev = dev
+
+    # -- conversion of the eager state to static buffers ------------------------------------------
+    def _convert(self) -> None:
+        m, st, N = self.model, self.state, self.N
+        dtype = m.head.weight.dtype
+        self.window = st.tokens[:, -self.Q0:].clone()  # (N, Q0) the last Q0 tokens
+        self.tok = torch.zeros(N, 1, dtype=torch.long, device=self.dev)
+        self.out = torch.zeros(N, m.config.vocab_size, dtype=torch.float32, device=self.dev)
+        self.n = st.length
+        self.ctx = [None] + [torch.zeros(N, m.lengths[s], m.widths[s], dtype=dtype, device=self.dev)
+                             for s in range(1, m.num_stages)]
+        for s in range(1, m.num_stages):
+            c = st.stages[s - 1].ctx
+            if c is not None:
+                self.ctx[s].copy_(c)
+        self.caches: list[list[dict]] = []
+        self.rope: list[tuple | None] = []
+        for s, blk in enumerate(m.blocks):
+            cache = st.stages[s].cache
+            layers = []
+            if isinstance(blk, TransformerBlock):
+                P = m.lengths[s]
+                at = blk.layers[0].attn
+                for i in range(len(blk.layers)):
+                    kb = torch.zeros(N, at.heads, P, at.head_dim, dtype=dtype, device=self.dev)
+                    vb = torch.zeros_like(kb)
+                    d = cache.layer(i)
+                    if "k" in d:
+                        L = d["k"].shape[2]
+                        kb[:, :, :L].copy_(d["k"])
+                        vb[:, :, :L].copy_(d["v"])
+                    layers.append({"k": kb, "v": vb})
+                self.rope.append(rope_cos_sin(torch.arange(P, device=self.dev), at.head_dim, at.rope_base)
+                                 if at.rope else None)
+            else:
+                for i, lay in enumerate(blk.layers):
+                    mx = lay.mixer
+                    d = cache.layer(i)
+                    conv = torch.zeros(N, mx.conv_dim, mx.d_conv - 1, dtype=dtype, device=self.dev)
+                    ssm = torch.zeros(N, mx.nheads, mx.headdim, mx.d_state, dtype=torch.float32, device=self.dev)
+                    if "conv" in d:
+                        conv.copy_(d["conv"])
+                        ssm.copy_(d["ssm"])
+                    layers.append({"conv": conv, "ssm": ssm})
+                self.rope.append(None)
+            self.caches.append(layers)
+        self.ready = True
+
+    # -- the static step ---------------------------------------------------------------------------
+    def _block_step(self, s: int, x: torch.Tensor, pos: int) -> torch.Tensor:
+        blk, caches = self.model.blocks[s], self.caches[s]
+        if isinstance(blk, TransformerBlock):
+            cos, sin = self.rope[s] if self.rope[s] is not None else (None, None)
+            for lay, c in zip(blk.layers, caches):
+                at = lay.attn
+                h = lay.norm1(x)
+                q, k, v = at.qkv(h).view(x.shape[0], 1, 3, at.heads, at.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+                if cos is not None:
+                    q = apply_rope(q, cos[pos:pos + 1], sin[pos:pos + 1])
+                    k = apply_rope(k, cos[pos:pos + 1], sin[pos:pos + 1])
+                c["k"][:, :, pos:pos + 1].copy_(k)
+                c["v"][:, :, pos:pos + 1].copy_(v)
+                y = F.scaled_dot_product_attention(q, c["k"][:, :, :pos + 1], c["v"][:, :, :pos + 1])
+                x = x + at.out(y.transpose(1, 2).reshape(x.shape[0], 1, -1))
+                x = x + lay.mlp(lay.norm2(x))
+            return blk.norm(x)
+        for lay, c in zip(blk.layers, caches):
+            if pos == 0 and s > 0:  # a new inner sequence: fresh state
+                c["conv"].zero_()
+                c["ssm"].zero_()
+            x = x + _mamba2_step_inplace(lay.mixer, lay.norm(x), c)
+            if lay.mlp is not None:
+                x = x + lay.mlp(lay.norm2(x))
+        return blk.norm(x)
+
+    def _step(self, phase: int) -> None:
+        m, N, Q0 = self.model, self.N, self.Q0
+        self.window.copy_(torch.cat((self.window[:, 1:], self.tok), dim=1))
+        dtype = m.head.weight.dtype
+        h = None
+        for s in range(m.num_stages):
+            Qs = m.units[s]
+            if phase % Qs:
+                continue  # this stage does not advance at this phase
+            if s == 0:
+                units = self.window.view(N, 1, Q0)  # the patch just completed
+                inp = m._unit_embedding_of(0, units).to(dtype)
+                pos = 0
+            else:
+                Qp = m.units[s - 1]
+                pos = (phase // Qs) % m.lengths[s]
+                if pos == 0:
+                    inp = m.start[s].to(dtype).expand(N, 1, -1)
+                else:
+                    parent_rel = (phase // Qp) * Qp  # start of the parent unit, relative to the patch start
+                    a = Q0 - phase + parent_rel + (pos - 1) * Qs  # window index of unit pos - 1
+                    inp = m._unit_embedding_of(s, self.window[:, a:a + Qs].view(N, 1, Qs)).to(dtype)
+                inp = inp + self.ctx[s][:, pos:pos + 1]
+            h = self._block_step(s, inp, pos)[:, -1]
+            if s + 1 < m.num_stages:
+                self.ctx[s + 1].copy_(m._ctx(s, h).view(N, m.lengths[s + 1], m.widths[s + 1]))
+        self.out.copy_(m.head(h).float())
+
+    @torch.no_grad()
+    def feed(self, tok: torch.Tensor) -> torch.Tensor:
+        if not self.ready:
+            logits = self.model.feed(self.state, tok)
+            if self.state.length >= self.Q0:
+                self._convert()
+            return logits
+        self.n += 1
+        phase = self.n % self.Q0
+        self.tok.copy_(tok.view(self.N, 1))
+        if not self.use_graphs:
+            self._step(phase)
+            return self.out.clone()
+        g = self.graphs.get(phase)
+        if g is None:
+            # warm up on a side stream, then capture; the warm-up step must not change the state, so save
+            # and restore every buffer around it
+            bufs = [self.window, *self.ctx[1:], *(t for c in self.caches for d in c for t in d.values())]
+            saved = [b.clone() for b in bufs]
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                self._step(phase)
+            torch.cuda.current_stream().wait_stream(s)
+            for b, v in zip(bufs, saved):
+                b.copy_(v)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                self._step(phase)
+            for b, v in zip(bufs, saved):  # capture does not run the kernels; state is as before
+                b.copy_(v)
+            self.graphs[phase] = g
+        g.replay()
+        return self.out.clone()
