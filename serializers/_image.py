@@ -51,7 +51,9 @@ class ImageConfig(SerializerConfig):
 class ProcessConfig(ImageConfig):
     """Options of serializers that decode pixels (png/jpeg re-encode, pixels).
 
-    Pipeline, in this order: decode -> drop alpha (composite on ``background``) -> crop -> resize -> mode.
+    Pipeline, in this order: decode -> drop alpha (dropped as is where the crop is fully opaque, else
+    composited on ``background``) -> crop and resize in one Pillow ``resize(size, box=crop)`` (a plain crop
+    without ``size``) -> mode (RGB, or L = ITU-R 601-2 luma). See :func:`load_pixels`.
     """
 
     crop: float = 0.0  # fraction of width and of height removed, half on each side (0.1: keep the centre 90%)

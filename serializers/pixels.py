@@ -1,7 +1,7 @@
 """``pixels``: decoded pixel values as the stream (one byte per channel value).
 
-Pipeline: decode (Pillow) -> drop alpha (composite on ``background``) -> crop -> resize -> mode (RGB | L)
--> bit depth reduction ``v >> (8 - bits)`` (values ``0 .. 2**bits - 1``, still one byte each) -> order:
+Pipeline: decode (libspng or Pillow, identical pixels) -> drop alpha (composite on ``background`` unless
+the crop is opaque) -> crop + resize (one Pillow resize with a box) -> mode (RGB | L) -> bit depth reduction ``v >> (8 - bits)`` (values ``0 .. 2**bits - 1``, still one byte each) -> order:
 
 * ``raster``: rows top to bottom, pixels left to right, channels interleaved (``H, W, C`` C-order);
 * ``patch``: the image is padded on the right and bottom with value 0 to multiples of ``patch``, cut into

@@ -5,8 +5,10 @@ Output, for text bytes ``b = utf8(sample[field])`` (after the ``errors`` policy)
     [BOS]  b[:max_bytes] or b[-max_bytes:]  [EOS]
 
 Exact length: ``L = bos + min(len(b), max_bytes or inf) + eos`` (``bos`` / ``eos`` are 0 or 1). With
-``errors: replace`` each invalid byte sequence becomes U+FFFD (3 bytes, ``EF BF BD``) first, as Python's
-``bytes.decode(errors="replace")`` splits them, so ``len(b)`` is the length after replacement.
+``errors: replace``, bytes input has each invalid sequence replaced by U+FFFD (3 bytes, ``EF BF BD``) as
+Python's ``bytes.decode(errors="replace")`` splits them, and str input has each unencodable character (a
+lone surrogate) replaced by ``?``; ``len(b)`` is the length after replacement. Valid UTF-8, byte 0x00
+included, passes through unchanged (0xFF never occurs in valid UTF-8).
 
 Text bytes have modality TEXT, BOS / EOS modality SPECIAL; the loss mask is 1 everywhere.
 Truncation is by bytes (the model is byte level), so a cut may split a multi-byte character;
