@@ -1,0 +1,267 @@
+#!/usr/bin/env python3
+"""The cross-modal transfer experiment, end to end, in one process tree (issue 7).
+
+    python results/run_transfer.py --out OUT --pg19 ../shared/data/pg19-mini [--scale gpu|micro] [--jobs N]
+
+1. data: ``omnibyte prepare clevr-synth`` (CLEVR-format images and questions), while
+2. ``omnibyte train pg19_lm`` pretrains a byte model on PG19;
+3. fine-tunes ``omnibyte train clevr_vqa_{png,jpeg,pixels}`` from scratch and, with the same model, steps,
+   batch and schedule, ``omnibyte train transfer_pg19_to_clevr_{png,jpeg,pixels}`` from the PG19 weights;
+   ``omnibyte train clevr_cnn_lstm`` on the same data, steps and batch; every arm with ``--seeds`` seeds;
+4. ``run_transfer.py eval RUN_DIR``: VQA accuracy by question type on the first ``vqa_samples`` val
+   questions (closed-set ranking for byte models, the classifier for CNN+LSTM) into ``eval/vqa_val.json``,
+   and per-token losses of a few val streams into ``eval/val_<step>.h5`` (heat maps);
+5. ``OUT/transfer_metrics.tar.gz``: config.resolved.yaml, metrics.jsonl, eval/*.json, eval/*.h5 of every
+   run; no checkpoints.
+
+Jobs run ``--jobs`` at a time (one GPU is shared; each is small). ``--budget`` seconds bound the whole
+thing: no job starts late, running ones are stopped at the budget, and whatever finished is packed.
+Sizes (``SCALES``) are tiny on purpose: the whole study fits in minutes on one H100.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+# One place for every size. "gpu": the experiment (one H100, < 9 minutes); "micro": a CPU dry run of the
+# same code paths in about a minute.
+SCALES = {
+    "gpu": {
+        "images": 4000, "qpi": 10, "render": "240x160", "gen_workers": 16,
+        "stages": "[{length: 1024, width: 256, layers: 3, block: {name: transformer, heads: 4}}, "
+                  "{length: 8, width: 128, layers: 2, block: {name: transformer, heads: 4}}]",
+        "pg19": ["data.seq_len=2048", "data.batch_size=32", "train.steps=1200", "train.lr=2e-3",
+                 "train.min_lr=2e-4", "train.warmup=100", "train.eval_every=400", "train.log_every=50",
+                 "eval.split=validation", "eval.max_samples=0"],
+        "clevr": ["data.batch_size=16", "train.steps=600", "train.lr=1e-3", "train.min_lr=1e-4",
+                  "train.warmup=50", "train.eval_every=25", "train.log_every=25", "eval.max_samples=256",
+                  "data.workers=2"],
+        "cnn": ["data.batch_size=16", "train.steps=600", "train.warmup=50", "train.eval_every=25",
+                "train.log_every=25", "eval.max_samples=256", "data.workers=2"],
+        "vqa_samples": 500, "per_token_rows": 4, "seeds": 3, "jobs": 8, "budget": 510, "aux_all": True,
+    },
+    "micro": {
+        "images": 24, "qpi": 4, "render": "96x64", "gen_workers": 2,
+        "stages": "[{length: 64, width: 32, layers: 1, block: {name: transformer, heads: 2}}, "
+                  "{length: 8, width: 16, layers: 1, block: {name: transformer, heads: 2}}]",
+        "pg19": ["data.seq_len=256", "data.batch_size=4", "train.steps=6", "train.lr=2e-3", "train.warmup=2",
+                 "train.eval_every=3", "train.log_every=2", "eval.split=validation", "eval.max_samples=2"],
+        "clevr": ["data.batch_size=2", "train.steps=4", "train.lr=1e-3", "train.warmup=1", "train.eval_every=2",
+                  "train.log_every=2", "eval.max_samples=4", "data.workers=0",
+                  "serializer.image.size=[16,11]"],
+        "cnn": ["data.batch_size=2", "train.steps=4", "train.warmup=1", "train.eval_every=2", "train.log_every=2",
+                "eval.max_samples=4", "data.workers=0", "serializer.image.size=[16,11]",
+                "model.image.size=[16,11]", "model.lstm_hidden=16", "model.mlp_hidden=16", "model.embed_dim=8",
+                "model.trunk_stages=1"],
+        "vqa_samples": 4, "per_token_rows": 2, "seeds": 2, "jobs": 2, "budget": 600, "aux_all": True,
+    },
+}
+KINDS = ("png", "jpeg", "pixels")
+CONFIG = {("png", "scratch"): "clevr_vqa_png", ("jpeg", "scratch"): "clevr_vqa_jpeg",
+          ("pixels", "scratch"): "clevr_vqa_pixels", ("png", "pg19"): "pg19_to_clevr_png",
+          ("jpeg", "pg19"): "transfer_pg19_to_clevr_jpeg", ("pixels", "pg19"): "transfer_pg19_to_clevr_pixels"}
+
+
+class Runner:
+    """Runs shell-free commands ``jobs`` at a time with dependencies, logging each to OUT/logs/."""
+
+    def __init__(self, out: Path, jobs: int, deadline: float, env: dict):
+        self.out, self.jobs, self.deadline, self.env = out, jobs, deadline, env
+        self.cv = threading.Condition()
+        self.running, self.tickets, self.waiting = 0, 0, set()
+        self.lock = threading.Lock()
+        self.status: dict[str, int | str] = {}
+        (out / "logs").mkdir(parents=True, exist_ok=True)
+        self.commands = open(out / "commands.txt", "a")
+
+    def _acquire(self, ticket: int) -> None:
+        """First come (in the order jobs were declared), first served, among the jobs that are ready."""
+        with self.cv:
+            self.waiting.add(ticket)
+            self.cv.wait_for(lambda: self.running < self.jobs and ticket == min(self.waiting))
+            self.waiting.discard(ticket)
+            self.running += 1
+            self.cv.notify_all()
+
+    def _release(self) -> None:
+        with self.cv:
+            self.running -= 1
+            self.cv.notify_all()
+
+    def run(self, name: str, argv: list[str], after: list[threading.Event] | None = None,
+            needs_ok: list[str] | None = None) -> threading.Event:
+        done = threading.Event()
+        ticket, self.tickets = self.tickets, self.tickets + 1
+
+        def go():
+            try:
+                for ev in after or []:
+                    ev.wait()
+                bad = [n for n in needs_ok or [] if self.status.get(n) != 0]
+                if bad:
+                    self.status[name] = f"skipped ({', '.join(bad)} failed)"
+                    return
+                self._acquire(ticket)
+                try:
+                    if time.time() > self.deadline - 20:
+                        self.status[name] = "skipped (budget)"
+                        return
+                    with self.lock:
+                        self.commands.write(" ".join(shlex.quote(a) for a in argv) + "\n")
+                        self.commands.flush()
+                    t0 = time.time()
+                    with open(self.out / "logs" / f"{name}.log", "w") as log:
+                        p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO)
+                        try:
+                            rc = p.wait(timeout=max(1.0, self.deadline - time.time()))
+                        except subprocess.TimeoutExpired:
+                            p.kill()
+                            p.wait()
+                            rc = "killed (budget)"
+                    self.status[name] = rc
+                    print(f"[{time.strftime('%H:%M:%S')}] {name}: {rc} in {time.time() - t0:.0f}s", flush=True)
+                finally:
+                    self._release()
+            finally:
+                done.set()
+
+        threading.Thread(target=go, daemon=True).start()
+        return done
+
+
+def omnibyte(*args: str) -> list[str]:
+    return [sys.executable, "-m", "omnibyte", *args]
+
+
+def experiment(a) -> int:
+    sc = SCALES[a.scale]
+    seeds = list(range(a.seeds or sc["seeds"]))
+    out = Path(a.out).resolve()
+    runs, data = out / "runs", out / "data" / "clevr"
+    runs.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "PYTHONUNBUFFERED": "1"}
+    t_start = time.time()
+    r = Runner(out, a.jobs or sc["jobs"], t_start + (a.budget or sc["budget"]), env)
+    model = f"model.stages={sc['stages']}"
+    common = [f"out_dir={runs}", "train.progress=false", "train.ckpt_every=0", "train.keep_last=1"]
+
+    gen = ["prepare", "clevr-synth", "--out", str(data), "--images", str(sc["images"]), "--questions-per-image",
+           str(sc["qpi"]), "--seed", "0", "--size", sc["render"], "--workers", str(sc["gen_workers"]), "--no-progress"]
+    if a.templates:
+        gen += ["--templates", a.templates]
+    data_ok = r.run("data", omnibyte(*gen)) if not (data / "questions").is_dir() else None
+    pre_ok = r.run("pg19_lm", omnibyte("train", "pg19_lm", f"task.root={Path(a.pg19).resolve()}", "run_name=pg19_lm",
+                                       model, *common, *sc["pg19"]))
+    evaluate = [sys.executable, str(Path(__file__).resolve()), "eval", "--vqa-samples", str(sc["vqa_samples"])]
+    waits = []
+    dep_data = [data_ok] if data_ok else []
+    need_data = ["data"] if data_ok else []
+    for seed in seeds:  # interleave arms so every arm gets its seeds even if the budget cuts the tail
+        for init in ("scratch", "pg19"):
+            for kind in KINDS:
+                name = f"{kind}_{init}_s{seed}"
+                argv = omnibyte("train", CONFIG[kind, init], f"task.root={data}", f"run_name={name}", f"seed={seed}",
+                                model, *common, *sc["clevr"])
+                deps, need = list(dep_data), list(need_data)
+                if init == "pg19":
+                    argv.append(f"train.init_from={runs / 'pg19_lm'}")
+                    deps.append(pre_ok)
+                    need.append("pg19_lm")
+                trained = r.run(name, argv, deps, need)
+                rows = ["--per-token-rows", str(sc["per_token_rows"] if seed == 0 else 0)]
+                waits.append(r.run(f"eval_{name}", [*evaluate, *rows, str(runs / name)], [trained], [name]))
+        name = f"cnn_lstm_s{seed}"
+        trained = r.run(name, omnibyte("train", "clevr_cnn_lstm", f"task.root={data}", f"run_name={name}",
+                                       f"seed={seed}", *common, *sc["cnn"]), dep_data, need_data)
+        waits.append(r.run(f"eval_{name}", [*evaluate, "--per-token-rows", "0", str(runs / name)], [trained], [name]))
+    for kind in KINDS if sc["aux_all"] else ():  # last: the budget cuts these first
+        name = f"{kind}_all_scratch_s0"
+        trained = r.run(name, omnibyte("train", CONFIG[kind, "scratch"], f"task.root={data}", f"run_name={name}",
+                                       "seed=0", "serializer.loss=all", model, *common, *sc["clevr"]),
+                        dep_data, need_data)
+        waits.append(r.run(f"eval_{name}", [*evaluate, "--per-token-rows", str(sc["per_token_rows"]),
+                                            str(runs / name)], [trained], [name]))
+    for w in [pre_ok, *waits]:
+        w.wait()
+    summary = {"scale": a.scale, "seeds": seeds, "wall_s": round(time.time() - t_start, 1), "status": r.status,
+               "sizes": sc}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    pack(runs, out / "transfer_metrics.tar.gz", extra=[out / "summary.json", out / "commands.txt"])
+    failed = {k: v for k, v in r.status.items() if v != 0}
+    print(json.dumps({"wall_s": summary["wall_s"], "failed": failed}, default=str), flush=True)
+    return 1 if failed else 0
+
+
+def pack(runs: Path, dest: Path, extra: list[Path] = ()) -> Path:
+    """Metrics only: config.resolved.yaml, metrics.jsonl, eval/*.json, eval/*.h5, train.log; no checkpoints."""
+    with tarfile.open(dest, "w:gz") as tar:
+        for run in sorted(p for p in runs.iterdir() if p.is_dir()):
+            files = [run / "config.resolved.yaml", run / "metrics.jsonl", run / "train.log",
+                     *sorted((run / "eval").glob("*.json")), *sorted((run / "eval").glob("*.h5"))]
+            for f in files:
+                if f.is_file():
+                    tar.add(f, arcname=f"transfer/{f.relative_to(runs)}")
+        for f in extra:
+            if f.is_file():
+                tar.add(f, arcname=f"transfer/{f.name}")
+    return dest
+
+
+def eval_run(a) -> int:
+    """VQA accuracy by question type (ranking / classifier) and a few rows of per-token losses."""
+    import torch
+
+    from omnibyte.data import eval_batches
+    from omnibyte.evaluate import load_trained, use_bf16_for, write_per_token
+
+    cfg, task, serializer, model, ckpt, step = load_trained(a.run_dir, [], "latest", "auto")
+    device = next(model.parameters()).device
+    is_classifier = hasattr(model, "predict_answers")
+    res = task.evaluate(model, serializer, cfg.eval.split, Path(a.run_dir), mode="classify" if is_classifier else "rank",
+                        max_samples=a.vqa_samples, batch_size=32, device=device, progress=False)
+    res["step"] = step
+    print(json.dumps({k: v for k, v in res.items() if not isinstance(v, dict)}, default=str))
+    if a.per_token_rows and not is_classifier:
+        meta = getattr(model, "stream_meta", None)
+        batches = eval_batches(cfg.data, task, serializer, cfg.eval.split, max_samples=a.per_token_rows,
+                               batch_size=a.per_token_rows, pad_multiple=getattr(meta, "patch_product", 1))
+        with torch.no_grad():
+            write_per_token(Path(a.run_dir) / "eval" / f"{cfg.eval.split}_{step}.h5", model, batches, device,
+                            split=cfg.eval.split, step=step, bf16=use_bf16_for(cfg, device))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["eval"]:
+        p = argparse.ArgumentParser(prog="run_transfer.py eval")
+        p.add_argument("run_dir")
+        p.add_argument("--vqa-samples", type=int, default=500)
+        p.add_argument("--per-token-rows", type=int, default=4)
+        return eval_run(p.parse_args(argv[1:]))
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--pg19", required=True, help="PG19-layout folder (../shared/data/pg19-mini)")
+    p.add_argument("--scale", choices=sorted(SCALES), default="gpu")
+    p.add_argument("--seeds", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=0)
+    p.add_argument("--budget", type=float, default=0, help="seconds for everything (default: the scale's)")
+    p.add_argument("--templates", default="", help="CLEVR template folder for the generator (default: its own)")
+    return experiment(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""omnibyte.analysis on hand-made run directories: loading, curves, steps-to-target, seed aggregates,
+transfer table, VQA accuracy, per-token maps."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from omnibyte import analysis as A
+from omnibyte.vocab import Modality
+
+
+def make_run(root: Path, name: str, *, image: str = "png", init: str = "", seed: int = 0,
+             val: list[tuple[int, float]] = (), train: list[dict] = (), vqa: dict | None = None,
+             loss: str = "answer", model: str = "mblm") -> Path:
+    d = root / name
+    (d / "eval").mkdir(parents=True)
+    cfg = {"run_name": name, "seed": seed, "task": {"name": "clevr_vqa"},
+           "serializer": {"name": "qa", "loss": loss, "image": {"name": image, "size": [4, 3], "mode": "RGB"}},
+           "model": {"name": model}, "train": {"init_from": init}}
+    (d / "config.resolved.yaml").write_text(yaml.safe_dump(cfg))
+    lines = [{"step": s, "split": "train", **r} for s, r in ((r["step"], {k: v for k, v in r.items() if k != "step"})
+                                                              for r in train)]
+    lines += [{"step": s, "split": "val", "loss": v, "bpb": v / math.log(2)} for s, v in val]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"step": 9, "spl')
+    if vqa is not None:
+        (d / "eval" / "vqa_val.json").write_text(json.dumps(vqa))
+    return d
+
+
+def vqa_result(acc: float, by: dict[str, float], mode: str = "rank") -> dict:
+    return {"split": "val", "num_samples": 10, "modes": [mode], "accuracy": acc, "main_mode": mode,
+            f"accuracy_{mode}": acc, f"by_qtype_{mode}": by}
+
+
+# --- curves and steps to target ---------------------------------------------------------------------------
+
+
+def test_steps_to_target_interpolates_and_handles_edges():
+    steps, vals = [10, 20, 30, 40], [4.0, 3.0, 2.0, 1.0]
+    assert A.steps_to_target(steps, vals, 2.5) == pytest.approx(25.0)
+    assert A.steps_to_target(steps, vals, 2.0) == pytest.approx(30.0)
+    assert A.steps_to_target(steps, vals, 5.0) == 10.0  # already there at the first point
+    assert A.steps_to_target(steps, vals, 0.5) is None  # never
+    assert A.steps_to_target([], [], 1.0) is None
+    # higher-is-better metrics (accuracy)
+    assert A.steps_to_target(steps, [0.1, 0.2, 0.4, 0.5], 0.3, lower_is_better=False) == pytest.approx(25.0)
+    # smoothing delays a single lucky dip
+    noisy = [4.0, 1.0, 4.0, 4.0, 1.0, 1.0]
+    assert A.steps_to_target(range(6), noisy, 2.0) == pytest.approx(2 / 3)
+    assert A.steps_to_target(range(6), noisy, 2.0, window=3) == pytest.approx(5.0)  # means 4 2.5 3 3 3 2
+
+
+def test_smooth_mean_and_ema():
+    v = [1.0, 2.0, 3.0, 4.0]
+    assert A.smooth(v, 2).tolist() == [1.0, 1.5, 2.5, 3.5]
+    assert A.smooth(v, 1).tolist() == v
+    ema = A.smooth(v, 3, "ema")  # alpha 0.5
+    assert ema.tolist() == [1.0, 1.5, 2.25, 3.125]
+    with pytest.raises(ValueError):
+        A.smooth(v, 2, "median")
+
+
+def test_aggregate_and_curves():
+    a = A.aggregate([1.0, 2.0, 3.0, None, float("nan")])
+    assert a["mean"] == 2.0 and a["std"] == pytest.approx(1.0) and a["n"] == 3 and a["missing"] == 2
+    assert a["stderr"] == pytest.approx(1 / math.sqrt(3))
+    assert A.aggregate([5.0])["std"] == 0.0
+    assert math.isnan(A.aggregate([])["mean"])
+    c1 = (np.array([0, 10, 20]), np.array([3.0, 2.0, 1.0]))
+    c2 = (np.array([0, 10, 20, 30]), np.array([5.0, 4.0, 3.0, 2.0]))
+    s, m, sd, se = A.aggregate_curves([c1, c2])
+    assert s.tolist() == [0, 10, 20] and m.tolist() == [4.0, 3.0, 2.0]
+    assert sd.tolist() == pytest.approx([math.sqrt(2)] * 3)
+    s, m, _, _ = A.aggregate_curves([c1, c2], steps=[5, 30])
+    assert m[0] == pytest.approx(3.5) and m[1] == pytest.approx(2.0)  # c1 has no step 30: one curve's value
+
+
+# --- run directories ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def experiment(tmp_path: Path) -> Path:
+    root = tmp_path / "runs"
+    pre = root / "pg19_lm"
+    for seed in (0, 1, 2):
+        # scratch reaches its final loss late; pretrained gets there earlier
+        make_run(root, f"png_scratch_s{seed}", seed=seed, val=[(10, 3.0), (20, 2.0), (30, 1.5 + 0.1 * seed)],
+                 train=[{"step": 10, "loss": 3.0, "bpb/answer": 4.0}, {"step": 20, "loss": 2.0, "bpb/answer": 3.0}],
+                 vqa=vqa_result(0.4 + 0.01 * seed, {"count": 0.2, "exist": 0.6}))
+        make_run(root, f"png_pg19_s{seed}", seed=seed, init=str(pre),
+                 val=[(10, 2.0), (20, 1.5 + 0.1 * seed), (30, 1.2)],
+                 vqa=vqa_result(0.5, {"count": 0.3, "exist": 0.7}))
+        make_run(root, f"cnn_s{seed}", seed=seed, image="pixels", model="clevr_cnn_lstm",
+                 vqa=vqa_result(0.45, {"count": 0.25}, mode="classify"))
+    make_run(root, "jpeg_scratch_s0", image="jpeg", val=[(10, 2.0)])  # no pretrained twin: no table row
+    return root
+
+
+def test_load_runs_groups_and_tables(experiment: Path, tmp_path: Path):
+    runs = A.load_runs(experiment)
+    assert len(runs) == 10
+    assert A.load_runs(f"{experiment / 'png_scratch_s0'}{os.pathsep}{experiment / 'cnn_s0'}")[1].name == "cnn_s0"
+    r = next(x for x in runs if x.name == "png_scratch_s1")
+    assert r.seed == 1 and r.get("serializer.image.name") == "png" and r.get("nope.x", 7) == 7
+    assert len(r.metrics) == 5  # the cut last line (a kill -9) is skipped
+    assert A.splits_of(r) == ["train", "val"]
+    assert A.metrics_table(r, "train", ["loss"]) == [{"step": 10, "split": "train", "loss": 3.0},
+                                                     {"step": 20, "split": "train", "loss": 2.0}]
+    s, v = A.curve(r, "loss", "val")
+    assert s.tolist() == [10, 20, 30] and v[-1] == pytest.approx(1.6)
+    assert list(A.modality_curves(r)) == ["answer"]
+    assert A.final_value(r, "loss", "val", window=2) == pytest.approx(1.8)
+    groups = A.group_runs(runs)
+    assert set(groups) == {"png/scratch", "png/pg19", "cnn_lstm/scratch", "jpeg/scratch"}
+    assert [x.seed for x in groups["png/pg19"]] == [0, 1, 2]
+    with pytest.raises(FileNotFoundError):
+        A.load_run(tmp_path)
+
+
+def test_transfer_table(experiment: Path):
+    rows = A.transfer_table(A.load_runs(experiment))
+    assert [r["kind"] for r in rows] == ["png"]
+    row = rows[0]
+    # seed 0: target 1.5; scratch reaches it at 30 (interpolated 20->30: 2.0 -> 1.5), pretrained at 20
+    # seed 1: target 1.6; scratch at 30, pretrained (1.6 at 20) at 20; seed 2: target 1.7, scratch 30,
+    # pretrained 1.7 at 20
+    assert row["scratch_steps"]["mean"] == pytest.approx(30.0)
+    assert row["pretrained_steps"]["mean"] == pytest.approx(20.0)
+    assert row["reached"] == "3/3"
+    assert row["speedup"]["mean"] == pytest.approx(1.5)
+    assert row["reduction"] == pytest.approx(1 / 3)
+    unpaired = A.transfer_table(A.load_runs(experiment), paired=False)[0]
+    assert unpaired["target"]["mean"] == pytest.approx(1.6)
+    assert "png" in A.markdown_table(rows, ["kind", "scratch_steps", "reached"])
+    assert A.fmt(row["speedup"]).startswith("1.5 ± 0")
+
+
+def test_vqa_accuracy_and_table(experiment: Path):
+    runs = A.load_runs(experiment)
+    r = next(x for x in runs if x.name == "png_pg19_s0")
+    acc = A.vqa_accuracy(r)
+    assert acc["accuracy"] == 0.5 and acc["mode"] == "rank" and acc["by_qtype"] == {"count": 0.3, "exist": 0.7}
+    assert A.vqa_accuracy(r, split="test") is None
+    # `omnibyte eval` results: the task part of eval/<split>_<step>.json, latest step wins
+    d = r.path / "eval"
+    (d / "vqa_val.json").unlink()
+    (d / "val_10.json").write_text(json.dumps({"step": 10, "split": "val", "task": vqa_result(0.1, {"count": 0.1})}))
+    (d / "val_30.json").write_text(json.dumps({"step": 30, "split": "val", "task": {
+        "split": "val", "accuracy": 0.9, "main_mode": "rank", "modes": ["generate", "rank"],
+        "accuracy_generate": 0.8, "accuracy_rank": 0.9, "by_qtype_rank": {"count": 0.9},
+        "by_qtype_generate": {"count": 0.8}}}))
+    r2 = A.load_run(r.path)
+    assert A.vqa_accuracy(r2)["accuracy"] == 0.9
+    assert A.vqa_accuracy(r2, mode="generate")["by_qtype"] == {"count": 0.8}
+    table = {row["arm"]: row for row in A.accuracy_table(runs)}
+    assert table["png/scratch"]["accuracy"]["mean"] == pytest.approx(0.41)
+    assert table["png/scratch"]["by_qtype"]["exist"]["mean"] == pytest.approx(0.6)
+    assert table["cnn_lstm/scratch"]["mode"] == "classify"
+    assert "jpeg/scratch" not in table
+
+
+# --- per-token losses and maps ------------------------------------------------------------------------------
+
+
+def write_h5(path: Path, rows: list[tuple[np.ndarray, np.ndarray]]):
+    import h5py
+
+    L = max(len(t) for t, _ in rows)
+    with h5py.File(path, "w") as f:
+        tok = np.full((len(rows), L), 256, np.uint16)
+        nll = np.zeros((len(rows), L), np.float32)
+        mod = np.zeros((len(rows), L), np.uint8)
+        for i, (t, m) in enumerate(rows):
+            tok[i, :len(t)] = t
+            nll[i, :len(t)] = np.arange(len(t), dtype=np.float32)
+            mod[i, :len(t)] = m
+        f["tokens"], f["nll"], f["modality"] = tok, nll, mod
+        f["loss_mask"] = (mod == Modality.ANSWER).astype(np.float32)
+        f["lengths"] = np.array([len(t) for t, _ in rows], np.int64)
+        f["ids"] = np.array([f"s{i}" for i in range(len(rows))], dtype=h5py.string_dtype())
+
+
+def test_per_token_losses_and_image_maps(tmp_path: Path):
+    # BOS SOM_IMAGE <36 image bytes> EOM SOM_ANSWER a EOS : pixels 4x3 RGB
+    img = int(Modality.IMAGE)
+    mods = np.array([0, 0] + [img] * 36 + [0, 0, int(Modality.ANSWER), 0], np.uint8)
+    toks = np.arange(len(mods), dtype=np.uint16)
+    d = make_run(tmp_path, "pix", image="pixels")
+    write_h5(d / "eval" / "val_5.h5", [(toks, mods), (toks[:10], mods[:10])])
+    write_h5(d / "eval" / "val_50.h5", [(toks, mods)])
+    run = A.load_run(d)
+    assert [p.name for p in run.per_token_files] == ["val_5.h5", "val_50.h5"]
+    rows = A.per_token_losses(run, which=0)
+    assert [len(r["tokens"]) for r in rows] == [42, 10] and rows[0]["id"] == "s0"
+    assert len(A.per_token_losses(run, which=0, max_rows=1)) == 1
+    seg = A.image_segment(rows[0])
+    assert seg.tolist() == list(range(2, 38))
+    m = A.image_loss_map(rows[0], run.config)  # whole run config accepted
+    assert m.shape == (3, 4)
+    assert m[0, 0] == pytest.approx(np.mean([2, 3, 4]))  # first pixel: channels averaged
+    assert m[2, 3] == pytest.approx(np.mean([35, 36, 37]))
+    assert A.image_loss_map(rows[0], run.get("serializer.image"), reduce_channels="none").shape == (3, 4, 3)
+    # patch order (2x2 tiles over a 4x3 image padded to 4x4): undone back to the picture
+    pix = np.arange(4 * 3 * 3, dtype=np.float32).reshape(3, 4, 3)
+    padded = np.zeros((4, 4, 3), np.float32)
+    padded[:3] = pix
+    tiles = padded.reshape(2, 2, 2, 2, 3).transpose(0, 2, 1, 3, 4).reshape(-1)
+    cfg = {"name": "pixels", "size": [4, 3], "mode": "RGB", "order": "patch", "patch": 2}
+    assert np.allclose(A.image_loss_map(tiles, cfg, reduce_channels="none"), pix)
+    # PNG/JPEG: a strip of the stream, NaN-padded
+    strip = A.image_loss_map(rows[0], {"name": "png"}, strip_width=10)
+    assert strip.shape == (4, 10) and np.isnan(strip[-1, -4:]).all() and strip[0, 0] == 2
+    bpb = A.modality_bpb(rows)
+    assert set(bpb) == {"special", "image", "answer"}
+    assert A.modality_bpb(rows, weighted=True).keys() == {"answer"}
+    with pytest.raises(FileNotFoundError):
+        A.per_token_losses(A.load_run(make_run(tmp_path, "empty")))
+
+
+def test_arm_names():
+    def run(**cfg):
+        return A.Run(path=Path("x"), config=cfg, metrics=[])
+
+    assert A.arm(run(serializer={"name": "qa", "image": {"name": "pixels", "order": "patch"}})) == "pixels_patch/scratch"
+    assert A.arm(run(serializer={"name": "qa", "loss": "all", "image": {"name": "jpeg"}})) == "jpeg+all/scratch"
+    assert A.arm(run(serializer={"name": "utf8"}, train={"init_from": "runs/clevr_vqa_png"})) == "utf8/clevr_vqa_png"
+    assert A.init_kind(run(train={"init_from": "runs/pg19_lm/checkpoints/step_000100"})) == "pg19"
