@@ -452,15 +452,18 @@ class ImageSerializer(Serializer):
 
     def encode_image(self, data: bytes, sample_id: str = "") -> ByteStream:
         """Image file bytes -> IMAGE-modality ByteStream (loss 1 everywhere)."""
+        return ByteStream.from_bytes(self.image_payload(data, sample_id), Modality.IMAGE, id=str(sample_id))
+
+    def image_payload(self, data: bytes, sample_id: str = "") -> bytes | np.ndarray:
+        """The stream's bytes alone (bytes or a uint8 array), for composing serializers such as qa."""
         try:
-            out = self._encode(data)
+            return self._encode(data)
         except ImageError as e:
             raise SerializationError(str(sample_id), str(e), self.name) from None
         except SerializationError:
             raise
         except Exception as e:  # anything a decoder throws still names the sample
             raise SerializationError(str(sample_id), f"{type(e).__name__}: {e}", self.name) from e
-        return ByteStream.from_bytes(out, Modality.IMAGE, id=str(sample_id))
 
     def _encode(self, data: bytes) -> bytes | np.ndarray:
         raise NotImplementedError

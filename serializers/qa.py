@@ -164,7 +164,8 @@ class QASerializer(Serializer):
                 data = image_bytes(sample, self.image.config.field)
             except ImageError as e:
                 raise SerializationError(sid, str(e), self.name) from None
-            img_tokens = self.image.encode_image(data, sid).tokens
+            payload = self.image.image_payload(data, sid)
+            img_tokens = payload if isinstance(payload, np.ndarray) else np.frombuffer(payload, np.uint8)
 
         # one pass to place every segment; tokens and modality filled in place
         pieces: list[tuple[np.ndarray | bytes | None, int, int]] = [(None, vocab.BOS, 0)]  # (payload, marker, mod)
@@ -193,10 +194,12 @@ class QASerializer(Serializer):
 
         if cfg.loss == "all":
             loss = np.ones(L, dtype=np.float32)
-        elif cfg.loss == "answer":
-            loss = (modality == Modality.ANSWER).astype(np.float32)
+        elif cfg.loss == "answer":  # the answer is last: its bytes and the closing EOS
+            loss = np.zeros(L, dtype=np.float32)
+            if with_answer:
+                loss[L - len(answer) - 1:] = 1.0
         else:
             loss = self._weight_by_modality[modality]
-        if with_answer and cfg.loss != "all":
-            loss[-1] = 1.0 if cfg.loss == "answer" else self._eos_weight
+            if with_answer:
+                loss[-1] = self._eos_weight
         return ByteStream(tokens, loss, modality, id=sid)
