@@ -215,8 +215,13 @@ def plot(stream: ByteStream, serializer: Any, out: str | Path, title: str | None
     ax = fig.add_subplot(gs[2, :])
     ax.imshow(stream.loss_mask[None, :], aspect="auto", cmap="Oranges", vmin=0,
               vmax=max(1.0, float(stream.loss_mask.max()) if n else 1.0), interpolation="nearest", extent=ext)
+    weighted = np.flatnonzero(stream.loss_mask > 0)
+    if 0 < len(weighted) < 500 and n > 1000:  # too thin to see at this scale: mark them
+        ax.vlines(weighted + 0.5, 0, 1, colors="#d94801", linewidth=1.2)
     ax.set_yticks([])
-    ax.set_title(f"loss weight (sum {float(stream.loss_mask.sum()):g})", fontsize=10, loc="left")
+    where = f", at {weighted[0]}..{weighted[-1]}" if 0 < len(weighted) < 500 else ""
+    ax.set_title(f"loss weight (sum {float(stream.loss_mask.sum()):g} over {len(weighted)} tokens{where})",
+                 fontsize=10, loc="left")
 
     # zoomed structure view: one cell per token, labelled
     ax = fig.add_subplot(gs[3, :])
