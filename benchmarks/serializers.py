@@ -109,14 +109,15 @@ def clevr_like_pngs(shared: Path = SHARED) -> tuple[list[bytes], str]:
     return out, "8 synthetic CLEVR-like 480x320 RGBA scenes (no ../shared data found)"
 
 
-def texts(shared: Path = SHARED) -> list[str]:
+def texts(shared: Path = SHARED) -> tuple[list[str], str]:
     books = sorted((shared / "pg19-mini" / "train").glob("*.txt")) if shared.is_dir() else []
     if books:
         raw = books[0].read_bytes()[:64 * 4096]
-        return [raw[i:i + 4096].decode("utf-8", errors="ignore") for i in range(0, len(raw), 4096)]
+        chunks = [raw[i:i + 4096].decode("utf-8", errors="ignore") for i in range(0, len(raw), 4096)]
+        return chunks, f"64 chunks of 4 KiB of PG19-mini book {books[0].name}"
     rng = np.random.default_rng(0)
     words = ["the", "cube", "sphere", "is", "left", "of", "a", "large", "red", "metal", "cylinder"]
-    return [" ".join(rng.choice(words, 800))[:4096] for _ in range(16)]
+    return [" ".join(rng.choice(words, 800))[:4096] for _ in range(16)], "16 synthetic 4 KiB texts"
 
 
 def measure(fn, samples: list, rounds: int, seconds: float) -> dict[str, float]:
@@ -182,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         ser = SERIALIZERS.build(node)
         name = node["name"]
         if name == "utf8":
-            samples = [{"id": f"t{i}", "text": t} for i, t in enumerate(texts(args.shared))]
+            chunks, text_source = texts(args.shared)
+            samples = [{"id": f"t{i}", "text": t} for i, t in enumerate(chunks)]
             nbytes = [len(s["text"].encode()) for s in samples]
         else:
             files = jpegs if case == "jpeg:passthrough" else pngs
@@ -199,6 +201,10 @@ def main(argv: list[str] | None = None) -> int:
             "samples_per_s_wall_median": round(m["wall_median"], 1), "n": m["per"] * args.rounds,
             "rounds": args.rounds, "in_bytes": int(np.mean(nbytes)), "out_tokens": out_tokens, **common,
         }
+        if name == "utf8":
+            rec["input"] = text_source
+        elif case == "jpeg:passthrough":
+            rec["input"] = "JPEG copies (quality 90, 4:2:0) of: " + source
         line = json.dumps(rec)
         print(line, flush=True)
         lines.append(line)
