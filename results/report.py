@@ -1,0 +1,76 @@
+#!/usr/bin/env python3
+"""Tables and figures of docs/results.md from the experiment's run directories.
+
+    python results/report.py [RUNS] [--figures docs/images] [--no-figures]
+
+RUNS (default results/transfer): run directories as unpacked from run_transfer.py's
+transfer_metrics.tar.gz. Prints markdown tables (steps to target, accuracy, final losses, pretraining);
+executes notebooks/cross_modal_transfer.ipynb with OMNIBYTE_RUNS=RUNS and OMNIBYTE_FIGURES=--figures,
+so the figures in the docs are the notebook's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tables(runs_dir: str, smooth: int = 1) -> str:
+    from omnibyte import analysis as A
+
+    runs = A.load_runs(runs_dir)
+    out = []
+    rows = A.transfer_table(runs, key="loss", split="val", window=smooth)
+    out.append("### Steps to the scratch model's final val loss (answer bytes)\n")
+    out.append(A.markdown_table(rows, ["kind", "target", "scratch_steps", "pretrained_steps", "reached",
+                                       "speedup", "reduction", "scratch_final", "pretrained_final"]))
+    acc = A.accuracy_table(runs, split="val")
+    qtypes = sorted({q for r in acc for q in r["by_qtype"]})
+    flat = [{"arm": r["arm"], "mode": r["mode"], "overall": r["accuracy"], **r["by_qtype"]} for r in acc]
+    out.append("\n### VQA accuracy on val (mean ± stderr over seeds)\n")
+    out.append(A.markdown_table(flat, ["arm", "mode", "overall", *qtypes]))
+    finals = []
+    for arm, rs in A.group_runs(runs).items():
+        finals.append({"arm": arm, "seeds": len(rs),
+                       "val loss": A.aggregate(A.final_value(r, "loss", "val") for r in rs),
+                       "val bpb": A.aggregate(A.final_value(r, "bpb", "val") for r in rs),
+                       "train bpb (last log)": A.aggregate(A.final_value(r, "bpb", "train") for r in rs),
+                       "bytes/s (last log)": A.aggregate(A.final_value(r, "bytes_per_s", "train") for r in rs)})
+    out.append("\n### Final losses per arm\n")
+    out.append(A.markdown_table(finals))
+    return "\n".join(out) + "\n"
+
+
+def figures(runs_dir: str, fig_dir: str) -> None:
+    import nbclient
+    import nbformat
+
+    os.environ["OMNIBYTE_RUNS"] = str(Path(runs_dir).resolve())
+    os.environ["OMNIBYTE_FIGURES"] = str(Path(fig_dir).resolve())
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    nb_path = REPO / "notebooks" / "cross_modal_transfer.ipynb"
+    nb = nbformat.read(nb_path, as_version=4)
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(nb_path.parent)}}).execute()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", nargs="?", default=str(REPO / "results" / "transfer"))
+    p.add_argument("--figures", default=str(REPO / "docs" / "images"))
+    p.add_argument("--no-figures", action="store_true")
+    p.add_argument("--smooth", type=int, default=1)
+    a = p.parse_args()
+    print(tables(a.runs, a.smooth))
+    if not a.no_figures:
+        figures(a.runs, a.figures)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    sys.exit(main())
