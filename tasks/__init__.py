@@ -1,11 +1,7 @@
-"""Tasks: datasets in their native layouts, and their metrics. Importing this package registers them."""
+"""Tasks: datasets in their native layouts, and their metrics. Importing this package registers them.
 
-import importlib
-import importlib.util
+``synthetic_text`` (synthetic.py), ``clevr_vqa`` (clevr.py), ``pg19`` (pg19.py), and the CNN+LSTM baseline
+model ``clevr_cnn_lstm`` (cnn_lstm.py). The offline CLEVR-format generator lives in ``clevr_synth/``.
+"""
 
-from . import base  # noqa: F401
-
-# TODO(lead): replace with plain imports once every module has landed.
-for _mod in ("synthetic", "clevr", "pg19", "cnn_lstm"):
-    if importlib.util.find_spec(f"{__name__}.{_mod}") is not None:
-        importlib.import_module(f"{__name__}.{_mod}")
+from . import base, clevr, cnn_lstm, pg19, synthetic  # noqa: F401  (each registers itself)
