@@ -108,3 +108,24 @@ def test_eval_batches_are_fixed_and_split_over_ranks():
     halves = [_ids(eval_batches(cfg, task, ser, "validation", rank=r, world=2)) for r in range(2)]
     assert one == [s["id"] for s in task.samples("validation")]
     assert sorted(halves[0] + halves[1]) == sorted(one)
+
+
+def test_shards_and_h5_sources_give_the_task_stream(tmp_path):
+    from omnibyte.data.h5store import write_streams
+    from omnibyte.data.shards import write_shards
+
+    task, ser = _task(12), UTF8Serializer()
+    for split in ("train", "validation"):
+        write_shards(task.samples(split), tmp_path, split, max_count=5, progress=False)
+        write_streams((ser(s) for s in task.samples(split)), tmp_path / f"{split}.h5", progress=False)
+    want = sorted(s["id"] for s in task.samples("train"))
+    for source, path in (("task", ""), ("shards", str(tmp_path)), ("h5", str(tmp_path / "train.h5"))):
+        cfg = DataConfig(source=source, path=path, seq_len=512, batch_size=1, workers=0)
+        got = _ids(itertools.islice(iter(TrainLoader(cfg, task, ser, seed=0)), 12))
+        assert sorted(got) == want, source
+        assert _ids(eval_batches(cfg, task, ser, "validation")) == [s["id"] for s in task.samples("validation")]
+    # enough shard files for every rank: whole files per rank
+    cfg = DataConfig(source="shards", path=str(tmp_path), seq_len=512, batch_size=1, workers=0)
+    parts = [_ids(itertools.islice(iter(TrainLoader(cfg, task, ser, seed=0, rank=r, world=3)), 5 if r < 2 else 2))
+             for r in range(3)]
+    assert sorted(sum(parts, [])) == want

@@ -66,10 +66,21 @@ def _shard_files(path: str, split: str) -> list:
     return list(list_shards(path, split))
 
 
-def _h5(path: str):
+def _h5(path: str, split: str, training: bool):
+    """The h5 store of ``split``: ``<path>/<split>.h5`` for a folder; for a file (``data.path=out/train.h5``)
+    the file itself when training, and ``<split>.h5`` beside it for evaluation."""
+    from pathlib import Path
+
     from .h5store import H5Streams
 
-    return H5Streams(path)
+    p = Path(path)
+    if p.is_dir():
+        p = p / f"{split}.h5"
+    elif not training and p.stem != split:
+        p = p.with_name(f"{split}.h5")
+    if not p.is_file():
+        raise DataError(f"data.source=h5: no store for split {split!r} at {p} (omnibyte prepare <config> --h5)")
+    return H5Streams(p)
 
 
 def make_batches(rows, batch_size: int, length: int | None, pad_multiple: int, keep_tail: bool) -> Iterator[Batch]:
@@ -111,7 +122,7 @@ class TrainStream(IterableDataset):
         rng = np.random.default_rng([self.seed, epoch, shard])
         buffer = cfg.shuffle_buffer if cfg.shuffle else 0
         if cfg.source == "h5":
-            store = _h5(cfg.path)
+            store = _h5(cfg.path, self.split, training=True)
             order = np.arange(len(store))
             if cfg.shuffle:
                 order = np.random.default_rng([self.seed, epoch]).permutation(len(store))
@@ -216,7 +227,7 @@ def eval_batches(cfg, task, serializer, split: str, *, max_samples: int = 0, bat
     stats: dict = {}
     packing = packing_of(cfg, task)
     if cfg.source == "h5":
-        store = _h5(cfg.path)
+        store = _h5(cfg.path, split, training=False)
         n = len(store) if not max_samples else min(max_samples, len(store))
         streams: Any = (store[i] for i in range(n))
     else:
