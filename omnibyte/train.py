@@ -25,7 +25,7 @@ import torch
 
 from . import checkpoint as ckpt_io
 from . import parallel
-from .config import dump_yaml
+from .config import dump_yaml, to_dict
 from .data import TrainLoader, eval_batches
 from .evaluate import BatchLoss, autocast, evaluate_bpb, summarize, use_bf16_for
 from .logging import RunLogger, modality_name
@@ -132,13 +132,13 @@ def _train(cfg: RunConfig, info: parallel.DistInfo) -> Path:
     step, counters, best = 0, {"bad_steps": 0}, None
     if resume_from is not None:
         state = ckpt_io.read_state(resume_from)
+        if len(state["data"]) != info.world:
+            raise TrainingError(f"{resume_from} was written by {len(state['data'])} rank(s); this run has "
+                                f"{info.world}. Resume with the same number of processes.")
         optim_state, rngs = ckpt_io.load_training_state(resume_from)
         parallel.load_full_state_dicts(model, optimizer, ckpt_io.load_weights(resume_from),
                                        optim_state["optimizer"], info)
         scheduler.load_state_dict(optim_state["scheduler"])
-        if len(state["data"]) != info.world:
-            raise TrainingError(f"{resume_from} was written by {len(state['data'])} rank(s); this run has "
-                                f"{info.world}. Resume with the same number of processes.")
         loader.load_state_dict(state["data"][info.rank])
         ckpt_io.set_rng_state(rngs[info.rank])
         step, counters, best = state["step"], state["counters"], state.get("best")
@@ -148,6 +148,7 @@ def _train(cfg: RunConfig, info: parallel.DistInfo) -> Path:
 
     logger = RunLogger(run_dir, enabled=info.is_main, start_step=step, total_steps=t.steps,
                        progress=t.progress)
+    cfg_dict = to_dict(cfg)  # goes into every checkpoint
     eval_list = None
 
     def run_eval() -> dict:
@@ -174,10 +175,6 @@ def _train(cfg: RunConfig, info: parallel.DistInfo) -> Path:
                 keep_last=t.keep_last, best=best)
             log.info("checkpoint %s", path)
         parallel.barrier(info)
-
-    from .config import to_dict
-
-    cfg_dict = to_dict(cfg)
 
     # --- the loop ---------------------------------------------------------------------------------
     batches = iter(loader)
