@@ -20,8 +20,10 @@ if [ "$part" = part1 ]; then
   timeout 150 python3 benchmarks/generate.py --graph --mblm --out "$out/bench.jsonl" 2>&1 | tail -c 4000 \
     | tee "$out/gen.log"
 else
-  timeout 330 python3 benchmarks/max_context.py --time-cap 240 --step-cap 100 --chunk-bytes 524288 --out "$out/bench.jsonl" 2>&1 \
-    | tail -c 4000 | tee "$out/ctx.log"
-  timeout 200 python3 benchmarks/generate.py --contexts 1024,65536,1048576 --out "$out/bench.jsonl" 2>&1 \
-    | tail -c 3000 | tee "$out/gen_eager.log"
+  timeout 180 python3 benchmarks/train_throughput.py --preset mblm360m --impl both --steps 8 --warmup 2 \
+    --out "$out/bench.jsonl" 2>&1 | tail -c 3000 | tee "$out/train.log"
+  timeout 150 python3 benchmarks/train_throughput.py --preset mblm360m --impl omnibyte --compile --steps 8 \
+    --warmup 3 --out "$out/bench.jsonl" 2>&1 | tail -c 3000 | tee "$out/train_compiled.log"
+  timeout 130 python3 benchmarks/max_context.py --start-mib 8 --time-cap 100 --step-cap 60 --chunk-bytes 524288 \
+    --out "$out/bench.jsonl" 2>&1 | tail -c 4000 | tee "$out/ctx.log"
 fi

@@ -45,10 +45,13 @@ def run(args) -> dict:
     else:
         model = build_omnibyte(args.preset).to(dev)
         vocab = 256
-        if args.compile:
+        if args.compile:  # Transformer layers only (the Mamba layers call mamba-ssm's Triton autograd ops)
+            from omnibyte.model.blocks.transformer import TransformerBlock
+
             for blk in model.blocks:
-                for i, layer in enumerate(blk.layers):
-                    blk.layers[i] = torch.compile(layer)
+                if isinstance(blk, TransformerBlock):
+                    for i, layer in enumerate(blk.layers):
+                        blk.layers[i] = torch.compile(layer)
     ref = build_omnibyte(args.preset)  # FLOP count on the shared configuration
     flops = train_flops_per_step(ref, args.batch, args.length)
     del ref
@@ -122,8 +125,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.impl == "both":
         results = {}
-        for impl in ("omnibyte", "mblm"):
-            cmd = [sys.executable, __file__] + [a for a in sys.argv[1:]] + ["--impl", impl]
+        for impl in ("mblm", "omnibyte"):
+            argv = list(sys.argv[1:])
+            if "--out" in argv:  # the parent writes the children's lines
+                i = argv.index("--out")
+                del argv[i:i + 2]
+            cmd = [sys.executable, __file__] + argv + ["--impl", impl]
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ))
             sys.stderr.write(proc.stderr[-3000:])
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
