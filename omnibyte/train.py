@@ -28,9 +28,10 @@ from . import parallel
 from .config import dump_yaml, to_dict
 from .data import TrainLoader, eval_batches
 from .evaluate import BatchLoss, autocast, evaluate_bpb, summarize, use_bf16_for
-from .logging import RunLogger, modality_name
+from .logging import RunLogger
 from .registry import MODELS, SERIALIZERS, TASKS
 from .runconfig import RESOLVED_NAME, RunConfig
+from .vocab import Modality
 
 log = logging.getLogger("omnibyte.train")
 
@@ -186,7 +187,7 @@ def _train(cfg: RunConfig, info: parallel.DistInfo) -> Path:
             lr = scheduler.get_last_lr()[0]
             nats = torch.zeros((), dtype=torch.float64, device=device)
             weight = torch.zeros((), dtype=torch.float64, device=device)
-            per_mod: dict[int, list[float]] = {}
+            per_mod: dict[int, list] = {}
             tokens = 0
             for micro in range(t.grad_accum):
                 batch = next(batches).to(device, non_blocking=True)
@@ -198,10 +199,10 @@ def _train(cfg: RunConfig, info: parallel.DistInfo) -> Path:
                     (loss / t.grad_accum).backward()
                 nats += out.nats_sum.double() if step + 1 not in t.inject_nan_at else float("nan")
                 weight += out.weight_sum.double()
-                for code, (n, w) in out.per_modality.items():
+                for code, (n, w) in out.per_modality.items():  # device tensors: no sync per micro-batch
                     acc = per_mod.setdefault(int(code), [0.0, 0.0])
-                    acc[0] += float(n)
-                    acc[1] += float(w)
+                    acc[0] = acc[0] + n.detach().double()
+                    acc[1] = acc[1] + w.detach().double()
                 tokens += int(batch.lengths.sum())
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip if t.clip > 0 else float("inf"))
             if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
@@ -216,8 +217,8 @@ def _train(cfg: RunConfig, info: parallel.DistInfo) -> Path:
                 window["weight"] += float(weight)
                 for code, (n, w) in per_mod.items():
                     acc = window["mod"].setdefault(code, [0.0, 0.0])
-                    acc[0] += n
-                    acc[1] += w
+                    acc[0] += float(n)
+                    acc[1] += float(w)
                 window["steps"] += 1
             else:
                 bad_in_row += 1
@@ -234,10 +235,12 @@ def _train(cfg: RunConfig, info: parallel.DistInfo) -> Path:
 
             # --- log ------------------------------------------------------------------------------
             if step % t.log_every == 0 or step == t.steps:
-                sums = torch.tensor([window["nats"], window["weight"], float(window["tokens"])], dtype=torch.float64,
-                                    device=device)
-                parallel.all_reduce_sum(sums, info)
-                mod = {c: (n, w) for c, (n, w) in window["mod"].items()}
+                codes = [int(m) for m in Modality]  # every rank sends every modality: same-shaped all-reduce
+                flat = [window["nats"], window["weight"], float(window["tokens"])]
+                for c in codes:
+                    flat += window["mod"].get(c, [0.0, 0.0])
+                sums = parallel.all_reduce_sum(torch.tensor(flat, dtype=torch.float64, device=device), info)
+                mod = {c: (float(sums[3 + 2 * i]), float(sums[4 + 2 * i])) for i, c in enumerate(codes)}
                 elapsed = time.perf_counter() - window["t0"]
                 rec = {"step": step, "split": "train", **summarize(float(sums[0]), float(sums[1]), mod),
                        "lr": lr, "grad_norm": float(grad_norm), "bytes_per_s": float(sums[2]) / max(elapsed, 1e-9),
@@ -268,4 +271,4 @@ def _train(cfg: RunConfig, info: parallel.DistInfo) -> Path:
     return run_dir
 
 
-__all__ = ["train", "TrainingError", "build_components", "build_optimizer", "lr_factor", "modality_name"]
+__all__ = ["train", "TrainingError", "build_components", "build_optimizer", "lr_factor"]
