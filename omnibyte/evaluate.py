@@ -66,16 +66,12 @@ def summarize(nats: float, weight: float, per_modality: dict[int, tuple[float, f
 
 
 def _dummy_like(batches: list[Batch], seq_len: int) -> Batch:
-    """A zero-weight batch for ranks with fewer eval batches (FSDP2 needs every rank in every forward)."""
-    L = batches[0].tokens.shape[1] if batches else seq_len
-    return Batch.collate([vocab_pad_stream(L)], length=L)
-
-
-def vocab_pad_stream(n: int):
+    """A zero-weight PAD batch for ranks with fewer eval batches (FSDP2 needs every rank in every forward)."""
     from .stream import ByteStream
 
-    s = ByteStream.special(*([vocab.PAD] * n))
-    return s.with_loss(np.zeros(n, dtype=np.float32))
+    L = batches[0].tokens.shape[1] if batches else seq_len
+    pad = ByteStream.special(*([vocab.PAD] * L), loss=0.0)
+    return Batch.collate([pad], length=L)
 
 
 @torch.no_grad()
@@ -156,16 +152,17 @@ def write_per_token(path: Path, model: nn.Module, batches: list[Batch], device: 
     return path
 
 
-def load_trained(run_dir: str | Path, overrides: tuple[str, ...] | list[str] = (), which: str = "latest",
+def load_trained(run_dir: str | Path, overrides: tuple[str, ...] | list[str] = (), which: str | None = None,
                  device: str = "auto"):
-    """(config, task, serializer, model on device in eval mode, checkpoint path, step) of a trained run."""
+    """(config, task, serializer, model on device in eval mode, checkpoint path, step) of a trained run.
+    ``which``: latest | best (default: the run's ``eval.checkpoint``)."""
     from . import checkpoint as ckpt_io
     from .parallel import pick_device
     from .runconfig import load_run_config
     from .train import build_components
 
     cfg = load_run_config(run_dir, list(overrides))
-    ckpt = ckpt_io.resolve_checkpoint(run_dir, which)
+    ckpt = ckpt_io.resolve_checkpoint(run_dir, which or cfg.eval.checkpoint)
     step = int(ckpt_io.read_state(ckpt)["step"])
     task, serializer, model = build_components(cfg)
     model.load_state_dict(ckpt_io.load_weights(ckpt))

@@ -27,11 +27,7 @@ def run(args) -> int:
     if split is not None and "=" in split:  # `omnibyte eval run a.b=c`: no split given
         overrides.insert(0, split)
         split = None
-    which = next((o.split("=", 1)[1] for o in overrides if o.startswith("eval.checkpoint=")), None)
-    cfg, task, serializer, model, ckpt, step = load_trained(args.run_dir, overrides, which or "latest", args.device)
-    if which is None and cfg.eval.checkpoint != "latest":
-        cfg, task, serializer, model, ckpt, step = load_trained(args.run_dir, overrides, cfg.eval.checkpoint,
-                                                                args.device)
+    cfg, task, serializer, model, ckpt, step = load_trained(args.run_dir, overrides, device=args.device)
     split = split or cfg.eval.split
     device = next(model.parameters()).device
     bf16 = use_bf16_for(cfg, device)

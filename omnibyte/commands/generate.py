@@ -17,7 +17,7 @@ def add_arguments(p) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num", type=int, default=1, help="samples to draw")
-    p.add_argument("--checkpoint", choices=["latest", "best"], default="latest")
+    p.add_argument("--checkpoint", choices=["latest", "best"], default=None, help="default: the run's eval.checkpoint")
     p.add_argument("--device", default="auto")
 
 

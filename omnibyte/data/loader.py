@@ -121,24 +121,22 @@ class TrainStream(IterableDataset):
         cfg = self.cfg
         rng = np.random.default_rng([self.seed, epoch, shard])
         buffer = cfg.shuffle_buffer if cfg.shuffle else 0
-        if cfg.source == "h5":
+        if cfg.source == "h5":  # pre-serialized: a global permutation per epoch, strided by shard
             store = _h5(cfg.path, self.split, training=True)
-            order = np.arange(len(store))
-            if cfg.shuffle:
-                order = np.random.default_rng([self.seed, epoch]).permutation(len(store))
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(store)) if cfg.shuffle \
+                else np.arange(len(store))
             streams = (store[int(i)] for i in order[shard::shards])
-        elif cfg.source == "shards" and len(files := _shard_files(cfg.path, self.split)) >= shards:
-            # enough shard files: whole files per data shard (read only what is ours), in shuffled order
-            from .shards import shard_samples
-
-            files = files[shard::shards]
-            if cfg.shuffle:
-                files = [files[i] for i in rng.permutation(len(files))]
-            policy = getattr(self.task.config, "on_bad_sample", "fail")
-            streams = serialize(shuffled(shard_samples(cfg.path, self.split, files), buffer, rng), self.serializer,
-                                policy, stats)
         else:
-            mine = (s for i, s in enumerate(source_samples(cfg, self.task, self.split)) if i % shards == shard)
+            if cfg.source == "shards" and len(files := _shard_files(cfg.path, self.split)) >= shards:
+                # enough shard files: whole files per data shard (read only what is ours), shuffled order
+                from .shards import shard_samples
+
+                files = files[shard::shards]
+                if cfg.shuffle:
+                    files = [files[i] for i in rng.permutation(len(files))]
+                mine = shard_samples(cfg.path, self.split, files)
+            else:
+                mine = (s for i, s in enumerate(source_samples(cfg, self.task, self.split)) if i % shards == shard)
             policy = getattr(self.task.config, "on_bad_sample", "fail")
             streams = serialize(shuffled(mine, buffer, rng), self.serializer, policy, stats)
         if self.packing == "concat":
