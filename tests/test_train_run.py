@@ -117,3 +117,19 @@ def test_init_from_loads_all_or_selected_stages(trained, tmp_path):
     stage0 = [k for k in src if k.startswith(("blocks.0.", "start.0", "patch_embed.0.", "to_next.0."))]
     assert stage0 and all(torch.equal(got[k], src[k]) for k in stage0)
     assert not torch.equal(got["head.weight"], src["head.weight"])  # the inner stage starts fresh
+
+
+def _curve(tmp_path, name, **train):
+    cfg = write_config(tmp_path, name, train={"steps": 4, "log_every": 1, "eval_every": 0, "ckpt_every": 0, **train})
+    assert main(["train", str(cfg), "--quiet"]) == 0
+    return [r["loss"] for r in read_metrics(tmp_path / "runs" / name) if r["split"] == "train"]
+
+
+def test_activation_checkpointing_gives_the_same_losses(tmp_path):
+    assert _curve(tmp_path, "ac", activation_checkpointing=True) == _curve(tmp_path, "plain")
+
+
+@pytest.mark.slow
+def test_compiled_blocks_follow_eager(tmp_path):
+    eager, compiled = _curve(tmp_path, "eager"), _curve(tmp_path, "compiled", compile=True)
+    assert compiled == pytest.approx(eager, rel=1e-4)
