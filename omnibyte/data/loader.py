@@ -102,6 +102,10 @@ class LoaderItem:
     index: int  # batches this worker handed out in this epoch before this one
     stats: dict  # this worker's cumulative counters (bad samples, over-long skips)
 
+    def pin_memory(self) -> LoaderItem:  # called by DataLoader(pin_memory=True)
+        self.batch = self.batch.pin_memory()
+        return self
+
 
 class TrainStream(IterableDataset):
     """One rank's endless stream of LoaderItems (see the module docstring)."""
