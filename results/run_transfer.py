@@ -165,7 +165,9 @@ def experiment(a) -> int:
     pre_ok = r.run("pg19_lm", omnibyte("train", "pg19_lm", f"task.root={Path(a.pg19).resolve()}", "run_name=pg19_lm",
                                        model, *common, *sc["pg19"]))
     evaluate = [sys.executable, str(Path(__file__).resolve()), "eval", "--vqa-samples", str(sc["vqa_samples"])]
-    waits = []
+    prior_ok = r.run("prior", [sys.executable, str(Path(__file__).resolve()), "prior", str(data), str(out / "prior.json"),
+                    "--vqa-samples", str(sc["vqa_samples"])], [data_ok] if data_ok else [], ["data"] if data_ok else [])
+    waits = [prior_ok]
     dep_data = [data_ok] if data_ok else []
     need_data = ["data"] if data_ok else []
     for seed in seeds:  # interleave arms so every arm gets its seeds even if the budget cuts the tail
@@ -196,12 +198,23 @@ def experiment(a) -> int:
     for w in [pre_ok, *waits]:
         w.wait()
     summary = {"scale": a.scale, "seeds": seeds, "wall_s": round(time.time() - t_start, 1), "status": r.status,
-               "sizes": sc}
+               "sizes": sc, **_environment()}
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    pack(runs, out / "transfer_metrics.tar.gz", extra=[out / "summary.json", out / "commands.txt"])
+    pack(runs, out / "transfer_metrics.tar.gz", extra=[out / "summary.json", out / "commands.txt", out / "prior.json"])
     failed = {k: v for k, v in r.status.items() if v != 0}
     print(json.dumps({"wall_s": summary["wall_s"], "failed": failed}, default=str), flush=True)
     return 1 if failed else 0
+
+
+def _environment() -> dict:
+    try:
+        import torch
+
+        dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        return {"torch": torch.__version__, "device": dev, "cpus": os.cpu_count(),
+                "commit": (REPO / "COMMIT").read_text().strip() if (REPO / "COMMIT").is_file() else ""}
+    except Exception as e:  # pragma: no cover - informational only
+        return {"environment_error": repr(e)}
 
 
 def pack(runs: Path, dest: Path, extra: list[Path] = ()) -> Path:
@@ -243,8 +256,45 @@ def eval_run(a) -> int:
     return 0
 
 
+def prior(a) -> int:
+    """Answer priors on the same val questions the models are scored on: the most frequent train answer
+    overall, per question type, and per question family (what a model that ignores the image can reach)."""
+    from collections import Counter, defaultdict
+
+    from tasks.clevr import program_function, question_type
+
+    def load(split):
+        qs = json.loads((Path(a.data) / "questions" / f"CLEVR_{split}_questions.json").read_text())["questions"]
+        return [(q["answer"], question_type(program_function(q.get("program"))), q.get("question_family_index"))
+                for q in qs]
+
+    train, val = load("train"), load("val")[:a.vqa_samples or None]
+    res = {"num_train": len(train), "num_val": len(val)}
+    for key, idx in (("overall", None), ("qtype", 1), ("family", 2)):
+        counts = defaultdict(Counter)
+        for q in train:
+            counts[None if idx is None else q[idx]][q[0]] += 1
+        best = {k: c.most_common(1)[0][0] for k, c in counts.items()}
+        hits = [v[0] == best.get(None if idx is None else v[idx]) for v in val]
+        res[f"majority_by_{key}"] = sum(hits) / max(1, len(hits))
+        if key == "qtype":
+            by = defaultdict(list)
+            for v, h in zip(val, hits):
+                by[v[1]].append(h)
+            res["majority_by_qtype_per_qtype"] = {k: sum(h) / len(h) for k, h in sorted(by.items())}
+    Path(a.out).write_text(json.dumps(res, indent=1))
+    print(json.dumps(res))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["prior"]:
+        p = argparse.ArgumentParser(prog="run_transfer.py prior")
+        p.add_argument("data")
+        p.add_argument("out")
+        p.add_argument("--vqa-samples", type=int, default=500)
+        return prior(p.parse_args(argv[1:]))
     if argv[:1] == ["eval"]:
         p = argparse.ArgumentParser(prog="run_transfer.py eval")
         p.add_argument("run_dir")
