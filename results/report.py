@@ -33,6 +33,15 @@ def tables(runs_dir: str, smooth: int = 1) -> str:
     flat = [{"arm": r["arm"], "mode": r["mode"], "overall": r["accuracy"], **r["by_qtype"]} for r in acc]
     out.append("\n### VQA accuracy on val (mean ± stderr over seeds)\n")
     out.append(A.markdown_table(flat, ["arm", "mode", "overall", *qtypes]))
+    prior_file = Path(runs_dir) / "prior.json"
+    if prior_file.is_file():
+        import json
+
+        pr = json.loads(prior_file.read_text())
+        out.append(f"\nAnswer priors on the same {pr['num_val']} val questions (most frequent train answer): overall "
+                   f"{pr['majority_by_overall']:.3f}, per question type {pr['majority_by_qtype']:.3f}, per question "
+                   f"family {pr['majority_by_family']:.3f}; per type: "
+                   + ", ".join(f"{k} {v:.3f}" for k, v in pr["majority_by_qtype_per_qtype"].items()))
     finals = []
     for arm, rs in A.group_runs(runs).items():
         finals.append({"arm": arm, "seeds": len(rs),
