@@ -131,6 +131,7 @@ def _train(cfg: RunConfig, info: parallel.DistInfo) -> Path:
     loader = TrainLoader(cfg.data, task, serializer, seed=cfg.seed, rank=info.rank, world=info.world,
                          pad_multiple=pad_multiple(model))
     step, counters, best = 0, {"bad_steps": 0}, None
+    saved_window = None  # the sums of a log window that a checkpoint cut in two
     if resume_from is not None:
         state = ckpt_io.read_state(resume_from)
         if len(state["data"]) != info.world:
@@ -143,6 +144,7 @@ def _train(cfg: RunConfig, info: parallel.DistInfo) -> Path:
         loader.load_state_dict(state["data"][info.rank])
         ckpt_io.set_rng_state(rngs[info.rank])
         step, counters, best = state["step"], state["counters"], state.get("best")
+        saved_window = state["window"][info.rank]
         log.info("resumed from %s at step %d", resume_from, step)
     else:
         seed_everything(cfg.seed + 1 + info.rank)  # dropout etc. differ per rank from here on
@@ -166,12 +168,13 @@ def _train(cfg: RunConfig, info: parallel.DistInfo) -> Path:
             best = {"step": step, "metric": f"{cfg.eval.split}/bpb", "value": eval_result["bpb"]}
         msd, osd = parallel.full_state_dicts(model, optimizer, info)
         positions = parallel.all_gather_object(loader.state_dict(), info)
+        windows = parallel.all_gather_object({k: v for k, v in window.items() if k != "t0"}, info)
         rngs = parallel.all_gather_object(ckpt_io.rng_state(), info)
         if info.is_main:
             path = ckpt_io.save_checkpoint(
                 run_dir / "checkpoints", step, model_state=msd,
                 optim_state={"optimizer": osd, "scheduler": scheduler.state_dict()}, rng=rngs,
-                state={"data": positions, "counters": counters, "best": best, "eval": eval_result,
+                state={"data": positions, "window": windows, "counters": counters, "best": best, "eval": eval_result,
                        "config": cfg_dict, "world": info.world},
                 keep_last=t.keep_last, best=best)
             log.info("checkpoint %s", path)
@@ -181,6 +184,8 @@ def _train(cfg: RunConfig, info: parallel.DistInfo) -> Path:
     batches = iter(loader)
     bad_in_row = 0
     window = {"nats": 0.0, "weight": 0.0, "tokens": 0, "steps": 0, "mod": {}, "t0": time.perf_counter()}
+    if saved_window:  # resumed mid-window: the next logged average covers the same steps as uninterrupted
+        window.update(saved_window, mod={int(c): v for c, v in saved_window["mod"].items()})
     last_eval = None
     try:
         while step < t.steps:
