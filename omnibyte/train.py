@@ -75,6 +75,43 @@ def lr_factor(step: int, t) -> float:
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+class LogWindow:
+    """Loss sums over the steps since the last log line (kept in checkpoints: a resumed run logs the same)."""
+
+    def __init__(self, saved: dict | None = None):
+        self.nats, self.weight, self.tokens, self.steps = 0.0, 0.0, 0, 0
+        self.mod: dict[int, list[float]] = {}
+        if saved:
+            self.nats, self.weight, self.tokens, self.steps = (saved[k] for k in ("nats", "weight", "tokens", "steps"))
+            self.mod = {int(c): list(v) for c, v in saved["mod"].items()}
+        self.t0 = time.perf_counter()
+
+    def add(self, nats: float, weight: float, per_mod: dict) -> None:
+        self.nats += nats
+        self.weight += weight
+        for code, (n, w) in per_mod.items():
+            acc = self.mod.setdefault(code, [0.0, 0.0])
+            acc[0] += float(n)
+            acc[1] += float(w)
+        self.steps += 1
+
+    def state(self) -> dict:
+        return {"nats": self.nats, "weight": self.weight, "tokens": self.tokens, "steps": self.steps, "mod": self.mod}
+
+    def summary(self, info: parallel.DistInfo, device: torch.device) -> dict:
+        """Loss, bpb (overall and per modality) and bytes/s, summed over ranks."""
+        codes = [int(m) for m in Modality]  # every rank sends every modality: same-shaped all-reduce
+        flat = [self.nats, self.weight, float(self.tokens)]
+        for c in codes:
+            flat += self.mod.get(c, [0.0, 0.0])
+        sums = parallel.all_reduce_sum(torch.tensor(flat, dtype=torch.float64, device=device), info).tolist()
+        mod = {c: (sums[3 + 2 * i], sums[4 + 2 * i]) for i, c in enumerate(codes)}
+        out = summarize(sums[0], sums[1], mod)
+        out.pop("weight")
+        out["bytes_per_s"] = sums[2] / max(time.perf_counter() - self.t0, 1e-9)
+        return out
+
+
 def find_resume(cfg: RunConfig, run_dir: Path) -> Path | None:
     if cfg.train.resume == "never":
         return None
@@ -168,7 +205,7 @@ def _train(cfg: RunConfig, info: parallel.DistInfo) -> Path:
             best = {"step": step, "metric": f"{cfg.eval.split}/bpb", "value": eval_result["bpb"]}
         msd, osd = parallel.full_state_dicts(model, optimizer, info)
         positions = parallel.all_gather_object(loader.state_dict(), info)
-        windows = parallel.all_gather_object({k: v for k, v in window.items() if k != "t0"}, info)
+        windows = parallel.all_gather_object(window.state(), info)
         rngs = parallel.all_gather_object(ckpt_io.rng_state(), info)
         if info.is_main:
             path = ckpt_io.save_checkpoint(
@@ -183,9 +220,7 @@ def _train(cfg: RunConfig, info: parallel.DistInfo) -> Path:
     # --- the loop ---------------------------------------------------------------------------------
     batches = iter(loader)
     bad_in_row = 0
-    window = {"nats": 0.0, "weight": 0.0, "tokens": 0, "steps": 0, "mod": {}, "t0": time.perf_counter()}
-    if saved_window:  # resumed mid-window: the next logged average covers the same steps as uninterrupted
-        window.update(saved_window, mod={int(c): v for c, v in saved_window["mod"].items()})
+    window = LogWindow(saved_window)
     last_eval = None
     try:
         while step < t.steps:
@@ -218,13 +253,7 @@ def _train(cfg: RunConfig, info: parallel.DistInfo) -> Path:
             if bool(finite):
                 optimizer.step()
                 bad_in_row = 0
-                window["nats"] += float(nats)
-                window["weight"] += float(weight)
-                for code, (n, w) in per_mod.items():
-                    acc = window["mod"].setdefault(code, [0.0, 0.0])
-                    acc[0] += float(n)
-                    acc[1] += float(w)
-                window["steps"] += 1
+                window.add(float(nats), float(weight), per_mod)
             else:
                 bad_in_row += 1
                 counters["bad_steps"] += 1
@@ -236,26 +265,17 @@ def _train(cfg: RunConfig, info: parallel.DistInfo) -> Path:
                                         f"or use precision fp32")
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            window["tokens"] += tokens
+            window.tokens += tokens
 
             # --- log ------------------------------------------------------------------------------
             if step % t.log_every == 0 or step == t.steps:
-                codes = [int(m) for m in Modality]  # every rank sends every modality: same-shaped all-reduce
-                flat = [window["nats"], window["weight"], float(window["tokens"])]
-                for c in codes:
-                    flat += window["mod"].get(c, [0.0, 0.0])
-                sums = parallel.all_reduce_sum(torch.tensor(flat, dtype=torch.float64, device=device), info)
-                mod = {c: (float(sums[3 + 2 * i]), float(sums[4 + 2 * i])) for i, c in enumerate(codes)}
-                elapsed = time.perf_counter() - window["t0"]
-                rec = {"step": step, "split": "train", **summarize(float(sums[0]), float(sums[1]), mod),
-                       "lr": lr, "grad_norm": float(grad_norm), "bytes_per_s": float(sums[2]) / max(elapsed, 1e-9),
-                       "bad_steps": counters["bad_steps"], **{f"data/{k}": v for k, v in loader.stats.items()}}
-                rec.pop("weight")
+                rec = {"step": step, "split": "train", **window.summary(info, device), "lr": lr,
+                       "grad_norm": float(grad_norm), "bad_steps": counters["bad_steps"],
+                       **{f"data/{k}": v for k, v in loader.stats.items()}}
                 logger.log(rec)
                 logger.progress(0, loss=f"{rec['loss']:.4f}", bpb=f"{rec['bpb']:.3f}",
                                 **{"bytes/s": f"{rec['bytes_per_s']:.3g}"})
-                window = {"nats": 0.0, "weight": 0.0, "tokens": 0, "steps": 0, "mod": {},
-                          "t0": time.perf_counter()}
+                window = LogWindow()
             logger.progress(1)
 
             # --- evaluate and checkpoint ----------------------------------------------------------
