@@ -133,3 +133,13 @@ def test_tiny_model_overfits():
         out.loss.backward()
         opt.step()
     assert out.bpb < 0.5, out.bpb
+
+
+def test_attention_batch_split_is_exact(monkeypatch):
+    from omnibyte.model.blocks.transformer import Attention
+
+    m = tiny(HIERARCHIES["3-stage"])
+    x = torch.randint(0, 256, (2, 30))
+    base = m(x)
+    monkeypatch.setattr(Attention, "max_batch", 3)
+    assert torch.allclose(m(x), base, atol=1e-6)

@@ -20,6 +20,8 @@ from ..layers import RMSNorm, apply_rope, init_linear, rope_cos_sin, scaled_std
 
 
 class Attention(nn.Module):
+    max_batch = 16384  # sequences per attention call (see forward)
+
     def __init__(self, dim: int, heads: int, head_dim: int, dropout: float, rope: bool, rope_base: float,
                  bias: bool):
         super().__init__()
@@ -45,7 +47,13 @@ class Attention(nn.Module):
             state["k"], state["v"] = k, v
         S = k.shape[2]
         drop = self.dropout if self.training else 0.0
-        if S == T:
+        if S == T and N > self.max_batch:
+            # CUDA attention kernels put the batch in a grid dimension limited to 65,535 (flash, mem-efficient)
+            # and cuDNN fails on very large batches: inner stages of long inputs have millions of sequences
+            y = torch.cat([F.scaled_dot_product_attention(q[i:i + self.max_batch], k[i:i + self.max_batch],
+                                                          v[i:i + self.max_batch], is_causal=True, dropout_p=drop)
+                           for i in range(0, N, self.max_batch)])
+        elif S == T:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop)
         elif T == 1:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
