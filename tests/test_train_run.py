@@ -133,3 +133,15 @@ def test_activation_checkpointing_gives_the_same_losses(tmp_path):
 def test_compiled_blocks_follow_eager(tmp_path):
     eager, compiled = _curve(tmp_path, "eager"), _curve(tmp_path, "compiled", compile=True)
     assert compiled == pytest.approx(eager, rel=1e-4)
+
+
+def test_grad_accumulation_matches_the_bigger_batch(tmp_path):
+    """Concat rows carry equal weight, so 2 micro-batches of 4 rows = 1 batch of the same 8 rows."""
+    cfg = write_config(tmp_path, "accum", data={"batch_size": 4},
+                       train={"steps": 4, "grad_accum": 2, "log_every": 1, "eval_every": 0, "ckpt_every": 0})
+    assert main(["train", str(cfg), "--quiet"]) == 0
+    big = _curve(tmp_path, "big")
+    accum, big_norms = ([(r["loss"], r["grad_norm"]) for r in read_metrics(tmp_path / "runs" / n) if r["split"] == "train"]
+                        for n in ("accum", "big"))
+    assert [a[0] for a in accum] == pytest.approx(big, rel=1e-5)
+    assert [a[1] for a in accum] == pytest.approx([b[1] for b in big_norms], rel=1e-4)  # gradients, not just Adam
