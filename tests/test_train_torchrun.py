@@ -10,6 +10,7 @@ import pytest
 from test_train_run import write_config
 
 from omnibyte.checkpoint import latest_checkpoint, read_state
+from omnibyte.cli import main
 from omnibyte.logging import read_metrics
 
 
@@ -28,6 +29,8 @@ def test_torchrun_two_cpu_processes(tmp_path, strategy):
     assert any(r["split"] == "validation" for r in records)
     state = read_state(latest_checkpoint(run / "checkpoints"))
     assert state["step"] == 4 and state["world"] == 2 and len(state["data"]) == 2
+    # the (unsharded) checkpoint of a multi-process run loads in one process
+    assert main(["eval", str(run), "eval.per_token=false"]) == 0
     if strategy == "ddp":
         return
     # resuming under torchrun (sharded weights and optimizer reloaded from the full checkpoint)
