@@ -68,7 +68,7 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 0  # 0 = only at the end
     ckpt_every: int = 0  # 0 = only at the end
-    keep_last: int = 2  # checkpoints kept besides the best
+    keep_last: int = 2  # checkpoints kept besides the best (lowest eval bpb of those written at an eval step)
     resume: str = "auto"  # auto (latest checkpoint in the run dir if any) | never | <checkpoint path>
     init_from: str = ""  # a run dir or checkpoint whose weights start this run (transfer)
     init_stages: tuple[int, ...] = ()  # which model stages to take from init_from; empty = all weights
