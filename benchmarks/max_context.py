@@ -29,7 +29,8 @@ def main() -> None:
     p.add_argument("--max-mib", type=float, default=1024)
     p.add_argument("--time-cap", type=float, default=240, help="stop before the sweep's total time passes this")
     p.add_argument("--step-cap", type=float, default=90, help="stop before a single step would take longer")
-    p.add_argument("--chunk-bytes", type=int, default=1 << 20)
+    p.add_argument("--chunk-bytes", type=int, default=1 << 18)
+    p.add_argument("--warmup-mib", type=float, default=1)
     p.add_argument("--out", default=None)
     args = p.parse_args()
     dev = args.device
@@ -38,6 +39,12 @@ def main() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.startswith("cuda"))
     from omnibyte.loss import compute_loss
 
+    # one untimed step at --warmup-mib first: Triton JIT / autotuning must not count as a step's time
+    w = int(args.warmup_mib * 2**20)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        compute_loss(model, torch.randint(0, 256, (1, w), device=dev), torch.ones(1, w, device=dev)).loss.backward()
+    opt.zero_grad(set_to_none=True)
+    sync(dev)
     size = int(args.start_mib * 2**20)
     t_start = now()
     best, last_step, stop = 0, 0.0, "max-mib reached"
