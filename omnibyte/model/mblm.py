@@ -59,6 +59,8 @@ class StageConfig:
             raise ValueError(f"width must be >= 1, got {self.width}")
         if self.layers < 0:
             raise ValueError(f"layers must be >= 0, got {self.layers}")
+        if self.block is None:  # built in code without a block: the registry default, so dumps are complete
+            object.__setattr__(self, "block", STAGES.get("transformer").Config())
 
 
 def _default_stages() -> tuple[StageConfig, ...]:
