@@ -161,9 +161,12 @@ def experiment(a) -> int:
            str(sc["qpi"]), "--seed", "0", "--size", sc["render"], "--workers", str(sc["gen_workers"]), "--no-progress"]
     if a.templates:
         gen += ["--templates", a.templates]
+    only = {n for n in a.only.split(",") if n}  # a re-run of some runs only (their data and pretrain too)
+    wanted = (lambda name: name in only) if only else (lambda name: True)
     data_ok = r.run("data", omnibyte(*gen)) if not (data / "questions").is_dir() else None
+    need_pre = not only or any("_pg19_" in n for n in only)
     pre_ok = r.run("pg19_lm", omnibyte("train", "pg19_lm", f"task.root={Path(a.pg19).resolve()}", "run_name=pg19_lm",
-                                       model, *common, *sc["pg19"]))
+                                       model, *common, *sc["pg19"])) if need_pre else threading.Event()
     evaluate = [sys.executable, str(Path(__file__).resolve()), "eval", "--vqa-samples", str(sc["vqa_samples"])]
     prior_ok = r.run("prior", [sys.executable, str(Path(__file__).resolve()), "prior", str(data), str(out / "prior.json"),
                     "--vqa-samples", str(sc["vqa_samples"])], [data_ok] if data_ok else [], ["data"] if data_ok else [])
@@ -174,6 +177,8 @@ def experiment(a) -> int:
         for init in ("scratch", "pg19"):
             for kind in KINDS:
                 name = f"{kind}_{init}_s{seed}"
+                if not wanted(name):
+                    continue
                 argv = omnibyte("train", CONFIG[kind, init], f"task.root={data}", f"run_name={name}", f"seed={seed}",
                                 model, *common, *sc["clevr"])
                 deps, need = list(dep_data), list(need_data)
@@ -185,19 +190,25 @@ def experiment(a) -> int:
                 rows = ["--per-token-rows", str(sc["per_token_rows"] if seed == 0 else 0)]
                 waits.append(r.run(f"eval_{name}", [*evaluate, *rows, str(runs / name)], [trained], [name]))
         name = f"cnn_lstm_s{seed}"
+        if not wanted(name):
+            continue
         trained = r.run(name, omnibyte("train", "clevr_cnn_lstm", f"task.root={data}", f"run_name={name}",
                                        f"seed={seed}", *common, *sc["cnn"]), dep_data, need_data)
         waits.append(r.run(f"eval_{name}", [*evaluate, "--per-token-rows", "0", str(runs / name)], [trained], [name]))
     for kind in KINDS if sc["aux_all"] else ():  # last: the budget cuts these first
         name = f"{kind}_all_scratch_s0"
+        if not wanted(name):
+            continue
         trained = r.run(name, omnibyte("train", CONFIG[kind, "scratch"], f"task.root={data}", f"run_name={name}",
                                        "seed=0", "serializer.loss=all", model, *common, *sc["clevr"]),
                         dep_data, need_data)
         waits.append(r.run(f"eval_{name}", [*evaluate, "--per-token-rows", str(sc["per_token_rows"]),
                                             str(runs / name)], [trained], [name]))
+    if not need_pre:
+        pre_ok.set()
     for w in [pre_ok, *waits]:
         w.wait()
-    summary = {"scale": a.scale, "seeds": seeds, "wall_s": round(time.time() - t_start, 1), "status": r.status,
+    summary = {"scale": a.scale, "seeds": seeds, "only": sorted(only), "wall_s": round(time.time() - t_start, 1), "status": r.status,
                "sizes": sc, **_environment()}
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     pack(runs, out / "transfer_metrics.tar.gz", extra=[out / "summary.json", out / "commands.txt", out / "prior.json"])
@@ -309,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=0)
     p.add_argument("--budget", type=float, default=0, help="seconds for everything (default: the scale's)")
     p.add_argument("--templates", default="", help="CLEVR template folder for the generator (default: its own)")
+    p.add_argument("--only", default="", help="comma-separated run names to (re)make, e.g. png_scratch_s2 (default: all)")
     return experiment(p.parse_args(argv))
 
 
