@@ -432,6 +432,22 @@ def modality_bpb(rows: Iterable[dict[str, Any]], weighted: bool = False) -> dict
     return out
 
 
+def answer_loss_split(rows: Iterable[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Where the answer loss sits: nats of the first answer byte (choosing the answer), of the other answer
+    bytes (spelling it out) and of the token closing it (EOS), each aggregated over rows."""
+    first, rest, close = [], [], []
+    for r in rows:
+        idx = np.flatnonzero(np.asarray(r["modality"]) == int(Modality.ANSWER))
+        if idx.size == 0:
+            continue
+        nll = np.asarray(r["nll"], dtype=np.float64)
+        first.append(nll[idx[0]])
+        rest.extend(nll[idx[1:]].tolist())
+        if idx[-1] + 1 < nll.size:
+            close.append(nll[idx[-1] + 1])
+    return {"first_byte": aggregate(first), "other_bytes": aggregate(rest), "eos": aggregate(close)}
+
+
 def image_segment(row: dict[str, Any], modality: int = int(Modality.IMAGE)) -> np.ndarray:
     """Per-byte nll (nats) of the first contiguous run of ``modality`` tokens in a per-token row."""
     sel = np.flatnonzero(np.asarray(row["modality"]) == modality)
@@ -522,6 +538,6 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None
 __all__ = [
     "Run", "load_run", "load_runs", "find_run_dirs", "metrics_table", "curve", "modality_curves", "splits_of",
     "smooth", "steps_to_target", "final_value", "aggregate", "aggregate_curves", "input_kind", "init_kind",
-    "arm", "group_runs", "transfer_table", "vqa_accuracy", "accuracy_table", "per_token_losses", "modality_bpb",
+    "arm", "group_runs", "transfer_table", "vqa_accuracy", "accuracy_table", "per_token_losses", "modality_bpb", "answer_loss_split",
     "image_segment", "image_loss_map", "fmt", "markdown_table",
 ]

@@ -42,6 +42,14 @@ def tables(runs_dir: str, smooth: int = 1) -> str:
                    f"{pr['majority_by_overall']:.3f}, per question type {pr['majority_by_qtype']:.3f}, per question "
                    f"family {pr['majority_by_family']:.3f}; per type: "
                    + ", ".join(f"{k} {v:.3f}" for k, v in pr["majority_by_qtype_per_qtype"].items()))
+    split_rows = []
+    for arm, rs in A.group_runs(runs).items():
+        rows = [row for r in rs for f in range(len(r.per_token_files)) for row in A.per_token_losses(r, which=f)]
+        if rows:
+            split_rows.append({"arm": arm, "rows": len(rows), **A.answer_loss_split(rows)})
+    if split_rows:
+        out.append("\n### Answer loss split: first answer byte / other answer bytes / EOS (nats, per-token eval rows)\n")
+        out.append(A.markdown_table(split_rows))
     finals = []
     for arm, rs in A.group_runs(runs).items():
         finals.append({"arm": arm, "seeds": len(rs),

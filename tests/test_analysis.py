@@ -217,6 +217,9 @@ def test_per_token_losses_and_image_maps(tmp_path: Path):
     # PNG/JPEG: a strip of the stream, NaN-padded
     strip = A.image_loss_map(rows[0], {"name": "png"}, strip_width=10)
     assert strip.shape == (4, 10) and np.isnan(strip[-1, -4:]).all() and strip[0, 0] == 2
+    split = A.answer_loss_split(rows)
+    assert split["first_byte"]["mean"] == 40 and split["first_byte"]["n"] == 1  # row 2 has no answer
+    assert split["other_bytes"]["n"] == 0 and split["eos"]["mean"] == 41
     bpb = A.modality_bpb(rows)
     assert set(bpb) == {"special", "image", "answer"}
     assert A.modality_bpb(rows, weighted=True).keys() == {"answer"}
