@@ -75,4 +75,6 @@ def test_notebook_executes_and_renders_figures(tmp_path: Path, monkeypatch):
                                       "image_loss_maps")}
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "pixels/pg19" in text and "pixels/scratch" in text
+    assert "| pixels/pg19 | rank |" in text  # VQA accuracy read from the eval results
+    assert "| pixels | val/loss |" in text  # the steps-to-target table has its row
     assert time.perf_counter() - t0 < 120  # budget 60 s on an idle 2-core machine; slack for a busy one
