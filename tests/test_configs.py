@@ -28,6 +28,8 @@ def tiny_overrides(name: str) -> list[str]:
         block = stage.get("block") or {}
         if "heads" in block:
             out.append(f"model.stages.{i}.block.heads=2")
+        if "headdim" in block:  # mamba2: 2 heads of 16 over the expanded width 32
+            out += [f"model.stages.{i}.block.headdim=16", f"model.stages.{i}.block.d_state=8"]
     return out
 
 

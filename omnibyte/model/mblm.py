@@ -64,7 +64,9 @@ class StageConfig:
 
 
 def _default_stages() -> tuple[StageConfig, ...]:
-    return (StageConfig(length=1024, width=256, layers=2), StageConfig(length=8, width=256, layers=2))
+    """The framework's default hierarchy: a Mamba-2 global stage over 8-byte patches, a Transformer local one."""
+    return (StageConfig(length=1024, width=256, layers=2, block=STAGES.get("mamba2").Config(headdim=32)),
+            StageConfig(length=8, width=256, layers=2))
 
 
 @dataclass(frozen=True)
