@@ -204,7 +204,7 @@ def _shadow(objects: list[dict], camera: Camera, key: np.ndarray, gx: np.ndarray
             vx, vy, vz = x - px, y - py, r
             t = vx * key[0] + vy * key[1] + vz * key[2]
             d = np.sqrt(np.maximum(vx * vx + vy * vy + vz * vz - t * t, 0))
-            wpen = 0.04 + 0.12 * t
+            wpen = 0.04 + 0.12 * np.maximum(t, 0)  # t <= 0 is masked below; keeps the edge width > 0
             o = _smooth(r + wpen, r - wpen, d) * (t > 0)
             foot = np.sqrt((px - x) ** 2 + (py - y) ** 2) - 0.55 * r
         elif obj["shape"] == "cylinder":
