@@ -38,6 +38,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=32, help="global batch (rows)")
     ap.add_argument("--out", default="runs/parity")
     ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--runs", default="single,ddp,fsdp2", help="which of single,ddp,fsdp2 to (re)run")
     args = ap.parse_args(argv)
     out = Path(args.out)
     common = MODEL + [f"train.steps={args.steps}", f"out_dir={out}"]
@@ -52,6 +53,10 @@ def main(argv=None) -> int:
                           f"data.batch_size={args.batch // args.nproc}"]
     results = {}
     for name, cmd in runs.items():
+        if name not in args.runs.split(","):
+            if (out / name / "metrics.jsonl").is_file():  # an earlier run's curve, for the comparison
+                results[name] = {r["step"]: r["loss"] for r in read(out / name) if r["split"] == "train"}
+            continue
         t0 = time.perf_counter()
         res = subprocess.run(cmd + common, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "4"})
         wall = time.perf_counter() - t0

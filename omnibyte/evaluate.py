@@ -29,7 +29,13 @@ LN2 = math.log(2.0)
 
 class BatchLoss(nn.Module):
     """``model`` + its loss as one module, so DDP/FSDP2 hooks run around the whole loss computation
-    (the chunked loss calls ``model.hidden``/``model.logits`` directly, which would bypass them)."""
+    (the chunked loss re-runs the head inside backward: FSDP2 must see the loss as this module's output).
+
+    ``forward`` returns a plain tuple ``(loss, nats_sum, weight_sum, per_modality)``: wrappers find
+    output tensors by flattening containers, and some torch versions (2.11 among them) do not look into
+    dataclasses -- FSDP2 then registers no pre-backward hook and backward meets freed weights.
+    :meth:`unpack` turns the tuple back into a :class:`~omnibyte.loss.LossOutput`.
+    """
 
     def __init__(self, model: nn.Module, chunk_size: int | None = None):
         super().__init__()
@@ -38,11 +44,20 @@ class BatchLoss(nn.Module):
 
     def forward(self, batch: Batch):
         if hasattr(self.model, "compute_batch_loss"):  # not a byte LM (e.g. the CNN+LSTM baseline)
-            return self.model.compute_batch_loss(batch)
-        from .loss import compute_loss
+            out = self.model.compute_batch_loss(batch)
+        else:
+            from .loss import compute_loss
 
-        kw = {"chunk_size": self.chunk_size} if self.chunk_size else {}
-        return compute_loss(self.model, batch.tokens, batch.loss_mask, batch.modality, **kw)
+            kw = {"chunk_size": self.chunk_size} if self.chunk_size else {}
+            out = compute_loss(self.model, batch.tokens, batch.loss_mask, batch.modality, **kw)
+        return out.loss, out.nats_sum, out.weight_sum, dict(out.per_modality)
+
+    @staticmethod
+    def unpack(outputs):
+        from .loss import LossOutput
+
+        loss, nats, weight, per_modality = outputs
+        return LossOutput(loss=loss, nats_sum=nats, weight_sum=weight, per_modality=per_modality)
 
 
 def use_bf16_for(cfg, device: torch.device) -> bool:
@@ -91,7 +106,7 @@ def evaluate_bpb(loss_module: nn.Module, batches: list[Batch], device: torch.dev
     for i in range(n_batches):
         batch = batches[i] if i < len(batches) else _dummy_like(batches, seq_len)
         with autocast(device, bf16):
-            out = loss_module(batch.to(device))
+            out = BatchLoss.unpack(loss_module(batch.to(device)))
         sums[0] += out.nats_sum.double()
         sums[1] += out.weight_sum.double()
         for j, code in enumerate(codes):

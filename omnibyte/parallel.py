@@ -141,7 +141,9 @@ def parallelize(model: nn.Module, info: DistInfo, tcfg, pcfg, bf16: bool) -> nn.
         for i, block in enumerate(blocks):
             # the last block's weights are needed again at once by backward: keep them gathered
             fully_shard(block, reshard_after_forward=pcfg.reshard_after_forward and i < len(blocks) - 1, **kw)
-        fully_shard(model, reshard_after_forward=pcfg.reshard_after_forward, **kw)
+        # the root (embeddings, head, ...) stays gathered from forward to backward: the chunked loss
+        # re-runs the head inside backward, and backward needs these weights first anyway
+        fully_shard(model, reshard_after_forward=False, **kw)
         return model
     return model
 

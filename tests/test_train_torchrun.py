@@ -18,6 +18,9 @@ from omnibyte.logging import read_metrics
 def test_torchrun_two_cpu_processes(tmp_path, strategy):
     cfg = write_config(tmp_path, strategy, train={"steps": 4, "log_every": 2, "eval_every": 4, "ckpt_every": 2},
                        data={"batch_size": 4}, parallel={"strategy": strategy})
+    if strategy == "fsdp2":  # bf16 params through FSDP2's mixed-precision policy, as on GPU
+        text = cfg.read_text().replace("progress: false", "progress: false\n  precision: bf16")
+        cfg.write_text(text)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "omnibyte", "train", str(cfg), "--quiet"]
@@ -29,6 +32,7 @@ def test_torchrun_two_cpu_processes(tmp_path, strategy):
     assert any(r["split"] == "validation" for r in records)
     state = read_state(latest_checkpoint(run / "checkpoints"))
     assert state["step"] == 4 and state["world"] == 2 and len(state["data"]) == 2
+    assert state["config"]["train"]["precision"] == ("bf16" if strategy == "fsdp2" else "auto")
     # the (unsharded) checkpoint of a multi-process run loads in one process
     assert main(["eval", str(run), "eval.per_token=false"]) == 0
     if strategy == "ddp":
