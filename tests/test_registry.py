@@ -79,3 +79,4 @@ def test_plugins_load_lazily(tmp_path, monkeypatch):
     assert "my_plugin_mod" not in sys.modules
     assert holder.REG.names() == ["plug"]  # first lookup imports the plugin
     assert "my_plugin_mod" in sys.modules
+
