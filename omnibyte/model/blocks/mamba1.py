@@ -118,6 +118,8 @@ class Mamba1Mixer(nn.Module):
 
 @STAGES.register("mamba1")
 class Mamba1Block(SSMStack):
+    """Mamba-1 layers (selective scan): mamba-ssm's CUDA kernel when compiled, the reference scan otherwise."""
+
     @dataclasses.dataclass(frozen=True)
     class Config(Node):
         name: str = "mamba1"
