@@ -31,3 +31,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def assert_cached_matches_forward(m, x: torch.Tensor, prompt: int, atol: float) -> None:
+    """Feeding ``x`` through the generation cache (a prompt, then one token at a time) gives the logits of
+    the full forward at every position from ``prompt`` on."""
+    full = m(x)
+    st = m.new_state(x.shape[0])
+    outs = [m.feed(st, x[:, :prompt])]
+    for t in range(prompt, x.shape[1] - 1):
+        outs.append(m.feed(st, x[:, t:t + 1]))
+    assert torch.allclose(torch.stack(outs, 1), full[:, prompt:], atol=atol)

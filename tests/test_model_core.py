@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from model_helpers import TF, one_thread, tiny  # noqa: F401
+from model_helpers import TF, assert_cached_matches_forward, one_thread, tiny  # noqa: F401
 
 from omnibyte import build_model
 from omnibyte.config import ConfigError
@@ -53,13 +53,7 @@ def test_causality(name):
 @pytest.mark.parametrize("prompt", [0, 1, 5, 7])
 def test_cached_generation_matches_forward(name, prompt):
     m = tiny(HIERARCHIES[name])
-    x = torch.randint(0, 256, (2, 20))
-    full = m(x)
-    st = m.new_state(2)
-    outs = [m.feed(st, x[:, :prompt])]
-    for t in range(prompt, 19):
-        outs.append(m.feed(st, x[:, t:t + 1]))
-    assert torch.allclose(torch.stack(outs, 1), full[:, prompt:], atol=1e-5)
+    assert_cached_matches_forward(m, torch.randint(0, 256, (2, 20)), prompt, atol=1e-5)
 
 
 def test_score_equals_forward_logprobs():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from model_helpers import M1, M2, M2K, TF, one_thread, tiny  # noqa: F401
+from model_helpers import M1, M2, M2K, TF, assert_cached_matches_forward, one_thread, tiny  # noqa: F401
 
 from omnibyte.model.blocks.mamba2 import Mamba2Block
 from omnibyte.model.blocks.mamba2_ref import Mamba2Mixer, Mamba2RefBlock
@@ -81,13 +81,7 @@ def test_mamba_causality(blk, stages):
 @pytest.mark.parametrize("prompt", [0, 5, 9])
 def test_mamba_cached_generation_matches_forward(stages, prompt):
     m = tiny(stages)
-    x = torch.randint(0, 256, (2, 21))
-    full = m(x)
-    st = m.new_state(2)
-    outs = [m.feed(st, x[:, :prompt])]
-    for t in range(prompt, 20):
-        outs.append(m.feed(st, x[:, t:t + 1]))
-    assert torch.allclose(torch.stack(outs, 1), full[:, prompt:], atol=1e-4)
+    assert_cached_matches_forward(m, torch.randint(0, 256, (2, 21)), prompt, atol=1e-4)
 
 
 def test_state_dict_moves_between_kernel_and_twin_classes():
