@@ -129,18 +129,22 @@ def _origin(ox, oy, oz, m) -> np.ndarray:
     return np.stack([ox[m], oy[m], oz[m]], -1)
 
 
+def _on_screen(objects: list[dict], camera: Camera, w: int, h: int):
+    """``(index, object, (y0, y1, x0, x1))`` for each object whose bounding box projects into the image."""
+    for i, obj in enumerate(objects):
+        c, R, H = _geometry(obj)
+        win = _bbox(_box_corners(c, R, H), camera, w, h)
+        if win is not None:
+            yield i, obj, win
+
+
 def _trace(objects: list[dict], camera: Camera, w: int, h: int, want_normals: bool = True):
     D = camera.rays(w, h)
     o = np.asarray(camera.location, np.float32)
     T = np.full((h, w), _INF, np.float32)
     ID = np.full((h, w), -1, np.int16)
     N = np.zeros((h, w, 3), np.float32) if want_normals else None
-    for i, obj in enumerate(objects):
-        c, R, H = _geometry(obj)
-        win = _bbox(_box_corners(c, R, H), camera, w, h)
-        if win is None:
-            continue
-        y0, y1, x0, x1 = win
+    for i, obj, (y0, y1, x0, x1) in _on_screen(objects, camera, w, h):
         t, normals = _intersect(obj, o, D[y0:y1, x0:x1])
         closer = t < T[y0:y1, x0:x1]
         T[y0:y1, x0:x1][closer] = t[closer]
@@ -326,12 +330,7 @@ def _trace_rays(objects: list[dict], camera: Camera, D: np.ndarray, px: np.ndarr
     T = np.full(k, _INF, np.float32)
     ID = np.full(k, -1, np.int16)
     N = np.zeros((k, 3), np.float32)
-    for i, obj in enumerate(objects):
-        c, R, H = _geometry(obj)
-        win = _bbox(_box_corners(c, R, H), camera, w, h)
-        if win is None:
-            continue
-        y0, y1, x0, x1 = win
+    for i, obj, (y0, y1, x0, x1) in _on_screen(objects, camera, w, h):
         sel = np.nonzero((px >= x0) & (px < x1) & (py >= y0) & (py < y1))[0]
         if not len(sel):
             continue
