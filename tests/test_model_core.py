@@ -112,6 +112,9 @@ def test_build_model_from_dict_yaml_and_errors(tmp_path):
         build_model({"stages": []})
     with pytest.raises(ValueError, match="divisible"):
         build_model({"stages": [{"length": 4, "width": 10, "block": {"name": "transformer", "heads": 4}}]})
+    for block in ({"name": "mamba1", "d_state": 0}, {"name": "mamba2", "headdim": 0}):
+        with pytest.raises(ConfigError, match=r"stages\.0\.block: (d_state|headdim) must be >= 1"):
+            build_model({"stages": [{"length": 4, "width": 16, "block": block}]})
 
 
 def test_tiny_model_overfits():

@@ -22,7 +22,7 @@ from torch import nn
 
 from ...config import Node
 from ...registry import STAGES
-from .mamba2_ref import SSMStack, log_path_once
+from .mamba2_ref import SSMStack, log_path_once, require_positive
 
 
 @lru_cache(maxsize=1)
@@ -134,6 +134,11 @@ class Mamba1Block(SSMStack):
         bias: bool = False
         norm_eps: float = 1e-5
         mlp_ratio: float = 0.0
+
+        def __post_init__(self):
+            require_positive(self, ("d_state", "d_conv", "expand"))
+            if self.dt_rank < 0:
+                raise ValueError(f"dt_rank must be >= 0 (0: ceil(width / 16)), got {self.dt_rank}")
 
     def make_mixer(self, dim: int, config) -> nn.Module:
         return Mamba1Mixer(dim, config)

@@ -235,6 +235,13 @@ class SSMStack(nn.Module):
         return self.norm(x)
 
 
+def require_positive(config, fields: tuple[str, ...]) -> None:
+    """Raise ValueError naming the first of ``fields`` of an SSM block config that is below 1."""
+    for k in fields:
+        if getattr(config, k) < 1:
+            raise ValueError(f"{k} must be >= 1, got {getattr(config, k)}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Mamba2Config(Node):
     name: str = "mamba2"
@@ -254,9 +261,7 @@ class Mamba2Config(Node):
     mlp_ratio: float = 0.0  # 0: no MLP (as MBLM's Mamba-2 stages)
 
     def __post_init__(self):
-        for k in ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size"):
-            if getattr(self, k) < 1:
-                raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+        require_positive(self, ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size"))
 
 
 @STAGES.register("mamba2_ref")
