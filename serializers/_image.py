@@ -229,6 +229,15 @@ def open_image(data: bytes, cfg: ImageConfig, structure: bool = True):
     return im
 
 
+def verify_decodes(data: bytes, cfg: ImageConfig, kind: str) -> None:
+    """Full pixel decode with Pillow (the ``verify: decode`` passthrough check; structure already checked)."""
+    im = open_image(data, cfg, structure=False)
+    try:
+        im.load()
+    except Exception as e:
+        raise ImageError(f"{kind} does not decode: {type(e).__name__}: {e}") from None
+
+
 def load_pixels(data: bytes, cfg: ProcessConfig):
     """File bytes -> processed PIL image (RGB or L): drop alpha -> crop + resize -> mode.
 

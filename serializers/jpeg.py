@@ -27,7 +27,7 @@ from ._image import (
     check_jpeg,
     check_limits,
     load_pixels,
-    open_image,
+    verify_decodes,
 )
 from .base import SERIALIZERS
 
@@ -62,11 +62,7 @@ class JPEGSerializer(ImageSerializer):
             if progressive and not cfg.allow_progressive:
                 raise ImageError("progressive JPEG refused (allow_progressive=false)")
             if cfg.verify == "decode":
-                im = open_image(data, cfg, structure=False)
-                try:
-                    im.load()
-                except Exception as e:
-                    raise ImageError(f"JPEG does not decode: {type(e).__name__}: {e}") from None
+                verify_decodes(data, cfg, "JPEG")
             return data
         im = load_pixels(data, cfg)
         buf = io.BytesIO()

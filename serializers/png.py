@@ -21,14 +21,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ._image import (
-    ImageError,
     ImageSerializer,
     ProcessConfig,
     check_limits,
     check_png,
     encode_png,
     load_pixels,
-    open_image,
+    verify_decodes,
 )
 from .base import SERIALIZERS
 
@@ -62,10 +61,6 @@ class PNGSerializer(ImageSerializer):
             w, h = check_png(data, crc=cfg.verify != "structure")
             check_limits(cfg, len(data), w, h)
             if cfg.verify == "decode":
-                im = open_image(data, cfg, structure=False)
-                try:
-                    im.load()
-                except Exception as e:
-                    raise ImageError(f"PNG does not decode: {type(e).__name__}: {e}") from None
+                verify_decodes(data, cfg, "PNG")
             return data
         return encode_png(load_pixels(data, cfg), cfg.compress_level, cfg.filter, cfg.strategy)
