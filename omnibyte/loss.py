@@ -66,7 +66,8 @@ def compute_loss(model, tokens: torch.Tensor, loss_mask: torch.Tensor, modality:
     weighted = nll * w
     nats = weighted.sum()
     wsum = w.sum()
-    loss = nats / wsum.clamp_min(1e-12) if float(wsum) > 0 else nats * 0.0
+    # sum(w) == 0 gives nats == 0 and a zero gradient here: no host sync to branch on it
+    loss = nats / wsum.clamp_min(1e-12)
     per: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     if modality is not None:
         mod = modality.to(nll.device).long()

@@ -64,6 +64,7 @@ def test_zero_weight_gives_zero_loss_with_grad():
     out = compute_loss(m, x, torch.zeros(1, 8))
     assert float(out.loss.detach()) == 0.0 and out.loss.requires_grad
     out.loss.backward()
+    assert all(p.grad is None or not p.grad.any() for p in m.parameters())  # a step changes nothing
     assert math.isnan(out.bpb)
 
 
