@@ -4,6 +4,8 @@
     python benchmarks/train_throughput.py --preset mblm360m --impl mblm      # mblm 0.4.2, same config
     python benchmarks/train_throughput.py --preset mblm360m --impl both      # each in its own subprocess
     python benchmarks/train_throughput.py --preset small --impl both --device cpu
+    python benchmarks/train_throughput.py --preset mblm360m --impl inproc --order omnibyte,mblm,omnibyte+compile
+                                        # all in ONE process: mamba-ssm's Triton JIT/autotune is paid once
 
 A step = forward + masked next-byte loss + backward + clip_grad_norm(1.0) + AdamW step, under bf16 autocast
 on CUDA (fp32 params), fp32 on CPU. ``--warmup`` steps (Triton JIT, cudnn autotune) are not timed; the
@@ -82,6 +84,8 @@ def run(args) -> dict:
         loss = step()
     sync(dev)
     warm = now() - t0
+    if args.profile and dev.startswith("cuda"):
+        profile_step(step, args.profile)
     if dev.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     t0 = now()
@@ -101,17 +105,69 @@ def run(args) -> dict:
         rec["mfu"] = round(flops * args.steps / dt / H100_BF16_PEAK, 4)
         rec["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     if args.impl == "omnibyte":
-        import logging
+        from omnibyte.model.blocks import mamba2_ref
 
-        rec["mamba_paths"] = sorted(__import__("omnibyte.model.blocks.mamba2_ref", fromlist=["x"])._logged)
-        del logging
+        rec["mamba_paths"] = sorted(mamba2_ref._logged)
+    del model, opt
     return rec
+
+
+def profile_step(step, rows: int) -> None:
+    """Print the CUDA kernels of one training step, most time first (stderr, to keep stdout JSON lines)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70),
+          file=sys.stderr, flush=True)
+
+
+def run_inproc(args) -> None:
+    """Run the implementations of ``--order`` one after another in this process (``omnibyte+compile`` =
+    omnibyte with ``--compile``). mblm is imported first so both use the same mamba-ssm modules, and the
+    Triton kernels they share (same shapes) are compiled and autotuned once."""
+    import copy
+    import gc
+
+    order = [o.strip() for o in args.order.split(",") if o.strip()]
+    if "mblm" in order and args.device.startswith("cuda"):
+        stub_selective_scan_cuda()
+        import mblm  # noqa: F401  (the full mamba_ssm import before omnibyte's loader looks for it)
+    results = {}
+    for name in order:
+        a = copy.copy(args)
+        a.impl, _, extra = name.partition("+")
+        a.compile = extra == "compile"
+        a.profile = args.profile if name == order[0] or a.impl == "omnibyte" else 0
+        t0 = now()
+        try:
+            rec = run(a)
+        except Exception as e:  # noqa: BLE001 - report and go on with the next implementation
+            rec = dict(bench="train_throughput", impl=name, preset=args.preset, error=f"{type(e).__name__}: {e}")
+        rec["inproc_order"] = order
+        rec["wall_s"] = round(now() - t0, 1)
+        emit(rec, args.out)
+        if "bytes_per_s" in rec:
+            results[name] = rec["bytes_per_s"]
+        gc.collect()
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    if "mblm" in results:
+        for name, bps in results.items():
+            if name != "mblm":
+                emit(dict(bench="train_throughput_ratio", preset=args.preset, impl=name, same_process=True,
+                          device=device_name(args.device), omnibyte_bytes_per_s=bps,
+                          mblm_bytes_per_s=results["mblm"], ratio=round(bps / results["mblm"], 2)), args.out)
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--preset", default="mblm360m")
-    p.add_argument("--impl", choices=["omnibyte", "mblm", "both"], default="both")
+    p.add_argument("--impl", choices=["omnibyte", "mblm", "both", "inproc"], default="both")
+    p.add_argument("--order", default="omnibyte,mblm,omnibyte+compile",
+                   help="--impl inproc: implementations in run order (omnibyte, omnibyte+compile, mblm)")
+    p.add_argument("--profile", type=int, default=0, help="print the top N CUDA kernels of one step")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=6)
     p.add_argument("--length", type=int, default=8192)
@@ -123,6 +179,9 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.impl == "inproc":
+        run_inproc(args)
+        return
     if args.impl == "both":
         results = {}
         for impl in ("mblm", "omnibyte"):
