@@ -47,13 +47,10 @@ def run(args) -> dict:
     else:
         model = build_omnibyte(args.preset).to(dev)
         vocab = 256
-        if args.compile:  # Transformer layers only (the Mamba layers call mamba-ssm's Triton autograd ops)
-            from omnibyte.model.blocks.transformer import TransformerBlock
+        if args.compile:  # as the engine's ``train.compile``: each layer, except Mamba layers on the kernels
+            from omnibyte.parallel import apply_compile
 
-            for blk in model.blocks:
-                if isinstance(blk, TransformerBlock):
-                    for i, layer in enumerate(blk.layers):
-                        blk.layers[i] = torch.compile(layer)
+            apply_compile(model)
     ref = build_omnibyte(args.preset)  # FLOP count on the shared configuration
     flops = train_flops_per_step(ref, args.batch, args.length)
     del ref
@@ -113,13 +110,22 @@ def run(args) -> dict:
 
 
 def profile_step(step, rows: int) -> None:
-    """Print the CUDA kernels of one training step, most time first (stderr, to keep stdout JSON lines)."""
+    """Print one training step's CUDA kernels (most GPU time first), its busiest CPU ops, and the step's
+    wall time next to the summed kernel time (the gap is GPU idle: launch-bound phases). On stderr."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    t0 = now()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70),
+    wall = now() - t0
+    ka = prof.key_averages()
+    print(ka.table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=60),
+          file=sys.stderr, flush=True)
+    print(ka.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60),
+          file=sys.stderr, flush=True)
+    gpu = sum(e.self_device_time_total for e in ka) / 1e3
+    print(f"profiled step: wall {1000 * wall:.1f} ms (with profiler overhead), kernels {gpu:.1f} ms",
           file=sys.stderr, flush=True)
 
 

@@ -111,13 +111,17 @@ def apply_activation_checkpointing(model: nn.Module) -> int:
 
 def apply_compile(model: nn.Module) -> int:
     """``torch.compile`` each block in place (``Module.compile``: keys unchanged); the whole model if it
-    exposes no blocks."""
+    exposes no blocks. Blocks with ``compile_friendly = False`` (Mamba layers on mamba-ssm's kernels) stay
+    eager. Returns the number of compiled blocks."""
     blocks = blocks_of(model)
+    n = 0
     for block in blocks:
-        block.compile()
+        if getattr(block, "compile_friendly", True):
+            block.compile()
+            n += 1
     if not blocks:
         model.compile()
-    return len(blocks)
+    return n
 
 
 def parallelize(model: nn.Module, info: DistInfo, tcfg, pcfg, bf16: bool) -> nn.Module:

@@ -138,5 +138,26 @@ def test_attention_batch_split_is_exact(monkeypatch):
     m = tiny(HIERARCHIES["3-stage"])
     x = torch.randint(0, 256, (2, 30))
     base = m(x)
+    monkeypatch.setattr(Attention, "short", 0)  # every length through the fused kernel, split by batch
     monkeypatch.setattr(Attention, "max_batch", 3)
     assert torch.allclose(m(x), base, atol=1e-6)
+
+
+def test_short_attention_equals_sdpa(monkeypatch):
+    """Patches up to Attention.short use two matrix products; same outputs and gradients as SDPA."""
+    from omnibyte.model.blocks.transformer import Attention
+
+    m = tiny(HIERARCHIES["3-stage"])
+    x = torch.randint(0, 256, (2, 30))
+
+    def run():
+        m.zero_grad()
+        out = m(x)
+        out.float().pow(2).mean().backward()
+        return out.detach(), [p.grad.clone() for p in m.parameters() if p.grad is not None]
+
+    out_short, g_short = run()
+    monkeypatch.setattr(Attention, "short", 0)
+    out_sdpa, g_sdpa = run()
+    assert torch.allclose(out_short, out_sdpa, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(g_short, g_sdpa))

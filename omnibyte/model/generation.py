@@ -22,41 +22,62 @@ from .cache import GenerationState
 from .layers import apply_rope, rope_cos_sin
 
 
-def _mamba2_step_inplace(m: Mamba2Mixer, u: torch.Tensor, st: dict) -> torch.Tensor:
-    """One position (u: (N, 1, D)) of a Mamba-2 mixer, updating st["conv"] and st["ssm"] in place."""
+def _mamba2_layer_step(m: Mamba2Mixer, u: torch.Tensor, conv: torch.Tensor, ssm: torch.Tensor) -> torch.Tensor:
+    """One position (u: (N, 1, D)) of a Mamba-2 mixer in plain torch ops (fusable by torch.compile), updating
+    the conv window (N, C, K - 1) and the fp32 SSM state (N, H, P, n) in place."""
     N = u.shape[0]
     z, xBC, dt = m._split(m.in_proj(u)[:, 0])  # (N, ...)
-    conv = st["conv"]  # (N, C, K - 1)
     full = torch.cat((conv, xBC[:, :, None].to(conv.dtype)), dim=-1)  # (N, C, K)
     conv.copy_(full[..., 1:])
-    w = m.conv1d.weight[:, 0].to(full.dtype)  # (C, K)
-    xBC = (full * w).sum(-1)
+    xBC = (full * m.conv1d.weight[:, 0].to(full.dtype)).sum(-1)
     if m.conv1d.bias is not None:
         xBC = xBC + m.conv1d.bias.to(xBC.dtype)
     xBC = F.silu(xBC)
     x, B, C = torch.split(xBC, [m.d_inner, m.ngroups * m.d_state, m.ngroups * m.d_state], -1)
     H, P, n, G = m.nheads, m.headdim, m.d_state, m.ngroups
-    A = -torch.exp(m.A_log.float())
-    K = None
-    if u.is_cuda and m.use_kernels:
-        from .blocks.mamba2 import load_mamba_kernels
-
-        K = load_mamba_kernels()
-    if K is not None:
-        y = K.state_update(st["ssm"], x.reshape(N, H, P), dt[:, :, None].expand(N, H, P),
-                           A[:, None, None].expand(H, P, n), B.reshape(N, G, n), C.reshape(N, G, n),
-                           m.D[:, None].expand(H, P), z=None, dt_bias=m.dt_bias[:, None].expand(H, P),
-                           dt_softplus=True)
-    else:
-        S = st["ssm"]
-        dtp = F.softplus(dt.float() + m.dt_bias.float())  # (N, H)
-        xh = x.float().reshape(N, H, P)
-        Bh = B.float().reshape(N, G, n).repeat_interleave(H // G, 1)
-        Ch = C.float().reshape(N, G, n).repeat_interleave(H // G, 1)
-        S.copy_(S * torch.exp(dtp * A)[:, :, None, None] + (dtp[:, :, None] * xh)[..., None] * Bh[:, :, None])
-        y = torch.einsum("nhpd,nhd->nhp", S, Ch) + m.D.float()[:, None] * xh
+    dtp = F.softplus(dt.float() + m.dt_bias.float())  # (N, H)
+    xh = x.float().reshape(N, H, P)
+    Bh = B.float().reshape(N, G, n).repeat_interleave(H // G, 1)
+    Ch = C.float().reshape(N, G, n).repeat_interleave(H // G, 1)
+    decay = torch.exp(dtp * -torch.exp(m.A_log.float()))  # (N, H)
+    S = ssm * decay[:, :, None, None] + (dtp[:, :, None] * xh)[..., None] * Bh[:, :, None]
+    ssm.copy_(S)
+    y = (S * Ch[:, :, None]).sum(-1) + m.D.float()[:, None] * xh  # (N, H, P)
     y = m.norm(y.reshape(N, 1, m.d_inner).to(u.dtype), z[:, None])
     return m.out_proj(y)
+
+
+def ssm_stage_step(blk: SSMStack, x: torch.Tensor, caches: list[dict]) -> torch.Tensor:
+    """One position through every layer of a Mamba-2 stage block; x (N, 1, D)."""
+    for lay, c in zip(blk.layers, caches):
+        x = x + _mamba2_layer_step(lay.mixer, lay.norm(x), c["conv"], c["ssm"])
+        if lay.mlp is not None:
+            x = x + lay.mlp(lay.norm2(x))
+    return blk.norm(x)
+
+
+def transformer_stage_step(blk: TransformerBlock, x: torch.Tensor, caches: list[dict], rope: tuple | None,
+                           write: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """One position through every layer of a Transformer stage block on static KV buffers (N, H, P, hd).
+    The position is given as tensors, so one compiled graph serves them all: ``write`` (P,) bool marks the
+    slot of this position, ``valid`` (P,) bool the slots it attends to; ``rope`` = (cos, sin) (1, hd/2)."""
+    N = x.shape[0]
+    for lay, c in zip(blk.layers, caches):
+        at = lay.attn
+        q, k, v = at.qkv(lay.norm1(x)).view(N, 3, at.heads, 1, at.head_dim).unbind(1)  # (N, H, 1, hd)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        kb, vb = c["k"], c["v"]
+        slot = write[:, None]  # (P, 1), broadcast over (N, H, P, hd)
+        kb.copy_(torch.where(slot, k, kb))
+        vb.copy_(torch.where(slot, v, vb))
+        # P is a patch length (<= a few dozen): products and sums, which compile fuses with RoPE and softmax
+        scores = (q.float() * kb.float()).sum(-1) * at.head_dim ** -0.5  # (N, H, P)
+        probs = scores.masked_fill(~valid, float("-inf")).softmax(-1)
+        y = (probs[..., None] * vb.float()).sum(-2).to(x.dtype)  # (N, H, hd)
+        x = x + at.out(y.reshape(N, 1, at.heads * at.head_dim))
+        x = x + lay.mlp(lay.norm2(x))
+    return blk.norm(x)
 
 
 class GraphStepper:
@@ -65,7 +86,8 @@ class GraphStepper:
     ``feed(tok (N, 1)) -> logits (N, V)`` matches ``MBLM.feed`` on the same state (the ``state`` object is
     not kept up to date afterwards)."""
 
-    def __init__(self, model, state: GenerationState, use_graphs: bool | None = None):
+    def __init__(self, model, state: GenerationState, use_graphs: bool | None = None,
+                 compile: bool | str = False):
         self.model, self.state = model, state
         blocks = model.blocks
         if not isinstance(blocks[0], SSMStack) or not all(isinstance(m, Mamba2Mixer) for m in
@@ -83,6 +105,13 @@ class GraphStepper:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.N = state.tokens.shape[0]
         self.dev = dev
+        # the per-stage steps; compiled, each stage's layers become a few fused kernels (one graph for all
+        # positions: they differ only in tensor arguments)
+        self.tf_step, self.ssm_step = transformer_stage_step, ssm_stage_step
+        if compile:
+            mode = compile if isinstance(compile, str) else None  # e.g. "max-autotune-no-cudagraphs"
+            self.tf_step = torch.compile(transformer_stage_step, dynamic=False, fullgraph=True, mode=mode)
+            self.ssm_step = torch.compile(ssm_stage_step, dynamic=False, fullgraph=True, mode=mode)
 
     # -- conversion of the eager state to static buffers ------------------------------------------
     def _convert(self) -> None:
@@ -99,7 +128,8 @@ class GraphStepper:
             if c is not None:
                 self.ctx[s].copy_(c)
         self.caches: list[list[dict]] = []
-        self.rope: list[tuple | None] = []
+        self.rope: list[list | None] = []  # per Transformer stage: (cos, sin) per position
+        self.slots: list[list | None] = []  # per Transformer stage: (write, valid) masks per position
         for s, blk in enumerate(m.blocks):
             cache = st.stages[s].cache
             layers = []
@@ -115,8 +145,11 @@ class GraphStepper:
                         kb[:, :, :L].copy_(d["k"])
                         vb[:, :, :L].copy_(d["v"])
                     layers.append({"k": kb, "v": vb})
-                self.rope.append(rope_cos_sin(torch.arange(P, device=self.dev), at.head_dim, at.rope_base)
+                pos = torch.arange(P, device=self.dev)
+                cos, sin = rope_cos_sin(pos, at.head_dim, at.rope_base)
+                self.rope.append([(cos[p:p + 1].clone(), sin[p:p + 1].clone()) for p in range(P)]
                                  if at.rope else None)
+                self.slots.append([(pos == p, pos <= p) for p in range(P)])
             else:
                 for i, lay in enumerate(blk.layers):
                     mx = lay.mixer
@@ -128,6 +161,7 @@ class GraphStepper:
                         ssm.copy_(d["ssm"])
                     layers.append({"conv": conv, "ssm": ssm})
                 self.rope.append(None)
+                self.slots.append(None)
             self.caches.append(layers)
         self.ready = True
 
@@ -135,28 +169,13 @@ class GraphStepper:
     def _block_step(self, s: int, x: torch.Tensor, pos: int) -> torch.Tensor:
         blk, caches = self.model.blocks[s], self.caches[s]
         if isinstance(blk, TransformerBlock):
-            cos, sin = self.rope[s] if self.rope[s] is not None else (None, None)
-            for lay, c in zip(blk.layers, caches):
-                at = lay.attn
-                h = lay.norm1(x)
-                q, k, v = at.qkv(h).view(x.shape[0], 1, 3, at.heads, at.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-                if cos is not None:
-                    q = apply_rope(q, cos[pos:pos + 1], sin[pos:pos + 1])
-                    k = apply_rope(k, cos[pos:pos + 1], sin[pos:pos + 1])
-                c["k"][:, :, pos:pos + 1].copy_(k)
-                c["v"][:, :, pos:pos + 1].copy_(v)
-                y = F.scaled_dot_product_attention(q, c["k"][:, :, :pos + 1], c["v"][:, :, :pos + 1])
-                x = x + at.out(y.transpose(1, 2).reshape(x.shape[0], 1, -1))
-                x = x + lay.mlp(lay.norm2(x))
-            return blk.norm(x)
-        for lay, c in zip(blk.layers, caches):
-            if pos == 0 and s > 0:  # a new inner sequence: fresh state
+            rope = self.rope[s][pos] if self.rope[s] is not None else None
+            return self.tf_step(blk, x, caches, rope, *self.slots[s][pos])
+        if pos == 0 and s > 0:  # a new inner sequence: fresh states
+            for c in caches:
                 c["conv"].zero_()
                 c["ssm"].zero_()
-            x = x + _mamba2_step_inplace(lay.mixer, lay.norm(x), c)
-            if lay.mlp is not None:
-                x = x + lay.mlp(lay.norm2(x))
-        return blk.norm(x)
+        return self.ssm_step(blk, x, caches)
 
     def _step(self, phase: int) -> None:
         m, N, Q0 = self.model, self.N, self.Q0

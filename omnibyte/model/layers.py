@@ -27,6 +27,25 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float) -> tuple[t
     return ang.cos(), ang.sin()
 
 
+_ROPE_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+@torch.compiler.disable
+def rope_table(offset: int, length: int, head_dim: int, base: float, device: torch.device
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of positions offset..offset+length-1, memoised (a few distinct lengths per model);
+    kept out of compiled graphs so they are inputs there, not recomputed per element."""
+    key = (offset, length, head_dim, base, str(device))
+    tab = _ROPE_TABLES.get(key)
+    if tab is None:
+        if len(_ROPE_TABLES) > 256:  # e.g. prefill offsets of many prompts
+            _ROPE_TABLES.clear()
+        with torch.inference_mode(False):  # usable by autograd later even if first made under inference mode
+            tab = rope_cos_sin(torch.arange(offset, offset + length, device=device), head_dim, base)
+        _ROPE_TABLES[key] = tab
+    return tab
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (first half, second half) of the last dim; x: (N, H, T, hd)."""
     half = x.shape[-1] // 2

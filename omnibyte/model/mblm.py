@@ -369,7 +369,7 @@ class MBLM(nn.Module):
     @torch.no_grad()
     def generate(self, prompt, max_new_bytes: int, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, stop_tokens=(), generator: torch.Generator | None = None,
-                 use_graphs: bool = False) -> torch.Tensor:
+                 use_graphs: bool = False, compile_step: bool = False) -> torch.Tensor:
         """Sample up to ``max_new_bytes`` tokens after ``prompt`` ((B, P) LongTensor, list[int] or bytes).
         Returns (B, <= max_new_bytes) new tokens; generation stops early once every row has produced a stop
         token (rows that stopped are padded with PAD). temperature 0 = greedy. ``use_graphs=True`` (CUDA, Mamba-2
@@ -387,7 +387,7 @@ class MBLM(nn.Module):
                 from .generation import GraphStepper
 
                 try:
-                    step = GraphStepper(self, state).feed
+                    step = GraphStepper(self, state, compile=compile_step).feed
                 except NotImplementedError as e:
                     log.info("generate: no CUDA-graph step (%s); eager steps", e)
             out = []

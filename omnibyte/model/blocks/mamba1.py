@@ -86,6 +86,11 @@ class Mamba1Mixer(nn.Module):
             self.dt_proj.bias.copy_(self._dt_bias_init)
             nn.init.uniform_(self.dt_proj.weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
 
+    @staticmethod
+    def uses_cuda_scan() -> bool:
+        """True where training runs mamba-ssm's compiled selective scan (not traced by torch.compile)."""
+        return _selective_scan_fn() is not None
+
     def forward(self, u: torch.Tensor, state: dict | None = None) -> torch.Tensor:
         N, T, _ = u.shape
         x, z = self.in_proj(u).chunk(2, dim=-1)

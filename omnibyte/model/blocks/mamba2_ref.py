@@ -144,14 +144,17 @@ class Mamba2Mixer(nn.Module):
         N, T, Cd = xBC.shape
         xt = xBC.transpose(1, 2)  # (N, C, T)
         k = self.d_conv - 1
-        hist = state.get("conv") if state is not None else None
+        w, b = self.conv1d.weight.to(xt.dtype), self.conv1d.bias
+        b = b.to(xt.dtype) if b is not None else None
+        if state is None:  # zero history: left padding, cropped (no concatenated copy of the input)
+            out = F.conv1d(xt, w, b, padding=k, groups=Cd)[..., :T]
+            return F.silu(out).transpose(1, 2)
+        hist = state.get("conv")
         if hist is None:
             hist = xt.new_zeros(N, Cd, k)
         full = torch.cat((hist.to(xt.dtype), xt), dim=-1)  # (N, C, k + T)
-        if state is not None:
-            state["conv"] = full[..., full.shape[-1] - k:].clone() if k else full[..., :0]
-        w, b = self.conv1d.weight, self.conv1d.bias
-        out = F.conv1d(full, w.to(xt.dtype), b.to(xt.dtype) if b is not None else None, groups=Cd)
+        state["conv"] = full[..., full.shape[-1] - k:].clone() if k else full[..., :0]
+        out = F.conv1d(full, w, b, groups=Cd)
         return F.silu(out).transpose(1, 2)  # (N, T, C)
 
     def forward(self, u: torch.Tensor, state: dict | None = None) -> torch.Tensor:
@@ -192,6 +195,18 @@ class SSMLayer(nn.Module):
             self.norm2 = RMSNorm(dim, cfg.norm_eps)
             self.mlp = SwiGLU(dim, -(-int(cfg.mlp_ratio * dim) // 64) * 64, cfg.bias)
         self.drop = nn.Dropout(dropout)
+
+    @property
+    def compile_friendly(self) -> bool:
+        """False where the mixer calls mamba-ssm's Triton autograd ops (torch.compile leaves those layers
+        eager: tracing them buys little, the kernels dominate)."""
+        if getattr(self.mixer, "use_kernels", False):
+            from .mamba2 import load_mamba_kernels
+
+            return load_mamba_kernels() is None
+        if hasattr(self.mixer, "uses_cuda_scan"):
+            return not self.mixer.uses_cuda_scan()
+        return True
 
     def forward(self, x: torch.Tensor, state: dict | None = None) -> torch.Tensor:
         x = x + self.drop(self.mixer(self.norm(x), state))

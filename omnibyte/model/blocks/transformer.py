@@ -16,11 +16,12 @@ from torch import nn
 from ...config import Node
 from ...registry import STAGES
 from ..cache import BlockCache
-from ..layers import RMSNorm, apply_rope, init_linear, rope_cos_sin, scaled_std
+from ..layers import RMSNorm, apply_rope, init_linear, rope_table, scaled_std
 
 
 class Attention(nn.Module):
-    max_batch = 16384  # sequences per attention call (see forward)
+    max_batch = 16384  # sequences per attention kernel call (see forward)
+    short = 32  # sequences up to this length use matrix-product attention (see forward)
 
     def __init__(self, dim: int, heads: int, head_dim: int, dropout: float, rope: bool, rope_base: float,
                  bias: bool):
@@ -32,13 +33,15 @@ class Attention(nn.Module):
         self.rope = rope
         self.rope_base = rope_base
 
-    def forward(self, x: torch.Tensor, state: dict | None = None, offset: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: dict | None = None, offset: int = 0,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """``rope``: the (cos, sin) tables of positions offset..offset+T-1 (the block computes them once for
+        all its layers; computed here when not given)."""
         N, T, _ = x.shape
         qkv = self.qkv(x).view(N, T, 3, self.heads, self.head_dim)  # (N, T, 3, H, hd)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (N, H, T, hd)
         if self.rope:
-            pos = torch.arange(offset, offset + T, device=x.device)
-            cos, sin = rope_cos_sin(pos, self.head_dim, self.rope_base)
+            cos, sin = rope if rope is not None else rope_table(offset, T, self.head_dim, self.rope_base, x.device)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if state is not None:
             if "k" in state:
@@ -47,7 +50,9 @@ class Attention(nn.Module):
             state["k"], state["v"] = k, v
         S = k.shape[2]
         drop = self.dropout if self.training else 0.0
-        if S == T and N > self.max_batch:
+        if S == T and T <= self.short:
+            y = short_causal_attention(q, k, v, drop, self.training)
+        elif S == T and N > self.max_batch:
             # CUDA attention kernels put the batch in a grid dimension limited to 65,535 (flash, mem-efficient)
             # and cuDNN fails on very large batches: inner stages of long inputs have millions of sequences
             y = torch.cat([F.scaled_dot_product_attention(q[i:i + self.max_batch], k[i:i + self.max_batch],
@@ -62,6 +67,21 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
         y = y.transpose(1, 2).reshape(N, T, self.heads * self.head_dim)  # (N, T, H*hd)
         return self.out(y)
+
+
+def short_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float,
+                           training: bool) -> torch.Tensor:
+    """Causal attention as two batched matrix products, for short sequences (inner stages: patches of a
+    few bytes, tens of thousands of them per batch). Fused kernels tile 64-128 queries per block, so on
+    8-byte patches most of their work is padding: on an H100 (360M config, 8-byte patches) cuDNN's flash
+    attention took 4.5 ms per layer, forward + backward. Softmax in fp32."""
+    T = q.shape[2]
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (N, H, T, T)
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+    probs = scores.float().masked_fill(future, float("-inf")).softmax(-1).to(v.dtype)
+    if dropout > 0:
+        probs = F.dropout(probs, dropout, training)
+    return probs @ v
 
 
 class SwiGLU(nn.Module):
@@ -86,8 +106,9 @@ class TransformerLayer(nn.Module):
         self.mlp = SwiGLU(dim, hidden, cfg.bias)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, state: dict | None = None, offset: int = 0) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm1(x), state, offset))
+    def forward(self, x: torch.Tensor, state: dict | None = None, offset: int = 0,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), state, offset, rope))
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
@@ -149,12 +170,17 @@ class TransformerBlock(nn.Module):
                 raise ValueError(f"transformer with learned positions: sequence of {offset + T} positions "
                                  f"exceeds the stage length {self.max_len}")
             x = x + self.pos[offset:offset + T].to(x.dtype)
+        cfg = self.config
+        # the RoPE tables once for all layers, as inputs: inside a compiled layer they would otherwise be
+        # recomputed per element (cos/sin of every query and key element)
+        rope = rope_table(offset, T, cfg.head_dim or x.shape[-1] // cfg.heads, cfg.rope_base, x.device) \
+            if cfg.positions == "rope" else None
         for i, layer in enumerate(self.layers):
             state = cache.layer(i) if cache is not None else None
             if self.checkpoint_layers and self.training and cache is None:
-                x = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, None, offset, rope, use_reentrant=False)
             else:
-                x = layer(x, state, offset)
+                x = layer(x, state, offset, rope)
         if cache is not None:
             cache.length += T
         return self.norm(x)
