@@ -48,6 +48,7 @@ def bench_omnibyte(args, model, ctx: int) -> dict:
     return dict(bench="generate", impl="omnibyte", preset=args.preset, device=device_name(dev), context=ctx,
                 new_bytes=args.new, prefill_s=round(prefill, 3), bytes_per_s=round(args.new / dt, 1),
                 ms_per_byte=round(1000 * dt / args.new, 3), graph=bool(args.graph), compile=args.compile,
+                fuse_linears=args.fuse_linears,
                 peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev == "cuda" else None)
 
 
@@ -78,9 +79,14 @@ def main() -> None:
     p.add_argument("--compile", nargs="?", const=True, default=False,
                    help="--graph: torch.compile the per-stage steps first (optional value: a compile mode)")
     p.add_argument("--mblm", action="store_true", help="also time mblm 0.4.2 at the first context")
+    p.add_argument("--fuse-linears", action="store_true", help="--compile: GraphStepper.fuse_linears")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    if args.fuse_linears:
+        from omnibyte.model.generation import GraphStepper
+
+        GraphStepper.fuse_linears = True
     torch.manual_seed(0)
     model = build_omnibyte(args.preset).to(args.device).to(getattr(torch, args.dtype)).eval()
     rows = []
@@ -90,7 +96,7 @@ def main() -> None:
         emit(rec, args.out)
     per = [r["ms_per_byte"] for r in rows]
     emit(dict(bench="generate_summary", preset=args.preset, device=device_name(args.device), graph=bool(args.graph),
-              compile=args.compile,
+              compile=args.compile, fuse_linears=args.fuse_linears,
               min_bytes_per_s=min(r["bytes_per_s"] for r in rows),
               flatness=round(max(per) / min(per), 3), contexts=[r["context"] for r in rows]), args.out)
     if args.mblm:

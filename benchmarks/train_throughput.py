@@ -51,6 +51,10 @@ def run(args) -> dict:
             from omnibyte.parallel import apply_compile
 
             apply_compile(model)
+        if args.graphs:  # the stages on mamba-ssm's kernels as CUDA graphs (launch-bound otherwise)
+            from omnibyte.parallel import apply_stage_graphs
+
+            apply_stage_graphs(model)
     ref = build_omnibyte(args.preset)  # FLOP count on the shared configuration
     flops = train_flops_per_step(ref, args.batch, args.length)
     del ref
@@ -61,7 +65,8 @@ def run(args) -> dict:
     mask = torch.ones(args.batch, args.length, device=dev)
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.startswith("cuda")):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.startswith("cuda"),
+                            cache_enabled=not args.graphs):
             if args.impl == "mblm":
                 from mblm import MBLMReturnType
 
@@ -95,6 +100,7 @@ def run(args) -> dict:
                batch=args.batch, length=args.length, steps=args.steps, seconds=round(dt, 3),
                step_ms=round(1000 * dt / args.steps, 1), bytes_per_s=round(bps), params=param_count(model),
                loss=round(float(loss.detach()), 4), warmup_s=round(warm, 1), compile=bool(args.compile),
+               graphs=bool(getattr(args, "graphs", False)),
                threads=torch.get_num_threads() if dev == "cpu" else None)
     if args.impl == "mblm":  # which Mamba mblm really ran (its import falls back to Mamba-1 silently)
         rec["mblm_global_block"] = type(model.stage_models[0]).__module__ + "." + type(model.stage_models[0]).__name__
@@ -105,7 +111,6 @@ def run(args) -> dict:
         from omnibyte.model.blocks import mamba2_ref
 
         rec["mamba_paths"] = sorted(mamba2_ref._logged)
-    del model, opt
     return rec
 
 
@@ -143,8 +148,14 @@ def run_inproc(args) -> None:
     results = {}
     for name in order:
         a = copy.copy(args)
-        a.impl, _, extra = name.partition("+")
-        a.compile = extra == "compile"
+        a.impl, *extra = name.split("+")
+        a.compile, a.graphs = "compile" in extra, "graphs" in extra
+        from omnibyte.model.blocks.transformer import Attention
+
+        Attention.short_impl = "matmul"
+        for flag in extra:  # e.g. omnibyte+compile+attn=reduce: a class attribute of Attention
+            if flag.startswith("attn="):
+                Attention.short_impl = flag.split("=", 1)[1]
         a.profile = args.profile if name == order[0] or a.impl == "omnibyte" else 0
         t0 = now()
         try:
@@ -172,7 +183,7 @@ def main() -> None:
     p.add_argument("--preset", default="mblm360m")
     p.add_argument("--impl", choices=["omnibyte", "mblm", "both", "inproc"], default="both")
     p.add_argument("--order", default="omnibyte,mblm,omnibyte+compile",
-                   help="--impl inproc: implementations in run order (omnibyte, omnibyte+compile, mblm)")
+                   help="--impl inproc: implementations in run order: mblm, omnibyte[+compile][+graphs][+attn=IMPL]")
     p.add_argument("--profile", type=int, default=0, help="print the top N CUDA kernels of one step")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=6)
@@ -180,6 +191,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="torch.compile each layer (omnibyte only)")
+    p.add_argument("--graphs", action="store_true", help="CUDA graphs for the Mamba-kernel stages (omnibyte)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--out", default=None, help="append the JSON lines to this file")
     args = p.parse_args()

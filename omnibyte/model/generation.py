@@ -22,11 +22,26 @@ from .cache import GenerationState
 from .layers import apply_rope, rope_cos_sin
 
 
-def _mamba2_layer_step(m: Mamba2Mixer, u: torch.Tensor, conv: torch.Tensor, ssm: torch.Tensor) -> torch.Tensor:
+def _lin(x: torch.Tensor, lin: torch.nn.Linear, fuse: bool) -> torch.Tensor:
+    """``lin(x)``; with ``fuse`` as a product and a sum (a matrix-vector product that torch.compile fuses
+    with the elementwise work around it instead of calling a separate GEMV kernel)."""
+    if not (fuse and torch.compiler.is_compiling()):  # eagerly the product would be materialised
+        return lin(x)
+    y = (x[..., None, :] * lin.weight).sum(-1, dtype=torch.float32).to(x.dtype)
+    return y + lin.bias if lin.bias is not None else y
+
+
+def _mlp(mlp, x: torch.Tensor, fuse: bool) -> torch.Tensor:
+    gate, up = _lin(x, mlp.gate_up, fuse).chunk(2, dim=-1)
+    return _lin(F.silu(gate) * up, mlp.down, fuse)
+
+
+def _mamba2_layer_step(m: Mamba2Mixer, u: torch.Tensor, conv: torch.Tensor, ssm: torch.Tensor,
+                       fuse: bool = False) -> torch.Tensor:
     """One position (u: (N, 1, D)) of a Mamba-2 mixer in plain torch ops (fusable by torch.compile), updating
     the conv window (N, C, K - 1) and the fp32 SSM state (N, H, P, n) in place."""
     N = u.shape[0]
-    z, xBC, dt = m._split(m.in_proj(u)[:, 0])  # (N, ...)
+    z, xBC, dt = m._split(_lin(u, m.in_proj, fuse)[:, 0])  # (N, ...)
     full = torch.cat((conv, xBC[:, :, None].to(conv.dtype)), dim=-1)  # (N, C, K)
     conv.copy_(full[..., 1:])
     xBC = (full * m.conv1d.weight[:, 0].to(full.dtype)).sum(-1)
@@ -44,27 +59,27 @@ def _mamba2_layer_step(m: Mamba2Mixer, u: torch.Tensor, conv: torch.Tensor, ssm:
     ssm.copy_(S)
     y = (S * Ch[:, :, None]).sum(-1) + m.D.float()[:, None] * xh  # (N, H, P)
     y = m.norm(y.reshape(N, 1, m.d_inner).to(u.dtype), z[:, None])
-    return m.out_proj(y)
+    return _lin(y, m.out_proj, fuse)
 
 
-def ssm_stage_step(blk: SSMStack, x: torch.Tensor, caches: list[dict]) -> torch.Tensor:
+def ssm_stage_step(blk: SSMStack, x: torch.Tensor, caches: list[dict], fuse: bool = False) -> torch.Tensor:
     """One position through every layer of a Mamba-2 stage block; x (N, 1, D)."""
     for lay, c in zip(blk.layers, caches):
-        x = x + _mamba2_layer_step(lay.mixer, lay.norm(x), c["conv"], c["ssm"])
+        x = x + _mamba2_layer_step(lay.mixer, lay.norm(x), c["conv"], c["ssm"], fuse)
         if lay.mlp is not None:
-            x = x + lay.mlp(lay.norm2(x))
+            x = x + _mlp(lay.mlp, lay.norm2(x), fuse)
     return blk.norm(x)
 
 
 def transformer_stage_step(blk: TransformerBlock, x: torch.Tensor, caches: list[dict], rope: tuple | None,
-                           write: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+                           write: torch.Tensor, valid: torch.Tensor, fuse: bool = False) -> torch.Tensor:
     """One position through every layer of a Transformer stage block on static KV buffers (N, H, P, hd).
     The position is given as tensors, so one compiled graph serves them all: ``write`` (P,) bool marks the
     slot of this position, ``valid`` (P,) bool the slots it attends to; ``rope`` = (cos, sin) (1, hd/2)."""
     N = x.shape[0]
     for lay, c in zip(blk.layers, caches):
         at = lay.attn
-        q, k, v = at.qkv(lay.norm1(x)).view(N, 3, at.heads, 1, at.head_dim).unbind(1)  # (N, H, 1, hd)
+        q, k, v = _lin(lay.norm1(x), at.qkv, fuse).view(N, 3, at.heads, 1, at.head_dim).unbind(1)  # (N, H, 1, hd)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         kb, vb = c["k"], c["v"]
@@ -75,8 +90,8 @@ def transformer_stage_step(blk: TransformerBlock, x: torch.Tensor, caches: list[
         scores = (q.float() * kb.float()).sum(-1) * at.head_dim ** -0.5  # (N, H, P)
         probs = scores.masked_fill(~valid, float("-inf")).softmax(-1)
         y = (probs[..., None] * vb.float()).sum(-2).to(x.dtype)  # (N, H, hd)
-        x = x + at.out(y.reshape(N, 1, at.heads * at.head_dim))
-        x = x + lay.mlp(lay.norm2(x))
+        x = x + _lin(y.reshape(N, 1, at.heads * at.head_dim), at.out, fuse)
+        x = x + _mlp(lay.mlp, lay.norm2(x), fuse)
     return blk.norm(x)
 
 
@@ -85,6 +100,8 @@ class GraphStepper:
 
     ``feed(tok (N, 1)) -> logits (N, V)`` matches ``MBLM.feed`` on the same state (the ``state`` object is
     not kept up to date afterwards)."""
+
+    fuse_linears = False  # compiled steps: matrix-vector products as fused products and sums (see _lin)
 
     def __init__(self, model, state: GenerationState, use_graphs: bool | None = None,
                  compile: bool | str = False):
@@ -170,12 +187,12 @@ class GraphStepper:
         blk, caches = self.model.blocks[s], self.caches[s]
         if isinstance(blk, TransformerBlock):
             rope = self.rope[s][pos] if self.rope[s] is not None else None
-            return self.tf_step(blk, x, caches, rope, *self.slots[s][pos])
+            return self.tf_step(blk, x, caches, rope, *self.slots[s][pos], self.fuse_linears)
         if pos == 0 and s > 0:  # a new inner sequence: fresh states
             for c in caches:
                 c["conv"].zero_()
                 c["ssm"].zero_()
-        return self.ssm_step(blk, x, caches)
+        return self.ssm_step(blk, x, caches, self.fuse_linears)
 
     def _step(self, phase: int) -> None:
         m, N, Q0 = self.model, self.N, self.Q0
