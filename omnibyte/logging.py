@@ -23,23 +23,27 @@ METRICS = "metrics.jsonl"
 log = logging.getLogger("omnibyte")
 
 
+class _TqdmHandler(logging.Handler):
+    def emit(self, record):
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # pragma: no cover
+            self.handleError(record)
+
+
 def setup_console_logging(level: int = logging.INFO) -> None:
-    """Log ``omnibyte.*`` to stderr through tqdm.write, so messages don't break the progress bar."""
-    from tqdm import tqdm
-
-    class _TqdmHandler(logging.Handler):
-        def emit(self, record):
-            try:
-                tqdm.write(self.format(record), file=sys.stderr)
-            except Exception:  # pragma: no cover
-                self.handleError(record)
-
+    """Log ``omnibyte.*`` to stderr through tqdm.write, so messages don't break the progress bar. ``level``
+    filters the console only: a run's train.log keeps INFO records either way."""
     root = logging.getLogger("omnibyte")
-    if not any(isinstance(h, _TqdmHandler) for h in root.handlers) and not root.handlers:
-        h = _TqdmHandler()
-        h.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s", "%H:%M:%S"))
-        root.addHandler(h)
-    root.setLevel(level)
+    console = next((h for h in root.handlers if isinstance(h, _TqdmHandler)), None)
+    if console is None:
+        console = _TqdmHandler()
+        console.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s", "%H:%M:%S"))
+        root.addHandler(console)
+    console.setLevel(level)
+    root.setLevel(min(level, logging.INFO))
 
 
 def modality_name(code: int) -> str:
@@ -64,10 +68,34 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     return out
 
 
+class EarlyRecords(logging.Handler):
+    """Holds the ``omnibyte`` log records emitted before a run's train.log exists; :class:`RunLogger`
+    writes them there when it opens it."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+        logging.getLogger("omnibyte").addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if len(self.records) < 10_000:
+            self.records.append(record)
+
+    def replay_into(self, handler: logging.Handler) -> None:
+        self.detach()
+        for r in self.records:
+            handler.handle(r)
+        self.records = []
+
+    def detach(self) -> None:
+        logging.getLogger("omnibyte").removeHandler(self)
+
+
 class RunLogger:
     """Writes metrics (main rank only) and drives the progress bar."""
 
-    def __init__(self, run_dir: Path, *, enabled: bool, start_step: int, total_steps: int, progress: bool = True):
+    def __init__(self, run_dir: Path, *, enabled: bool, start_step: int, total_steps: int, progress: bool = True,
+                 early: EarlyRecords | None = None):
         self.enabled = enabled
         self.path = Path(run_dir) / METRICS
         self.writer = None
@@ -88,6 +116,8 @@ class RunLogger:
             log.warning("tensorboard not installed: no event files")
         file_handler = logging.FileHandler(Path(run_dir) / "train.log")
         file_handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+        if early is not None:
+            early.replay_into(file_handler)
         logging.getLogger("omnibyte").addHandler(file_handler)
         self._file_handler = file_handler
         if progress:

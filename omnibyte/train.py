@@ -28,7 +28,7 @@ from . import parallel
 from .config import dump_yaml, to_dict
 from .data import TrainLoader, eval_batches
 from .evaluate import BatchLoss, autocast, evaluate_bpb, summarize, use_bf16_for
-from .logging import RunLogger
+from .logging import EarlyRecords, RunLogger
 from .registry import MODELS, SERIALIZERS, TASKS
 from .runconfig import RESOLVED_NAME, RunConfig
 from .vocab import Modality
@@ -132,13 +132,17 @@ def init_weights_from(model: torch.nn.Module, source: str, stages: tuple[int, ..
 def train(cfg: RunConfig) -> Path:
     """Run (or resume) training as configured; returns the run directory."""
     info = parallel.init_distributed(cfg.parallel, cfg.train.device)
+    # records logged before train.log opens (model size, init_from, resume) go into it once it does
+    early = EarlyRecords() if info.is_main else None
     try:
-        return _train(cfg, info)
+        return _train(cfg, info, early)
     finally:
+        if early is not None:
+            early.detach()
         parallel.destroy()
 
 
-def _train(cfg: RunConfig, info: parallel.DistInfo) -> Path:
+def _train(cfg: RunConfig, info: parallel.DistInfo, early: EarlyRecords | None = None) -> Path:
     t, device = cfg.train, info.device
     bf16 = use_bf16_for(cfg, device)
     if t.deterministic:
@@ -187,7 +191,7 @@ def _train(cfg: RunConfig, info: parallel.DistInfo) -> Path:
         seed_everything(cfg.seed + 1 + info.rank)  # dropout etc. differ per rank from here on
 
     logger = RunLogger(run_dir, enabled=info.is_main, start_step=step, total_steps=t.steps,
-                       progress=t.progress)
+                       progress=t.progress, early=early)
     cfg_dict = to_dict(cfg)  # goes into every checkpoint
     eval_list = None
 

@@ -111,6 +111,8 @@ def test_init_from_loads_all_or_selected_stages(trained, tmp_path):
     assert main(["train", str(write_config(tmp_path, "all", train=frozen)), "--quiet"]) == 0
     got = load_file(str(tmp_path / "runs/all/checkpoints/step_000001/model.safetensors"))
     assert all(torch.equal(got[k], src[k]) for k in src)
+    log_text = (tmp_path / "runs/all/train.log").read_text()  # logged before train.log opened, kept
+    assert f"init_from {trained}" in log_text and "loaded" in log_text and "parameters" in log_text
     frozen["init_stages"] = [0]
     assert main(["train", str(write_config(tmp_path, "stage0", train=frozen)), "--quiet"]) == 0
     got = load_file(str(tmp_path / "runs/stage0/checkpoints/step_000001/model.safetensors"))
