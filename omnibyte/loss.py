@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from . import vocab
+
 LN2 = math.log(2.0)
 
 
@@ -37,7 +39,8 @@ class LossOutput:
         return bits_per_byte(self.nats_sum, self.weight_sum)
 
     def modality_bpb(self) -> dict[int, float]:
-        return {m: bits_per_byte(n, w) for m, (n, w) in self.per_modality.items()}
+        """Bits per byte of each modality that carries loss weight."""
+        return {m: bits_per_byte(n, w) for m, (n, w) in self.per_modality.items() if float(w) > 0}
 
 
 def _nll(model, tokens: torch.Tensor, chunk_size: int | None) -> torch.Tensor:
@@ -70,11 +73,13 @@ def compute_loss(model, tokens: torch.Tensor, loss_mask: torch.Tensor, modality:
     loss = nats / wsum.clamp_min(1e-12)
     per: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     if modality is not None:
-        mod = modality.to(nll.device).long()
-        wd, wnd = w.detach(), weighted.detach()
-        for m in torch.unique(mod[wd != 0]).tolist():
-            sel = mod == m
-            per[int(m)] = (wnd[sel].sum(), wd[sel].sum())
+        # one entry per vocab.Modality code (zero weight where absent): a fixed set of keys, summed with one
+        # scatter and no host sync (finding the codes present would sync every micro-batch)
+        codes = [int(m) for m in vocab.Modality]
+        mod = modality.to(nll.device).long().flatten()
+        both = torch.stack((weighted.detach().flatten(), w.detach().flatten()), dim=1)  # (B * L, 2)
+        sums = both.new_zeros(max(codes) + 1, 2).index_add_(0, mod.clamp(0, max(codes)), both)
+        per = {c: (sums[c, 0], sums[c, 1]) for c in codes}
     return LossOutput(loss=loss, nats_sum=nats.detach(), weight_sum=wsum.detach(), per_modality=per)
 
 
