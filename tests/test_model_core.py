@@ -161,3 +161,50 @@ def test_short_attention_equals_sdpa(monkeypatch):
     out_sdpa, g_sdpa = run()
     assert torch.allclose(out_short, out_sdpa, atol=1e-5)
     assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(g_short, g_sdpa))
+
+
+@pytest.mark.slow
+def test_packed_flex_attention_equals_matmul_attention():
+    """Compiled layers on CUDA may pack short sequences into FlexAttention rows; same outputs (CPU: forward)."""
+    from omnibyte.model.blocks.transformer import TransformerBlock, packed_block_mask
+
+    torch.manual_seed(0)
+    blk = TransformerBlock(TransformerBlock.Config(heads=2), dim=32, layers=1).eval()
+    x = torch.randn(32, 8, 32)
+    packed = packed_block_mask(32, 8, x.device)
+    assert packed is not None and packed[1] == 32  # all 32 sequences of 8 in one 256-position row
+    layer = blk.layers[0]
+    with torch.no_grad():
+        want = layer(x)
+        layer.compile()
+        got = layer(x, None, 0, None, packed)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert packed_block_mask(7, 8, x.device) is None  # no divisor gives 128-aligned rows: matmul path
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_packed_flex_attention_training_matches_eager(monkeypatch):
+    """A compiled Transformer stage on CUDA with short_impl "flex" (FlexAttention over packed rows): the
+    same outputs and gradients as the eager matrix-product path."""
+    from omnibyte.model.blocks.transformer import Attention, TransformerBlock
+
+    torch.manual_seed(0)
+    blk = TransformerBlock(TransformerBlock.Config(heads=4, head_dim=16), dim=64, layers=2).cuda()
+    x = torch.randn(512, 8, 64, device="cuda", requires_grad=True)
+
+    def run():
+        blk.zero_grad()
+        x.grad = None
+        y = blk(x)
+        y.pow(2).mean().backward()
+        return y.detach(), x.grad.clone(), [p.grad.clone() for p in blk.parameters()]
+
+    want = run()
+    monkeypatch.setattr(Attention, "short_impl", "flex")
+    for layer in blk.layers:
+        layer.compile()
+    got = run()
+    assert torch.allclose(got[0], want[0], atol=2e-4), (got[0] - want[0]).abs().max()
+    assert torch.allclose(got[1], want[1], atol=2e-4)
+    assert all(torch.allclose(a, b, atol=2e-4, rtol=1e-3) for a, b in zip(got[2], want[2]))

@@ -22,7 +22,9 @@ from ..layers import RMSNorm, apply_rope, init_linear, rope_table, scaled_std
 class Attention(nn.Module):
     max_batch = 16384  # sequences per attention kernel call (see forward)
     short = 32  # sequences up to this length use matrix-product attention (see forward)
-    short_impl = "matmul"  # or "reduce": products and sums that torch.compile fuses (eager falls back to matmul)
+    # "matmul"; "flex": compiled CUDA layers pack them into FlexAttention rows (packed_block_mask);
+    # "reduce": products and sums that torch.compile fuses (eager falls back to matmul)
+    short_impl = "matmul"
 
     def __init__(self, dim: int, heads: int, head_dim: int, dropout: float, rope: bool, rope_base: float,
                  bias: bool):
@@ -35,11 +37,13 @@ class Attention(nn.Module):
         self.rope_base = rope_base
 
     def forward(self, x: torch.Tensor, state: dict | None = None, offset: int = 0,
-                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None, packed=None) -> torch.Tensor:
         """``rope``: the (cos, sin) tables of positions offset..offset+T-1 (the block computes them once for
-        all its layers; computed here when not given)."""
+        all its layers; computed here when not given). ``packed``: see :func:`packed_block_mask`."""
         N, T, _ = x.shape
         qkv = self.qkv(x).view(N, T, 3, self.heads, self.head_dim)  # (N, T, 3, H, hd)
+        if packed is not None and state is None and torch.compiler.is_compiling():
+            return self.out(self._packed_attention(qkv, rope, offset, *packed))
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (N, H, T, hd)
         if self.rope:
             cos, sin = rope if rope is not None else rope_table(offset, T, self.head_dim, self.rope_base, x.device)
@@ -69,6 +73,43 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
         y = y.transpose(1, 2).reshape(N, T, self.heads * self.head_dim)  # (N, T, H*hd)
         return self.out(y)
+
+
+    def _packed_attention(self, qkv: torch.Tensor, rope, offset: int, block_mask, per_row: int) -> torch.Tensor:
+        """Short sequences packed ``per_row`` at a time into rows of FlexAttention with a block-diagonal causal
+        mask: one kernel that reads q, k, v once and skips every block outside the diagonal (compiled only)."""
+        from torch.nn.attention.flex_attention import flex_attention
+
+        N, T, _, H, hd = qkv.shape
+        q, k, v = qkv.unbind(2)  # (N, T, H, hd): RoPE in this layout, no permuted copy first
+        if self.rope:
+            cos, sin = rope if rope is not None else rope_table(offset, T, hd, self.rope_base, qkv.device)
+            q, k = apply_rope(q, cos[:, None], sin[:, None]), apply_rope(k, cos[:, None], sin[:, None])
+        rows = lambda t: t.reshape(N // per_row, per_row * T, H, hd).transpose(1, 2)  # noqa: E731
+        y = flex_attention(rows(q), rows(k), rows(v), block_mask=block_mask)  # (N / per_row, H, per_row * T, hd)
+        return y.transpose(1, 2).reshape(N, T, H * hd)
+
+
+_BLOCK_MASKS: dict[tuple, object] = {}
+
+
+@torch.compiler.disable
+def packed_block_mask(N: int, T: int, device: torch.device, max_row: int = 2048):
+    """(block_mask, per_row) to run N causal sequences of length T as rows of ``per_row`` sequences through
+    FlexAttention, or None when N has no suitable divisor (rows must be a multiple of 128 positions)."""
+    per_row = next((m for m in range(max_row // T, 0, -1) if N % m == 0 and (m * T) % 128 == 0), None)
+    if per_row is None:
+        return None
+    L = per_row * T
+    key = (T, L, str(device))
+    if key not in _BLOCK_MASKS:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def same_sequence_causal(b, h, q, kv):
+            return (q // T == kv // T) & (kv <= q)
+
+        _BLOCK_MASKS[key] = create_block_mask(same_sequence_causal, None, None, L, L, device=device)
+    return _BLOCK_MASKS[key], per_row
 
 
 def short_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float,
@@ -114,8 +155,8 @@ class TransformerLayer(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, state: dict | None = None, offset: int = 0,
-                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm1(x), state, offset, rope))
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None, packed=None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), state, offset, rope, packed))
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
@@ -182,12 +223,17 @@ class TransformerBlock(nn.Module):
         # recomputed per element (cos/sin of every query and key element)
         rope = rope_table(offset, T, cfg.head_dim or x.shape[-1] // cfg.heads, cfg.rope_base, x.device) \
             if cfg.positions == "rope" else None
+        packed = None  # compiled layers on CUDA: short sequences through FlexAttention (see Attention)
+        if (cache is None and x.is_cuda and T <= Attention.short and Attention.short_impl == "flex"
+                and self.layers and getattr(self.layers[0], "_compiled_call_impl", None) is not None
+                and not (self.training and self.layers[0].attn.dropout > 0)):
+            packed = packed_block_mask(x.shape[0], T, x.device)
         for i, layer in enumerate(self.layers):
             state = cache.layer(i) if cache is not None else None
             if self.checkpoint_layers and self.training and cache is None:
-                x = torch.utils.checkpoint.checkpoint(layer, x, None, offset, rope, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, None, offset, rope, packed, use_reentrant=False)
             else:
-                x = layer(x, state, offset, rope)
+                x = layer(x, state, offset, rope, packed)
         if cache is not None:
             cache.length += T
         return self.norm(x)
