@@ -205,6 +205,10 @@ def test_gpu_packed_flex_attention_training_matches_eager(monkeypatch):
     for layer in blk.layers:
         layer.compile()
     got = run()
-    assert torch.allclose(got[0], want[0], atol=2e-4), (got[0] - want[0]).abs().max()
-    assert torch.allclose(got[1], want[1], atol=2e-4)
-    assert all(torch.allclose(a, b, atol=2e-4, rtol=1e-3) for a, b in zip(got[2], want[2]))
+    def rel(a, b):  # Triton's fp32 dots use TF32: compare relative norms
+        return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+    assert rel(got[0], want[0]) < 5e-3, rel(got[0], want[0])
+    assert rel(got[1], want[1]) < 1e-2, rel(got[1], want[1])
+    errs = [rel(a, b) for a, b in zip(got[2], want[2])]
+    assert max(errs) < 1e-2, errs
