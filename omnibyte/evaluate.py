@@ -64,10 +64,11 @@ def use_bf16_for(cfg, device: torch.device) -> bool:
     return cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
 
 
-def autocast(device: torch.device, bf16: bool):
-    """bf16 autocast when asked for (``precision: auto`` asks only on CUDA), else nothing."""
+def autocast(device: torch.device, bf16: bool, cache: bool = True):
+    """bf16 autocast when asked for (``precision: auto`` asks only on CUDA), else nothing. ``cache=False``
+    re-casts weights at each use (required around CUDA-graphed blocks)."""
     if bf16:
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache)
     return contextlib.nullcontext()
 
 

@@ -85,9 +85,17 @@ def destroy() -> None:
         dist.destroy_process_group()
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside wrappers that keep it as ``.model`` (BatchLoss) -- the one with ``stage_blocks``."""
+    while not callable(getattr(model, "stage_blocks", None)) and isinstance(getattr(model, "model", None),
+                                                                          nn.Module):
+        model = model.model
+    return model
+
+
 def blocks_of(model: nn.Module) -> list[nn.Module]:
-    """The per-block modules to wrap: ``model.stage_blocks()`` if the model has it, else none."""
-    fn = getattr(model, "stage_blocks", None)
+    """The per-block modules to wrap: ``stage_blocks()`` of the (unwrapped) model, else none."""
+    fn = getattr(unwrap(model), "stage_blocks", None)
     return list(fn()) if callable(fn) else []
 
 
@@ -135,7 +143,7 @@ def apply_stage_graphs(model: nn.Module) -> int:
     ``cache_enabled=False`` (a requirement of make_graphed_callables). Returns the number of wrapped blocks.
     """
     n = 0
-    for block in getattr(model, "blocks", []):
+    for block in getattr(unwrap(model), "blocks", []):
         layers = getattr(block, "layers", [])
         if not layers or all(getattr(lay, "compile_friendly", True) for lay in layers):
             continue
@@ -177,6 +185,14 @@ def parallelize(model: nn.Module, info: DistInfo, tcfg, pcfg, bf16: bool) -> nn.
         log.info("activation checkpointing on %d blocks", apply_activation_checkpointing(model))
     if tcfg.compile:
         log.info("torch.compile on %d blocks", apply_compile(model))
+    if getattr(tcfg, "cuda_graphs", False):
+        if info.strategy != "none":
+            from .config import ConfigError
+
+            raise ConfigError(f"train.cuda_graphs: single-process runs only (this run uses {info.strategy})")
+        n = apply_stage_graphs(model)
+        log.info("CUDA graphs for %d stage block(s) on mamba-ssm kernels%s", n,
+                 "" if n else " (none here: no such stage, or no CUDA / mamba-ssm)")
     if info.strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 

@@ -65,6 +65,7 @@ class TrainConfig:
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     compile: bool = False  # torch.compile each block
     activation_checkpointing: bool = False  # recompute each block in backward
+    cuda_graphs: bool = False  # one GPU: stages on mamba-ssm's kernels replayed as CUDA graphs (launch-bound)
     log_every: int = 10
     eval_every: int = 0  # 0 = only at the end
     ckpt_every: int = 0  # 0 = only at the end

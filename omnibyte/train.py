@@ -235,7 +235,7 @@ def _train(cfg: RunConfig, info: parallel.DistInfo, early: EarlyRecords | None =
             tokens = 0
             for micro in range(t.grad_accum):
                 batch = next(batches).to(device, non_blocking=True)
-                with parallel.sync_context(train_module, micro == t.grad_accum - 1), autocast(device, bf16):
+                with parallel.sync_context(train_module, micro == t.grad_accum - 1), autocast(device, bf16, cache=not t.cuda_graphs):
                     out = BatchLoss.unpack(train_module(batch))
                     loss = out.loss
                     if step + 1 in t.inject_nan_at:

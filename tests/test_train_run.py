@@ -129,6 +129,19 @@ def _curve(tmp_path, name, **train):
 
 def test_activation_checkpointing_gives_the_same_losses(tmp_path):
     assert _curve(tmp_path, "ac", activation_checkpointing=True) == _curve(tmp_path, "plain")
+    log_text = (tmp_path / "runs/ac/train.log").read_text()
+    assert "activation checkpointing on 0 blocks" not in log_text and "activation checkpointing on" in log_text
+
+
+def test_per_block_wrappers_reach_the_model_inside_the_loss_module():
+    """AC, compile and FSDP2 act on the model's layers through the BatchLoss wrapper the engine trains."""
+    from omnibyte import build_model
+    from omnibyte.evaluate import BatchLoss
+    from omnibyte.parallel import apply_activation_checkpointing, blocks_of
+
+    m = build_model({"stages": [{"length": 4, "width": 16, "layers": 2}, {"length": 4, "width": 16, "layers": 3}]})
+    assert len(blocks_of(BatchLoss(m))) == 5
+    assert apply_activation_checkpointing(BatchLoss(m)) == 5
 
 
 @pytest.mark.slow
