@@ -45,11 +45,31 @@ def bench_omnibyte(args, model, ctx: int) -> dict:
         tok = logits.argmax(-1, keepdim=True)
     sync(dev)
     dt = now() - t0
+    if stepper is not None and args.profile and stepper.ready:
+        profile_steps(stepper, args.profile)
     return dict(bench="generate", impl="omnibyte", preset=args.preset, device=device_name(dev), context=ctx,
                 new_bytes=args.new, prefill_s=round(prefill, 3), bytes_per_s=round(args.new / dt, 1),
                 ms_per_byte=round(1000 * dt / args.new, 3), graph=bool(args.graph), compile=args.compile,
-                fuse_linears=args.fuse_linears,
+                fuse_linears=bool(args.fuse_linears),
                 peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev == "cuda" else None)
+
+
+def profile_steps(stepper, rows: int) -> None:
+    """The kernels of one byte's step without graph replay: a phase with the global stage and one without
+    (stderr). Leaves the stepper's state advanced; call after timing."""
+    import sys
+
+    from torch.profiler import ProfilerActivity, profile
+
+    for phase in (0, 1):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            stepper._step(phase)
+            torch.cuda.synchronize()
+        ka = prof.key_averages()
+        n = sum(e.count for e in ka if e.device_type.name == "CUDA")
+        gpu = sum(e.self_device_time_total for e in ka) / 1e3
+        print(f"phase {phase}: {n} kernels, {gpu:.3f} ms of kernel time", file=sys.stderr)
+        print(ka.table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=60), file=sys.stderr)
 
 
 def bench_mblm(args, ctx: int, new: int) -> dict:
@@ -79,14 +99,14 @@ def main() -> None:
     p.add_argument("--compile", nargs="?", const=True, default=False,
                    help="--graph: torch.compile the per-stage steps first (optional value: a compile mode)")
     p.add_argument("--mblm", action="store_true", help="also time mblm 0.4.2 at the first context")
-    p.add_argument("--fuse-linears", action="store_true", help="--compile: GraphStepper.fuse_linears")
+    p.add_argument("--fuse-linears", type=int, default=1, help="--compile: GraphStepper.fuse_linears (1/0)")
+    p.add_argument("--profile", type=int, default=0, help="print the top N CUDA kernels of two eager steps")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    if args.fuse_linears:
-        from omnibyte.model.generation import GraphStepper
+    from omnibyte.model.generation import GraphStepper
 
-        GraphStepper.fuse_linears = True
+    GraphStepper.fuse_linears = bool(args.fuse_linears)
     torch.manual_seed(0)
     model = build_omnibyte(args.preset).to(args.device).to(getattr(torch, args.dtype)).eval()
     rows = []
@@ -96,7 +116,7 @@ def main() -> None:
         emit(rec, args.out)
     per = [r["ms_per_byte"] for r in rows]
     emit(dict(bench="generate_summary", preset=args.preset, device=device_name(args.device), graph=bool(args.graph),
-              compile=args.compile, fuse_linears=args.fuse_linears,
+              compile=args.compile, fuse_linears=bool(args.fuse_linears),
               min_bytes_per_s=min(r["bytes_per_s"] for r in rows),
               flatness=round(max(per) / min(per), 3), contexts=[r["context"] for r in rows]), args.out)
     if args.mblm:

@@ -146,13 +146,16 @@ def run_inproc(args) -> None:
         stub_selective_scan_cuda()
         import mblm  # noqa: F401  (the full mamba_ssm import before omnibyte's loader looks for it)
     results = {}
+    from omnibyte.model.blocks.transformer import Attention
+
+    default_attn = Attention.short_impl
     for name in order:
         a = copy.copy(args)
         a.impl, *extra = name.split("+")
         a.compile, a.graphs = "compile" in extra, "graphs" in extra
         from omnibyte.model.blocks.transformer import Attention
 
-        Attention.short_impl = "matmul"
+        Attention.short_impl = default_attn
         for flag in extra:  # e.g. omnibyte+compile+attn=reduce: a class attribute of Attention
             if flag.startswith("attn="):
                 Attention.short_impl = flag.split("=", 1)[1]

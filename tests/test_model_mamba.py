@@ -207,7 +207,8 @@ def test_gpu_graph_generation_matches_forward():
 
 
 @pytest.mark.slow
-def test_compiled_static_step_matches_forward():
+@pytest.mark.parametrize("fuse", [False, True])
+def test_compiled_static_step_matches_forward(fuse, monkeypatch):
     """torch.compile of the per-stage steps (what --compile captures on GPU) == full forward, on CPU."""
     from omnibyte.model.generation import GraphStepper
 
@@ -216,6 +217,7 @@ def test_compiled_static_step_matches_forward():
     with torch.no_grad():
         full = m(x)
     st = m.new_state(2)
+    monkeypatch.setattr(GraphStepper, "fuse_linears", fuse)
     gs = GraphStepper(m, st, use_graphs=False, compile=True)
     outs = [m.feed(st, x[:, :13])] + [gs.feed(x[:, t:t + 1]) for t in range(13, 29)]
     assert torch.allclose(torch.stack(outs, 1), full[:, 13:], atol=1e-5)
@@ -273,3 +275,19 @@ def test_gpu_stage_graphs_match_eager_training():
     with torch.no_grad():
         m.eval()
         assert m(x[:, :32]).shape == (2, 32, 264)  # eval and another shape: eager
+
+
+def test_causal_conv_silu_equals_conv1d_path():
+    """The shifted-sum causal conv (compiled on CUDA in the kernel path) == the twin's conv1d, with grads."""
+    from omnibyte.model.blocks.mamba2 import causal_conv_silu
+    from omnibyte.model.blocks.mamba2_ref import Mamba2Mixer, Mamba2RefBlock
+
+    torch.manual_seed(0)
+    mix = Mamba2Mixer(32, Mamba2RefBlock.Config(d_state=8, headdim=16))
+    x = torch.randn(3, 11, mix.conv_dim, requires_grad=True)
+    want = mix._conv(x, None)
+    got = causal_conv_silu(x, mix.conv1d.weight[:, 0], mix.conv1d.bias)
+    assert torch.allclose(got, want, atol=1e-6)
+    gw = torch.autograd.grad(want.sum(), (x, mix.conv1d.weight))
+    gg = torch.autograd.grad(got.sum(), (x, mix.conv1d.weight))
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(gg, gw))

@@ -101,7 +101,9 @@ class GraphStepper:
     ``feed(tok (N, 1)) -> logits (N, V)`` matches ``MBLM.feed`` on the same state (the ``state`` object is
     not kept up to date afterwards)."""
 
-    fuse_linears = False  # compiled steps: matrix-vector products as fused products and sums (see _lin)
+    # compiled steps: matrix-vector products as fused products and sums (see _lin); on an H100 (360M config)
+    # 1,361 vs 1,207 bytes/s with aten's GEMV in the same job
+    fuse_linears = True
 
     def __init__(self, model, state: GenerationState, use_graphs: bool | None = None,
                  compile: bool | str = False):

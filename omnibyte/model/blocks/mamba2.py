@@ -104,10 +104,13 @@ def kernel_forward(m, K, u: torch.Tensor, state: dict | None) -> torch.Tensor:
         y = K.rmsnorm_fn(y.reshape(N, 1, m.d_inner), m.norm.weight, None, z=z, eps=m.norm.eps,
                          group_size=m.d_inner // m.ngroups, norm_before_gate=False)
         return m.out_proj(y)
-    log_path_once("triton unfused (torch conv1d + mamba_chunk_scan_combined)")
     if state is None and K.causal_conv1d_fn is not None:
+        log_path_once("triton unfused (causal-conv1d + mamba_chunk_scan_combined)")
         xBC = K.causal_conv1d_fn(xBC.transpose(1, 2), m.conv1d.weight.squeeze(1), m.conv1d.bias,
                                  activation="silu").transpose(1, 2)
+    elif state is None:
+        log_path_once("triton unfused (compiled causal conv + mamba_chunk_scan_combined)")
+        xBC = compiled_causal_conv_silu()(xBC, m.conv1d.weight[:, 0], m.conv1d.bias)
     else:
         xBC = m._conv(xBC, state)
     x, B, C = torch.split(xBC, [m.d_inner, m.ngroups * m.d_state, m.ngroups * m.d_state], -1)
@@ -124,6 +127,28 @@ def kernel_forward(m, K, u: torch.Tensor, state: dict | None) -> torch.Tensor:
     y = K.rmsnorm_fn(y.reshape(N, T, m.d_inner), m.norm.weight, None, z=z, eps=m.norm.eps,
                      group_size=m.d_inner // m.ngroups, norm_before_gate=False)
     return m.out_proj(y)
+
+
+def causal_conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """SiLU of the depthwise causal convolution over time of x (N, T, C) with weight (C, K): K shifted
+    products and sums, in the (N, T, C) layout (no transposed copies). Compiled, forward and backward are
+    a few fused kernels; aten's depthwise conv1d took ~0.4 ms per layer (forward + backward) on an H100
+    for the 360M config's global stage."""
+    N, T, C = x.shape
+    K = weight.shape[1]
+    w = weight.to(x.dtype)
+    xp = F.pad(x, (0, 0, K - 1, 0))  # K - 1 zeros before the first position
+    out = xp[:, K - 1:K - 1 + T] * w[:, K - 1]
+    for k in range(K - 1):
+        out = out + xp[:, k:k + T] * w[:, k]
+    if bias is not None:
+        out = out + bias.to(x.dtype)
+    return F.silu(out)
+
+
+@lru_cache(maxsize=1)
+def compiled_causal_conv_silu():
+    return torch.compile(causal_conv_silu, dynamic=None)
 
 
 @STAGES.register("mamba2")

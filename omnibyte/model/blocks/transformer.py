@@ -24,7 +24,7 @@ class Attention(nn.Module):
     short = 32  # sequences up to this length use matrix-product attention (see forward)
     # "matmul"; "flex": compiled CUDA layers pack them into FlexAttention rows (packed_block_mask);
     # "reduce": products and sums that torch.compile fuses (eager falls back to matmul)
-    short_impl = "matmul"
+    short_impl = "flex"
 
     def __init__(self, dim: int, heads: int, head_dim: int, dropout: float, rope: bool, rope_base: float,
                  bias: bool):
