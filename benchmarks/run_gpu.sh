@@ -2,10 +2,10 @@
 # The GPU jobs behind benchmarks/RESULTS.md (model section). From the repository root, on a machine with
 # one H100 / H200, with the wheels of ../shared/wheels/gpu-py312 copied to .whl/:
 #   bash benchmarks/run_gpu.sh STEP OUTDIR
-# STEP: tests | train | compiled | generate | context (each fits in one 10-minute device command; a fresh
-# machine spends minutes on Triton JIT + autotuning of mamba-ssm's kernels in its first process).
+# STEP: tests | train | generate | context (each fits in one 10-minute device command; a fresh machine
+# spends ~2 minutes on Triton JIT + autotuning of mamba-ssm's kernels in its first process).
 set -uo pipefail
-step=${1:?step: tests|train|compiled|generate|context}
+step=${1:?step: tests|train|generate|context}
 out=${2:-/tmp/omnibyte_bench}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -17,14 +17,14 @@ export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$out/env.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/env.txt"
 case "$step" in
-  tests)    timeout 540 python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/test_model_mamba.py -rs 2>&1 \
+  tests)    MAMBA_DETERMINISTIC=1 timeout 540 python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/ -rs 2>&1 \
               | tee "$out/gpu_tests.log" ;;
-  train)    timeout 540 python3 benchmarks/train_throughput.py --preset mblm360m --impl both --steps 10 --warmup 3 \
-              --out "$out/bench.jsonl" 2>&1 | tail -c 6000 | tee "$out/train.log" ;;
-  compiled) timeout 540 python3 benchmarks/train_throughput.py --preset mblm360m --impl omnibyte --compile \
-              --steps 10 --warmup 3 --out "$out/bench.jsonl" 2>&1 | tail -c 3000 | tee "$out/train_compiled.log" ;;
-  generate) timeout 540 python3 benchmarks/generate.py --graph --mblm --out "$out/bench.jsonl" 2>&1 \
-              | tail -c 4000 | tee "$out/gen.log" ;;
+  # omnibyte (compiled + CUDA graphs, compiled, eager) and mblm 0.4.2 in one process
+  train)    timeout 540 python3 benchmarks/train_throughput.py --preset mblm360m --impl inproc \
+              --order omnibyte+compile+graphs,mblm,omnibyte+compile,omnibyte --profile 25 --steps 20 --warmup 3 \
+              --out "$out/bench.jsonl" 2>&1 | tail -c 8000 | tee "$out/train.log" ;;
+  generate) timeout 540 python3 benchmarks/generate.py --graph --compile --profile 20 --mblm \
+              --out "$out/bench.jsonl" 2>&1 | tail -c 6000 | tee "$out/gen.log" ;;
   context)  timeout 540 python3 benchmarks/max_context.py --start-mib 8 --time-cap 420 --step-cap 150 \
               --out "$out/bench.jsonl" 2>&1 | tail -c 4000 | tee "$out/ctx.log" ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
