@@ -62,7 +62,7 @@ def profile_steps(stepper, rows: int) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     for phase in (0, 1):
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof, torch.no_grad():
             stepper._step(phase)
             torch.cuda.synchronize()
         ka = prof.key_averages()

@@ -95,6 +95,17 @@ def transformer_stage_step(blk: TransformerBlock, x: torch.Tensor, caches: list[
     return blk.norm(x)
 
 
+def _with_inductor_config(fn, **options):
+    """``fn`` called under ``torch._inductor.config.patch(**options)`` (compilation happens at the first call)."""
+    def call(*args, **kwargs):
+        import torch._inductor.config as inductor_config
+
+        with inductor_config.patch(**options):
+            return fn(*args, **kwargs)
+
+    return call
+
+
 class GraphStepper:
     """Continue a :class:`GenerationState` one byte at a time on static buffers / CUDA graphs.
 
@@ -129,8 +140,11 @@ class GraphStepper:
         self.tf_step, self.ssm_step = transformer_stage_step, ssm_stage_step
         if compile:
             mode = compile if isinstance(compile, str) else None  # e.g. "max-autotune-no-cudagraphs"
-            self.tf_step = torch.compile(transformer_stage_step, dynamic=False, fullgraph=True, mode=mode)
-            self.ssm_step = torch.compile(ssm_stage_step, dynamic=False, fullgraph=True, mode=mode)
+            # coordinate-descent tuning of the generated kernels (as gpt-fast does for decoding): on an H100
+            # 1,473 vs 1,361 bytes/s for the 360M config (two jobs)
+            tuned = lambda fn: _with_inductor_config(  # noqa: E731
+                torch.compile(fn, dynamic=False, fullgraph=True, mode=mode), coordinate_descent_tuning=True)
+            self.tf_step, self.ssm_step = tuned(transformer_stage_step), tuned(ssm_stage_step)
 
     # -- conversion of the eager state to static buffers ------------------------------------------
     def _convert(self) -> None:
