@@ -133,6 +133,13 @@ def test_activation_checkpointing_gives_the_same_losses(tmp_path):
     assert "activation checkpointing on 0 blocks" not in log_text and "activation checkpointing on" in log_text
 
 
+def test_cuda_graphs_option_is_a_no_op_without_cuda(tmp_path):
+    """train.cuda_graphs graphs only stages on mamba-ssm's CUDA kernels (tested on GPU); on CPU it changes
+    nothing, and the log says so."""
+    assert _curve(tmp_path, "graphs", cuda_graphs=True) == _curve(tmp_path, "plain")
+    assert "CUDA graphs for 0 stage block(s)" in (tmp_path / "runs/graphs/train.log").read_text()
+
+
 def test_per_block_wrappers_reach_the_model_inside_the_loss_module():
     """AC, compile and FSDP2 act on the model's layers through the BatchLoss wrapper the engine trains."""
     from omnibyte import build_model
