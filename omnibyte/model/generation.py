@@ -9,6 +9,10 @@ the last Q_0). So there is one static step per phase, captured once as a CUDA gr
 Requirements: the global stage is an SSM (its step does not depend on the position), inner stages are
 Transformer or Mamba-2 blocks; otherwise ``GraphStepper`` raises ``NotImplementedError`` and callers use
 ``MBLM.feed``. Without CUDA (tests) the same static step runs eagerly.
+
+``compile=True``: each stage's step over all its layers is one ``torch.compile``d function of plain torch ops
+(the position enters as tensors -- RoPE rows and slot masks -- so one graph serves every position; the SSM state
+update is written out in torch, not mamba-ssm's kernel, so it fuses), compiled before capture.
 """
 
 from __future__ import annotations
