@@ -7,6 +7,7 @@ Importing this package registers ``mblm`` in MODELS and the blocks in STAGES.
 from __future__ import annotations
 
 from . import blocks  # noqa: F401  (registers the stage blocks)
-from .mblm import MBLM, MBLMConfig, StageConfig, StreamMeta, build_model, sample
+from .decode import sample
+from .mblm import MBLM, MBLMConfig, StageConfig, StreamMeta, build_model
 
 __all__ = ["MBLM", "MBLMConfig", "StageConfig", "StreamMeta", "build_model", "sample"]
