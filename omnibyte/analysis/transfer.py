@@ -1,0 +1,135 @@
+"""Runs grouped by experiment arm (input kind x initialisation), transfer tables, VQA accuracy."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from .runs import Run, _step_of, aggregate, curve, final_value, steps_to_target
+
+# --- runs grouped by experiment arm ---------------------------------------------------------------------
+
+
+def input_kind(run: Run) -> str:
+    """What the model reads: the image serializer (``png``, ``jpeg``, ``pixels``, ``pixels_patch``) of a qa
+    serializer (``+<policy>`` appended when its loss policy is not the paper's answer-only, e.g.
+    ``png+all``), ``cnn_lstm`` for the baseline, else the serializer's name (``utf8`` for PG19)."""
+    model = str(run.get("model.name", ""))
+    if "cnn_lstm" in model:
+        return "cnn_lstm"
+    ser = str(run.get("serializer.name", ""))
+    if ser == "qa":
+        img = str(run.get("serializer.image.name", "png"))
+        if img == "pixels" and run.get("serializer.image.order") == "patch":
+            img = "pixels_patch"
+        loss = run.get("serializer.loss", "answer")
+        return img if loss in (None, "answer") else f"{img}+{loss}"
+    return ser or "?"
+
+
+def init_kind(run: Run) -> str:
+    """``scratch``, or the stem of the run ``train.init_from`` names (e.g. ``pg19`` for ``runs/pg19_lm``)."""
+    src = str(run.get("train.init_from", "") or "")
+    if not src:
+        return "scratch"
+    name = Path(src.rstrip("/")).name
+    if name.startswith("step_") or name in ("latest", "best"):
+        name = Path(src.rstrip("/")).parent.parent.name
+    return "pg19" if "pg19" in name.lower() else name
+
+
+def arm(run: Run) -> str:
+    """The experiment arm a run belongs to: ``<input kind>/<init kind>`` (seeds pooled)."""
+    return f"{input_kind(run)}/{init_kind(run)}"
+
+
+def group_runs(runs: Iterable[Run], key: Callable[[Run], str] = arm) -> dict[str, list[Run]]:
+    """Runs by ``key`` (default :func:`arm`), each group sorted by seed; groups in first-seen order."""
+    out: dict[str, list[Run]] = {}
+    for r in runs:
+        out.setdefault(key(r), []).append(r)
+    return {k: sorted(v, key=lambda r: (r.seed, r.name)) for k, v in out.items()}
+
+
+def transfer_table(runs: Iterable[Run], *, key: str = "loss", split: str = "val", window: int = 1,
+                   pretrained: str = "pg19", paired: bool = True) -> list[dict[str, Any]]:
+    """Does pretraining reduce the steps to the scratch model's final loss? One row per input kind.
+
+    Target: the scratch arm's final (``window``-smoothed) ``split`` ``key``; with ``paired`` each seed's own
+    scratch run gives the target for the pretrained run of the same seed (else the scratch mean is the
+    target for all). Per run: the first step its smoothed curve reaches the target (interpolated; None if
+    never). Row: ``kind, target, scratch_steps, pretrained_steps`` (aggregates), ``reached`` (pretrained
+    runs that got there / all), ``speedup`` (aggregate over seeds of scratch steps / pretrained steps),
+    ``reduction`` (1 - pretrained mean / scratch mean), final losses of both arms.
+    """
+    groups = group_runs(runs)
+    rows = []
+    kinds = sorted({k.split("/", 1)[0] for k in groups})
+    for kind in kinds:
+        scratch, pre = groups.get(f"{kind}/scratch", []), groups.get(f"{kind}/{pretrained}", [])
+        if not scratch or not pre:
+            continue
+        finals = {r.seed: final_value(r, key, split, window=window) for r in scratch}
+        mean_target = aggregate(finals.values())["mean"]
+
+        targets = {r.seed: (finals.get(r.seed) if paired else None) for r in [*scratch, *pre]}
+        targets = {sd: mean_target if t is None else t for sd, t in targets.items()}
+        s_steps = {r.seed: steps_to_target(*curve(r, key, split), targets[r.seed], window=window) for r in scratch}
+        p_steps = {r.seed: steps_to_target(*curve(r, key, split), targets[r.seed], window=window) for r in pre}
+        ratios = [s_steps[sd] / p for sd, p in p_steps.items()
+                  if p and s_steps.get(sd) is not None]
+        sa, pa = aggregate(s_steps.values()), aggregate(p_steps.values())
+        rows.append({
+            "kind": kind, "metric": f"{split}/{key}", "target": aggregate(finals.values()),
+            "scratch_steps": sa, "pretrained_steps": pa,
+            "reached": f"{sum(v is not None for v in p_steps.values())}/{len(p_steps)}",
+            "speedup": aggregate(ratios),
+            "reduction": 1.0 - pa["mean"] / sa["mean"] if sa["n"] and pa["n"] and sa["mean"] else float("nan"),
+            "scratch_final": aggregate(finals.values()),
+            "pretrained_final": aggregate(final_value(r, key, split, window=window) for r in pre),
+            "seeds": sorted({r.seed for r in scratch} | {r.seed for r in pre}),
+        })
+    return rows
+
+
+# --- VQA accuracy -------------------------------------------------------------------------------------------
+
+
+def vqa_accuracy(run: Run, split: str | None = None, mode: str | None = None) -> dict[str, Any] | None:
+    """``{"split", "mode", "accuracy", "by_qtype": {qtype: accuracy}, "num_samples"}`` from the run's VQA
+    results (``eval/vqa_<split>.json``, or the ``task`` part of ``eval/<split>_<step>.json``, latest step);
+    ``mode`` picks generate/rank/classify (default: the file's main mode). None when there are none."""
+    cands: list[tuple[int, dict]] = []
+    for stem, d in run.evals.items():
+        res = None
+        if stem.startswith("vqa_") and "accuracy" in d:
+            res = d
+        elif isinstance(d.get("task"), dict) and "accuracy" in d["task"]:
+            res = d["task"]
+        if res is None or (split and res.get("split", split) != split):
+            continue
+        cands.append((int(d.get("step", res.get("step", _step_of(Path(stem))))), res))
+    if not cands:
+        return None
+    res = max(cands, key=lambda c: c[0])[1]
+    m = mode or res.get("main_mode") or (res.get("modes") or ["?"])[0]
+    by = res.get(f"by_qtype_{m}")
+    if by is None and isinstance(res.get("details"), dict) and m in res["details"]:
+        by = {k: v["accuracy"] for k, v in res["details"][m].get("by_qtype", {}).items()}
+    acc = res.get(f"accuracy_{m}", res.get("accuracy"))
+    return {"split": res.get("split"), "mode": m, "accuracy": acc, "by_qtype": dict(by or {}),
+            "num_samples": res.get("num_samples")}
+
+
+def accuracy_table(runs: Iterable[Run], split: str | None = None) -> list[dict[str, Any]]:
+    """Per arm: overall accuracy and accuracy per question type, aggregated over seeds."""
+    rows = []
+    for name, group in group_runs(runs).items():
+        accs = [a for a in (vqa_accuracy(r, split) for r in group) if a is not None]
+        if not accs:
+            continue
+        qtypes = sorted({q for a in accs for q in a["by_qtype"]})
+        rows.append({"arm": name, "mode": accs[0]["mode"], "accuracy": aggregate(a["accuracy"] for a in accs),
+                     "by_qtype": {q: aggregate(a["by_qtype"].get(q) for a in accs) for q in qtypes}})
+    return rows
