@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from tasks.clevr_synth import ANSWERS, answer, generate, main, split_counts
-from tasks.clevr_synth.render import id_buffer, render
+from tasks.clevr_synth.raytrace import id_buffer
+from tasks.clevr_synth.render import render
 from tasks.clevr_synth.scene import sample_scene
 
 OFFICIAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "clevr-gen" / "templates"

@@ -178,7 +178,7 @@ def _place_objects(rng: random.Random, num: int, directions: dict, min_dist: flo
 
 
 def _all_visible(objects: list[dict], camera: Camera, aspect: float, min_pixels: int) -> bool:
-    from .render import id_buffer
+    from .raytrace import id_buffer
 
     w = 160
     h = max(1, round(w / aspect))
