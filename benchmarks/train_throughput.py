@@ -156,7 +156,7 @@ def run_inproc(args) -> None:
         from omnibyte.model.blocks.transformer import Attention
 
         Attention.short_impl = default_attn
-        for flag in extra:  # e.g. omnibyte+compile+attn=reduce: a class attribute of Attention
+        for flag in extra:  # e.g. omnibyte+compile+attn=matmul: Attention.short_impl
             if flag.startswith("attn="):
                 Attention.short_impl = flag.split("=", 1)[1]
         a.profile = args.profile if name == order[0] or a.impl == "omnibyte" else 0

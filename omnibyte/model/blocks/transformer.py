@@ -22,8 +22,7 @@ from ..layers import RMSNorm, apply_rope, init_linear, rope_table, scaled_std
 class Attention(nn.Module):
     max_batch = 16384  # sequences per attention kernel call (see forward)
     short = 32  # sequences up to this length use matrix-product attention (see forward)
-    # "matmul"; "flex": compiled CUDA layers pack them into FlexAttention rows (packed_block_mask);
-    # "reduce": products and sums that torch.compile fuses (eager falls back to matmul)
+    # "flex": compiled CUDA layers pack them into FlexAttention rows (packed_block_mask); "matmul": never
     short_impl = "flex"
 
     def __init__(self, dim: int, heads: int, head_dim: int, dropout: float, rope: bool, rope_base: float,
@@ -56,8 +55,7 @@ class Attention(nn.Module):
         S = k.shape[2]
         drop = self.dropout if self.training else 0.0
         if S == T and T <= self.short:
-            y = short_causal_attention(q, k, v, drop, self.training,
-                                       self.short_impl == "reduce" and torch.compiler.is_compiling())
+            y = short_causal_attention(q, k, v, drop, self.training)
         elif S == T and N > self.max_batch:
             # CUDA attention kernels put the batch in a grid dimension limited to 65,535 (flash, mem-efficient)
             # and cuDNN fails on very large batches: inner stages of long inputs have millions of sequences
@@ -113,22 +111,17 @@ def packed_block_mask(N: int, T: int, device: torch.device, max_row: int = 2048)
 
 
 def short_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float,
-                           training: bool, reduce: bool = False) -> torch.Tensor:
+                           training: bool) -> torch.Tensor:
     """Causal attention as two batched matrix products, for short sequences (inner stages: patches of a
     few bytes, tens of thousands of them per batch). Fused kernels tile 64-128 queries per block, so on
     8-byte patches most of their work is padding: on an H100 (360M config, 8-byte patches) cuDNN's flash
     attention took 4.5 ms per layer, forward + backward. Softmax in fp32."""
     T = q.shape[2]
-    if reduce:  # (N, H, T, 1, hd) * (N, H, 1, T, hd) summed over hd: one fused kernel under compile
-        scores = (q[:, :, :, None] * k[:, :, None]).sum(-1, dtype=torch.float32) * q.shape[-1] ** -0.5
-    else:
-        scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (N, H, T, T)
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (N, H, T, T)
     future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
     probs = scores.float().masked_fill(future, float("-inf")).softmax(-1).to(v.dtype)
     if dropout > 0:
         probs = F.dropout(probs, dropout, training)
-    if reduce:
-        return (probs[..., None] * v[:, :, None]).sum(-2, dtype=torch.float32).to(v.dtype)
     return probs @ v
 
 
