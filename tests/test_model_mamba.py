@@ -189,7 +189,8 @@ def test_generation_state_stays_small():
 
 @pytest.mark.gpu
 @gpu
-def test_gpu_graph_generation_matches_forward():
+@pytest.mark.parametrize("kernels", [True, False])
+def test_gpu_graph_generation_matches_forward(kernels):
     from omnibyte.model.blocks.mamba2 import load_mamba_kernels
     from omnibyte.model.generation import GraphStepper
 
@@ -199,7 +200,8 @@ def test_gpu_graph_generation_matches_forward():
     x = torch.randint(0, 256, (1, 40), device="cuda")
     full = m(x)
     st = m.new_state(1)
-    gs = GraphStepper(m, st)
+    gs = GraphStepper(m, st, kernels=kernels)
+    assert gs.kernels is kernels
     outs = [m.feed(st, x[:, :9])] + [gs.feed(x[:, t:t + 1]) for t in range(9, 39)]
     err = (torch.stack(outs, 1) - full[:, 9:]).abs().max().item()
     assert err < 2e-3, err
@@ -225,7 +227,8 @@ def test_compiled_static_step_matches_forward(fuse, monkeypatch):
 
 @pytest.mark.gpu
 @gpu
-def test_gpu_compiled_graph_generation_matches_forward():
+@pytest.mark.parametrize("kernels", [True, False])
+def test_gpu_compiled_graph_generation_matches_forward(kernels):
     from omnibyte.model.blocks.mamba2 import load_mamba_kernels
     from omnibyte.model.generation import GraphStepper
 
@@ -236,7 +239,7 @@ def test_gpu_compiled_graph_generation_matches_forward():
     with torch.no_grad():
         full = m(x)
     st = m.new_state(1)
-    gs = GraphStepper(m, st, compile=True)
+    gs = GraphStepper(m, st, compile=True, kernels=kernels)
     outs = [m.feed(st, x[:, :9])] + [gs.feed(x[:, t:t + 1]) for t in range(9, 39)]
     err = (torch.stack(outs, 1) - full[:, 9:]).abs().max().item()
     assert err < 2e-3, err

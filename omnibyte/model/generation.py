@@ -13,6 +13,9 @@ Transformer or Mamba-2 blocks; otherwise ``GraphStepper`` raises ``NotImplemente
 ``compile=True``: each stage's step over all its layers is one ``torch.compile``d function of plain torch ops
 (the position enters as tensors -- RoPE rows and slot masks -- so one graph serves every position; the SSM state
 update is written out in torch, not mamba-ssm's kernel, so it fuses), compiled before capture.
+
+``kernels=True`` (the default on CUDA when Triton imports): Transformer stages step through the hand-fused
+Triton kernels of :mod:`omnibyte.model.decode_kernels` (four per layer) instead of either torch step.
 """
 
 from __future__ import annotations
@@ -121,7 +124,7 @@ class GraphStepper:
     fuse_linears = True
 
     def __init__(self, model, state: GenerationState, use_graphs: bool | None = None,
-                 compile: bool | str = False):
+                 compile: bool | str = False, kernels: bool | None = None):
         self.model, self.state = model, state
         blocks = model.blocks
         if not isinstance(blocks[0], SSMStack) or not all(isinstance(m, Mamba2Mixer) for m in
@@ -142,6 +145,13 @@ class GraphStepper:
         # the per-stage steps; compiled, each stage's layers become a few fused kernels (one graph for all
         # positions: they differ only in tensor arguments)
         self.tf_step, self.ssm_step = transformer_stage_step, ssm_stage_step
+        from . import decode_kernels
+
+        if kernels is None:
+            kernels = decode_kernels.available(dev)
+        elif kernels and not decode_kernels.available(dev):
+            raise NotImplementedError(f"GraphStepper: the Triton decode kernels cannot run on {dev}")
+        self.kernels = bool(kernels)
         if compile:
             mode = compile if isinstance(compile, str) else None  # e.g. "max-autotune-no-cudagraphs"
             # coordinate-descent tuning of the generated kernels (as gpt-fast does for decoding): on an H100
@@ -207,6 +217,10 @@ class GraphStepper:
         blk, caches = self.model.blocks[s], self.caches[s]
         if isinstance(blk, TransformerBlock):
             rope = self.rope[s][pos] if self.rope[s] is not None else None
+            if self.kernels:
+                from .decode_kernels import transformer_stage_step as kernel_step
+
+                return kernel_step(blk, x, caches, rope, pos)
             return self.tf_step(blk, x, caches, rope, *self.slots[s][pos], self.fuse_linears)
         if pos == 0 and s > 0:  # a new inner sequence: fresh states
             for c in caches:

@@ -1,0 +1,265 @@
+"""Triton kernels for one decode position of a Transformer stage: four kernels per layer.
+
+At batch 1 a layer's step is four matrix-vector products plus a little elementwise work, and the cost is
+launches and poorly streamed weights rather than arithmetic: compiled with torch.compile the step of the 360M
+config's local layer took ~11 kernels and ~26 us on an H100 (RESULTS.md). Here each layer is
+
+1. ``_norm_matvec``: RMSNorm(x) @ W_qkv                                   -> qkv
+2. ``_attn_out``: RoPE(q, k), attention over the cached slots + the new one, @ W_out, + x -> x1; program 0
+   also writes the rotated k and v into the cache slot ``pos``
+3. ``_norm_swiglu``: silu(RMSNorm(x1) @ W_gate) * (RMSNorm(x1) @ W_up)       -> g
+4. ``_matvec_residual``: x1 + g @ W_down                                   -> x2
+
+Every kernel is a grid of row blocks of its weight (and one program row per batch element); each program
+recomputes what it needs from the small input vector (the norm of x, the attention of all heads over <= P
+slots: a few KB from L2) so no kernel waits on another program. Intermediate values are rounded to the
+activation dtype where the torch step rounds them (norm output, projections, RoPE, attention output), so the
+result matches ``generation.transformer_stage_step`` to rounding order.
+
+Tested on CPU with Triton's interpreter (``TRITON_INTERPRET=1``) against the torch step, and on CUDA.
+Block sizes are autotuned per weight shape on the first call (before CUDA-graph capture).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton ships with CUDA builds of torch
+    triton = None
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available(device: torch.device) -> bool:
+    """Whether the kernels can run on ``device`` (CUDA with Triton, or any device under the interpreter)."""
+    return triton is not None and (device.type == "cuda" or _INTERPRET)
+
+
+def _configs(pairs):
+    """Autotune candidates. Under the interpreter (which cannot time kernels) one small block, so the tests'
+    tiny shapes still take several row blocks and K chunks, with ragged ends."""
+    if _INTERPRET:
+        pairs = [(16, 16, 4)]
+    return [triton.Config({"BLOCK_R": r, "BLOCK_K": k}, num_warps=w) for r, k, w in pairs]
+
+
+if triton is not None:
+    _MATVEC = _configs([(4, 512, 4), (2, 1024, 4), (4, 256, 4), (8, 256, 4), (8, 512, 8), (16, 256, 8),
+                        (1, 1024, 4), (2, 512, 2)])
+    _ATTN = _configs([(4, 0, 4), (2, 0, 4), (1, 0, 4), (8, 0, 8), (4, 0, 8), (2, 0, 2)])
+
+    @triton.jit
+    def _inv_rms(x_ptr, K, eps, BLOCK_K: tl.constexpr):
+        ss = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs = k0 + tl.arange(0, BLOCK_K)
+            xv = tl.load(x_ptr + offs, mask=offs < K, other=0.0).to(tl.float32)
+            ss += xv * xv
+        return 1.0 / tl.sqrt(tl.sum(ss, 0) / K + eps)
+
+    @triton.jit
+    def _norm_rows_dot(x_ptr, g_ptr, w_ptr, rows, rmask, K, inv, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+        """sum_k W[rows, k] * round(x[k] * inv * g[k]) in fp32 (the RMSNorm output rounded like F.rms_norm's)."""
+        acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs = k0 + tl.arange(0, BLOCK_K)
+            km = offs < K
+            xv = tl.load(x_ptr + offs, mask=km, other=0.0)
+            gv = tl.load(g_ptr + offs, mask=km, other=0.0).to(tl.float32)
+            xn = (xv.to(tl.float32) * inv * gv).to(xv.dtype).to(tl.float32)
+            w = tl.load(w_ptr + rows[:, None] * K + offs[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
+            acc += tl.sum(w.to(tl.float32) * xn[None, :], 1)
+        return acc
+
+    @triton.autotune(configs=_MATVEC, key=["R", "K"])
+    @triton.jit
+    def _norm_matvec(x_ptr, g_ptr, w_ptr, b_ptr, out_ptr, R, K, eps, stride_x, stride_o,
+                     HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+        pid, n = tl.program_id(0), tl.program_id(1)
+        x_ptr += n * stride_x
+        inv = _inv_rms(x_ptr, K, eps, BLOCK_K)
+        rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+        rm = rows < R
+        y = _norm_rows_dot(x_ptr, g_ptr, w_ptr, rows, rm, K, inv, BLOCK_R, BLOCK_K)
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rows, mask=rm, other=0.0).to(tl.float32)
+        tl.store(out_ptr + n * stride_o + rows, y.to(out_ptr.dtype.element_ty), mask=rm)
+
+    @triton.autotune(configs=_MATVEC, key=["R", "K"])
+    @triton.jit
+    def _norm_swiglu(x_ptr, g_ptr, w_ptr, b_ptr, out_ptr, R, K, eps, stride_x, stride_o,
+                     HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+        """out[j] = silu(gate[j]) * up[j] with gate = W[j] . n(x), up = W[R + j] . n(x), j < R (hidden)."""
+        pid, n = tl.program_id(0), tl.program_id(1)
+        x_ptr += n * stride_x
+        inv = _inv_rms(x_ptr, K, eps, BLOCK_K)
+        rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+        rm = rows < R
+        gate = _norm_rows_dot(x_ptr, g_ptr, w_ptr, rows, rm, K, inv, BLOCK_R, BLOCK_K)
+        up = _norm_rows_dot(x_ptr, g_ptr, w_ptr, rows + R, rm, K, inv, BLOCK_R, BLOCK_K)
+        if HAS_BIAS:
+            gate += tl.load(b_ptr + rows, mask=rm, other=0.0).to(tl.float32)
+            up += tl.load(b_ptr + R + rows, mask=rm, other=0.0).to(tl.float32)
+        dt = out_ptr.dtype.element_ty
+        gate = gate.to(dt).to(tl.float32)
+        act = (gate * tl.sigmoid(gate)).to(dt).to(tl.float32)
+        tl.store(out_ptr + n * stride_o + rows, (act * up.to(dt).to(tl.float32)).to(dt), mask=rm)
+
+    @triton.autotune(configs=_MATVEC, key=["R", "K"])
+    @triton.jit
+    def _matvec_residual(h_ptr, w_ptr, b_ptr, x_ptr, out_ptr, R, K, stride_h, stride_x, stride_o,
+                         HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+        """out = x + round(W @ h)."""
+        pid, n = tl.program_id(0), tl.program_id(1)
+        rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+        rm = rows < R
+        acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs = k0 + tl.arange(0, BLOCK_K)
+            km = offs < K
+            hv = tl.load(h_ptr + n * stride_h + offs, mask=km, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + rows[:, None] * K + offs[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+            acc += tl.sum(w.to(tl.float32) * hv[None, :], 1)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rows, mask=rm, other=0.0).to(tl.float32)
+        dt = out_ptr.dtype.element_ty
+        xv = tl.load(x_ptr + n * stride_x + rows, mask=rm, other=0.0).to(tl.float32)
+        tl.store(out_ptr + n * stride_o + rows, (xv + acc.to(dt).to(tl.float32)).to(dt), mask=rm)
+
+    @triton.jit
+    def _rope(ptr, h, d, hdm, cos_ptr, sin_ptr, HD: tl.constexpr, HAS_ROPE: tl.constexpr):
+        """Load (H, hd) rows at ``ptr`` and rotate (first half, second half) pairs like layers.apply_rope."""
+        x = tl.load(ptr + h[:, None] * HD + d[None, :], mask=hdm, other=0.0)
+        if HAS_ROPE:
+            half: tl.constexpr = HD // 2
+            first = d < half
+            partner = tl.where(first, d + half, d - half)
+            xp = tl.load(ptr + h[:, None] * HD + partner[None, :], mask=hdm, other=0.0).to(tl.float32)
+            c = tl.load(cos_ptr + (d % half), mask=d < HD, other=0.0)
+            s = tl.load(sin_ptr + (d % half), mask=d < HD, other=0.0)
+            sign = tl.where(first, -1.0, 1.0)
+            x = (x.to(tl.float32) * c[None, :] + sign[None, :] * xp * s[None, :]).to(x.dtype)
+        return x
+
+    @triton.autotune(configs=_ATTN, key=["R", "P"])
+    @triton.jit
+    def _attn_out(qkv_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, w_ptr, b_ptr, x_ptr, out_ptr, pos, R, P, scale,
+                  stride_qkv, stride_cn, stride_x, stride_o,
+                  H: tl.constexpr, HD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_P: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+        """out = x + round(W_out @ attention); the cache is (N, H, P, hd) contiguous, slots < pos valid."""
+        pid, n = tl.program_id(0), tl.program_id(1)
+        h = tl.arange(0, BLOCK_H)
+        d = tl.arange(0, BLOCK_D)
+        hdm = (h[:, None] < H) & (d[None, :] < HD)
+        base = qkv_ptr + n * stride_qkv
+        q = _rope(base, h, d, hdm, cos_ptr, sin_ptr, HD, HAS_ROPE).to(tl.float32)
+        k = _rope(base + H * HD, h, d, hdm, cos_ptr, sin_ptr, HD, HAS_ROPE)
+        v = tl.load(base + 2 * H * HD + h[:, None] * HD + d[None, :], mask=hdm, other=0.0)
+        p = tl.arange(0, BLOCK_P)
+        slot = n * stride_cn + h[:, None, None] * (P * HD) + p[None, :, None] * HD + d[None, None, :]
+        cm = hdm[:, None, :] & (p[None, :, None] < pos)
+        kc = tl.load(kc_ptr + slot, mask=cm, other=0.0).to(tl.float32)  # (H, P, hd)
+        vc = tl.load(vc_ptr + slot, mask=cm, other=0.0).to(tl.float32)
+        sc = tl.sum(q[:, None, :] * kc, 2) * scale  # (H, P)
+        sc = tl.where(p[None, :] < pos, sc, float("-inf"))
+        sn = tl.sum(q * k.to(tl.float32), 1) * scale  # (H,) the new position
+        mx = tl.maximum(tl.max(sc, 1), sn)
+        e = tl.exp(sc - mx[:, None])
+        en = tl.exp(sn - mx)
+        y = (tl.sum(e[:, :, None] * vc, 1) + en[:, None] * v.to(tl.float32)) / (tl.sum(e, 1) + en)[:, None]
+        dt = out_ptr.dtype.element_ty
+        y = y.to(dt).to(tl.float32)  # (H, hd)
+        if pid == 0:  # the new slot, read by later positions (slots < pos are all this program reads)
+            new = n * stride_cn + h[:, None] * (P * HD) + pos * HD + d[None, :]
+            tl.store(kc_ptr + new, k, mask=hdm)
+            tl.store(vc_ptr + new, v, mask=hdm)
+        rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+        rm = rows < R
+        w = tl.load(w_ptr + rows[:, None, None] * (H * HD) + h[None, :, None] * HD + d[None, None, :],
+                    mask=rm[:, None, None] & hdm[None, :, :], other=0.0)
+        acc = tl.sum(tl.sum(w.to(tl.float32) * y[None, :, :], 2), 1)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rows, mask=rm, other=0.0).to(tl.float32)
+        xv = tl.load(x_ptr + n * stride_x + rows, mask=rm, other=0.0).to(tl.float32)
+        tl.store(out_ptr + n * stride_o + rows, (xv + acc.to(dt).to(tl.float32)).to(dt), mask=rm)
+
+
+def _grid(R: int, N: int):
+    return lambda meta: (triton.cdiv(R, meta["BLOCK_R"]), N)
+
+
+def _bias(lin):
+    return (lin.bias, True) if lin.bias is not None else (lin.weight, False)  # any pointer when absent
+
+
+def norm_linear(x: torch.Tensor, norm, lin) -> torch.Tensor:
+    """lin(norm(x)) for x (N, K) -> (N, R)."""
+    N, K = x.shape
+    R = lin.weight.shape[0]
+    out = torch.empty(N, R, dtype=x.dtype, device=x.device)
+    b, has_b = _bias(lin)
+    _norm_matvec[_grid(R, N)](x, norm.weight, lin.weight, b, out, R, K, norm.eps, x.stride(0), out.stride(0),
+                              HAS_BIAS=has_b)
+    return out
+
+
+def norm_swiglu(x: torch.Tensor, norm, gate_up) -> torch.Tensor:
+    """silu(gate) * up of ``gate_up(norm(x))`` split in halves; x (N, K) -> (N, hidden)."""
+    N, K = x.shape
+    R = gate_up.weight.shape[0] // 2
+    out = torch.empty(N, R, dtype=x.dtype, device=x.device)
+    b, has_b = _bias(gate_up)
+    _norm_swiglu[_grid(R, N)](x, norm.weight, gate_up.weight, b, out, R, K, norm.eps, x.stride(0),
+                              out.stride(0), HAS_BIAS=has_b)
+    return out
+
+
+def linear_residual(h: torch.Tensor, lin, x: torch.Tensor) -> torch.Tensor:
+    """x + lin(h); h (N, K), x (N, R)."""
+    N, K = h.shape
+    R = lin.weight.shape[0]
+    out = torch.empty_like(x)
+    b, has_b = _bias(lin)
+    _matvec_residual[_grid(R, N)](h, lin.weight, b, x, out, R, K, h.stride(0), x.stride(0), out.stride(0),
+                                  HAS_BIAS=has_b)
+    return out
+
+
+def attention_out_residual(qkv: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, rope, pos: int, attn,
+                           x: torch.Tensor) -> torch.Tensor:
+    """x + attn.out(attention of the new position ``pos`` over cache slots < pos and itself); writes the new
+    (rotated) k and v into slot ``pos`` of ``kc``/``vc`` (N, H, P, hd). ``rope``: (cos, sin) (1, hd/2) or None."""
+    N, H, P, hd = kc.shape
+    if not (kc.is_contiguous() and vc.is_contiguous()):
+        raise ValueError("attention_out_residual: the KV cache must be contiguous (N, H, P, hd)")
+    if not 0 <= pos < P:
+        raise ValueError(f"attention_out_residual: position {pos} outside the cache of {P} slots")
+    R = attn.out.weight.shape[0]
+    out = torch.empty_like(x)
+    b, has_b = _bias(attn.out)
+    cos, sin = rope if rope is not None else (qkv, qkv)
+    _attn_out[_grid(R, N)](qkv, kc, vc, cos, sin, attn.out.weight, b, x, out, pos, R, P, hd ** -0.5,
+                           qkv.stride(0), kc.stride(0), x.stride(0), out.stride(0), H=H, HD=hd,
+                           BLOCK_H=triton.next_power_of_2(H), BLOCK_D=triton.next_power_of_2(hd),
+                           BLOCK_P=triton.next_power_of_2(P), HAS_ROPE=rope is not None, HAS_BIAS=has_b)
+    return out
+
+
+def transformer_stage_step(blk, x: torch.Tensor, caches: list[dict], rope, pos: int) -> torch.Tensor:
+    """One position through every layer of a Transformer stage block on static KV buffers, as four Triton
+    kernels per layer; x (N, 1, D). Same contract as ``generation.transformer_stage_step`` with the position
+    given as an int (each CUDA graph of the stepper serves one position)."""
+    N, _, D = x.shape
+    h = x.reshape(N, D).contiguous()
+    for lay, c in zip(blk.layers, caches):
+        qkv = norm_linear(h, lay.norm1, lay.attn.qkv)
+        h = attention_out_residual(qkv, c["k"], c["v"], rope, pos, lay.attn, h)
+        h = linear_residual(norm_swiglu(h, lay.norm2, lay.mlp.gate_up), lay.mlp.down, h)
+    return blk.norm(h.view(N, 1, D))

@@ -1,0 +1,117 @@
+"""The Triton decode kernels of Transformer stages (omnibyte.model.decode_kernels) against the torch step.
+
+On CPU they run under Triton's interpreter (``TRITON_INTERPRET=1``, read when the kernels are defined, so in
+a subprocess); on CUDA (``-m gpu``) compiled, inside the CUDA-graph stepper."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from model_helpers import M2, M2K, tiny  # noqa: F401
+
+triton = pytest.importorskip("triton")
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+# 3 heads of 8 (H*hd = 24 != width 32) and a SwiGLU hidden of 40: blocks of 16 rows / 16 columns under the
+# interpreter leave ragged ends in every kernel
+TFK = {"name": "transformer", "heads": 3, "head_dim": 8, "mlp_hidden": 40}
+
+_SCRIPT = r"""
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+from model_helpers import tiny, M2
+from omnibyte.model.generation import GraphStepper
+TFK = json.loads(sys.argv[2])
+bias = sys.argv[3] == "1"
+m = tiny([(4, 32, M2), (4, 32, dict(TFK, bias=bias))])
+if bias:  # nn.Linear biases start at zero; make them matter
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if n.endswith(".bias"):
+                p.normal_(0, 0.1)
+x = torch.randint(0, 256, (2, 22))
+
+def run(model, kernels):
+    st = model.new_state(2)
+    gs = GraphStepper(model, st, use_graphs=False, kernels=kernels)
+    outs = [model.feed(st, x[:, :9])] + [gs.feed(x[:, t:t + 1]) for t in range(9, 21)]
+    return torch.stack(outs, 1), gs.kernels
+
+with torch.no_grad():
+    full = m(x)[:, 9:]
+    k32, used = run(m, True)
+    mb = m.to(torch.bfloat16)
+    kb, _ = run(mb, True)
+    tb, _ = run(mb, False)
+print(json.dumps(dict(used=used, err32=(k32 - full).abs().max().item(), errbf16=(kb - tb).abs().max().item(),
+                      scale=tb.abs().max().item())))
+"""
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_kernels_match_torch_step_interpreted(bias):
+    """fp32: the kernel step == full forward (to 1e-5); bf16: == the torch step within a few bf16 ulps."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-c", _SCRIPT, str(Path(__file__).parent), json.dumps(TFK),
+                          "1" if bias else "0"], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["used"] is True
+    assert r["err32"] < 1e-5, r
+    assert r["errbf16"] < 0.02 * max(1.0, r["scale"]), r
+
+
+def test_kernels_refused_where_they_cannot_run():
+    """Without CUDA (and without the interpreter) asking for the kernels is a clear error; the default falls
+    back to the torch step."""
+    from omnibyte.model import decode_kernels
+    from omnibyte.model.generation import GraphStepper
+
+    if decode_kernels.available(torch.device("cpu")):
+        pytest.skip("interpreter enabled in this process")
+    m = tiny([(4, 32, M2), (4, 32, TFK)])
+    st = m.new_state(1)
+    m.feed(st, torch.randint(0, 256, (1, 5)))
+    assert GraphStepper(m, st, use_graphs=False).kernels is False
+    with pytest.raises(NotImplementedError, match="Triton decode kernels"):
+        GraphStepper(m, st, use_graphs=False, kernels=True)
+
+
+def test_attention_kernel_rejects_bad_position():
+    from omnibyte.model import decode_kernels
+
+    kc = torch.zeros(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="outside the cache"):
+        decode_kernels.attention_out_residual(torch.zeros(1, 48), kc, kc.clone(), None, 4, None, torch.zeros(1, 16))
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_kernel_step_matches_torch_step(dtype):
+    """Compiled on CUDA: the kernel stepper's logits == the torch stepper's, same weights and bytes (eager,
+    no graphs), including a 16x64-head layer shaped like the 360M config's local stage."""
+    from omnibyte.model.blocks.mamba2 import load_mamba_kernels
+    from omnibyte.model.generation import GraphStepper
+
+    if load_mamba_kernels() is None:
+        pytest.skip("mamba-ssm Triton kernels not loadable")
+    tf = {"name": "transformer", "heads": 16, "head_dim": 64, "mlp_hidden": 1344}
+    m = tiny([(8, 1024, dict(M2K, d_state=32, headdim=64, chunk_size=16)), (8, 1024, tf)]).cuda().to(dtype)
+    x = torch.randint(0, 256, (2, 40), device="cuda")
+    res = []
+    with torch.no_grad():
+        for k in (True, False):
+            st = m.new_state(2)
+            gs = GraphStepper(m, st, use_graphs=False, kernels=k)
+            outs = [m.feed(st, x[:, :9])] + [gs.feed(x[:, t:t + 1]) for t in range(9, 39)]
+            res.append(torch.stack(outs, 1))
+    err = (res[0] - res[1]).abs().max().item()
+    tol = 1e-3 if dtype == torch.float32 else 0.03 * res[1].abs().max().item()
+    assert err < tol, (err, tol)
