@@ -147,10 +147,12 @@ class GraphStepper:
         self.tf_step, self.ssm_step = transformer_stage_step, ssm_stage_step
         from . import decode_kernels
 
+        fits = all(decode_kernels.supports(b) for b in blocks if isinstance(b, TransformerBlock))
         if kernels is None:
-            kernels = decode_kernels.available(dev)
-        elif kernels and not decode_kernels.available(dev):
-            raise NotImplementedError(f"GraphStepper: the Triton decode kernels cannot run on {dev}")
+            kernels = decode_kernels.available(dev) and fits
+        elif kernels and not (decode_kernels.available(dev) and fits):
+            raise NotImplementedError(f"GraphStepper: the Triton decode kernels cannot run on {dev} "
+                                      f"(or a layer is wider than {decode_kernels.MAX_K})")
         self.kernels = bool(kernels)
         if compile:
             mode = compile if isinstance(compile, str) else None  # e.g. "max-autotune-no-cudagraphs"
