@@ -22,6 +22,8 @@ Block sizes are autotuned per weight shape on the first call (before CUDA-graph 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 
 import torch
@@ -68,6 +70,14 @@ if triton is not None:
     # pass over x measured ~40% of HBM bandwidth on an H100: each step waited for the one before.)
 
     @triton.jit
+    def _after_prior(PDL: tl.constexpr):
+        """With programmatic dependent launch (PDL): let the next kernel start (its programs begin loading
+        their weights), then wait until the previous kernel has finished; everything it wrote is read after."""
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
+
+    @triton.jit
     def _normed(x_ptr, g_ptr, K, eps, BLOCK_K: tl.constexpr):
         """RMSNorm of the row at x_ptr (width K) in fp32, rounded to x's dtype like F.rms_norm's output."""
         offs = tl.arange(0, BLOCK_K)
@@ -87,11 +97,13 @@ if triton is not None:
     @triton.autotune(configs=_MATVEC, key=["R", "K"], prune_configs_by={"early_config_prune": _prune})
     @triton.jit
     def _norm_matvec(x_ptr, g_ptr, w_ptr, b_ptr, out_ptr, R, K, eps, stride_x, stride_o,
-                     HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+                     HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+                     BLOCK_R: tl.constexpr):
         pid, n = tl.program_id(0), tl.program_id(1)
         rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
         rm = rows < R
         w = _rows(w_ptr, rows, rm, K, BLOCK_K)
+        _after_prior(PDL)
         xn = _normed(x_ptr + n * stride_x, g_ptr, K, eps, BLOCK_K)
         y = tl.sum(w.to(tl.float32) * xn[None, :], 1)
         if HAS_BIAS:
@@ -101,13 +113,15 @@ if triton is not None:
     @triton.autotune(configs=_MATVEC, key=["R", "K"], prune_configs_by={"early_config_prune": _prune})
     @triton.jit
     def _norm_swiglu(x_ptr, g_ptr, w_ptr, b_ptr, out_ptr, R, K, eps, stride_x, stride_o,
-                     HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+                     HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+                     BLOCK_R: tl.constexpr):
         """out[j] = silu(gate[j]) * up[j] with gate = W[j] . n(x), up = W[R + j] . n(x), j < R (hidden)."""
         pid, n = tl.program_id(0), tl.program_id(1)
         rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
         rm = rows < R
         wg = _rows(w_ptr, rows, rm, K, BLOCK_K)
         wu = _rows(w_ptr, rows + R, rm, K, BLOCK_K)
+        _after_prior(PDL)
         xn = _normed(x_ptr + n * stride_x, g_ptr, K, eps, BLOCK_K)
         gate = tl.sum(wg.to(tl.float32) * xn[None, :], 1)
         up = tl.sum(wu.to(tl.float32) * xn[None, :], 1)
@@ -122,13 +136,15 @@ if triton is not None:
     @triton.autotune(configs=_MATVEC, key=["R", "K"], prune_configs_by={"early_config_prune": _prune})
     @triton.jit
     def _matvec_residual(h_ptr, w_ptr, b_ptr, x_ptr, out_ptr, R, K, stride_h, stride_x, stride_o,
-                         HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+                         HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+                     BLOCK_R: tl.constexpr):
         """out = x + round(W @ h)."""
         pid, n = tl.program_id(0), tl.program_id(1)
         rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
         rm = rows < R
         w = _rows(w_ptr, rows, rm, K, BLOCK_K)
         offs = tl.arange(0, BLOCK_K)
+        _after_prior(PDL)
         hv = tl.load(h_ptr + n * stride_h + offs, mask=offs < K, other=0.0).to(tl.float32)
         acc = tl.sum(w.to(tl.float32) * hv[None, :], 1)
         if HAS_BIAS:
@@ -157,7 +173,7 @@ if triton is not None:
     def _attn_out(qkv_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, w_ptr, b_ptr, x_ptr, out_ptr, pos, R, P, scale,
                   stride_qkv, stride_cn, stride_x, stride_o,
                   H: tl.constexpr, HD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_P: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  BLOCK_P: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr,
                   BLOCK_R: tl.constexpr):
         """out = x + round(W_out @ attention); the cache is (N, H, P, hd) contiguous, slots < pos valid."""
         pid, n = tl.program_id(0), tl.program_id(1)
@@ -168,6 +184,7 @@ if triton is not None:
         rm = rows < R
         w = tl.load(w_ptr + rows[:, None, None] * (H * HD) + h[None, :, None] * HD + d[None, None, :],
                     mask=rm[:, None, None] & hdm[None, :, :], other=0.0)  # (BLOCK_R, H, hd), first
+        _after_prior(PDL)
         base = qkv_ptr + n * stride_qkv
         q = _rope(base, h, d, hdm, cos_ptr, sin_ptr, HD, HAS_ROPE).to(tl.float32)
         k = _rope(base + H * HD, h, d, hdm, cos_ptr, sin_ptr, HD, HAS_ROPE)
@@ -201,6 +218,28 @@ def _grid(R: int, N: int):
     return lambda meta: (triton.cdiv(R, meta["BLOCK_R"]), N)
 
 
+use_pdl = True  # programmatic dependent launch on Hopper and newer (see _after_prior); False to compare
+
+
+@functools.cache
+def _pdl_supported(device: torch.device) -> bool:
+    if _INTERPRET or device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
+        return False
+    try:
+        import triton.language.extra.cuda as tlc
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return hasattr(tlc, "gdc_wait") and "launch_pdl" in {f.name for f in dataclasses.fields(CUDAOptions)}
+
+
+def _launch(x: torch.Tensor) -> dict:
+    """PDL flag (constexpr) and launch option for kernels on ``x``'s device."""
+    if use_pdl and _pdl_supported(x.device):
+        return {"PDL": True, "launch_pdl": True}
+    return {"PDL": False}
+
+
 def _block_k(K: int) -> int:
     if K > MAX_K:
         raise NotImplementedError(f"decode kernels: input width {K} > {MAX_K}")
@@ -225,7 +264,7 @@ def norm_linear(x: torch.Tensor, norm, lin) -> torch.Tensor:
     out = torch.empty(N, R, dtype=x.dtype, device=x.device)
     b, has_b = _bias(lin)
     _norm_matvec[_grid(R, N)](x, norm.weight, lin.weight, b, out, R, K, norm.eps, x.stride(0), out.stride(0),
-                              HAS_BIAS=has_b, BLOCK_K=_block_k(K))
+                              HAS_BIAS=has_b, BLOCK_K=_block_k(K), **_launch(x))
     return out
 
 
@@ -236,7 +275,7 @@ def norm_swiglu(x: torch.Tensor, norm, gate_up) -> torch.Tensor:
     out = torch.empty(N, R, dtype=x.dtype, device=x.device)
     b, has_b = _bias(gate_up)
     _norm_swiglu[_grid(R, N)](x, norm.weight, gate_up.weight, b, out, R, K, norm.eps, x.stride(0),
-                              out.stride(0), HAS_BIAS=has_b, BLOCK_K=_block_k(K))
+                              out.stride(0), HAS_BIAS=has_b, BLOCK_K=_block_k(K), **_launch(x))
     return out
 
 
@@ -247,7 +286,7 @@ def linear_residual(h: torch.Tensor, lin, x: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(x)
     b, has_b = _bias(lin)
     _matvec_residual[_grid(R, N)](h, lin.weight, b, x, out, R, K, h.stride(0), x.stride(0), out.stride(0),
-                                  HAS_BIAS=has_b, BLOCK_K=_block_k(K))
+                                  HAS_BIAS=has_b, BLOCK_K=_block_k(K), **_launch(x))
     return out
 
 
@@ -267,7 +306,7 @@ def attention_out_residual(qkv: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor
     _attn_out[_grid(R, N)](qkv, kc, vc, cos, sin, attn.out.weight, b, x, out, pos, R, P, hd ** -0.5,
                            qkv.stride(0), kc.stride(0), x.stride(0), out.stride(0), H=H, HD=hd,
                            BLOCK_H=triton.next_power_of_2(H), BLOCK_D=triton.next_power_of_2(hd),
-                           BLOCK_P=triton.next_power_of_2(P), HAS_ROPE=rope is not None, HAS_BIAS=has_b)
+                           BLOCK_P=triton.next_power_of_2(P), HAS_ROPE=rope is not None, HAS_BIAS=has_b, **_launch(x))
     return out
 
 
