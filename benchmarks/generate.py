@@ -53,7 +53,7 @@ def bench_omnibyte(args, model, ctx: int) -> dict:
                 new_bytes=args.new, prefill_s=round(prefill, 3), bytes_per_s=round(args.new / dt, 1),
                 ms_per_byte=round(1000 * dt / args.new, 3), graph=bool(args.graph), compile=args.compile,
                 fuse_linears=bool(args.fuse_linears), kernels=stepper.kernels if stepper else None,
-                pdl=bool(args.pdl), inductor_pdl=bool(args.inductor_pdl),
+                pdl=bool(args.pdl),
                 peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev == "cuda" else None)
 
 
@@ -105,7 +105,6 @@ def main() -> None:
     p.add_argument("--kernels", default="auto", help="--graph: Triton decode kernels for Transformer stages "
                    "(auto: on CUDA; 1/0)")
     p.add_argument("--pdl", type=int, default=1, help="decode kernels: programmatic dependent launch (1/0)")
-    p.add_argument("--inductor-pdl", type=int, default=0, help="--compile: inductor's PDL (1/0)")
     p.add_argument("--fuse-linears", type=int, default=1, help="--compile: GraphStepper.fuse_linears (1/0)")
     p.add_argument("--profile", type=int, default=0, help="print the top N CUDA kernels of two eager steps")
     p.add_argument("--dtype", default="bfloat16")
@@ -114,7 +113,6 @@ def main() -> None:
     from omnibyte.model.generation import GraphStepper
 
     GraphStepper.fuse_linears = bool(args.fuse_linears)
-    GraphStepper.inductor_pdl = bool(args.inductor_pdl)
     from omnibyte.model import decode_kernels
 
     decode_kernels.use_pdl = bool(args.pdl)

@@ -122,8 +122,6 @@ class GraphStepper:
     # compiled steps: matrix-vector products as fused products and sums (see _lin); on an H100 (360M config)
     # 1,361 vs 1,207 bytes/s with aten's GEMV in the same job
     fuse_linears = True
-    # compiled steps: inductor's programmatic dependent launch (Hopper+), when this torch has it
-    inductor_pdl = False
 
     def __init__(self, model, state: GenerationState, use_graphs: bool | None = None,
                  compile: bool | str = False, kernels: bool | None = None):
@@ -160,13 +158,8 @@ class GraphStepper:
             mode = compile if isinstance(compile, str) else None  # e.g. "max-autotune-no-cudagraphs"
             # coordinate-descent tuning of the generated kernels (as gpt-fast does for decoding): on an H100
             # 1,473 vs 1,361 bytes/s for the 360M config (two jobs)
-            opts = {"coordinate_descent_tuning": True}
-            import torch._inductor.config as inductor_config
-
-            if self.inductor_pdl and hasattr(inductor_config.triton, "enable_pdl"):
-                opts["triton.enable_pdl"] = True
             tuned = lambda fn: _with_inductor_config(  # noqa: E731
-                torch.compile(fn, dynamic=False, fullgraph=True, mode=mode), **opts)
+                torch.compile(fn, dynamic=False, fullgraph=True, mode=mode), coordinate_descent_tuning=True)
             self.tf_step, self.ssm_step = tuned(transformer_stage_step), tuned(ssm_stage_step)
 
     # -- conversion of the eager state to static buffers ------------------------------------------
