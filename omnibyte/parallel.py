@@ -210,6 +210,7 @@ def parallelize(model: nn.Module, info: DistInfo, tcfg, pcfg, bf16: bool) -> nn.
         # the root (embeddings, head, ...) stays gathered from forward to backward: the chunked loss
         # re-runs the head inside backward, and backward needs these weights first anyway
         fully_shard(model, reshard_after_forward=False, **kw)
+        log.info("FSDP2: %d blocks sharded, then the root", len(blocks))
         return model
     return model
 
