@@ -83,6 +83,19 @@ def test_kernels_refused_where_they_cannot_run():
         GraphStepper(m, st, use_graphs=False, kernels=True)
 
 
+def test_supports_checks_width_and_layout():
+    from omnibyte.model import decode_kernels
+
+    m = tiny([(4, 32, M2), (4, 32, TFK)])
+    blk = m.blocks[1]
+    assert decode_kernels.supports(blk)
+    lin = blk.layers[1].mlp.down
+    lin.weight = torch.nn.Parameter(torch.randn(lin.in_features, lin.out_features).t())  # same shape, strided
+    assert not decode_kernels.supports(blk)
+    wide = tiny([(4, 32, M2), (4, 32, dict(TFK, mlp_hidden=decode_kernels.MAX_K + 64))])
+    assert not decode_kernels.supports(wide.blocks[1])
+
+
 def test_attention_kernel_rejects_bad_position():
     from omnibyte.model import decode_kernels
 

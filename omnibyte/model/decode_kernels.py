@@ -247,10 +247,13 @@ def _block_k(K: int) -> int:
 
 
 def supports(blk) -> bool:
-    """Whether a Transformer stage block's layer widths fit the kernels (whole rows per program)."""
-    lay = blk.layers[0] if len(blk.layers) else None
-    return lay is None or max(lay.attn.qkv.in_features, lay.mlp.down.in_features,
-                              lay.attn.out.in_features) <= MAX_K
+    """Whether a Transformer stage block fits the kernels: layer widths <= MAX_K (whole rows per program) and
+    contiguous weights (the kernels index rows as ``row * width``)."""
+    for lay in blk.layers:
+        lins = (lay.attn.qkv, lay.attn.out, lay.mlp.gate_up, lay.mlp.down)
+        if max(lin.in_features for lin in lins) > MAX_K or not all(lin.weight.is_contiguous() for lin in lins):
+            return False
+    return True
 
 
 def _bias(lin):
