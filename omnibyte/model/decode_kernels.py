@@ -7,7 +7,7 @@ config's local layer took ~11 kernels and ~26 us on an H100 (RESULTS.md). Here e
 1. ``_norm_matvec``: RMSNorm(x) @ W_qkv                                   -> qkv
 2. ``_attn_out``: RoPE(q, k), attention over the cached slots + the new one, @ W_out, + x -> x1; program 0
    also writes the rotated k and v into the cache slot ``pos``
-3. ``_norm_swiglu``: silu(RMSNorm(x1) @ W_gate) * (RMSNorm(x1) @ W_up)       -> g
+3. ``_norm_matvec`` (SWIGLU): silu(RMSNorm(x1) @ W_gate) * (RMSNorm(x1) @ W_up) -> g
 4. ``_matvec_residual``: x1 + g @ W_down                                   -> x2
 
 Every kernel is a grid of row blocks of its weight (and one program row per batch element); each program
@@ -94,50 +94,48 @@ if triton is not None:
         return tl.load(w_ptr + rows[:, None] * K + offs[None, :], mask=rm[:, None] & (offs < K)[None, :],
                        other=0.0)
 
-    @triton.autotune(configs=_MATVEC, key=["R", "K"], prune_configs_by={"early_config_prune": _prune})
+    @triton.jit
+    def _store_residual(acc, b_ptr, x_ptr, out_ptr, rows, rm, HAS_BIAS: tl.constexpr):
+        """out[rows] = x[rows] + round(acc + bias[rows]) (x_ptr, out_ptr: this batch row), rounded like torch's
+        ``x + linear(...)`` in the activation dtype."""
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rows, mask=rm, other=0.0).to(tl.float32)
+        dt = out_ptr.dtype.element_ty
+        xv = tl.load(x_ptr + rows, mask=rm, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rows, (xv + acc.to(dt).to(tl.float32)).to(dt), mask=rm)
+
+    @triton.autotune(configs=_MATVEC, key=["R", "K", "SWIGLU"], prune_configs_by={"early_config_prune": _prune})
     @triton.jit
     def _norm_matvec(x_ptr, g_ptr, w_ptr, b_ptr, out_ptr, R, K, eps, stride_x, stride_o,
-                     HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, SWIGLU: tl.constexpr,
                      BLOCK_R: tl.constexpr):
+        """out[j] = W[j] . n(x) for j < R; SWIGLU: out[j] = silu(gate[j]) * up[j] with gate = W[j] . n(x) and
+        up = W[R + j] . n(x) (R = the hidden size, W = [W_gate; W_up])."""
         pid, n = tl.program_id(0), tl.program_id(1)
         rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
         rm = rows < R
         w = _rows(w_ptr, rows, rm, K, BLOCK_K)
+        if SWIGLU:
+            wu = _rows(w_ptr, rows + R, rm, K, BLOCK_K)
         _after_prior(PDL)
         xn = _normed(x_ptr + n * stride_x, g_ptr, K, eps, BLOCK_K)
         y = tl.sum(w.to(tl.float32) * xn[None, :], 1)
         if HAS_BIAS:
             y += tl.load(b_ptr + rows, mask=rm, other=0.0).to(tl.float32)
-        tl.store(out_ptr + n * stride_o + rows, y.to(out_ptr.dtype.element_ty), mask=rm)
-
-    @triton.autotune(configs=_MATVEC, key=["R", "K"], prune_configs_by={"early_config_prune": _prune})
-    @triton.jit
-    def _norm_swiglu(x_ptr, g_ptr, w_ptr, b_ptr, out_ptr, R, K, eps, stride_x, stride_o,
-                     HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-                     BLOCK_R: tl.constexpr):
-        """out[j] = silu(gate[j]) * up[j] with gate = W[j] . n(x), up = W[R + j] . n(x), j < R (hidden)."""
-        pid, n = tl.program_id(0), tl.program_id(1)
-        rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-        rm = rows < R
-        wg = _rows(w_ptr, rows, rm, K, BLOCK_K)
-        wu = _rows(w_ptr, rows + R, rm, K, BLOCK_K)
-        _after_prior(PDL)
-        xn = _normed(x_ptr + n * stride_x, g_ptr, K, eps, BLOCK_K)
-        gate = tl.sum(wg.to(tl.float32) * xn[None, :], 1)
-        up = tl.sum(wu.to(tl.float32) * xn[None, :], 1)
-        if HAS_BIAS:
-            gate += tl.load(b_ptr + rows, mask=rm, other=0.0).to(tl.float32)
-            up += tl.load(b_ptr + R + rows, mask=rm, other=0.0).to(tl.float32)
         dt = out_ptr.dtype.element_ty
-        gate = gate.to(dt).to(tl.float32)
-        act = (gate * tl.sigmoid(gate)).to(dt).to(tl.float32)
-        tl.store(out_ptr + n * stride_o + rows, (act * up.to(dt).to(tl.float32)).to(dt), mask=rm)
+        if SWIGLU:
+            up = tl.sum(wu.to(tl.float32) * xn[None, :], 1)
+            if HAS_BIAS:
+                up += tl.load(b_ptr + R + rows, mask=rm, other=0.0).to(tl.float32)
+            gate = y.to(dt).to(tl.float32)
+            y = (gate * tl.sigmoid(gate)).to(dt).to(tl.float32) * up.to(dt).to(tl.float32)
+        tl.store(out_ptr + n * stride_o + rows, y.to(dt), mask=rm)
 
     @triton.autotune(configs=_MATVEC, key=["R", "K"], prune_configs_by={"early_config_prune": _prune})
     @triton.jit
     def _matvec_residual(h_ptr, w_ptr, b_ptr, x_ptr, out_ptr, R, K, stride_h, stride_x, stride_o,
                          HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-                     BLOCK_R: tl.constexpr):
+                         BLOCK_R: tl.constexpr):
         """out = x + round(W @ h)."""
         pid, n = tl.program_id(0), tl.program_id(1)
         rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -147,11 +145,7 @@ if triton is not None:
         _after_prior(PDL)
         hv = tl.load(h_ptr + n * stride_h + offs, mask=offs < K, other=0.0).to(tl.float32)
         acc = tl.sum(w.to(tl.float32) * hv[None, :], 1)
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + rows, mask=rm, other=0.0).to(tl.float32)
-        dt = out_ptr.dtype.element_ty
-        xv = tl.load(x_ptr + n * stride_x + rows, mask=rm, other=0.0).to(tl.float32)
-        tl.store(out_ptr + n * stride_o + rows, (xv + acc.to(dt).to(tl.float32)).to(dt), mask=rm)
+        _store_residual(acc, b_ptr, x_ptr + n * stride_x, out_ptr + n * stride_o, rows, rm, HAS_BIAS)
 
     @triton.jit
     def _rope(ptr, h, d, hdm, cos_ptr, sin_ptr, HD: tl.constexpr, HAS_ROPE: tl.constexpr):
@@ -208,10 +202,7 @@ if triton is not None:
             tl.store(kc_ptr + new, k, mask=hdm)
             tl.store(vc_ptr + new, v, mask=hdm)
         acc = tl.sum(tl.sum(w.to(tl.float32) * y[None, :, :], 2), 1)
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + rows, mask=rm, other=0.0).to(tl.float32)
-        xv = tl.load(x_ptr + n * stride_x + rows, mask=rm, other=0.0).to(tl.float32)
-        tl.store(out_ptr + n * stride_o + rows, (xv + acc.to(dt).to(tl.float32)).to(dt), mask=rm)
+        _store_residual(acc, b_ptr, x_ptr + n * stride_x, out_ptr + n * stride_o, rows, rm, HAS_BIAS)
 
 
 def _grid(R: int, N: int):
@@ -267,7 +258,7 @@ def norm_linear(x: torch.Tensor, norm, lin) -> torch.Tensor:
     out = torch.empty(N, R, dtype=x.dtype, device=x.device)
     b, has_b = _bias(lin)
     _norm_matvec[_grid(R, N)](x, norm.weight, lin.weight, b, out, R, K, norm.eps, x.stride(0), out.stride(0),
-                              HAS_BIAS=has_b, BLOCK_K=_block_k(K), **_launch(x))
+                              HAS_BIAS=has_b, BLOCK_K=_block_k(K), SWIGLU=False, **_launch(x))
     return out
 
 
@@ -277,8 +268,8 @@ def norm_swiglu(x: torch.Tensor, norm, gate_up) -> torch.Tensor:
     R = gate_up.weight.shape[0] // 2
     out = torch.empty(N, R, dtype=x.dtype, device=x.device)
     b, has_b = _bias(gate_up)
-    _norm_swiglu[_grid(R, N)](x, norm.weight, gate_up.weight, b, out, R, K, norm.eps, x.stride(0),
-                              out.stride(0), HAS_BIAS=has_b, BLOCK_K=_block_k(K), **_launch(x))
+    _norm_matvec[_grid(R, N)](x, norm.weight, gate_up.weight, b, out, R, K, norm.eps, x.stride(0),
+                              out.stride(0), HAS_BIAS=has_b, BLOCK_K=_block_k(K), SWIGLU=True, **_launch(x))
     return out
 
 
