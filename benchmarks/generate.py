@@ -22,10 +22,10 @@ from _common import build_mblm, build_omnibyte, device_name, emit, now, stub_sel
 
 def bench_omnibyte(args, model, ctx: int) -> dict:
     dev = args.device
-    prompt = torch.randint(0, 256, (1, ctx), device=dev)
+    prompt = torch.randint(0, 256, (args.batch, ctx), device=dev)
     sync(dev)
     t0 = now()
-    state = model.new_state(1)
+    state = model.new_state(args.batch)
     logits = model.feed(state, prompt)
     sync(dev)
     prefill = now() - t0
@@ -50,7 +50,7 @@ def bench_omnibyte(args, model, ctx: int) -> dict:
     if stepper is not None and args.profile and stepper.ready:
         profile_steps(stepper, args.profile)
     return dict(bench="generate", impl="omnibyte", preset=args.preset, device=device_name(dev), context=ctx,
-                new_bytes=args.new, prefill_s=round(prefill, 3), bytes_per_s=round(args.new / dt, 1),
+                batch=args.batch, new_bytes=args.new, prefill_s=round(prefill, 3), bytes_per_s=round(args.new / dt, 1),
                 ms_per_byte=round(1000 * dt / args.new, 3), graph=bool(args.graph), compile=args.compile,
                 fuse_linears=bool(args.fuse_linears), kernels=stepper.kernels if stepper else None,
                 pdl=bool(args.pdl),
@@ -97,6 +97,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--contexts", default="1024,4096,16384,65536,262144,1048576")
     p.add_argument("--new", type=int, default=256)
+    p.add_argument("--batch", type=int, default=1, help="sequences decoded together (bytes_per_s is per sequence)")
     p.add_argument("--warm", type=int, default=16)
     p.add_argument("--graph", action="store_true")
     p.add_argument("--compile", nargs="?", const=True, default=False,

@@ -10,9 +10,10 @@ config's local layer took ~11 kernels and ~26 us on an H100 (RESULTS.md). Here e
 3. ``_norm_matvec`` (SWIGLU): silu(RMSNorm(x1) @ W_gate) * (RMSNorm(x1) @ W_up) -> g
 4. ``_matvec_residual``: x1 + g @ W_down                                   -> x2
 
-Every kernel is a grid of row blocks of its weight (and one program row per batch element); each program
-recomputes what it needs from the small input vector (the norm of x, the attention of all heads over <= P
-slots: a few KB from L2) so no kernel waits on another program. Intermediate values are rounded to the
+Every kernel is a grid of row blocks of its weight; a program loads its block once and loops over the batch
+rows (so a batch of N reads the weights once, not N times; up to ``MAX_ROWS`` rows the stepper uses these
+kernels). Each program recomputes what it needs from the small input vectors (the norm of x, the attention of
+all heads over <= P slots: a few KB from L2) so no kernel waits on another program. Intermediate values are rounded to the
 activation dtype where the torch step rounds them (norm output, projections, RoPE, attention output), so the
 result matches ``generation.transformer_stage_step`` to rounding order.
 
@@ -43,6 +44,7 @@ def available(device: torch.device) -> bool:
 
 
 MAX_K = 4096  # each program holds whole rows of its weight block (input widths up to this)
+MAX_ROWS = 16  # GraphStepper uses the kernels up to this batch size (each program loops over the rows)
 
 
 def _configs(pairs):
@@ -104,48 +106,49 @@ if triton is not None:
         xv = tl.load(x_ptr + rows, mask=rm, other=0.0).to(tl.float32)
         tl.store(out_ptr + rows, (xv + acc.to(dt).to(tl.float32)).to(dt), mask=rm)
 
-    @triton.autotune(configs=_MATVEC, key=["R", "K", "SWIGLU"], prune_configs_by={"early_config_prune": _prune})
+    @triton.autotune(configs=_MATVEC, key=["R", "K", "N", "SWIGLU"],
+                     prune_configs_by={"early_config_prune": _prune})
     @triton.jit
-    def _norm_matvec(x_ptr, g_ptr, w_ptr, b_ptr, out_ptr, R, K, eps, stride_x, stride_o,
+    def _norm_matvec(x_ptr, g_ptr, w_ptr, b_ptr, out_ptr, R, K, N, eps, stride_x, stride_o,
                      HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, SWIGLU: tl.constexpr,
                      BLOCK_R: tl.constexpr):
-        """out[j] = W[j] . n(x) for j < R; SWIGLU: out[j] = silu(gate[j]) * up[j] with gate = W[j] . n(x) and
-        up = W[R + j] . n(x) (R = the hidden size, W = [W_gate; W_up])."""
-        pid, n = tl.program_id(0), tl.program_id(1)
-        rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+        """out[n, j] = W[j] . n(x[n]) for j < R; SWIGLU: out[n, j] = silu(gate) * up with gate = W[j] . n(x[n])
+        and up = W[R + j] . n(x[n]) (R = the hidden size, W = [W_gate; W_up])."""
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         rm = rows < R
         w = _rows(w_ptr, rows, rm, K, BLOCK_K)
         if SWIGLU:
             wu = _rows(w_ptr, rows + R, rm, K, BLOCK_K)
         _after_prior(PDL)
-        xn = _normed(x_ptr + n * stride_x, g_ptr, K, eps, BLOCK_K)
-        y = tl.sum(w.to(tl.float32) * xn[None, :], 1)
-        if HAS_BIAS:
-            y += tl.load(b_ptr + rows, mask=rm, other=0.0).to(tl.float32)
         dt = out_ptr.dtype.element_ty
-        if SWIGLU:
-            up = tl.sum(wu.to(tl.float32) * xn[None, :], 1)
+        for n in range(N):  # the weight block is read once for all rows
+            xn = _normed(x_ptr + n * stride_x, g_ptr, K, eps, BLOCK_K)
+            y = tl.sum(w.to(tl.float32) * xn[None, :], 1)
             if HAS_BIAS:
-                up += tl.load(b_ptr + R + rows, mask=rm, other=0.0).to(tl.float32)
-            gate = y.to(dt).to(tl.float32)
-            y = (gate * tl.sigmoid(gate)).to(dt).to(tl.float32) * up.to(dt).to(tl.float32)
-        tl.store(out_ptr + n * stride_o + rows, y.to(dt), mask=rm)
+                y += tl.load(b_ptr + rows, mask=rm, other=0.0).to(tl.float32)
+            if SWIGLU:
+                up = tl.sum(wu.to(tl.float32) * xn[None, :], 1)
+                if HAS_BIAS:
+                    up += tl.load(b_ptr + R + rows, mask=rm, other=0.0).to(tl.float32)
+                gate = y.to(dt).to(tl.float32)
+                y = (gate * tl.sigmoid(gate)).to(dt).to(tl.float32) * up.to(dt).to(tl.float32)
+            tl.store(out_ptr + n * stride_o + rows, y.to(dt), mask=rm)
 
-    @triton.autotune(configs=_MATVEC, key=["R", "K"], prune_configs_by={"early_config_prune": _prune})
+    @triton.autotune(configs=_MATVEC, key=["R", "K", "N"], prune_configs_by={"early_config_prune": _prune})
     @triton.jit
-    def _matvec_residual(h_ptr, w_ptr, b_ptr, x_ptr, out_ptr, R, K, stride_h, stride_x, stride_o,
+    def _matvec_residual(h_ptr, w_ptr, b_ptr, x_ptr, out_ptr, R, K, N, stride_h, stride_x, stride_o,
                          HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
                          BLOCK_R: tl.constexpr):
-        """out = x + round(W @ h)."""
-        pid, n = tl.program_id(0), tl.program_id(1)
-        rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+        """out[n] = x[n] + round(W @ h[n])."""
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         rm = rows < R
         w = _rows(w_ptr, rows, rm, K, BLOCK_K)
         offs = tl.arange(0, BLOCK_K)
         _after_prior(PDL)
-        hv = tl.load(h_ptr + n * stride_h + offs, mask=offs < K, other=0.0).to(tl.float32)
-        acc = tl.sum(w.to(tl.float32) * hv[None, :], 1)
-        _store_residual(acc, b_ptr, x_ptr + n * stride_x, out_ptr + n * stride_o, rows, rm, HAS_BIAS)
+        for n in range(N):
+            hv = tl.load(h_ptr + n * stride_h + offs, mask=offs < K, other=0.0).to(tl.float32)
+            acc = tl.sum(w.to(tl.float32) * hv[None, :], 1)
+            _store_residual(acc, b_ptr, x_ptr + n * stride_x, out_ptr + n * stride_o, rows, rm, HAS_BIAS)
 
     @triton.jit
     def _rope(ptr, h, d, hdm, cos_ptr, sin_ptr, HD: tl.constexpr, HAS_ROPE: tl.constexpr):
@@ -162,15 +165,15 @@ if triton is not None:
             x = (x.to(tl.float32) * c[None, :] + sign[None, :] * xp * s[None, :]).to(x.dtype)
         return x
 
-    @triton.autotune(configs=_ATTN, key=["R", "P"])
+    @triton.autotune(configs=_ATTN, key=["R", "P", "N"])
     @triton.jit
-    def _attn_out(qkv_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, w_ptr, b_ptr, x_ptr, out_ptr, pos, R, P, scale,
+    def _attn_out(qkv_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, w_ptr, b_ptr, x_ptr, out_ptr, pos, R, N, P, scale,
                   stride_qkv, stride_cn, stride_x, stride_o,
                   H: tl.constexpr, HD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
                   BLOCK_P: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr,
                   BLOCK_R: tl.constexpr):
-        """out = x + round(W_out @ attention); the cache is (N, H, P, hd) contiguous, slots < pos valid."""
-        pid, n = tl.program_id(0), tl.program_id(1)
+        """out[n] = x[n] + round(W_out @ attention(n)); the cache is (N, H, P, hd) contiguous, slots < pos valid."""
+        pid = tl.program_id(0)
         h = tl.arange(0, BLOCK_H)
         d = tl.arange(0, BLOCK_D)
         hdm = (h[:, None] < H) & (d[None, :] < HD)
@@ -179,34 +182,35 @@ if triton is not None:
         w = tl.load(w_ptr + rows[:, None, None] * (H * HD) + h[None, :, None] * HD + d[None, None, :],
                     mask=rm[:, None, None] & hdm[None, :, :], other=0.0)  # (BLOCK_R, H, hd), first
         _after_prior(PDL)
-        base = qkv_ptr + n * stride_qkv
-        q = _rope(base, h, d, hdm, cos_ptr, sin_ptr, HD, HAS_ROPE).to(tl.float32)
-        k = _rope(base + H * HD, h, d, hdm, cos_ptr, sin_ptr, HD, HAS_ROPE)
-        v = tl.load(base + 2 * H * HD + h[:, None] * HD + d[None, :], mask=hdm, other=0.0)
         p = tl.arange(0, BLOCK_P)
-        slot = n * stride_cn + h[:, None, None] * (P * HD) + p[None, :, None] * HD + d[None, None, :]
         cm = hdm[:, None, :] & (p[None, :, None] < pos)
-        kc = tl.load(kc_ptr + slot, mask=cm, other=0.0).to(tl.float32)  # (H, P, hd)
-        vc = tl.load(vc_ptr + slot, mask=cm, other=0.0).to(tl.float32)
-        sc = tl.sum(q[:, None, :] * kc, 2) * scale  # (H, P)
-        sc = tl.where(p[None, :] < pos, sc, float("-inf"))
-        sn = tl.sum(q * k.to(tl.float32), 1) * scale  # (H,) the new position
-        mx = tl.maximum(tl.max(sc, 1), sn)
-        e = tl.exp(sc - mx[:, None])
-        en = tl.exp(sn - mx)
-        y = (tl.sum(e[:, :, None] * vc, 1) + en[:, None] * v.to(tl.float32)) / (tl.sum(e, 1) + en)[:, None]
         dt = out_ptr.dtype.element_ty
-        y = y.to(dt).to(tl.float32)  # (H, hd)
-        if pid == 0:  # the new slot, read by later positions (slots < pos are all this program reads)
-            new = n * stride_cn + h[:, None] * (P * HD) + pos * HD + d[None, :]
-            tl.store(kc_ptr + new, k, mask=hdm)
-            tl.store(vc_ptr + new, v, mask=hdm)
-        acc = tl.sum(tl.sum(w.to(tl.float32) * y[None, :, :], 2), 1)
-        _store_residual(acc, b_ptr, x_ptr + n * stride_x, out_ptr + n * stride_o, rows, rm, HAS_BIAS)
+        for n in range(N):
+            base = qkv_ptr + n * stride_qkv
+            q = _rope(base, h, d, hdm, cos_ptr, sin_ptr, HD, HAS_ROPE).to(tl.float32)
+            k = _rope(base + H * HD, h, d, hdm, cos_ptr, sin_ptr, HD, HAS_ROPE)
+            v = tl.load(base + 2 * H * HD + h[:, None] * HD + d[None, :], mask=hdm, other=0.0)
+            slot = n * stride_cn + h[:, None, None] * (P * HD) + p[None, :, None] * HD + d[None, None, :]
+            kc = tl.load(kc_ptr + slot, mask=cm, other=0.0).to(tl.float32)  # (H, P, hd)
+            vc = tl.load(vc_ptr + slot, mask=cm, other=0.0).to(tl.float32)
+            sc = tl.sum(q[:, None, :] * kc, 2) * scale  # (H, P)
+            sc = tl.where(p[None, :] < pos, sc, float("-inf"))
+            sn = tl.sum(q * k.to(tl.float32), 1) * scale  # (H,) the new position
+            mx = tl.maximum(tl.max(sc, 1), sn)
+            e = tl.exp(sc - mx[:, None])
+            en = tl.exp(sn - mx)
+            y = (tl.sum(e[:, :, None] * vc, 1) + en[:, None] * v.to(tl.float32)) / (tl.sum(e, 1) + en)[:, None]
+            y = y.to(dt).to(tl.float32)  # (H, hd)
+            if pid == 0:  # the new slot, read by later positions (slots < pos are all this program reads)
+                new = n * stride_cn + h[:, None] * (P * HD) + pos * HD + d[None, :]
+                tl.store(kc_ptr + new, k, mask=hdm)
+                tl.store(vc_ptr + new, v, mask=hdm)
+            acc = tl.sum(tl.sum(w.to(tl.float32) * y[None, :, :], 2), 1)
+            _store_residual(acc, b_ptr, x_ptr + n * stride_x, out_ptr + n * stride_o, rows, rm, HAS_BIAS)
 
 
-def _grid(R: int, N: int):
-    return lambda meta: (triton.cdiv(R, meta["BLOCK_R"]), N)
+def _grid(R: int):
+    return lambda meta: (triton.cdiv(R, meta["BLOCK_R"]),)
 
 
 use_pdl = True  # programmatic dependent launch on Hopper and newer (see _after_prior); False to compare
@@ -257,7 +261,7 @@ def norm_linear(x: torch.Tensor, norm, lin) -> torch.Tensor:
     R = lin.weight.shape[0]
     out = torch.empty(N, R, dtype=x.dtype, device=x.device)
     b, has_b = _bias(lin)
-    _norm_matvec[_grid(R, N)](x, norm.weight, lin.weight, b, out, R, K, norm.eps, x.stride(0), out.stride(0),
+    _norm_matvec[_grid(R)](x, norm.weight, lin.weight, b, out, R, K, N, norm.eps, x.stride(0), out.stride(0),
                               HAS_BIAS=has_b, BLOCK_K=_block_k(K), SWIGLU=False, **_launch(x))
     return out
 
@@ -268,7 +272,7 @@ def norm_swiglu(x: torch.Tensor, norm, gate_up) -> torch.Tensor:
     R = gate_up.weight.shape[0] // 2
     out = torch.empty(N, R, dtype=x.dtype, device=x.device)
     b, has_b = _bias(gate_up)
-    _norm_matvec[_grid(R, N)](x, norm.weight, gate_up.weight, b, out, R, K, norm.eps, x.stride(0),
+    _norm_matvec[_grid(R)](x, norm.weight, gate_up.weight, b, out, R, K, N, norm.eps, x.stride(0),
                               out.stride(0), HAS_BIAS=has_b, BLOCK_K=_block_k(K), SWIGLU=True, **_launch(x))
     return out
 
@@ -279,7 +283,7 @@ def linear_residual(h: torch.Tensor, lin, x: torch.Tensor) -> torch.Tensor:
     R = lin.weight.shape[0]
     out = torch.empty_like(x)
     b, has_b = _bias(lin)
-    _matvec_residual[_grid(R, N)](h, lin.weight, b, x, out, R, K, h.stride(0), x.stride(0), out.stride(0),
+    _matvec_residual[_grid(R)](h, lin.weight, b, x, out, R, K, N, h.stride(0), x.stride(0), out.stride(0),
                                   HAS_BIAS=has_b, BLOCK_K=_block_k(K), **_launch(x))
     return out
 
@@ -297,7 +301,7 @@ def attention_out_residual(qkv: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor
     out = torch.empty_like(x)
     b, has_b = _bias(attn.out)
     cos, sin = rope if rope is not None else (qkv, qkv)
-    _attn_out[_grid(R, N)](qkv, kc, vc, cos, sin, attn.out.weight, b, x, out, pos, R, P, hd ** -0.5,
+    _attn_out[_grid(R)](qkv, kc, vc, cos, sin, attn.out.weight, b, x, out, pos, R, N, P, hd ** -0.5,
                            qkv.stride(0), kc.stride(0), x.stride(0), out.stride(0), H=H, HD=hd,
                            BLOCK_H=triton.next_power_of_2(H), BLOCK_D=triton.next_power_of_2(hd),
                            BLOCK_P=triton.next_power_of_2(P), HAS_ROPE=rope is not None, HAS_BIAS=has_b, **_launch(x))

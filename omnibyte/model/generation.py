@@ -148,8 +148,8 @@ class GraphStepper:
         from . import decode_kernels
 
         fits = all(decode_kernels.supports(b) for b in blocks if isinstance(b, TransformerBlock))
-        if kernels is None:
-            kernels = decode_kernels.available(dev) and fits
+        if kernels is None:  # larger batches: the torch step's matrix products
+            kernels = decode_kernels.available(dev) and fits and self.N <= decode_kernels.MAX_ROWS
         elif kernels and not (decode_kernels.available(dev) and fits):
             raise NotImplementedError(f"GraphStepper: the Triton decode kernels cannot run on {dev} "
                                       f"(or a layer is wider than {decode_kernels.MAX_K})")
