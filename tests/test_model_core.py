@@ -6,7 +6,7 @@ import pytest
 import torch
 from model_helpers import TF, assert_cached_matches_forward, one_thread, tiny  # noqa: F401
 
-from omnibyte import build_model
+from omnibyte import build_model, vocab
 from omnibyte.config import ConfigError
 from omnibyte.model import MBLM, MBLMConfig
 from omnibyte.registry import MODELS
@@ -71,7 +71,7 @@ def test_score_equals_forward_logprobs():
     assert torch.allclose(got, torch.tensor([float(w) for w in want]), atol=1e-4)
 
 
-def test_generate_api():
+def test_generate_api(monkeypatch):
     m = tiny(HIERARCHIES["2-stage"])
     g = torch.Generator().manual_seed(0)
     out = m.generate(b"hello", 6, temperature=0.8, top_k=20, top_p=0.9, generator=g)
@@ -86,7 +86,17 @@ def test_generate_api():
         seq = torch.cat([seq, nxt], 1)
     assert torch.equal(greedy[0], seq[0, 2:])
     stop = int(greedy[0, 1])
-    assert m.generate([104, 105], 5, temperature=0, stop_tokens=(stop,)).shape[1] <= 2
+    first = int((greedy[0] == stop).nonzero()[0])
+    assert torch.equal(m.generate([104, 105], 5, temperature=0, stop_tokens=(stop,))[0], greedy[0, :first + 1])
+    # a batch ends at its last row's stop; rows that stopped are padded
+    other = m.generate([200, 201], 5, temperature=0)[0]
+    hits = (other == stop).nonzero()
+    width = max(first, int(hits[0]) if len(hits) else 4) + 1
+    for every in (None, 3):  # checking for the end every 3 bytes (as every 8 on CUDA) gives the same output
+        monkeypatch.setattr(MBLM, "stop_check_every", every)
+        both = m.generate(torch.tensor([[104, 105], [200, 201]]), 5, temperature=0, stop_tokens=(stop,))
+        assert both.shape == (2, width) and torch.equal(both[1], other[:width])
+        assert torch.equal(both[0, :first + 1], greedy[0, :first + 1]) and (both[0, first + 1:] == vocab.PAD).all()
 
 
 def test_learned_positions_bound():

@@ -18,6 +18,10 @@ log = logging.getLogger("omnibyte.model")
 class Decoding:
     """``new_state`` / ``feed`` / ``generate`` / ``score`` for :class:`~omnibyte.model.mblm.MBLM`."""
 
+    # generate(): check for "every row stopped" every this many bytes (None: 8 on CUDA, where the check waits
+    # for the GPU, 1 elsewhere); the output is the same either way
+    stop_check_every: int | None = None
+
     def new_state(self, batch: int, device: torch.device | None = None) -> GenerationState:
         device = device or self.head.weight.device
         return GenerationState([StageState() for _ in range(self.num_stages)],
@@ -107,19 +111,29 @@ class Decoding:
                     log.info("generate: no CUDA-graph step (%s); eager steps", e)
             out = []
             done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=device)
+            stop_at = torch.zeros(prompt.shape[0], dtype=torch.long, device=device)  # step of each row's stop
             stops = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
+            # asking the GPU whether every row has stopped waits for it and leaves it idle until the next
+            # launch: ask every 8 bytes there (the extra steps are trimmed below)
+            check = self.stop_check_every or (8 if device.type == "cuda" else 1)
             for i in range(max_new_bytes):
                 nxt = sample(logits, temperature, top_k, top_p, generator)
                 nxt = torch.where(done, torch.full_like(nxt, vocab.PAD), nxt)
                 out.append(nxt)
                 if stops.numel():
-                    done |= torch.isin(nxt, stops)
-                    if bool(done.all()):
+                    hit = torch.isin(nxt, stops) & ~done
+                    stop_at = torch.where(hit, i, stop_at)
+                    done |= hit
+                    if (i + 1) % check == 0 and bool(done.all()):
                         break
                 if i + 1 < max_new_bytes:
                     logits = step(nxt[:, None])
-            return torch.stack(out, dim=1) if out else torch.zeros(prompt.shape[0], 0, dtype=torch.long,
-                                                                   device=device)
+            if not out:
+                return torch.zeros(prompt.shape[0], 0, dtype=torch.long, device=device)
+            new = torch.stack(out, dim=1)
+            if stops.numel() and bool(done.all()):  # end at the last row's stop
+                new = new[:, :int(stop_at.max()) + 1]
+            return new
         finally:
             self.train(was_training)
 
