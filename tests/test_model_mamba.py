@@ -294,3 +294,21 @@ def test_causal_conv_silu_equals_conv1d_path():
     gw = torch.autograd.grad(want.sum(), (x, mix.conv1d.weight))
     gg = torch.autograd.grad(got.sum(), (x, mix.conv1d.weight))
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(gg, gw))
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_generate_with_graphs_matches_eager():
+    """generate(use_graphs=True) (CUDA graphs, Triton decode kernels, the every-8-bytes stop check) gives the
+    eager greedy bytes, with and without a stop token."""
+    from omnibyte.model.blocks.mamba2 import load_mamba_kernels
+
+    if load_mamba_kernels() is None:
+        pytest.skip("mamba-ssm Triton kernels not loadable")
+    m = tiny([(4, 64, dict(M2K, d_state=32, headdim=16, chunk_size=16)), (4, 64, TF)]).cuda()
+    prompt = torch.randint(0, 256, (2, 13), device="cuda")
+    eager = m.generate(prompt, 24, temperature=0)
+    assert torch.equal(m.generate(prompt, 24, temperature=0, use_graphs=True), eager)
+    stop = (int(eager[0, 10]),)
+    want = m.generate(prompt, 24, temperature=0, stop_tokens=stop)
+    assert torch.equal(m.generate(prompt, 24, temperature=0, stop_tokens=stop, use_graphs=True), want)
