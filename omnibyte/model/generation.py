@@ -142,18 +142,20 @@ class GraphStepper:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.N = state.tokens.shape[0]
         self.dev = dev
+        from . import decode_kernels
+
+        if kernels is None:  # larger batches: the torch step's matrix products
+            kernels = (decode_kernels.available(dev) and self.N <= decode_kernels.MAX_ROWS
+                       and all(decode_kernels.supports(b) for b in blocks if isinstance(b, TransformerBlock)))
+        elif kernels and not decode_kernels.available(dev):
+            raise NotImplementedError(f"GraphStepper: the Triton decode kernels cannot run on {dev}")
+        elif kernels and not all(decode_kernels.supports(b) for b in blocks if isinstance(b, TransformerBlock)):
+            raise NotImplementedError(f"GraphStepper: the Triton decode kernels need contiguous weights and "
+                                      f"layer widths <= {decode_kernels.MAX_K}")
+        self.kernels = bool(kernels)
         # the per-stage steps; compiled, each stage's layers become a few fused kernels (one graph for all
         # positions: they differ only in tensor arguments)
         self.tf_step, self.ssm_step = transformer_stage_step, ssm_stage_step
-        from . import decode_kernels
-
-        fits = all(decode_kernels.supports(b) for b in blocks if isinstance(b, TransformerBlock))
-        if kernels is None:  # larger batches: the torch step's matrix products
-            kernels = decode_kernels.available(dev) and fits and self.N <= decode_kernels.MAX_ROWS
-        elif kernels and not (decode_kernels.available(dev) and fits):
-            raise NotImplementedError(f"GraphStepper: the Triton decode kernels cannot run on {dev} "
-                                      f"(or a layer is wider than {decode_kernels.MAX_K})")
-        self.kernels = bool(kernels)
         if compile:
             mode = compile if isinstance(compile, str) else None  # e.g. "max-autotune-no-cudagraphs"
             # coordinate-descent tuning of the generated kernels (as gpt-fast does for decoding): on an H100
@@ -161,6 +163,8 @@ class GraphStepper:
             tuned = lambda fn: _with_inductor_config(  # noqa: E731
                 torch.compile(fn, dynamic=False, fullgraph=True, mode=mode), coordinate_descent_tuning=True)
             self.tf_step, self.ssm_step = tuned(transformer_stage_step), tuned(ssm_stage_step)
+        if self.kernels:  # (blk, x, caches, rope, pos): the position as an int, one graph per phase anyway
+            self.tf_step = decode_kernels.transformer_stage_step
 
     # -- conversion of the eager state to static buffers ------------------------------------------
     def _convert(self) -> None:
@@ -220,9 +224,7 @@ class GraphStepper:
         if isinstance(blk, TransformerBlock):
             rope = self.rope[s][pos] if self.rope[s] is not None else None
             if self.kernels:
-                from .decode_kernels import transformer_stage_step as kernel_step
-
-                return kernel_step(blk, x, caches, rope, pos)
+                return self.tf_step(blk, x, caches, rope, pos)
             return self.tf_step(blk, x, caches, rope, *self.slots[s][pos], self.fuse_linears)
         if pos == 0 and s > 0:  # a new inner sequence: fresh states
             for c in caches:
