@@ -218,7 +218,9 @@ use_pdl = True  # programmatic dependent launch on Hopper and newer (see _after_
 
 @functools.cache
 def _pdl_supported(device: torch.device) -> bool:
-    if _INTERPRET or device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
+    if _INTERPRET or device.type != "cuda" or torch.version.hip is not None:  # griddepcontrol is NVIDIA PTX
+        return False
+    if torch.cuda.get_device_capability(device)[0] < 9:  # Hopper and newer
         return False
     try:
         import triton.language.extra.cuda as tlc
