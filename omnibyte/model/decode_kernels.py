@@ -1,4 +1,4 @@
-"""Triton kernels for one decode position of a Transformer stage: four kernels per layer.
+"""Triton kernels for one decode position of a Transformer stage: four kernel launches per layer.
 
 At batch 1 a layer's step is four matrix-vector products plus a little elementwise work, and the cost is
 launches and poorly streamed weights rather than arithmetic: compiled with torch.compile the step of the 360M
@@ -13,9 +13,10 @@ config's local layer took ~11 kernels and ~26 us on an H100 (RESULTS.md). Here e
 Every kernel is a grid of row blocks of its weight; a program loads its block once and loops over the batch
 rows (so a batch of N reads the weights once, not N times; up to ``MAX_ROWS`` rows the stepper uses these
 kernels). Each program recomputes what it needs from the small input vectors (the norm of x, the attention of
-all heads over <= P slots: a few KB from L2) so no kernel waits on another program. Intermediate values are rounded to the
-activation dtype where the torch step rounds them (norm output, projections, RoPE, attention output), so the
-result matches ``generation.transformer_stage_step`` to rounding order.
+all heads over <= P slots: a few KB from L2) so no kernel waits on another program. Intermediate values are
+rounded to the activation dtype where the torch step rounds them (norm output, projections, RoPE, attention
+output), so the result matches ``generation.transformer_stage_step`` to rounding order. On Hopper and newer the
+launches are chained with programmatic dependent launch (see ``_after_prior``).
 
 Tested on CPU with Triton's interpreter (``TRITON_INTERPRET=1``) against the torch step, and on CUDA.
 Block sizes are autotuned per weight shape on the first call (before CUDA-graph capture).
@@ -264,7 +265,7 @@ def norm_linear(x: torch.Tensor, norm, lin) -> torch.Tensor:
     out = torch.empty(N, R, dtype=x.dtype, device=x.device)
     b, has_b = _bias(lin)
     _norm_matvec[_grid(R)](x, norm.weight, lin.weight, b, out, R, K, N, norm.eps, x.stride(0), out.stride(0),
-                              HAS_BIAS=has_b, BLOCK_K=_block_k(K), SWIGLU=False, **_launch(x))
+                           HAS_BIAS=has_b, BLOCK_K=_block_k(K), SWIGLU=False, **_launch(x))
     return out
 
 
@@ -275,7 +276,7 @@ def norm_swiglu(x: torch.Tensor, norm, gate_up) -> torch.Tensor:
     out = torch.empty(N, R, dtype=x.dtype, device=x.device)
     b, has_b = _bias(gate_up)
     _norm_matvec[_grid(R)](x, norm.weight, gate_up.weight, b, out, R, K, N, norm.eps, x.stride(0),
-                              out.stride(0), HAS_BIAS=has_b, BLOCK_K=_block_k(K), SWIGLU=True, **_launch(x))
+                           out.stride(0), HAS_BIAS=has_b, BLOCK_K=_block_k(K), SWIGLU=True, **_launch(x))
     return out
 
 
@@ -286,7 +287,7 @@ def linear_residual(h: torch.Tensor, lin, x: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(x)
     b, has_b = _bias(lin)
     _matvec_residual[_grid(R)](h, lin.weight, b, x, out, R, K, N, h.stride(0), x.stride(0), out.stride(0),
-                                  HAS_BIAS=has_b, BLOCK_K=_block_k(K), **_launch(x))
+                               HAS_BIAS=has_b, BLOCK_K=_block_k(K), **_launch(x))
     return out
 
 
@@ -304,15 +305,16 @@ def attention_out_residual(qkv: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor
     b, has_b = _bias(attn.out)
     cos, sin = rope if rope is not None else (qkv, qkv)
     _attn_out[_grid(R)](qkv, kc, vc, cos, sin, attn.out.weight, b, x, out, pos, R, N, P, hd ** -0.5,
-                           qkv.stride(0), kc.stride(0), x.stride(0), out.stride(0), H=H, HD=hd,
-                           BLOCK_H=triton.next_power_of_2(H), BLOCK_D=triton.next_power_of_2(hd),
-                           BLOCK_P=triton.next_power_of_2(P), HAS_ROPE=rope is not None, HAS_BIAS=has_b, **_launch(x))
+                        qkv.stride(0), kc.stride(0), x.stride(0), out.stride(0), H=H, HD=hd,
+                        BLOCK_H=triton.next_power_of_2(H), BLOCK_D=triton.next_power_of_2(hd),
+                        BLOCK_P=triton.next_power_of_2(P), HAS_ROPE=rope is not None, HAS_BIAS=has_b,
+                        **_launch(x))
     return out
 
 
 def transformer_stage_step(blk, x: torch.Tensor, caches: list[dict], rope, pos: int) -> torch.Tensor:
     """One position through every layer of a Transformer stage block on static KV buffers, as four Triton
-    kernels per layer; x (N, 1, D). Same contract as ``generation.transformer_stage_step`` with the position
+    kernel launches per layer; x (N, 1, D). Same contract as ``generation.transformer_stage_step`` with the position
     given as an int (each CUDA graph of the stepper serves one position)."""
     N, _, D = x.shape
     h = x.reshape(N, D).contiguous()
