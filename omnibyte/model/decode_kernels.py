@@ -258,25 +258,15 @@ def _bias(lin):
     return (lin.bias, True) if lin.bias is not None else (lin.weight, False)  # any pointer when absent
 
 
-def norm_linear(x: torch.Tensor, norm, lin) -> torch.Tensor:
-    """lin(norm(x)) for x (N, K) -> (N, R)."""
+def norm_linear(x: torch.Tensor, norm, lin, swiglu: bool = False) -> torch.Tensor:
+    """lin(norm(x)) for x (N, K) -> (N, R); ``swiglu``: silu(gate) * up of the two halves of ``lin(norm(x))``
+    (a SwiGLU's ``gate_up``), (N, hidden)."""
     N, K = x.shape
-    R = lin.weight.shape[0]
+    R = lin.weight.shape[0] // (2 if swiglu else 1)
     out = torch.empty(N, R, dtype=x.dtype, device=x.device)
     b, has_b = _bias(lin)
     _norm_matvec[_grid(R)](x, norm.weight, lin.weight, b, out, R, K, N, norm.eps, x.stride(0), out.stride(0),
-                           HAS_BIAS=has_b, BLOCK_K=_block_k(K), SWIGLU=False, **_launch(x))
-    return out
-
-
-def norm_swiglu(x: torch.Tensor, norm, gate_up) -> torch.Tensor:
-    """silu(gate) * up of ``gate_up(norm(x))`` split in halves; x (N, K) -> (N, hidden)."""
-    N, K = x.shape
-    R = gate_up.weight.shape[0] // 2
-    out = torch.empty(N, R, dtype=x.dtype, device=x.device)
-    b, has_b = _bias(gate_up)
-    _norm_matvec[_grid(R)](x, norm.weight, gate_up.weight, b, out, R, K, N, norm.eps, x.stride(0),
-                           out.stride(0), HAS_BIAS=has_b, BLOCK_K=_block_k(K), SWIGLU=True, **_launch(x))
+                           HAS_BIAS=has_b, BLOCK_K=_block_k(K), SWIGLU=swiglu, **_launch(x))
     return out
 
 
@@ -321,5 +311,5 @@ def transformer_stage_step(blk, x: torch.Tensor, caches: list[dict], rope, pos: 
     for lay, c in zip(blk.layers, caches):
         qkv = norm_linear(h, lay.norm1, lay.attn.qkv)
         h = attention_out_residual(qkv, c["k"], c["v"], rope, pos, lay.attn, h)
-        h = linear_residual(norm_swiglu(h, lay.norm2, lay.mlp.gate_up), lay.mlp.down, h)
+        h = linear_residual(norm_linear(h, lay.norm2, lay.mlp.gate_up, swiglu=True), lay.mlp.down, h)
     return blk.norm(h.view(N, 1, D))

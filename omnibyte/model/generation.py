@@ -144,12 +144,12 @@ class GraphStepper:
         self.dev = dev
         from . import decode_kernels
 
+        fits = all(decode_kernels.supports(b) for b in blocks if isinstance(b, TransformerBlock))
         if kernels is None:  # larger batches: the torch step's matrix products
-            kernels = (decode_kernels.available(dev) and self.N <= decode_kernels.MAX_ROWS
-                       and all(decode_kernels.supports(b) for b in blocks if isinstance(b, TransformerBlock)))
+            kernels = decode_kernels.available(dev) and fits and self.N <= decode_kernels.MAX_ROWS
         elif kernels and not decode_kernels.available(dev):
             raise NotImplementedError(f"GraphStepper: the Triton decode kernels cannot run on {dev}")
-        elif kernels and not all(decode_kernels.supports(b) for b in blocks if isinstance(b, TransformerBlock)):
+        elif kernels and not fits:
             raise NotImplementedError(f"GraphStepper: the Triton decode kernels need contiguous weights and "
                                       f"layer widths <= {decode_kernels.MAX_K}")
         self.kernels = bool(kernels)
