@@ -25,10 +25,10 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from tasks.clevr_synth.generate import PNG_COMPRESS_LEVEL  # noqa: E402
-from tasks.clevr_synth.render import render  # noqa: E402
-from tasks.clevr_synth.scene import sample_scene  # noqa: E402
-from tasks.clevr_synth.templates import QuestionGenerator, load_templates  # noqa: E402
+from omnibyte.tasks.clevr_synth.generate import PNG_COMPRESS_LEVEL  # noqa: E402
+from omnibyte.tasks.clevr_synth.render import render  # noqa: E402
+from omnibyte.tasks.clevr_synth.scene import sample_scene  # noqa: E402
+from omnibyte.tasks.clevr_synth.templates import QuestionGenerator, load_templates  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from omnibyte.config import to_dict
     from omnibyte.registry import SERIALIZERS
-    from serializers._image import _pyspng
+    from omnibyte.serializers._image import _pyspng
 
     pngs, source = clevr_like_pngs(args.shared)
     jpegs = []

@@ -261,8 +261,14 @@ def replace(obj: T, **changes: Any) -> T:
 
 
 def configs_dir() -> Path:
-    """The ``configs/`` folder of a source checkout or editable install."""
-    return Path(__file__).resolve().parent.parent / "configs"
+    """The shipped configs: the package ``omnibyte.configs`` (the repository's ``configs/`` folder, installed
+    inside the omnibyte namespace by a wheel or an editable install)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("omnibyte.configs")
+    if spec is None or not spec.submodule_search_locations:  # pragma: no cover - a broken install
+        return Path(__file__).resolve().parent.parent / "configs"
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def resolve_config_path(name_or_path: str | os.PathLike) -> Path:

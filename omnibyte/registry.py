@@ -122,9 +122,9 @@ class Registry:
         return f"Registry({self.kind!r}, {len(self._entries)} entries)"
 
 
-SERIALIZERS = Registry("serializer", plugins=("serializers",))
-TASKS = Registry("task", plugins=("tasks",))
+SERIALIZERS = Registry("serializer", plugins=("omnibyte.serializers",))
+TASKS = Registry("task", plugins=("omnibyte.tasks",))
 STAGES = Registry("stage", plugins=("omnibyte.model.blocks",))
-MODELS = Registry("model", plugins=("omnibyte.model", "tasks"))
+MODELS = Registry("model", plugins=("omnibyte.model", "omnibyte.tasks"))
 
 REGISTRIES = {"serializers": SERIALIZERS, "tasks": TASKS, "stages": STAGES, "models": MODELS}

@@ -272,7 +272,7 @@ def prior(a) -> int:
     overall, per question type, and per question family (what a model that ignores the image can reach)."""
     from collections import Counter, defaultdict
 
-    from tasks.clevr import program_function, question_type
+    from omnibyte.tasks.clevr import program_function, question_type
 
     def load(split):
         qs = json.loads((Path(a.data) / "questions" / f"CLEVR_{split}_questions.json").read_text())["questions"]

@@ -332,7 +332,7 @@ def ensure_default_set(config: ClevrConfig) -> Path:
         if done.is_file():  # another process made it while we waited
             return final
         try:
-            from tasks import clevr_synth
+            from omnibyte.tasks import clevr_synth
         except ImportError as e:
             raise DataError(f"task.root is empty and the CLEVR-format generator is unavailable ({e}); "
                             f"set task.root to a CLEVR v1.0 folder") from None

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.clevr_synth import ANSWERS, answer, generate, main, split_counts
-from tasks.clevr_synth.raytrace import id_buffer
-from tasks.clevr_synth.render import render
-from tasks.clevr_synth.scene import sample_scene
+from omnibyte.tasks.clevr_synth import ANSWERS, answer, generate, main, split_counts
+from omnibyte.tasks.clevr_synth.raytrace import id_buffer
+from omnibyte.tasks.clevr_synth.render import render
+from omnibyte.tasks.clevr_synth.scene import sample_scene
 
 OFFICIAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "clevr-gen" / "templates"
 RELEASE_FUNCTIONS = {

@@ -6,9 +6,9 @@ import random
 
 import pytest
 
-from tasks.clevr_synth import programs as P
-from tasks.clevr_synth import templates as T
-from tasks.clevr_synth.scene import relationships
+from omnibyte.tasks.clevr_synth import programs as P
+from omnibyte.tasks.clevr_synth import templates as T
+from omnibyte.tasks.clevr_synth.scene import relationships
 
 # Ground directions as seen from a camera looking along +y: left = -x, behind = +y.
 DIRS = {"left": (-1.0, 0.0, 0.0), "right": (1.0, 0.0, 0.0), "behind": (0.0, 1.0, 0.0), "front": (0.0, -1.0, 0.0)}

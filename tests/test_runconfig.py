@@ -39,7 +39,7 @@ def test_plugins_are_imported_before_parsing(tmp_path, monkeypatch):
     mod = tmp_path / "my_plugin_tasks.py"
     mod.write_text(
         "from dataclasses import dataclass\n"
-        "from tasks.base import TASKS, Task, TaskConfig\n"
+        "from omnibyte.tasks.base import TASKS, Task, TaskConfig\n"
         "@TASKS.register('my_plugin_task')\n"
         "class Mine(Task):\n"
         "    @dataclass(frozen=True)\n"

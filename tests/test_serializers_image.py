@@ -307,7 +307,7 @@ def test_extreme_bytes_survive(name):
 @needs_clevr
 def test_spng_and_pillow_decoders_agree(monkeypatch):
     pytest.importorskip("pyspng")
-    import serializers._image as imgmod
+    import omnibyte.serializers._image as imgmod
 
     cases = [dict(name="pixels"), dict(name="pixels", mode="L", crop=0.2, size=[50, 30]),
              dict(name="png", method="reencode", size=[62, 41], crop=0.1)]

@@ -10,7 +10,7 @@ import pytest
 
 from omnibyte.errors import DataError
 from omnibyte.registry import TASKS
-from tasks.clevr import CLEVR_ANSWERS, ClevrVQA, default_set_dir, program_function, question_type
+from omnibyte.tasks.clevr import CLEVR_ANSWERS, ClevrVQA, default_set_dir, program_function, question_type
 
 FIXTURE = Path(__file__).parent / "fixtures" / "clevr_mini"
 
@@ -117,7 +117,7 @@ def test_actionable_errors_for_wrong_root(tmp_path):
 
 def test_default_set_is_generated_once_atomically(tmp_path, monkeypatch):
     """With root empty the generator is called once into the cache (temp folder + rename), then reused."""
-    import tasks
+    import omnibyte.tasks
 
     calls = []
 
@@ -127,8 +127,8 @@ def test_default_set_is_generated_once_atomically(tmp_path, monkeypatch):
         shutil.copytree(FIXTURE, out_dir)
 
     fake = type("M", (), {"generate": staticmethod(fake_generate)})
-    monkeypatch.setitem(__import__("sys").modules, "tasks.clevr_synth", fake)
-    monkeypatch.setattr(tasks, "clevr_synth", fake, raising=False)
+    monkeypatch.setitem(__import__("sys").modules, "omnibyte.tasks.clevr_synth", fake)
+    monkeypatch.setattr(omnibyte.tasks, "clevr_synth", fake, raising=False)
     monkeypatch.setenv("OMNIBYTE_CACHE", str(tmp_path / "cache"))
     t = TASKS.build({"name": "clevr_vqa", "synth": {"images": 6, "questions_per_image": 2, "seed": 3}})
     assert t.num_samples("val") == 4
@@ -141,7 +141,7 @@ def test_default_set_is_generated_once_atomically(tmp_path, monkeypatch):
 
 
 def test_large_question_files_are_indexed_once(tmp_path, monkeypatch):
-    import tasks.clevr as clevr_mod
+    import omnibyte.tasks.clevr as clevr_mod
 
     root = _copy(tmp_path)
     monkeypatch.setattr(clevr_mod, "INDEX_CACHE_MIN_BYTES", 0)
@@ -163,9 +163,9 @@ def test_large_question_files_are_indexed_once(tmp_path, monkeypatch):
 
 def test_reads_the_generators_output(tmp_path):
     """A CLEVR-layout set these tests never saw (the offline generator's) loads without code changes."""
-    pytest.importorskip("tasks.clevr_synth")
+    pytest.importorskip("omnibyte.tasks.clevr_synth")
     from omnibyte.cli import main
-    from tasks.clevr import QTYPES
+    from omnibyte.tasks.clevr import QTYPES
 
     out = tmp_path / "synth"
     assert main(["prepare", "clevr-synth", "--out", str(out), "--images", "6", "--questions-per-image", "4",

@@ -11,7 +11,7 @@ import torch
 from omnibyte.registry import MODELS, SERIALIZERS, TASKS
 from omnibyte.stream import Batch
 from omnibyte.vocab import Modality
-from tasks.clevr import CLEVR_ANSWERS
+from omnibyte.tasks.clevr import CLEVR_ANSWERS
 
 FIXTURE = Path(__file__).parent / "fixtures" / "clevr_mini"
 IMAGE = {"name": "pixels", "size": [24, 16]}

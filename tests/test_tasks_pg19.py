@@ -13,7 +13,7 @@ import torch
 from omnibyte.errors import DataError
 from omnibyte.registry import SERIALIZERS, TASKS
 from omnibyte.vocab import EOS, VOCAB_SIZE
-from tasks.pg19 import bits_per_byte, count_words, score_stream, windows, word_perplexity
+from omnibyte.tasks.pg19 import bits_per_byte, count_words, score_stream, windows, word_perplexity
 
 MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "pg19-mini"
 needs_mini = pytest.mark.skipif(not MINI.is_dir(), reason="../shared/data/pg19-mini is absent")

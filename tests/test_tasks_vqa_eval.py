@@ -10,7 +10,7 @@ import torch
 
 from omnibyte import vocab
 from omnibyte.registry import SERIALIZERS, TASKS
-from tasks.vqa_eval import OTHER, accuracy_by, confusion_matrix, decode_answer, vqa_metrics
+from omnibyte.tasks.vqa_eval import OTHER, accuracy_by, confusion_matrix, decode_answer, vqa_metrics
 
 FIXTURE = Path(__file__).parent / "fixtures" / "clevr_mini"
 

@@ -12,8 +12,8 @@ from omnibyte.data import TrainLoader, concat_rows, eval_batches, pad_rows
 from omnibyte.errors import DataError, SerializationError
 from omnibyte.runconfig import DataConfig
 from omnibyte.stream import ByteStream
-from serializers.text import UTF8Serializer
-from tasks.synthetic import SyntheticText
+from omnibyte.serializers.text import UTF8Serializer
+from omnibyte.tasks.synthetic import SyntheticText
 
 
 def _task(n=24, packing="pad", **kw):

@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def run(args) -> int:
     if args.config in GENERATORS:
-        from tasks.clevr_synth import main as synth_main  # lazy: heavy, and only this verb needs it
+        from omnibyte.tasks.clevr_synth import main as synth_main  # lazy: heavy, and only this verb needs it
 
         return int(synth_main(list(args.args)) or 0)
     opts = _parser().parse_args(args.args)

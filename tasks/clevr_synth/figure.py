@@ -1,6 +1,6 @@
 """The README figure: generated scenes beside real CLEVR renders.
 
-    python -m tasks.clevr_synth.figure --real ../shared/data/clevr-gen/sample-images \
+    python -m omnibyte.tasks.clevr_synth.figure --real ../shared/data/clevr-gen/sample-images \
         --out docs/images/clevr_synth_vs_real.png
 
 Generated scenes are rendered at the real renders' size (320x240). Real renders: CLEVR (Johnson et al.

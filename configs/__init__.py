@@ -1,0 +1,1 @@
+"""The shipped run configs (YAML). Installed as ``omnibyte.configs``; ``omnibyte list configs`` lists them."""
