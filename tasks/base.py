@@ -7,7 +7,7 @@ shuffling and packing are the data loader's job (:mod:`omnibyte.data`), not the 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -45,6 +45,15 @@ class Task:
         """Number of samples in ``split`` if cheaply known."""
         return None
 
-    def evaluate(self, model: Any, serializer: Any, split: str, run_dir: Any = None, **kwargs: Any) -> dict:
-        """Task metrics (accuracy, perplexity, ...) beyond the generic bits per byte. Default: none."""
+    def evaluate(self, model: Any, items: Iterable[Any], *, split: str, out_dir: Any = None,
+                 **options: Any) -> dict:
+        """Task metrics (accuracy, perplexity, ...) beyond the generic bits per byte. Default: none.
+
+        ``items`` are :class:`omnibyte.data.items.EvalItem` (``meta`` + serialized ``stream``) of ``split`` from
+        the run's own data source (``omnibyte.run`` makes them); a task never reads its split itself here, so
+        metrics always score the data the run trained on. ``model`` follows
+        :class:`omnibyte.model.api.StreamModel`. ``out_dir``: where to write result files (None: nowhere).
+        ``options``: evaluation settings the run passes (e.g. ``context`` = the run's ``data.seq_len``,
+        ``batch_size``, ``progress``); tasks ignore the ones they do not use.
+        """
         return {}
