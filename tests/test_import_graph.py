@@ -1,8 +1,9 @@
 """The import graph of ``omnibyte/`` is acyclic and never reaches up into ``tasks/`` or ``serializers/``.
 
 Edges come from the source (``ast``), counting every import statement, also those inside functions: a lazy
-import is still a dependency. ``from P import name`` is an edge to the module ``P.name`` when that is a module
-(a submodule is what the code uses), else to ``P`` itself. Loading plugins *by name* through the registry
+import is still a dependency. ``from P import name`` is an edge to ``P`` (its ``__init__`` runs and may hold what is imported) and, when
+``P.name`` is a module, to ``P.name`` too: ``from .. import vocab`` inside ``omnibyte.model`` depends on both
+``omnibyte`` and ``omnibyte.vocab``. Loading plugins *by name* through the registry
 (``importlib.import_module`` of a configured string) is not an import statement and is not an edge.
 ``omnibyte.serializers`` / ``omnibyte.tasks`` are the repository's ``serializers/`` and ``tasks/`` folders.
 """
@@ -57,9 +58,11 @@ def import_graph() -> dict[str, set[str]]:
                 base = _resolve(mod, is_pkg, node.level, node.module)
                 if not base.startswith("omnibyte"):
                     continue
+                targets.append(base)
                 for a in node.names:
                     sub = f"{base}.{a.name}"
-                    targets.append(sub if sub in mods or sub.startswith(PLUGIN_PACKAGES) else base)
+                    if sub in mods or sub.startswith(PLUGIN_PACKAGES):
+                        targets.append(sub)
             for t in targets:
                 k = known(t)
                 if k and k != mod:
