@@ -14,7 +14,10 @@ VERBS = ("train", "eval", "generate", "inspect", "prepare", "list", "plot")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="omnibyte", description="Multimodal byte-level language modelling.")
+    parser.add_argument("--version", action="version", version=f"omnibyte {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="verb")
     for verb in VERBS:
         try:
@@ -40,14 +43,25 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    from .checkpoint import CheckpointError
     from .config import ConfigError
     from .errors import DataError, SerializationError
+    from .lock import RunLockedError
     from .registry import RegistryError
 
     try:
         return int(args._run(args) or 0)
-    except (ConfigError, RegistryError, SerializationError, DataError, FileNotFoundError) as e:
+    except (ConfigError, RegistryError, SerializationError, DataError, FileNotFoundError, CheckpointError,
+            RunLockedError) as e:
         print(f"omnibyte {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        import errno
+
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"omnibyte {args.verb}: error: no space left on device while writing {e.filename or 'a file'}",
+              file=sys.stderr)
         return 2
 
 

@@ -1,8 +1,9 @@
 """Run outputs for humans and tools: a tqdm bar, ``metrics.jsonl``, TensorBoard events, ``train.log``.
 
-``metrics.jsonl`` holds one JSON object per line: ``{"step", "split", "loss", "bpb", ...}`` with
-``split`` ``train`` (every ``log_every`` steps) or the eval split; per-modality bits per byte appear as
-``bpb/<modality>``. On resume from step ``k`` the lines after ``k`` (written by the killed run after
+``metrics.jsonl`` holds one JSON object per line: ``{"step", "split", "time", "bytes_seen", "loss", "bpb",
+...}`` with ``split`` ``train`` (every ``log_every`` steps) or the eval split, ``time`` the wall clock (Unix
+seconds) and ``bytes_seen`` the training tokens consumed so far (cumulative over resumes, all ranks);
+per-modality bits per byte appear as ``bpb/<modality>``. On resume from step ``k`` the lines after ``k`` (written by the killed run after
 its last checkpoint) are dropped and TensorBoard purges its events after ``k``, so the curves of a
 resumed run are the curves of an uninterrupted one.
 """
@@ -17,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .vocab import Modality
+from .vocab import modality_name  # noqa: F401  (re-exported)
 
 METRICS = "metrics.jsonl"
 log = logging.getLogger("omnibyte")
@@ -33,24 +34,34 @@ class _TqdmHandler(logging.Handler):
             self.handleError(record)
 
 
+class _ConsoleFilter(logging.Filter):
+    """``level`` for every record, except training-progress lines (``omnibyte.progress``), which always pass:
+    ``--quiet`` drops chatter, never the loss lines."""
+
+    def __init__(self, level: int):
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= self.level or record.name == PROGRESS
+
+
+PROGRESS = "omnibyte.progress"
+
+
 def setup_console_logging(level: int = logging.INFO) -> None:
     """Log ``omnibyte.*`` to stderr through tqdm.write, so messages don't break the progress bar. ``level``
-    filters the console only: a run's train.log keeps INFO records either way."""
+    filters the console only (training-progress lines always show): a run's train.log keeps INFO records
+    either way."""
     root = logging.getLogger("omnibyte")
     console = next((h for h in root.handlers if isinstance(h, _TqdmHandler)), None)
     if console is None:
         console = _TqdmHandler()
         console.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s", "%H:%M:%S"))
         root.addHandler(console)
-    console.setLevel(level)
-    root.setLevel(min(level, logging.INFO))
-
-
-def modality_name(code: int) -> str:
-    try:
-        return Modality(int(code)).name.lower()
-    except ValueError:
-        return str(code)
+    console.filters = [_ConsoleFilter(level)]
+    console.setLevel(logging.INFO)
+    root.setLevel(logging.INFO)
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
@@ -95,11 +106,12 @@ class RunLogger:
     """Writes metrics (main rank only) and drives the progress bar."""
 
     def __init__(self, run_dir: Path, *, enabled: bool, start_step: int, total_steps: int, progress: bool = True,
-                 early: EarlyRecords | None = None):
+                 early: EarlyRecords | None = None, tracker=None):
         self.enabled = enabled
         self.path = Path(run_dir) / METRICS
         self.writer = None
         self.bar = None
+        self.tracker = tracker
         if not enabled:
             return
         kept = [r for r in read_metrics(run_dir) if int(r.get("step", 0)) <= start_step]
@@ -120,7 +132,9 @@ class RunLogger:
             early.replay_into(file_handler)
         logging.getLogger("omnibyte").addHandler(file_handler)
         self._file_handler = file_handler
-        if progress:
+        self.total = total_steps
+        # the bar only on a terminal; a log file gets one plain line per log interval instead of carriage returns
+        if progress and sys.stderr.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
@@ -135,14 +149,31 @@ class RunLogger:
         if self.writer is not None:
             split, step = record.get("split", "train"), int(record["step"])
             for k, v in record.items():
-                if k not in ("step", "split") and isinstance(v, (int, float)) and math.isfinite(v):
+                if k not in ("step", "split", "time") and isinstance(v, (int, float)) and math.isfinite(v):
                     self.writer.add_scalar(f"{split}/{k}", v, step)
+        if self.tracker is not None:
+            self.tracker.log(record)
 
-    def progress(self, n: int = 1, **postfix: Any) -> None:
+    def hparams(self, params: dict[str, Any], metric: str) -> None:
+        """The run's resolved config as TensorBoard hparams (in the run's own event file, no sub-run)."""
+        if not self.enabled or self.writer is None:
+            return
+        from torch.utils.tensorboard.summary import hparams
+
+        clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in params.items()}
+        for summary in hparams(clean, {metric: float("nan")}):
+            self.writer._get_file_writer().add_summary(summary)
+
+    def progress(self, n: int = 1, step: int | None = None, **postfix: Any) -> None:
+        """Advance the bar by ``n``; ``postfix`` (at a log step): shown on the bar, or, without a bar, as a plain
+        ``step N/M key value ...`` line (INFO on the ``omnibyte.progress`` logger, kept by ``--quiet``)."""
         if self.bar is not None:
             self.bar.update(n)
             if postfix:
                 self.bar.set_postfix(postfix, refresh=False)
+        elif postfix and self.enabled:
+            where = f"step {step}/{self.total}" if step is not None else "train"
+            logging.getLogger(PROGRESS).info("%s  %s", where, "  ".join(f"{k} {v}" for k, v in postfix.items()))
 
     def close(self) -> None:
         if not self.enabled:
@@ -151,6 +182,8 @@ class RunLogger:
             self.bar.close()
         if self.writer is not None:
             self.writer.close()
+        if self.tracker is not None:
+            self.tracker.close()
         self._file.close()
         logging.getLogger("omnibyte").removeHandler(self._file_handler)
         self._file_handler.close()

@@ -87,3 +87,33 @@ def compute_loss(model, tokens: torch.Tensor, loss_mask: torch.Tensor, modality:
 def per_token_nll(model, tokens: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
     """(B, L) float32 nats of each token given the ones before it (evaluation outputs)."""
     return _nll(model, tokens.long(), chunk_size).float()
+
+
+class LossModule(torch.nn.Module):  # SHIM until the model branch lands
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        out = self.model.batch_loss(batch)
+        return out.loss, out.nats_sum, out.weight_sum, dict(out.per_modality)
+
+    @staticmethod
+    def unpack(outputs):
+        loss, nats, weight, per_modality = outputs
+        return LossOutput(loss=loss, nats_sum=nats, weight_sum=weight, per_modality=per_modality)
+
+
+def masked_loss(nll, loss_mask, modality=None):  # SHIM until the model branch lands
+    w = loss_mask.to(nll.device, torch.float32)
+    weighted = nll * w
+    nats, wsum = weighted.sum(), w.sum()
+    loss = nats / wsum.clamp_min(1e-12)
+    per = {}
+    if modality is not None:
+        codes = [int(m) for m in vocab.Modality]
+        mod = modality.to(nll.device).long().flatten()
+        both = torch.stack((weighted.detach().flatten(), w.detach().flatten()), dim=1)
+        sums = both.new_zeros(max(codes) + 1, 2).index_add_(0, mod.clamp(0, max(codes)), both)
+        per = {c: (sums[c, 0], sums[c, 1]) for c in codes}
+    return LossOutput(loss=loss, nats_sum=nats.detach(), weight_sum=wsum.detach(), per_modality=per)

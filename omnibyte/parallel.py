@@ -43,14 +43,25 @@ class DistInfo:
 
 
 def pick_device(spec: str, local_rank: int = 0) -> torch.device:
+    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``; a device this machine does not have is a ConfigError."""
+    from .config import ConfigError
+
     if spec == "auto":
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    dev = torch.device(spec)
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise ConfigError(f"train.device={spec!r}: not a device (auto, cpu, cuda or cuda:N)") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"train.device={spec!r} but CUDA is not available")
+            raise ConfigError(f"train.device={spec!r} but CUDA is not available on this machine (use cpu or auto)")
         if dev.index is None:
             dev = torch.device("cuda", local_rank)
+        if dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"train.device={spec!r} but this machine has {torch.cuda.device_count()} CUDA "
+                              f"device(s) (cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    elif dev.type != "cpu":
+        raise ConfigError(f"train.device={spec!r}: only cpu and cuda devices are supported")
     return dev
 
 

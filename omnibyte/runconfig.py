@@ -31,12 +31,14 @@ RESOLVED_NAME = "config.resolved.yaml"
 @dataclass(frozen=True)
 class DataConfig:
     source: Literal["task", "shards", "h5"] = "task"  # raw samples from the task, webdataset shards, or h5
-    path: str = ""  # shards directory or h5 file for source shards|h5
+    path: str = ""  # shards: a folder or URL prefix, or a shard spec with {split}; h5: a file or folder
     train_split: str = "train"
     seq_len: int = 1024  # tokens per row
     batch_size: int = 8  # rows per micro-batch, per rank
     packing: Literal["auto", "pad", "concat"] = "auto"  # auto = the task's own policy
-    pad_to: Literal["seq_len", "longest"] = "seq_len"  # pad packing: fixed rows, or the batch's longest row
+    pad_to: Literal["seq_len", "longest", "buckets"] = "seq_len"  # pad packing: fixed rows, the batch's
+    # longest row, or the smallest of data.buckets that holds it (a few shapes; see omnibyte/data/buckets.py)
+    buckets: tuple[int, ...] = ()  # pad_to=buckets: row lengths, ascending; empty = chosen from the data
     overlong: Literal["error", "skip", "crop"] = "error"  # pad packing: a stream longer than seq_len
     separator: Literal["eos", "none"] = "eos"  # concat packing: token between documents
     shuffle: bool = True
@@ -47,8 +49,19 @@ class DataConfig:
     def __post_init__(self):
         if self.seq_len < 1 or self.batch_size < 1:
             raise ValueError("data.seq_len and data.batch_size must be >= 1")
+        for key in ("workers", "shuffle_buffer"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"data.{key} must be >= 0, got {getattr(self, key)}")
+        if self.prefetch < 1:
+            raise ValueError(f"data.prefetch must be >= 1, got {self.prefetch}")
         if self.source != "task" and not self.path:
             raise ValueError(f"data.source {self.source!r} needs data.path")
+        if self.buckets and self.pad_to != "buckets":
+            raise ValueError("data.buckets is used with data.pad_to=buckets")
+        if list(self.buckets) != sorted(set(self.buckets)) or any(b < 1 for b in self.buckets):
+            raise ValueError(f"data.buckets must be ascending positive lengths, got {list(self.buckets)}")
+        if self.buckets and self.buckets[-1] < self.seq_len:
+            raise ValueError(f"data.buckets: the largest ({self.buckets[-1]}) must hold data.seq_len={self.seq_len}")
 
 
 @dataclass(frozen=True)
@@ -74,14 +87,41 @@ class TrainConfig:
     init_from: str = ""  # a run dir or checkpoint whose weights start this run (transfer)
     init_stages: tuple[int, ...] = ()  # which model stages to take from init_from; empty = all weights
     max_bad_steps: int = 5  # stop after this many non-finite steps in a row
+    patience: int = 0  # early stopping: stop after this many evaluations without a better eval bpb (0: off)
+    tracker: Literal["none", "wandb"] = "none"  # experiment tracking beside TensorBoard (pip install omnibyte[tracking])
+    tracker_project: str = "omnibyte"  # the tracker's project name (wandb: WANDB_MODE=offline works without network)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     deterministic: bool = False  # torch.use_deterministic_algorithms (slower on GPU)
     progress: bool = True  # tqdm bar
     inject_nan_at: tuple[int, ...] = ()  # testing: make the loss NaN at these steps
 
     def __post_init__(self):
+        import math
+
         if self.steps < 0 or self.grad_accum < 1 or self.max_bad_steps < 1:
             raise ValueError("train.steps >= 0, train.grad_accum >= 1 and train.max_bad_steps >= 1 are required")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"train.lr must be a finite number > 0, got {self.lr}")
+        if not (math.isfinite(self.min_lr) and 0 <= self.min_lr <= self.lr):
+            raise ValueError(f"train.min_lr must be finite, in [0, train.lr={self.lr}], got {self.min_lr}")
+        if not all(math.isfinite(b) and 0 <= b < 1 for b in self.betas):
+            raise ValueError(f"train.betas must both be in [0, 1), got {list(self.betas)}")
+        if not (math.isfinite(self.eps) and self.eps > 0):
+            raise ValueError(f"train.eps must be a finite number > 0, got {self.eps}")
+        for key in ("weight_decay", "clip"):
+            v = getattr(self, key)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"train.{key} must be a finite number >= 0, got {v}")
+        for key in ("warmup", "eval_every", "ckpt_every", "patience"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"train.{key} must be >= 0 (0: off / only at the end), got {getattr(self, key)}")
+        if self.log_every < 1:
+            raise ValueError(f"train.log_every must be >= 1, got {self.log_every}")
+        if self.keep_last < 1:
+            raise ValueError(f"train.keep_last must be >= 1, got {self.keep_last}")
+        if self.device != "auto" and not (self.device == "cpu" or self.device == "cuda"
+                                           or (self.device.startswith("cuda:") and self.device[5:].isdigit())):
+            raise ValueError(f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.resume not in ("auto", "never") and not self.resume:
             raise ValueError("train.resume: auto | never | a checkpoint path")
 
@@ -93,7 +133,15 @@ class EvalConfig:
     batch_size: int = 0  # 0 = data.batch_size
     per_token: bool = True  # `omnibyte eval` writes eval/<split>_<step>.h5
     task_metrics: bool = True  # `omnibyte eval` also runs task.evaluate (accuracy, word ppl, ...)
-    checkpoint: Literal["best", "latest"] = "latest"  # which checkpoint `omnibyte eval` loads
+    checkpoint: Literal["auto", "best", "latest"] = "auto"  # what eval/generate load by default; auto: best, else latest
+    report: bool = False  # at the end of `omnibyte train`: evaluate the best checkpoint (task metrics) and print a report
+
+    def __post_init__(self):
+        if self.max_samples < 0 or self.batch_size < 0:
+            raise ValueError(f"eval.max_samples and eval.batch_size must be >= 0 (0: all / data.batch_size), got "
+                             f"{self.max_samples} and {self.batch_size}")
+        if not self.split:
+            raise ValueError("eval.split must name a split (e.g. val or validation)")
 
 
 @dataclass(frozen=True)
@@ -118,6 +166,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     notes: str = ""
+    preset: str = "full"  # which of the config file's `presets:` ran (full: none); `preset=auto|full|<name>` picks
 
     def __post_init__(self):
         if self.task is None:
@@ -130,13 +179,42 @@ class RunConfig:
         return Path(self.out_dir) / self.run_name
 
 
-def load_run_config(name_or_path: str | os.PathLike, overrides: tuple[str, ...] | list[str] = ()) -> RunConfig:
+def open_plugins(plugins, where, trust: bool) -> None:
+    """Import the ``plugins:`` of a config. A run directory's own config (``trust=False``) imports nothing: its
+    plugins must already be imported (e.g. named with ``--plugin`` on the command line) or the caller must trust
+    the run (``--trust-plugins``), because importing a module runs its code."""
+    import sys
+
+    if not isinstance(plugins, (list, tuple)):
+        raise ConfigError(f"plugins: expected a list of module names, got {plugins!r}")
+    if not trust:
+        missing = [m for m in plugins if m not in sys.modules]
+        if missing:
+            raise ConfigError(f"{where}: this run's config names plugins {list(plugins)}; opening it would import "
+                              f"(run the code of) {missing}. Pass --trust-plugins if you trust this run directory, "
+                              f"or --plugin MODULE for each module you choose to import")
+        return
+    try:
+        import_plugins(plugins)
+    except ImportError as e:
+        raise ConfigError(f"plugins: cannot import {e.name!r}: {e}") from None
+
+
+def is_run_record(p: Path) -> bool:
+    """A run directory, or the ``config.resolved.yaml`` inside one."""
+    return (p.is_dir() and (p / RESOLVED_NAME).is_file()) or (p.name == RESOLVED_NAME and p.is_file())
+
+
+def load_run_config(name_or_path: str | os.PathLike, overrides: tuple[str, ...] | list[str] = (), *,
+                    trust_plugins: bool = False) -> RunConfig:
     """Read a run config (a YAML path, a name in ``configs/`` or a run directory), apply overrides.
 
-    ``plugins:`` modules are imported before the poly nodes resolve, so plugin names parse.
-    A run directory reads its ``config.resolved.yaml``.
+    ``plugins:`` modules are imported before the poly nodes resolve, so plugin names parse: for a config file
+    the user wrote, always; for a run directory (its ``config.resolved.yaml``), only with ``trust_plugins``
+    (see :func:`open_plugins`).
     """
     p = Path(name_or_path)
+    own_record = is_run_record(p)
     if p.is_dir():
         if not (p / RESOLVED_NAME).is_file():
             raise ConfigError(f"{p}: not a run directory (no {RESOLVED_NAME})")
@@ -144,14 +222,54 @@ def load_run_config(name_or_path: str | os.PathLike, overrides: tuple[str, ...] 
         stem = p.parent.name
     else:
         stem = resolve_config_path(p).stem
-    data = apply_overrides(load_yaml(p), list(overrides))
-    plugins = data.get("plugins") or ()
-    if not isinstance(plugins, (list, tuple)):
-        raise ConfigError(f"plugins: expected a list of module names, got {plugins!r}")
-    try:
-        import_plugins(plugins)
-    except ImportError as e:
-        raise ConfigError(f"plugins: cannot import {e.name!r}: {e}") from None
+    raw = load_yaml(p)
+    data = apply_preset(raw, list(overrides), where=p)
+    open_plugins(data.get("plugins") or (), p, trust=trust_plugins or not own_record)
     if not data.get("run_name"):
-        data["run_name"] = stem
+        data["run_name"] = stem if own_record or data["preset"] == "full" else f"{stem}_{data['preset']}"
     return from_dict(RunConfig, data)
+
+
+def apply_preset(raw: dict, overrides: list[str], where=None) -> dict:
+    """The config dict with its preset applied, then the overrides (which always win).
+
+    A config file may hold ``presets: {cpu: {...}}``: partial configs deep-merged over it when chosen. ``preset``
+    (a top-level key or override): ``auto`` (default when the file has presets) picks ``cpu`` when the run's
+    device resolves to the CPU (no CUDA, or ``train.device=cpu``) and the file has a ``cpu`` preset, else
+    ``full`` (the file as written). The choice is recorded as ``preset`` in the resolved config, and a preset run
+    is named ``<config>_<preset>`` unless ``run_name`` is set."""
+    from .config import deep_merge
+
+    presets = raw.get("presets") or {}
+    if not isinstance(presets, dict):
+        raise ConfigError(f"{where}: presets: expected a mapping of preset name -> partial config")
+    base = {k: v for k, v in raw.items() if k != "presets"}
+    probe = apply_overrides(base, overrides)
+    choice = probe.get("preset", "auto" if presets else "full")
+    if choice == "auto":
+        choice = "cpu" if "cpu" in presets and _runs_on_cpu(probe) else "full"
+        if choice == "cpu":
+            import logging
+
+            logging.getLogger("omnibyte.config").warning(
+                "no CUDA device: running the 'cpu' preset of %s (a small model and data set that finish on a CPU; "
+                "run name <config>_cpu); preset=full runs the GPU sizes here", getattr(where, "stem", where))
+    if choice != "full":
+        if choice not in presets:
+            raise ConfigError(f"preset={choice!r}: {where} has no such preset (presets: "
+                              f"{', '.join(['full', *presets]) or 'none'})")
+        base = deep_merge(base, presets[choice])
+    data = apply_overrides(base, overrides)
+    data["preset"] = choice
+    return data
+
+
+def _runs_on_cpu(data: dict) -> bool:
+    device = str((data.get("train") or {}).get("device", "auto"))
+    if device.startswith("cuda"):
+        return False
+    if device == "cpu":
+        return True
+    import torch
+
+    return not torch.cuda.is_available()

@@ -1,21 +1,25 @@
 """The training loop, top to bottom: ``omnibyte train <config> [key=value ...]``.
 
-1. join the process group (torchrun) and pick the device; seed everything
-2. build task, serializer and model from their config nodes; write the run directory
-3. weights: resume a checkpoint of this run (``train.resume``) or start from another run (``init_from``)
-4. activation checkpointing / compile / DDP or FSDP2 (:mod:`omnibyte.parallel`); AdamW; warm-up + cosine
-5. loop: micro-batches (grad accumulation), clip, skip non-finite steps, step; log, evaluate, checkpoint
-6. final evaluation and checkpoint
+1. join the process group (torchrun), pick the device, seed everything
+2. the run directory: a new one gets its record (``config.resolved.yaml``, written once, never again); an
+   existing one must belong to the same config (:mod:`omnibyte.identity`) -- a finished run says so and stops
+3. build task, serializer and model (:mod:`omnibyte.run`); check the eval split before step 1
+4. weights: resume this run's latest checkpoint (``train.resume``) or start from another run (``init_from``)
+5. activation checkpointing / compile / DDP or FSDP2 (:mod:`omnibyte.parallel`); AdamW; warm-up + cosine
+6. loop: micro-batches (grad accumulation), clip, skip non-finite steps, step; log; checkpoint, then evaluate
 
 Step ``k`` means "after k optimizer steps"; metrics and checkpoints are labelled with it. A skipped
 (non-finite) step still consumes its data and advances the schedule, so resumed and uninterrupted runs
-stay aligned step for step.
+stay aligned step for step. A checkpoint is always written *before* the evaluation of the same step (an
+evaluation that fails never costs trained steps); the resumed run runs an evaluation the crash interrupted.
+
+One step, from the loop to the first matrix product: ``train_module(batch)`` (:class:`omnibyte.loss.LossModule`,
+the module DDP / FSDP2 wrap) -> ``model.batch_loss(batch)`` -> ``model.nll(tokens)`` -> the first layer.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
 from pathlib import Path
@@ -24,14 +28,20 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt_io
-from . import parallel
-from .config import dump_yaml, to_dict
+from . import parallel, provenance
+from .checkpointer import Checkpointer, ResumeError
+from .config import ConfigError, dump_yaml, from_dict, load_yaml, to_dict
 from .data import TrainLoader, eval_batches
-from .evaluate import BatchLoss, autocast, evaluate_bpb, summarize, use_bf16_for
-from .logging import EarlyRecords, RunLogger
-from .registry import MODELS, SERIALIZERS, TASKS
+from .evaluate import evaluate_bpb
+from .identity import check_rerun, flatten
+from .lock import RunLock
+from .logging import EarlyRecords, RunLogger, read_metrics
+from .loss import LossModule
+from .metrics import LogWindow
+from .optim import build_optimizer, build_schedule
+from .precision import autocast, use_bf16
+from .run import build_components, inherit_derived, resolve_data_config
 from .runconfig import RESOLVED_NAME, RunConfig
-from .vocab import Modality
 
 log = logging.getLogger("omnibyte.train")
 
@@ -46,84 +56,54 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_components(cfg: RunConfig):
-    """Task, serializer and model from the run config's poly nodes (the model on CPU, fp32)."""
-    return TASKS.build(cfg.task), SERIALIZERS.build(cfg.serializer), MODELS.build(cfg.model)
+def run_record(run_dir: Path, latest: Path | None = None) -> dict | None:
+    """The config a run directory belongs to: its latest intact checkpoint's, else its ``config.resolved.yaml``."""
+    latest = latest or ckpt_io.latest_checkpoint(run_dir / "checkpoints", verify=True)
+    if latest is not None:
+        return ckpt_io.read_state(latest)["config"]
+    if (run_dir / RESOLVED_NAME).is_file():
+        return load_yaml(run_dir / RESOLVED_NAME)
+    return None
 
 
-def pad_multiple(model) -> int:
-    meta = getattr(model, "stream_meta", None)
-    return int(getattr(meta, "patch_product", 1) or 1)
-
-
-def build_optimizer(model: torch.nn.Module, t) -> torch.optim.Optimizer:
-    """AdamW; weight decay on tensors with >= 2 dims only (not on norms, biases, start vectors)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, eps=t.eps)
-
-
-def lr_factor(step: int, t) -> float:
-    """Multiplier of ``t.lr`` for optimizer step ``step`` (0-based): linear warm-up, then cosine to min_lr."""
-    if t.warmup and step < t.warmup:
-        return (step + 1) / t.warmup
-    progress = min(1.0, (step - t.warmup) / max(1, t.steps - t.warmup))
-    floor = t.min_lr / t.lr if t.lr else 0.0
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-class LogWindow:
-    """Loss sums over the steps since the last log line (kept in checkpoints: a resumed run logs the same)."""
-
-    def __init__(self, saved: dict | None = None):
-        self.nats, self.weight, self.tokens, self.steps = 0.0, 0.0, 0, 0
-        self.mod: dict[int, list[float]] = {}
-        if saved:
-            self.nats, self.weight, self.tokens, self.steps = (saved[k] for k in ("nats", "weight", "tokens", "steps"))
-            self.mod = {int(c): list(v) for c, v in saved["mod"].items()}
-        self.t0 = time.perf_counter()
-
-    def add(self, nats: float, weight: float, per_mod: dict) -> None:
-        self.nats += nats
-        self.weight += weight
-        for code, (n, w) in per_mod.items():
-            acc = self.mod.setdefault(code, [0.0, 0.0])
-            acc[0] += float(n)
-            acc[1] += float(w)
-        self.steps += 1
-
-    def state(self) -> dict:
-        return {"nats": self.nats, "weight": self.weight, "tokens": self.tokens, "steps": self.steps, "mod": self.mod}
-
-    def summary(self, info: parallel.DistInfo, device: torch.device) -> dict:
-        """Loss, bpb (overall and per modality) and bytes/s, summed over ranks."""
-        codes = [int(m) for m in Modality]  # every rank sends every modality: same-shaped all-reduce
-        flat = [self.nats, self.weight, float(self.tokens)]
-        for c in codes:
-            flat += self.mod.get(c, [0.0, 0.0])
-        sums = parallel.all_reduce_sum(torch.tensor(flat, dtype=torch.float64, device=device), info).tolist()
-        mod = {c: (sums[3 + 2 * i], sums[4 + 2 * i]) for i, c in enumerate(codes)}
-        out = summarize(sums[0], sums[1], mod)
-        out.pop("weight")
-        out["bytes_per_s"] = sums[2] / max(time.perf_counter() - self.t0, 1e-9)
-        return out
-
-
-def find_resume(cfg: RunConfig, run_dir: Path) -> Path | None:
+def find_resume(cfg: RunConfig, latest: Path | None) -> Path | None:
+    """The checkpoint to continue: this run's latest intact one (``auto``), none, or the one named."""
     if cfg.train.resume == "never":
         return None
     if cfg.train.resume == "auto":
-        return ckpt_io.latest_checkpoint(run_dir / "checkpoints")
+        return latest
     return ckpt_io.resolve_checkpoint(cfg.train.resume)
 
 
+def _eval_pending(state: dict, run_dir: Path, split: str) -> bool:
+    """A checkpoint written before its step's evaluation, which then did not happen (a crash, a failure)."""
+    step = state["step"]
+    return bool(state.get("eval_due")) and not any(
+        r.get("step") == step and r.get("split") == split for r in read_metrics(run_dir))
+
+
 def init_weights_from(model: torch.nn.Module, source: str, stages: tuple[int, ...]) -> None:
-    """Load another run's weights (all, or only ``stages``) into ``model`` before training (transfer)."""
-    path = ckpt_io.resolve_checkpoint(source)
-    weights = ckpt_io.select_stages(ckpt_io.load_weights(path), stages)
+    """Load another run's weights (all, or only ``stages``) into ``model`` before training (transfer). A
+    checkpoint of another architecture is a ConfigError naming the first tensors that do not fit."""
+    try:
+        path = ckpt_io.resolve_checkpoint(source)
+    except FileNotFoundError as e:
+        raise ConfigError(f"train.init_from={source!r}: {e}") from None
+    try:
+        weights = ckpt_io.select_stages(ckpt_io.load_weights(path), stages)
+    except ValueError as e:
+        raise ConfigError(f"train.init_stages: {e}") from None
+    own = model.state_dict()
+    unknown = [k for k in weights if k not in own]
+    wrong = [f"{k} {tuple(v.shape)} (this model: {tuple(own[k].shape)})" for k, v in weights.items()
+             if k in own and own[k].shape != v.shape]
+    missing = [] if stages else [k for k in own if k not in weights]
+    if unknown or wrong or missing:
+        detail = "; ".join(filter(None, [f"shapes differ: {', '.join(wrong[:3])}" if wrong else "",
+                                         f"not in this model: {', '.join(unknown[:3])}" if unknown else "",
+                                         f"missing there: {', '.join(missing[:3])}" if missing else ""]))
+        raise ConfigError(f"train.init_from={source!r}: {path} holds another architecture ({detail}); "
+                          f"start from a run of the same model, or choose matching train.init_stages")
     result = model.load_state_dict(weights, strict=not stages)
     log.info("init_from %s: loaded %d tensors%s", path, len(weights),
              f" (stages {list(stages)}; {len(result.missing_keys)} left at init)" if stages else "")
@@ -134,30 +114,89 @@ def train(cfg: RunConfig) -> Path:
     info = parallel.init_distributed(cfg.parallel, cfg.train.device)
     # records logged before train.log opens (model size, init_from, resume) go into it once it does
     early = EarlyRecords() if info.is_main else None
+    lock = RunLock(cfg.run_dir) if info.is_main else None
     try:
-        return _train(cfg, info, early)
+        if lock is not None:
+            lock.acquire()  # one writer per run directory, before anything of it is read or written
+        parallel.barrier(info)
+        run_dir = _train(cfg, info, early)
     finally:
         if early is not None:
             early.detach()
+        if lock is not None:
+            lock.release()
         parallel.destroy()
+    if cfg.eval.report and info.is_main:
+        final_report(run_dir, cfg.train.device)
+    return run_dir
 
 
-def _train(cfg: RunConfig, info: parallel.DistInfo, early: EarlyRecords | None = None) -> Path:
-    t, device = cfg.train, info.device
-    bf16 = use_bf16_for(cfg, device)
-    if t.deterministic:
-        torch.use_deterministic_algorithms(True)
-    seed_everything(cfg.seed)  # the same on every rank: identical initial weights
+def final_report(run_dir: Path, device: str = "auto") -> list[str]:
+    """Evaluate a finished run's best checkpoint with its task metrics and log a short report (``eval.report``)."""
+    from .plot import plot_run
+    from .run import evaluate_run, load_run, report_lines
 
-    # --- components and run directory ----------------------------------------------------------
-    task, serializer, model = build_components(cfg)
+    run = load_run(run_dir, device=device)
+    results = evaluate_run(run, progress=False)
+    lines = report_lines(run, results)
+    try:
+        lines.append(f"curves plotted: {plot_run(run_dir)}")
+    except Exception as e:  # a plot is a convenience: never fail a finished run over it
+        lines.append(f"(no curves plot: {e})")
+    out = logging.getLogger("omnibyte.progress")
+    for line in lines:
+        out.info("%s", line)
+    return lines
+
+
+def _open_run_dir(cfg: RunConfig, info: parallel.DistInfo) -> tuple[RunConfig, Path | None]:
+    """Check the run directory's identity (or create its record); returns the config to train and the run's
+    latest intact checkpoint."""
     run_dir = cfg.run_dir
-    resume_from = find_resume(cfg, run_dir)
+    latest = ckpt_io.latest_checkpoint(run_dir / "checkpoints", verify=True)
+    record = run_record(run_dir, latest)
+    if record is not None:
+        cfg = inherit_derived(cfg, from_dict(RunConfig, record))
+        check_rerun(record, cfg, run_dir)
+        if cfg.train.resume == "never" and latest is not None:
+            raise ConfigError(f"train.resume=never but {run_dir} already holds checkpoints of this run; choose a "
+                              f"new run_name (the old run's checkpoints are never overwritten)")
+    else:
+        cfg = resolve_data_config(cfg)
     if info.is_main:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         (run_dir / "eval").mkdir(exist_ok=True)
-        dump_yaml(cfg, run_dir / RESOLVED_NAME)
+        if not (run_dir / RESOLVED_NAME).is_file():
+            dump_yaml(cfg, run_dir / RESOLVED_NAME)
     parallel.barrier(info)
+    return cfg, latest
+
+
+def _train(cfg: RunConfig, info: parallel.DistInfo, early: EarlyRecords | None = None) -> Path:
+    device = info.device
+    cfg, latest = _open_run_dir(cfg, info)
+    t, run_dir = cfg.train, cfg.run_dir
+    resume_from = find_resume(cfg, latest)
+    if resume_from is not None:
+        head = ckpt_io.read_state(resume_from)
+        done = int(head["step"])
+        if done >= t.steps and not _eval_pending(head, run_dir, cfg.eval.split):
+            log.warning("run %s is finished: step %d of train.steps=%d; nothing to do (evaluate it with "
+                        "`omnibyte eval %s`, or raise train.steps to train on)", cfg.run_name, done, t.steps, run_dir)
+            return run_dir
+    bf16 = use_bf16(t.precision, device)
+    if t.deterministic:
+        torch.use_deterministic_algorithms(True)
+    seed_everything(cfg.seed)  # the same on every rank: identical initial weights
+    prov = provenance.collect(info.world, device)
+    if info.is_main:
+        provenance.append(run_dir, {**prov, "resume_from": str(resume_from) if resume_from else None})
+
+    # --- components, and the eval data checked before step 1 ------------------------------------------
+    task, serializer, model = build_components(cfg)
+    pad = model.stream_meta.patch_product
+    eval_list = eval_batches(cfg.data, task, serializer, cfg.eval.split, max_samples=cfg.eval.max_samples,
+                             batch_size=cfg.eval.batch_size, pad_multiple=pad, rank=info.rank, world=info.world)
     if resume_from is None and t.init_from:
         init_weights_from(model, t.init_from, t.init_stages)
     model.to(device)
@@ -166,67 +205,77 @@ def _train(cfg: RunConfig, info: parallel.DistInfo, early: EarlyRecords | None =
              n_params / 1e6, device, " bf16" if bf16 else "", info.world, info.strategy)
 
     # --- parallelism, optimizer, schedule, data -------------------------------------------------
-    train_module = parallel.parallelize(BatchLoss(model), info, t, cfg.parallel, bf16)
+    train_module = parallel.parallelize(LossModule(model), info, t, cfg.parallel, bf16)
     optimizer = build_optimizer(model, t)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, t))
+    scheduler = build_schedule(optimizer, t)
+    saver = Checkpointer(run_dir / "checkpoints", info, model, optimizer, scheduler, keep_last=t.keep_last)
     loader = TrainLoader(cfg.data, task, serializer, seed=cfg.seed, rank=info.rank, world=info.world,
-                         pad_multiple=pad_multiple(model))
-    step, counters, best = 0, {"bad_steps": 0}, None
+                         pad_multiple=pad)
+    step, counters, best, eval_due = 0, {"bad_steps": 0, "bytes_seen": 0, "evals_since_best": 0}, None, False
     saved_window = None  # the sums of a log window that a checkpoint cut in two
     if resume_from is not None:
-        state = ckpt_io.read_state(resume_from)
-        if len(state["data"]) != info.world:
-            raise TrainingError(f"{resume_from} was written by {len(state['data'])} rank(s); this run has "
-                                f"{info.world}. Resume with the same number of processes.")
-        optim_state, rngs = ckpt_io.load_training_state(resume_from)
-        parallel.load_full_state_dicts(model, optimizer, ckpt_io.load_weights(resume_from),
-                                       optim_state["optimizer"], info)
-        scheduler.load_state_dict(optim_state["scheduler"])
+        try:
+            state = saver.restore(resume_from)
+        except ResumeError as e:
+            raise TrainingError(str(e)) from None
         loader.load_state_dict(state["data"][info.rank])
-        ckpt_io.set_rng_state(rngs[info.rank])
-        step, counters, best = state["step"], state["counters"], state.get("best")
+        step, best = state["step"], state.get("best")
+        eval_due = _eval_pending(state, run_dir, cfg.eval.split)
+        counters.update(state["counters"])
+        best = ckpt_io.read_best(run_dir / "checkpoints") or best
         saved_window = state["window"][info.rank]
         log.info("resumed from %s at step %d", resume_from, step)
     else:
         seed_everything(cfg.seed + 1 + info.rank)  # dropout etc. differ per rank from here on
 
+    tracker = None
+    if info.is_main and t.tracker != "none":
+        from .tracking import open_tracker
+
+        tracker = open_tracker(t.tracker, run_dir, cfg.run_name, t.tracker_project,
+                               {**flatten(to_dict(cfg)), "provenance": prov})
     logger = RunLogger(run_dir, enabled=info.is_main, start_step=step, total_steps=t.steps,
-                       progress=t.progress, early=early)
+                       progress=t.progress, early=early, tracker=tracker)
+    if step == 0:
+        logger.hparams(flatten(to_dict(cfg)), f"{cfg.eval.split}/bpb")
     cfg_dict = to_dict(cfg)  # goes into every checkpoint
-    eval_list = None
 
-    def run_eval() -> dict:
-        nonlocal eval_list
-        if eval_list is None:
-            eval_list = eval_batches(cfg.data, task, serializer, cfg.eval.split, max_samples=cfg.eval.max_samples,
-                                     batch_size=cfg.eval.batch_size, pad_multiple=pad_multiple(model),
-                                     rank=info.rank, world=info.world)
-        return evaluate_bpb(train_module, eval_list, device, bf16=bf16, info=info, seq_len=cfg.data.seq_len)
+    def record(rec: dict, bytes_seen: int) -> None:
+        logger.log({"step": rec.pop("step"), "split": rec.pop("split"), "time": round(time.time(), 3),
+                    "bytes_seen": bytes_seen, **rec})
 
-    def save(step: int, eval_result: dict | None) -> None:
-        nonlocal best
-        if eval_result is not None and (best is None or eval_result["bpb"] < best["value"]):
-            best = {"step": step, "metric": f"{cfg.eval.split}/bpb", "value": eval_result["bpb"]}
-        msd, osd = parallel.full_state_dicts(model, optimizer, info)
-        positions = parallel.all_gather_object(loader.state_dict(), info)
-        windows = parallel.all_gather_object(window.state(), info)
-        rngs = parallel.all_gather_object(ckpt_io.rng_state(), info)
+    def save(at: int, eval_pending: bool) -> None:
+        saver.save(at, state={"counters": counters, "best": best, "config": cfg_dict, "eval_due": eval_pending,
+                              "provenance": prov},
+                   per_rank={"data": loader.state_dict(), "window": window.state()}, best=best)
         if info.is_main:
-            path = ckpt_io.save_checkpoint(
-                run_dir / "checkpoints", step, model_state=msd,
-                optim_state={"optimizer": osd, "scheduler": scheduler.state_dict()}, rng=rngs,
-                state={"data": positions, "window": windows, "counters": counters, "best": best, "eval": eval_result,
-                       "config": cfg_dict, "world": info.world},
-                keep_last=t.keep_last, best=best)
-            log.info("checkpoint %s", path)
-        parallel.barrier(info)
+            log.info("checkpoint step %d", at)
+
+    def evaluate(at: int) -> bool:
+        """Evaluate the checkpointed step ``at``, record it, update the best checkpoint; True when early
+        stopping says stop."""
+        nonlocal best
+        result = evaluate_bpb(train_module, eval_list, device, bf16=bf16, info=info, seq_len=cfg.data.seq_len)
+        seen = counters["bytes_seen"] + int(parallel.all_reduce_sum(
+            torch.tensor(float(window.tokens), dtype=torch.float64, device=device), info))
+        record({"step": at, "split": cfg.eval.split, **{k: v for k, v in result.items() if k != "weight"}}, seen)
+        log.info("step %d: %s bpb %.4f", at, cfg.eval.split, result["bpb"])
+        if best is None or result["bpb"] < best["value"]:
+            best = {"step": at, "metric": f"{cfg.eval.split}/bpb", "value": result["bpb"]}
+            if info.is_main:
+                ckpt_io.write_best(run_dir / "checkpoints", best)
+            counters["evals_since_best"] = 0
+        else:
+            counters["evals_since_best"] += 1
+        return bool(t.patience) and counters["evals_since_best"] >= t.patience
 
     # --- the loop ---------------------------------------------------------------------------------
     batches = iter(loader)
     bad_in_row = 0
     window = LogWindow(saved_window)
-    last_eval = None
     try:
+        if eval_due:  # the run stopped between a checkpoint and its evaluation
+            evaluate(step)
         while step < t.steps:
             lr = scheduler.get_last_lr()[0]
             nats = torch.zeros((), dtype=torch.float64, device=device)
@@ -235,8 +284,9 @@ def _train(cfg: RunConfig, info: parallel.DistInfo, early: EarlyRecords | None =
             tokens = 0
             for micro in range(t.grad_accum):
                 batch = next(batches).to(device, non_blocking=True)
-                with parallel.sync_context(train_module, micro == t.grad_accum - 1), autocast(device, bf16, cache=not t.cuda_graphs):
-                    out = BatchLoss.unpack(train_module(batch))
+                with parallel.sync_context(train_module, micro == t.grad_accum - 1), \
+                        autocast(device, bf16, cache=not t.cuda_graphs):
+                    out = LossModule.unpack(train_module(batch))
                     loss = out.loss
                     if step + 1 in t.inject_nan_at:
                         loss = loss * float("nan")
@@ -273,31 +323,32 @@ def _train(cfg: RunConfig, info: parallel.DistInfo, early: EarlyRecords | None =
 
             # --- log ------------------------------------------------------------------------------
             if step % t.log_every == 0 or step == t.steps:
-                rec = {"step": step, "split": "train", **window.summary(info, device), "lr": lr,
-                       "grad_norm": float(grad_norm), "bad_steps": counters["bad_steps"],
-                       **{f"data/{k}": v for k, v in loader.stats.items()}}
-                logger.log(rec)
-                logger.progress(0, loss=f"{rec['loss']:.4f}", bpb=f"{rec['bpb']:.3f}",
+                summary = window.summary(info, device)
+                counters["bytes_seen"] += int(summary.pop("tokens"))
+                rec = {"step": step, "split": "train", **summary, "lr": lr, "grad_norm": float(grad_norm),
+                       "bad_steps": counters["bad_steps"], **{f"data/{k}": v for k, v in loader.stats.items()}}
+                record(dict(rec), counters["bytes_seen"])
+                logger.progress(0, step, loss=f"{rec['loss']:.4f}", bpb=f"{rec['bpb']:.3f}",
                                 **{"bytes/s": f"{rec['bytes_per_s']:.3g}"})
                 window = LogWindow()
             logger.progress(1)
 
-            # --- evaluate and checkpoint ----------------------------------------------------------
-            last_eval = None
-            if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
-                last_eval = run_eval()
-                logger.log({"step": step, "split": cfg.eval.split,
-                            **{k: v for k, v in last_eval.items() if k != "weight"}})
-                log.info("step %d: %s bpb %.4f", step, cfg.eval.split, last_eval["bpb"])
-            if (t.ckpt_every and step % t.ckpt_every == 0) or step == t.steps:
-                save(step, last_eval)
+            # --- checkpoint, then evaluate: an evaluation error never costs trained steps, and every
+            # evaluated step is on disk, so the best checkpoint by the eval metric can always be loaded -----
+            last = step == t.steps
+            eval_now = bool(t.eval_every and step % t.eval_every == 0) or last
+            if eval_now or (t.ckpt_every and step % t.ckpt_every == 0):
+                save(step, eval_pending=eval_now)
+            if eval_now and evaluate(step) and not last:
+                log.warning("early stopping at step %d: %d evaluations without a better %s bpb "
+                            "(train.patience=%d; best: step %s)", step, counters["evals_since_best"],
+                            cfg.eval.split, t.patience, best and best["step"])
+                break
     finally:
         logger.close()
     if info.is_main:
-        mods = {k: v for k, v in (last_eval or {}).items() if k.startswith("bpb/")}
-        log.info("done: %d steps, %d skipped; final %s bpb %s %s", step, counters["bad_steps"], cfg.eval.split,
-                 f"{last_eval['bpb']:.4f}" if last_eval else "n/a", mods)
+        log.info("done: %d steps, %d skipped; best %s", step, counters["bad_steps"], best)
     return run_dir
 
 
-__all__ = ["train", "TrainingError", "build_components", "build_optimizer", "lr_factor"]
+__all__ = ["train", "TrainingError", "build_components", "init_weights_from", "run_record"]

@@ -81,6 +81,14 @@ def token_name(token: int) -> str:
     return SPECIAL_NAMES.get(token, f"RESERVED_{token}")
 
 
+def modality_name(code: int) -> str:
+    """``"text"``, ``"image"``, ... for a modality code (the code itself as a string if unknown)."""
+    try:
+        return Modality(int(code)).name.lower()
+    except ValueError:
+        return str(code)
+
+
 def check_contract(version: int, *, where: str = "") -> None:
     """Raise if data or a checkpoint was written under another token contract."""
     if int(version) != CONTRACT_VERSION:

@@ -9,7 +9,7 @@
    batch and schedule, ``omnibyte train transfer_pg19_to_clevr_{png,jpeg,pixels}`` from the PG19 weights;
    ``omnibyte train clevr_cnn_lstm`` on the same data, steps and batch; every arm with ``--seeds`` seeds;
 4. ``run_transfer.py eval RUN_DIR``: VQA accuracy by question type on the first ``vqa_samples`` val
-   questions (closed-set ranking for byte models, the classifier for CNN+LSTM) into ``eval/vqa_val.json``,
+   questions (closed-set ranking through each model's ``score``: byte models and the CNN+LSTM alike) into ``eval/vqa_val.json``,
    and per-token losses of a few val streams into ``eval/val_<step>.h5`` (heat maps);
 5. ``OUT/transfer_metrics.tar.gz``: config.resolved.yaml, metrics.jsonl, eval/*.json, eval/*.h5 of every
    run; no checkpoints.
@@ -244,26 +244,16 @@ def pack(runs: Path, dest: Path, extra: list[Path] = ()) -> Path:
 
 
 def eval_run(a) -> int:
-    """VQA accuracy by question type (ranking / classifier) and a few rows of per-token losses."""
-    import torch
+    """VQA accuracy by question type (closed-set ranking through ``score``, for byte models and the CNN+LSTM
+    alike) and a few rows of per-token losses, through the library's own run evaluation."""
+    from omnibyte.run import evaluate_run, load_run
 
-    from omnibyte.data import eval_batches
-    from omnibyte.evaluate import load_trained, use_bf16_for, write_per_token
-
-    cfg, task, serializer, model, ckpt, step = load_trained(a.run_dir, [], "latest", "auto")
-    device = next(model.parameters()).device
-    is_classifier = hasattr(model, "predict_answers")
-    res = task.evaluate(model, serializer, cfg.eval.split, Path(a.run_dir), mode="classify" if is_classifier else "rank",
-                        max_samples=a.vqa_samples, batch_size=32, device=device, progress=False)
-    res["step"] = step
-    print(json.dumps({k: v for k, v in res.items() if not isinstance(v, dict)}, default=str))
-    if a.per_token_rows and not is_classifier:
-        meta = getattr(model, "stream_meta", None)
-        batches = eval_batches(cfg.data, task, serializer, cfg.eval.split, max_samples=a.per_token_rows,
-                               batch_size=a.per_token_rows, pad_multiple=getattr(meta, "patch_product", 1))
-        with torch.no_grad():
-            write_per_token(Path(a.run_dir) / "eval" / f"{cfg.eval.split}_{step}.h5", model, batches, device,
-                            split=cfg.eval.split, step=step, bf16=use_bf16_for(cfg, device))
+    run = load_run(a.run_dir, "latest", overrides=["task.eval_mode=rank"])
+    if a.per_token_rows and run.model.stream_meta.per_token_losses:
+        evaluate_run(run, max_samples=a.per_token_rows, per_token=True, task_metrics=False, progress=False)
+    res = evaluate_run(run, max_samples=a.vqa_samples, per_token=False, task_metrics=True, progress=False)
+    print(json.dumps({k: v for k, v in res.get("task", {}).items() if not isinstance(v, dict)} | {"step": run.step},
+                     default=str))
     return 0
 
 

@@ -4,7 +4,13 @@ the crop / resize / mode pipeline, and the :class:`ImageSerializer` base class.
 Safety: every decode path first checks the file size (``max_file_bytes``) and the pixel count read from the
 header (``max_pixels``) before any pixel is decompressed, so a decompression bomb costs a header parse.
 Pillow is restricted to a short list of formats, and PNG / JPEG inputs get a structural check of their own
-(chunk walk / marker walk), so truncation is caught even where ``ImageFile.LOAD_TRUNCATED_IMAGES`` was set.
+(chunk walk / marker walk, :mod:`._image_files`) and a strict decode that refuses pixel data ending before
+the image does (a JPEG cut mid-scan with an EOI appended included), so truncation is caught even where
+``ImageFile.LOAD_TRUNCATED_IMAGES`` was set.
+
+Bit depth: PNGs of every colour type and depth become 8-bit samples by one rule, the same with libspng or
+Pillow: 1/2/4-bit grey scaled to 0..255, palettes looked up, 16-bit samples cut to their high byte
+(``v >> 8``). See :func:`load_pixels`.
 """
 
 from __future__ import annotations
@@ -22,16 +28,21 @@ from omnibyte.errors import SerializationError
 from omnibyte.stream import ByteStream
 from omnibyte.vocab import Modality
 
+from ._image_files import (  # noqa: F401  (re-exported: png.py, jpeg.py and qa.py import them from here)
+    PNG_SIGNATURE,
+    PNG_TRUNCATED,
+    ImageError,
+    check_jpeg,
+    check_png,
+    load_strict,
+    looks_like,
+    sniff,
+)
 from .base import Serializer, SerializerConfig
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 #: formats Pillow may open for re-encoding / pixel decoding (a short list keeps the attack surface small)
 DECODE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP")
 _RESAMPLE = {"nearest": 0, "box": 4, "bilinear": 2, "hamming": 5, "bicubic": 3, "lanczos": 1}
-
-
-class ImageError(ValueError):
-    """Internal: why an image was refused (turned into a SerializationError naming the sample)."""
 
 
 @dataclass(frozen=True)
@@ -83,121 +94,6 @@ class ProcessConfig(ImageConfig):
             raise ValueError(f"background must be three values in 0..255, got {self.background}")
 
 
-# ----------------------------------------------------------------------------------------------
-# container checks (no pixel decoding)
-
-
-def sniff(data: bytes) -> str:
-    """'PNG', 'JPEG' or '' from the first bytes."""
-    if data[:8] == PNG_SIGNATURE:
-        return "PNG"
-    if data[:3] == b"\xff\xd8\xff":
-        return "JPEG"
-    return ""
-
-
-def check_png(data: bytes, crc: bool = False) -> tuple[int, int]:
-    """Walk the PNG chunks: signature, IHDR first, at least one IDAT, IEND last and nothing after it.
-
-    Returns (width, height) from IHDR. ``crc=True`` also verifies every chunk's CRC-32.
-    Raises ImageError with the reason.
-    """
-    n = len(data)
-    if data[:8] != PNG_SIGNATURE:
-        raise ImageError(f"not a PNG file (first bytes {bytes(data[:8])!r}{_looks_like(data)})")
-    pos = 8
-    width = height = 0
-    seen_idat = False
-    first = True
-    unpack = struct.unpack_from
-    while True:
-        if pos + 12 > n:
-            raise ImageError(f"truncated PNG: chunk header at byte {pos} runs past the end ({n} bytes); no IEND")
-        length, ctype = unpack(">I4s", data, pos)
-        end = pos + 12 + length
-        if length > 0x7FFFFFFF or end > n:
-            raise ImageError(f"truncated PNG: chunk {ctype!r} at byte {pos} needs {length} bytes, file has "
-                             f"{n - pos - 12} left")
-        if crc and zlib.crc32(data[pos + 4:pos + 8 + length]) != unpack(">I", data, pos + 8 + length)[0]:
-            raise ImageError(f"corrupt PNG: CRC mismatch in chunk {ctype!r} at byte {pos}")
-        if first:
-            if ctype != b"IHDR" or length != 13:
-                raise ImageError(f"corrupt PNG: first chunk is {ctype!r} (length {length}), expected IHDR")
-            width, height = unpack(">II", data, pos + 8)
-            if width == 0 or height == 0:
-                raise ImageError(f"corrupt PNG: IHDR size {width}x{height}")
-            first = False
-        elif ctype == b"IDAT":
-            seen_idat = True
-        elif ctype == b"IEND":
-            if not seen_idat:
-                raise ImageError("corrupt PNG: IEND before any IDAT chunk")
-            if end != n:
-                raise ImageError(f"PNG has {n - end} bytes after IEND")
-            return width, height
-        pos = end
-
-
-_SOF = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF))
-
-
-def check_jpeg(data: bytes) -> tuple[int, int, bool]:
-    """Walk the JPEG markers up to the first SOS: SOI, well-formed segments, a frame header (SOF) before
-    the scan, and EOI as the last two bytes. Returns (width, height, progressive). Raises ImageError."""
-    n = len(data)
-    if data[:2] != b"\xff\xd8":
-        raise ImageError(f"not a JPEG file (first bytes {bytes(data[:8])!r}{_looks_like(data)})")
-    pos = 2
-    size = None
-    progressive = False
-    while True:
-        if pos + 2 > n:
-            raise ImageError(f"truncated JPEG: no start of scan (ended at byte {pos})")
-        if data[pos] != 0xFF:
-            raise ImageError(f"corrupt JPEG: expected a marker at byte {pos}, found 0x{data[pos]:02x}")
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker == 0x01 or 0xD0 <= marker <= 0xD7:
-            pos += 2
-            continue
-        if marker in (0xD8, 0xD9, 0x00):
-            raise ImageError(f"corrupt JPEG: unexpected marker 0xff{marker:02x} at byte {pos} before the scan")
-        if pos + 4 > n:
-            raise ImageError(f"truncated JPEG: segment header at byte {pos}")
-        (length,) = struct.unpack_from(">H", data, pos + 2)
-        if length < 2 or pos + 2 + length > n:
-            raise ImageError(f"{'truncated' if length >= 2 else 'corrupt'} JPEG: segment 0xff{marker:02x} at "
-                             f"byte {pos} has length {length}, {n - pos - 2} bytes left")
-        if marker in _SOF:
-            if length < 8:
-                raise ImageError(f"corrupt JPEG: frame header of length {length}")
-            height, width = struct.unpack_from(">HH", data, pos + 5)
-            if width == 0 or height == 0:
-                raise ImageError(f"unsupported JPEG: frame size {width}x{height} (DNL height is not supported)")
-            size = (width, height)
-            progressive = marker in (0xC2, 0xC6, 0xCA, 0xCE)
-        elif marker == 0xDA:
-            if size is None:
-                raise ImageError("corrupt JPEG: start of scan before any frame header (SOF)")
-            if n - (pos + 2 + length) < 2 or data[-2:] != b"\xff\xd9":
-                raise ImageError("truncated JPEG: the file does not end with EOI (0xffd9)")
-            return size[0], size[1], progressive
-        pos += 2 + length
-
-
-def _looks_like(data: bytes) -> str:
-    head = bytes(data[:16])
-    for sig, name in ((b"GIF8", "GIF"), (b"BM", "BMP"), (b"RIFF", "RIFF/WEBP"), (b"\xff\xd8", "JPEG"),
-                      (PNG_SIGNATURE, "PNG"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF")):
-        if head.startswith(sig):
-            return f"; looks like {name}"
-    if not head:
-        return "; empty"
-    return ""
-
-
 def check_limits(cfg: ImageConfig, nbytes: int, width: int | None = None, height: int | None = None) -> None:
     if nbytes > cfg.max_file_bytes:
         raise ImageError(f"image file of {nbytes} bytes exceeds max_file_bytes={cfg.max_file_bytes}")
@@ -209,69 +105,99 @@ def check_limits(cfg: ImageConfig, nbytes: int, width: int | None = None, height
 # decoding and processing
 
 
+def check_structure(data: bytes, cfg: ImageConfig) -> str:
+    """The decode paths' container check: size limits, then for PNG the chunk walk with every chunk's CRC,
+    for JPEG the full marker walk; the pixel count comes from the header. Returns the kind."""
+    check_limits(cfg, len(data))
+    kind = sniff(data)
+    if kind == "PNG":
+        check_limits(cfg, len(data), *check_png(data, crc=True))
+    elif kind == "JPEG":
+        w, h, _ = check_jpeg(data)
+        check_limits(cfg, len(data), w, h)
+    return kind
+
+
 def open_image(data: bytes, cfg: ImageConfig, structure: bool = True):
-    """Open (lazily) with Pillow after the size limits and, for PNG/JPEG, the structural checks."""
+    """Open (lazily) with Pillow after the size limits and, with ``structure``, :func:`check_structure`."""
     from PIL import Image
 
     check_limits(cfg, len(data))
-    kind = sniff(data)
-    if structure and kind == "PNG":
-        check_limits(cfg, len(data), *check_png(data))
-    elif structure and kind == "JPEG":
-        w, h, _ = check_jpeg(data)
-        check_limits(cfg, len(data), w, h)
+    if structure:
+        check_structure(data, cfg)
     try:
         im = Image.open(io.BytesIO(data), formats=DECODE_FORMATS)
     except Image.UnidentifiedImageError:
         raise ImageError(f"not an image file (formats tried: {', '.join(DECODE_FORMATS)}; first bytes "
-                         f"{bytes(data[:8])!r}{_looks_like(data)})") from None
+                         f"{bytes(data[:8])!r}{looks_like(data)})") from None
     check_limits(cfg, len(data), *im.size)
     return im
 
 
+def decode(im, data: bytes) -> None:
+    """Load the pixels of ``im`` (opened from ``data``): PNG and JPEG through :func:`load_strict`, which
+    refuses incomplete pixel data whatever ``ImageFile.LOAD_TRUNCATED_IMAGES`` says. Raises ImageError."""
+    from PIL import Image
+
+    try:
+        if im.format in ("PNG", "JPEG"):
+            load_strict(im, data)
+        else:
+            im.load()
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"decompression bomb refused: {e}") from None
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
+        raise ImageError(f"{im.format} does not decode: {type(e).__name__}: {e}") from None
+
+
 def verify_decodes(data: bytes, cfg: ImageConfig, kind: str) -> None:
     """Full pixel decode with Pillow (the ``verify: decode`` passthrough check; structure already checked)."""
-    im = open_image(data, cfg, structure=False)
-    try:
-        im.load()
-    except Exception as e:
-        raise ImageError(f"{kind} does not decode: {type(e).__name__}: {e}") from None
+    decode(open_image(data, cfg, structure=False), data)
 
 
 def load_pixels(data: bytes, cfg: ProcessConfig):
-    """File bytes -> processed PIL image (RGB or L): drop alpha -> crop + resize -> mode.
+    """File bytes -> processed PIL image (RGB or L): 8 bits -> drop alpha -> crop + resize -> mode.
 
     Crop and resize are one Pillow ``resize(size, box=crop)`` (the filter sees the pixels just outside the
     crop, so its edges are not clamped); without ``size`` the crop is a plain crop. Alpha is composited on
     ``background`` unless every pixel inside the crop is opaque, in which case it is dropped as is.
 
-    Decoders: 8-bit non-palette PNGs are decoded with libspng (``pyspng``) when it is installed, which is
-    about 1.4x faster than Pillow; PNG decoding is lossless and both paths apply the same Pillow operations
-    in the same order, so they give identical pixels (a test checks). Everything else goes through Pillow.
-    JPEG inputs use ``Image.draft`` (DCT scaling at 1/2, 1/4 or 1/8) when the target is at most half the
-    crop in both directions: faster, deterministic for a given libjpeg, the crop box scaled to match.
+    Bit depth: every PNG colour type and depth is read as 8-bit samples the same way: 1, 2 and 4-bit grey
+    scaled to 0..255 (``v * 255 / (2**d - 1)``), palettes looked up (8-bit entries), and 16-bit samples
+    (grey, grey+alpha, RGB, RGBA) cut to their high byte, ``v >> 8`` (what Pillow does for 16-bit colour,
+    applied here to 16-bit grey as well). tRNS colour keys of grey and RGB PNGs are ignored (a palette's
+    tRNS alpha is composited).
+
+    Decoders: 8-bit grey, RGB and RGBA PNGs are decoded with libspng (``pyspng``) when it is installed,
+    about 1.4x faster than Pillow; every other PNG (palette, grey+alpha, 1/2/4/16-bit), and every PNG with
+    ``OMNIBYTE_NO_SPNG=1``, goes through Pillow. PNG decoding is lossless and both paths apply the same
+    operations, so every file gives the same pixels, or the same refusal, with either (a test checks every
+    colour type and depth). Files are refused on a CRC error in any chunk and when the image data stops
+    early; zlib's Adler-32 is not checked (libspng does not; the CRCs cover the same bytes). JPEG inputs use ``Image.draft`` (DCT scaling at 1/2, 1/4 or 1/8) when the target is at most
+    half the crop in both directions: faster, deterministic for a given libjpeg, the crop box scaled to
+    match; a JPEG whose scan data ends before the image is complete is refused (:func:`load_strict`).
     """
     from PIL import Image
 
-    check_limits(cfg, len(data))
-    spng = _pyspng()
-    if spng is not None and sniff(data) == "PNG":
-        w, h = check_png(data)
-        check_limits(cfg, len(data), w, h)
-        if data[24] == 8 and data[25] in (0, 2, 4, 6):  # bit depth 8; gray, RGB, gray+alpha, RGBA
-            try:
-                arr = spng.load(data)
-            except Exception as e:
-                raise ImageError(f"cannot decode PNG: {e}") from None
-            box = crop_box(cfg, w, h)
-            if arr.ndim == 3 and arr.shape[2] == 4 and arr[box[1]:box[3], box[0]:box[2], 3].min() == 255:
-                # opaque RGBA: Pillow stores RGB as RGBX, so the decoded buffer is mapped without a copy
-                im = Image.frombuffer("RGBX", (w, h), arr, "raw", "RGBX", 0, 1)
-            else:
-                mode = "L" if arr.ndim == 2 else ("L", "LA", "RGB", "RGBA")[arr.shape[2] - 1]
-                im = drop_alpha(Image.frombuffer(mode, (w, h), arr, "raw", mode, 0, 1), cfg.background, box)
-            return _finish(im, box, cfg)
-    im = open_image(data, cfg)
+    kind = check_structure(data, cfg)
+    spng = _pyspng() if kind == "PNG" else None
+    if spng is not None and data[24] == 8 and data[25] in (0, 2, 6):  # bit depth 8; grey, RGB, RGBA
+        w, h = struct.unpack_from(">II", data, 16)
+        try:
+            arr = spng.load(data)
+        except Exception as e:
+            raise ImageError(PNG_TRUNCATED if "too short" in str(e) else f"cannot decode PNG: {e}") from None
+        box = crop_box(cfg, w, h)
+        if arr.ndim == 3 and arr.shape[2] == 4 and arr[box[1]:box[3], box[0]:box[2], 3].min() == 255:
+            # opaque RGBA: Pillow stores RGB as RGBX, so the decoded buffer is mapped without a copy
+            im = Image.frombuffer("RGBX", (w, h), arr, "raw", "RGBX", 0, 1)
+        else:
+            mode = "L" if arr.ndim == 2 else ("L", "LA", "RGB", "RGBA")[arr.shape[2] - 1]
+            im = drop_alpha(Image.frombuffer(mode, (w, h), arr, "raw", mode, 0, 1), cfg.background, box)
+        return _finish(im, box, cfg)
+    im = open_image(data, cfg, structure=False)
     W, H = im.size
     box = crop_box(cfg, W, H)
     if im.format == "JPEG" and cfg.size is not None:
@@ -281,12 +207,7 @@ def load_pixels(data: bytes, cfg: ProcessConfig):
             if im.size != (W, H):  # the crop box follows the reduced scale
                 sx, sy = im.size[0] / W, im.size[1] / H
                 box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
-    try:
-        im.load()
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"decompression bomb refused: {e}") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"cannot decode image: {e}") from None
+    decode(im, data)
     ibox = tuple(int(round(v)) for v in box)
     return _finish(drop_alpha(im, cfg.background, ibox), box, cfg)
 
@@ -402,15 +323,22 @@ def crop_box(cfg: ProcessConfig, W: int, H: int) -> tuple[int, int, int, int]:
     return (dx, dy, W - dx, H - dy)
 
 
+_GREY16 = ("I;16", "I;16B", "I;16L", "I")  # Pillow's modes for a 16-bit grey PNG (I in older Pillow)
+
+
 def drop_alpha(im, background: tuple[int, int, int], box: tuple[int, int, int, int] | None = None):
     """Remove transparency: alpha that is fully opaque inside ``box`` (default: everywhere) is dropped as
-    is, anything else is composited on ``background``. Returns an image of mode RGB, RGBX or L."""
+    is, anything else is composited on ``background``. Returns an image of mode RGB, RGBX or L.
+
+    Also brings every mode to 8 bits: palettes are looked up, 16-bit grey keeps each sample's high byte."""
     from PIL import Image
 
     if im.mode == "P":
         im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-    elif im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        raise ImageError(f"unsupported image mode {im.mode} (high bit depth); convert to 8-bit first")
+    elif im.mode in _GREY16:  # 16-bit grey PNG: the high byte of each sample, as Pillow reads 16-bit colour
+        im = Image.fromarray((np.asarray(im) >> 8).astype(np.uint8))
+    elif im.mode == "F":
+        raise ImageError("unsupported image mode F (floating point)")
     elif im.mode not in ("RGB", "RGBX", "L", "RGBA", "LA"):
         im = im.convert("RGBA" if im.mode in ("RGBa", "La", "PA") else "RGB")
     if im.mode in ("RGBA", "LA"):

@@ -9,6 +9,14 @@ Output length (IMAGE-modality bytes only, no markers, loss 1 on every byte):
   (no EXIF, ICC profile or comment), the standard quantisation tables scaled by ``quality`` and the
   configured chroma subsampling.
 
+Checks: ``verify: structure`` (passthrough default, cheap) walks the segments to the first scan and wants
+EOI as the last two bytes; it reads no scan data. ``verify: decode`` and every decoding path (re-encode,
+``pixels``, ``qa`` over them) walk every scan to EOI and decode strictly: a file without EOI, with bytes
+after EOI, with a scan short of its restart markers or of full precision (progressive cut at a scan
+boundary), or whose entropy-coded data stops before the image is complete (cut mid-scan, EOI appended;
+libjpeg would fill the rest with grey and only warn) is refused, naming the sample. See
+:mod:`serializers._image_files` for the one blind spot (the last block or two of a scan).
+
 Determinism: passthrough is the identity; re-encoding depends only on the sample, the config and the
 Pillow / libjpeg build. JPEG inputs are decoded with DCT scaling (``Image.draft``) when the target size is
 at most half the crop, which is also deterministic for a given libjpeg.
@@ -41,8 +49,8 @@ class JPEGSerializer(ImageSerializer):
     @dataclass(frozen=True)
     class Config(ProcessConfig):
         method: Literal["passthrough", "reencode"] = "passthrough"
-        # passthrough checks: structure = SOI, marker walk to the scan, EOI at the end (cheap);
-        # decode = also a full decode with Pillow (slow)
+        # passthrough checks: structure = SOI, marker walk to the first scan, EOI at the end (cheap);
+        # decode = every scan walked to EOI (nothing after it) and a strict full decode (slow)
         verify: Literal["structure", "decode"] = "structure"
         allow_progressive: bool = True  # passthrough of progressive JPEGs (re-encodes are always baseline)
         quality: int = 90  # 1..95 (libjpeg quality scaling of the standard tables)
@@ -57,7 +65,7 @@ class JPEGSerializer(ImageSerializer):
         cfg = self.config
         if cfg.method == "passthrough":
             check_limits(cfg, len(data))
-            w, h, progressive = check_jpeg(data)
+            w, h, progressive = check_jpeg(data, scans=cfg.verify == "decode")
             check_limits(cfg, len(data), w, h)
             if progressive and not cfg.allow_progressive:
                 raise ImageError("progressive JPEG refused (allow_progressive=false)")

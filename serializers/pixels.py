@@ -1,6 +1,8 @@
 """``pixels``: decoded pixel values as the stream (one byte per channel value).
 
-Pipeline: decode (libspng or Pillow, identical pixels) -> drop alpha (composite on ``background`` unless
+Pipeline: decode (libspng or Pillow, identical pixels; PNGs of every colour type and depth as 8-bit
+samples: 1/2/4-bit grey scaled to 0..255, palettes looked up, 16-bit samples cut to ``v >> 8``; truncated
+or corrupt files refused) -> drop alpha (composite on ``background`` unless
 the crop is opaque) -> crop + resize (one Pillow resize with a box) -> mode (RGB | L) -> bit depth reduction ``v >> (8 - bits)`` (values ``0 .. 2**bits - 1``, still one byte each) -> order:
 
 * ``raster``: rows top to bottom, pixels left to right, channels interleaved (``H, W, C`` C-order);

@@ -10,6 +10,11 @@ Output length (IMAGE-modality bytes only, no markers, loss 1 on every byte):
   the ``H * (1 + W * C)`` filtered bytes, so ``L = 57 + len(zlib stream)`` (8 signature + 25 IHDR + 12 IDAT framing + 12 IEND).
   The zlib length is data dependent (no closed form); ``decode(stream)`` gives that file back.
 
+Input: every PNG colour type and bit depth, read as 8-bit samples by one rule with libspng or Pillow:
+1/2/4-bit grey scaled to 0..255, palettes looked up, 16-bit samples (grey, grey+alpha, RGB, RGBA) cut to
+their high byte ``v >> 8``. Re-encoding refuses files with any chunk CRC wrong or image data that stops
+early; ``verify: decode`` likewise (see :func:`serializers._image.load_pixels`).
+
 Determinism: passthrough is the identity. Re-encoding depends only on the sample, the config, the
 decoded pixels (lossless for PNG inputs, whichever decoder), Pillow's resampling and zlib's
 compressor; the same versions always write the same bytes.

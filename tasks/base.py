@@ -57,3 +57,13 @@ class Task:
         ``batch_size``, ``progress``); tasks ignore the ones they do not use.
         """
         return {}
+
+    def split_meta(self, split: str) -> Iterator[dict[str, Any]]:
+        """The non-bytes fields of every sample of ``split`` (default: from :meth:`samples`; tasks with an index
+        override it so nothing large is read)."""
+        for s in self.samples(split):
+            yield {k: v for k, v in s.items() if not isinstance(v, (bytes, bytearray, memoryview))}
+
+    def report(self, results: dict) -> list[str]:
+        """A few human-readable lines summarising this task's ``evaluate`` results (default: none)."""
+        return []

@@ -9,8 +9,8 @@ Layout (the real CLEVR_v1.0 download, or the offline generator's output)::
 
 Raw samples (one per question, in file order)::
 
-    {"id": "clevr/val/17", "image": <PNG file bytes, undecoded>, "question": str, "answer": str,
-     "family": int, "qtype": "count", "function": "count", "split": "val",
+    {"id": "clevr/val/17", "question_index": 17, "image": <PNG file bytes, undecoded>, "question": str,
+     "answer": str, "family": int, "qtype": "count", "function": "count", "split": "val",
      "image_filename": "CLEVR_val_000003.png", "image_index": 3}
 
 * ``qtype`` groups the program's outermost (last) function as Johnson et al. (2017) do: ``exist``,
@@ -18,19 +18,28 @@ Raw samples (one per question, in file order)::
   (query_{size,color,material,shape}), ``compare_attribute`` (equal_{size,color,material,shape}).
   ``function`` is the outermost function itself. Both program formats are read: CLEVR 1.0's
   ``{"function", "inputs", "value_inputs"}`` and the generator's ``{"type", "inputs", "side_inputs"}``
-  (its fused ``filter_count``/``filter_exist`` map to count/exist).
+  (its fused ``filter_count``/``filter_exist`` map to count/exist). Parsing: :mod:`tasks.clevr_questions`.
+* **Answer vocabulary.** The closed set for ranking and classifier heads is ``task.answers``; empty means
+  :func:`vqa_vocabulary` of the training split's answers (CLEVR's 28 in canonical order when all answers
+  are CLEVR's, else the sorted distinct answers), so a CLEVR-layout set with other answers (CLEVR-Humans,
+  Super-CLEVR, a lab's own) is ranked over its own answers. A run resolves it once from its training data
+  and records it in its config. Evaluation reports accuracy over all questions and over the answerable
+  ones (gold answer in the set), and counts the unanswerable ones.
 * **Alpha.** CLEVR renders are RGBA PNGs. The task never decodes images: ``image`` holds the file bytes
   exactly as on disk, alpha included. Where alpha is dropped is the serializer's business, explicitly:
   ``pixels`` and the re-encoding modes of ``png``/``jpeg`` convert to RGB; ``png`` passthrough keeps the
   file (and its alpha channel) byte for byte.
 * **Test split.** A split whose questions carry no answers at all (CLEVR's ``test``) yields samples
   without ``answer``; it can be serialized with ``prompt`` but not trained or scored on.
-* **Bad data** (``on_bad_sample``): a missing image file, a question without its text, or a question
-  without an answer in an answered split raise :class:`DataError` naming the file (``fail``), or are
-  counted in ``task.skipped`` and logged (``skip``). A missing or malformed questions file always raises.
+* **Bad data** (``on_bad_sample``): a missing image file, an image path outside ``<root>/images/<split>/``
+  (absolute, or escaping with ``..``), a question without its text, or a question without an answer in an
+  answered split raise :class:`DataError` naming the question (``fail``), or are counted in ``task.skipped``
+  and logged (``skip``). A missing or malformed questions file, and two questions of a split with the same
+  ``question_index`` (ids must be unique), always raise.
 * **Default data.** With ``root`` empty, a CLEVR-format set is generated on first use with the offline
   generator (:mod:`tasks.clevr_synth`) into ``$OMNIBYTE_CACHE/clevr-synth-<params>`` (default cache
-  ``~/.cache/omnibyte``), atomically (temporary folder + rename, under a file lock), then read.
+  ``~/.cache/omnibyte``), atomically (temporary folder + rename, under a file lock), then read
+  (:mod:`tasks.clevr_default`).
 """
 
 from __future__ import annotations
@@ -39,7 +48,7 @@ import json
 import logging
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -47,61 +56,22 @@ from typing import Any, Literal
 from omnibyte.errors import DataError
 
 from .base import TASKS, Task, TaskConfig
+from .clevr_default import SynthDefaults, cache_root, default_set_dir, ensure_default_set, file_lock
+from .clevr_questions import (
+    CLEVR_ANSWERS,
+    QTYPE_OF,
+    QTYPES,
+    parse_questions,
+    program_function,
+    question_type,
+    vqa_vocabulary,
+)
 
 log = logging.getLogger("omnibyte.tasks.clevr")
 
-#: CLEVR's 28 answers, in a fixed order (the closed set for ranking and the CNN+LSTM classifier).
-CLEVR_ANSWERS: tuple[str, ...] = (
-    "yes", "no",
-    "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10",
-    "gray", "red", "blue", "green", "brown", "purple", "cyan", "yellow",
-    "cube", "sphere", "cylinder",
-    "rubber", "metal",
-    "small", "large",
-)
-
 INDEX_CACHE_MIN_BYTES = 16 << 20  # questions files this large get a cached compact index
-INDEX_FORMAT = 1
-QTYPES: tuple[str, ...] = ("exist", "count", "compare_integer", "query_attribute", "compare_attribute")
-_ATTRS = ("size", "color", "material", "shape")
-_QTYPE_OF: dict[str, str] = {
-    "exist": "exist", "filter_exist": "exist",
-    "count": "count", "filter_count": "count",
-    "equal_integer": "compare_integer", "less_than": "compare_integer", "greater_than": "compare_integer",
-    **{f"query_{a}": "query_attribute" for a in _ATTRS},
-    **{f"equal_{a}": "compare_attribute" for a in _ATTRS},
-}
-
-
-def program_function(program: Any) -> str:
-    """The outermost (last) function of a CLEVR program, in either format; ``""`` when there is none."""
-    if not isinstance(program, list) or not program:
-        return ""
-    node = program[-1]
-    if isinstance(node, str):  # "query_color" or the string form "filter_color[red]"
-        name = node
-    elif isinstance(node, dict):
-        name = node.get("function") or node.get("type") or ""
-    else:
-        return ""
-    return str(name).split("[", 1)[0]
-
-
-def question_type(function: str) -> str:
-    """Johnson et al.'s question type for an outermost function (``"other"`` if it is none of them)."""
-    return _QTYPE_OF.get(function, "other" if function else "unknown")
-
-
-@dataclass(frozen=True)
-class SynthDefaults:
-    """The generated set made when ``root`` is empty (see :mod:`tasks.clevr_synth`)."""
-
-    images: int = 2000  # divided among splits by the generator (val 15%, train the rest; see clevr_synth)
-    questions_per_image: int = 10
-    seed: int = 0
-    size: tuple[int, int] = (480, 320)  # width, height: CLEVR's
-    splits: tuple[str, ...] = ("train", "val")
-    workers: int = 0  # rendering processes (0: one per CPU core, at most 16); the output does not depend on it
+INDEX_FORMAT = 2  # 2: image paths confined to images/<split>/, duplicate question ids refused
+_parse_questions = parse_questions  # looked up here at call time (tests replace it to count parses)
 
 
 @dataclass(frozen=True)
@@ -110,16 +80,15 @@ class ClevrConfig(TaskConfig):
     question_types: tuple[str, ...] = ()  # keep these qtypes or outermost functions (empty: all)
     max_questions: int = 0  # per split, after filters: a seeded random subset (0: all)
     subsample_seed: int = 0
-    eval_mode: Literal["auto", "generate", "rank", "both"] = "auto"  # auto: both (classify for classifiers)
+    answers: tuple[str, ...] = ()  # the closed answer set (empty: vqa_vocabulary of the training split's answers)
+    eval_mode: Literal["auto", "generate", "rank", "both"] = "auto"  # auto = both
     synth: SynthDefaults = field(default_factory=SynthDefaults)
     cache_dir: str = ""  # where the default set goes ("" -> $OMNIBYTE_CACHE or ~/.cache/omnibyte)
 
-
-def cache_root(configured: str = "") -> Path:
-    if configured:
-        return Path(configured).expanduser()
-    env = os.environ.get("OMNIBYTE_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "omnibyte"
+    def __post_init__(self):
+        if len(set(self.answers)) != len(self.answers):
+            dup = sorted({a for a in self.answers if self.answers.count(a) > 1})
+            raise ValueError(f"task.answers: duplicate answers {dup}")
 
 
 @TASKS.register("clevr_vqa")
@@ -127,8 +96,8 @@ class ClevrVQA(Task):
     """CLEVR v1.0 visual question answering (real layout; generated on first use when root is empty)."""
 
     Config = ClevrConfig
+    generators = {"clevr-synth": "omnibyte.tasks.clevr_synth:main"}  # `omnibyte prepare clevr-synth ...`
     packing = "pad"
-    answer_vocab = CLEVR_ANSWERS
 
     def __init__(self, config: ClevrConfig | None = None):
         super().__init__(config)
@@ -177,7 +146,7 @@ class ClevrVQA(Task):
         cache = cache_root(self.config.cache_dir) / "clevr-index" / f"{split}-{key[:16]}.json"
         if not cache.is_file():
             cache.parent.mkdir(parents=True, exist_ok=True)
-            with _file_lock(cache.with_suffix(".lock")):
+            with file_lock(cache.with_suffix(".lock")):
                 if not cache.is_file():
                     log.info("indexing %s (once; cached in %s)", qfile, cache)
                     answered, recs = _parse_questions(qfile, split)
@@ -194,7 +163,7 @@ class ClevrVQA(Task):
         want_fam = set(cfg.families)
         want_type = set(cfg.question_types)
         for t in want_type:
-            if t not in QTYPES and t not in _QTYPE_OF:
+            if t not in QTYPES and t not in QTYPE_OF:
                 raise DataError(f"task.question_types: unknown {t!r}; use one of {', '.join(QTYPES)} "
                                 f"or an outermost function such as query_color")
         answered, records = self._records(split)
@@ -233,6 +202,31 @@ class ClevrVQA(Task):
     def num_samples(self, split: str) -> int:
         return len(self._load_index(split))
 
+    # --- answer vocabulary ------------------------------------------------------------------------
+    def answers_of(self, split: str) -> tuple[str, ...]:
+        """The distinct answers of ``split`` (after the task's filters), sorted; from the question index only
+        (no image is read). ``()`` for a split without answers."""
+        return tuple(sorted({r["answer"] for r in self._load_index(split) if r["answer"] is not None}))
+
+    def split_meta(self, split: str) -> Iterator[dict[str, Any]]:
+        """The metadata of every question of ``split`` (answer, family, qtype, question), from the index only."""
+        for r in self._load_index(split):
+            yield {"id": f"clevr/{split}/{r['qindex']}", "answer": r["answer"], "family": r["family"],
+                   "qtype": r["qtype"], "question": r["question"]}
+
+    @staticmethod
+    def vocabulary_from(answers: Iterable[str]) -> tuple[str, ...]:
+        """The closed answer set for answers found in training data: :func:`vqa_vocabulary`."""
+        return vqa_vocabulary(answers)
+
+    @property
+    def answer_vocab(self) -> tuple[str, ...]:
+        """The closed answer set (ranking candidates, classifier classes): ``task.answers`` when set (a run
+        always sets it, from its training data), else ``vqa_vocabulary`` of the ``train`` split's answers."""
+        if self.config.answers:
+            return tuple(self.config.answers)
+        return vqa_vocabulary(self.answers_of("train"))
+
     # --- samples ----------------------------------------------------------------------------------
     def samples(self, split: str) -> Iterator[dict[str, Any]]:
         images = self.root / "images" / split
@@ -249,6 +243,7 @@ class ClevrVQA(Task):
     def _sample(self, split: str, rec: dict[str, Any], image: bytes) -> dict[str, Any]:
         s = {
             "id": f"clevr/{split}/{rec['qindex']}",
+            "question_index": rec["qindex"],
             "image": image,
             "question": rec["question"],
             "family": rec["family"],
@@ -263,126 +258,26 @@ class ClevrVQA(Task):
         return s
 
     # --- evaluation -------------------------------------------------------------------------------
-    def evaluate(self, model: Any, serializer: Any, split: str, run_dir: Any = None, **kwargs: Any) -> dict:
-        """VQA accuracy (overall, per question type, per family) and a confusion matrix.
+    def evaluate(self, model: Any, items: Iterable[Any], *, split: str, out_dir: Any = None,
+                 **options: Any) -> dict:
+        """VQA accuracy (overall and over answerable questions, per question type, per family) and a
+        confusion matrix, over ``items`` (:class:`omnibyte.data.items.EvalItem` of ``split``).
 
-        See :func:`tasks.vqa_eval.evaluate_vqa` for the keyword arguments (``mode`` generate|rank|both,
-        default ``task.eval_mode``; ``max_samples``, ``batch_size``, ...). Results also go to ``run_dir/eval/``.
+        The closed set is :attr:`answer_vocab`. ``options``: ``mode`` (auto|generate|rank|both, default
+        ``task.eval_mode``), ``batch_size``, ``max_new_bytes``, ``progress`` (see
+        :func:`tasks.vqa_eval.evaluate_vqa`). Results also go to ``out_dir`` (``vqa_<split>.json`` and
+        ``vqa_<split>_predictions.jsonl``).
         """
-        if not self.is_answered(split):
-            raise DataError(f"CLEVR split {split!r} has no answers (like CLEVR's test split); "
-                            f"evaluate on a split with answers, e.g. val")
         from .vqa_eval import evaluate_vqa
 
-        kwargs.setdefault("mode", self.config.eval_mode)
-        return evaluate_vqa(self, model, serializer, split, run_dir=run_dir, **kwargs)
+        options.setdefault("mode", self.config.eval_mode)
+        return evaluate_vqa(model, items, split=split, labels=self.answer_vocab, out_dir=out_dir, **options)
+
+    def report(self, results: dict) -> list[str]:
+        from .vqa_eval import vqa_report
+
+        return vqa_report(results)
 
 
-def _parse_questions(qfile: Path, split: str) -> tuple[bool, list[list[Any]]]:
-    """Read a CLEVR questions file into compact records (see :meth:`ClevrVQA._records`)."""
-    try:
-        with open(qfile, "rb") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{qfile}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-    questions = data.get("questions") if isinstance(data, dict) else None
-    if not isinstance(questions, list):
-        raise DataError(f"{qfile}: expected an object with a 'questions' list (CLEVR v1.0 format)")
-    answered = any(isinstance(q, dict) and q.get("answer") is not None for q in questions)
-    records: list[list[Any]] = []
-    for pos, q in enumerate(questions):
-        where = f"{qfile} question {pos}"
-        if not isinstance(q, dict) or not isinstance(q.get("question"), str) or not q["question"].strip():
-            records.append(["BAD", f"{where}: no question text"])
-            continue
-        fname = q.get("image_filename")
-        if not isinstance(fname, str):
-            if not isinstance(q.get("image_index"), int):
-                records.append(["BAD", f"{where}: neither image_filename nor image_index"])
-                continue
-            fname = f"CLEVR_{split}_{q['image_index']:06d}.png"
-        if answered and q.get("answer") is None:
-            records.append(["BAD", f"{where}: no answer (the split's other questions have one)"])
-            continue
-        fam = q.get("question_family_index")
-        records.append([int(q.get("question_index", pos)), fname, q.get("image_index"), q["question"],
-                        None if q.get("answer") is None else str(q["answer"]), int(fam) if fam is not None else -1,
-                        program_function(q.get("program"))])
-    return answered, records
-
-
-# --- the default generated set ------------------------------------------------------------------
-
-
-def default_set_dir(config: ClevrConfig) -> Path:
-    s = config.synth
-    w, h = s.size
-    name = f"clevr-synth-n{s.images}-q{s.questions_per_image}-s{s.seed}-{w}x{h}-{'+'.join(s.splits)}"
-    return cache_root(config.cache_dir) / name
-
-
-def ensure_default_set(config: ClevrConfig) -> Path:
-    """The default generated CLEVR-format set: made once (locked, atomic), then reused."""
-    final = default_set_dir(config)
-    done = final / ".complete"
-    if done.is_file():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(final.parent / f".{final.name}.lock"):
-        if done.is_file():  # another process made it while we waited
-            return final
-        try:
-            from omnibyte.tasks import clevr_synth
-        except ImportError as e:
-            raise DataError(f"task.root is empty and the CLEVR-format generator is unavailable ({e}); "
-                            f"set task.root to a CLEVR v1.0 folder") from None
-        s = config.synth
-        tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-        _rmtree(tmp)
-        log.warning("task.root is empty: generating a CLEVR-format set (%d images) into %s", s.images, final)
-        import multiprocessing
-
-        workers = s.workers or min(os.cpu_count() or 1, 16)
-        if multiprocessing.current_process().daemon:  # e.g. inside a DataLoader worker: no child processes
-            workers = 0
-        clevr_synth.generate(str(tmp), images=s.images, questions_per_image=s.questions_per_image, seed=s.seed,
-                             size=tuple(s.size), splits=tuple(s.splits), progress=True, workers=workers)
-        (tmp / ".complete").write_text(json.dumps({"synth": {"images": s.images, "seed": s.seed,
-                                                             "questions_per_image": s.questions_per_image,
-                                                             "size": list(s.size), "splits": list(s.splits)}}))
-        if final.exists():  # a partial folder from an older, unlocked attempt
-            _rmtree(final)
-        os.rename(tmp, final)
-    return final
-
-
-def _rmtree(path: Path) -> None:
-    import shutil
-
-    if path.exists():
-        shutil.rmtree(path)
-
-
-class _file_lock:
-    """An exclusive advisory lock on ``path`` (no-op where fcntl is unavailable)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.fd: int | None = None
-
-    def __enter__(self):
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover (Windows)
-            return self
-        self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
-        return self
-
-    def __exit__(self, *exc):
-        if self.fd is not None:
-            import fcntl
-
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-        return False
+__all__ = ["CLEVR_ANSWERS", "QTYPES", "ClevrConfig", "ClevrVQA", "SynthDefaults", "cache_root", "default_set_dir",
+           "ensure_default_set", "program_function", "question_type", "vqa_vocabulary"]

@@ -12,12 +12,23 @@ data and split under the same budget:
   average pooled;
 * an LSTM over the question's words (hashed into ``word_buckets`` ids with CRC-32, so no vocabulary pass
   over the data is needed) or bytes, its last hidden state;
-* both concatenated into an MLP classifying over CLEVR's 28 answers (``answers``).
+* both concatenated into an MLP classifying over the closed answer set ``answers`` (a run fills it from
+  the task's answer vocabulary, :attr:`tasks.clevr.ClevrVQA.answer_vocab`; building the model with it empty
+  is an error).
 
-A sample whose answer is outside ``answers`` gets weight 0. :meth:`compute_batch_loss` returns a
-:class:`omnibyte.loss.LossOutput` whose "nats" are the answer classification cross-entropy (so its
-``bpb`` is bits per answer, not per byte); :meth:`predict_answers` gives the argmax answers, which
-``clevr_vqa``'s evaluation uses.
+It implements the model contract (:class:`omnibyte.model.api.StreamModel`) as a classifier:
+
+* ``stream_meta.per_token_losses`` is False (no :meth:`nll`);
+* :meth:`batch_loss` is the answer classification cross-entropy as a :class:`omnibyte.loss.LossOutput`
+  (its "nats" are per answer, so its ``bpb`` is bits per answer, not per byte); a sample whose answer is
+  outside ``answers`` gets weight 0;
+* :meth:`score` gives each candidate continuation of a prompt the log-softmax of its class: a candidate is
+  an answer's UTF-8 bytes then EOS; any other token list (an answer outside ``answers``, a partial answer)
+  gets ``-inf``;
+* :meth:`generate` answers with the argmax class's bytes then EOS (temperature > 0 samples a class from
+  the softmax, with ``generator``).
+
+So VQA evaluation ranks and generates with it exactly as with a byte model.
 """
 
 from __future__ import annotations
@@ -34,11 +45,10 @@ import torch.nn.functional as F
 
 from omnibyte import vocab
 from omnibyte.config import Node, poly
+from omnibyte.model.api import StreamMeta, StreamModel
 from omnibyte.registry import MODELS
 from omnibyte.stream import ByteStream
 from omnibyte.vocab import Modality
-
-from .clevr import CLEVR_ANSWERS
 
 _WORD = re.compile(r"[a-z0-9]+")
 
@@ -57,19 +67,19 @@ class CNNLSTMConfig(Node):
     lstm_layers: int = 1
     mlp_hidden: int = 1024
     dropout: float = 0.0
-    answers: tuple[str, ...] = CLEVR_ANSWERS
+    answers: tuple[str, ...] = ()  # the classes: a run fills them from the task's answer vocabulary
 
     def __post_init__(self):
         if not 1 <= self.trunk_stages <= 4:
             raise ValueError(f"trunk_stages must be in 1..4, got {self.trunk_stages}")
         if min(self.word_buckets, self.embed_dim, self.lstm_hidden, self.lstm_layers, self.mlp_hidden) < 1:
             raise ValueError("word_buckets, embed_dim, lstm_hidden, lstm_layers and mlp_hidden must be >= 1")
-        if len(set(self.answers)) != len(self.answers) or len(self.answers) < 2:
-            raise ValueError("answers must be at least two distinct strings")
+        if len(set(self.answers)) != len(self.answers) or len(self.answers) == 1:
+            raise ValueError(f"model.answers must be at least two distinct strings, got {list(self.answers)}")
 
 
 @MODELS.register("clevr_cnn_lstm")
-class CNNLSTM(nn.Module):
+class CNNLSTM(StreamModel):
     """CNN+LSTM VQA baseline (Johnson et al. 2017): ResNet trunk from scratch + question LSTM + MLP."""
 
     Config = CNNLSTMConfig
@@ -81,8 +91,11 @@ class CNNLSTM(nn.Module):
         from omnibyte.registry import SERIALIZERS
 
         self.config = cfg = config if config is not None else CNNLSTMConfig()
+        if not cfg.answers:
+            raise ValueError("model.answers is empty: a run fills it from the task's answer vocabulary "
+                             "(task.answers); set model.answers to build the model on its own")
         self.image_serializer = SERIALIZERS.build(cfg.image)
-        if not getattr(self.image_serializer, "is_image", False):
+        if not self.image_serializer.is_image:
             raise ValueError(f"image: {cfg.image.name!r} is not an image serializer")
         resnet = getattr(torchvision.models, cfg.trunk)(weights=None)  # from scratch: no download
         stages = [resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4][: cfg.trunk_stages]
@@ -97,17 +110,15 @@ class CNNLSTM(nn.Module):
             nn.Linear(cfg.mlp_hidden, len(cfg.answers)),
         )
         self.answer_index = {a: i for i, a in enumerate(cfg.answers)}
+        # a candidate continuation (answer bytes + EOS) -> its class
+        self._candidate_class = {(*a.encode("utf-8"), vocab.EOS): i for i, a in enumerate(cfg.answers)}
+        self.stream_meta = StreamMeta(vocab_size=vocab.VOCAB_SIZE, patch_product=1, max_len=None,
+                                      per_token_losses=False)
         self.register_buffer("_mean", torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1), persistent=False)
 
     @property
     def answers(self) -> tuple[str, ...]:
         return self.config.answers
-
-    @property
-    def stream_meta(self):
-        from omnibyte.model.mblm import StreamMeta
-
-        return StreamMeta(vocab_size=vocab.VOCAB_SIZE, patch_product=1, max_len=None)
 
     # --- parsing a batch of qa streams ---------------------------------------------------------
     def parse(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -172,12 +183,12 @@ class CNNLSTM(nn.Module):
         _, (h, _) = self.lstm(packed)  # h: (layers, B, hidden)
         return self.classifier(torch.cat([feats, h[-1]], dim=1))
 
-    def compute_batch_loss(self, batch: Any, forward: Any = None):
-        """Answer cross-entropy as a LossOutput. ``forward``: the callable to run the model through (e.g. its
-        DDP wrapper, so gradients are synchronised); default the model itself."""
+    # --- the model contract --------------------------------------------------------------------
+    def batch_loss(self, batch: Any):
+        """Answer cross-entropy as a LossOutput (weight 0 for rows without an answer in ``answers``)."""
         from omnibyte.loss import LossOutput
 
-        logits = (forward or self)(batch.tokens)
+        logits = self(batch.tokens)
         labels = self.labels(batch.tokens)
         valid = labels >= 0
         nll = F.cross_entropy(logits.float(), labels.clamp(min=0), reduction="none") * valid
@@ -188,9 +199,64 @@ class CNNLSTM(nn.Module):
         return LossOutput(loss=loss, nats_sum=nats.detach(), weight_sum=weight.detach(), per_modality=per)
 
     @torch.no_grad()
-    def predict_answers(self, batch: Any) -> list[str]:
-        logits = self(batch.tokens)
-        return [self.config.answers[i] for i in logits.argmax(dim=1).tolist()]
+    def score(self, prefix, candidates) -> torch.Tensor:
+        """(K,) log-probability of each candidate answer (UTF-8 bytes + EOS) of one prompt; ``-inf`` for a
+        candidate that is not one of ``answers`` followed by EOS."""
+        x = _as_rows(prefix, self.device)
+        if x.shape[0] != 1:
+            raise ValueError("score: prefix must be a single sequence")
+        logp = torch.log_softmax(self._eval_logits(x)[0].float(), dim=-1)  # (A,)
+        out = torch.full((len(candidates),), float("-inf"), device=logp.device)
+        for k, c in enumerate(candidates):
+            cls = self._candidate_class.get(tuple(int(t) for t in c))
+            if cls is not None:
+                out[k] = logp[cls]
+        return out
+
+    @torch.no_grad()
+    def generate(self, prompt, max_new_bytes: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 stop_tokens=(), generator: torch.Generator | None = None, **options) -> torch.Tensor:
+        """(B, <= max_new_bytes) tokens: each row's answer (argmax class; temperature > 0 samples a class from
+        softmax(logits / temperature) with ``generator``) as UTF-8 bytes then EOS, PAD after a shorter row.
+        A classifier gives one answer: it always ends at EOS, whatever ``stop_tokens``."""
+        if top_k or top_p < 1.0:
+            raise ValueError(f"{type(self).__name__}.generate: top_k / top_p are not supported (a classifier "
+                             f"samples a class with temperature only)")
+        x = _as_rows(prompt, self.device)
+        logits = self._eval_logits(x).float()
+        if temperature <= 0:
+            classes = logits.argmax(dim=-1)
+        else:
+            probs = torch.softmax(logits / temperature, dim=-1)
+            classes = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1)
+        rows = [[*self.config.answers[int(c)].encode("utf-8"), vocab.EOS][:max_new_bytes] for c in classes.tolist()]
+        width = max((len(r) for r in rows), default=0)
+        out = torch.full((len(rows), width), vocab.PAD, dtype=torch.long)
+        for i, r in enumerate(rows):
+            out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        return out.to(x.device)
+
+    def _eval_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Answer logits in eval mode (BatchNorm running statistics), restoring the mode after."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self(tokens)
+        finally:
+            self.train(was_training)
+
+
+def _as_rows(prompt, device) -> torch.Tensor:
+    """A prompt ((B, P) or 1-D tensor, list of ints, bytes) as a (B, P) LongTensor on ``device``."""
+    if isinstance(prompt, (bytes, bytearray)):
+        prompt = list(prompt)
+    t = prompt if isinstance(prompt, torch.Tensor) else torch.tensor(list(prompt), dtype=torch.long)
+    t = t.to(device=device, dtype=torch.long)
+    if t.dim() == 1:
+        t = t[None]
+    if t.dim() != 2:
+        raise ValueError(f"prompt must be (B, P) or 1-D, got shape {tuple(t.shape)}")
+    return t
 
 
 def _segments(row: np.ndarray) -> dict[str, bytes]:

@@ -7,15 +7,22 @@ Layout (the PG19 release, or ``../shared/data/pg19-mini``)::
 
 Raw samples: ``{"id": "pg19/test/1661", "text": str, "book_id": "1661", "title": str, "year": int|None}``,
 one per book, books in numeric id order. Books are read one at a time as they are yielded, so a split
-is never held in memory whole. ``packing = "concat"``: the loader concatenates the serialized books
+is never held in memory whole. A book that is not valid UTF-8 is yielded with ``text`` as its raw
+``bytes``: the serializer's ``errors`` policy decides (``utf8``'s ``errors=replace`` decodes it with U+FFFD
+replacements, ``errors=error`` raises a SerializationError naming the book). A book that cannot be read is
+a bad sample (``on_bad_sample``). ``packing = "concat"``: the loader concatenates the serialized books
 (with the serializer's BOS/EOS around each, as document separators) and cuts fixed-length rows.
 
-Evaluation (:meth:`PG19.evaluate`) reports bits per byte and word-level perplexity:
+Evaluation (:meth:`PG19.evaluate`) scores evaluation items (the serialized books of the run's own data
+source) with the model's ``nll`` (a model without per-token losses is refused) and reports bits per byte and
+word-level perplexity:
 
 * ``bpb = total_nats / (num_bytes * ln 2)`` over the UTF-8 bytes of the books (TEXT-modality tokens;
   markers such as BOS/EOS are neither predicted nor counted);
 * ``word_ppl = exp(total_nats / num_words)``, with ``num_words`` the number of whitespace-separated
-  words (``len(text.split())``), stated in the results (PG19's test set has 6,966,499 words by this count).
+  words (``len(text.split())``), stated in the results (PG19's test set has 6,966,499 words by this count):
+  of the item's ``meta["text"]`` when it is the scored text (same UTF-8 length), else of the stream's text
+  bytes decoded (e.g. a book given as bytes, or cut by the serializer).
 * Books longer than the context are scored with a sliding window: a window of ``context`` tokens moves
   by ``stride``; each token is scored exactly once, in the first window where it is among the last
   ``stride`` positions, so it sees at least ``context - stride`` tokens of history (except at the very
@@ -28,7 +35,7 @@ import csv
 import json
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,8 +53,8 @@ SPLITS = ("train", "validation", "test")
 class PG19Config(TaskConfig):
     max_books: int = 0  # per split, the first N books in id order (0: all)
     max_bytes: int = 0  # cut each book to its first N UTF-8 bytes (0: whole books); for quick runs
-    eval_context: int = 0  # evaluation window (0: the run's data.seq_len, else the model's length)
-    eval_stride: int = 0  # window step (0: eval_context, i.e. disjoint windows)
+    eval_context: int = 0  # evaluation window (0: the run's data.seq_len, passed as `context`)
+    eval_stride: int = 0  # window step (0: the context, i.e. disjoint windows)
 
 
 @TASKS.register("pg19")
@@ -111,56 +118,59 @@ class PG19(Task):
         for path in self.books(split):
             try:
                 raw = path.read_bytes()
-                if self.config.max_bytes and len(raw) > self.config.max_bytes:
-                    raw = _cut_utf8(raw, self.config.max_bytes)
-                text = raw.decode("utf-8")
-            except (OSError, UnicodeDecodeError) as e:
+            except OSError as e:
                 if self.config.on_bad_sample == "fail":
                     raise DataError(f"{path}: {e} (set task.on_bad_sample=skip to skip such books)") from None
                 self.skipped += 1
                 log.warning("skipping book %s: %s", path, e)
                 continue
+            if self.config.max_bytes and len(raw) > self.config.max_bytes:
+                raw = _cut_utf8(raw, self.config.max_bytes)
+            try:
+                text: str | bytes = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                text = raw  # not UTF-8: the serializer's errors policy decides
             m = meta.get(path.stem, {})
             yield {"id": f"pg19/{split}/{path.stem}", "text": text, "book_id": path.stem,
                    "title": m.get("title", ""), "year": m.get("year")}
 
     # --- evaluation -------------------------------------------------------------------------------
-    def evaluate(self, model: Any, serializer: Any, split: str, run_dir: Any = None, *, context: int = 0,
-                 stride: int = 0, max_books: int = 0, max_samples: int = 0, batch_size: int = 8,
-                 device: Any = None, **_: Any) -> dict:
-        """Bits per byte and word perplexity of ``split`` (see the module docstring for the windows).
+    def evaluate(self, model: Any, items: Iterable[Any], *, split: str, out_dir: Any = None,
+                 context: int = 0, stride: int = 0, batch_size: int = 8, **_: Any) -> dict:
+        """Bits per byte and word perplexity of ``items`` (the serialized books of ``split``; see the module
+        docstring for the windows and the word count).
 
-        ``context`` defaults to ``task.eval_context``, else the run's ``data.seq_len`` (read from
-        ``run_dir/config.resolved.yaml``), else the model's length; ``stride`` to ``task.eval_stride``, else
-        ``context`` (disjoint windows).
-        ``max_books`` (or ``max_samples``, as ``omnibyte eval`` passes it) limits the books scored (0: all).
-        Results also go to ``run_dir/eval/pg19_<split>.json``.
+        The window is ``task.eval_context`` when set, else ``context`` (the run passes its ``data.seq_len``),
+        else the model's ``stream_meta.max_len``; the step is ``task.eval_stride``, else ``stride``, else the
+        window (disjoint windows). Results also go to ``out_dir/pg19_<split>.json``.
         """
         import torch
 
-        max_books = max_books or max_samples
-        context = int(context or self.config.eval_context or _run_seq_len(run_dir) or _model_max_len(model) or 8192)
-        stride = int(stride or self.config.eval_stride or context)
+        meta = model.stream_meta
+        if not meta.per_token_losses:
+            raise ValueError(f"pg19 evaluation needs per-token losses; {type(model).__name__} gives none "
+                             f"(stream_meta.per_token_losses is False)")
+        context = int(self.config.eval_context or context or meta.max_len or 0)
+        if context < 1:
+            raise ValueError("pg19 evaluation needs a window: pass context (the run's data.seq_len) or set "
+                             "task.eval_context")
+        stride = int(self.config.eval_stride or stride or context)
         if not 0 < stride <= context:
             raise ValueError(f"stride must be in 1..context ({context}), got {stride}")
-        device = device or _model_device(model)
         totals = {"nats": 0.0, "bytes": 0, "words": 0, "books": 0}
         per_book = []
         was_training = model.training
         model.eval()
         try:
             with torch.no_grad():
-                for i, sample in enumerate(self.samples(split)):
-                    if max_books and i >= max_books:
-                        break
-                    stream = serializer(sample)
-                    nats, n_bytes = score_stream(model, stream, context, stride, batch_size, device)
-                    words = count_words(sample["text"])
+                for item in items:
+                    nats, n_bytes = score_stream(model, item.stream, context, stride, batch_size)
+                    words = item_words(item)
                     totals["nats"] += nats
                     totals["bytes"] += n_bytes
                     totals["words"] += words
                     totals["books"] += 1
-                    per_book.append({"id": sample["id"], "bytes": n_bytes, "words": words,
+                    per_book.append({"id": item.id, "bytes": n_bytes, "words": words,
                                      "bpb": bits_per_byte(nats, n_bytes)})
         finally:
             model.train(was_training)
@@ -176,8 +186,8 @@ class PG19(Task):
             "context": context,
             "stride": stride,
         }
-        if run_dir is not None:
-            out = Path(run_dir) / "eval"
+        if out_dir is not None:
+            out = Path(out_dir)
             out.mkdir(parents=True, exist_ok=True)
             (out / f"pg19_{split}.json").write_text(json.dumps({**results, "books": per_book}, indent=1) + "\n")
         return results
@@ -204,6 +214,22 @@ def _cut_utf8(raw: bytes, n: int) -> bytes:
 def count_words(text: str) -> int:
     """PG19's word count: whitespace-separated tokens."""
     return len(text.split())
+
+
+def item_words(item: Any) -> int:
+    """The word count of an evaluation item: of ``meta["text"]`` when it is the text the stream holds (same
+    UTF-8 length), else of the stream's TEXT bytes decoded (U+FFFD for invalid sequences)."""
+    from omnibyte.vocab import Modality
+
+    data = item.stream.data_bytes(Modality.TEXT)
+    text = item.meta.get("text")
+    if isinstance(text, str):
+        try:
+            if len(text.encode("utf-8")) == len(data):
+                return count_words(text)
+        except UnicodeEncodeError:
+            pass
+    return count_words(data.decode("utf-8", errors="replace"))
 
 
 def bits_per_byte(total_nats: float, num_bytes: int) -> float:
@@ -235,9 +261,9 @@ def windows(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
     return out
 
 
-def score_stream(model: Any, stream: Any, context: int, stride: int, batch_size: int = 8,
-                 device: Any = None) -> tuple[float, int]:
-    """Total nats over the TEXT-modality tokens of ``stream`` under sliding windows, and their count."""
+def score_stream(model: Any, stream: Any, context: int, stride: int, batch_size: int = 8) -> tuple[float, int]:
+    """Total nats over the TEXT-modality tokens of ``stream`` under sliding windows (``model.nll`` of each
+    window), and their count."""
     import numpy as np
     import torch
 
@@ -248,6 +274,8 @@ def score_stream(model: Any, stream: Any, context: int, stride: int, batch_size:
     n = len(tokens)
     wins = windows(n, context, stride)
     total = 0.0
+    p = next(iter(model.parameters()), None)
+    device = p.device if p is not None else torch.device("cpu")
     # windows of equal length are batched together (all but the last few have length `context`)
     by_len: dict[int, list[tuple[int, int, int]]] = {}
     for w in wins:
@@ -256,49 +284,9 @@ def score_stream(model: Any, stream: Any, context: int, stride: int, batch_size:
         for i in range(0, len(group), batch_size):
             chunk = group[i: i + batch_size]
             x = torch.from_numpy(np.stack([tokens[b:e] for b, e, _ in chunk])).to(device)
-            nll = _per_token_nll(model, x).float().cpu().numpy()  # (B, length) nats
+            with torch.no_grad():
+                nll = model.nll(x).float().cpu().numpy()  # (B, length) nats
             for row, (b, e, first) in zip(nll, chunk):
                 keep = counted[first:e]
                 total += float(row[first - b:][keep].sum(dtype=np.float64))
     return total, int(counted.sum())
-
-
-def _per_token_nll(model: Any, tokens: Any) -> Any:
-    """(B, L) nats of each token given the ones before it (the model's own helper when it has one)."""
-    try:
-        from omnibyte.loss import per_token_nll
-    except ImportError:
-        per_token_nll = None
-    if per_token_nll is not None:
-        return per_token_nll(model, tokens)
-    import torch.nn.functional as F
-
-    logits = model(tokens).float()
-    return F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none")
-
-
-def _run_seq_len(run_dir: Any) -> int | None:
-    """``data.seq_len`` of the run whose directory this is (its ``config.resolved.yaml``), if any."""
-    if run_dir is None:
-        return None
-    path = Path(run_dir) / "config.resolved.yaml"
-    if not path.is_file():
-        return None
-    import yaml
-
-    data = yaml.safe_load(path.read_text()) or {}
-    return (data.get("data") or {}).get("seq_len")
-
-
-def _model_max_len(model: Any) -> int | None:
-    """The model's bound on the input length, else the length it is built for (MBLM: product of stage lengths)."""
-    meta = getattr(model, "stream_meta", None)
-    bound = getattr(meta, "max_len", None) if meta is not None else None
-    return bound or getattr(getattr(model, "config", None), "train_length", None)
-
-
-def _model_device(model: Any) -> Any:
-    try:
-        return next(model.parameters()).device
-    except (StopIteration, AttributeError):
-        return "cpu"

@@ -1,17 +1,27 @@
-"""VQA scoring: accuracy overall, per question type and per family, and a confusion matrix.
+"""VQA scoring over evaluation items: accuracy overall, over answerable questions, per question type and
+per family, and a confusion matrix.
 
-Three ways to get a model's answer to a sample (``mode``):
+Each item is an :class:`omnibyte.data.items.EvalItem`: its ``stream`` is the serialized sample (any ``qa``
+``order``, e.g. QIQA) and its ``meta`` the raw sample's fields. The prompt is the stream up to and including
+its SOM_ANSWER marker; the gold answer is ``meta["answer"]``; ``meta["qtype"]`` / ``meta["family"]`` group
+the results. The model is used only through :class:`omnibyte.model.api.StreamModel`'s ``generate`` and
+``score``, so a byte LM and a classifier (the CNN+LSTM baseline) are evaluated the same way (``mode``):
 
-* ``generate``: greedy decoding (temperature 0) after the serializer's ``prompt`` (everything up to and
-  including SOM_ANSWER) until EOS or ``max_new_bytes``; the bytes before the first special token, decoded
-  as UTF-8 and stripped of surrounding whitespace, must equal the gold answer exactly.
-* ``rank``: closed-set ranking: ``model.score(prompt, candidates)`` gives the log-likelihood of every
-  answer in the task's vocabulary (CLEVR's 28, each as answer bytes + EOS); the best one is the prediction.
-* ``classify``: models that are classifiers (the CNN+LSTM baseline) expose ``predict_answers(batch)``
-  returning answer strings; chosen automatically for them.
+* ``generate``: greedy decoding (temperature 0) after the prompt until EOS or ``max_new_bytes``; the bytes
+  before the first special token, decoded as UTF-8 and stripped of surrounding whitespace, must equal the
+  gold answer exactly.
+* ``rank``: closed-set ranking: ``model.score(prompt, candidates)`` gives the log-likelihood of every answer
+  of the closed set ``labels`` (the task's answer vocabulary, each as answer UTF-8 bytes + EOS); the best
+  one is the prediction.
+* ``both`` (and ``auto``): generate and rank; ``rank`` is the main mode (``accuracy``).
 
-``mode=both`` (the default for byte models) runs generate and rank. Results go to
-``run_dir/eval/vqa_<split>.json`` (metrics and confusion matrices) and ``vqa_<split>_predictions.jsonl``.
+**Answerable questions.** A question whose gold answer is not in ``labels`` cannot be ranked right. Every
+mode reports ``accuracy_<mode>`` over all questions and ``accuracy_answerable_<mode>`` over the answerable
+ones (gold in ``labels``), the same per question type, and ``num_unanswerable`` (also per question type).
+
+Results go to ``out_dir/vqa_<split>.json`` (metrics, confusion matrices, the closed set) and
+``vqa_<split>_predictions.jsonl`` (one record per question: ``id``, ``question_index``, gold, predictions).
+Item ids must be unique within a split (a repeated id is a :class:`DataError` naming both positions).
 """
 
 from __future__ import annotations
@@ -24,22 +34,40 @@ from pathlib import Path
 from typing import Any
 
 from omnibyte import vocab
+from omnibyte.errors import DataError
 
 OTHER = "<other>"
+MODES = ("auto", "generate", "rank", "both")
 
 
 # --- metrics (pure; hand-checked in tests) -----------------------------------------------------------
 
 
-def accuracy_by(golds: Sequence[str], preds: Sequence[str], groups: Sequence[Any]) -> dict[str, dict]:
-    """``{group: {"accuracy", "correct", "total"}}`` for each distinct group value (keys as strings)."""
+def accuracy_by(golds: Sequence[str], preds: Sequence[str], groups: Sequence[Any],
+                labels: Sequence[str] | None = None) -> dict[str, dict]:
+    """``{group: {"accuracy", "correct", "total"}}`` for each distinct group value (keys as strings). With
+    ``labels`` (the closed set) each group also has ``answerable`` (gold in ``labels``), ``correct_answerable``
+    and ``accuracy_answerable`` (NaN where no question of the group is answerable)."""
     correct: Counter = Counter()
     total: Counter = Counter()
+    ans_correct: Counter = Counter()
+    ans_total: Counter = Counter()
+    known = set(labels) if labels is not None else None
     for g, p, k in zip(golds, preds, groups):
-        total[str(k)] += 1
-        correct[str(k)] += int(g == p)
-    return {k: {"accuracy": correct[k] / total[k], "correct": correct[k], "total": total[k]}
-            for k in sorted(total, key=_natural)}
+        k = str(k)
+        total[k] += 1
+        correct[k] += int(g == p)
+        if known is not None and g in known:
+            ans_total[k] += 1
+            ans_correct[k] += int(g == p)
+    out = {}
+    for k in sorted(total, key=_natural):
+        row = {"accuracy": correct[k] / total[k], "correct": correct[k], "total": total[k]}
+        if known is not None:
+            row.update(answerable=ans_total[k], correct_answerable=ans_correct[k],
+                       accuracy_answerable=ans_correct[k] / ans_total[k] if ans_total[k] else float("nan"))
+        out[k] = row
+    return out
 
 
 def confusion_matrix(golds: Sequence[str], preds: Sequence[str], labels: Sequence[str]) -> dict[str, Any]:
@@ -55,14 +83,23 @@ def confusion_matrix(golds: Sequence[str], preds: Sequence[str], labels: Sequenc
 
 def vqa_metrics(golds: Sequence[str], preds: Sequence[str], qtypes: Sequence[str], families: Sequence[int],
                 labels: Sequence[str]) -> dict[str, Any]:
+    """Accuracy over all questions and over the answerable ones (gold in ``labels``), per question type and
+    family, the number of unanswerable questions, and the confusion matrix over ``labels``."""
     n = len(golds)
+    known = set(labels)
     correct = sum(int(g == p) for g, p in zip(golds, preds))
+    answerable = sum(g in known for g in golds)
+    correct_answerable = sum(int(g == p) for g, p in zip(golds, preds) if g in known)
     return {
         "accuracy": correct / n if n else float("nan"),
         "correct": correct,
         "total": n,
-        "by_qtype": accuracy_by(golds, preds, qtypes),
-        "by_family": accuracy_by(golds, preds, families),
+        "accuracy_answerable": correct_answerable / answerable if answerable else float("nan"),
+        "correct_answerable": correct_answerable,
+        "answerable": answerable,
+        "unanswerable": n - answerable,
+        "by_qtype": accuracy_by(golds, preds, qtypes, labels),
+        "by_family": accuracy_by(golds, preds, families, labels),
         "confusion": confusion_matrix(golds, preds, labels),
     }
 
@@ -82,105 +119,179 @@ def decode_answer(tokens: Iterable[int]) -> str:
     return out.decode("utf-8", errors="replace").strip()
 
 
+def answer_candidates(labels: Sequence[str]) -> list[list[int]]:
+    """Each answer of the closed set as the continuation of a prompt: its UTF-8 bytes, then EOS (as
+    ``qa``'s ``answer_tokens``)."""
+    return [[*a.encode("utf-8"), vocab.EOS] for a in labels]
+
+
+def prompt_of(item: Any) -> Any:
+    """The stream of ``item`` up to and including its SOM_ANSWER marker (the generation / ranking prompt)."""
+    import numpy as np
+
+    stream = item.stream
+    hits = np.flatnonzero(np.asarray(stream.tokens) == vocab.SOM_ANSWER)
+    if not len(hits):
+        raise DataError(f"evaluation item {item.id!r}: its stream has no SOM_ANSWER marker (not a qa stream)")
+    return stream[: int(hits[0]) + 1]
+
+
 # --- running a model ----------------------------------------------------------------------------------
 
 
-def evaluate_vqa(task: Any, model: Any, serializer: Any, split: str, run_dir: Any = None, *, mode: str = "auto",
-                 max_samples: int = 0, batch_size: int = 32, max_new_bytes: int = 0, device: Any = None,
-                 progress: bool = True, **_: Any) -> dict[str, Any]:
-    """Score ``model`` on ``split`` of ``task`` (a VQA task with ``answer_vocab``); see the module doc."""
+def answer_prior(train: Iterable[dict[str, Any]], golds: Sequence[str], families: Sequence[Any],
+                 qtypes: Sequence[str]) -> dict[str, Any]:
+    """What a model that ignores the image reaches: the most frequent training answer of each question family
+    (ties: the alphabetically first), scored on the eval questions; overall and per question type. ``train``:
+    the training split's samples (or their metadata: ``answer`` and ``family``)."""
+    from collections import Counter, defaultdict
+
+    counts: dict[Any, Counter] = defaultdict(Counter)
+    overall: Counter = Counter()
+    for s in train:
+        if s.get("answer") is not None:
+            counts[s.get("family", -1)][s["answer"]] += 1
+            overall[s["answer"]] += 1
+    if not overall:
+        return {}
+
+    def top(c: Counter) -> str:
+        return min(c.items(), key=lambda kv: (-kv[1], kv[0]))[0]
+
+    fallback = top(overall)
+    best = {f: top(c) for f, c in counts.items()}
+    preds = [best.get(f, fallback) for f in families]
+    by = accuracy_by(golds, preds, qtypes)
+    return {"accuracy": sum(g == p for g, p in zip(golds, preds)) / max(1, len(golds)),
+            "by_qtype": {k: v["accuracy"] for k, v in by.items()},
+            "rule": "the most frequent training answer of the question's family"}
+
+
+def vqa_report(results: dict[str, Any]) -> list[str]:
+    """A short table: accuracy by question type (main mode) beside the per-family answer prior."""
+    main = results.get("main_mode", "rank")
+    acc = results.get(f"by_qtype_{main}", {})
+    prior = (results.get("prior") or {}).get("by_qtype", {})
+    lines = [f"VQA {results.get('split')} ({results.get('num_samples')} questions, {main}; prior = most frequent "
+             f"training answer per family)", f"  {'question type':<20} {'accuracy':>9} {'prior':>9}"]
+    for k in sorted(set(acc) | set(prior)):
+        a, p = acc.get(k), prior.get(k)
+        lines.append(f"  {k:<20} {a if a is None else f'{a:9.3f}':>9} {p if p is None else f'{p:9.3f}':>9}")
+    tot_p = (results.get("prior") or {}).get("accuracy")
+    lines.append(f"  {'all':<20} {results.get('accuracy', float('nan')):9.3f} "
+                 f"{'' if tot_p is None else f'{tot_p:9.3f}':>9}")
+    return lines
+
+
+def evaluate_vqa(model: Any, items: Iterable[Any], *, split: str, labels: Sequence[str], out_dir: Any = None,
+                 mode: str = "auto", batch_size: int = 32, max_new_bytes: int = 0, progress: bool = True,
+                 prior_from: Any = None, **_: Any) -> dict[str, Any]:
+    """Score ``model`` (a StreamModel) on ``items`` of ``split`` against the closed set ``labels``; see the
+    module docstring. ``prior_from``: a callable giving the training split's samples (metadata suffices), to
+    report the per-family answer prior beside the model. Options it does not use (``context``, ...) are
+    ignored."""
     import torch
     from tqdm.auto import tqdm
 
-    labels = list(getattr(task, "answer_vocab", ()))
-    is_classifier = hasattr(model, "predict_answers")
-    if mode == "auto":
-        mode = "classify" if is_classifier else "both"
-    modes = ["generate", "rank"] if mode == "both" else [mode]
-    for m in modes:
-        if m not in ("generate", "rank", "classify"):
-            raise ValueError(f"mode must be auto|generate|rank|both|classify, got {mode!r}")
-        if m == "classify" and not is_classifier:
-            raise ValueError("mode=classify needs a model with predict_answers(batch)")
-        if m in ("generate", "rank") and is_classifier:
-            raise ValueError(f"mode={m} needs a byte model; {type(model).__name__} is a classifier (use classify)")
-    if "rank" in modes and not labels:
-        raise ValueError("mode=rank needs the task's answer_vocab")
-    if device is None:
-        try:
-            device = next(model.parameters()).device
-        except (StopIteration, AttributeError):
-            device = torch.device("cpu")
+    labels = list(labels)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {'|'.join(MODES)}, got {mode!r}")
+    modes = ["generate", "rank"] if mode in ("auto", "both") else [mode]
+    if not labels:
+        raise ValueError("VQA evaluation needs the task's answer vocabulary (task.answers); it is empty")
     if not max_new_bytes:
-        max_new_bytes = max((len(a.encode("utf-8")) for a in labels), default=16) + 8
-
-    samples = task.samples(split)
-    if max_samples:
-        samples = islice(samples, max_samples)
-    total = task.num_samples(split) if hasattr(task, "num_samples") else None
-    if total is not None and max_samples:
-        total = min(total, max_samples)
-    cand_tokens = [serializer.answer_tokens(a) for a in labels] if "rank" in modes else []
+        max_new_bytes = max(len(a.encode("utf-8")) for a in labels) + 8
+    known = set(labels)
+    cand_tokens = answer_candidates(labels)
+    device = _device(model)
 
     records: list[dict[str, Any]] = []
-    was_training = getattr(model, "training", False)
-    if hasattr(model, "eval"):
-        model.eval()
-    bar = tqdm(total=total, desc=f"vqa {split}", unit="q", disable=not progress)
+    seen: dict[str, int] = {}
+    was_training = model.training
+    model.eval()
+    bar = tqdm(desc=f"vqa {split}", unit="q", disable=not progress)
     try:
         with torch.no_grad():
-            for chunk in _chunks(samples, batch_size):
-                prompts = [serializer.prompt(s) for s in chunk]
-                recs = [{"id": s["id"], "gold": s.get("answer"), "qtype": s.get("qtype", "unknown"),
-                         "family": s.get("family", -1), "question": s.get("question", "")} for s in chunk]
-                if "classify" in modes:
-                    from omnibyte.stream import Batch
-
-                    batch = Batch.collate(prompts).to(device)
-                    for r, p in zip(recs, model.predict_answers(batch)):
-                        r["pred_classify"] = p
+            for chunk in _chunks(items, batch_size):
+                prompts = []
+                for item in chunk:
+                    rec = _record(item, split, len(records), seen)
+                    rec["answerable"] = rec["gold"] in known
+                    records.append(rec)
+                    prompts.append(prompt_of(item))
+                recs = records[len(records) - len(chunk):]
                 if "generate" in modes:
                     for r, p in zip(recs, _generate(model, prompts, max_new_bytes, device)):
                         r["pred_generate"] = p
                 if "rank" in modes:
-                    for r, prompt in zip(recs, prompts):
-                        prefix = torch.as_tensor(prompt.tokens.astype("int64"), device=device)
-                        scores = model.score(prefix, cand_tokens)
-                        r["pred_rank"] = labels[int(torch.argmax(scores))]
-                records.extend(recs)
+                    prefixes = [torch.as_tensor(p.tokens.astype("int64"), device=device) for p in prompts]
+                    best = model.score_batch(prefixes, cand_tokens).argmax(dim=1).tolist()
+                    for r, k in zip(recs, best):
+                        r["pred_rank"] = labels[k]
                 bar.update(len(chunk))
     finally:
         bar.close()
-        if hasattr(model, "train"):
-            model.train(was_training)
+        model.train(was_training)
 
     golds = [r["gold"] for r in records]
-    if any(g is None for g in golds):
-        raise ValueError(f"split {split!r} has samples without answers; cannot score it")
     qtypes = [r["qtype"] for r in records]
     families = [r["family"] for r in records]
     by_mode = {m: vqa_metrics(golds, [r[f"pred_{m}"] for r in records], qtypes, families, labels) for m in modes}
     main = "rank" if "rank" in modes else modes[0]
+    head = by_mode[main]
     results: dict[str, Any] = {
         "split": split,
         "num_samples": len(records),
         "modes": modes,
-        "accuracy": by_mode[main]["accuracy"],
         "main_mode": main,
-        "gold_outside_vocab": sum(g not in labels for g in golds),
+        "accuracy": head["accuracy"],
+        "accuracy_answerable": head["accuracy_answerable"],
+        "num_answerable": head["answerable"],
+        "num_unanswerable": head["unanswerable"],
+        "unanswerable_by_qtype": {k: v["total"] - v["answerable"] for k, v in head["by_qtype"].items()},
+        "num_answers": len(labels),
     }
+    if prior_from is not None:
+        results["prior"] = answer_prior(prior_from(), golds, families, qtypes)
     for m in modes:
         results[f"accuracy_{m}"] = by_mode[m]["accuracy"]
+        results[f"accuracy_answerable_{m}"] = by_mode[m]["accuracy_answerable"]
         results[f"by_qtype_{m}"] = {k: v["accuracy"] for k, v in by_mode[m]["by_qtype"].items()}
-    if run_dir is not None:
-        out = Path(run_dir) / "eval"
+        results[f"by_qtype_answerable_{m}"] = {k: v["accuracy_answerable"] for k, v in by_mode[m]["by_qtype"].items()}
+    if out_dir is not None:
+        out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"vqa_{split}.json").write_text(json.dumps({**results, "details": by_mode}, indent=1) + "\n")
+        (out / f"vqa_{split}.json").write_text(
+            json.dumps({**results, "answers": labels, "details": by_mode}, indent=1) + "\n")
         with open(out / f"vqa_{split}_predictions.jsonl", "w") as f:
             for r in records:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
         results["results_file"] = str(out / f"vqa_{split}.json")
     return results
+
+
+def _record(item: Any, split: str, position: int, seen: dict[str, int]) -> dict[str, Any]:
+    """The per-question record of an item (gold answer and groups from its meta); ids must be unique."""
+    meta = item.meta
+    qid = item.id
+    if qid in seen:
+        raise DataError(f"split {split!r}: evaluation items {seen[qid]} and {position} have the same id {qid!r}; "
+                        f"question ids must be unique")
+    seen[qid] = position
+    gold = meta.get("answer")
+    if gold is None:
+        raise DataError(f"split {split!r}: question {qid!r} has no answer (like CLEVR's test split); "
+                        f"evaluate on a split with answers, e.g. val")
+    return {"id": qid, "question_index": meta.get("question_index"), "gold": str(gold),
+            "qtype": meta.get("qtype", "unknown"), "family": meta.get("family", -1),
+            "question": meta.get("question", "")}
+
+
+def _device(model: Any) -> Any:
+    import torch
+
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 def _chunks(it: Iterable[Any], n: int):

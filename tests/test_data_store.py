@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from omnibyte.data.h5store import H5Streams, write_streams
-from omnibyte.data.shards import list_shards, num_samples, shard_samples, write_shards
+from omnibyte.data.shards import ShardSet, list_shards, num_samples, read_index, shard_samples, write_shards
 from omnibyte.errors import DataError
 from omnibyte.registry import TASKS
 from omnibyte.stream import ByteStream
@@ -30,16 +30,21 @@ def digests(paths):
 
 def test_shards_round_trip_raw_samples(tmp_path):
     t = clevr()
-    write_shards(t.samples("train"), tmp_path, "train", max_count=3, progress=False)
-    shards = list_shards(tmp_path, "train")
-    assert [p.name for p in shards] == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
-    assert num_samples(tmp_path, "train") == 8
+    write_shards(t.samples("train"), tmp_path, "train", max_count=3, progress=False, task=t.config)
+    shards = ShardSet(tmp_path, "train")
+    assert [Path(u).name for u in shards.urls] == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    assert shards.counts == [3, 3, 2] and num_samples(tmp_path, "train") == 8
     back = list(shard_samples(tmp_path, "train"))
     assert back == list(t.samples("train"))  # images are the same undecoded file bytes, all fields kept
-    assert list(shard_samples(tmp_path, "train", shards=shards[1:2])) == back[3:6]
-    first = digests(shards)
-    write_shards(t.samples("train"), tmp_path, "train", max_count=3, progress=False)
-    assert digests(list_shards(tmp_path, "train")) == first  # deterministic bytes
+    assert list(shards.read([1])) == back[3:6]
+    assert list(shards.read([2, 0], start=1)) == back[7:8] + back[0:3]  # seeks over whole shards by their counts
+    assert list(shards.read(start=4)) == back[4:]
+    first = digests(map(Path, shards.urls))
+    write_shards(t.samples("train"), tmp_path, "train", max_count=3, progress=False, task=t.config)
+    assert digests(map(Path, list_shards(tmp_path, "train"))) == first  # deterministic bytes
+    index = read_index(tmp_path, "train")
+    assert index["task"]["name"] == "clevr_vqa" and index["contract_version"] == 1
+    assert index["answers"] == sorted({s["answer"] for s in back})
 
 
 def test_shards_long_text_and_webdataset_reads_them(tmp_path):
@@ -48,25 +53,72 @@ def test_shards_long_text_and_webdataset_reads_them(tmp_path):
     samples = [{"id": "b1", "text": "é" * 5000 + "\x00", "n": 1}, {"id": "b2", "text": "short", "blob": b"\x00\xff"}]
     write_shards(iter(samples), tmp_path, "test", progress=False)
     assert list(shard_samples(tmp_path, "test")) == samples
-    got = list(wds.WebDataset([str(p) for p in list_shards(tmp_path, "test")], shardshuffle=False))
+    got = list(wds.WebDataset(list_shards(tmp_path, "test"), shardshuffle=False))
     assert sorted(k for k in got[0] if not k.startswith("__")) == ["json", "text.txt"]
     assert got[1]["blob.bin"] == b"\x00\xff" and json.loads(got[1]["json"])["text"] == "short"
+    assert read_index(tmp_path, "test")["answers"] is None  # no sample has an answer
 
 
 def test_shards_errors(tmp_path):
-    with pytest.raises(DataError, match="omnibyte prepare"):
+    with pytest.raises(DataError, match="omnibyte prepare <config> --splits train"):
         list_shards(tmp_path, "train")
-    write_shards(clevr().samples("val"), tmp_path, "val", max_count=2, progress=False)
+    write_shards(clevr().samples("val"), tmp_path, "val", max_count=2, progress=False, task=clevr().config)
     with pytest.raises(DataError, match=r"prepared splits: val"):
         list(shard_samples(tmp_path, "train"))
     (tmp_path / "val-000001.tar").unlink()
     with pytest.raises(DataError, match="val-000001.tar: shard listed"):
         list_shards(tmp_path, "val")
     (tmp_path / "val-000000.tar").write_bytes(b"not a tar")
-    with pytest.raises(DataError, match="unreadable shard"):
-        list(shard_samples(tmp_path, "val", shards=[tmp_path / "val-000000.tar"]))
+    write_shards(clevr().samples("val"), tmp_path / "other", "val", max_count=1, progress=False)
+    (tmp_path / "val-000001.tar").write_bytes((tmp_path / "other" / "val-000000.tar").read_bytes())
+    shards = ShardSet(tmp_path, "val")
+    with pytest.raises(DataError, match="val-000000.tar: unreadable shard"):
+        list(shards.read([0]))
+    with pytest.raises(DataError, match="val-000001.tar: 1 samples, its index entry says 2"):
+        list(shards.read([1]))  # a shard replaced by a shorter one is caught by its count
     with pytest.raises(DataError, match="cannot contain"):
         write_shards(iter([{"id": "x", "a.b": 1}]), tmp_path, "bad", progress=False)
+    with pytest.raises(DataError, match="lower-case"):
+        write_shards(iter([{"id": "x", "Image": b"\x89PNG"}]), tmp_path, "bad", progress=False)
+    index = tmp_path / "val.shards.json"
+    index.write_text(json.dumps({**json.loads(index.read_text()), "format": 1}))
+    with pytest.raises(DataError, match="shard format 1"):
+        ShardSet(tmp_path, "val")
+
+
+def test_shard_specs_with_split_placeholder(tmp_path):
+    t = clevr()
+    write_shards(t.samples("train"), tmp_path, "train", max_count=3, progress=False, task=t.config)
+    want = list(t.samples("train"))
+    for spec in (f"{tmp_path}/{{split}}-{{000000..000002}}.tar", f"{tmp_path}/{{split}}-*.tar",
+                 f"file://{tmp_path}/{{split}}-{{000000..000002}}.tar",
+                 f"pipe:cat {tmp_path}/{{split}}-{{000000..000002}}.tar"):
+        assert list(ShardSet(spec, "train").read()) == want, spec
+    part = ShardSet(f"{tmp_path}/{{split}}-{{000001..000002}}.tar", "train")  # a subset of the split's shards
+    assert part.counts == [3, 2] and list(part.read()) == want[3:]
+    with pytest.raises(DataError, match="needs? .*{split}|must be a shard spec"):
+        ShardSet(f"pipe:cat {tmp_path}/train-000000.tar", "train")
+    with pytest.raises(DataError, match="not listed"):
+        ShardSet(f"{tmp_path}/{{split}}-{{000000..000003}}.tar", "train")
+    with pytest.raises(DataError, match="no file matches"):
+        ShardSet(f"{tmp_path}/{{split}}-9*.tar", "train")
+    with pytest.raises(DataError, match="cannot read the shard index"):
+        ShardSet(f"pipe:cat {tmp_path}/{{split}}-000000.tar", "val")
+
+
+def test_shards_refuse_another_task_or_token_contract(tmp_path):
+    t = clevr()
+    write_shards(t.samples("val"), tmp_path, "val", progress=False, task=t.config)
+    assert ShardSet(tmp_path, "val").check("clevr_vqa")
+    with pytest.raises(DataError, match="made for task 'clevr_vqa', this run's task is 'pg19'"):
+        ShardSet(tmp_path, "val").check("pg19")
+    index = tmp_path / "val.shards.json"
+    index.write_text(json.dumps({**json.loads(index.read_text()), "contract_version": 999}))
+    with pytest.raises(DataError, match="token contract version 999"):
+        ShardSet(tmp_path, "val").check("clevr_vqa")
+    write_shards(t.samples("val"), tmp_path, "val", progress=False)
+    with pytest.raises(DataError, match="records no task"):
+        ShardSet(tmp_path, "val").check("clevr_vqa")
 
 
 def test_h5_round_trip_random_access(tmp_path):
@@ -76,11 +128,14 @@ def test_h5_round_trip_random_access(tmp_path):
         n = int(rng.integers(1, 300))
         streams.append(ByteStream(rng.integers(0, 264, n).astype(np.uint16), rng.random(n).astype(np.float32),
                                   rng.integers(0, 5, n).astype(np.uint8), id=f"s{i}"))
-    path = write_streams(iter(streams), tmp_path / "x.h5", serializer_config={"name": "qa", "loss": "answer"},
-                         split="train", progress=False, extra={"task": {"name": "clevr_vqa"}})
+    metas = [{"id": s.id, "answer": "yes" if i % 2 else "2", "family": i} for i, s in enumerate(streams)]
+    path = write_streams(zip(streams, metas), tmp_path / "x.h5", serializer_config={"name": "qa", "loss": "answer"},
+                         task_config={"name": "clevr_vqa"}, split="train", progress=False, extra={"task_skipped": 3})
     store = H5Streams(path)
     assert len(store) == 7 and store.split == "train"
     assert store.serializer_config == {"name": "qa", "loss": "answer"}
+    assert [store.meta(i) for i in range(7)] == metas and store.answers == ("2", "yes")
+    assert store.attrs["task_skipped"] == 3 and store.lengths().tolist() == [len(s) for s in streams]
     for i in (3, 0, 6, -1):
         a, b = store[i], streams[i]
         assert a.id == b.id and np.array_equal(a.tokens, b.tokens) and np.array_equal(a.modality, b.modality)
@@ -95,6 +150,13 @@ def test_h5_refuses_other_contract_and_missing_file(tmp_path):
     import h5py
 
     path = write_streams([ByteStream.from_bytes(b"ab", Modality.TEXT, id="a")], tmp_path / "y.h5", progress=False)
+    assert H5Streams(path).meta(0) == {"id": "a"} and H5Streams(path).answers is None
+    with pytest.raises(DataError, match="records no task"):
+        H5Streams(path).check("synthetic_text", {"name": "utf8"})
+    with h5py.File(path, "a") as f:
+        f.attrs["format"] = 1
+    with pytest.raises(DataError, match="format 1"):
+        H5Streams(path)
     with h5py.File(path, "a") as f:
         f.attrs["contract_version"] = 999
     with pytest.raises(DataError, match="token contract version 999"):
@@ -127,3 +189,68 @@ def test_prepare_command_writes_shards_and_h5(tmp_path, capsys):
     assert main(["prepare", "clevr_vqa_png", f"task.root={FIXTURE}", "--out", str(out), "--splits", "dev",
                  "--no-progress"]) == 2  # unknown split: a clear error, exit 2
     assert "no split 'dev'" in capsys.readouterr().err
+
+
+def test_h5_refuses_another_serializer_config(tmp_path):
+    from omnibyte.registry import SERIALIZERS
+
+    png = SERIALIZERS.build({"name": "utf8", "eos": True})
+    path = write_streams([png({"id": "a", "text": "hi"})], tmp_path / "z.h5", progress=False,
+                         serializer_config=png.config, task_config={"name": "synthetic_text"})
+    store = H5Streams(path)
+    assert store.check("synthetic_text", SERIALIZERS.build({"name": "utf8", "eos": True}).config) is store
+    assert len(store.attrs["serializer_sha256"]) == 64
+    with pytest.raises(DataError, match=r'store made with serializer \{.*"eos":true.*\}, this run\'s serializer is '
+                                        r'\{.*"eos":false'):
+        store.check("synthetic_text", SERIALIZERS.build({"name": "utf8", "eos": False}).config)
+    with pytest.raises(DataError, match="made for task 'synthetic_text', this run's task is 'pg19'"):
+        store.check("pg19", png.config)
+
+
+def test_prepare_records_metadata_answers_and_skips(tmp_path, capsys):
+    from omnibyte.cli import main
+    from omnibyte.data import recorded_answers
+    from omnibyte.runconfig import DataConfig
+
+    root = tmp_path / "clevr"
+    import shutil
+
+    shutil.copytree(FIXTURE, root)
+    (root / "images" / "train" / sorted(p.name for p in (root / "images" / "train").iterdir())[0]).unlink()
+    out = tmp_path / "prepared"
+    assert main(["prepare", "clevr_vqa_png", f"task.root={root}", "task.on_bad_sample=skip", "--out", str(out),
+                 "--h5", "--no-progress", "--splits", "train"]) == 0
+    printed = capsys.readouterr().out
+    assert "task skipped" in printed
+    index = read_index(out, "train")
+    store = H5Streams(out / "train.h5")
+    assert index["task_skipped"] == store.attrs["task_skipped"] > 0
+    assert index["num_samples"] == len(store) == 8 - index["task_skipped"]
+    kept = list(shard_samples(out, "train"))
+    assert [store.meta(i) for i in range(len(store))] == [{k: v for k, v in s.items() if k != "image"} for s in kept]
+    answers = tuple(sorted({s["answer"] for s in kept}))
+    for source, path in (("shards", str(out)), ("h5", str(out / "train.h5"))):
+        assert recorded_answers(DataConfig(source=source, path=path), "train") == answers
+    assert recorded_answers(DataConfig(), "train") is None
+
+
+def test_prepare_arguments_and_generators(tmp_path, capsys):
+    from omnibyte.cli import main
+    from omnibyte.data.prepare import generators
+
+    assert generators()["clevr-synth"] == "omnibyte.tasks.clevr_synth:main"
+    for args, msg in ((["--max-samples", "-1"], "--max-samples must be >= 0"),
+                      (["--shard-samples", "0"], "--shard-samples must be >= 1"),
+                      (["--shard-mb", "0"], "--shard-mb must be >= 1")):
+        assert main(["prepare", "debug_tiny", *args, "--out", str(tmp_path)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"omnibyte prepare: error: {err[0].split('error: ')[1]}"] and msg in err[0]
+    with pytest.raises(SystemExit) as e:
+        main(["prepare", "--help"])
+    assert e.value.code == 0 and "--shard-samples" in capsys.readouterr().out  # options shown with no config
+    with pytest.raises(SystemExit) as e:
+        main(["prepare", "clevr-synth", "--help"])
+    assert e.value.code == 0 and "--questions-per-image" in capsys.readouterr().out  # the generator's own help
+    assert main(["prepare", "--no-progress", "debug_tiny", "task.samples={train: 6, validation: 2}",
+                 "--out", str(tmp_path / "t"), "--shard-samples", "4"]) == 0  # options before and after
+    assert len(list_shards(tmp_path / "t", "train")) == 2 and num_samples(tmp_path / "t", "validation") == 2

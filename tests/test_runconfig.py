@@ -11,7 +11,7 @@ from omnibyte.runconfig import RunConfig, load_run_config
 
 
 def test_debug_tiny_loads_with_overrides():
-    cfg = load_run_config("debug_tiny", ["train.lr=1e-4", "model.stages.0.layers=1", "data.workers=2"])
+    cfg = load_run_config("debug_tiny", ["train.lr=1e-4", "train.min_lr=1e-5", "model.stages.0.layers=1", "data.workers=2"])
     assert isinstance(cfg, RunConfig) and cfg.run_name == "debug_tiny"
     assert cfg.train.lr == pytest.approx(1e-4) and cfg.model.stages[0].layers == 1 and cfg.data.workers == 2
     assert cfg.task.name == "synthetic_text" and cfg.serializer.name == "utf8"

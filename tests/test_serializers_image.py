@@ -22,7 +22,10 @@ from omnibyte.errors import SerializationError
 from omnibyte.registry import SERIALIZERS
 from omnibyte.vocab import Modality
 
-RENDERS = Path(__file__).parents[2] / "shared" / "data" / "clevr-gen" / "sample-images"
+# ../shared beside the checkout (a git worktree may sit one level deeper)
+RENDERS = next((p / "shared" / "data" / "clevr-gen" / "sample-images" for p in Path(__file__).resolve().parents
+                if (p / "shared" / "data" / "clevr-gen" / "sample-images").is_dir()),
+               Path(__file__).parents[2] / "shared" / "data" / "clevr-gen" / "sample-images")
 CLEVR = sorted(RENDERS.glob("*.png")) if RENDERS.is_dir() else []
 needs_clevr = pytest.mark.skipif(not CLEVR, reason=f"no CLEVR renders at {RENDERS}")
 

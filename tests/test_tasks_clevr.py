@@ -10,7 +10,14 @@ import pytest
 
 from omnibyte.errors import DataError
 from omnibyte.registry import TASKS
-from omnibyte.tasks.clevr import CLEVR_ANSWERS, ClevrVQA, default_set_dir, program_function, question_type
+from omnibyte.tasks.clevr import (
+    CLEVR_ANSWERS,
+    ClevrVQA,
+    default_set_dir,
+    program_function,
+    question_type,
+    vqa_vocabulary,
+)
 
 FIXTURE = Path(__file__).parent / "fixtures" / "clevr_mini"
 
@@ -26,6 +33,7 @@ def test_reads_layout_and_samples():
     assert len(samples) == t.num_samples("train") == 8
     s = samples[0]
     assert s["id"] == "clevr/train/0" and s["question"] == "How many cubes are there?" and s["answer"] == "1"
+    assert s["question_index"] == 0
     assert s["family"] == 40 and s["qtype"] == "count" and s["function"] == "count"
     # image file bytes, undecoded and untouched (RGBA PNG: colour type 6 in IHDR)
     disk = (FIXTURE / "images" / "train" / "CLEVR_train_000000.png").read_bytes()
@@ -55,8 +63,21 @@ def test_test_split_has_no_answers():
     samples = list(t.samples("test"))
     assert len(samples) == 2 and all("answer" not in s for s in samples)
     assert not t.is_answered("test") and t.is_answered("val")
-    with pytest.raises(DataError, match="no answers"):
-        t.evaluate(None, None, "test")
+    assert t.answers_of("test") == ()
+
+
+def test_answer_vocabulary():
+    """CLEVR's 28 (canonical order) when every answer is CLEVR's, else the data's own sorted answers."""
+    assert vqa_vocabulary(["yes", "2", "cube"]) == CLEVR_ANSWERS and len(CLEVR_ANSWERS) == 28
+    assert vqa_vocabulary(["yes", "teal", "2", "teal"]) == ("2", "teal", "yes")
+    assert vqa_vocabulary([]) == ()
+    t = build()
+    assert t.answers_of("train") == ("0", "1", "blue", "gray", "no", "yes")
+    assert t.answer_vocab == CLEVR_ANSWERS  # the fixture's answers are CLEVR's
+    assert t.vocabulary_from(["b", "a"]) == ("a", "b")
+    assert build(answers=["no", "yes"]).answer_vocab == ("no", "yes")  # task.answers wins (a run sets it)
+    with pytest.raises(ValueError, match="duplicate answers"):
+        build(answers=["no", "no"])
 
 
 def test_filters_and_seeded_subsampling():
@@ -86,6 +107,42 @@ def test_missing_image_fail_or_skip(tmp_path):
         list(build(root=root).samples("train"))
     t = build(root=root, on_bad_sample="skip")
     assert len(list(t.samples("train"))) == 5 and t.skipped == 3
+
+
+def _edit_questions(root: Path, split: str, edit) -> None:
+    qfile = root / "questions" / f"CLEVR_{split}_questions.json"
+    data = json.loads(qfile.read_text())
+    edit(data["questions"])
+    qfile.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("bad", ["../../questions/CLEVR_val_questions.json", "/etc/hostname",
+                                 "../val/CLEVR_val_000000.png", "sub/../../train/CLEVR_train_000000.png"])
+def test_image_paths_are_confined_to_the_split_folder(tmp_path, bad):
+    root = _copy(tmp_path)
+
+    def edit(qs):
+        qs[1]["image_filename"] = bad
+
+    _edit_questions(root, "train", edit)
+    with pytest.raises(DataError, match=r"question 1: image_filename .* is outside images/train/"):
+        list(build(root=root).samples("train"))
+    t = build(root=root, on_bad_sample="skip")
+    got = list(t.samples("train"))
+    assert len(got) == 7 and t.skipped == 1 and "clevr/train/1" not in {s["id"] for s in got}
+    # a path that stays inside the split folder is fine
+    _edit_questions(root, "train", lambda qs: qs[1].update(image_filename="./x/../CLEVR_train_000000.png"))
+    assert len(list(build(root=root).samples("train"))) == 8
+
+
+def test_duplicate_question_ids_are_refused(tmp_path):
+    root = _copy(tmp_path)
+    _edit_questions(root, "val", lambda qs: qs[3].update(question_index=1))
+    with pytest.raises(DataError, match="questions 1 and 3 have the same question_index 1"):
+        build(root=root, on_bad_sample="skip").num_samples("val")
+    _edit_questions(root, "val", lambda qs: qs[3].update(question_index="three"))
+    with pytest.raises(DataError, match="question 3: question_index 'three' is not an integer"):
+        build(root=root).num_samples("val")
 
 
 def test_malformed_json_names_the_file(tmp_path):

@@ -15,7 +15,7 @@ MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "pg19-mini"
 TINY_MBLM = [f"model.stages.{i}.{k}={v}" for i in (0, 1) for k, v in (("width", 16), ("layers", 1))] + [
     "model.stages.0.block.headdim=16", "model.stages.0.block.d_state=8", "model.stages.1.block.heads=2"]
 QUICK = ["train.steps=3", "train.warmup=1", "train.eval_every=0", "train.ckpt_every=0", "data.batch_size=4",
-         "train.progress=false"]
+         "train.progress=false", "preset=full", "eval.report=false"]
 
 
 def _eval(run_dir: Path, capsys, *extra: str) -> dict:
@@ -46,7 +46,10 @@ def test_cnn_lstm_baseline_trains_and_evaluates(tmp_path, capsys):
                  "model.image.size=[16,12]", "model.trunk_stages=1", "model.embed_dim=8", "model.lstm_hidden=8",
                  "model.mlp_hidden=8", *QUICK, f"out_dir={runs}", "--quiet"]) == 0
     task = _eval(runs / "clevr_cnn_lstm", capsys, "eval.max_samples=4")["task"]
-    assert task["modes"] == ["classify"] and task["num_samples"] == 4 and 0 <= task["accuracy"] <= 1
+    # ranked and generated through the model contract like a byte model; the head's classes are the answers
+    # of the training split (filled in by the run)
+    assert task["modes"] == ["generate", "rank"] and task["num_samples"] == 4 and 0 <= task["accuracy"] <= 1
+    assert task["num_unanswerable"] == 0
 
 
 @pytest.mark.skipif(not MINI.is_dir(), reason="../shared/data/pg19-mini is absent")
@@ -55,7 +58,7 @@ def test_pg19_train_eval_reports_bpb_and_word_ppl(tmp_path, capsys):
     assert main(["train", "pg19_lm", f"task.root={MINI}", "task.max_bytes=2000", *TINY_MBLM, *QUICK,
                  "data.seq_len=128", f"out_dir={runs}", "--quiet"]) == 0
     task = _eval(runs / "pg19_lm", capsys, "eval.max_samples=1", "task.eval_stride=64")["task"]
-    assert task["split"] == "test" and task["num_books"] == 1 and task["num_bytes"] == 2000
+    assert task["split"] == "validation" and task["num_books"] == 1 and task["num_bytes"] == 2000
     assert task["context"] == 128 and task["stride"] == 64 and task["num_words"] > 300
     assert 0 < task["bpb"] < 10 and task["word_ppl"] > 1
     # transfer: the CLEVR config starts from this PG19 run (same model)

@@ -9,11 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
+from omnibyte.data.items import eval_items
 from omnibyte.errors import DataError
+from omnibyte.model.api import StreamMeta, StreamModel
 from omnibyte.registry import SERIALIZERS, TASKS
+from omnibyte.runconfig import DataConfig
+from omnibyte.tasks.pg19 import bits_per_byte, count_words, item_words, score_stream, windows, word_perplexity
 from omnibyte.vocab import EOS, VOCAB_SIZE
-from omnibyte.tasks.pg19 import bits_per_byte, count_words, score_stream, windows, word_perplexity
 
 MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "pg19-mini"
 needs_mini = pytest.mark.skipif(not MINI.is_dir(), reason="../shared/data/pg19-mini is absent")
@@ -70,8 +74,9 @@ def test_max_bytes_cuts_on_a_character_boundary():
 
 
 def test_bad_data(tmp_path):
-    root = make_layout(tmp_path, {"train": {"1": b"good text", "2": b"bad \xff\xfe bytes", "3": b"more"}},
+    root = make_layout(tmp_path, {"train": {"1": b"good text", "3": b"more"}},
                        metadata='1,"One",1900,http://x\n3,"Three",bad-year,http://y\n')
+    (root / "train" / "2.txt").mkdir()  # unreadable as a book
     with pytest.raises(DataError, match=r"2\.txt"):
         list(build(root).samples("train"))
     t = build(root, on_bad_sample="skip")
@@ -85,6 +90,30 @@ def test_bad_data(tmp_path):
         build(root).books("test")
     with pytest.raises(DataError, match="set task.root"):
         build("").splits()
+
+
+def test_invalid_utf8_book_follows_the_serializer_errors_policy(tmp_path):
+    """The task yields a non-UTF-8 book's raw bytes; utf8's errors=replace decodes them, errors=error raises."""
+    from omnibyte.errors import SerializationError
+
+    raw = b"bad \xff\xfe bytes"
+    root = make_layout(tmp_path, {"train": {"1": b"good text", "2": raw}})
+    books = list(build(root).samples("train"))
+    assert books[0]["text"] == "good text" and books[1]["text"] == raw
+    with pytest.raises(SerializationError, match=r"'pg19/train/2'.*invalid UTF-8 at byte 4"):
+        SERIALIZERS.build({"name": "utf8", "errors": "error"})(books[1])
+    stream = SERIALIZERS.build({"name": "utf8", "errors": "replace"})(books[1])
+    assert stream.data_bytes() == raw.decode("utf-8", errors="replace").encode()
+    assert "\ufffd" in stream.data_bytes().decode()
+    # evaluation items: the word count comes from the stream when the text is bytes (not in meta)
+    items = list(eval_items(DataConfig(), build(root), SERIALIZERS.build({"name": "utf8", "errors": "replace"}),
+                            "train"))
+    assert "text" not in items[1].meta and item_words(items[1]) == 3 and item_words(items[0]) == 2
+    # and from meta["text"] only when it is what the stream holds (here the serializer cuts the text)
+    cut = list(eval_items(DataConfig(), build(root), SERIALIZERS.build({"name": "utf8", "max_bytes": 4,
+                                                                        "truncate": "head", "errors": "replace"}),
+                            "train"))
+    assert cut[0].meta["text"] == "good text" and item_words(cut[0]) == 1
 
 
 def test_concat_packing_with_separators(tmp_path):
@@ -122,22 +151,35 @@ def test_windows_score_every_token_once_with_enough_context(n, context, stride):
     assert scored == list(range(n))
 
 
-class Uniform(torch.nn.Module):
+class Uniform(StreamModel):
     def __init__(self):
         super().__init__()
         self.p = torch.nn.Parameter(torch.zeros(1))
+        self.stream_meta = StreamMeta(vocab_size=VOCAB_SIZE)
 
-    def forward(self, tokens):
+    def logits(self, tokens):
         return torch.zeros(*tokens.shape, VOCAB_SIZE) + 0 * self.p
+
+    def nll(self, tokens, chunk_size=None):
+        # position t scored from logits at t - 1; position 0 from the first logits (as per_token_nll does)
+        lg = self.logits(tokens).float()
+        lg = torch.cat([lg[:, :1], lg[:, :-1]], dim=1)
+        return F.cross_entropy(lg.transpose(1, 2), tokens, reduction="none")
 
 
 class PeekAfterFirst(Uniform):
     """Not causal on purpose: certain of every token except at a window's first position (uniform there)."""
 
-    def forward(self, tokens):
-        logits = torch.zeros(*tokens.shape, VOCAB_SIZE)
-        logits[:, 1:].scatter_(2, tokens[:, 1:, None], 1e4)
-        return logits
+    def nll(self, tokens, chunk_size=None):
+        out = torch.zeros(tokens.shape)
+        out[:, 0] = math.log(VOCAB_SIZE)
+        return out
+
+
+class Classifier(Uniform):
+    def __init__(self):
+        super().__init__()
+        self.stream_meta = StreamMeta(vocab_size=VOCAB_SIZE, per_token_losses=False)
 
 
 def test_score_stream_sliding_windows():
@@ -153,15 +195,37 @@ def test_score_stream_sliding_windows():
     assert nats == pytest.approx(0.0, abs=1e-3)
 
 
+def items(root, split, ser=None, **task_kw):
+    ser = ser or SERIALIZERS.build({"name": "utf8"})
+    return list(eval_items(DataConfig(), build(root, **task_kw), ser, split))
+
+
 def test_evaluate_reports_bpb_and_word_perplexity(tmp_path):
     text1, text2 = "one two three\nfour", "five six"  # 18 + 8 bytes, 4 + 2 words
     root = make_layout(tmp_path / "pg", {"test": {"1": text1.encode(), "2": text2.encode()}})
-    ser = SERIALIZERS.build({"name": "utf8"})
-    res = build(root).evaluate(Uniform(), ser, "test", run_dir=tmp_path / "run", context=8, stride=4)
+    res = build(root).evaluate(Uniform(), items(root, "test"), split="test", out_dir=tmp_path / "run" / "eval",
+                               context=8, stride=4)
     lnv = math.log(VOCAB_SIZE)
     assert res["num_bytes"] == 26 and res["num_words"] == 6 and res["num_books"] == 2
+    assert (res["context"], res["stride"]) == (8, 4)
     assert res["bpb"] == pytest.approx(math.log2(VOCAB_SIZE), rel=1e-5)
     assert res["word_ppl"] == pytest.approx(math.exp(26 * lnv / 6), rel=1e-4)
     saved = json.loads((tmp_path / "run" / "eval" / "pg19_test.json").read_text())
     assert saved["num_words"] == 6 and [b["id"] for b in saved["books"]] == ["pg19/test/1", "pg19/test/2"]
-    assert build(root).evaluate(Uniform(), ser, "test", max_samples=1, context=8)["num_books"] == 1
+    assert build(root).evaluate(Uniform(), items(root, "test")[:1], split="test", context=8)["num_books"] == 1
+
+
+def test_evaluate_window_and_model_checks(tmp_path):
+    root = make_layout(tmp_path / "pg", {"validation": {"1": b"one two three four five"}})
+    its = items(root, "validation")
+    # task.eval_context / eval_stride win over the run's context; the stride defaults to the window
+    res = build(root, eval_context=8).evaluate(Uniform(), its, split="validation", context=1024)
+    assert (res["context"], res["stride"]) == (8, 8)
+    res = build(root, eval_stride=2).evaluate(Uniform(), its, split="validation", context=8, stride=4)
+    assert (res["context"], res["stride"]) == (8, 2)
+    with pytest.raises(ValueError, match="needs a window"):
+        build(root).evaluate(Uniform(), its, split="validation")
+    with pytest.raises(ValueError, match="stride must be in 1..context"):
+        build(root).evaluate(Uniform(), its, split="validation", context=4, stride=8)
+    with pytest.raises(ValueError, match="needs per-token losses"):
+        build(root).evaluate(Classifier(), its, split="validation", context=8)

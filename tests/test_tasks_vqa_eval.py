@@ -1,15 +1,20 @@
-"""VQA evaluation: metrics on hand-checked cases, generate / rank / classify paths, results files."""
+"""VQA evaluation over evaluation items: metrics on hand-checked cases, generate / rank paths, results files."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
 from omnibyte import vocab
+from omnibyte.data.items import eval_items
+from omnibyte.model.api import StreamMeta, StreamModel
 from omnibyte.registry import SERIALIZERS, TASKS
+from omnibyte.runconfig import DataConfig
+from omnibyte.tasks.clevr import CLEVR_ANSWERS
 from omnibyte.tasks.vqa_eval import OTHER, accuracy_by, confusion_matrix, decode_answer, vqa_metrics
 
 FIXTURE = Path(__file__).parent / "fixtures" / "clevr_mini"
@@ -22,7 +27,8 @@ def test_accuracy_and_confusion_hand_checked():
     fams = [39, 39, 40, 89, 39]
     m = vqa_metrics(golds, preds, qtypes, fams, ["yes", "no", "2", "red", "blue"])
     assert m["accuracy"] == pytest.approx(2 / 5) and (m["correct"], m["total"]) == (2, 5)
-    assert m["by_qtype"]["exist"] == {"accuracy": pytest.approx(1 / 3), "correct": 1, "total": 3}
+    assert m["by_qtype"]["exist"] == {"accuracy": pytest.approx(1 / 3), "correct": 1, "total": 3, "answerable": 3,
+                                      "correct_answerable": 1, "accuracy_answerable": pytest.approx(1 / 3)}
     assert m["by_qtype"]["count"]["accuracy"] == 1.0 and m["by_qtype"]["query_attribute"]["accuracy"] == 0.0
     assert list(m["by_family"]) == ["39", "40", "89"] and m["by_family"]["39"]["total"] == 3
     cm = m["confusion"]
@@ -35,23 +41,46 @@ def test_accuracy_and_confusion_hand_checked():
     assert accuracy_by(["a"], ["a"], [10]) == {"10": {"accuracy": 1.0, "correct": 1, "total": 1}}
 
 
+def test_answerable_accuracy_hand_checked():
+    """Questions whose gold is outside the closed set count in accuracy but not in accuracy_answerable."""
+    golds = ["yes", "teal", "2", "teal"]
+    preds = ["yes", "blue", "3", "teal"]  # generate can still produce an answer outside the set
+    m = vqa_metrics(golds, preds, ["exist", "query", "count", "query"], [1, 2, 3, 2], ["yes", "no", "2", "3", "blue"])
+    assert m["accuracy"] == pytest.approx(2 / 4) and m["accuracy_answerable"] == pytest.approx(1 / 2)
+    assert (m["answerable"], m["unanswerable"], m["correct_answerable"]) == (2, 2, 1)
+    q = m["by_qtype"]["query"]
+    assert (q["total"], q["answerable"], q["accuracy"]) == (2, 0, 0.5) and math.isnan(q["accuracy_answerable"])
+    assert m["by_qtype"]["count"]["accuracy_answerable"] == 0.0
+
+
 def test_decode_answer_stops_at_first_special():
     assert decode_answer([ord("y"), ord("e"), ord("s"), vocab.EOS, ord("x")]) == "yes"
     assert decode_answer([ord(" "), ord("2"), vocab.PAD]) == "2"
     assert decode_answer([vocab.EOS]) == "" and decode_answer([0xFF]) == "\ufffd"
 
 
-class Oracle(torch.nn.Module):
+def items_of(task, ser, split, **kw):
+    """Evaluation items of ``split`` from the task's own samples (the run's ``data.source: task``)."""
+    return list(eval_items(DataConfig(), task, ser, split, **kw))
+
+
+class Oracle(StreamModel):
     """A fake byte model that 'knows' answers by question text: generate and score follow a lookup."""
 
     def __init__(self, answers: dict[str, str], serializer):
         super().__init__()
         self.w = torch.nn.Parameter(torch.zeros(1))
+        self.stream_meta = StreamMeta(vocab_size=vocab.VOCAB_SIZE)
         self.answers = answers
         self.ser = serializer
         self.generated_shapes = []
+        self.prompts = []
+        self.candidates = []
 
     def _answer(self, prompt_tokens) -> str:
+        t = prompt_tokens.tolist()
+        assert t[-1] == vocab.SOM_ANSWER and t.count(vocab.SOM_ANSWER) == 1  # the prompt stops after SOM_ANSWER
+        self.prompts.append(t)
         q = self.ser.decode(_stream(prompt_tokens))["question"]
         return self.answers.get(q, "no")
 
@@ -63,6 +92,7 @@ class Oracle(torch.nn.Module):
         return torch.tensor([r + [vocab.PAD] * (width - len(r)) for r in rows])[:, :max_new_bytes]
 
     def score(self, prefix, candidates):
+        self.candidates.append([list(c) for c in candidates])
         target = self.ser.answer_tokens(self._answer(prefix))
         return torch.tensor([0.0 if list(c) == target else -5.0 - len(c) for c in candidates])
 
@@ -72,31 +102,61 @@ def _stream(tokens):
 
     from omnibyte.stream import ByteStream
 
-    t = np.asarray(tokens.cpu() if hasattr(tokens, "cpu") else tokens, dtype=np.uint16)
+    t = np.asarray(tokens.cpu(), dtype=np.uint16)
     return ByteStream(t, np.zeros(len(t), np.float32), np.zeros(len(t), np.uint8))
 
 
-def test_generate_and_rank_paths_and_results_files(tmp_path):
+@pytest.mark.parametrize("order", [("image", "question", "answer"), ("question", "image", "question", "answer")])
+def test_generate_and_rank_paths_and_results_files(tmp_path, order):
     task = TASKS.build({"name": "clevr_vqa", "root": str(FIXTURE)})
-    ser = SERIALIZERS.build({"name": "qa", "image": {"name": "pixels", "size": [8, 6]}})
+    ser = SERIALIZERS.build({"name": "qa", "image": {"name": "pixels", "size": [8, 6]}, "order": list(order)})
     golds = {s["question"]: s["answer"] for s in task.samples("val")}
     # right on everything except the compare_attribute question, where it answers "yes" (gold "no")
     answers = dict(golds)
     answers["Is the cylinder made of the same material as the sphere?"] = "yes"
     model = Oracle(answers, ser)
-    res = task.evaluate(model, ser, "val", run_dir=tmp_path, progress=False, batch_size=3)
+    items = items_of(task, ser, "val")
+    res = task.evaluate(model, items, split="val", out_dir=tmp_path / "eval", progress=False, batch_size=3)
     assert res["modes"] == ["generate", "rank"] and res["num_samples"] == 4
     assert res["accuracy_generate"] == res["accuracy_rank"] == res["accuracy"] == pytest.approx(0.75)
+    assert res["accuracy_answerable_rank"] == pytest.approx(0.75) and res["num_unanswerable"] == 0
     assert res["by_qtype_rank"] == {"compare_attribute": 0.0, "count": 1.0, "exist": 1.0, "query_attribute": 1.0}
     assert all(b <= 3 for b, _ in model.generated_shapes)  # batched by prompt length
+    # the prompt is each stream up to and including SOM_ANSWER, whatever the order
+    assert sorted(map(tuple, model.prompts)) == sorted(
+        tuple(it.stream.tokens[: len(it.stream) - len(it.meta["answer"]) - 1].tolist()) for it in items
+        for _ in range(2))
+    assert model.candidates[0] == [[*a.encode(), vocab.EOS] for a in task.answer_vocab]
     saved = json.loads((tmp_path / "eval" / "vqa_val.json").read_text())
     assert saved["details"]["rank"]["by_family"]["28"]["accuracy"] == 0.0
+    assert saved["answers"] == list(CLEVR_ANSWERS)
     preds = [json.loads(line) for line in (tmp_path / "eval" / "vqa_val_predictions.jsonl").read_text().splitlines()]
     assert [p["pred_generate"] for p in preds] == ["2", "yes", "yes", "red"]
-    one = task.evaluate(model, ser, "val", mode="rank", max_samples=2, progress=False)
+    assert [p["id"] for p in preds] == [f"clevr/val/{i}" for i in range(4)]
+    assert [p["question_index"] for p in preds] == [0, 1, 2, 3]
+    one = task.evaluate(model, items[:2], split="val", mode="rank", progress=False)
     assert one["modes"] == ["rank"] and one["num_samples"] == 2 and one["accuracy"] == 1.0
-    with pytest.raises(ValueError, match="classifier|predict_answers"):
-        task.evaluate(model, ser, "val", mode="classify", progress=False)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        task.evaluate(model, items, split="val", mode="classify", progress=False)
+
+
+def test_items_are_checked(tmp_path):
+    """Gold answers come from the items: none (a test split) and repeated ids are refused, naming them."""
+    from omnibyte.data.items import EvalItem
+    from omnibyte.errors import DataError
+
+    task = TASKS.build({"name": "clevr_vqa", "root": str(FIXTURE)})
+    ser = SERIALIZERS.build({"name": "qa", "image": {"name": "pixels", "size": [8, 6]}})
+    model = Oracle({}, ser)
+    items = items_of(task, ser, "val")
+    with pytest.raises(DataError, match=r"items 0 and 2 have the same id 'clevr/val/0'"):
+        task.evaluate(model, [items[0], items[1], items[0]], split="val", progress=False)
+    test = [EvalItem({k: v for k, v in s.items() if k != "image"}, ser.prompt(s)) for s in task.samples("test")]
+    with pytest.raises(DataError, match="'clevr/test/0' has no answer"):
+        task.evaluate(model, test, split="test", progress=False)
+    text = SERIALIZERS.build({"name": "utf8"})({"id": "t", "text": "hello"})
+    with pytest.raises(DataError, match="'t'.*no SOM_ANSWER"):
+        task.evaluate(model, [EvalItem({"id": "t", "answer": "yes"}, text)], split="val", progress=False)
 
 
 def test_real_model_runs_both_modes():
@@ -107,5 +167,5 @@ def test_real_model_runs_both_modes():
     ser = SERIALIZERS.build({"name": "qa", "image": {"name": "png", "method": "reencode", "size": [8, 6]}})
     tiny = {"length": 4, "width": 16, "layers": 1, "block": {"name": "transformer", "heads": 2}}
     model = build_model({"name": "mblm", "stages": [{**tiny, "length": 64}, tiny]})
-    res = task.evaluate(model, ser, "val", max_samples=2, progress=False)
+    res = task.evaluate(model, items_of(task, ser, "val", max_samples=2), split="val", progress=False)
     assert 0.0 <= res["accuracy_rank"] <= 1.0 and res["num_samples"] == 2

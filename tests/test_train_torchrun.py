@@ -14,7 +14,7 @@ from omnibyte.cli import main
 from omnibyte.logging import read_metrics
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("fsdp2", marks=pytest.mark.slow)])
 def test_torchrun_two_cpu_processes(tmp_path, strategy):
     cfg = write_config(tmp_path, strategy, train={"steps": 4, "log_every": 2, "eval_every": 4, "ckpt_every": 2},
                        data={"batch_size": 4}, parallel={"strategy": strategy})
@@ -30,14 +30,57 @@ def test_torchrun_two_cpu_processes(tmp_path, strategy):
     records = read_metrics(run)
     assert [r["step"] for r in records if r["split"] == "train"] == [2, 4]
     assert any(r["split"] == "validation" for r in records)
-    state = read_state(latest_checkpoint(run / "checkpoints"))
+    ckpt = latest_checkpoint(run / "checkpoints")
+    state = read_state(ckpt)
     assert state["step"] == 4 and state["world"] == 2 and len(state["data"]) == 2
+    # sharded: every rank wrote its own shards (torch.distributed.checkpoint), nothing gathered on rank 0
+    assert (ckpt / "dcp" / ".metadata").is_file() and not (ckpt / "model.safetensors").exists()
+    assert state["format"] == "sharded" and len(list((ckpt / "dcp").glob("*.distcp"))) == 2
     assert state["config"]["train"]["precision"] == ("bf16" if strategy == "fsdp2" else "auto")
-    # the (unsharded) checkpoint of a multi-process run loads in one process
+    # the sharded checkpoint of a multi-process run loads in one CPU process
     assert main(["eval", str(run), "eval.per_token=false"]) == 0
     if strategy == "ddp":
         return
-    # resuming under torchrun (sharded weights and optimizer reloaded from the full checkpoint)
+    # resuming under torchrun (each rank reloads its shards of weights and optimizer state)
     res = subprocess.run(cmd[:-1] + ["train.steps=6", "--quiet"], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-4000:]
     assert [r["step"] for r in read_metrics(run) if r["split"] == "train"] == [2, 4, 6]
+
+
+def _torchrun(cfg, *extra, timeout=240):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "omnibyte", "train", str(cfg), "--quiet", *extra]
+    return cmd, env
+
+
+@pytest.mark.slow
+def test_fsdp2_killed_run_resumes_on_the_uninterrupted_curve(tmp_path):
+    """kill -9 of a 2-process FSDP2 run after a sharded checkpoint; the resumed run's losses equal an
+    uninterrupted run's, and the run's weights load in one CPU process."""
+    import signal
+    import time
+
+    def config(name):
+        return write_config(tmp_path, name, train={"steps": 8, "log_every": 1, "eval_every": 0, "ckpt_every": 2},
+                            data={"batch_size": 4}, parallel={"strategy": "fsdp2"})
+
+    cmd, env = _torchrun(config("whole"))
+    assert subprocess.run(cmd, env=env, capture_output=True, timeout=240).returncode == 0
+    cmd, env = _torchrun(config("killed"))
+    run = tmp_path / "runs" / "killed"
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 200
+    while not (run / "checkpoints" / "step_000004" / "state.json").is_file():
+        assert p.poll() is None and time.time() < deadline, "the run ended before its step-4 checkpoint"
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    whole = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "runs" / "whole") if r["split"] == "train"}
+    resumed = {r["step"]: r["loss"] for r in read_metrics(run) if r["split"] == "train"}
+    assert sorted(resumed) == list(range(1, 9))
+    for k in whole:
+        assert resumed[k] == pytest.approx(whole[k], rel=1e-5, abs=1e-6), k
+    assert main(["eval", str(run), "eval.per_token=false", "--quiet"]) == 0

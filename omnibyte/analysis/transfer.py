@@ -99,7 +99,8 @@ def transfer_table(runs: Iterable[Run], *, key: str = "loss", split: str = "val"
 def vqa_accuracy(run: Run, split: str | None = None, mode: str | None = None) -> dict[str, Any] | None:
     """``{"split", "mode", "accuracy", "by_qtype": {qtype: accuracy}, "num_samples"}`` from the run's VQA
     results (``eval/vqa_<split>.json``, or the ``task`` part of ``eval/<split>_<step>.json``, latest step);
-    ``mode`` picks generate/rank/classify (default: the file's main mode). None when there are none."""
+    ``mode`` picks generate/rank (``classify`` in files written before the CNN+LSTM ranked through ``score``;
+    default: the file's main mode). None when there are none."""
     cands: list[tuple[int, dict]] = []
     for stem, d in run.evals.items():
         res = None

@@ -1,4 +1,4 @@
-"""omnibyte eval <run-dir> [split] [key=value ...]"""
+"""omnibyte eval <run-dir> [split] [key=value ...] [--checkpoint best|latest|STEP]"""
 
 from __future__ import annotations
 
@@ -6,47 +6,43 @@ HELP = "score a trained run: bits per byte (overall, per modality), per-token lo
 
 
 def add_arguments(p) -> None:
+    from ._plugins import add_plugin_arguments
+
     p.add_argument("run_dir")
-    p.add_argument("split", nargs="?", default=None, help="default: the run's eval.split")
-    p.add_argument("overrides", nargs="*", help="e.g. eval.max_samples=0 eval.checkpoint=best")
-    p.add_argument("--device", default="auto")
+    p.add_argument("split", nargs="?", default=None,
+                   help="default: the run's eval.split (a validation split); name `test` to report the test split")
+    p.add_argument("overrides", nargs="*", help="evaluation settings, e.g. eval.max_samples=0 task.root=/data/CLEVR")
+    p.add_argument("--checkpoint", default=None, metavar="best|latest|STEP",
+                   help="default: the best checkpoint by the run's validation metric, else the latest")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    add_plugin_arguments(p)
+    p.add_argument("--quiet", action="store_true", help="print only the results file")
 
 
 def run(args) -> int:
     import json
     import logging
-    from pathlib import Path
 
-    from omnibyte.data import eval_batches
-    from omnibyte.evaluate import BatchLoss, evaluate_bpb, load_trained, use_bf16_for, write_per_token
     from omnibyte.logging import setup_console_logging
+    from omnibyte.run import evaluate_run, load_run
 
-    setup_console_logging(logging.INFO)
+    from ._plugins import import_chosen_plugins
+
+    import_chosen_plugins(args)
+
+    setup_console_logging(logging.WARNING if args.quiet else logging.INFO)
     overrides = list(args.overrides)
     split = args.split
     if split is not None and "=" in split:  # `omnibyte eval run a.b=c`: no split given
         overrides.insert(0, split)
         split = None
-    cfg, task, serializer, model, ckpt, step = load_trained(args.run_dir, overrides, device=args.device)
-    split = split or cfg.eval.split
-    device = next(model.parameters()).device
-    bf16 = use_bf16_for(cfg, device)
-    batches = eval_batches(cfg.data, task, serializer, split, max_samples=cfg.eval.max_samples,
-                           batch_size=cfg.eval.batch_size, pad_multiple=getattr(model.stream_meta, "patch_product", 1)
-                           if hasattr(model, "stream_meta") else 1)
-    results = {"run": str(args.run_dir), "checkpoint": str(ckpt), "step": step, "split": split,
-               **evaluate_bpb(BatchLoss(model), batches, device, bf16=bf16)}
-    out_dir = Path(args.run_dir) / "eval"
-    out_dir.mkdir(exist_ok=True)
-    if cfg.eval.per_token and not hasattr(model, "compute_batch_loss"):
-        h5 = write_per_token(out_dir / f"{split}_{step}.h5", model, batches, device, split=split, step=step, bf16=bf16)
-        results["per_token"] = str(h5)
-    if cfg.eval.task_metrics:
-        extra = task.evaluate(model, serializer, split, Path(args.run_dir), max_samples=cfg.eval.max_samples,
-                              device=device, step=step)
-        if extra:
-            results["task"] = extra
-    path = out_dir / f"{split}_{step}.json"
-    path.write_text(json.dumps(results, indent=1, default=str))
-    print(json.dumps(results, indent=1, default=str))
+    loaded = load_run(args.run_dir, args.checkpoint, device=args.device, overrides=overrides,
+                      trust_plugins=args.trust_plugins)
+    logging.getLogger("omnibyte.eval").info("evaluating %s checkpoint %s (step %d) on %s", loaded.which,
+                                            loaded.checkpoint, loaded.step, split or loaded.config.eval.split)
+    results = evaluate_run(loaded, split, progress=not args.quiet)
+    if args.quiet:
+        print(results["results_file"])
+    else:
+        print(json.dumps(results, indent=1, default=str))
     return 0

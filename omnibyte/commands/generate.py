@@ -6,6 +6,8 @@ HELP = "sample bytes from a trained run's model after a prompt"
 
 
 def add_arguments(p) -> None:
+    from ._plugins import add_plugin_arguments
+
     p.add_argument("run_dir")
     p.add_argument("--prompt", default="", help="prompt text (UTF-8)")
     p.add_argument("--prompt-file", default=None, help="read the prompt's bytes from this file instead")
@@ -17,7 +19,9 @@ def add_arguments(p) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num", type=int, default=1, help="samples to draw")
-    p.add_argument("--checkpoint", choices=["latest", "best"], default=None, help="default: the run's eval.checkpoint")
+    p.add_argument("--checkpoint", default=None, metavar="best|latest|STEP",
+                   help="default: the best checkpoint by the run's validation metric, else the latest")
+    add_plugin_arguments(p)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-graphs", action="store_true",
                    help="CUDA: step byte by byte eagerly (default: the CUDA-graph step with Triton decode kernels)")
@@ -48,11 +52,14 @@ def run(args) -> int:
     import torch
 
     from omnibyte import vocab
-    from omnibyte.evaluate import load_trained
+    from omnibyte.run import load_run
 
-    _, _, serializer, model, _, _ = load_trained(args.run_dir, (), args.checkpoint, args.device)
-    if not hasattr(model, "generate"):
-        raise SystemExit(f"omnibyte generate: {type(model).__name__} does not generate bytes")
+    from ._plugins import import_chosen_plugins
+
+    import_chosen_plugins(args)
+
+    loaded = load_run(args.run_dir, args.checkpoint, device=args.device, trust_plugins=args.trust_plugins)
+    serializer, model = loaded.serializer, loaded.model
     data = Path(args.prompt_file).read_bytes() if args.prompt_file else None
     prompt = prompt_tokens(serializer, args.prompt, data, args.raw) or [vocab.BOS]
     device = next(model.parameters()).device

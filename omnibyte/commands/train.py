@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ._plugins import add_plugin_arguments, import_chosen_plugins
+
 HELP = "train (or resume) a run from a YAML config; torchrun --nproc-per-node N -m omnibyte train ... for DDP/FSDP2"
 
 
@@ -9,6 +11,7 @@ def add_arguments(p) -> None:
     p.add_argument("config", help="a YAML path, a name in configs/ (e.g. debug_tiny), or a run directory")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-3 model.stages.0.layers=4")
     p.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+    add_plugin_arguments(p)
 
 
 def run(args) -> int:
@@ -21,7 +24,8 @@ def run(args) -> int:
 
     setup_console_logging(logging.WARNING if args.quiet else logging.INFO)
     overrides = list(args.overrides) + (["train.progress=false"] if args.quiet else [])
-    cfg = load_run_config(args.config, overrides)
+    import_chosen_plugins(args)
+    cfg = load_run_config(args.config, overrides, trust_plugins=args.trust_plugins)
     try:
         run_dir = train(cfg)
     except TrainingError as e:

@@ -7,10 +7,13 @@ One file per split. The streams are concatenated into flat datasets and addresse
     /modality   uint8[N]
     /offsets    int64[n+1]   stream i is [offsets[i], offsets[i+1])
     /ids        str[n]       sample ids
-    attrs: contract_version, serializer (the serializer config as JSON), serializer_name, split,
-           num_streams, format, plus any ``extra`` given (e.g. the task config)
+    /meta       str[n]       each sample's non-bytes fields as JSON (id, question, answer, qtype, family, ...)
+    attrs: format, contract_version, task (JSON), serializer (JSON), serializer_sha256, serializer_name,
+           answers (JSON: sorted distinct answers, or null), split, num_streams, plus any ``extra`` given
+           (e.g. task_skipped, bad_samples); see :mod:`.provenance`
 
-A store written under another token contract is refused on open (:func:`omnibyte.vocab.check_contract`).
+A store written under another token contract is refused on open (:func:`omnibyte.vocab.check_contract`);
+:meth:`H5Streams.check` refuses one made for another task or with another serializer config.
 ``H5Streams`` opens the file lazily and again after a fork, so it is safe in DataLoader workers.
 """
 
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -26,20 +29,26 @@ import numpy as np
 
 from omnibyte.errors import DataError
 from omnibyte.stream import ByteStream
-from omnibyte.vocab import CONTRACT_VERSION, check_contract
+from omnibyte.vocab import check_contract
 
-FORMAT = 1
+from .provenance import AnswerSet, check_store, store_record
+
+FORMAT = 2
 _CHUNK = 1 << 16
 
 
-def write_streams(streams: Iterable[ByteStream], path: str | os.PathLike, *, serializer_config: Any = None,
-                  serializer_name: str = "", split: str = "", total: int | None = None, progress: bool = True,
-                  compression: str | None = None, extra: dict[str, Any] | None = None) -> Path:
-    """Write streams to ``path`` (via a temporary file renamed at the end); returns the path."""
+def write_streams(records: Iterable[ByteStream | tuple[ByteStream, dict[str, Any]]], path: str | os.PathLike, *,
+                  serializer_config: Any = None, task_config: Any = None, serializer_name: str = "",
+                  split: str = "", total: int | None = None, progress: bool = True, compression: str | None = None,
+                  extra: dict[str, Any] | Callable[[], dict[str, Any]] | None = None) -> Path:
+    """Write streams to ``path`` (via a temporary file renamed at the end); returns the path.
+
+    ``records`` are streams or ``(stream, meta)`` pairs, ``meta`` being the sample's non-bytes fields
+    (:func:`.items.sample_meta`; default ``{"id": stream.id}``). ``extra``: more attributes, or a function
+    called once the records are exhausted (e.g. for skip counts).
+    """
     import h5py
     from tqdm.auto import tqdm
-
-    from omnibyte.config import to_dict
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -49,6 +58,8 @@ def write_streams(streams: Iterable[ByteStream], path: str | os.PathLike, *, ser
         kw["compression"] = compression
     offsets = [0]
     ids: list[str] = []
+    metas: list[str] = []
+    answers = AnswerSet()
     try:
         with h5py.File(tmp, "w") as f:
             tok = f.create_dataset("tokens", shape=(0,), dtype=np.uint16, **kw)
@@ -67,9 +78,15 @@ def write_streams(streams: Iterable[ByteStream], path: str | os.PathLike, *, ser
                 buf.clear()
 
             pending = 0
-            for s in tqdm(streams, total=total, desc=f"h5 {split or path.stem}", unit="stream",
-                          disable=not progress):
+            for rec in tqdm(records, total=total, desc=f"h5 {split or path.stem}", unit="stream",
+                            disable=not progress):
+                s, meta = rec if isinstance(rec, tuple) else (rec, {"id": rec.id})
                 s.validate()
+                answers.add(meta)
+                try:
+                    metas.append(json.dumps(meta, ensure_ascii=False, sort_keys=True))
+                except TypeError as e:
+                    raise DataError(f"sample {s.id!r}: its metadata cannot be stored as JSON: {e}") from None
                 buf.append(s)
                 ids.append(s.id)
                 offsets.append(offsets[-1] + len(s))
@@ -80,14 +97,18 @@ def write_streams(streams: Iterable[ByteStream], path: str | os.PathLike, *, ser
             flush()
             f.create_dataset("offsets", data=np.asarray(offsets, dtype=np.int64))
             f.create_dataset("ids", data=np.asarray(ids, dtype=object), dtype=h5py.string_dtype())
-            cfg = to_dict(serializer_config) if serializer_config is not None else None
+            f.create_dataset("meta", data=np.asarray(metas, dtype=object), dtype=h5py.string_dtype())
+            record = store_record(task_config, serializer_config)
             f.attrs["format"] = FORMAT
-            f.attrs["contract_version"] = CONTRACT_VERSION
-            f.attrs["serializer"] = json.dumps(cfg, sort_keys=True)
-            f.attrs["serializer_name"] = serializer_name or (cfg or {}).get("name", "")
+            f.attrs["contract_version"] = record["contract_version"]
+            for k in ("task", "serializer"):
+                f.attrs[k] = json.dumps(record[k], sort_keys=True)
+            f.attrs["serializer_sha256"] = record["serializer_sha256"] or ""
+            f.attrs["serializer_name"] = serializer_name or (record["serializer"] or {}).get("name", "")
+            f.attrs["answers"] = json.dumps(answers.result())
             f.attrs["split"] = split
             f.attrs["num_streams"] = len(ids)
-            for k, v in (extra or {}).items():
+            for k, v in (extra() if callable(extra) else (extra or {})).items():
                 f.attrs[k] = v if isinstance(v, (int, float, str)) else json.dumps(v, sort_keys=True)
         os.replace(tmp, path)
     finally:
@@ -113,6 +134,9 @@ class H5Streams:
             check_contract(int(f.attrs.get("contract_version", -1)), where=str(self.path))
         except ValueError as e:
             raise DataError(str(e)) from None
+        if int(f.attrs.get("format", 1)) != FORMAT or "meta" not in f:
+            raise DataError(f"{self.path}: h5 store format {int(f.attrs.get('format', 1))}, this omnibyte reads "
+                            f"format {FORMAT} (re-run `omnibyte prepare <config> --h5`)")
         self.offsets = f["offsets"][:]
         self.attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
 
@@ -132,9 +156,39 @@ class H5Streams:
     def __len__(self) -> int:
         return int(self.offsets.shape[0] - 1)
 
+    def _json(self, key: str) -> Any:
+        return json.loads(self.attrs.get(key, "null"))
+
     @property
     def serializer_config(self) -> dict[str, Any] | None:
-        return json.loads(self.attrs.get("serializer", "null"))
+        return self._json("serializer")
+
+    @property
+    def record(self) -> dict[str, Any]:
+        """The provenance fields (:mod:`.provenance`) as plain data."""
+        return {"contract_version": int(self.attrs["contract_version"]), "task": self._json("task"),
+                "serializer": self.serializer_config, "serializer_sha256": self.attrs.get("serializer_sha256") or None,
+                "answers": self._json("answers")}
+
+    def check(self, task_name: str, serializer_config: Any, where: str = "") -> H5Streams:
+        """Refuse a store made for another task or with another serializer config."""
+        check_store(self.record, where or str(self.path), task_name=task_name, serializer_config=serializer_config,
+                    streams=True)
+        return self
+
+    @property
+    def answers(self) -> tuple[str, ...] | None:
+        a = self._json("answers")
+        return tuple(a) if a is not None else None
+
+    def lengths(self, n: int | None = None) -> np.ndarray:
+        """The lengths of the first ``n`` streams (all by default), without reading them."""
+        return np.diff(self.offsets[: (len(self) if n is None else min(n, len(self))) + 1])
+
+    def meta(self, i: int) -> dict[str, Any]:
+        """Stream ``i``'s sample metadata (its non-bytes fields)."""
+        v = self._h5()["meta"][i]
+        return json.loads(v.decode() if isinstance(v, bytes) else v)
 
     @property
     def split(self) -> str:

@@ -11,7 +11,9 @@ accuracy, word perplexity) score the data the run trained on, never a default se
 
 A split the source does not hold is a :class:`~omnibyte.errors.DataError` naming the option that adds it.
 Bad samples follow the task's ``on_bad_sample`` policy: ``fail`` raises naming the sample, ``skip`` counts it
-in ``stats["bad_samples"]`` and goes on.
+in ``stats["bad_samples"]`` and goes on; samples the task itself skips are counted in ``stats["task_skipped"]``.
+Stores are checked as for training: an h5 store made with another serializer config, or shards of another
+task, are refused.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..stream import ByteStream
+from .sources import sample_meta  # noqa: F401  (re-exported)
 
 
 @dataclass(frozen=True)
@@ -34,39 +37,14 @@ class EvalItem:
         return str(self.meta.get("id", self.stream.id))
 
 
-def sample_meta(sample: dict[str, Any]) -> dict[str, Any]:
-    """The fields of a raw sample that are not bytes (what an h5 store keeps beside each stream)."""
-    return {k: v for k, v in sample.items() if not isinstance(v, (bytes, bytearray, memoryview))}
-
-
 def eval_items(data_cfg, task, serializer, split: str, *, max_samples: int = 0,
                stats: dict | None = None) -> Iterator[EvalItem]:
-    """The first ``max_samples`` (0: all) items of ``split`` from ``data_cfg.source`` (module docstring)."""
-    from itertools import islice
+    """The first ``max_samples`` (0: all) items of ``split`` from ``data_cfg.source`` (module docstring).
 
-    from .loader import serialize, source_samples
+    ``stats`` (if given) receives the counters: ``bad_samples`` (serializer), ``task_skipped`` (task).
+    """
+    from .loader import eval_streams
 
-    stats = {} if stats is None else stats
-    if data_cfg.source == "h5":
-        from .loader import _h5
-
-        store = _h5(data_cfg.path, split, training=False)
-        n = len(store) if not max_samples else min(max_samples, len(store))
-        for i in range(n):
-            stream = store[i]
-            yield EvalItem(store.meta(i) if hasattr(store, "meta") else {"id": stream.id}, stream)
-        return
-    samples = source_samples(data_cfg, task, split)
-    if max_samples:
-        samples = islice(samples, max_samples)
-    policy = getattr(task.config, "on_bad_sample", "fail")
-    held: dict[str, Any] = {}
-
-    def remember(it):
-        for s in it:
-            held["last"] = s
-            yield s
-
-    for stream in serialize(remember(samples), serializer, policy, stats):
-        s = held["last"]
-        yield EvalItem(sample_meta(s), stream, {"sample": s})
+    for stream, meta, sample in eval_streams(data_cfg, task, serializer, split, max_samples=max_samples,
+                                             stats=stats, with_samples=True):
+        yield EvalItem(meta, stream, {"sample": sample} if sample is not None else {})

@@ -1,215 +1,210 @@
-"""Webdataset shards of raw samples: write, list, read.
+"""Reading prepared shards (written by :mod:`.shard_writer`) through webdataset's own pipeline.
 
-A prepared split is a folder of POSIX tar files in the webdataset convention (the files of one sample
-share a key and sit next to each other), plus an index written last (a split is complete iff it has one)::
+``data.path`` (``data.source: shards``) names a shard set in one of two forms:
 
-    <dir>/<split>-000000.tar, <split>-000001.tar, ...
-    <dir>/<split>.shards.json   {"format": 1, "split", "num_samples", "shards": [{"name", "samples", "bytes"}],
-                                 "task": {...}}
+* **a location**: a local folder, or a URL prefix webdataset's ``gopen`` opens (``http(s)://host/dir``,
+  ``file:///dir``, ...). The split's index is ``<path>/<split>.shards.json``; its shards are ``<path>/<name>``
+  for each name the index lists, in the index's order.
+* **a shard spec with ``{split}``**: after ``{split}`` is replaced, anything webdataset accepts for a list of
+  tar files: brace lists (``/data/clevr/{split}-{000000..000009}.tar``), local globs (``/data/clevr/{split}-*.tar``),
+  URLs, ``pipe:`` commands (``pipe:aws s3 cp s3://bucket/clevr/{split}-{000000..000009}.tar -``). The index
+  is read from the first shard's URL or command with the shard's file name replaced by ``<split>.shards.json``.
+  A spec may name a subset of the split's shards; each one must be listed in the index.
 
-Inside a shard, sample ``k`` (a running index over the split, ``%09d``) is stored as
-
-* ``k.json``       every field that is not ``bytes`` and not a long string (id, question, answer, family, ...);
-* ``k.<f>.<ext>``  each ``bytes`` field ``f``, byte for byte (images stay undecoded file bytes;
-                   ``ext`` is ``png``/``jpg``/``bin`` from the file's signature, for tools that look);
-* ``k.<f>.txt``    each string field longer than 4 KiB (book texts), UTF-8.
-
-so ``webdataset.WebDataset(urls)`` reads them too (keys ``json``, ``image.png``, ``text.txt``). Writing is
-deterministic (sorted members, mtime 0, no owner names): the same samples give byte-identical shards.
-Each tar is written to a temporary name and renamed when complete.
+The index is opened with ``webdataset.gopen``; each shard is read by a ``webdataset.DataPipeline`` of
+``SimpleShardList([url])`` and ``tarfile_to_samples()``, and a shard read to its end must hold exactly the
+samples its index entry counts (a truncated or replaced shard is an error naming it). The split of shards
+over ranks and workers is the loader's (:mod:`.loader`), by *logical* worker id, so webdataset's
+``split_by_node``/``split_by_worker`` (which use the physical worker id) and ``ResampledShards`` (which
+resamples with replacement) are not used: the stream must be exactly resumable. For that, :meth:`ShardSet.read`
+seeks to any sample of a list of shards using the index's per-shard counts (whole shards are skipped
+unopened).
 """
 
 from __future__ import annotations
 
-import io
+import glob
 import json
 import os
-import tarfile
-from collections.abc import Iterable, Iterator, Sequence
+import re
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from omnibyte.errors import DataError
+from ..errors import DataError
+from .provenance import check_store
+from .shard_writer import FORMAT, index_name, write_shards  # noqa: F401  (write_shards re-exported)
 
-FORMAT = 1
-LONG_TEXT = 4096
-
-
-def index_path(directory: str | os.PathLike, split: str) -> Path:
-    return Path(directory) / f"{split}.shards.json"
+_TAR = re.compile(r"[^/\s'\"=:]+\.tar\b")
 
 
-def _ext(data: bytes) -> str:
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return "png"
-    if data[:3] == b"\xff\xd8\xff":
-        return "jpg"
-    return "bin"
+def _is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
 
 
-def encode_sample(sample: dict[str, Any], key: str) -> list[tuple[str, bytes]]:
-    """The (member name, payload) pairs of one sample, in a fixed order."""
-    meta: dict[str, Any] = {}
-    files: list[tuple[str, bytes]] = []
-    for field, value in sample.items():
-        if "." in field or "/" in field:
-            raise DataError(f"sample {sample.get('id', key)!r}: field name {field!r} cannot contain '.' or '/'")
-        if isinstance(value, (bytes, bytearray, memoryview)):
-            value = bytes(value)
-            files.append((f"{key}.{field}.{_ext(value)}", value))
-        elif isinstance(value, str) and len(value) > LONG_TEXT:
-            files.append((f"{key}.{field}.txt", value.encode("utf-8")))
-        else:
-            meta[field] = value
-    try:
-        payload = json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")
-    except TypeError as e:
-        raise DataError(f"sample {sample.get('id', key)!r}: a field cannot be stored as JSON: {e}") from None
-    return [(f"{key}.json", payload)] + sorted(files)
+def _join(location: str, name: str) -> str:
+    return os.path.join(location, name) if _is_local(location) else location.rstrip("/") + "/" + name
 
 
-def decode_sample(members: dict[str, bytes]) -> dict[str, Any]:
-    """Inverse of :func:`encode_sample` for one key's members (names without the key)."""
+def _reason(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e.args[0]) if e.args else type(e).__name__
+
+
+def _tar_name(url: str, path: str) -> re.Match:
+    found = list(_TAR.finditer(url))
+    if not found:
+        raise DataError(f"data.path={path}: {url!r} names no .tar file")
+    return found[-1]
+
+
+def decode_sample(members: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`.shard_writer.encode_sample` for one webdataset sample (``json``, ``<f>.<ext>``)."""
     sample: dict[str, Any] = {}
     if "json" in members:
         sample.update(json.loads(members["json"].decode("utf-8")))
     for name, payload in members.items():
-        if name == "json":
+        if name == "json" or name.startswith("__"):
             continue
         field, _, ext = name.partition(".")
         sample[field] = payload.decode("utf-8") if ext == "txt" else payload
     return sample
 
 
-def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(payload)
-    info.mtime = 0
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(payload))
+class ShardSet:
+    """The shards of one prepared split (module docstring): ``urls``, per-shard ``counts``, the ``index``."""
 
+    def __init__(self, path: str | os.PathLike, split: str):
+        self.path, self.split = str(path), split
+        if "{split}" in self.path:
+            urls = self._expand(self.path.replace("{split}", split))
+            first = _tar_name(urls[0], self.path)
+            self.index_url = urls[0][: first.start()] + index_name(split) + urls[0][first.end():]
+            names = [_tar_name(u, self.path).group() for u in urls]
+        else:
+            if self.path.startswith("pipe:"):
+                raise DataError(f"data.path={self.path}: a pipe: command must be a shard spec with {{split}}, "
+                                f"e.g. pipe:curl -s https://host/dir/{{split}}-{{000000..000009}}.tar")
+            self.index_url = _join(self.path, index_name(split))
+            urls, names = [], None
+        self.index = self._read_index()
+        listed = {s["name"]: int(s["samples"]) for s in self.index["shards"]}
+        if names is None:
+            names = list(listed)
+            urls = [_join(self.path, n) for n in names]
+        for n in names:
+            if n not in listed:
+                raise DataError(f"data.path={self.path}: shard {n} is not listed in {self.index_url}")
+        if len(set(names)) != len(names):
+            raise DataError(f"data.path={self.path}: a shard is named twice")
+        self.urls, self.names = urls, names
+        self.counts = [listed[n] for n in names]
+        for u in urls:
+            if _is_local(u) and not Path(u).is_file():
+                raise DataError(f"{u}: shard listed in {index_name(split)} is missing")
 
-def write_shards(samples: Iterable[dict[str, Any]], directory: str | os.PathLike, split: str, *,
-                 max_count: int = 10_000, max_bytes: int = 256 << 20, total: int | None = None,
-                 progress: bool = True, extra: dict[str, Any] | None = None) -> Path:
-    """Write ``samples`` as shards of ``split`` into ``directory``; returns the index file's path.
+    def _expand(self, spec: str) -> list[str]:
+        from webdataset.shardlists import expand_urls
 
-    A shard is closed after ``max_count`` samples or ``max_bytes`` of payload. ``extra`` (e.g. the task
-    config) is recorded in the index. Old shards of the split are replaced.
-    """
-    from tqdm.auto import tqdm
+        urls: list[str] = []
+        for u in expand_urls(spec):
+            if _is_local(u) and any(c in u for c in "*?["):
+                found = sorted(glob.glob(u))
+                if not found:
+                    raise DataError(f"data.path={self.path}: no file matches {u}")
+                urls += found
+            else:
+                urls.append(u)
+        return urls
 
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    idx = index_path(out, split)
-    if idx.exists():
-        idx.unlink()  # the split is incomplete until the new index lands
-    for old in out.glob(f"{split}-*.tar"):
-        old.unlink()
-    shards: list[dict[str, Any]] = []
-    tar: tarfile.TarFile | None = None
-    tmp: Path | None = None
-    count = size = n = 0
+    def _read_index(self) -> dict[str, Any]:
+        url = self.index_url
+        if _is_local(url) and not Path(url).is_file():
+            folder = Path(url).parent
+            have = sorted(p.name[: -len(".shards.json")] for p in folder.glob("*.shards.json"))
+            hint = f" (prepared splits: {', '.join(have)})" if have else ""
+            raise DataError(f"{folder}: no prepared split {self.split!r}: {Path(url).name} is missing{hint}; "
+                            f"prepare it with `omnibyte prepare <config> --splits {self.split}`")
+        from webdataset import gopen
 
-    def close() -> None:
-        nonlocal tar, tmp
-        if tar is None:
-            return
-        tar.close()
-        final = out / f"{split}-{len(shards):06d}.tar"
-        os.replace(tmp, final)
-        shards.append({"name": final.name, "samples": count, "bytes": final.stat().st_size})
-        tar = tmp = None
+        try:
+            with gopen(url) as f:
+                raw = f.read()
+        except Exception as e:  # gopen's own errors (curl exit status, missing files, ...)
+            raise DataError(f"{url}: cannot read the shard index ({_reason(e)}); prepare the split with "
+                            f"`omnibyte prepare <config> --splits {self.split}`") from None
+        try:
+            index = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DataError(f"{url}: malformed shard index: {e}") from None
+        if not isinstance(index, dict) or index.get("format") != FORMAT:
+            got = index.get("format") if isinstance(index, dict) else None
+            raise DataError(f"{url}: shard format {got!r}, this omnibyte reads format {FORMAT} "
+                            f"(re-run `omnibyte prepare <config>`)")
+        return index
 
-    bar = tqdm(total=total, desc=f"shards {split}", unit="sample", disable=not progress)
-    try:
-        for sample in samples:
-            members = encode_sample(sample, f"{n:09d}")
-            payload = sum(len(p) for _, p in members)
-            if tar is not None and (count >= max_count or (count and size + payload > max_bytes)):
-                close()
-            if tar is None:
-                tmp = out / f".{split}-{len(shards):06d}.tar.tmp"
-                tar = tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT)
-                count = size = 0
-            for name, data in members:
-                _add(tar, name, data)
-            count += 1
-            size += payload
+    @property
+    def where(self) -> str:
+        return f"data.path={self.path} (split {self.split!r})"
+
+    def check(self, task_name: str) -> ShardSet:
+        """Refuse shards of another task or token contract (:func:`.provenance.check_store`)."""
+        check_store(self.index, self.where, task_name=task_name)
+        return self
+
+    @property
+    def answers(self) -> tuple[str, ...] | None:
+        a = self.index.get("answers")
+        return tuple(a) if a is not None else None
+
+    def __len__(self) -> int:
+        return sum(self.counts)
+
+    def _one(self, i: int, skip: int) -> Iterator[dict[str, Any]]:
+        import webdataset as wds
+
+        url = self.urls[i]
+        it = iter(wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples()))
+        n = 0
+        while True:
+            try:
+                s = next(it)
+            except StopIteration:
+                break
+            except Exception as e:  # webdataset re-raises gopen / tar errors with the url appended
+                raise DataError(f"{url}: unreadable shard: {_reason(e)}") from None
+            if n >= skip:
+                yield decode_sample(s)
             n += 1
-            bar.update(1)
-        close()
-    finally:
-        bar.close()
-        if tar is not None:
-            tar.close()
-            if tmp is not None and tmp.exists():
-                tmp.unlink()
-    index = {"format": FORMAT, "split": split, "num_samples": n, "shards": shards, **(extra or {})}
-    tmp_idx = idx.with_suffix(".json.tmp")
-    tmp_idx.write_text(json.dumps(index, indent=1, sort_keys=False) + "\n")
-    os.replace(tmp_idx, idx)
-    return idx
+        if n != self.counts[i]:
+            raise DataError(f"{url}: {n} samples, its index entry says {self.counts[i]} (a truncated or replaced "
+                            f"shard? re-run `omnibyte prepare <config>`)")
+
+    def read(self, shards: Sequence[int] | None = None, start: int = 0) -> Iterator[dict[str, Any]]:
+        """The samples of ``shards`` (indexes into :attr:`urls`; default all, in order) one after the other,
+        from sample ``start`` of that sequence on (whole shards before it are not opened)."""
+        for i in range(len(self.urls)) if shards is None else shards:
+            if start >= self.counts[i]:
+                start -= self.counts[i]
+                continue
+            yield from self._one(i, start)
+            start = 0
 
 
-def read_index(directory: str | os.PathLike, split: str) -> dict[str, Any]:
-    idx = index_path(directory, split)
-    if not idx.is_file():
-        have = sorted(p.name[: -len(".shards.json")] for p in Path(directory).glob("*.shards.json"))
-        hint = f" (prepared splits: {', '.join(have)})" if have else " (run `omnibyte prepare <config>` first)"
-        raise DataError(f"{directory}: no prepared split {split!r}: {idx.name} is missing{hint}")
-    try:
-        index = json.loads(idx.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{idx}: malformed JSON: {e}") from None
-    if index.get("format") != FORMAT:
-        raise DataError(f"{idx}: shard format {index.get('format')!r}, this omnibyte reads format {FORMAT}")
-    return index
+def read_index(path: str | os.PathLike, split: str) -> dict[str, Any]:
+    return ShardSet(path, split).index
 
 
-def list_shards(directory: str | os.PathLike, split: str) -> list[Path]:
-    """The shard files of ``split`` in order (from the index, which marks the split complete)."""
-    index = read_index(directory, split)
-    paths = [Path(directory) / s["name"] for s in index["shards"]]
-    for p in paths:
-        if not p.is_file():
-            raise DataError(f"{p}: shard listed in {index_path(directory, split).name} is missing")
-    return paths
+def list_shards(path: str | os.PathLike, split: str) -> list[str]:
+    """The shard URLs (local paths) of ``split`` in order."""
+    return ShardSet(path, split).urls
 
 
-def num_samples(directory: str | os.PathLike, split: str) -> int:
-    return int(read_index(directory, split)["num_samples"])
+def num_samples(path: str | os.PathLike, split: str) -> int:
+    return len(ShardSet(path, split))
 
 
-def iter_shard(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
-    """The samples of one shard, in order (streamed; members of one key are adjacent)."""
-    key: str | None = None
-    members: dict[str, bytes] = {}
-    try:
-        with tarfile.open(path, "r|") as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                base = os.path.basename(info.name)
-                k, _, rest = base.partition(".")
-                f = tar.extractfile(info)
-                data = f.read() if f is not None else b""
-                if k != key and key is not None:
-                    yield decode_sample(members)
-                    members = {}
-                key = k
-                members[rest] = data
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise DataError(f"{path}: unreadable shard: {e}") from None
-    if key is not None:
-        yield decode_sample(members)
-
-
-def shard_samples(directory: str | os.PathLike, split: str,
-                  shards: Sequence[str | os.PathLike] | None = None) -> Iterator[dict[str, Any]]:
-    """Every sample of a prepared split in order; ``shards`` restricts it to some shard files
-    (e.g. a rank's or worker's share of :func:`list_shards`)."""
-    for path in (list_shards(directory, split) if shards is None else shards):
-        yield from iter_shard(path)
+def shard_samples(path: str | os.PathLike, split: str) -> Iterator[dict[str, Any]]:
+    """Every sample of a prepared split, in order."""
+    yield from ShardSet(path, split).read()

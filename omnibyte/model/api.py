@@ -9,7 +9,8 @@ use only these members, never ``hasattr`` probes:
   Byte LMs inherit the default, masked next-byte cross-entropy of :meth:`nll`; a classifier overrides it.
 * ``nll(tokens) -> (B, L)`` fp32 nats of ``-log p(tokens[t] | tokens[<t])``: byte LMs only.
 * ``score(prefix, candidates) -> (K,)`` log-likelihood (nats) of each candidate continuation of one prefix
-  (closed-set ranking, e.g. VQA answers).
+  (closed-set ranking, e.g. VQA answers); ``score_batch(prefixes, candidates) -> (B, K)`` the same for many
+  prefixes at once (default: a loop over ``score``; fast paths must equal it).
 * ``generate(prompt, max_new_bytes, ...) -> (B, <= max_new_bytes)`` new tokens.
 
 ``forward`` is the model's own business (an MBLM returns logits); the engine calls ``batch_loss`` through
@@ -56,6 +57,13 @@ class StreamModel(nn.Module):
     def score(self, prefix, candidates: Sequence[Sequence[int]]) -> torch.Tensor:
         """Log-likelihood (nats) of each candidate continuation (token lists) of ``prefix`` (1-D tokens)."""
         raise NotImplementedError(f"{type(self).__name__} does not implement score()")
+
+    def score_batch(self, prefixes, candidates: Sequence[Sequence[int]]) -> torch.Tensor:
+        """(B, K) log-likelihoods of every candidate after each of ``prefixes`` (1-D token tensors of any
+        lengths): row b = ``score(prefixes[b], candidates)``. Models override it with a batched path that must
+        equal this one (closed-set VQA ranks every question of a batch at once)."""
+        rows = [self.score(p, candidates) for p in prefixes]
+        return torch.stack(rows) if rows else torch.zeros(0, len(candidates))
 
     def generate(self, prompt, max_new_bytes: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  stop_tokens=(), generator: torch.Generator | None = None, **options) -> torch.Tensor:

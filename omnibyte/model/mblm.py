@@ -34,6 +34,7 @@ from torch.utils.checkpoint import checkpoint
 from .. import vocab
 from ..config import ConfigError, Node, poly
 from ..registry import MODELS, STAGES
+from .api import StreamMeta, StreamModel
 from .decode import Decoding
 from .layers import RMSNorm
 
@@ -97,14 +98,6 @@ class MBLMConfig(Node):
         return math.prod(s.length for s in self.stages)
 
 
-@dataclass(frozen=True)
-class StreamMeta:
-    vocab_size: int
-    patch_product: int  # inputs are padded to a multiple of this (Q_0)
-    max_len: int | None  # longest stream the model accepts (None: unbounded)
-    contract_version: int = vocab.CONTRACT_VERSION
-
-
 def _block_node(node: Any) -> Node:
     if node is None:
         return STAGES.get("transformer").Config()
@@ -112,7 +105,7 @@ def _block_node(node: Any) -> Node:
 
 
 @MODELS.register("mblm")
-class MBLM(Decoding, nn.Module):
+class MBLM(Decoding, StreamModel):
     Config = MBLMConfig
 
     def __init__(self, config: MBLMConfig):
@@ -227,6 +220,9 @@ class MBLM(Decoding, nn.Module):
         if output == "nll":
             return self.token_nll(tokens, chunk_size)
         raise ValueError(f"output must be 'logits', 'hidden' or 'nll', got {output!r}")
+
+    def nll(self, tokens: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:  # SHIM
+        return self.token_nll(tokens, chunk_size)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head(hidden)

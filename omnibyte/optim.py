@@ -1,0 +1,30 @@
+"""The optimizer and the learning-rate schedule of a run (``train.*``)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def build_optimizer(model: torch.nn.Module, t) -> torch.optim.Optimizer:
+    """AdamW; weight decay on tensors with >= 2 dims only (not on norms, biases, start vectors)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, eps=t.eps)
+
+
+def lr_factor(step: int, t) -> float:
+    """Multiplier of ``t.lr`` for optimizer step ``step`` (0-based): linear warm-up, then cosine to min_lr."""
+    if t.warmup and step < t.warmup:
+        return (step + 1) / t.warmup
+    progress = min(1.0, (step - t.warmup) / max(1, t.steps - t.warmup))
+    floor = t.min_lr / t.lr if t.lr else 0.0
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, t) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, t))

@@ -1,0 +1,284 @@
+"""A run's lifecycle outside the training loop: build its components, load it trained, evaluate it.
+
+* :func:`build_components` -- task, serializer and model from a :class:`~omnibyte.runconfig.RunConfig`
+  (the model on CPU, fp32; every model is a :class:`~omnibyte.model.api.StreamModel`).
+* :func:`resolve_data_config` -- fills the config fields that are derived from the data once, when a run is
+  created (a closed-set task's answer vocabulary, from the training split of the run's own data source), so
+  that training, its checkpoints and later evaluation agree. The resolved values go into
+  ``config.resolved.yaml`` and every checkpoint.
+* :func:`load_run` -- a trained run from a checkpoint's **own** resolved config (``state.json``), never from an
+  editable file beside it: ``load_run("runs/x", checkpoint="best" | "latest" | step)``. Evaluation-time settings
+  may be overridden (:data:`LOAD_MAY_CHANGE`); anything that defines the model or its data is refused. Opening a
+  run directory imports no code: a run whose config names ``plugins:`` loads only with ``trust_plugins=True``
+  or when those plugins' names are already registered.
+* :func:`evaluate_run` -- bits per byte overall and per modality, per-token losses (h5) and task metrics
+  (VQA accuracy, word perplexity), all on the split of the run's own ``data.source``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import CheckpointError, read_state, resolve_checkpoint, verify_checkpoint
+from .config import ConfigError, apply_overrides, from_dict
+from .model.api import StreamModel
+from .registry import MODELS, SERIALIZERS, TASKS
+from .runconfig import RunConfig, open_plugins
+
+log = logging.getLogger("omnibyte.run")
+
+#: config keys (dotted prefixes) that ``load_run`` / ``omnibyte eval`` may override on a trained run
+LOAD_MAY_CHANGE: tuple[str, ...] = ("eval.", "train.device", "train.precision", "train.progress", "data.path",
+                                    "data.workers", "data.prefetch", "task.root", "task.cache_dir",
+                                    "task.on_bad_sample", "task.eval_")
+
+
+# ----------------------------------------------------------------------------------------------
+# build
+
+
+def build_components(cfg: RunConfig):
+    """(task, serializer, model) of a run config; the model on CPU in fp32."""
+    task = TASKS.build(cfg.task)
+    serializer = SERIALIZERS.build(cfg.serializer)
+    model = MODELS.build(cfg.model)
+    if not isinstance(model, StreamModel):
+        raise ConfigError(f"model.name={cfg.model.name!r}: {type(model).__qualname__} is not an "
+                          f"omnibyte.model.api.StreamModel (registered models must implement the model contract)")
+    return task, serializer, model
+
+
+def _has_field(node: Any, name: str) -> bool:
+    return dataclasses.is_dataclass(node) and any(f.name == name for f in dataclasses.fields(node))
+
+
+def resolve_data_config(cfg: RunConfig, task=None) -> RunConfig:
+    """``cfg`` with its data-derived fields filled (see the module docstring). A closed-set task declares an
+    ``answers`` config field; empty means "the answers of the training split": the task's rule
+    (``task.vocabulary_from(answers)``) is applied to the answers found in the run's training data (recorded in
+    a prepared store, else read from the task's index). A model config with an empty ``answers`` field gets the
+    same vocabulary (e.g. the CNN+LSTM's classifier head). ``data.pad_to: buckets`` with empty ``data.buckets``:
+    the row lengths chosen from the training data (:mod:`omnibyte.data.buckets`)."""
+    if cfg.data.pad_to == "buckets" and not cfg.data.buckets:
+        from .data.buckets import resolve_buckets
+
+        task = task or TASKS.build(cfg.task)
+        multiple = MODELS.build(cfg.model).stream_meta.patch_product
+        buckets = resolve_buckets(cfg.data, task, SERIALIZERS.build(cfg.serializer), multiple)
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, buckets=tuple(buckets)))
+        log.info("row-length buckets from the training data: %s", list(buckets))
+    if not _has_field(cfg.task, "answers"):
+        return cfg
+    answers = tuple(cfg.task.answers)
+    if not answers:
+        task = task or TASKS.build(cfg.task)
+        found = None
+        if cfg.data.source != "task":
+            from .data import recorded_answers
+
+            found = recorded_answers(cfg.data, cfg.data.train_split)
+        if found is None:
+            found = task.answers_of(cfg.data.train_split)
+        answers = tuple(task.vocabulary_from(found))
+        if not answers:
+            raise ConfigError(f"task.answers: the training split {cfg.data.train_split!r} has no answers to "
+                              f"form a closed set from; set task.answers explicitly")
+        log.info("answer vocabulary from the training split: %d answers", len(answers))
+    cfg = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, answers=answers))
+    if _has_field(cfg.model, "answers") and not tuple(cfg.model.answers):
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, answers=answers))
+    return cfg
+
+
+def inherit_derived(cfg: RunConfig, recorded: RunConfig) -> RunConfig:
+    """``cfg`` with its still-empty data-derived fields taken from a run's ``recorded`` config (a re-run of the
+    same YAML must match the record it resolved when the run was created)."""
+    if cfg.data.pad_to == "buckets" and not cfg.data.buckets and recorded.data.pad_to == "buckets":
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, buckets=recorded.data.buckets))
+    if _has_field(cfg.task, "answers") and not tuple(cfg.task.answers) and _has_field(recorded.task, "answers"):
+        cfg = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, answers=recorded.task.answers))
+        if _has_field(cfg.model, "answers") and not tuple(cfg.model.answers) and _has_field(recorded.model, "answers"):
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, answers=recorded.model.answers))
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# load
+
+
+@dataclass
+class Run:
+    """A trained run, loaded: its model (eval mode, on ``device``) and the config it was trained under."""
+
+    run_dir: Path
+    config: RunConfig
+    task: Any
+    serializer: Any
+    model: StreamModel
+    checkpoint: Path
+    step: int
+    which: str  # how the checkpoint was chosen: best | latest | step N | path
+    state: dict
+
+    @property
+    def device(self):
+        return self.model.device
+
+
+def checkpoint_config(ckpt: Path, *, trust_plugins: bool = False, overrides: tuple[str, ...] | list[str] = ()
+                      ) -> RunConfig:
+    """The resolved config a checkpoint was written under (its ``state.json``), with evaluation-time
+    ``overrides`` (only :data:`LOAD_MAY_CHANGE` keys)."""
+    state = read_state(ckpt)
+    data = state.get("config")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{ckpt}/state.json holds no resolved config; not an omnibyte checkpoint")
+    bad = [o for o in overrides if not o.split("=", 1)[0].strip().startswith(LOAD_MAY_CHANGE)]
+    if bad:
+        raise ConfigError(f"cannot override {', '.join(o.split('=', 1)[0] for o in bad)} on a trained run (the "
+                          f"model and its data are fixed by the checkpoint's own config); allowed: "
+                          f"{', '.join(LOAD_MAY_CHANGE)}")
+    data = apply_overrides(data, list(overrides))
+    open_plugins(data.get("plugins") or (), ckpt, trust_plugins)
+    return from_dict(RunConfig, data)
+
+
+def find_checkpoint(run_dir: str | Path, which: str | int | None = None) -> tuple[Path, str]:
+    """(checkpoint folder, how it was chosen). ``which``: ``None`` (the best by the validation metric when the
+    run has one, else the latest), ``"best"``, ``"latest"``, a step number, or a checkpoint folder."""
+    run_dir = Path(run_dir)
+    if which is None or which == "auto":
+        ckdir = run_dir / "checkpoints" if (run_dir / "checkpoints").is_dir() else run_dir
+        if (ckdir / "best.json").is_file():
+            try:
+                return resolve_checkpoint(run_dir, "best"), "best"
+            except CheckpointError as e:
+                log.warning("the best checkpoint is unusable (%s); using the latest intact one", e)
+        return resolve_checkpoint(run_dir, "latest"), "latest"
+    if isinstance(which, int) or (isinstance(which, str) and which.isdigit()):
+        step = int(which)
+        path = run_dir / "checkpoints" / f"step_{step:06d}"
+        if not (path / "state.json").is_file():
+            from .checkpoint import list_checkpoints
+
+            have = [int(p.name[5:]) for p in list_checkpoints(run_dir / "checkpoints")]
+            raise FileNotFoundError(f"{run_dir}: no checkpoint at step {step} (checkpoints: {have or 'none'})")
+        verify_checkpoint(path)
+        return path, f"step {step}"
+    if which in ("best", "latest"):
+        if which == "best" and not (run_dir / "checkpoints" / "best.json").is_file() and \
+                not (run_dir / "best.json").is_file():
+            raise FileNotFoundError(f"{run_dir}: no best checkpoint (no evaluation selected one yet); "
+                                    f"use --checkpoint latest or a step")
+        return resolve_checkpoint(run_dir, which), which
+    return resolve_checkpoint(which), "path"
+
+
+def load_run(run_dir: str | Path, checkpoint: str | int | None = None, *, device: str = "auto",
+             overrides: tuple[str, ...] | list[str] = (), trust_plugins: bool = False) -> Run:
+    """Load a trained run (see the module docstring). ``checkpoint``: see :func:`find_checkpoint`."""
+    from .checkpoint import load_weights
+    from .parallel import pick_device
+
+    if checkpoint is None:  # the run's own default (eval.checkpoint), read from its record
+        from .config import load_yaml
+        from .runconfig import RESOLVED_NAME
+
+        rec = Path(run_dir) / RESOLVED_NAME
+        checkpoint = ((load_yaml(rec).get("eval") or {}).get("checkpoint") if rec.is_file() else None) or "auto"
+    ckpt, which = find_checkpoint(run_dir, checkpoint)
+    cfg = checkpoint_config(ckpt, trust_plugins=trust_plugins, overrides=overrides)
+    state = read_state(ckpt)
+    task, serializer, model = build_components(cfg)
+    weights = load_weights(ckpt)
+    result = model.load_state_dict(weights, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ConfigError(f"{ckpt}: weights do not fit the model of its own config (missing "
+                          f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]})")
+    model.to(pick_device(device if device != "auto" else cfg.train.device)).eval()
+    return Run(Path(run_dir), cfg, task, serializer, model, ckpt, int(state["step"]), which, state)
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluate
+
+
+def training_meta(cfg: RunConfig, task, serializer):
+    """The metadata of the run's training split from its own data source (for reference baselines such as the
+    VQA answer prior): the task's index for ``data.source=task``, else the prepared store's records."""
+    if cfg.data.source == "task":
+        return task.split_meta(cfg.data.train_split)
+    from .data.items import eval_items
+
+    return (item.meta for item in eval_items(cfg.data, task, serializer, cfg.data.train_split))
+
+
+def report_lines(run: Run, results: dict[str, Any]) -> list[str]:
+    """A short, human-readable report of :func:`evaluate_run` results and where the run's files are."""
+    d = run.run_dir
+    lines = [f"{run.config.run_name}: {run.which} checkpoint step {run.step}; {results['split']} bits per byte "
+             f"{results['bpb']:.4f}"]
+    if results.get("task"):
+        lines += run.task.report(results["task"])
+    lines += [f"run directory {d}  (checkpoints/, metrics.jsonl, eval/)",
+              f"curves: omnibyte plot {d}   TensorBoard: tensorboard --logdir {d / 'events'}",
+              f"results: {results.get('results_file')}"]
+    return lines
+
+
+def evaluate_run(run: Run, split: str | None = None, *, max_samples: int | None = None,
+                 per_token: bool | None = None, task_metrics: bool | None = None, progress: bool = True,
+                 out_dir: str | Path | None = None) -> dict[str, Any]:
+    """Score ``run`` on ``split`` (default: its ``eval.split``) of its own data source; results also go to
+    ``<out_dir or run_dir/eval>/<split>_<step>.json`` (and ``.h5`` per-token losses). ``max_samples`` etc.
+    default to the run's ``eval`` section."""
+    from .data import eval_batches
+    from .data.items import eval_items
+    from .evaluate import evaluate_bpb, write_per_token
+    from .loss import LossModule
+    from .precision import autocast, use_bf16
+
+    cfg = run.config
+    split = split or cfg.eval.split
+    n = cfg.eval.max_samples if max_samples is None else max_samples
+    per_token = cfg.eval.per_token if per_token is None else per_token
+    task_metrics = cfg.eval.task_metrics if task_metrics is None else task_metrics
+    out = Path(out_dir) if out_dir is not None else run.run_dir / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    model, device = run.model, run.device
+    bf16 = use_bf16(cfg.train.precision, device)
+    meta = model.stream_meta
+    batches = eval_batches(cfg.data, run.task, run.serializer, split, max_samples=n,
+                           batch_size=cfg.eval.batch_size, pad_multiple=meta.patch_product)
+    results: dict[str, Any] = {"run": str(run.run_dir), "checkpoint": str(run.checkpoint), "which": run.which,
+                               "step": run.step, "split": split, "data_source": cfg.data.source,
+                               **evaluate_bpb(LossModule(model), batches, device, bf16=bf16)}
+    results.pop("weight", None)
+    if per_token and meta.per_token_losses:
+        h5 = write_per_token(out / f"{split}_{run.step}.h5", model, batches, device, split=split, step=run.step,
+                             bf16=bf16)
+        results["per_token"] = str(h5)
+    if task_metrics:
+        stats: dict = {}
+        items = eval_items(cfg.data, run.task, run.serializer, split, max_samples=n, stats=stats)
+        with autocast(device, bf16):  # the run's precision policy, as in training
+            extra = run.task.evaluate(model, items, split=split, out_dir=out, context=cfg.data.seq_len,
+                                      batch_size=cfg.eval.batch_size or cfg.data.batch_size, progress=progress,
+                                      prior_from=lambda: training_meta(cfg, run.task, run.serializer))
+        if extra:
+            results["task"] = extra
+        if stats:
+            results["skipped"] = stats
+    path = out / f"{split}_{run.step}.json"
+    path.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    results["results_file"] = str(path)
+    return results
+
+
+__all__ = ["Run", "build_components", "resolve_data_config", "load_run", "find_checkpoint", "evaluate_run",
+           "checkpoint_config", "LOAD_MAY_CHANGE"]

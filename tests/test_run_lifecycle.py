@@ -1,0 +1,223 @@
+"""A run's lifecycle: identity of a run directory, loading a trained run from its checkpoint's own config,
+checkpoint selection, provenance, metrics records, save-before-eval, early stopping."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from test_train_run import write_config
+
+from omnibyte.cli import main
+from omnibyte.logging import read_metrics
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("life")
+    cfg = write_config(tmp, train={"steps": 20, "eval_every": 10, "ckpt_every": 10})
+    assert main(["train", str(cfg), "--quiet"]) == 0
+    return tmp, cfg, tmp / "runs" / "tiny"
+
+
+def _snapshot(run):
+    return {p.relative_to(run).as_posix(): p.read_bytes() for p in sorted(run.rglob("*"))
+            if p.is_file() and "events" not in p.parts and p.name not in ("train.log", "provenance.jsonl", ".lock")}
+
+
+def test_changed_rerun_refuses_lists_the_keys_and_keeps_the_record(finished, capsys):
+    tmp, cfg, run = finished
+    before = _snapshot(run)
+    capsys.readouterr()
+    assert main(["train", str(cfg), "train.lr=1e-2", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "train.lr" in err and "0.003" in err and "0.01" in err and "run_name=tiny-2" in err
+    assert "Traceback" not in err
+    assert main(["train", str(cfg), "model.stages.0.layers=3", "--quiet"]) == 2
+    assert "model.stages.0.layers" in capsys.readouterr().err
+    assert _snapshot(run) == before  # the record (config.resolved.yaml), checkpoints and metrics untouched
+    # the finished run still evaluates
+    assert main(["eval", str(run), "eval.per_token=false", "--quiet"]) == 0
+
+
+def test_same_config_on_a_finished_run_says_so_and_exits_0(finished, capsys):
+    tmp, cfg, run = finished
+    before = _snapshot(run)
+    capsys.readouterr()
+    assert main(["train", str(cfg)]) == 0
+    assert "is finished" in capsys.readouterr().err
+    assert _snapshot(run) == before
+
+
+def test_keys_that_may_change_resume_the_run(tmp_path):
+    cfg = write_config(tmp_path, train={"steps": 10, "eval_every": 10, "ckpt_every": 10})
+    assert main(["train", str(cfg), "--quiet"]) == 0
+    run = tmp_path / "runs" / "tiny"
+    record = (run / "config.resolved.yaml").read_bytes()
+    assert main(["train", str(cfg), "train.steps=20", "train.log_every=2", "--quiet"]) == 0
+    assert max(r["step"] for r in read_metrics(run)) == 20
+    assert (run / "config.resolved.yaml").read_bytes() == record  # written once, when the run was created
+    from omnibyte.checkpoint import latest_checkpoint, read_state
+
+    assert read_state(latest_checkpoint(run / "checkpoints"))["config"]["train"]["steps"] == 20
+
+
+def test_eval_reads_the_checkpoints_own_config_not_the_editable_file(finished):
+    tmp, cfg, run = finished
+    path = run / "config.resolved.yaml"
+    original = path.read_text()
+    try:
+        data = yaml.safe_load(original)
+        data["model"]["stages"][0]["width"] = 8  # a hand edit (or a rewrite by an old omnibyte)
+        path.write_text(yaml.safe_dump(data))
+        from omnibyte.run import load_run
+
+        loaded = load_run(run, "latest")
+        assert loaded.config.model.stages[0].width == 48
+        assert main(["eval", str(run), "eval.per_token=false", "--quiet"]) == 0
+    finally:
+        path.write_text(original)
+
+
+def test_eval_refuses_overrides_that_change_the_model(finished, capsys):
+    _, _, run = finished
+    capsys.readouterr()
+    assert main(["eval", str(run), "model.stages.0.width=8"]) == 2
+    assert "cannot override model.stages.0.width" in capsys.readouterr().err
+
+
+def test_checkpoint_selection_best_latest_step(finished):
+    _, _, run = finished
+    from omnibyte.run import find_checkpoint, load_run
+
+    best = json.loads((run / "checkpoints" / "best.json").read_text())
+    path, which = find_checkpoint(run)
+    assert which == "best" and path.name == f"step_{best['step']:06d}"
+    assert find_checkpoint(run, "latest")[0].name == "step_000020"
+    assert find_checkpoint(run, 10)[0].name == "step_000010"
+    with pytest.raises(FileNotFoundError, match="no checkpoint at step 7"):
+        find_checkpoint(run, 7)
+    loaded = load_run(run, "10")
+    assert loaded.step == 10 and loaded.which == "step 10"
+    res = main(["eval", str(run), "--checkpoint", "10", "eval.per_token=false", "--quiet"])
+    assert res == 0 and (run / "eval" / "validation_10.json").is_file()
+
+
+def test_provenance_and_metrics_records(finished):
+    _, _, run = finished
+    from omnibyte.checkpoint import latest_checkpoint, read_state
+    from omnibyte.provenance import read
+
+    prov = read(run)
+    assert prov and prov[0]["git"]["commit"] and prov[0]["argv"] and prov[0]["packages"]["torch"]
+    assert prov[0]["world_size"] == 1 and prov[0]["host"] and prov[0]["python"]
+    state = read_state(latest_checkpoint(run / "checkpoints"))
+    assert state["provenance"]["git"] == prov[0]["git"]
+    assert set(state["files"]) >= {"model.safetensors", "optimizer.pt", "rng.pt"}
+    recs = read_metrics(run)
+    assert all("time" in r and "bytes_seen" in r for r in recs)
+    train = [r for r in recs if r["split"] == "train"]
+    seen = [r["bytes_seen"] for r in train]
+    assert seen == sorted(seen) and seen[0] > 0
+    # rows of 64 tokens, 8 rows a step, 5 steps per log line (concat packing: full rows)
+    assert seen[0] == 5 * 8 * 64 and seen[-1] == 20 * 8 * 64
+    ev = [r for r in recs if r["split"] == "validation"]
+    assert [r["bytes_seen"] for r in ev] == [10 * 8 * 64, 20 * 8 * 64]
+
+
+def test_tensorboard_gets_the_hparams(finished):
+    _, _, run = finished
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "events"))
+    acc.Reload()
+    plugins = acc.PluginTagToContent("hparams")
+    assert "_hparams_/experiment" in plugins and "_hparams_/session_start_info" in plugins
+    start = plugins["_hparams_/session_start_info"]
+    assert b"train.lr" in start and b"model.stages.0.width" in start
+
+
+def test_eval_failure_never_loses_trained_steps(tmp_path, monkeypatch):
+    """The checkpoint of a step is written before its evaluation; a failing evaluation leaves it on disk and
+    the resumed run runs the evaluation it missed."""
+    import omnibyte.train as T
+
+    cfg = write_config(tmp_path, train={"steps": 10, "eval_every": 10, "ckpt_every": 0})
+    real = T.evaluate_bpb
+
+    def boom(*a, **k):
+        raise RuntimeError("eval exploded")
+
+    monkeypatch.setattr(T, "evaluate_bpb", boom)
+    with pytest.raises(RuntimeError, match="eval exploded"):
+        main(["train", str(cfg), "--quiet"])
+    run = tmp_path / "runs" / "tiny"
+    from omnibyte.checkpoint import latest_checkpoint, read_state
+
+    state = read_state(latest_checkpoint(run / "checkpoints"))
+    assert state["step"] == 10 and state["eval_due"] is True
+    monkeypatch.setattr(T, "evaluate_bpb", real)
+    assert main(["train", str(cfg), "train.steps=10", "--quiet"]) == 0  # finished, but its eval was due
+    assert any(r["split"] == "validation" and r["step"] == 10 for r in read_metrics(run))
+    assert (run / "checkpoints" / "best.json").is_file()
+
+
+def test_early_stopping_with_patience(tmp_path):
+    # every step after 5 is skipped (non-finite): the weights stop changing, so no evaluation improves
+    cfg = write_config(tmp_path, train={"steps": 200, "eval_every": 5, "ckpt_every": 0, "patience": 2, "log_every": 5,
+                                        "inject_nan_at": list(range(6, 201)), "max_bad_steps": 1000})
+    assert main(["train", str(cfg), "--quiet"]) == 0
+    run = tmp_path / "runs" / "tiny"
+    evals = [r["step"] for r in read_metrics(run) if r["split"] == "validation"]
+    assert evals == [5, 10, 15]
+    assert json.loads((run / "checkpoints" / "best.json").read_text())["step"] == 5
+
+
+def test_resume_never_on_an_existing_run_refuses(finished, capsys):
+    _, cfg, run = finished
+    capsys.readouterr()
+    assert main(["train", str(cfg), "train.resume=never"]) == 2
+    assert "never overwritten" in capsys.readouterr().err
+
+
+def test_opening_a_run_directory_imports_no_code(finished, tmp_path):
+    """A shared run directory whose config names `plugins: [evilplug]`, with an evilplug.py beside it: eval,
+    generate and train refuse without --trust-plugins, and the module never runs."""
+    import subprocess
+    import sys
+
+    _, _, src = finished
+    run = tmp_path / "shared_run"
+    import shutil
+
+    shutil.copytree(src, run)
+    for state in run.glob("checkpoints/step_*/state.json"):
+        data = json.loads(state.read_text())
+        data["config"]["plugins"] = ["evilplug"]
+        state.write_text(json.dumps(data))
+    rec = yaml.safe_load((run / "config.resolved.yaml").read_text())
+    rec["plugins"] = ["evilplug"]
+    (run / "config.resolved.yaml").write_text(yaml.safe_dump(rec))
+    marker = tmp_path / "pwned"
+    (tmp_path / "evilplug.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    for argv in (["eval", str(run), "eval.per_token=false"], ["generate", str(run), "--max-new-bytes", "2"],
+                 ["train", str(run)]):
+        res = subprocess.run([sys.executable, "-m", "omnibyte", *argv], cwd=tmp_path, capture_output=True, text=True)
+        assert res.returncode == 2, (argv, res.stderr[-2000:])
+        assert "--trust-plugins" in res.stderr and "evilplug" in res.stderr and "Traceback" not in res.stderr
+        assert not marker.exists(), argv
+    res = subprocess.run([sys.executable, "-m", "omnibyte", "eval", str(run), "eval.per_token=false", "--quiet",
+                          "--trust-plugins"], cwd=tmp_path, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert marker.read_text() == "ran"  # asked for: imported
+
+
+def test_chosen_buckets_are_recorded_and_a_rerun_matches_them(tmp_path):
+    cfg = write_config(tmp_path, data={"packing": "pad", "pad_to": "buckets", "seq_len": 64, "overlong": "crop"},
+                       train={"steps": 4, "eval_every": 4, "ckpt_every": 4})
+    assert main(["train", str(cfg), "--quiet"]) == 0
+    run = tmp_path / "runs" / "tiny"
+    rec = yaml.safe_load((run / "config.resolved.yaml").read_text())
+    assert rec["data"]["buckets"] and all(b % 4 == 0 and b <= 64 for b in rec["data"]["buckets"])
+    assert main(["train", str(cfg), "train.steps=6", "--quiet"]) == 0  # same YAML (buckets: []) resumes
