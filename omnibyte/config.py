@@ -44,7 +44,7 @@ class Node:
 def poly(registry: str, default: str | None = None, **field_kwargs: Any) -> Any:
     """Declare a polymorphic field: ``serializer: Node = poly("serializers", default="png")``.
 
-    ``registry`` is a key of :data:`omnibyte.registry.REGISTRIES`. With ``default`` a missing key
+    ``registry`` is a key of :data:`POLY_REGISTRIES` (:data:`omnibyte.registry.REGISTRIES`). With ``default`` a missing key
     becomes that registered class's default config; without it a missing key is ``None``.
     """
     return dataclasses.field(default=None, metadata={"registry": registry, "default_name": default},
@@ -71,10 +71,17 @@ def _did_you_mean(key: str, options: Sequence[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(options)}"
 
 
-def _registry(kind: str):
-    from .registry import REGISTRIES
+#: registries that ``poly`` fields resolve through, by kind; filled by :mod:`omnibyte.registry` (which builds
+#: on this module, not the other way round) and by anything else that registers a kind of plugin
+POLY_REGISTRIES: dict[str, Any] = {}
 
-    return REGISTRIES[kind]
+
+def _registry(kind: str):
+    try:
+        return POLY_REGISTRIES[kind]
+    except KeyError:
+        raise ConfigError(f"no registry of kind {kind!r} (known: {', '.join(sorted(POLY_REGISTRIES)) or 'none'}); "
+                          f"import omnibyte.registry, or register it in omnibyte.config.POLY_REGISTRIES") from None
 
 
 def _convert_poly(value: Any, path: str, meta: Mapping[str, Any]) -> Any:

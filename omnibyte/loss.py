@@ -3,9 +3,9 @@
 ``logits[:, t]`` predicts ``tokens[:, t]``, so ``loss_mask[:, t]`` weights that prediction. Weights may be
 fractional. The loss is ``sum(w * nll) / sum(w)`` (a zero with a gradient path when ``sum(w) == 0``).
 
-Memory: the model computes per-token NLL itself (``model(tokens, output="nll", chunk_size=...)``), chunked
-over the sequence and checkpointed, so fp32 logits exist for one chunk at a time, forward and backward.
-Calling through ``model(...)`` (not a method) keeps DDP / FSDP forward hooks working.
+Memory: the model computes per-token NLL itself (``model.nll(tokens, chunk_size)``), chunked over the
+sequence and checkpointed, so fp32 logits exist for one chunk at a time, forward and backward. Training calls
+it through :class:`LossModule` (the module DDP / FSDP2 wrap), so their hooks run around the loss.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from . import vocab
 
@@ -43,28 +42,9 @@ class LossOutput:
         return {m: bits_per_byte(n, w) for m, (n, w) in self.per_modality.items() if float(w) > 0}
 
 
-def _nll(model, tokens: torch.Tensor, chunk_size: int | None) -> torch.Tensor:
-    """(B, L) fp32 nats; through the model's chunked path when it has one, else chunked over its logits."""
-    inner = model
-    for attr in ("module", "_orig_mod"):  # DDP / torch.compile wrappers
-        while hasattr(inner, attr) and isinstance(getattr(inner, attr), torch.nn.Module):
-            inner = getattr(inner, attr)
-    if hasattr(inner, "token_nll"):
-        return model(tokens, output="nll", chunk_size=chunk_size)
-    logits = model(tokens)  # generic model: (B, L, V)
-    B, L, V = logits.shape
-    step = chunk_size or L
-    parts = [F.cross_entropy(logits[:, a:a + step].float().reshape(-1, V), tokens[:, a:a + step].reshape(-1),
-                             reduction="none").view(B, -1) for a in range(0, L, step)]
-    return torch.cat(parts, dim=1)
-
-
-def compute_loss(model, tokens: torch.Tensor, loss_mask: torch.Tensor, modality: torch.Tensor | None = None,
-                 chunk_size: int | None = None) -> LossOutput:
-    """Masked next-byte cross-entropy. tokens (B, L) long, loss_mask (B, L) float weights, modality (B, L)
-    codes (optional). ``chunk_size``: bytes of the sequence per checkpointed chunk (None: model default)."""
-    tokens = tokens.long()
-    nll = _nll(model, tokens, chunk_size)  # (B, L) fp32
+def masked_loss(nll: torch.Tensor, loss_mask: torch.Tensor, modality: torch.Tensor | None = None) -> LossOutput:
+    """The masked loss of per-token ``nll`` (B, L) fp32 with ``loss_mask`` (B, L) weights; per-modality sums
+    when ``modality`` (B, L) codes are given."""
     w = loss_mask.to(nll.device, torch.float32)
     weighted = nll * w
     nats = weighted.sum()
@@ -83,13 +63,25 @@ def compute_loss(model, tokens: torch.Tensor, loss_mask: torch.Tensor, modality:
     return LossOutput(loss=loss, nats_sum=nats.detach(), weight_sum=wsum.detach(), per_modality=per)
 
 
+def compute_loss(model, tokens: torch.Tensor, loss_mask: torch.Tensor, modality: torch.Tensor | None = None,
+                 chunk_size: int | None = None) -> LossOutput:
+    """Masked next-byte cross-entropy of a byte LM (a :class:`~omnibyte.model.api.StreamModel`). tokens (B, L)
+    long, loss_mask (B, L) float weights, modality (B, L) codes (optional). ``chunk_size``: bytes of the
+    sequence per checkpointed chunk (None: model default)."""
+    return masked_loss(model.nll(tokens.long(), chunk_size), loss_mask, modality)
+
+
 @torch.no_grad()
 def per_token_nll(model, tokens: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
     """(B, L) float32 nats of each token given the ones before it (evaluation outputs)."""
-    return _nll(model, tokens.long(), chunk_size).float()
+    return model.nll(tokens.long(), chunk_size).float()
 
 
-class LossModule(torch.nn.Module):  # SHIM until the model branch lands
+class LossModule(torch.nn.Module):
+    """The module the training loop calls and DDP / FSDP2 wrap: ``forward(batch)`` is the model's
+    :meth:`~omnibyte.model.api.StreamModel.batch_loss`, so the wrappers' hooks run around the whole loss.
+    Returns plain tensors (``unpack`` makes them a :class:`LossOutput` again)."""
+
     def __init__(self, model):
         super().__init__()
         self.model = model
@@ -99,21 +91,6 @@ class LossModule(torch.nn.Module):  # SHIM until the model branch lands
         return out.loss, out.nats_sum, out.weight_sum, dict(out.per_modality)
 
     @staticmethod
-    def unpack(outputs):
+    def unpack(outputs) -> LossOutput:
         loss, nats, weight, per_modality = outputs
         return LossOutput(loss=loss, nats_sum=nats, weight_sum=weight, per_modality=per_modality)
-
-
-def masked_loss(nll, loss_mask, modality=None):  # SHIM until the model branch lands
-    w = loss_mask.to(nll.device, torch.float32)
-    weighted = nll * w
-    nats, wsum = weighted.sum(), w.sum()
-    loss = nats / wsum.clamp_min(1e-12)
-    per = {}
-    if modality is not None:
-        codes = [int(m) for m in vocab.Modality]
-        mod = modality.to(nll.device).long().flatten()
-        both = torch.stack((weighted.detach().flatten(), w.detach().flatten()), dim=1)
-        sums = both.new_zeros(max(codes) + 1, 2).index_add_(0, mod.clamp(0, max(codes)), both)
-        per = {c: (sums[c, 0], sums[c, 1]) for c in codes}
-    return LossOutput(loss=loss, nats_sum=nats.detach(), weight_sum=wsum.detach(), per_modality=per)

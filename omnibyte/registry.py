@@ -16,6 +16,8 @@ import importlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from .config import POLY_REGISTRIES, from_dict, node_name
+
 _ENTRY_POINT_GROUP = "omnibyte.plugins"
 _entry_points_loaded = False
 
@@ -106,8 +108,6 @@ class Registry:
 
     def build(self, node: Any, **kwargs: Any) -> Any:
         """Build a registered class from a config node: a parsed Config (with ``name``) or a dict."""
-        from .config import from_dict, node_name
-
         if isinstance(node, dict):
             if "name" not in node:
                 raise ValueError(f"a {self.kind} config needs a 'name:' key (one of: {', '.join(self.names())})")
@@ -127,4 +127,6 @@ TASKS = Registry("task", plugins=("omnibyte.tasks",))
 STAGES = Registry("stage", plugins=("omnibyte.model.blocks",))
 MODELS = Registry("model", plugins=("omnibyte.model", "omnibyte.tasks"))
 
-REGISTRIES = {"serializers": SERIALIZERS, "tasks": TASKS, "stages": STAGES, "models": MODELS}
+#: the registries by kind: the same dict that ``poly`` config fields resolve through
+REGISTRIES = POLY_REGISTRIES
+REGISTRIES.update({"serializers": SERIALIZERS, "tasks": TASKS, "stages": STAGES, "models": MODELS})

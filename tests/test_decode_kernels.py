@@ -1,4 +1,4 @@
-"""The Triton decode kernels of Transformer stages (omnibyte.model.decode_kernels) against the torch step.
+"""The Triton decode kernels of Transformer stages (omnibyte.model.inference.kernels) against the torch step.
 
 On CPU they run under Triton's interpreter (``TRITON_INTERPRET=1``, read when the kernels are defined, so in
 a subprocess); on CUDA (``-m gpu``) compiled, inside the CUDA-graph stepper."""
@@ -26,7 +26,7 @@ _SCRIPT = r"""
 import json, sys, torch
 sys.path.insert(0, sys.argv[1])
 from model_helpers import tiny, M2
-from omnibyte.model.generation import GraphStepper
+from omnibyte.model.inference.graphs import GraphStepper
 TFK = json.loads(sys.argv[2])
 bias = sys.argv[3] == "1"
 m = tiny([(4, 32, M2), (int(sys.argv[4]), 32, dict(TFK, bias=bias))])
@@ -74,8 +74,8 @@ def test_kernels_match_torch_step_interpreted(bias, patch):
 def test_kernels_refused_where_they_cannot_run():
     """Without CUDA (and without the interpreter) asking for the kernels is a clear error; the default falls
     back to the torch step."""
-    from omnibyte.model import decode_kernels
-    from omnibyte.model.generation import GraphStepper
+    from omnibyte.model.inference import kernels as decode_kernels
+    from omnibyte.model.inference.graphs import GraphStepper
 
     if decode_kernels.available(torch.device("cpu")):
         pytest.skip("interpreter enabled in this process")
@@ -88,7 +88,7 @@ def test_kernels_refused_where_they_cannot_run():
 
 
 def test_supports_checks_width_and_layout():
-    from omnibyte.model import decode_kernels
+    from omnibyte.model.inference import kernels as decode_kernels
 
     m = tiny([(4, 32, M2), (4, 32, TFK)])
     blk = m.blocks[1]
@@ -101,7 +101,7 @@ def test_supports_checks_width_and_layout():
 
 
 def test_attention_kernel_rejects_bad_position():
-    from omnibyte.model import decode_kernels
+    from omnibyte.model.inference import kernels as decode_kernels
 
     kc = torch.zeros(1, 2, 4, 8)
     with pytest.raises(ValueError, match="outside the cache"):
@@ -115,7 +115,7 @@ def test_gpu_kernel_step_matches_torch_step(dtype):
     """Compiled on CUDA: the kernel stepper's logits == the torch stepper's, same weights and bytes (eager,
     no graphs), including a 16x64-head layer shaped like the 360M config's local stage."""
     from omnibyte.model.blocks.mamba2 import load_mamba_kernels
-    from omnibyte.model.generation import GraphStepper
+    from omnibyte.model.inference.graphs import GraphStepper
 
     if load_mamba_kernels() is None:
         pytest.skip("mamba-ssm Triton kernels not loadable")

@@ -9,6 +9,7 @@ from model_helpers import TF, assert_cached_matches_forward, one_thread, tiny  #
 from omnibyte import build_model, vocab
 from omnibyte.config import ConfigError
 from omnibyte.model import MBLM, MBLMConfig
+from omnibyte.model.inference.decoder import Decoder
 from omnibyte.registry import MODELS
 
 HIERARCHIES = {
@@ -32,7 +33,7 @@ def test_shapes_any_length(name, L):
     m = tiny(HIERARCHIES[name])
     x = torch.randint(0, 256, (2, L))
     assert m(x).shape == (2, L, 264)
-    assert m(x, output="hidden").shape == (2, L, 16 if name != "1-stage" else 32)
+    assert m.hidden(x).shape == (2, L, 16 if name != "1-stage" else 32)
 
 
 @pytest.mark.parametrize("name", list(HIERARCHIES))
@@ -93,7 +94,7 @@ def test_generate_api(monkeypatch):
     hits = (other == stop).nonzero()
     width = max(first, int(hits[0]) if len(hits) else 4) + 1
     for every in (None, 3):  # checking for the end every 3 bytes (as every 8 on CUDA) gives the same output
-        monkeypatch.setattr(MBLM, "stop_check_every", every)
+        monkeypatch.setattr(Decoder, "stop_check_every", every)
         both = m.generate(torch.tensor([[104, 105], [200, 201]]), 5, temperature=0, stop_tokens=(stop,))
         assert both.shape == (2, width) and torch.equal(both[1], other[:width])
         assert torch.equal(both[0, :first + 1], greedy[0, :first + 1]) and (both[0, first + 1:] == vocab.PAD).all()

@@ -165,7 +165,7 @@ def test_gpu_cached_generation_matches_forward():
 @pytest.mark.parametrize("stages", [[(4, 32, M2K), (4, 32, TF)], [(3, 32, M2), (2, 32, TF), (3, 32, M2)]])
 def test_static_step_matches_forward(stages):
     """The static-buffer decode step (what GraphStepper captures as CUDA graphs) == full forward."""
-    from omnibyte.model.generation import GraphStepper
+    from omnibyte.model.inference.graphs import GraphStepper
 
     m = tiny(stages)
     x = torch.randint(0, 256, (2, 30))
@@ -194,7 +194,7 @@ def test_generation_state_stays_small():
 def test_gpu_graph_generation_matches_forward(kernels, compile):
     """The CUDA-graph stepper (Triton decode kernels or the torch step; compiled or not) == full forward."""
     from omnibyte.model.blocks.mamba2 import load_mamba_kernels
-    from omnibyte.model.generation import GraphStepper
+    from omnibyte.model.inference.graphs import GraphStepper
 
     if load_mamba_kernels() is None:
         pytest.skip("mamba-ssm Triton kernels not loadable")
@@ -215,7 +215,7 @@ def test_gpu_graph_generation_matches_forward(kernels, compile):
 @pytest.mark.parametrize("fuse", [False, True])
 def test_compiled_static_step_matches_forward(fuse, monkeypatch):
     """torch.compile of the per-stage steps (what --compile captures on GPU) == full forward, on CPU."""
-    from omnibyte.model.generation import GraphStepper
+    from omnibyte.model.inference.graphs import GraphStepper
 
     m = tiny([(4, 32, M2K), (4, 32, TF)])
     x = torch.randint(0, 256, (2, 30))

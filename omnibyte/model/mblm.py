@@ -35,7 +35,7 @@ from .. import vocab
 from ..config import ConfigError, Node, poly
 from ..registry import MODELS, STAGES
 from .api import StreamMeta, StreamModel
-from .decode import Decoding
+from .inference.decoder import Decoder
 from .layers import RMSNorm
 
 
@@ -105,7 +105,11 @@ def _block_node(node: Any) -> Node:
 
 
 @MODELS.register("mblm")
-class MBLM(Decoding, StreamModel):
+class MBLM(StreamModel):
+    """Stages over patches of bytes (see the module docstring). Inference (caches, ``generate``, ``score``,
+    the CUDA-graph step) is a component, :attr:`decoder` (:class:`~omnibyte.model.inference.decoder.Decoder`);
+    the methods below that decode delegate to it."""
+
     Config = MBLMConfig
 
     def __init__(self, config: MBLMConfig):
@@ -165,7 +169,7 @@ class MBLM(Decoding, StreamModel):
             out.extend(blk.layers)
         return out
 
-    def _unit_embeddings(self, x: torch.Tensor, first: int = 0) -> list[torch.Tensor | None]:
+    def unit_embeddings(self, x: torch.Tensor, first: int = 0) -> list[torch.Tensor | None]:
         """x: (B, n0, P_1, ..., P_{S-1}) ids -> u[s]: (B, n0, P_1, ..., P_s, D_s) for s >= first."""
         S = self.num_stages
         u: list[torch.Tensor | None] = [None] * S
@@ -185,7 +189,7 @@ class MBLM(Decoding, StreamModel):
             inp = inp + ctx
         return self.blocks[s](inp)
 
-    def _ctx(self, s: int, h: torch.Tensor) -> torch.Tensor:
+    def stage_context(self, s: int, h: torch.Tensor) -> torch.Tensor:
         """h: (..., D_s) -> context for stage s+1: (prod(...), P_{s+1}, D_{s+1})."""
         return self.to_next[s](h).view(-1, self.lengths[s + 1], self.widths[s + 1])
 
@@ -208,21 +212,10 @@ class MBLM(Decoding, StreamModel):
     # ------------------------------------------------------------------------------------------
     # forward
 
-    def forward(self, tokens: torch.Tensor, *, output: str = "logits", chunk_size: int | None = None):
-        """tokens (B, L) long -> logits (B, L, V) (``output="logits"``), final hidden states (B, L, D)
-        (``"hidden"``), or per-token next-byte NLL in nats (B, L) fp32 computed in checkpointed chunks so
-        no full fp32 (B, L, V) tensor exists (``"nll"``; used by omnibyte.loss, goes through forward so
-        DDP / FSDP hooks fire)."""
-        if output == "logits":
-            return self.logits(self.hidden(tokens))
-        if output == "hidden":
-            return self.hidden(tokens)
-        if output == "nll":
-            return self.token_nll(tokens, chunk_size)
-        raise ValueError(f"output must be 'logits', 'hidden' or 'nll', got {output!r}")
-
-    def nll(self, tokens: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:  # SHIM
-        return self.token_nll(tokens, chunk_size)
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, L) long -> logits (B, L, V). Training and evaluation use :meth:`nll` (through
+        :meth:`batch_loss`), which never materialises the full fp32 logits."""
+        return self.logits(self.hidden(tokens))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head(hidden)
@@ -230,10 +223,10 @@ class MBLM(Decoding, StreamModel):
     def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
         B, L = tokens.shape[0], tokens.shape[-1]
         x, n0 = self._pad(tokens)
-        u = self._unit_embeddings(x)
+        u = self.unit_embeddings(x)
         h = self._run_stage(0, u[0].reshape(B, n0, -1), None)  # (B, n0, D_0)
         for s in range(1, self.num_stages):
-            ctx = self._ctx(s - 1, h)  # (N_s, P_s, D_s)
+            ctx = self.stage_context(s - 1, h)  # (N_s, P_s, D_s)
             h = self._run_stage(s, u[s].reshape(ctx.shape), ctx)
         return h.reshape(B, n0 * self.units[0], self.widths[-1])[:, :L]
 
@@ -241,10 +234,10 @@ class MBLM(Decoding, StreamModel):
         """Stages 1.. + head + NLL for a chunk. h0: (B, c, D_0) global outputs, x: (B, c, P_1, ...) ids
         -> (B, c * Q_0) fp32 nats."""
         B = x.shape[0]
-        u = self._unit_embeddings(x, first=1)
+        u = self.unit_embeddings(x, first=1)
         h = h0
         for s in range(1, self.num_stages):
-            ctx = self._ctx(s - 1, h)
+            ctx = self.stage_context(s - 1, h)
             h = self._run_stage(s, u[s].reshape(ctx.shape), ctx)
         logits = self.head(h).float().view(-1, self.config.vocab_size)
         return F.cross_entropy(logits, x.reshape(-1), reduction="none").view(B, -1)
@@ -254,15 +247,16 @@ class MBLM(Decoding, StreamModel):
         byte-level embeddings of a long stream are never all alive at once."""
         if self.num_stages == 1:
             return self.embed(x)
-        fn = lambda xc: self._unit_embeddings(xc)[0]  # noqa: E731
+        fn = lambda xc: self.unit_embeddings(xc)[0]  # noqa: E731
         n0 = x.shape[1]
         if chunk >= n0 or not torch.is_grad_enabled():
             return fn(x)
         parts = [checkpoint(fn, x[:, a:a + chunk], use_reentrant=False) for a in range(0, n0, chunk)]
         return torch.cat(parts, dim=1)
 
-    def token_nll(self, tokens: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
-        """(B, L) fp32 nats of ``-log p(tokens[t] | tokens[<t])``; chunked over the sequence and checkpointed."""
+    def nll(self, tokens: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+        """(B, L) fp32 nats of ``-log p(tokens[t] | tokens[<t])``, computed in checkpointed chunks of about
+        ``chunk_size`` bytes (default ``inner_chunk_bytes``), so no full fp32 (B, L, V) tensor exists."""
         B, L = tokens.shape
         chunk_bytes = chunk_size or self.config.inner_chunk_bytes or L
         if self.num_stages == 1:
@@ -294,6 +288,32 @@ class MBLM(Decoding, StreamModel):
             else:
                 parts.append(self._inner_nll(hc, xc))
         return torch.cat(parts, dim=1)[:, :L]
+
+
+    # ------------------------------------------------------------------------------------------
+    # inference (the Decoder component)
+
+    @property
+    def decoder(self) -> Decoder:
+        """The inference component over this model's weights (stateless; cheap to make)."""
+        return Decoder(self)
+
+    def new_state(self, batch: int, device: torch.device | None = None):
+        return self.decoder.new_state(batch, device)
+
+    def feed(self, state, new_tokens: torch.Tensor) -> torch.Tensor:
+        return self.decoder.feed(state, new_tokens)
+
+    def generate(self, prompt, max_new_bytes: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 stop_tokens=(), generator: torch.Generator | None = None, use_graphs: bool = False,
+                 compile_step: bool = False) -> torch.Tensor:
+        """See :meth:`Decoder.generate <omnibyte.model.inference.decoder.Decoder.generate>`."""
+        return self.decoder.generate(prompt, max_new_bytes, temperature, top_k, top_p, stop_tokens, generator,
+                                     use_graphs=use_graphs, compile_step=compile_step)
+
+    def score(self, prefix, candidates) -> torch.Tensor:
+        """See :meth:`Decoder.score <omnibyte.model.inference.decoder.Decoder.score>`."""
+        return self.decoder.score(prefix, candidates)
 
 
 def build_model(config: Any) -> nn.Module:

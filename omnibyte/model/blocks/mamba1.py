@@ -22,7 +22,7 @@ from torch import nn
 
 from ...config import Node
 from ...registry import STAGES
-from .mamba2_ref import SSMStack, log_path_once, require_positive
+from .ssm_stack import SSMMixer, SSMStack, log_path_once, require_positive
 
 
 @lru_cache(maxsize=1)
@@ -62,7 +62,7 @@ def selective_scan_ref(x, dt, A, B, C, D, h0=None, chunk: int = 16):
     return y, h
 
 
-class Mamba1Mixer(nn.Module):
+class Mamba1Mixer(SSMMixer):
     def __init__(self, dim: int, cfg):
         super().__init__()
         E = self.d_inner = cfg.expand * dim
@@ -86,10 +86,10 @@ class Mamba1Mixer(nn.Module):
             self.dt_proj.bias.copy_(self._dt_bias_init)
             nn.init.uniform_(self.dt_proj.weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
 
-    @staticmethod
-    def uses_cuda_scan() -> bool:
-        """True where training runs mamba-ssm's compiled selective scan (not traced by torch.compile)."""
-        return _selective_scan_fn() is not None
+    @property
+    def compile_friendly(self) -> bool:
+        """False where training runs mamba-ssm's compiled selective scan (not traced by torch.compile)."""
+        return _selective_scan_fn() is None
 
     def forward(self, u: torch.Tensor, state: dict | None = None) -> torch.Tensor:
         N, T, _ = u.shape

@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from ...registry import STAGES
-from .mamba2_ref import Mamba2Config, Mamba2RefBlock, log, log_path_once
+from .mamba2_ref import Mamba2Config, Mamba2Mixer, Mamba2RefBlock
+from .ssm_stack import log, log_path_once
 
 
 @lru_cache(maxsize=1)
@@ -151,6 +152,22 @@ def compiled_causal_conv_silu():
     return torch.compile(causal_conv_silu, dynamic=None)
 
 
+class Mamba2KernelMixer(Mamba2Mixer):
+    """The Mamba-2 mixer with mamba-ssm's Triton kernels for CUDA inputs (when they load), the pure-PyTorch
+    twin otherwise. Same parameters as :class:`Mamba2Mixer`."""
+
+    def forward(self, u: torch.Tensor, state: dict | None = None) -> torch.Tensor:
+        if u.is_cuda:
+            K = load_mamba_kernels()
+            if K is not None:
+                return kernel_forward(self, K, u, state)
+        return super().forward(u, state)
+
+    @property
+    def compile_friendly(self) -> bool:
+        return load_mamba_kernels() is None
+
+
 @STAGES.register("mamba2")
 class Mamba2Block(Mamba2RefBlock):
     """Mamba-2 layers: Triton kernels for CUDA inputs when mamba-ssm is installed, the twin otherwise.
@@ -160,7 +177,8 @@ class Mamba2Block(Mamba2RefBlock):
     class Config(Mamba2Config):
         name: str = "mamba2"
 
-    kernels = True
+    def make_mixer(self, dim: int, config) -> Mamba2KernelMixer:
+        return Mamba2KernelMixer(dim, config)
 
 
-__all__ = ["Mamba2Block", "load_mamba_kernels", "kernel_forward", "F"]
+__all__ = ["Mamba2Block", "Mamba2KernelMixer", "load_mamba_kernels", "kernel_forward"]

@@ -10,13 +10,13 @@ Recurrence per head h (state S: headdim x d_state), with dt = softplus(dt_raw + 
     S_t = exp(dt_t * A) * S_{t-1} + dt_t * x_t B_t^T          y_t = S_t C_t + D * x_t
 
 The chunked form computes the same thing: quadratic attention-like products inside chunks of
-``chunk_size`` positions and a linear recurrence over chunk states between them.
+``chunk_size`` positions and a linear recurrence over chunk states between them. This file is the math only:
+the layer stack shared by every SSM block is :mod:`.ssm_stack`, the kernel dispatch :mod:`.mamba2`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 
 import torch
@@ -25,19 +25,7 @@ from torch import nn
 
 from ...config import Node
 from ...registry import STAGES
-from ..cache import BlockCache
-from ..layers import RMSNorm, init_linear, scaled_std
-from .transformer import SwiGLU
-
-log = logging.getLogger("omnibyte.model")
-_logged: set[str] = set()
-
-
-def log_path_once(path: str) -> None:
-    if path not in _logged:
-        _logged.add(path)
-        log.info("mamba path: %s", path)
-
+from .ssm_stack import SSMMixer, SSMStack, log_path_once, require_positive
 
 def segsum(a: torch.Tensor) -> torch.Tensor:
     """a (..., T) -> (..., T, T) with out[i, j] = a[j+1] + ... + a[i] for j <= i and -inf above the diagonal
@@ -107,11 +95,9 @@ class GatedRMSNorm(nn.Module):
         return (g.view(shp) * self.weight.float()).to(dtype)
 
 
-class Mamba2Mixer(nn.Module):
-    """The Mamba-2 mixer. ``use_kernels`` (set by the ``mamba2`` block) routes CUDA inputs to the Triton
-    kernels; otherwise the pure-PyTorch path below runs."""
-
-    use_kernels = False
+class Mamba2Mixer(SSMMixer):
+    """The Mamba-2 mixer in pure PyTorch (any device); :class:`~.mamba2.Mamba2KernelMixer` adds the Triton
+    kernels for CUDA inputs on the same parameters."""
 
     def __init__(self, dim: int, cfg):
         super().__init__()
@@ -158,12 +144,6 @@ class Mamba2Mixer(nn.Module):
         return F.silu(out).transpose(1, 2)  # (N, T, C)
 
     def forward(self, u: torch.Tensor, state: dict | None = None) -> torch.Tensor:
-        if self.use_kernels and u.is_cuda:
-            from .mamba2 import kernel_forward, load_mamba_kernels
-
-            K = load_mamba_kernels()
-            if K is not None:
-                return kernel_forward(self, K, u, state)
         log_path_once("torch twin (pure-PyTorch chunked SSD)")
         return self.forward_ref(u, state)
 
@@ -181,80 +161,6 @@ class Mamba2Mixer(nn.Module):
             state["ssm"] = final
         y = self.norm(y.reshape(N, T, self.d_inner).to(u.dtype), z)
         return self.out_proj(y)
-
-
-class SSMLayer(nn.Module):
-    """Pre-norm residual layer around a mixer, with an optional SwiGLU MLP (mlp_ratio > 0)."""
-
-    def __init__(self, dim: int, mixer: nn.Module, cfg, dropout: float):
-        super().__init__()
-        self.norm = RMSNorm(dim, cfg.norm_eps)
-        self.mixer = mixer
-        self.mlp = None
-        if cfg.mlp_ratio > 0:
-            self.norm2 = RMSNorm(dim, cfg.norm_eps)
-            self.mlp = SwiGLU(dim, -(-int(cfg.mlp_ratio * dim) // 64) * 64, cfg.bias)
-        self.drop = nn.Dropout(dropout)
-
-    @property
-    def compile_friendly(self) -> bool:
-        """False where the mixer calls mamba-ssm's Triton autograd ops (torch.compile leaves those layers
-        eager: tracing them buys little, the kernels dominate)."""
-        if getattr(self.mixer, "use_kernels", False):
-            from .mamba2 import load_mamba_kernels
-
-            return load_mamba_kernels() is None
-        if hasattr(self.mixer, "uses_cuda_scan"):
-            return not self.mixer.uses_cuda_scan()
-        return True
-
-    def forward(self, x: torch.Tensor, state: dict | None = None) -> torch.Tensor:
-        x = x + self.drop(self.mixer(self.norm(x), state))
-        if self.mlp is not None:
-            x = x + self.drop(self.mlp(self.norm2(x)))
-        return x
-
-
-class SSMStack(nn.Module):
-    """A stack of SSM layers with a final RMSNorm; subclasses say which mixer to build."""
-
-    unbounded = True
-
-    def __init__(self, config, *, dim: int, layers: int, max_len: int | None = None, dropout: float = 0.0,
-                 init_std: float = 0.02):
-        super().__init__()
-        self.config = config
-        self.layers = nn.ModuleList(SSMLayer(dim, self.make_mixer(dim, config), config, dropout)
-                                    for _ in range(layers))
-        self.norm = RMSNorm(dim, config.norm_eps)
-        for layer in self.layers:
-            init_linear(layer, init_std)
-            nn.init.normal_(layer.mixer.out_proj.weight, std=scaled_std(init_std, layers))
-            if layer.mlp is not None:
-                nn.init.normal_(layer.mlp.down.weight, std=scaled_std(init_std, layers))
-        self.checkpoint_layers = False
-
-    def make_mixer(self, dim: int, config) -> nn.Module:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def forward(self, x: torch.Tensor, cache: BlockCache | None = None) -> torch.Tensor:
-        for i, layer in enumerate(self.layers):
-            if cache is not None:
-                x = layer(x, cache.layer(i))
-            elif self.checkpoint_layers and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
-            else:
-                x = layer(x)
-        if cache is not None:
-            cache.length += x.shape[1]
-        return self.norm(x)
-
-
-def require_positive(config, fields: tuple[str, ...]) -> None:
-    """Raise ValueError naming the first of ``fields`` of an SSM block config that is below 1."""
-    for k in fields:
-        if getattr(config, k) < 1:
-            raise ValueError(f"{k} must be >= 1, got {getattr(config, k)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,9 +193,5 @@ class Mamba2RefBlock(SSMStack):
     class Config(Mamba2Config):
         name: str = "mamba2_ref"
 
-    kernels = False
-
     def make_mixer(self, dim: int, config) -> nn.Module:
-        m = Mamba2Mixer(dim, config)
-        m.use_kernels = self.kernels
-        return m
+        return Mamba2Mixer(dim, config)

@@ -1,6 +1,6 @@
 """The per-byte decode step on static buffers, replayable as CUDA graphs (``GraphStepper``).
 
-Eager decoding (:meth:`MBLM.feed`) launches a few hundred small kernels per byte, which at batch 1 costs
+Eager decoding (:meth:`Decoder.feed <omnibyte.model.inference.decoder.Decoder.feed>`) launches a few hundred small kernels per byte, which at batch 1 costs
 more than the arithmetic. Here every cache lives in a buffer allocated once (attention KV of the inner
 stages sized to their patch length; Mamba conv/SSM states updated in place), and the step for byte n is
 fully determined by its phase ``n mod Q_0`` (which stages advance, at which positions, reading which bytes of
@@ -8,14 +8,14 @@ the last Q_0). So there is one static step per phase, captured once as a CUDA gr
 
 Requirements: the global stage is an SSM (its step does not depend on the position), inner stages are
 Transformer or Mamba-2 blocks; otherwise ``GraphStepper`` raises ``NotImplementedError`` and callers use
-``MBLM.feed``. Without CUDA (tests) the same static step runs eagerly.
+``Decoder.feed``. Without CUDA (tests) the same static step runs eagerly.
 
 ``compile=True``: each stage's step over all its layers is one ``torch.compile``d function of plain torch ops
 (the position enters as tensors -- RoPE rows and slot masks -- so one graph serves every position; the SSM state
 update is written out in torch, not mamba-ssm's kernel, so it fuses), compiled before capture.
 
 ``kernels=True`` (the default on CUDA when Triton imports): Transformer stages step through the hand-fused
-Triton kernels of :mod:`omnibyte.model.decode_kernels` (four per layer) instead of either torch step.
+Triton kernels of :mod:`omnibyte.model.inference.kernels` (four per layer) instead of either torch step.
 """
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .blocks.mamba2_ref import Mamba2Mixer, SSMStack
-from .blocks.transformer import TransformerBlock
-from .cache import GenerationState
-from .layers import apply_rope, rope_cos_sin
+from ..blocks.mamba2_ref import Mamba2Mixer
+from ..blocks.ssm_stack import SSMStack
+from ..blocks.transformer import TransformerBlock
+from ..cache import GenerationState
+from ..layers import apply_rope, rope_cos_sin
 
 
 def _lin(x: torch.Tensor, lin: torch.nn.Linear, fuse: bool) -> torch.Tensor:
@@ -116,7 +117,7 @@ def _with_inductor_config(fn, **options):
 class GraphStepper:
     """Continue a :class:`GenerationState` one byte at a time on static buffers / CUDA graphs.
 
-    ``feed(tok (N, 1)) -> logits (N, V)`` matches ``MBLM.feed`` on the same state (the ``state`` object is
+    ``feed(tok (N, 1)) -> logits (N, V)`` matches ``Decoder.feed`` on the same state (the ``state`` object is
     not kept up to date afterwards)."""
 
     # compiled steps: matrix-vector products as fused products and sums (see _lin); on an H100 (360M config)
@@ -126,6 +127,7 @@ class GraphStepper:
     def __init__(self, model, state: GenerationState, use_graphs: bool | None = None,
                  compile: bool | str = False, kernels: bool | None = None):
         self.model, self.state = model, state
+        self.decoder = model.decoder
         blocks = model.blocks
         if not isinstance(blocks[0], SSMStack) or not all(isinstance(m, Mamba2Mixer) for m in
                                                           (lay.mixer for lay in blocks[0].layers)):
@@ -142,7 +144,7 @@ class GraphStepper:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.N = state.tokens.shape[0]
         self.dev = dev
-        from . import decode_kernels
+        from . import kernels as decode_kernels
 
         fits = all(decode_kernels.supports(b) for b in blocks if isinstance(b, TransformerBlock))
         if kernels is None:  # larger batches: the torch step's matrix products
@@ -243,7 +245,7 @@ class GraphStepper:
                 continue  # this stage does not advance at this phase
             if s == 0:
                 units = self.window.view(N, 1, Q0)  # the patch just completed
-                inp = m._unit_embedding_of(0, units).to(dtype)
+                inp = self.decoder.unit_embedding(0, units).to(dtype)
                 pos = 0
             else:
                 Qp = m.units[s - 1]
@@ -253,17 +255,17 @@ class GraphStepper:
                 else:
                     parent_rel = (phase // Qp) * Qp  # start of the parent unit, relative to the patch start
                     a = Q0 - phase + parent_rel + (pos - 1) * Qs  # window index of unit pos - 1
-                    inp = m._unit_embedding_of(s, self.window[:, a:a + Qs].view(N, 1, Qs)).to(dtype)
+                    inp = self.decoder.unit_embedding(s, self.window[:, a:a + Qs].view(N, 1, Qs)).to(dtype)
                 inp = inp + self.ctx[s][:, pos:pos + 1]
             h = self._block_step(s, inp, pos)[:, -1]
             if s + 1 < m.num_stages:
-                self.ctx[s + 1].copy_(m._ctx(s, h).view(N, m.lengths[s + 1], m.widths[s + 1]))
+                self.ctx[s + 1].copy_(m.stage_context(s, h).view(N, m.lengths[s + 1], m.widths[s + 1]))
         self.out.copy_(m.head(h).float())
 
     @torch.no_grad()
     def feed(self, tok: torch.Tensor) -> torch.Tensor:
         if not self.ready:
-            logits = self.model.feed(self.state, tok)
+            logits = self.decoder.feed(self.state, tok)
             if self.state.length >= self.Q0:
                 self._convert()
             return logits

@@ -1,6 +1,7 @@
 """Incremental decoding of an MBLM: per-stage caches (``feed``), sampling (``generate``) and closed-set
-scoring (``score``). A mixin of :class:`~omnibyte.model.mblm.MBLM` (it uses the model's stages, embeddings and
-head); the static, CUDA-graph version of the per-byte step is :mod:`omnibyte.model.generation`.
+scoring (``score``). :class:`Decoder` is composed with a model (``MBLM.decoder``): it reads the model's
+stages, embeddings and head and holds no weights of its own. The static, CUDA-graph version of the per-byte
+step is :mod:`omnibyte.model.inference.graphs`.
 """
 
 from __future__ import annotations
@@ -9,46 +10,56 @@ import logging
 
 import torch
 
-from .. import vocab
-from .cache import GenerationState, StageState
+from ... import vocab
+from ..cache import GenerationState, StageState
+from .sampling import as_batch, sample
 
 log = logging.getLogger("omnibyte.model")
 
 
-class Decoding:
-    """``new_state`` / ``feed`` / ``generate`` / ``score`` for :class:`~omnibyte.model.mblm.MBLM`."""
+class Decoder:
+    """``new_state`` / ``feed`` / ``generate`` / ``score`` over an :class:`~omnibyte.model.mblm.MBLM`.
+
+    The model provides ``num_stages``, ``units``, ``lengths``, ``widths``, ``start``, ``blocks``, ``head``,
+    ``stream_meta``, ``unit_embeddings(x, first)`` and ``stage_context(s, h)``."""
 
     # generate(): check for "every row stopped" every this many bytes (None: 8 on CUDA, where the check waits
     # for the GPU, 1 elsewhere); the output is the same either way
     stop_check_every: int | None = None
 
+    def __init__(self, model):
+        self.model = model
+
     def new_state(self, batch: int, device: torch.device | None = None) -> GenerationState:
-        device = device or self.head.weight.device
-        return GenerationState([StageState() for _ in range(self.num_stages)],
+        m = self.model
+        device = device or m.head.weight.device
+        return GenerationState([StageState() for _ in range(m.num_stages)],
                                torch.zeros(batch, 0, dtype=torch.long, device=device))
 
-    def _unit_embedding_of(self, s: int, units: torch.Tensor) -> torch.Tensor:
+    def unit_embedding(self, s: int, units: torch.Tensor) -> torch.Tensor:
         """units: (N, T, Q_s) byte ids -> (N, T, D_s)."""
+        m = self.model
         N, T, _ = units.shape
-        x = units.reshape(N, T, *self.lengths[s + 1:])
-        return self._unit_embeddings(x, first=s)[s]
+        x = units.reshape(N, T, *m.lengths[s + 1:])
+        return m.unit_embeddings(x, first=s)[s]
 
     @torch.no_grad()
     def feed(self, state: GenerationState, new_tokens: torch.Tensor) -> torch.Tensor:
         """Append ``new_tokens`` (N, k), k >= 0, to the stream and return the logits (N, V) predicting the
         next token. Each stage processes only the positions it has not seen (prefill for long prompts,
         one position per new byte afterwards)."""
+        m = self.model
         if new_tokens.numel():
             state.tokens = torch.cat((state.tokens, new_tokens.to(state.tokens.device)), dim=1)
         n = state.length  # we predict token index n
         toks = state.tokens
         N = toks.shape[0]
-        ml = self.stream_meta.max_len
+        ml = m.stream_meta.max_len
         if ml is not None and n + 1 > ml:
             raise ValueError(f"generation past this model's max_len {ml}")
         h = None
-        for s in range(self.num_stages):
-            Qs, Qp = self.units[s], (self.units[s - 1] if s else None)
+        for s in range(m.num_stages):
+            Qs, Qp = m.units[s], (m.units[s - 1] if s else None)
             st = state.stages[s]
             parent = n // Qp if s else 0
             if st.parent != parent:  # new parent unit: this stage starts a new sequence
@@ -65,23 +76,23 @@ class Decoding:
             lo, hi = max(first - 1, 0), p  # units lo..hi-1 are needed
             parts = []
             if first == 0:
-                parts.append(self.start[s].to(self.head.weight.dtype).expand(N, 1, -1))
+                parts.append(m.start[s].to(m.head.weight.dtype).expand(N, 1, -1))
             if hi > lo:
                 a = base + lo * Qs - state.offset
                 units = toks[:, a: a + (hi - lo) * Qs].reshape(N, hi - lo, Qs)
-                parts.append(self._unit_embedding_of(s, units).to(parts[0].dtype if parts else
-                                                                  self.head.weight.dtype))
+                parts.append(self.unit_embedding(s, units).to(parts[0].dtype if parts else
+                                                                  m.head.weight.dtype))
             inp = torch.cat(parts, dim=1)  # (N, p - first + 1, D_s)
             if s:
                 inp = inp + state.stages[s - 1].ctx[:, first:p + 1]
-            h = self.blocks[s](inp, st.cache)[:, -1]  # (N, D_s)
-            if s + 1 < self.num_stages:
-                st.ctx = self._ctx(s, h).view(N, self.lengths[s + 1], self.widths[s + 1])
+            h = m.blocks[s](inp, st.cache)[:, -1]  # (N, D_s)
+            if s + 1 < m.num_stages:
+                st.ctx = m.stage_context(s, h).view(N, m.lengths[s + 1], m.widths[s + 1])
         if h is None:  # pragma: no cover
             raise RuntimeError("nothing to compute")
         # stage 0 next needs the patch now in progress (and, right at a boundary, the one before)
-        state.trim(max(0, (n // self.units[0] - 1) * self.units[0]))
-        return self.head(h).float()
+        state.trim(max(0, (n // m.units[0] - 1) * m.units[0]))
+        return m.head(h).float()
 
     @torch.no_grad()
     def generate(self, prompt, max_new_bytes: int, temperature: float = 1.0, top_k: int = 0,
@@ -90,23 +101,24 @@ class Decoding:
         """Sample up to ``max_new_bytes`` tokens after ``prompt`` ((B, P) LongTensor, list[int] or bytes).
         Returns (B, <= max_new_bytes) new tokens; generation stops early once every row has produced a stop
         token (rows that stopped are padded with PAD). temperature 0 = greedy. ``use_graphs=True`` (CUDA, Mamba-2
-        global stage) replays the per-byte step as CUDA graphs (omnibyte.model.generation; Transformer stages
-        through the Triton kernels of omnibyte.model.decode_kernels); ``compile_step=True`` also fuses the
+        global stage) replays the per-byte step as CUDA graphs (omnibyte.model.inference.graphs; Transformer stages
+        through the Triton kernels of omnibyte.model.inference.kernels); ``compile_step=True`` also fuses the
         Mamba stages' step with torch.compile first (~30 s once). On an H100, 360M config: 1,600 bytes/s with
         graphs, 2,500-2,700 with graphs + compile; logits tested against the full forward on CPU and GPU."""
-        device = self.head.weight.device
-        prompt = _as_batch(prompt, device)
-        was_training = self.training
-        self.eval()
+        m = self.model
+        device = m.head.weight.device
+        prompt = as_batch(prompt, device)
+        was_training = m.training
+        m.eval()
         try:
             state = self.new_state(prompt.shape[0], device)
             logits = self.feed(state, prompt)
             step = lambda tok: self.feed(state, tok)  # noqa: E731
             if device.type == "cuda" and use_graphs:
-                from .generation import GraphStepper
+                from .graphs import GraphStepper
 
                 try:
-                    step = GraphStepper(self, state, compile=compile_step).feed
+                    step = GraphStepper(m, state, compile=compile_step).feed
                 except NotImplementedError as e:
                     log.info("generate: no CUDA-graph step (%s); eager steps", e)
             out = []
@@ -135,14 +147,15 @@ class Decoding:
                 new = new[:, :int(stop_at.max()) + 1]
             return new
         finally:
-            self.train(was_training)
+            m.train(was_training)
 
     @torch.no_grad()
     def score(self, prefix, candidates) -> torch.Tensor:
         """Log-likelihood (nats) of each candidate continuation (a list of token lists / bytes) given
         ``prefix`` (1-D tokens); the prefix is processed once and its cache fanned out to all candidates."""
-        device = self.head.weight.device
-        prefix = _as_batch(prefix, device)
+        m = self.model
+        device = m.head.weight.device
+        prefix = as_batch(prefix, device)
         if prefix.shape[0] != 1:
             raise ValueError("score: prefix must be a single sequence")
         cands = [list(c) for c in candidates]
@@ -150,8 +163,8 @@ class Decoding:
         if K == 0:
             return torch.zeros(0, device=device)
         T = max(len(c) for c in cands)
-        was_training = self.training
-        self.eval()
+        was_training = m.training
+        m.eval()
         try:
             state = self.new_state(1, device)
             logits = self.feed(state, prefix)  # (1, V)
@@ -171,39 +184,6 @@ class Decoding:
                     logits = self.feed(state, cand[:, t:t + 1])
             return total
         finally:
-            self.train(was_training)
+            m.train(was_training)
 
 
-def _as_batch(prompt, device) -> torch.Tensor:
-    if isinstance(prompt, (bytes, bytearray)):
-        prompt = list(prompt)
-    if isinstance(prompt, torch.Tensor):
-        t = prompt.to(device=device, dtype=torch.long)
-    else:
-        t = torch.tensor(list(prompt), dtype=torch.long, device=device)
-    if t.dim() == 1:
-        t = t[None]
-    if t.dim() != 2:
-        raise ValueError(f"prompt must be (B, P) or 1-D, got shape {tuple(t.shape)}")
-    return t
-
-
-def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits (N, V) -> (N,) ids. temperature 0 = argmax; top_k / top_p (nucleus) filtering."""
-    logits = logits.float()
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, idx = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        cum = probs.cumsum(-1)
-        remove = cum - probs > top_p  # keep the smallest prefix whose mass reaches top_p
-        sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(1, idx, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
