@@ -141,6 +141,7 @@ def test_render_sizes_and_colours():
     assert 90 < img[:20].mean() < 130  # grey backdrop like CLEVR's at the top of the frame
 
 
+@pytest.mark.slow  # ~10 s: CLEVR's 90 official templates over many scenes
 @pytest.mark.skipif(not OFFICIAL.is_dir(), reason="official CLEVR templates not available")
 def test_official_templates_cover_at_least_60_families(tmp_path):
     out = tmp_path / "official"

@@ -57,6 +57,7 @@ print(json.dumps(dict(used=used, big=big, err32=(k32 - full).abs().max().item(),
 """
 
 
+@pytest.mark.slow  # Triton interpreter in a subprocess: ~20 s each on 2 cores (run by .ci/run after the fast suite)
 @pytest.mark.parametrize("bias,patch", [(False, 4), (True, 3)])
 def test_kernels_match_torch_step_interpreted(bias, patch):
     """fp32: the kernel step == full forward (to 1e-5); bf16: == the torch step within a few bf16 ulps. A patch

@@ -181,16 +181,15 @@ def test_resume_never_on_an_existing_run_refuses(finished, capsys):
     assert "never overwritten" in capsys.readouterr().err
 
 
-def test_opening_a_run_directory_imports_no_code(finished, tmp_path):
-    """A shared run directory whose config names `plugins: [evilplug]`, with an evilplug.py beside it: eval,
-    generate and train refuse without --trust-plugins, and the module never runs."""
-    import subprocess
+def test_opening_a_run_directory_imports_no_code(finished, tmp_path, monkeypatch, capsys):
+    """A shared run directory whose config names `plugins: [evilplug]`, with an evilplug.py importable beside
+    it: eval, generate and train refuse without --trust-plugins, and the module never runs. (In-process, with
+    the plugin's folder on sys.path as `python -m omnibyte` run from there would have it.)"""
+    import shutil
     import sys
 
     _, _, src = finished
     run = tmp_path / "shared_run"
-    import shutil
-
     shutil.copytree(src, run)
     for state in run.glob("checkpoints/step_*/state.json"):
         data = json.loads(state.read_text())
@@ -201,15 +200,16 @@ def test_opening_a_run_directory_imports_no_code(finished, tmp_path):
     (run / "config.resolved.yaml").write_text(yaml.safe_dump(rec))
     marker = tmp_path / "pwned"
     (tmp_path / "evilplug.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "evilplug", raising=False)
     for argv in (["eval", str(run), "eval.per_token=false"], ["generate", str(run), "--max-new-bytes", "2"],
                  ["train", str(run)]):
-        res = subprocess.run([sys.executable, "-m", "omnibyte", *argv], cwd=tmp_path, capture_output=True, text=True)
-        assert res.returncode == 2, (argv, res.stderr[-2000:])
-        assert "--trust-plugins" in res.stderr and "evilplug" in res.stderr and "Traceback" not in res.stderr
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "--trust-plugins" in err and "evilplug" in err and "Traceback" not in err
         assert not marker.exists(), argv
-    res = subprocess.run([sys.executable, "-m", "omnibyte", "eval", str(run), "eval.per_token=false", "--quiet",
-                          "--trust-plugins"], cwd=tmp_path, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-2000:]
+    assert main(["eval", str(run), "eval.per_token=false", "--quiet", "--trust-plugins"]) == 0
     assert marker.read_text() == "ran"  # asked for: imported
 
 

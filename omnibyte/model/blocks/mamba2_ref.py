@@ -27,6 +27,7 @@ from ...config import Node
 from ...registry import STAGES
 from .ssm_stack import SSMMixer, SSMStack, log_path_once, require_positive
 
+
 def segsum(a: torch.Tensor) -> torch.Tensor:
     """a (..., T) -> (..., T, T) with out[i, j] = a[j+1] + ... + a[i] for j <= i and -inf above the diagonal
     (summed from a masked copy rather than as a cumsum difference, which loses precision)."""
