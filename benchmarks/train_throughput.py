@@ -108,9 +108,9 @@ def run(args) -> dict:
         rec["mfu"] = round(flops * args.steps / dt / H100_BF16_PEAK, 4)
         rec["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     if args.impl == "omnibyte":
-        from omnibyte.model.blocks import mamba2_ref
+        from omnibyte.model.blocks import ssm_stack
 
-        rec["mamba_paths"] = sorted(mamba2_ref._logged)
+        rec["mamba_paths"] = sorted(ssm_stack._logged)
     return rec
 
 
