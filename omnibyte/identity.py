@@ -50,7 +50,13 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: list(data) if isinstance(data, tuple) else data}
 
 
-def config_diff(old: dict[str, Any], new: dict[str, Any], ignore: frozenset[str] = MAY_CHANGE) -> dict[str, tuple]:
+#: where the run directory lives is not part of the experiment (a moved or copied run is the same run; a relative
+#: and an absolute ``out_dir`` name the same place): the run directory itself is what is being compared
+LOCATION: frozenset[str] = frozenset({"out_dir", "run_name"})
+
+
+def config_diff(old: dict[str, Any], new: dict[str, Any], ignore: frozenset[str] = MAY_CHANGE | LOCATION
+                ) -> dict[str, tuple]:
     """``{key: (old, new)}`` for every leaf that differs, except those in ``ignore``."""
     a, b = flatten(old), flatten(new)
     out = {}

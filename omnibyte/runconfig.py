@@ -223,6 +223,8 @@ def load_run_config(name_or_path: str | os.PathLike, overrides: tuple[str, ...] 
     else:
         stem = resolve_config_path(p).stem
     raw = load_yaml(p)
+    if own_record:  # a run directory trains and evaluates where it is now, wherever it was created
+        raw = {**raw, "out_dir": str(p.parent.parent), "run_name": p.parent.name}
     data = apply_preset(raw, list(overrides), where=p)
     open_plugins(data.get("plugins") or (), p, trust=trust_plugins or not own_record)
     if not data.get("run_name"):

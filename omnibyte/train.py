@@ -150,8 +150,8 @@ def final_report(run_dir: Path, device: str = "auto") -> list[str]:
 
 
 def _open_run_dir(cfg: RunConfig, info: parallel.DistInfo) -> tuple[RunConfig, Path | None]:
-    """Check the run directory's identity (or create its record); returns the config to train and the run's
-    latest intact checkpoint."""
+    """Check the run directory's identity; returns the config to train and the run's latest intact checkpoint.
+    A new run's record is written by :func:`_write_record` once its start-up checks passed."""
     run_dir = cfg.run_dir
     latest = ckpt_io.latest_checkpoint(run_dir / "checkpoints", verify=True)
     record = run_record(run_dir, latest)
@@ -163,13 +163,20 @@ def _open_run_dir(cfg: RunConfig, info: parallel.DistInfo) -> tuple[RunConfig, P
                               f"new run_name (the old run's checkpoints are never overwritten)")
     else:
         cfg = resolve_data_config(cfg)
+    return cfg, latest
+
+
+def _write_record(cfg: RunConfig, info: parallel.DistInfo) -> None:
+    """Create a new run's directories and its record (``config.resolved.yaml``, written once, never again).
+    Called after the start-up checks (components, eval data, ``init_from``), so a config that fails them
+    does not claim the run name."""
+    run_dir = cfg.run_dir
     if info.is_main:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         (run_dir / "eval").mkdir(exist_ok=True)
         if not (run_dir / RESOLVED_NAME).is_file():
             dump_yaml(cfg, run_dir / RESOLVED_NAME)
     parallel.barrier(info)
-    return cfg, latest
 
 
 def _train(cfg: RunConfig, info: parallel.DistInfo, early: EarlyRecords | None = None) -> Path:
@@ -188,9 +195,6 @@ def _train(cfg: RunConfig, info: parallel.DistInfo, early: EarlyRecords | None =
     if t.deterministic:
         torch.use_deterministic_algorithms(True)
     seed_everything(cfg.seed)  # the same on every rank: identical initial weights
-    prov = provenance.collect(info.world, device)
-    if info.is_main:
-        provenance.append(run_dir, {**prov, "resume_from": str(resume_from) if resume_from else None})
 
     # --- components, and the eval data checked before step 1 ------------------------------------------
     task, serializer, model = build_components(cfg)
@@ -199,6 +203,10 @@ def _train(cfg: RunConfig, info: parallel.DistInfo, early: EarlyRecords | None =
                              batch_size=cfg.eval.batch_size, pad_multiple=pad, rank=info.rank, world=info.world)
     if resume_from is None and t.init_from:
         init_weights_from(model, t.init_from, t.init_stages)
+    _write_record(cfg, info)
+    prov = provenance.collect(info.world, device)
+    if info.is_main:
+        provenance.append(run_dir, {**prov, "resume_from": str(resume_from) if resume_from else None})
     model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("run %s: %s, %.2fM parameters, %s%s, %d rank(s) (%s)", cfg.run_name, type(model).__name__,

@@ -221,3 +221,44 @@ def test_chosen_buckets_are_recorded_and_a_rerun_matches_them(tmp_path):
     rec = yaml.safe_load((run / "config.resolved.yaml").read_text())
     assert rec["data"]["buckets"] and all(b % 4 == 0 and b <= 64 for b in rec["data"]["buckets"])
     assert main(["train", str(cfg), "train.steps=6", "--quiet"]) == 0  # same YAML (buckets: []) resumes
+
+
+def test_build_model_refuses_a_run_directory_and_names_load_run(finished):
+    """build_model(run_dir) used to return an untrained model in silence (it found the config by name)."""
+    from omnibyte import build_model, load_run
+    from omnibyte.config import ConfigError
+
+    _, _, run = finished
+    with pytest.raises(ConfigError, match="load_run"):
+        build_model(str(run))
+    with pytest.raises(ConfigError, match="load_run"):
+        build_model(run)
+    assert load_run(run, checkpoint="latest").step == 20  # the loader the message names works
+
+
+def test_a_config_that_fails_at_start_up_does_not_claim_the_run_name(tmp_path, capsys):
+    """A typo caught before step 1 used to leave the bad config as the run's record, and the corrected re-run
+    was refused as 'another config'."""
+    cfg = write_config(tmp_path, train={"steps": 2, "eval_every": 2, "ckpt_every": 2})
+    assert main(["train", str(cfg), "eval.split=validaton", "--quiet"]) == 2
+    assert "validaton" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "tiny" / "config.resolved.yaml").exists()
+    assert main(["train", str(cfg), "--quiet"]) == 0
+
+
+def test_a_moved_run_trains_where_it_is_and_out_dir_spelling_is_not_identity(finished, tmp_path, monkeypatch):
+    """A copied run directory used to train into its old location; a relative out_dir naming the same place
+    as the recorded absolute one used to be refused as a different config."""
+    import shutil
+
+    from omnibyte.checkpoint import latest_checkpoint, read_state
+
+    src_tmp, cfg, src = finished
+    moved = tmp_path / "elsewhere" / "tiny"
+    shutil.copytree(src, moved, ignore=shutil.ignore_patterns(".lock"))
+    before = sorted(p.name for p in (src / "checkpoints").iterdir())
+    assert main(["train", str(moved), "train.steps=22", "train.ckpt_every=2", "--quiet"]) == 0
+    assert read_state(latest_checkpoint(moved / "checkpoints"))["step"] == 22
+    assert sorted(p.name for p in (src / "checkpoints").iterdir()) == before  # the original is untouched
+    monkeypatch.chdir(src_tmp)  # the same run, its out_dir spelt relatively
+    assert main(["train", str(cfg), "out_dir=runs", "--quiet"]) == 0

@@ -324,6 +324,12 @@ def build_model(config: Any) -> nn.Module:
     if isinstance(config, Node):
         return MODELS.build(config)
     if isinstance(config, (str,)) or hasattr(config, "__fspath__"):
+        from pathlib import Path
+
+        if Path(config).is_dir():  # a run directory (or any folder): never a fresh model in silence
+            raise ConfigError(f"build_model({str(config)!r}): that is a folder, not a config; build_model builds an "
+                              f"untrained model from a config. Load a trained run with "
+                              f"omnibyte.load_run({str(config)!r}, checkpoint='best' | 'latest' | step)")
         data = load_yaml(config)
         if "model" not in data:
             raise ConfigError(f"{config}: no 'model:' section")
