@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,7 @@ class WandbTracker(Tracker):
 
             raise ConfigError("train.tracker=wandb needs the wandb package: pip install 'omnibyte[tracking]'") from None
         id_file = Path(run_dir) / "wandb_id"
-        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]  # W&B: [a-z0-9]
         id_file.write_text(run_id + "\n")
         self.run = wandb.init(project=project, name=run_name, id=run_id, resume="allow", dir=str(run_dir),
                               config=config, reinit="finish_previous")
