@@ -75,6 +75,15 @@ def find_resume(cfg: RunConfig, latest: Path | None) -> Path | None:
     return ckpt_io.resolve_checkpoint(cfg.train.resume)
 
 
+def summed_counts(counts: dict[str, int], info: parallel.DistInfo) -> dict[str, int]:
+    """Per-rank counters (skipped samples, ...) summed over every rank (a collective: all ranks call it)."""
+    total: dict[str, int] = {}
+    for part in parallel.all_gather_object(dict(counts), info):
+        for k, v in part.items():
+            total[k] = total.get(k, 0) + v
+    return dict(sorted(total.items()))
+
+
 def _eval_pending(state: dict, run_dir: Path, split: str) -> bool:
     """A checkpoint written before its step's evaluation, which then did not happen (a crash, a failure)."""
     step = state["step"]
@@ -334,7 +343,8 @@ def _train(cfg: RunConfig, info: parallel.DistInfo, early: EarlyRecords | None =
                 summary = window.summary(info, device)
                 counters["bytes_seen"] += int(summary.pop("tokens"))
                 rec = {"step": step, "split": "train", **summary, "lr": lr, "grad_norm": float(grad_norm),
-                       "bad_steps": counters["bad_steps"], **{f"data/{k}": v for k, v in loader.stats.items()}}
+                       "bad_steps": counters["bad_steps"],
+                       **{f"data/{k}": v for k, v in summed_counts(loader.stats, info).items()}}
                 record(dict(rec), counters["bytes_seen"])
                 logger.progress(0, step, loss=f"{rec['loss']:.4f}", bpb=f"{rec['bpb']:.3f}",
                                 **{"bytes/s": f"{rec['bytes_per_s']:.3g}"})

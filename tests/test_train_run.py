@@ -168,3 +168,13 @@ def test_grad_accumulation_matches_the_bigger_batch(tmp_path):
                         for n in ("accum", "big"))
     assert [a[0] for a in accum] == pytest.approx(big, rel=1e-5)
     assert [a[1] for a in accum] == pytest.approx([b[1] for b in big_norms], rel=1e-4)  # gradients, not just Adam
+
+
+def test_logged_skip_counts_are_summed_over_ranks(monkeypatch):
+    """metrics.jsonl's data/* counts used to be rank 0's alone under DDP."""
+    from omnibyte import parallel, train
+
+    gathered = [{"task_skipped": 2, "overlong": 1}, {"task_skipped": 3, "bad_sample": 4}]
+    monkeypatch.setattr(parallel, "all_gather_object", lambda obj, info: gathered)
+    assert train.summed_counts({"task_skipped": 2, "overlong": 1}, None) == \
+        {"bad_sample": 4, "overlong": 1, "task_skipped": 5}
