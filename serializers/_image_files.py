@@ -128,6 +128,20 @@ _END_OF_SCAN = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 _RST = re.compile(rb"\xff[\xd0-\xd7]")
 
 
+def _marker_at(data: bytes, pos: int, truncated: str) -> tuple[int, int]:
+    """(position, code) of the JPEG marker at ``pos``, after any 0xff fill bytes; ``truncated`` (formatted with
+    ``pos`` and ``n``) is the error when the file ends first."""
+    n = len(data)
+    while True:
+        if pos + 2 > n:
+            raise ImageError(truncated.format(pos=pos, n=n))
+        if data[pos] != 0xFF:
+            raise ImageError(f"corrupt JPEG: expected a marker at byte {pos}, found 0x{data[pos]:02x}")
+        if data[pos + 1] != 0xFF:
+            return pos, data[pos + 1]
+        pos += 1  # a fill byte
+
+
 def check_jpeg(data: bytes, scans: bool = True) -> tuple[int, int, bool]:
     """Walk the JPEG segments (no pixel decoding). Returns (width, height, progressive); raises ImageError.
 
@@ -144,14 +158,7 @@ def check_jpeg(data: bytes, scans: bool = True) -> tuple[int, int, bool]:
     progressive = False
     restart = 0
     while True:
-        if pos + 2 > n:
-            raise ImageError(f"truncated JPEG: no start of scan (ended at byte {pos})")
-        if data[pos] != 0xFF:
-            raise ImageError(f"corrupt JPEG: expected a marker at byte {pos}, found 0x{data[pos]:02x}")
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
+        pos, marker = _marker_at(data, pos, "truncated JPEG: no start of scan (ended at byte {pos})")
         if marker == 0x01 or 0xD0 <= marker <= 0xD7:
             pos += 2
             continue
@@ -199,14 +206,7 @@ def _walk_scans(data: bytes, pos: int, sof: int, progressive: bool, restart: int
     seen: set[int] = set()  # sequential: the components scanned
     scans = 0
     while True:
-        if pos + 2 > n:
-            raise ImageError(f"truncated JPEG: no EOI marker (0xffd9); the file ends at byte {n}")
-        if data[pos] != 0xFF:
-            raise ImageError(f"corrupt JPEG: expected a marker at byte {pos}, found 0x{data[pos]:02x}")
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
+        pos, marker = _marker_at(data, pos, "truncated JPEG: no EOI marker (0xffd9); the file ends at byte {n}")
         if marker == 0xD9:
             short = [c for c in comps if (precision.get(c, b"").count(0) != 64 if progressive else c not in seen)]
             if short:
