@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 VERBS = ("train", "eval", "generate", "inspect", "prepare", "list", "plot")
@@ -51,6 +52,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args._run(args) or 0)
+    except BrokenPipeError:  # `omnibyte ... | head`: the reader left; nothing to report
+        try:
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - so the interpreter's final flush stays quiet
+        except OSError:
+            pass
+        return 0
     except (ConfigError, RegistryError, SerializationError, DataError, FileNotFoundError, CheckpointError,
             RunLockedError) as e:
         print(f"omnibyte {args.verb}: error: {e}", file=sys.stderr)

@@ -365,7 +365,10 @@ def _train(cfg: RunConfig, info: parallel.DistInfo, early: EarlyRecords | None =
     finally:
         logger.close()
     if info.is_main:
-        log.info("done: %d steps, %d skipped; best %s", step, counters["bad_steps"], best)
+        chosen = (f"best checkpoint: step {best['step']} ({best['metric']} {best['value']:.4f})" if best
+                  else "no evaluation selected a best checkpoint")
+        log.info("done: %d steps, %d non-finite steps skipped; %s; run directory %s", step, counters["bad_steps"],
+                 chosen, run_dir)
     return run_dir
 
 

@@ -14,3 +14,13 @@ def test_cli_overrides_may_follow_options(capsys):
     assert extra == ["train.steps=2"]  # what main() folds into the overrides
     with pytest.raises(SystemExit):
         main(["list", "serializers", "--bogus"])
+
+
+def test_a_closed_pipe_ends_quietly():
+    """`omnibyte list configs | head -1` used to end in a BrokenPipeError traceback (exit 1)."""
+    import subprocess
+    import sys
+
+    res = subprocess.run(f"{sys.executable} -m omnibyte list configs | head -1", shell=True, capture_output=True,
+                         text=True, env={**__import__('os').environ, "PYTHONUNBUFFERED": "1"})
+    assert res.stdout.strip() and "Traceback" not in res.stderr and "BrokenPipe" not in res.stderr, res.stderr
