@@ -256,17 +256,34 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike, verify: bool = False) -> Path
 
 
 def resolve_checkpoint(path: str | os.PathLike, which: str = "latest", verify: bool = True) -> Path:
-    """A checkpoint folder from a run dir, a ``checkpoints/`` dir, or a checkpoint folder itself (checked)."""
+    """A checkpoint folder from a run dir, a ``checkpoints/`` dir, or a checkpoint folder itself (checked).
+
+    ``which="best"`` is the checkpoint ``best.json`` names, or a CheckpointError saying why there is none (no,
+    an unreadable or a damaged ``best.json``, or one naming a pruned step): never the latest one instead."""
     p = Path(path)
     if (p / "state.json").is_file() and STEP_RE.match(p.name):
         if verify:
             verify_checkpoint(p)
         return p
     d = p / "checkpoints" if (p / "checkpoints").is_dir() else p
-    if which == "best" and (b := best_step(d)) is not None and (d / f"step_{b:06d}").is_dir():
+    if which == "best":
+        best_file = d / "best.json"
+        if not best_file.is_file():
+            raise CheckpointError(f"{p}: no best checkpoint ({best_file} is missing: no evaluation selected one yet)")
+        try:
+            b = best_step(d)
+        except (OSError, TypeError):  # unreadable, or JSON that is not a mapping
+            b = None
+        if b is None:
+            raise CheckpointError(f"{best_file} is unreadable or damaged (it names no step), so the best checkpoint "
+                                  f"is unknown; use the latest checkpoint or a step instead")
+        ckpt = d / f"step_{b:06d}"
+        if not ckpt.is_dir():
+            raise CheckpointError(f"{best_file} names step {b}, but {ckpt} is gone (pruned or deleted); use the "
+                                  f"latest checkpoint or a step instead")
         if verify:
-            verify_checkpoint(d / f"step_{b:06d}")
-        return d / f"step_{b:06d}"
+            verify_checkpoint(ckpt)
+        return ckpt
     found = latest_checkpoint(d, verify=verify)
     if found is None:
         raise FileNotFoundError(f"no checkpoint under {p} (expected checkpoints/step_*/)")

@@ -173,6 +173,24 @@ class RunConfig:
             raise ValueError("task: missing (e.g. task: {name: synthetic_text})")
         if self.serializer is None:
             raise ValueError("serializer: missing (e.g. serializer: {name: utf8})")
+        self._check_learned_positions()
+
+    def _check_learned_positions(self) -> None:
+        """A global Transformer stage with learned positions holds at most ``prod(stage lengths)`` bytes: a longer
+        ``data.seq_len`` is refused here, at start-up, not at the first step."""
+        import math
+
+        stages = getattr(self.model, "stages", None)
+        if not stages or getattr(stages[0].block, "positions", None) != "learned":
+            return
+        unit = math.prod(s.length for s in stages[1:])  # bytes per global position
+        bound = stages[0].length * unit
+        if self.data.seq_len > bound:
+            raise ConfigError(
+                f"data.seq_len={self.data.seq_len} is longer than model.stages.0 can take: its block has learned "
+                f"positions (positions: learned) for length {stages[0].length} patches x {unit} bytes = {bound} "
+                f"bytes; lower data.seq_len to <= {bound}, raise model.stages.0.length to >= "
+                f"{-(-self.data.seq_len // unit)}, or use positions: rope")
 
     @property
     def run_dir(self) -> Path:

@@ -10,15 +10,15 @@ def add_arguments(p) -> None:
 
     p.add_argument("run_dir")
     p.add_argument("--prompt", default="", help="prompt text (UTF-8)")
-    p.add_argument("--prompt-file", default=None, help="read the prompt's bytes from this file instead")
+    p.add_argument("--prompt-file", default=None, help="read the prompt's bytes from this (readable) file instead")
     p.add_argument("--raw", action="store_true",
                    help="feed the prompt bytes as they are (default: through the run's serializer, minus its end)")
-    p.add_argument("--max-new-bytes", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-bytes", type=int, default=256, help="bytes to sample after the prompt (>= 1)")
+    p.add_argument("--temperature", type=float, default=0.8, help=">= 0; 0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest bytes (>= 0; 0 = all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1] (1 = off)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num", type=int, default=1, help="samples to draw")
+    p.add_argument("--num", type=int, default=1, help="samples to draw (>= 1)")
     p.add_argument("--checkpoint", default=None, metavar="best|latest|STEP",
                    help="default: the best checkpoint by the run's validation metric, else the latest")
     add_plugin_arguments(p)
@@ -27,6 +27,35 @@ def add_arguments(p) -> None:
                    help="CUDA: step byte by byte eagerly (default: the CUDA-graph step with Triton decode kernels)")
     p.add_argument("--compile", action="store_true",
                    help="CUDA: also torch.compile the Mamba stages' step first (~30 s once; 1.55x the bytes/s on an H100)")
+
+
+def check_arguments(args) -> bytes | None:
+    """Refuse out-of-range sampling arguments with a ConfigError naming the option (before the run is loaded);
+    returns the ``--prompt-file`` bytes (None without it)."""
+    import math
+
+    from omnibyte.config import ConfigError
+
+    if args.max_new_bytes < 1:
+        raise ConfigError(f"--max-new-bytes must be >= 1, got {args.max_new_bytes}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ConfigError(f"--temperature must be a finite number >= 0 (0: greedy), got {args.temperature}")
+    if args.top_k < 0:
+        raise ConfigError(f"--top-k must be >= 0 (0: all bytes), got {args.top_k}")
+    if not 0 < args.top_p <= 1:  # NaN fails too
+        raise ConfigError(f"--top-p must be in (0, 1] (1: off), got {args.top_p}")
+    if args.num < 1:
+        raise ConfigError(f"--num must be >= 1, got {args.num}")
+    if not args.prompt_file:
+        return None
+    from pathlib import Path
+
+    try:
+        return Path(args.prompt_file).read_bytes()
+    except IsADirectoryError:
+        raise ConfigError(f"--prompt-file {args.prompt_file}: is a directory, not a file") from None
+    except OSError as e:
+        raise ConfigError(f"--prompt-file {args.prompt_file}: cannot be read ({e.strerror or e})") from None
 
 
 def prompt_tokens(serializer, text: str, data: bytes | None, raw: bool) -> list[int]:
@@ -47,8 +76,6 @@ def prompt_tokens(serializer, text: str, data: bytes | None, raw: bool) -> list[
 
 
 def run(args) -> int:
-    from pathlib import Path
-
     import torch
 
     from omnibyte import vocab
@@ -56,11 +83,11 @@ def run(args) -> int:
 
     from ._plugins import import_chosen_plugins
 
+    data = check_arguments(args)
     import_chosen_plugins(args)
 
     loaded = load_run(args.run_dir, args.checkpoint, device=args.device, trust_plugins=args.trust_plugins)
     serializer, model = loaded.serializer, loaded.model
-    data = Path(args.prompt_file).read_bytes() if args.prompt_file else None
     prompt = prompt_tokens(serializer, args.prompt, data, args.raw) or [vocab.BOS]
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(args.seed)

@@ -59,6 +59,9 @@ class StageConfig:
             raise ValueError(f"layers must be >= 0, got {self.layers}")
         if self.block is None:  # built in code without a block: the registry default, so dumps are complete
             object.__setattr__(self, "block", STAGES.get("transformer").Config())
+        check = getattr(self.block, "check_width", None)  # a block's own width constraints (heads, ...)
+        if check is not None:
+            check(self.width)
 
 
 def _default_stages() -> tuple[StageConfig, ...]:

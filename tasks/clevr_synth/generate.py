@@ -180,9 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="omnibyte prepare clevr-synth",
         description="Generate a CLEVR v1.0-format dataset (images, scenes, questions) offline, without Blender.")
     p.add_argument("--out", required=True, help="output directory (CLEVR layout is written inside)")
-    p.add_argument("--images", type=int, default=1000, help="total number of images over all splits")
+    p.add_argument("--images", type=int, default=None,
+                   help="total number of images over all splits, at least one per split (default 1000; with "
+                        "counts in --split-names, their sum: --images may then only repeat it)")
     p.add_argument("--questions-per-image", type=int, default=10,
-                   help="questions per image, each from a different family (fewer when none fits)")
+                   help="questions per image (>= 1), each from a different family (fewer when none fits)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=_parse_size, default=(480, 320), help="WIDTHxHEIGHT (default 480x320)")
     p.add_argument("--split-names", default="train,val",
@@ -190,20 +192,65 @@ def build_parser() -> argparse.ArgumentParser:
                         "Exact counts: train=700,val=150")
     p.add_argument("--templates", default=None,
                    help=f"directory of CLEVR 1.0 template *.json files (default: ours, {DEFAULT_TEMPLATES_DIR.name}/)")
-    p.add_argument("--workers", type=int, default=0, help="processes for rendering (output does not depend on it)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="processes for rendering (>= 0; 0: none; output does not depend on it)")
     p.add_argument("--no-render", action="store_true", help="scenes and questions only, no images")
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
+def check_arguments(args: argparse.Namespace) -> tuple[int, dict[str, int]]:
+    """(images, images per split) from the parsed arguments, or a ConfigError naming the option at fault: every
+    split gets at least one image, ``--images`` and counts in ``--split-names`` agree, no negative counts."""
+    from omnibyte.config import ConfigError
+
+    if args.questions_per_image < 1:
+        raise ConfigError(f"--questions-per-image must be >= 1, got {args.questions_per_image}")
+    if args.workers < 0:
+        raise ConfigError(f"--workers must be >= 0 (0: render in this process), got {args.workers}")
+    if args.images is not None and args.images < 1:
+        raise ConfigError(f"--images must be >= 1, got {args.images}")
+    names = [s.strip() for s in args.split_names.split(",") if s.strip()]
+    if not names:
+        raise ConfigError(f"--split-names names no split, got {args.split_names!r}")
+    if any("=" in s for s in names):  # exact counts: every split has one
+        counts: dict[str, int] = {}
+        for item in names:
+            name, eq, value = (t.strip() for t in item.partition("="))
+            if not eq or not name:
+                raise ConfigError(f"--split-names: give every split a count (train=700,val=150) or none, got "
+                                  f"{args.split_names!r}")
+            try:
+                n = int(value)
+            except ValueError:
+                raise ConfigError(f"--split-names: {name}={value!r} is not a whole number of images") from None
+            if n < 1:
+                raise ConfigError(f"--split-names: {name}={n}: each split needs >= 1 image")
+            if name in counts:
+                raise ConfigError(f"--split-names: split {name!r} given twice")
+            counts[name] = n
+        total = sum(counts.values())
+        if args.images is not None and args.images != total:
+            raise ConfigError(f"--images {args.images} disagrees with --split-names {args.split_names} ({total} "
+                              f"images); drop --images (the counts set the total) or make them agree")
+        return total, counts
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--split-names: split names must be distinct, got {args.split_names!r}")
+    images = 1000 if args.images is None else args.images
+    try:
+        counts = split_counts(images, names)
+    except ValueError:
+        counts = {}
+    if not counts or min(counts.values()) < 1:
+        raise ConfigError(f"--images {images} cannot be split among --split-names {','.join(names)} with at least "
+                          f"one image each (got {counts or 'a negative count'}); raise --images or give exact counts "
+                          f"(train=700,val=150)")
+    return images, counts
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    names = [s.strip() for s in args.split_names.split(",") if s.strip()]
-    splits: Any = names
-    images = args.images
-    if any("=" in s for s in names):
-        splits = {k: int(v) for k, v in (s.split("=", 1) for s in names)}
-        images = None
+    images, splits = check_arguments(args)
     summary = generate(args.out, images, args.questions_per_image, args.seed, args.size, splits,
                        args.templates, progress=not args.no_progress, workers=args.workers,
                        render=not args.no_render)

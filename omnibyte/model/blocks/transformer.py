@@ -175,6 +175,17 @@ class TransformerBlock(nn.Module):
             if self.head_dim and self.head_dim % 2:
                 raise ValueError(f"head_dim must be even (RoPE), got {self.head_dim}")
 
+        def check_width(self, width: int) -> None:
+            """Raise ValueError (naming ``width`` and ``block.heads``) unless a stage of this width can be built;
+            :class:`~omnibyte.model.mblm.StageConfig` calls it, so the error is a config error at parse time."""
+            if not self.head_dim and width % self.heads:
+                raise ValueError(f"width {width} is not divisible by block.heads {self.heads} "
+                                 f"(choose a multiple of heads, or set block.head_dim)")
+            hd = self.head_dim or width // self.heads
+            if self.positions == "rope" and hd % 2:
+                raise ValueError(f"width {width} / block.heads {self.heads} gives an odd head_dim {hd}; RoPE needs "
+                                 f"an even one (change width or heads, or set block.head_dim)")
+
     def __init__(self, config: Config, *, dim: int, layers: int, max_len: int | None = None,
                  dropout: float = 0.0, init_std: float = 0.02):
         super().__init__()

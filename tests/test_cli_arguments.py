@@ -1,0 +1,184 @@
+"""Every bad CLI argument of ``generate`` and ``prepare clevr-synth``, every duplicate YAML key, model shapes that
+cannot be built and an explicit ``--checkpoint best`` that cannot be honoured: a one-line
+``omnibyte <verb>: error: ...`` naming the argument or key, exit code 2, no traceback (the hardening issue)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import pytest
+
+from omnibyte.cli import main
+from omnibyte.config import ConfigError, load_yaml
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny trained run with two checkpoints and a best.json naming step 1 or 2."""
+    tmp = tmp_path_factory.mktemp("cliargs")
+    assert main(["train", "debug_tiny", "train.steps=2", "train.eval_every=1", "train.ckpt_every=1",
+                 "train.keep_last=2", "eval.max_samples=4", "data.batch_size=2", "model.stages.0.length=4",
+                 "data.seq_len=32", "out_dir=" + str(tmp), "--quiet"]) == 0
+    return tmp / "debug_tiny"
+
+
+def _error(capsys, verb: str, argv: list[str], *names: str) -> str:
+    capsys.readouterr()
+    assert main(argv) == 2
+    out = capsys.readouterr()
+    err = out.err.strip()
+    assert err.startswith(f"omnibyte {verb}: error: "), err
+    assert "\n" not in err and "Traceback" not in err, err
+    for name in names:
+        assert name in err, err
+    return err
+
+
+# ------------------------------------------------------------------------------------------------
+# generate
+
+
+GENERATE_BAD = {
+    ("--top-k", "-3"): "--top-k",
+    ("--max-new-bytes", "-5"): "--max-new-bytes",
+    ("--max-new-bytes", "0"): "--max-new-bytes",
+    ("--temperature", "-1"): "--temperature",
+    ("--temperature", "nan"): "--temperature",
+    ("--top-p", "0"): "--top-p",
+    ("--top-p", "1.5"): "--top-p",
+    ("--num", "0"): "--num",
+    ("--num", "-1"): "--num",
+}
+
+
+@pytest.mark.parametrize("arg", list(GENERATE_BAD), ids=" ".join)
+def test_generate_refuses_out_of_range_arguments(run, capsys, arg):
+    _error(capsys, "generate", ["generate", str(run), *arg], GENERATE_BAD[arg])
+
+
+def test_generate_refuses_a_prompt_file_that_is_not_a_readable_file(run, tmp_path, capsys):
+    err = _error(capsys, "generate", ["generate", str(run), "--prompt-file", str(tmp_path)], "--prompt-file")
+    assert "directory" in err
+    _error(capsys, "generate", ["generate", str(run), "--prompt-file", str(tmp_path / "absent")], "--prompt-file")
+
+
+def test_generate_accepts_the_range_edges(run, tmp_path, capsys):
+    prompt = tmp_path / "p.txt"
+    prompt.write_bytes(b"The")
+    assert main(["generate", str(run), "--prompt-file", str(prompt), "--max-new-bytes", "1", "--temperature", "0",
+                 "--top-k", "0", "--top-p", "1", "--num", "2", "--device", "cpu"]) == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# prepare clevr-synth
+
+
+CLEVR_BAD = {
+    ("--images", "-3"): "--images",
+    ("--images", "0"): "--images",
+    ("--images", "1"): "--images",  # val would get no image
+    ("--images", "5", "--split-names", "train=2,val=1"): "--images",
+    ("--split-names", "train=2,val=0"): "val",
+    ("--split-names", "train=2,val"): "--split-names",
+    ("--split-names", "train=2,train=1"): "train",
+    ("--questions-per-image", "-1"): "--questions-per-image",
+    ("--questions-per-image", "0"): "--questions-per-image",
+    ("--workers", "-2"): "--workers",
+}
+
+
+@pytest.mark.parametrize("arg", list(CLEVR_BAD), ids=" ".join)
+def test_clevr_synth_refuses_bad_arguments_and_writes_nothing(tmp_path, capsys, arg):
+    out = tmp_path / "s"
+    _error(capsys, "prepare", ["prepare", "clevr-synth", "--out", str(out), "--no-render", "--no-progress", *arg],
+           CLEVR_BAD[arg])
+    assert not out.exists()
+
+
+def test_clevr_synth_counts_set_the_total_and_may_be_repeated_by_images(tmp_path, capsys):
+    out = tmp_path / "s"
+    assert main(["prepare", "clevr-synth", "--out", str(out), "--no-render", "--no-progress", "--images", "3",
+                 "--questions-per-image", "1", "--split-names", "train=2,val=1", "--size", "16x16"]) == 0
+    scenes = {s: len(json.loads((out / "scenes" / f"CLEVR_{s}_scenes.json").read_text())["scenes"])
+              for s in ("train", "val")}
+    assert scenes == {"train": 2, "val": 1}
+
+
+# ------------------------------------------------------------------------------------------------
+# YAML: duplicate keys
+
+
+def test_duplicate_yaml_keys_are_refused_naming_key_file_and_line(tmp_path, capsys):
+    cfg = tmp_path / "dup.yaml"
+    cfg.write_text("extends: debug_tiny\ntrain:\n  steps: 2\n  lr: 1.0e-3\n  steps: 5\n")
+    with pytest.raises(ConfigError) as e:
+        load_yaml(cfg)
+    msg = str(e.value)
+    assert "'steps'" in msg and f"{cfg.resolve()}:5" in msg and "line 3" in msg, msg
+    _error(capsys, "train", ["train", str(cfg), "--quiet"], "steps", "dup.yaml:5")
+
+
+def test_yaml_merge_keys_may_still_be_overridden(tmp_path):
+    cfg = tmp_path / "merge.yaml"
+    cfg.write_text("base: &b {x: 1, y: 2}\nk:\n  <<: *b\n  x: 5\n")
+    assert load_yaml(cfg)["k"] == {"x": 5, "y": 2}
+
+
+# ------------------------------------------------------------------------------------------------
+# model shapes that cannot be built: refused when the config is read
+
+
+@pytest.mark.parametrize("override,names", [
+    ("model.stages.0.width=90", ("model.stages.0", "width 90", "heads 4")),
+    ("model.stages.0.width=20", ("model.stages.0", "width 20", "head_dim")),  # 20 / 4 heads: odd RoPE head_dim
+])
+def test_width_heads_mismatch_is_a_config_error(tmp_path, capsys, override, names):
+    _error(capsys, "train", ["train", "debug_tiny", override, "out_dir=" + str(tmp_path), "--quiet"], *names)
+    assert not (tmp_path / "debug_tiny").exists()
+
+
+def test_learned_positions_shorter_than_seq_len_fail_at_start_up(tmp_path, capsys):
+    _error(capsys, "train", ["train", "debug_tiny", "model.stages.0.block.positions=learned", "data.seq_len=257",
+                             "out_dir=" + str(tmp_path), "--quiet"], "data.seq_len=257", "model.stages.0", "256")
+    assert not (tmp_path / "debug_tiny").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# --checkpoint best that cannot be honoured
+
+
+def _copy(run, tmp_path):
+    dst = tmp_path / "run"
+    shutil.copytree(run, dst, ignore=shutil.ignore_patterns(".lock"))
+    return dst
+
+
+@pytest.mark.parametrize("damage", ["garbage", "not-a-mapping", "pruned"])
+def test_explicit_best_refuses_when_best_json_is_unusable(run, tmp_path, capsys, caplog, damage):
+    from omnibyte.run import find_checkpoint
+
+    r = _copy(run, tmp_path)
+    best = r / "checkpoints" / "best.json"
+    best.write_text({"garbage": "{not json", "not-a-mapping": "[1, 2]",
+                     "pruned": json.dumps({"step": 7, "metric": "bpb", "value": 1.0})}[damage])
+    _error(capsys, "eval", ["eval", str(r), "--checkpoint", "best", "eval.per_token=false",
+                            "eval.task_metrics=false"], "best.json")
+    from omnibyte.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError):
+        find_checkpoint(r, "best")
+    # the automatic default may fall back, but says so: "latest", and a warning
+    with caplog.at_level(logging.WARNING):
+        path, which = find_checkpoint(r, None)
+    assert which == "latest" and path.name == "step_000002"
+    assert any("best checkpoint" in rec.getMessage() for rec in caplog.records)
+
+
+def test_explicit_best_still_loads_the_best(run):
+    from omnibyte.run import find_checkpoint
+
+    step = json.loads((run / "checkpoints" / "best.json").read_text())["step"]
+    path, which = find_checkpoint(run, "best")
+    assert which == "best" and path.name == f"step_{step:06d}"
