@@ -133,3 +133,13 @@ def test_the_checker_sees_cycles_and_lazy_imports(tmp_path):
 def test_no_library_module_over_400_lines():
     big = {str(p.relative_to(ROOT)): n for p in LIBRARY.rglob("*.py") if (n := len(p.read_text().splitlines())) > 400}
     assert not big, f"modules over 400 lines (split them by what they own): {big}"
+
+
+def test_every_library_package_is_in_the_wheel():
+    """pyproject lists packages explicitly (serializers/, tasks/, configs/ are mapped into the namespace): a new
+    package folder under omnibyte/ must be listed, or the wheel installs without it (model/inference once did)."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in LIBRARY.rglob("__init__.py")}
+    assert found <= listed, f"packages missing from pyproject.toml's [tool.setuptools] packages: {found - listed}"
