@@ -142,6 +142,18 @@ def _marker_at(data: bytes, pos: int, truncated: str) -> tuple[int, int]:
         pos += 1  # a fill byte
 
 
+def _segment_length(data: bytes, pos: int, marker: int) -> int:
+    """The length field of the segment whose marker is at ``pos``, checked against the file's end."""
+    n = len(data)
+    if pos + 4 > n:
+        raise ImageError(f"truncated JPEG: segment header at byte {pos}")
+    (length,) = struct.unpack_from(">H", data, pos + 2)
+    if length < 2 or pos + 2 + length > n:
+        raise ImageError(f"{'truncated' if length >= 2 else 'corrupt'} JPEG: segment 0xff{marker:02x} at "
+                         f"byte {pos} has length {length}, {n - pos - 2} bytes left")
+    return length
+
+
 def check_jpeg(data: bytes, scans: bool = True) -> tuple[int, int, bool]:
     """Walk the JPEG segments (no pixel decoding). Returns (width, height, progressive); raises ImageError.
 
@@ -164,12 +176,7 @@ def check_jpeg(data: bytes, scans: bool = True) -> tuple[int, int, bool]:
             continue
         if marker in (0xD8, 0xD9, 0x00):
             raise ImageError(f"corrupt JPEG: unexpected marker 0xff{marker:02x} at byte {pos} before the scan")
-        if pos + 4 > n:
-            raise ImageError(f"truncated JPEG: segment header at byte {pos}")
-        (length,) = struct.unpack_from(">H", data, pos + 2)
-        if length < 2 or pos + 2 + length > n:
-            raise ImageError(f"{'truncated' if length >= 2 else 'corrupt'} JPEG: segment 0xff{marker:02x} at "
-                             f"byte {pos} has length {length}, {n - pos - 2} bytes left")
+        length = _segment_length(data, pos, marker)
         if marker in _SOF:
             if length < 8:
                 raise ImageError(f"corrupt JPEG: frame header of length {length}")
@@ -222,12 +229,7 @@ def _walk_scans(data: bytes, pos: int, sof: int, progressive: bool, restart: int
             continue
         if marker in (0xD8, 0x00) or marker in _SOF:
             raise ImageError(f"corrupt JPEG: unexpected marker 0xff{marker:02x} at byte {pos} after the first scan")
-        if pos + 4 > n:
-            raise ImageError(f"truncated JPEG: segment header at byte {pos}")
-        (length,) = struct.unpack_from(">H", data, pos + 2)
-        if length < 2 or pos + 2 + length > n:
-            raise ImageError(f"{'truncated' if length >= 2 else 'corrupt'} JPEG: segment 0xff{marker:02x} at "
-                             f"byte {pos} has length {length}, {n - pos - 2} bytes left")
+        length = _segment_length(data, pos, marker)
         if marker == 0xDD and length == 4:  # DRI between scans
             (restart,) = struct.unpack_from(">H", data, pos + 4)
         elif marker == 0xDC:
