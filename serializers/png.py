@@ -4,7 +4,7 @@ Output length (IMAGE-modality bytes only, no markers, loss 1 on every byte):
 
 * ``method: passthrough``: ``L = len(file)``, the input file unchanged, byte for byte.
 * ``method: reencode``: the processed image (crop, alpha dropped, mode, resize) written by omnibyte's own
-  minimal PNG writer (:func:`serializers._image.encode_png`): exactly the chunks ``IHDR, IDAT, IEND`` (no
+  minimal PNG writer (:func:`serializers._png_writer.encode_png`): exactly the chunks ``IHDR, IDAT, IEND`` (no
   metadata: no tEXt, pHYs, iCCP, gAMA, ...), 8-bit RGB (colour type 2) or L (colour type 0),
   non-interlaced, one IDAT holding the zlib stream (``compress_level``, ``strategy``, 32 KiB window) of
   the ``H * (1 + W * C)`` filtered bytes, so ``L = 57 + len(zlib stream)`` (8 signature + 25 IHDR + 12 IDAT framing + 12 IEND).
@@ -30,10 +30,10 @@ from ._image import (
     ProcessConfig,
     check_limits,
     check_png,
-    encode_png,
     load_pixels,
     verify_decodes,
 )
+from ._png_writer import encode_png
 from .base import SERIALIZERS
 
 
