@@ -65,7 +65,11 @@ def setup_console_logging(level: int = logging.INFO) -> None:
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    path = Path(run_dir) / METRICS
+    return read_jsonl(Path(run_dir) / METRICS)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file ([] when it is absent); a line cut by a kill -9 is skipped."""
     if not path.is_file():
         return []
     out = []

@@ -24,6 +24,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from .logging import read_jsonl
+
 PROVENANCE = "provenance.jsonl"
 _PACKAGES = ("omnibyte", "torch", "triton", "mamba-ssm", "causal-conv1d", "numpy", "safetensors", "webdataset")
 
@@ -89,13 +91,4 @@ def append(run_dir: str | os.PathLike, record: dict[str, Any]) -> Path:
 
 
 def read(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    path = Path(run_dir) / PROVENANCE
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut by a kill
-            continue
-    return out
+    return read_jsonl(Path(run_dir) / PROVENANCE)
