@@ -245,17 +245,17 @@ def _train(cfg: RunConfig, info: parallel.DistInfo, early: EarlyRecords | None =
     else:
         seed_everything(cfg.seed + 1 + info.rank)  # dropout etc. differ per rank from here on
 
+    cfg_dict = to_dict(cfg)  # goes into every checkpoint
     tracker = None
     if info.is_main and t.tracker != "none":
         from .tracking import open_tracker
 
         tracker = open_tracker(t.tracker, run_dir, cfg.run_name, t.tracker_project,
-                               {**flatten(to_dict(cfg)), "provenance": prov})
+                               {**flatten(cfg_dict), "provenance": prov})
     logger = RunLogger(run_dir, enabled=info.is_main, start_step=step, total_steps=t.steps,
                        progress=t.progress, early=early, tracker=tracker)
     if step == 0:
-        logger.hparams(flatten(to_dict(cfg)), f"{cfg.eval.split}/bpb")
-    cfg_dict = to_dict(cfg)  # goes into every checkpoint
+        logger.hparams(flatten(cfg_dict), f"{cfg.eval.split}/bpb")
 
     def record(rec: dict, bytes_seen: int) -> None:
         logger.log({"step": rec.pop("step"), "split": rec.pop("split"), "time": round(time.time(), 3),
