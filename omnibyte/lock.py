@@ -70,14 +70,3 @@ def _read_holder(fd: int) -> dict:
         return json.loads(os.read(fd, 4096).decode() or "{}")
     except (OSError, ValueError):
         return {}
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists on this host."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -150,13 +150,15 @@ class RunLogger:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         self._file.write(json.dumps(clean) + "\n")
         self._file.flush()
+        split, step = record.get("split", "train"), int(record["step"])
+        scalars = {f"{split}/{k}": v for k, v in record.items()
+                   if k not in ("step", "split") and isinstance(v, (int, float)) and math.isfinite(v)}
         if self.writer is not None:
-            split, step = record.get("split", "train"), int(record["step"])
-            for k, v in record.items():
-                if k not in ("step", "split", "time") and isinstance(v, (int, float)) and math.isfinite(v):
-                    self.writer.add_scalar(f"{split}/{k}", v, step)
+            for k, v in scalars.items():
+                if k != f"{split}/time":  # wall-clock time is the event's own, not a curve
+                    self.writer.add_scalar(k, v, step)
         if self.tracker is not None:
-            self.tracker.log(record)
+            self.tracker.log(scalars, step)
 
     def hparams(self, params: dict[str, Any], metric: str) -> None:
         """The run's resolved config as TensorBoard hparams (in the run's own event file, no sub-run)."""

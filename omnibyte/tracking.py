@@ -13,7 +13,6 @@ tracker turns itself off, because a run must not die of a dashboard.
 from __future__ import annotations
 
 import logging
-import math
 import uuid
 from pathlib import Path
 from typing import Any
@@ -22,12 +21,12 @@ log = logging.getLogger("omnibyte.tracking")
 
 
 class Tracker:
-    """The hook: ``log(record)`` for each metrics record, ``close()`` at the end. The base class does nothing."""
+    """The hook: ``log(scalars, step)`` for each metrics record, ``close()`` at the end. The base class does nothing."""
 
     name = "none"
 
-    def log(self, record: dict[str, Any]) -> None:
-        pass
+    def log(self, scalars: dict[str, float], step: int) -> None:
+        """``scalars``: ``{"<split>/<key>": value}``, the finite numbers of one metrics record at ``step``."""
 
     def close(self) -> None:
         pass
@@ -50,14 +49,11 @@ class WandbTracker(Tracker):
                               config=config, reinit="finish_previous")
         self.failed = False
 
-    def log(self, record: dict[str, Any]) -> None:
+    def log(self, scalars: dict[str, float], step: int) -> None:
         if self.failed:
             return
-        split, step = record.get("split", "train"), int(record["step"])
-        data = {f"{split}/{k}": v for k, v in record.items()
-                if k not in ("step", "split") and isinstance(v, (int, float)) and math.isfinite(v)}
         try:
-            self.run.log(data, step=step)
+            self.run.log(dict(scalars), step=step)
         except Exception as e:  # pragma: no cover - a network or disk problem of the tracker
             self.failed = True
             log.warning("wandb: logging failed (%s); tracking is off for the rest of this run", e)
