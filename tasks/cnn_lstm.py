@@ -24,7 +24,7 @@ It implements the model contract (:class:`omnibyte.model.api.StreamModel`) as a 
   outside ``answers`` gets weight 0;
 * :meth:`score` gives each candidate continuation of a prompt the log-softmax of its class: a candidate is
   an answer's UTF-8 bytes then EOS; any other token list (an answer outside ``answers``, a partial answer)
-  gets ``-inf``;
+  gets ``-inf``; :meth:`score_batch` does the same for many prompts in one forward;
 * :meth:`generate` answers with the argmax class's bytes then EOS (temperature > 0 samples a class from
   the softmax, with ``generator``).
 
@@ -211,6 +211,27 @@ class CNNLSTM(StreamModel):
             cls = self._candidate_class.get(tuple(int(t) for t in c))
             if cls is not None:
                 out[k] = logp[cls]
+        return out
+
+    @torch.no_grad()
+    def score_batch(self, prefixes, candidates) -> torch.Tensor:
+        """(B, K): row b = :meth:`score` of ``prefixes[b]`` (1-D, any lengths), in one forward: the prefixes are
+        padded with PAD (a special token, so it ends a segment as the end of a row does). Their images must
+        have one size, as in any batch (``model.input_size`` or a fixed ``serializer.image.size``)."""
+        rows = [_as_rows(p, self.device) for p in prefixes]
+        if any(r.shape[0] != 1 for r in rows):
+            raise ValueError("score_batch: each prefix must be a single sequence")
+        if not rows:
+            return torch.zeros(0, len(candidates))
+        x = torch.full((len(rows), max(r.shape[1] for r in rows)), vocab.PAD, dtype=torch.long, device=self.device)
+        for i, r in enumerate(rows):
+            x[i, : r.shape[1]] = r[0]
+        logp = torch.log_softmax(self._eval_logits(x).float(), dim=-1)  # (B, A)
+        out = torch.full((len(rows), len(candidates)), float("-inf"), device=logp.device)
+        classes = [self._candidate_class.get(tuple(int(t) for t in c)) for c in candidates]
+        known = [k for k, cls in enumerate(classes) if cls is not None]
+        if known:
+            out[:, known] = logp[:, [classes[k] for k in known]]
         return out
 
     @torch.no_grad()

@@ -89,6 +89,21 @@ def test_score_and_generate_follow_the_class_distribution():
         model.generate(prompt, 16, top_k=3)
 
 
+def test_score_batch_equals_score_row_by_row():
+    task, ser, model = setup()
+    prompts = [torch.as_tensor(ser.prompt(s).tokens.astype(np.int64)) for s in list(task.samples("train"))[:4]]
+    assert len({len(p) for p in prompts}) > 1  # prefixes of different lengths: padded in one batch
+    cands = [[*a.encode(), vocab.EOS] for a in reversed(model.answers)] + [list(b"maybe") + [vocab.EOS], list(b"yes")]
+    model.train()
+    batched = model.score_batch(prompts, cands)
+    assert model.training  # restored
+    rows = torch.stack([model.score(p, cands) for p in prompts])
+    assert batched.shape == (4, len(cands))
+    assert torch.equal(torch.isinf(batched), torch.isinf(rows)) and bool((batched[:, -2:] == -math.inf).all())
+    assert torch.allclose(batched[:, :-2], rows[:, :-2], atol=1e-5)
+    assert model.score_batch([], cands).shape == (0, len(cands))
+
+
 def test_learns_and_is_scored_by_the_task(tmp_path):
     task, ser, model = setup()
     batch = Batch.collate([ser(s) for s in task.samples("train")])
