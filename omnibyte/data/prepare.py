@@ -59,8 +59,8 @@ def prepare(config, overrides=(), *, out: str = "", splits: str | list[str] = ""
 
     from omnibyte.data.h5store import write_streams
     from omnibyte.data.shard_writer import write_shards
-    from omnibyte.data.sources import sample_meta, task_samples
-    from omnibyte.errors import DataError, SerializationError
+    from omnibyte.data.sources import sample_meta, serialize, task_samples
+    from omnibyte.errors import DataError
     from omnibyte.registry import SERIALIZERS, TASKS
     from omnibyte.runconfig import load_run_config
 
@@ -104,22 +104,14 @@ def prepare(config, overrides=(), *, out: str = "", splits: str | list[str] = ""
             n = json.loads(idx.read_text())["num_samples"]
             lines.append(f"{split}: {n} samples -> {out_dir}/{split}-*.tar" + _skips(skipped))
         if h5:
-            bad = {"n": 0}
-
-            def records(split=split, bad=bad):
-                for s in samples(split):
-                    try:
-                        yield serializer(s), sample_meta(s)
-                    except SerializationError:
-                        if policy == "fail":
-                            raise
-                        bad["n"] += 1
-
-            path = write_streams(records(), out_dir / f"{split}.h5", serializer_config=run_cfg.serializer,
+            bad: dict[str, int] = {}  # serialize's bad_samples count
+            records = ((stream, sample_meta(s)) for s, stream in
+                       serialize(((s, s) for s in samples()), serializer, policy, bad))
+            path = write_streams(records, out_dir / f"{split}.h5", serializer_config=run_cfg.serializer,
                                  task_config=run_cfg.task, split=split, total=total, progress=progress,
                                  extra=lambda skipped=skipped, bad=bad: {"task_skipped": skipped.get("task_skipped", 0),
-                                                                        "bad_samples": bad["n"]})
-            lines.append(f"{split}: streams -> {path}" + _skips({**skipped, "bad_samples": bad["n"]}))
+                                                                        "bad_samples": bad.get("bad_samples", 0)})
+            lines.append(f"{split}: streams -> {path}" + _skips({**skipped, "bad_samples": bad.get("bad_samples", 0)}))
     train = run_cfg.data.train_split
     if shards:
         lines.append(f"train on them: omnibyte train {config} data.source=shards data.path={out_dir}")
