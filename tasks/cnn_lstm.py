@@ -50,6 +50,8 @@ from omnibyte.registry import MODELS
 from omnibyte.stream import ByteStream
 from omnibyte.vocab import Modality
 
+from .vqa_eval import answer_candidates
+
 _WORD = re.compile(r"[a-z0-9]+")
 
 
@@ -110,8 +112,9 @@ class CNNLSTM(StreamModel):
             nn.Linear(cfg.mlp_hidden, len(cfg.answers)),
         )
         self.answer_index = {a: i for i, a in enumerate(cfg.answers)}
-        # a candidate continuation (answer bytes + EOS) -> its class
-        self._candidate_class = {(*a.encode("utf-8"), vocab.EOS): i for i, a in enumerate(cfg.answers)}
+        # each class as a continuation (answer bytes + EOS, as VQA ranking encodes it), and back
+        self._candidates = answer_candidates(cfg.answers)
+        self._candidate_class = {tuple(c): i for i, c in enumerate(self._candidates)}
         self.stream_meta = StreamMeta(vocab_size=vocab.VOCAB_SIZE, patch_product=1, max_len=None,
                                       per_token_losses=False)
         self.register_buffer("_mean", torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1), persistent=False)
@@ -250,7 +253,7 @@ class CNNLSTM(StreamModel):
         else:
             probs = torch.softmax(logits / temperature, dim=-1)
             classes = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1)
-        rows = [[*self.config.answers[int(c)].encode("utf-8"), vocab.EOS][:max_new_bytes] for c in classes.tolist()]
+        rows = [self._candidates[int(c)][:max_new_bytes] for c in classes.tolist()]
         width = max((len(r) for r in rows), default=0)
         out = torch.full((len(rows), width), vocab.PAD, dtype=torch.long)
         for i, r in enumerate(rows):

@@ -121,7 +121,7 @@ def decode_answer(tokens: Iterable[int]) -> str:
 
 def answer_candidates(labels: Sequence[str]) -> list[list[int]]:
     """Each answer of the closed set as the continuation of a prompt: its UTF-8 bytes, then EOS (as
-    ``qa``'s ``answer_tokens``)."""
+    ``qa``'s ``answer_tokens``; the CNN+LSTM baseline maps these to its classes)."""
     return [[*a.encode("utf-8"), vocab.EOS] for a in labels]
 
 
