@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from test_train_run import write_config
@@ -174,3 +175,112 @@ def test_a_real_full_disk(tmp_path, capsys):
         gc.collect()  # drop file handles of the failed run before unmounting
         if subprocess.run(["umount", str(mnt)], capture_output=True).returncode:
             subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+# --- bad evaluation data: refused before step 1, never after training -----------------------------------------
+
+CLEVR_MINI = Path(__file__).parent / "fixtures" / "clevr_mini"
+CLEVR_TINY = ["serializer.image.size=[16,12]", "model.stages.0.length=128", "data.seq_len=1024",
+              "train.steps=2", "train.eval_every=2", "train.ckpt_every=2", "train.progress=false", "preset=full",
+              "eval.report=false", "data.batch_size=2"] + [
+    f"model.stages.{i}.{k}={v}" for i in (0, 1) for k, v in (("width", 16), ("layers", 1))] + [
+    "model.stages.0.block.headdim=16", "model.stages.0.block.d_state=8", "model.stages.1.block.heads=2"]
+
+
+def _clevr_with_bad_val(tmp_path, which: tuple[str, ...]) -> Path:
+    import shutil
+
+    root = tmp_path / "clevr"
+    shutil.copytree(CLEVR_MINI, root)
+    for name in which:  # cut each named val image in half: a truncated PNG
+        img = root / "images" / "val" / name
+        img.write_bytes(img.read_bytes()[: img.stat().st_size // 2])
+    return root
+
+
+@pytest.mark.parametrize("policy", ["fail", "skip"])
+def test_bad_val_data_is_refused_before_step_1(tmp_path, capsys, policy):
+    """A bad val sample (fail policy), or a val split emptied by on_bad_sample=skip, used to surface only at the
+    first evaluation, after training; now the run refuses before step 1 and writes no checkpoint."""
+    bad = ("CLEVR_val_000000.png",) if policy == "fail" else ("CLEVR_val_000000.png", "CLEVR_val_000001.png")
+    root = _clevr_with_bad_val(tmp_path, bad)
+    runs = tmp_path / "runs"
+    rc = main(["train", "clevr_vqa_png", f"task.root={root}", f"task.on_bad_sample={policy}", *CLEVR_TINY,
+               f"out_dir={runs}", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err, err[-2000:]
+    assert ("val/0" in err and "truncated PNG" in err) if policy == "fail" else ("no rows" in err and "val" in err), err[-2000:]
+    run = runs / "clevr_vqa_png"
+    assert not list((run / "checkpoints").glob("step_*")) and not (run / "metrics.jsonl").exists()
+
+
+# --- real processes: kill -9 inside checkpoint writes, a second `omnibyte train` ------------------------------
+
+
+def _train_proc(cfg, *extra):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "omnibyte", "train", str(cfg), "--quiet", *extra], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _train_losses(run):
+    return {r["step"]: r["loss"] for r in read_metrics(run) if r["split"] == "train"}
+
+
+@pytest.mark.slow
+def test_kill_9_inside_checkpoint_writes_then_resume_follows_the_uninterrupted_curve(tmp_path):
+    """The process is killed (SIGKILL) while a checkpoint's temporary folder exists, three times; each resume
+    starts from the last complete checkpoint and the finished curve equals an uninterrupted run's, step for
+    step. (The in-process test of an interrupted write uses an exception; this one kills the process.)"""
+    import signal
+    import time
+
+    steps = 30
+    train = {"steps": steps, "log_every": 1, "ckpt_every": 1, "eval_every": 0, "keep_last": 2}
+    data = {"workers": 0}
+    ref_cfg = write_config(tmp_path, "ref", train=train, data=data)
+    assert main(["train", str(ref_cfg), "--quiet"]) == 0
+    ref = _train_losses(tmp_path / "runs" / "ref")
+
+    cfg = write_config(tmp_path, "killed", train=train, data=data)
+    ckdir = tmp_path / "runs" / "killed" / "checkpoints"
+    kills = 0
+    while kills < 3:
+        proc = _train_proc(cfg)
+        deadline, caught = time.time() + 60, False
+        while time.time() < deadline and proc.poll() is None:
+            if ckdir.is_dir() and any(e.name.startswith(".tmp-") for e in os.scandir(ckdir)):
+                caught = True
+                break
+        if not caught:  # the run ended (or never wrote) before a write could be caught
+            proc.kill()
+            proc.wait()
+            pytest.fail("no checkpoint write caught in flight: " + proc.stderr.read().decode()[-2000:])
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+    assert max(_train_losses(tmp_path / "runs" / "killed")) < steps  # the kills came before the end
+    assert main(["train", str(cfg), "--quiet"]) == 0
+    assert _train_losses(tmp_path / "runs" / "killed") == ref
+    assert not list(ckdir.glob(".tmp-*"))  # the dead writers' temporary folders are gone
+
+
+@pytest.mark.slow
+def test_a_second_train_process_on_a_running_run_refuses(tmp_path, capsys):
+    """Two `omnibyte train` processes on one run directory: the second refuses at once, naming the first's
+    pid; the first finishes its run untouched."""
+    import time
+
+    cfg = write_config(tmp_path, train={"steps": 400, "eval_every": 0, "ckpt_every": 100, "log_every": 10})
+    run = tmp_path / "runs" / "tiny"
+    first = _train_proc(cfg)
+    deadline = time.time() + 60
+    while time.time() < deadline and not _train_losses(run) and first.poll() is None:
+        time.sleep(0.05)
+    assert first.poll() is None, first.stderr.read().decode()[-2000:]
+    capsys.readouterr()
+    assert main(["train", str(cfg), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"pid {first.pid}" in err and "Traceback" not in err
+    assert first.wait(timeout=300) == 0, first.stderr.read().decode()[-2000:]
+    assert max(_train_losses(run)) == 400
