@@ -61,8 +61,10 @@ class Task:
     def split_meta(self, split: str) -> Iterator[dict[str, Any]]:
         """The non-bytes fields of every sample of ``split`` (default: from :meth:`samples`; tasks with an index
         override it so nothing large is read)."""
+        from omnibyte.data.sources import sample_meta
+
         for s in self.samples(split):
-            yield {k: v for k, v in s.items() if not isinstance(v, (bytes, bytearray, memoryview))}
+            yield sample_meta(s)
 
     def report(self, results: dict) -> list[str]:
         """A few human-readable lines summarising this task's ``evaluate`` results (default: none)."""

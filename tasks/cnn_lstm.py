@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from omnibyte import vocab
 from omnibyte.config import Node, poly
 from omnibyte.model.api import StreamMeta, StreamModel
+from omnibyte.model.inference.sampling import as_batch
 from omnibyte.registry import MODELS
 from omnibyte.stream import ByteStream
 from omnibyte.vocab import Modality
@@ -205,7 +206,7 @@ class CNNLSTM(StreamModel):
     def score(self, prefix, candidates) -> torch.Tensor:
         """(K,) log-probability of each candidate answer (UTF-8 bytes + EOS) of one prompt; ``-inf`` for a
         candidate that is not one of ``answers`` followed by EOS."""
-        x = _as_rows(prefix, self.device)
+        x = as_batch(prefix, self.device)
         if x.shape[0] != 1:
             raise ValueError("score: prefix must be a single sequence")
         logp = torch.log_softmax(self._eval_logits(x)[0].float(), dim=-1)  # (A,)
@@ -221,7 +222,7 @@ class CNNLSTM(StreamModel):
         """(B, K): row b = :meth:`score` of ``prefixes[b]`` (1-D, any lengths), in one forward: the prefixes are
         padded with PAD (a special token, so it ends a segment as the end of a row does). Their images must
         have one size, as in any batch (``model.input_size`` or a fixed ``serializer.image.size``)."""
-        rows = [_as_rows(p, self.device) for p in prefixes]
+        rows = [as_batch(p, self.device) for p in prefixes]
         if any(r.shape[0] != 1 for r in rows):
             raise ValueError("score_batch: each prefix must be a single sequence")
         if not rows:
@@ -246,7 +247,7 @@ class CNNLSTM(StreamModel):
         if top_k or top_p < 1.0:
             raise ValueError(f"{type(self).__name__}.generate: top_k / top_p are not supported (a classifier "
                              f"samples a class with temperature only)")
-        x = _as_rows(prompt, self.device)
+        x = as_batch(prompt, self.device)
         logits = self._eval_logits(x).float()
         if temperature <= 0:
             classes = logits.argmax(dim=-1)
@@ -268,19 +269,6 @@ class CNNLSTM(StreamModel):
             return self(tokens)
         finally:
             self.train(was_training)
-
-
-def _as_rows(prompt, device) -> torch.Tensor:
-    """A prompt ((B, P) or 1-D tensor, list of ints, bytes) as a (B, P) LongTensor on ``device``."""
-    if isinstance(prompt, (bytes, bytearray)):
-        prompt = list(prompt)
-    t = prompt if isinstance(prompt, torch.Tensor) else torch.tensor(list(prompt), dtype=torch.long)
-    t = t.to(device=device, dtype=torch.long)
-    if t.dim() == 1:
-        t = t[None]
-    if t.dim() != 2:
-        raise ValueError(f"prompt must be (B, P) or 1-D, got shape {tuple(t.shape)}")
-    return t
 
 
 def _segments(row: np.ndarray) -> dict[str, bytes]:

@@ -274,8 +274,7 @@ def score_stream(model: Any, stream: Any, context: int, stride: int, batch_size:
     n = len(tokens)
     wins = windows(n, context, stride)
     total = 0.0
-    p = next(iter(model.parameters()), None)
-    device = p.device if p is not None else torch.device("cpu")
+    device = model.device
     # windows of equal length are batched together (all but the last few have length `context`)
     by_len: dict[int, list[tuple[int, int, int]]] = {}
     for w in wins:

@@ -203,7 +203,7 @@ def evaluate_vqa(model: Any, items: Iterable[Any], *, split: str, labels: Sequen
         max_new_bytes = max(len(a.encode("utf-8")) for a in labels) + 8
     known = set(labels)
     cand_tokens = answer_candidates(labels)
-    device = _device(model)
+    device = model.device
 
     records: list[dict[str, Any]] = []
     seen: dict[str, int] = {}
@@ -285,13 +285,6 @@ def _record(item: Any, split: str, position: int, seen: dict[str, int]) -> dict[
     return {"id": qid, "question_index": meta.get("question_index"), "gold": str(gold),
             "qtype": meta.get("qtype", "unknown"), "family": meta.get("family", -1),
             "question": meta.get("question", "")}
-
-
-def _device(model: Any) -> Any:
-    import torch
-
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 def _chunks(it: Iterable[Any], n: int):
