@@ -85,11 +85,16 @@ def _unshare(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # save
 
 
+_TORCH_WRITE_FAILED = ("unexpected pos", "file write failed")
+
+
 def _space_error(e: BaseException, where: Path) -> BaseException | None:
     """A clear CheckpointError for a write that failed because the disk is full (torch reports ENOSPC as
     ``RuntimeError: [enforce fail at inline_container.cc] . unexpected pos``), else None."""
     full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
-    if not full and isinstance(e, (RuntimeError, OSError)):
+    # torch's writer loses the errno: its failed-write messages, on a disk that is (nearly) full, are taken as
+    # ENOSPC; any other error stays itself, however little space is left
+    if not full and isinstance(e, RuntimeError) and any(m in str(e) for m in _TORCH_WRITE_FAILED):
         try:
             full = shutil.disk_usage(where if where.exists() else where.parent).free < (64 << 20)
         except OSError:

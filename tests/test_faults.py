@@ -146,6 +146,9 @@ def test_torchs_unexpected_pos_error_on_a_full_disk_is_translated(tmp_path, monk
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(100, 100, 0))
     err = C._space_error(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0"), tmp_path)
     assert isinstance(err, C.CheckpointError) and "no space left on device" in str(err)
+    # other errors on a nearly full disk stay themselves (they used to be reported as a full disk)
+    assert C._space_error(RuntimeError("CUDA error: an illegal memory access"), tmp_path) is None
+    assert C._space_error(OSError(errno.EACCES, "Permission denied"), tmp_path) is None
 
 
 @pytest.mark.slow
