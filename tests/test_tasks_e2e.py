@@ -65,3 +65,24 @@ def test_pg19_train_eval_reports_bpb_and_word_ppl(tmp_path, capsys):
     assert main(["train", "pg19_to_clevr_png", f"task.root={FIXTURE}", "serializer.image.size=[16,12]",
                  f"train.init_from={runs / 'pg19_lm'}", *TINY_MBLM, *QUICK, "train.steps=1", f"out_dir={runs}",
                  "eval.max_samples=2", "--quiet"]) == 0
+
+
+def test_a_run_trained_from_shards_evaluates_on_its_shards_alone(tmp_path, capsys, monkeypatch):
+    """With data.source=shards and no task.root, `omnibyte eval` used to render the default generated CLEVR set
+    and report VQA accuracy on it beside bpb from the shards: two datasets in one report. Now every number
+    comes from the shards, and no default set is made."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("OMNIBYTE_CACHE", str(cache))
+    data, runs = tmp_path / "data", tmp_path / "runs"
+    common = ["serializer.image.size=[16,12]", "model.stages.0.length=128", "data.seq_len=1024"]
+    assert main(["prepare", "clevr_vqa_png", f"task.root={FIXTURE}", *common, "--out", str(data),
+                 "--no-progress"]) == 0
+    assert main(["train", "clevr_vqa_png", *common, *TINY_MBLM, *QUICK, "data.source=shards", f"data.path={data}",
+                 f"out_dir={runs}", "--quiet"]) == 0
+    res = _eval(runs / "clevr_vqa_png", capsys)
+    val = json.loads((FIXTURE / "questions" / "CLEVR_val_questions.json").read_text())["questions"]
+    assert res["data_source"] == "shards" and res["task"]["num_samples"] == len(val)
+    preds = (runs / "clevr_vqa_png" / "eval").glob("*pred*")
+    ids = {json.loads(line)["id"] for p in preds for line in p.read_text().splitlines() if line.strip()}
+    assert ids and all("val" in i for i in ids)
+    assert not list(cache.glob("clevr-synth-*"))  # no default set was rendered
