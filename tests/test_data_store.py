@@ -254,3 +254,22 @@ def test_prepare_arguments_and_generators(tmp_path, capsys):
     assert main(["prepare", "--no-progress", "debug_tiny", "task.samples={train: 6, validation: 2}",
                  "--out", str(tmp_path / "t"), "--shard-samples", "4"]) == 0  # options before and after
     assert len(list_shards(tmp_path / "t", "train")) == 2 and num_samples(tmp_path / "t", "validation") == 2
+
+
+def test_prepare_reads_each_split_once_for_shards_and_h5(tmp_path, monkeypatch):
+    from omnibyte.data.prepare import prepare
+
+    cls = type(clevr())
+    reads: list[str] = []
+    original = cls.samples
+
+    def samples(self, split):
+        reads.append(split)
+        return original(self, split)
+
+    monkeypatch.setattr(cls, "samples", samples)
+    lines = prepare("clevr_vqa_png", [f"task.root={FIXTURE}"], out=str(tmp_path), splits="train,val", h5=True,
+                    progress=False)
+    assert reads == ["train", "val"]  # one pass feeds both writers
+    assert lines[0].startswith("train: 8 samples") and len(H5Streams(tmp_path / "train.h5")) == 8
+    assert list(ShardSet(tmp_path, "val").read()) == list(clevr().samples("val"))

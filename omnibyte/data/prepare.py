@@ -49,16 +49,30 @@ def _skips(counts: dict[str, int]) -> str:
     return f" ({', '.join(said)}; on_bad_sample=skip)" if said else ""
 
 
+def _through(samples, writer, state: dict):
+    """``samples`` as they come, each added to the shard ``writer`` (if any) on its way; ``state["failed"]``
+    is set when reading or adding one raised."""
+    try:
+        for s in samples:
+            if writer is not None:
+                writer.add(s)
+            yield s
+    except Exception:
+        state["failed"] = True
+        raise
+
+
 def prepare(config, overrides=(), *, out: str = "", splits: str | list[str] = "", h5: bool = False,
             shards: bool = True, max_samples: int = 0, shard_samples: int = 10_000, shard_mb: int = 256,
             progress: bool = True) -> list[str]:
     """Write the shards (and h5 stores) of ``config``'s splits; returns what to tell the user."""
+    import collections
+    import contextlib
     import itertools
-    import json
     from pathlib import Path
 
     from omnibyte.data.h5store import write_streams
-    from omnibyte.data.shard_writer import write_shards
+    from omnibyte.data.shard_writer import ShardWriter
     from omnibyte.data.sources import sample_meta, serialize, task_samples
     from omnibyte.errors import DataError
     from omnibyte.registry import SERIALIZERS, TASKS
@@ -89,28 +103,43 @@ def prepare(config, overrides=(), *, out: str = "", splits: str | list[str] = ""
         total = task.num_samples(split)
         if total is not None and max_samples:
             total = min(total, max_samples)
-        skipped: dict[str, int] = {}  # task_skipped of the latest pass (each pass counts them all)
+        skipped: dict[str, int] = {}  # the task's skips (task_skipped), counted in the one pass over the split
+        bad: dict[str, int] = {}  # serialize's bad_samples
+        samples = (s for _, s in task_samples(task, split, skipped))
+        if max_samples:
+            samples = itertools.islice(samples, max_samples)
 
-        def samples(split=split, skipped=skipped):
-            skipped.clear()
-            it = (s for _, s in task_samples(task, split, skipped))
-            return itertools.islice(it, max_samples) if max_samples else it
+        def shard_extra(skipped=skipped):
+            return {"config": run_cfg.run_name, "task_skipped": skipped.get("task_skipped", 0)}
 
-        if shards:
-            idx = write_shards(samples(), out_dir, split, max_count=shard_samples, max_bytes=shard_mb << 20,
-                               total=total, progress=progress, task=run_cfg.task, serializer=run_cfg.serializer,
-                               extra=lambda skipped=skipped: {"config": run_cfg.run_name,
-                                                             "task_skipped": skipped.get("task_skipped", 0)})
-            n = json.loads(idx.read_text())["num_samples"]
-            lines.append(f"{split}: {n} samples -> {out_dir}/{split}-*.tar" + _skips(skipped))
+        with contextlib.ExitStack() as stack:  # a writer left unfinished removes its partial shard
+            writer = stack.enter_context(ShardWriter(
+                out_dir, split, max_count=shard_samples, max_bytes=shard_mb << 20, total=total, progress=progress,
+                task=run_cfg.task, serializer=run_cfg.serializer)) if shards else None
+            state = {"failed": False}
+            passed = _through(samples, writer, state)
+            if h5:
+                records = ((stream, sample_meta(s)) for s, stream in
+                           serialize(((s, s) for s in passed), serializer, policy, bad))
+                try:
+                    path = write_streams(records, out_dir / f"{split}.h5", serializer_config=run_cfg.serializer,
+                                         task_config=run_cfg.task, split=split, total=total, progress=progress,
+                                         extra=lambda skipped=skipped, bad=bad: {
+                                             "task_skipped": skipped.get("task_skipped", 0),
+                                             "bad_samples": bad.get("bad_samples", 0)})
+                except Exception:
+                    if writer is not None and not state["failed"]:
+                        # the store failed, not the samples: the shards are completed all the same, as they
+                        # were when written in a pass of their own before the store's
+                        collections.deque(passed, maxlen=0)
+                        writer.finish(shard_extra)
+                    raise
+            else:
+                collections.deque(passed, maxlen=0)
+            if writer is not None:
+                n = writer.finish(shard_extra)["num_samples"]
+                lines.append(f"{split}: {n} samples -> {out_dir}/{split}-*.tar" + _skips(skipped))
         if h5:
-            bad: dict[str, int] = {}  # serialize's bad_samples count
-            records = ((stream, sample_meta(s)) for s, stream in
-                       serialize(((s, s) for s in samples()), serializer, policy, bad))
-            path = write_streams(records, out_dir / f"{split}.h5", serializer_config=run_cfg.serializer,
-                                 task_config=run_cfg.task, split=split, total=total, progress=progress,
-                                 extra=lambda skipped=skipped, bad=bad: {"task_skipped": skipped.get("task_skipped", 0),
-                                                                        "bad_samples": bad.get("bad_samples", 0)})
             lines.append(f"{split}: streams -> {path}" + _skips({**skipped, "bad_samples": bad.get("bad_samples", 0)}))
     train = run_cfg.data.train_split
     if shards:

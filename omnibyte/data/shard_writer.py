@@ -86,73 +86,105 @@ def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     tar.addfile(info, io.BytesIO(payload))
 
 
+class ShardWriter:
+    """Writes the shards of ``split`` into ``directory`` one sample at a time (:meth:`add`), then the index
+    (:meth:`finish`); :func:`write_shards` over an iterable. Old shards of the split are removed when it is
+    made. As a context manager, a writer left without :meth:`finish` removes its partly written shard.
+
+    A shard is closed after ``max_count`` samples or ``max_bytes`` of payload. ``task`` / ``serializer``:
+    the configs recorded in the index (the task's is required to train from the shards).
+    """
+
+    def __init__(self, directory: str | os.PathLike, split: str, *, max_count: int = 10_000,
+                 max_bytes: int = 256 << 20, total: int | None = None, progress: bool = True, task: Any = None,
+                 serializer: Any = None):
+        from tqdm.auto import tqdm
+
+        if max_count < 1 or max_bytes < 1:
+            raise ValueError("write_shards: max_count and max_bytes must be >= 1")
+        self.out, self.split = Path(directory), split
+        self.max_count, self.max_bytes = max_count, max_bytes
+        self.task, self.serializer = task, serializer
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.path = self.out / index_name(split)
+        if self.path.exists():
+            self.path.unlink()  # the split is incomplete until the new index lands
+        for old in self.out.glob(f"{split}-*.tar"):
+            old.unlink()
+        self.shards: list[dict[str, Any]] = []
+        self._tar: tarfile.TarFile | None = None
+        self._tmp: Path | None = None
+        self._count = self._size = self.n = 0
+        self._answers = AnswerSet()
+        self._bar = tqdm(total=total, desc=f"shards {split}", unit="sample", disable=not progress)
+
+    def _close(self) -> None:
+        if self._tar is None:
+            return
+        self._tar.close()
+        final = self.out / f"{self.split}-{len(self.shards):06d}.tar"
+        os.replace(self._tmp, final)
+        self.shards.append({"name": final.name, "samples": self._count, "bytes": final.stat().st_size})
+        self._tar = self._tmp = None
+
+    def add(self, sample: dict[str, Any]) -> None:
+        members = encode_sample(sample, f"{self.n:09d}")
+        self._answers.add(sample)
+        payload = sum(len(p) for _, p in members)
+        if self._tar is not None and (self._count >= self.max_count
+                                      or (self._count and self._size + payload > self.max_bytes)):
+            self._close()
+        if self._tar is None:
+            self._tmp = self.out / f".{self.split}-{len(self.shards):06d}.tar.tmp"
+            self._tar = tarfile.open(self._tmp, "w", format=tarfile.PAX_FORMAT)
+            self._count = self._size = 0
+        for name, data in members:
+            _add(self._tar, name, data)
+        self._count += 1
+        self._size += payload
+        self.n += 1
+        self._bar.update(1)
+
+    def abort(self) -> None:
+        """Close without an index, removing the shard being written."""
+        self._bar.close()
+        if self._tar is not None:
+            self._tar.close()
+            if self._tmp is not None and self._tmp.exists():
+                self._tmp.unlink()
+            self._tar = self._tmp = None
+
+    def finish(self, extra: dict[str, Any] | Callable[[], dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Close the last shard and write the index; returns it. ``extra``: more index fields, or a function
+        called now, after the last sample (e.g. for a skip count)."""
+        try:
+            self._close()
+        finally:
+            self.abort()
+        more = extra() if callable(extra) else (extra or {})
+        index = {"format": FORMAT, "split": self.split, "num_samples": self.n, "shards": self.shards,
+                 **store_record(self.task, self.serializer), "answers": self._answers.result(), **more}
+        tmp_idx = self.path.with_suffix(".json.tmp")
+        tmp_idx.write_text(json.dumps(index, indent=1, sort_keys=False) + "\n")
+        os.replace(tmp_idx, self.path)
+        return index
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.abort()
+
+
 def write_shards(samples: Iterable[dict[str, Any]], directory: str | os.PathLike, split: str, *,
                  max_count: int = 10_000, max_bytes: int = 256 << 20, total: int | None = None,
                  progress: bool = True, task: Any = None, serializer: Any = None,
                  extra: dict[str, Any] | Callable[[], dict[str, Any]] | None = None) -> Path:
-    """Write ``samples`` as shards of ``split`` into ``directory``; returns the index file's path.
-
-    A shard is closed after ``max_count`` samples or ``max_bytes`` of payload. ``task`` / ``serializer``:
-    the configs recorded in the index (the task's is required to train from the shards). ``extra``: more
-    index fields, or a function called once the samples are exhausted (e.g. for a skip count). Old shards
-    of the split are replaced.
-    """
-    from tqdm.auto import tqdm
-
-    if max_count < 1 or max_bytes < 1:
-        raise ValueError("write_shards: max_count and max_bytes must be >= 1")
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    idx = out / index_name(split)
-    if idx.exists():
-        idx.unlink()  # the split is incomplete until the new index lands
-    for old in out.glob(f"{split}-*.tar"):
-        old.unlink()
-    shards: list[dict[str, Any]] = []
-    tar: tarfile.TarFile | None = None
-    tmp: Path | None = None
-    count = size = n = 0
-    answers = AnswerSet()
-
-    def close() -> None:
-        nonlocal tar, tmp
-        if tar is None:
-            return
-        tar.close()
-        final = out / f"{split}-{len(shards):06d}.tar"
-        os.replace(tmp, final)
-        shards.append({"name": final.name, "samples": count, "bytes": final.stat().st_size})
-        tar = tmp = None
-
-    bar = tqdm(total=total, desc=f"shards {split}", unit="sample", disable=not progress)
-    try:
+    """Write ``samples`` as shards of ``split`` into ``directory`` (:class:`ShardWriter`); returns the index
+    file's path. ``extra``: more index fields, or a function called once the samples are exhausted."""
+    with ShardWriter(directory, split, max_count=max_count, max_bytes=max_bytes, total=total, progress=progress,
+                     task=task, serializer=serializer) as w:
         for sample in samples:
-            members = encode_sample(sample, f"{n:09d}")
-            answers.add(sample)
-            payload = sum(len(p) for _, p in members)
-            if tar is not None and (count >= max_count or (count and size + payload > max_bytes)):
-                close()
-            if tar is None:
-                tmp = out / f".{split}-{len(shards):06d}.tar.tmp"
-                tar = tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT)
-                count = size = 0
-            for name, data in members:
-                _add(tar, name, data)
-            count += 1
-            size += payload
-            n += 1
-            bar.update(1)
-        close()
-    finally:
-        bar.close()
-        if tar is not None:
-            tar.close()
-            if tmp is not None and tmp.exists():
-                tmp.unlink()
-    more = extra() if callable(extra) else (extra or {})
-    index = {"format": FORMAT, "split": split, "num_samples": n, "shards": shards,
-             **store_record(task, serializer), "answers": answers.result(), **more}
-    tmp_idx = idx.with_suffix(".json.tmp")
-    tmp_idx.write_text(json.dumps(index, indent=1, sort_keys=False) + "\n")
-    os.replace(tmp_idx, idx)
-    return idx
+            w.add(sample)
+        w.finish(extra)
+    return w.path
