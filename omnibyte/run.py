@@ -210,12 +210,24 @@ def load_run(run_dir: str | Path, checkpoint: str | int | None = None, *, device
 
 def training_meta(cfg: RunConfig, task, serializer):
     """The metadata of the run's training split from its own data source (for reference baselines such as the
-    VQA answer prior): the task's index for ``data.source=task``, else the prepared store's records."""
+    VQA answer prior): the task's index for ``data.source=task``, else the prepared store's records, read
+    without serializing anything (the raw samples' non-bytes fields for shards, the per-stream meta of an h5
+    store), lazily."""
     if cfg.data.source == "task":
         return task.split_meta(cfg.data.train_split)
-    from .data.items import eval_items
+    return _stored_meta(cfg, task, serializer, cfg.data.train_split)
 
-    return (item.meta for item in eval_items(cfg.data, task, serializer, cfg.data.train_split))
+
+def _stored_meta(cfg: RunConfig, task, serializer, split: str):
+    from .data.sources import open_h5, sample_meta, split_samples
+
+    if cfg.data.source == "h5":
+        store = open_h5(cfg.data, task, serializer, split, training=False)  # the store eval_items reads
+        for i in range(len(store)):
+            yield store.meta(i)
+    else:
+        for _, sample in split_samples(cfg.data, task, split, {}):
+            yield sample_meta(sample)
 
 
 def report_lines(run: Run, results: dict[str, Any]) -> list[str]:

@@ -22,6 +22,28 @@ def test_answer_prior_is_the_majority_training_answer_per_family():
     assert out["accuracy"] == 0.5
 
 
+def test_the_prior_reads_the_same_training_meta_from_every_source(tmp_path):
+    from omnibyte.data import eval_items
+    from omnibyte.data.prepare import prepare
+    from omnibyte.registry import SERIALIZERS, TASKS
+    from omnibyte.run import training_meta
+
+    out = tmp_path / "prepared"
+    assert prepare("clevr_vqa_png", [f"task.root={FIXTURE}"], out=str(out), h5=True, splits="train", progress=False)
+    val = [{"answer": "yes", "family": 1, "qtype": "exist"}, {"answer": "2", "family": 2, "qtype": "count"}]
+    priors = {}
+    for source, path in (("task", ""), ("shards", str(out)), ("h5", str(out / "train.h5"))):
+        cfg = load_run_config("clevr_vqa_png", [f"task.root={FIXTURE}", f"data.source={source}", f"data.path={path}"])
+        task, ser = TASKS.build(cfg.task), SERIALIZERS.build(cfg.serializer)
+        meta = list(training_meta(cfg, task, ser))
+        assert len(meta) == 8 and all("answer" in m and "family" in m for m in meta), source
+        if source != "task":  # the metadata of the serialized items, without serializing them
+            assert meta == [it.meta for it in eval_items(cfg.data, task, ser, cfg.data.train_split)], source
+        priors[source] = answer_prior(meta, [v["answer"] for v in val], [v["family"] for v in val],
+                                      [v["qtype"] for v in val])
+    assert priors["task"] and priors["shards"] == priors["h5"] == priors["task"]
+
+
 def test_training_ends_with_a_vqa_report(tmp_path, caplog):
     cfg = load_run_config("clevr_vqa_pixels", [
         f"task.root={FIXTURE}", "preset=cpu", f"out_dir={tmp_path / 'runs'}", "serializer.image.size=[8,6]",
