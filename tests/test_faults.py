@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from test_train_run import write_config
 
 from omnibyte.cli import main
@@ -287,3 +288,21 @@ def test_a_second_train_process_on_a_running_run_refuses(tmp_path, capsys):
     assert f"pid {first.pid}" in err and "Traceback" not in err
     assert first.wait(timeout=300) == 0, first.stderr.read().decode()[-2000:]
     assert max(_train_losses(run)) == 400
+
+
+def test_resuming_under_another_world_size_refuses_and_says_what_to_do(two_ckpts):
+    """A checkpoint of a 1-process run resumed by 2 processes (each owns a fixed slice of the data stream):
+    a clear refusal naming both counts and the way on (a new run with train.init_from), nothing loaded."""
+    from omnibyte.checkpointer import Checkpointer, ResumeError
+    from omnibyte.model import build_model
+    from omnibyte.parallel import DistInfo
+
+    _, run, newest, _ = two_ckpts
+    model = build_model({"stages": [{"length": 8, "width": 16, "layers": 1}]})
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    saver = Checkpointer(run / "checkpoints", DistInfo(rank=0, world=2), model, opt, sched, keep_last=2)
+    with pytest.raises(ResumeError, match=r"written by 1 process\(es\); this run has 2.*train.init_from="):
+        saver.restore(newest)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
