@@ -196,16 +196,8 @@ def eval_streams(cfg, task, serializer, split: str, *, max_samples: int = 0, sta
     samples = split_samples(cfg, task, split, stats)
     if max_samples:
         samples = islice(samples, max_samples)
-    held: dict[int, dict] = {}
-
-    def keep(it):
-        for j, s in it:
-            held.clear()
-            held[j] = s
-            yield j, s
-
-    for j, stream in serialize(keep(samples), serializer, policy_of(task), stats, log):
-        yield (stream, sample_meta(held[j]), held[j]) if with_samples else stream
+    for s, stream in serialize(((s, s) for _, s in samples), serializer, policy_of(task), stats, log):
+        yield (stream, sample_meta(s), s) if with_samples else stream
 
 
 def eval_batches(cfg, task, serializer, split: str, *, max_samples: int = 0, batch_size: int = 0,
