@@ -95,13 +95,20 @@ def h5_path(path: str, split: str, training: bool) -> Path:
     return p
 
 
-def open_h5(cfg, task, serializer, split: str, *, training: bool):
-    from .h5store import H5Streams
-
+def h5_file(cfg, split: str, training: bool) -> Path:
+    """The existing h5 store of ``split`` under ``cfg.path`` (:func:`h5_path`), else a ``DataError`` naming
+    the command that writes it."""
     p = h5_path(cfg.path, split, training)
     if not p.is_file():
         raise DataError(f"data.source=h5: no store for split {split!r} at {p}; write it with "
                         f"`omnibyte prepare <config> --h5 --splits {split}`")
+    return p
+
+
+def open_h5(cfg, task, serializer, split: str, *, training: bool):
+    from .h5store import H5Streams
+
+    p = h5_file(cfg, split, training)
     store = H5Streams(p)
     return store.check(task.name, serializer.config, where=f"data.path={cfg.path} ({p.name})")
 
@@ -132,11 +139,7 @@ def recorded_answers(data_cfg, split: str) -> tuple[str, ...] | None:
     if data_cfg.source == "h5":
         from .h5store import H5Streams
 
-        p = h5_path(data_cfg.path, split, training=split == data_cfg.train_split)
-        if not p.is_file():
-            raise DataError(f"data.source=h5: no store for split {split!r} at {p}; write it with "
-                            f"`omnibyte prepare <config> --h5 --splits {split}`")
-        return H5Streams(p).answers
+        return H5Streams(h5_file(data_cfg, split, training=split == data_cfg.train_split)).answers
     return None
 
 
