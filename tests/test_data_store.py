@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from omnibyte.data.h5store import H5Streams, write_streams
-from omnibyte.data.shards import ShardSet, list_shards, num_samples, read_index, shard_samples, write_shards
+from omnibyte.data.shards import ShardSet, write_shards
 from omnibyte.errors import DataError
 from omnibyte.registry import TASKS
 from omnibyte.stream import ByteStream
@@ -33,16 +33,16 @@ def test_shards_round_trip_raw_samples(tmp_path):
     write_shards(t.samples("train"), tmp_path, "train", max_count=3, progress=False, task=t.config)
     shards = ShardSet(tmp_path, "train")
     assert [Path(u).name for u in shards.urls] == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
-    assert shards.counts == [3, 3, 2] and num_samples(tmp_path, "train") == 8
-    back = list(shard_samples(tmp_path, "train"))
+    assert shards.counts == [3, 3, 2] and len(ShardSet(tmp_path, "train")) == 8
+    back = list(ShardSet(tmp_path, "train").read())
     assert back == list(t.samples("train"))  # images are the same undecoded file bytes, all fields kept
     assert list(shards.read([1])) == back[3:6]
     assert list(shards.read([2, 0], start=1)) == back[7:8] + back[0:3]  # seeks over whole shards by their counts
     assert list(shards.read(start=4)) == back[4:]
     first = digests(map(Path, shards.urls))
     write_shards(t.samples("train"), tmp_path, "train", max_count=3, progress=False, task=t.config)
-    assert digests(map(Path, list_shards(tmp_path, "train"))) == first  # deterministic bytes
-    index = read_index(tmp_path, "train")
+    assert digests(map(Path, ShardSet(tmp_path, "train").urls)) == first  # deterministic bytes
+    index = ShardSet(tmp_path, "train").index
     assert index["task"]["name"] == "clevr_vqa" and index["contract_version"] == 1
     assert index["answers"] == sorted({s["answer"] for s in back})
 
@@ -52,22 +52,22 @@ def test_shards_long_text_and_webdataset_reads_them(tmp_path):
 
     samples = [{"id": "b1", "text": "é" * 5000 + "\x00", "n": 1}, {"id": "b2", "text": "short", "blob": b"\x00\xff"}]
     write_shards(iter(samples), tmp_path, "test", progress=False)
-    assert list(shard_samples(tmp_path, "test")) == samples
-    got = list(wds.WebDataset(list_shards(tmp_path, "test"), shardshuffle=False))
+    assert list(ShardSet(tmp_path, "test").read()) == samples
+    got = list(wds.WebDataset(ShardSet(tmp_path, "test").urls, shardshuffle=False))
     assert sorted(k for k in got[0] if not k.startswith("__")) == ["json", "text.txt"]
     assert got[1]["blob.bin"] == b"\x00\xff" and json.loads(got[1]["json"])["text"] == "short"
-    assert read_index(tmp_path, "test")["answers"] is None  # no sample has an answer
+    assert ShardSet(tmp_path, "test").index["answers"] is None  # no sample has an answer
 
 
 def test_shards_errors(tmp_path):
     with pytest.raises(DataError, match="omnibyte prepare <config> --splits train"):
-        list_shards(tmp_path, "train")
+        ShardSet(tmp_path, "train")
     write_shards(clevr().samples("val"), tmp_path, "val", max_count=2, progress=False, task=clevr().config)
     with pytest.raises(DataError, match=r"prepared splits: val"):
-        list(shard_samples(tmp_path, "train"))
+        list(ShardSet(tmp_path, "train").read())
     (tmp_path / "val-000001.tar").unlink()
     with pytest.raises(DataError, match="val-000001.tar: shard listed"):
-        list_shards(tmp_path, "val")
+        ShardSet(tmp_path, "val")
     (tmp_path / "val-000000.tar").write_bytes(b"not a tar")
     write_shards(clevr().samples("val"), tmp_path / "other", "val", max_count=1, progress=False)
     (tmp_path / "val-000001.tar").write_bytes((tmp_path / "other" / "val-000000.tar").read_bytes())
@@ -175,8 +175,8 @@ def test_prepare_command_writes_shards_and_h5(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "data.source=shards" in printed and "data.source=h5" in printed
     t = clevr()
-    assert list(shard_samples(out, "val")) == list(t.samples("val"))
-    assert len(list_shards(out, "train")) == 2
+    assert list(ShardSet(out, "val").read()) == list(t.samples("val"))
+    assert len(ShardSet(out, "train").urls) == 2
     from omnibyte.registry import SERIALIZERS
     from omnibyte.runconfig import load_run_config
 
@@ -222,11 +222,11 @@ def test_prepare_records_metadata_answers_and_skips(tmp_path, capsys):
                  "--h5", "--no-progress", "--splits", "train"]) == 0
     printed = capsys.readouterr().out
     assert "task skipped" in printed
-    index = read_index(out, "train")
+    index = ShardSet(out, "train").index
     store = H5Streams(out / "train.h5")
     assert index["task_skipped"] == store.attrs["task_skipped"] > 0
     assert index["num_samples"] == len(store) == 8 - index["task_skipped"]
-    kept = list(shard_samples(out, "train"))
+    kept = list(ShardSet(out, "train").read())
     assert [store.meta(i) for i in range(len(store))] == [{k: v for k, v in s.items() if k != "image"} for s in kept]
     answers = tuple(sorted({s["answer"] for s in kept}))
     for source, path in (("shards", str(out)), ("h5", str(out / "train.h5"))):
@@ -253,7 +253,7 @@ def test_prepare_arguments_and_generators(tmp_path, capsys):
     assert e.value.code == 0 and "--questions-per-image" in capsys.readouterr().out  # the generator's own help
     assert main(["prepare", "--no-progress", "debug_tiny", "task.samples={train: 6, validation: 2}",
                  "--out", str(tmp_path / "t"), "--shard-samples", "4"]) == 0  # options before and after
-    assert len(list_shards(tmp_path / "t", "train")) == 2 and num_samples(tmp_path / "t", "validation") == 2
+    assert len(ShardSet(tmp_path / "t", "train").urls) == 2 and len(ShardSet(tmp_path / "t", "validation")) == 2
 
 
 def test_prepare_reads_each_split_once_for_shards_and_h5(tmp_path, monkeypatch):

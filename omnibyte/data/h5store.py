@@ -44,7 +44,7 @@ def write_streams(records: Iterable[ByteStream | tuple[ByteStream, dict[str, Any
     """Write streams to ``path`` (via a temporary file renamed at the end); returns the path.
 
     ``records`` are streams or ``(stream, meta)`` pairs, ``meta`` being the sample's non-bytes fields
-    (:func:`.items.sample_meta`; default ``{"id": stream.id}``). ``extra``: more attributes, or a function
+    (:func:`.sources.sample_meta`; default ``{"id": stream.id}``). ``extra``: more attributes, or a function
     called once the records are exhausted (e.g. for skip counts).
     """
     import h5py

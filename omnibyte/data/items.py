@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..stream import ByteStream
-from .sources import sample_meta  # noqa: F401  (re-exported)
 
 
 @dataclass(frozen=True)

@@ -149,8 +149,3 @@ class Shuffle:
             k = int(rng.integers(len(held)))
             held[k], held[-1] = held[-1], held[k]
             yield held.pop()
-
-
-def shuffled(items: Iterable, buffer: int, rng: np.random.Generator) -> Iterator:
-    """Buffer shuffle of ``items`` (see :class:`Shuffle`)."""
-    return Shuffle(buffer, rng).run(items)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
 from typing import Any
 
 from ..errors import DataError
@@ -66,13 +65,6 @@ class AnswerSet:
 
     def result(self) -> list[str] | None:
         return sorted(self.values) if self.any else None
-
-
-def answers(samples: Iterable[dict[str, Any]]) -> list[str] | None:
-    acc = AnswerSet()
-    for s in samples:
-        acc.add(s)
-    return acc.result()
 
 
 def _short(cfg: Any) -> str:

@@ -190,21 +190,3 @@ class ShardSet:
                 continue
             yield from self._one(i, start)
             start = 0
-
-
-def read_index(path: str | os.PathLike, split: str) -> dict[str, Any]:
-    return ShardSet(path, split).index
-
-
-def list_shards(path: str | os.PathLike, split: str) -> list[str]:
-    """The shard URLs (local paths) of ``split`` in order."""
-    return ShardSet(path, split).urls
-
-
-def num_samples(path: str | os.PathLike, split: str) -> int:
-    return len(ShardSet(path, split))
-
-
-def shard_samples(path: str | os.PathLike, split: str) -> Iterator[dict[str, Any]]:
-    """Every sample of a prepared split, in order."""
-    yield from ShardSet(path, split).read()
