@@ -35,13 +35,10 @@ import torch
 
 from . import vocab
 from .rng import rng_state, set_rng_state  # noqa: F401  (re-exported)
+from .weights import save_weights, select_stages  # noqa: F401  (select_stages re-exported)
 
 log = logging.getLogger("omnibyte.checkpoint")
 STEP_RE = re.compile(r"^step_(\d+)$")
-# weights of model stage i: ``blocks.i.*``, ``start.i``, ``patch_embed.i.*`` (its unit embedding), ``to_next.i.*``
-# (its context projection); the byte embedding and the head belong to the innermost stage
-STAGE_KEY_RE = re.compile(r"^(?:blocks|start|patch_embed|to_next|stages)\.(\d+)(?:\.|$)")
-INNER_KEY_RE = re.compile(r"^(?:embed|head)(?:\.|$)")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -65,20 +62,6 @@ def write_text_atomic(path: Path, text: str) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
-
-
-def _unshare(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Contiguous CPU tensors with no shared storage (safetensors refuses tied weights; load copies back)."""
-    seen: set[tuple[int, int]] = set()
-    out = {}
-    for k, t in state.items():
-        t = t.detach().to("cpu")
-        key = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else (0, id(t))
-        if key in seen or not t.is_contiguous():
-            t = t.contiguous().clone()
-        seen.add(key)
-        out[k] = t
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,10 +101,7 @@ def begin_checkpoint(ckpt_dir: str | os.PathLike, step: int, tag: str | None = N
 
 def write_full_weights(tmp: Path, step: int, model_state: dict[str, torch.Tensor], optim_state: dict[str, Any]) -> None:
     """The unsharded payload of a one-process run: ``model.safetensors`` and ``optimizer.pt``."""
-    from safetensors.torch import save_file
-
-    meta = {"step": str(step), "contract_version": str(vocab.CONTRACT_VERSION), "format": "omnibyte-1"}
-    save_file(_unshare(model_state), str(tmp / "model.safetensors"), metadata=meta)
+    save_weights(tmp / "model.safetensors", model_state, step)
     torch.save(optim_state, tmp / "optimizer.pt")
 
 
@@ -374,23 +354,3 @@ def load_rng(ckpt: Path) -> list[dict]:
     """The RNG states of every rank (weights_only: no code unpickled)."""
     path = Path(ckpt) / "rng.pt"
     return _load(path, "RNG states", lambda: torch.load(path, map_location="cpu", weights_only=True))
-
-
-def select_stages(weights: dict[str, torch.Tensor], stages: tuple[int, ...]) -> dict[str, torch.Tensor]:
-    """The weights of the given model stages only (see STAGE_KEY_RE); all weights when ``stages`` is empty.
-    Negative indices count from the innermost stage (-1 = the byte-level stage with embedding and head)."""
-    if not stages:
-        return dict(weights)
-    num = 1 + max((int(m.group(1)) for k in weights if (m := STAGE_KEY_RE.match(k))), default=0)
-    if any(not -num <= s < num for s in stages):
-        raise ValueError(f"init_stages={list(stages)}: the checkpoint has stages 0..{num - 1}")
-    wanted = {s % num for s in stages}
-    out = {}
-    for k, v in weights.items():
-        m = STAGE_KEY_RE.match(k)
-        stage = int(m.group(1)) if m else (num - 1 if INNER_KEY_RE.match(k) else None)
-        if stage in wanted:
-            out[k] = v
-    if not out:
-        raise ValueError(f"init_stages={list(stages)}: no weights of those stages in the checkpoint")
-    return out

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from test_train_run import write_config
 
 from omnibyte.checkpoint import latest_checkpoint, read_state
@@ -39,6 +40,15 @@ def test_torchrun_two_cpu_processes(tmp_path, strategy):
     assert state["config"]["train"]["precision"] == ("bf16" if strategy == "fsdp2" else "auto")
     # the sharded checkpoint of a multi-process run loads in one CPU process
     assert main(["eval", str(run), "eval.per_token=false"]) == 0
+    # and exports as one safetensors file, equal to the sharded weights
+    from safetensors.torch import load_file
+
+    from omnibyte.checkpoint import load_weights
+
+    out = tmp_path / f"{strategy}.safetensors"
+    assert main(["export", str(run), "--checkpoint", "latest", "--out", str(out)]) == 0
+    exported, sharded = load_file(str(out)), load_weights(ckpt)
+    assert exported.keys() == sharded.keys() and all(torch.equal(exported[k], sharded[k]) for k in exported)
     if strategy == "ddp":
         return
     # resuming under torchrun (each rank reloads its shards of weights and optimizer state)
