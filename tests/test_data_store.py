@@ -273,3 +273,18 @@ def test_prepare_reads_each_split_once_for_shards_and_h5(tmp_path, monkeypatch):
     assert reads == ["train", "val"]  # one pass feeds both writers
     assert lines[0].startswith("train: 8 samples") and len(H5Streams(tmp_path / "train.h5")) == 8
     assert list(ShardSet(tmp_path, "val").read()) == list(clevr().samples("val"))
+
+
+def test_prepare_options_before_the_config_are_kept_and_checked(tmp_path, capsys):
+    from omnibyte.cli import main
+
+    out = tmp_path / "t"
+    assert main(["prepare", "--shard-samples", "4", "--splits", "train", "debug_tiny",
+                 "task.samples={train: 6, validation: 2}", "--out", str(out), "--no-progress"]) == 0
+    assert ShardSet(out, "train").counts == [4, 2] and not (out / "validation.shards.json").exists()
+    assert main(["prepare", "--shard-samples", "2", "debug_tiny", "task.samples={train: 6, validation: 2}",
+                 "--out", str(out), "--no-progress", "--shard-samples", "3", "--splits", "train"]) == 0
+    assert ShardSet(out, "train").counts == [3, 3]  # given twice: the one after the config wins
+    capsys.readouterr()
+    assert main(["prepare", "--shard-mb", "0", "debug_tiny", "--out", str(out), "--no-progress"]) == 2
+    assert "--shard-mb must be >= 1" in capsys.readouterr().err

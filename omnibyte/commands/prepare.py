@@ -51,14 +51,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from omnibyte.data.prepare import check_arguments, find_generator, prepare
+    from omnibyte.data.prepare import find_generator, prepare
 
     gen = find_generator(args.config)
     if gen is not None:
         return int(gen(list(args.args)) or 0)
-    before = {k: getattr(args, k) for k in vars(_parser().parse_args([])) if k != "overrides"}
-    opts = _parser().parse_args(args.args, namespace=argparse.Namespace(**before))
-    check_arguments(max_samples=opts.max_samples, shard_samples=opts.shard_samples, shard_mb=opts.shard_mb)
+    # options after the config: parsed into args, so those given before it are kept (argparse sets only
+    # the defaults a namespace lacks); prepare() checks them first
+    opts = _parser().parse_args(args.args, namespace=args)
     for line in prepare(args.config, opts.overrides, out=opts.out, splits=opts.splits, h5=opts.h5,
                         shards=not opts.no_shards, max_samples=opts.max_samples, shard_samples=opts.shard_samples,
                         shard_mb=opts.shard_mb, progress=not opts.no_progress):
