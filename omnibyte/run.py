@@ -245,10 +245,12 @@ def report_lines(run: Run, results: dict[str, Any]) -> list[str]:
 
 def evaluate_run(run: Run, split: str | None = None, *, max_samples: int | None = None,
                  per_token: bool | None = None, task_metrics: bool | None = None, progress: bool = True,
-                 out_dir: str | Path | None = None) -> dict[str, Any]:
+                 out_dir: str | Path | None = None, bpb: bool = True) -> dict[str, Any]:
     """Score ``run`` on ``split`` (default: its ``eval.split``) of its own data source; results also go to
     ``<out_dir or run_dir/eval>/<split>_<step>.json`` (and ``.h5`` per-token losses). ``max_samples`` etc.
-    default to the run's ``eval`` section."""
+    default to the run's ``eval`` section. ``bpb=False``: task metrics only, no pass over the eval batches (no
+    bits per byte, no per-token losses); they are added to that record when it is one of the same checkpoint
+    (its bits per byte and per-token file stay)."""
     from .data import eval_batches
     from .data.items import eval_items
     from .evaluate import evaluate_bpb, write_per_token
@@ -265,16 +267,17 @@ def evaluate_run(run: Run, split: str | None = None, *, max_samples: int | None 
     model, device = run.model, run.device
     bf16 = use_bf16(cfg.train.precision, device)
     meta = model.stream_meta
-    batches = eval_batches(cfg.data, run.task, run.serializer, split, max_samples=n,
-                           batch_size=cfg.eval.batch_size, pad_multiple=meta.patch_product)
     results: dict[str, Any] = {"run": str(run.run_dir), "checkpoint": str(run.checkpoint), "which": run.which,
-                               "step": run.step, "split": split, "data_source": cfg.data.source,
-                               **evaluate_bpb(LossModule(model), batches, device, bf16=bf16)}
-    results.pop("weight", None)
-    if per_token and meta.per_token_losses:
-        h5 = write_per_token(out / f"{split}_{run.step}.h5", model, batches, device, split=split, step=run.step,
-                             bf16=bf16)
-        results["per_token"] = str(h5)
+                               "step": run.step, "split": split, "data_source": cfg.data.source}
+    if bpb:
+        batches = eval_batches(cfg.data, run.task, run.serializer, split, max_samples=n,
+                               batch_size=cfg.eval.batch_size, pad_multiple=meta.patch_product)
+        results.update(evaluate_bpb(LossModule(model), batches, device, bf16=bf16))
+        results.pop("weight", None)
+        if per_token and meta.per_token_losses:
+            h5 = write_per_token(out / f"{split}_{run.step}.h5", model, batches, device, split=split,
+                                 step=run.step, bf16=bf16)
+            results["per_token"] = str(h5)
     if task_metrics:
         stats: dict = {}
         items = eval_items(cfg.data, run.task, run.serializer, split, max_samples=n, stats=stats)
@@ -287,6 +290,10 @@ def evaluate_run(run: Run, split: str | None = None, *, max_samples: int | None 
         if stats:
             results["skipped"] = stats
     path = out / f"{split}_{run.step}.json"
+    if not bpb and path.is_file():
+        earlier = json.loads(path.read_text())
+        if earlier.get("checkpoint") == results["checkpoint"]:  # its task results are replaced, not kept
+            results = {**{k: v for k, v in earlier.items() if k not in ("task", "skipped")}, **results}
     path.write_text(json.dumps(results, indent=1, default=str) + "\n")
     results["results_file"] = str(path)
     return results

@@ -251,7 +251,9 @@ def eval_run(a) -> int:
     run = load_run(a.run_dir, "latest", overrides=["task.eval_mode=rank"])
     if a.per_token_rows and run.model.stream_meta.per_token_losses:
         evaluate_run(run, max_samples=a.per_token_rows, per_token=True, task_metrics=False, progress=False)
-    res = evaluate_run(run, max_samples=a.vqa_samples, per_token=False, task_metrics=True, progress=False)
+    # task metrics only (no second bits-per-byte pass); they join the record of the call above, whose bpb and
+    # per-token file stay: eval/val_<step>.json keeps this checkpoint's VQA results, which analysis reads by step
+    res = evaluate_run(run, max_samples=a.vqa_samples, per_token=False, task_metrics=True, progress=False, bpb=False)
     print(json.dumps({k: v for k, v in res.get("task", {}).items() if not isinstance(v, dict)} | {"step": run.step},
                      default=str))
     return 0

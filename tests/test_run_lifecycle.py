@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 import yaml
 from test_train_run import write_config
 
@@ -262,3 +263,42 @@ def test_a_moved_run_trains_where_it_is_and_out_dir_spelling_is_not_identity(fin
     assert sorted(p.name for p in (src / "checkpoints").iterdir()) == before  # the original is untouched
     monkeypatch.chdir(src_tmp)  # the same run, its out_dir spelt relatively
     assert main(["train", str(cfg), "out_dir=runs", "--quiet"]) == 0
+
+
+def test_export_writes_the_chosen_checkpoints_weights(finished, tmp_path, capsys):
+    from safetensors import safe_open
+
+    from omnibyte.checkpoint import load_weights, resolve_checkpoint
+
+    _, _, run = finished
+    assert main(["export", str(run), "--checkpoint", "10"]) == 0
+    out = run / "export" / "step_000010.safetensors"
+    assert str(out) in capsys.readouterr().out
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["step"] == "10"
+        got = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    want = load_weights(resolve_checkpoint(run / "checkpoints" / "step_000010"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    assert main(["export", str(run), "--checkpoint", "7"]) == 2  # no such step: one clear error
+
+
+def test_task_only_evaluation_joins_the_checkpoints_record(finished, tmp_path, monkeypatch):
+    from omnibyte import data
+    from omnibyte.run import evaluate_run, load_run
+
+    _, _, run_dir = finished
+    run = load_run(run_dir, "latest")
+    first = evaluate_run(run, max_samples=2, per_token=True, task_metrics=False, progress=False, out_dir=tmp_path)
+    record = json.loads(open(first["results_file"]).read())
+    assert "bpb" in record and "per_token" in record
+    monkeypatch.setattr(data, "eval_batches", lambda *a, **k: pytest.fail("bpb=False made the eval batches"))
+    monkeypatch.setattr(run.task, "evaluate", lambda model, items, **kw: {"accuracy": 0.5, "n": len(list(items))})
+    res = evaluate_run(run, max_samples=3, per_token=False, task_metrics=True, progress=False, out_dir=tmp_path,
+                       bpb=False)
+    on_disk = json.loads(open(res["results_file"]).read())
+    assert on_disk == {**record, "task": {"accuracy": 0.5, "n": 3}}  # the first call's bpb and per-token file stay
+    assert res["results_file"] == first["results_file"]
+    other = dict(record, checkpoint="elsewhere")  # a record of another checkpoint is replaced, not merged
+    open(res["results_file"], "w").write(json.dumps(other))
+    res = evaluate_run(run, max_samples=3, task_metrics=True, progress=False, out_dir=tmp_path, bpb=False)
+    assert "bpb" not in res and "per_token" not in res and res["task"] == {"accuracy": 0.5, "n": 3}
