@@ -148,8 +148,11 @@ class EpochRun:
         if self.shard.raw:
             items = serialize(items, self.serializer, policy_of(self.shard.task), self.stats, log)
         if self.packing == "concat":
-            pieces = ((_ints(x for p in refs for x in p), row) for refs, row in self.concat.run(items))
-            rows = (row for _, row in self.s2.run(pieces))  # row buffer entries: (pieces as text, row)
+            # row buffer entries: (pieces as text, row); the text only where the buffer holds rows (a buffer
+            # of 0 or 1 passes them through, and the position records the held ones)
+            text = self.s2.buffer > 1
+            pieces = ((_ints(x for p in refs for x in p) if text else "", row) for refs, row in self.concat.run(items))
+            rows = (row for _, row in self.s2.run(pieces))
             length, buckets = cfg.seq_len, ()
         else:
             rows = pad_rows((s for _, s in items), cfg.seq_len, cfg.overlong, self.stats)
