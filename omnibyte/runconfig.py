@@ -274,6 +274,12 @@ def apply_preset(raw: dict, overrides: list[str], where=None) -> dict:
             logging.getLogger("omnibyte.config").warning(
                 "no CUDA device: running the 'cpu' preset of %s (a small model and data set that finish on a CPU; "
                 "run name <config>_cpu); preset=full runs the GPU sizes here", getattr(where, "stem", where))
+        elif "cpu" in presets:
+            import logging
+
+            logging.getLogger("omnibyte.config").warning(
+                "running the full (GPU) sizes of %s; preset=cpu runs its small CPU preset instead",
+                getattr(where, "stem", where))
     if choice != "full":
         if choice not in presets:
             raise ConfigError(f"preset={choice!r}: {where} has no such preset (presets: "

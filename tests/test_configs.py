@@ -144,3 +144,13 @@ def test_the_main_job_picks_its_preset_by_device_and_says_so():
     with pytest.raises(ConfigError, match="no such preset"):
         load_run_config("clevr_vqa_png", ["preset=tiny"])
     assert load_run_config("debug_tiny").preset == "full"  # no presets: the file as written
+
+
+def test_the_gpu_sizes_say_how_to_pick_the_cpu_preset(caplog):
+    """A device that resolves to CUDA runs the full sizes, and the log says so and names preset=cpu (it used to
+    say nothing: only the CPU path was announced)."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="omnibyte.config"):
+        cfg = load_run_config("clevr_vqa_png", ["train.device=cuda"])
+    assert cfg.preset == "full" and any("preset=cpu" in r.getMessage() for r in caplog.records)
