@@ -10,6 +10,8 @@ No pandas: tables are lists of dicts, curves are numpy arrays. Typical use::
     A.transfer_table(runs)                                 # steps to the scratch model's final loss
     A.vqa_accuracy(runs[0])                                # {"accuracy", "by_qtype", ...}
     A.image_loss_map(A.per_token_losses(runs[0])[0], runs[0].config)   # (H, W) nats per byte
+    A.arm_colours(groups)                                  # a distinct colour per arm (matplotlib)
+    fig, axes, images = A.image_loss_maps({n: rs[0] for n, rs in groups.items()})  # one shared colour scale
 
 A run directory (see :mod:`omnibyte.train`) holds ``config.resolved.yaml``, ``metrics.jsonl`` (one JSON
 record a line: ``step``, ``split``, ``loss``, ``bpb``, ``bpb/<modality>``, ...), ``eval/<split>_<step>.json``
@@ -19,6 +21,7 @@ record a line: ``step``, ``split``, ``loss``, ``bpb``, ``bpb/<modality>``, ...),
 
 from __future__ import annotations
 
+from .plotting import arm_colours, image_loss_maps
 from .runs import (
     Curve,
     Run,
@@ -44,5 +47,5 @@ __all__ = [
     "Curve", "Run", "load_run", "load_runs", "find_run_dirs", "metrics_table", "curve", "modality_curves", "splits_of",
     "smooth", "steps_to_target", "final_value", "aggregate", "aggregate_curves", "input_kind", "init_kind",
     "arm", "group_runs", "transfer_table", "vqa_accuracy", "accuracy_table", "per_token_losses", "modality_bpb", "answer_loss_split",
-    "image_segment", "image_loss_map", "fmt", "markdown_table",
+    "image_segment", "image_loss_map", "fmt", "markdown_table", "arm_colours", "image_loss_maps",
 ]
