@@ -1,20 +1,22 @@
 """notebooks/cross_modal_transfer.ipynb runs top to bottom on two tiny CPU runs made here with the real
-engine (a scratch CLEVR run and one started from a tiny PG19 pretrain), and renders its figures."""
+engine (a scratch CLEVR run and one started from a tiny PG19 pretrain), and renders its figures; the
+committed notebook carries the outputs of the shipped study (results/transfer), current and free of machine
+paths; every arm of that study has its own colour and the image loss maps share one colour scale."""
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
-pytest.importorskip("ipykernel")
+from omnibyte import analysis as A
+from omnibyte.analysis import notebook as NB
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOK = REPO / "notebooks" / "cross_modal_transfer.ipynb"
+STUDY = REPO / "results" / "transfer"
 CLEVR = Path(__file__).parent / "fixtures" / "clevr_mini"
 STAGES = ("model.stages=[{length: 8, width: 16, layers: 1, block: {name: transformer, heads: 2}}, "
           "{length: 8, width: 16, layers: 1, block: {name: transformer, heads: 2}}]")
@@ -53,28 +55,88 @@ def make_runs(tmp: Path) -> Path:
     return runs
 
 
-def test_notebook_executes_and_renders_figures(tmp_path: Path, monkeypatch):
+def needs_jupyter():
+    for mod in ("nbformat", "nbclient", "ipykernel"):
+        pytest.importorskip(mod)
+
+
+def test_notebook_executes_and_renders_figures(tmp_path: Path):
+    needs_jupyter()
     t0 = time.perf_counter()
     runs = make_runs(tmp_path)
     assert list((runs / "pixels_pg19" / "eval").glob("*.h5")) and (runs / "pixels_pg19" / "eval" / "vqa_val.json").is_file()
-    monkeypatch.setenv("OMNIBYTE_RUNS", str(runs))
-    monkeypatch.setenv("OMNIBYTE_FIGURES", str(tmp_path / "figures"))
-    monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
-                            resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
-    pngs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
-            if "image/png" in o.get("data", {})]
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
-    assert not errors
+    nb = NB.execute(NOTEBOOK, env={"OMNIBYTE_RUNS": str(runs), "OMNIBYTE_FIGURES": str(tmp_path / "figures")},
+                    timeout=120)
+    assert not NB.outputs(nb, "error")
     # pretraining, curves, steps to target, accuracy by question type, image loss maps
+    pngs = NB.outputs(nb, "image/png")
     assert len(pngs) >= 5, f"{len(pngs)} figures rendered"
     assert {p.name for p in (tmp_path / "figures").glob("*.png")} >= {
         f"transfer_{n}.png" for n in ("pg19_pretraining", "curves", "steps_to_target", "accuracy_by_qtype",
                                       "image_loss_maps")}
-    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    text = "".join(NB.outputs(nb, "text"))
     assert "pixels/pg19" in text and "pixels/scratch" in text
     assert "| pixels/pg19 | rank |" in text  # VQA accuracy read from the eval results
     assert "| pixels | val/loss |" in text  # the steps-to-target table has its row
+    assert "runs from runs\n" in text  # a run folder outside the repository prints as its name only
+    assert not NB.machine_paths(text)
     assert time.perf_counter() - t0 < 120  # budget 60 s on an idle 2-core machine; slack for a busy one
+
+
+def test_committed_notebook_has_current_outputs_of_the_study(monkeypatch, tmp_path: Path):
+    """The committed notebook shows the shipped study's results: figures and tables, no machine paths, small;
+    executing it again on results/transfer gives the same text outputs (run
+    `python -m omnibyte.analysis.notebook` after changing the notebook or the study)."""
+    needs_jupyter()
+    import nbformat
+
+    raw = NOTEBOOK.read_text()
+    assert not NB.machine_paths(raw), NB.machine_paths(raw)
+    assert len(raw.encode()) < 1_500_000
+    committed = nbformat.reads(raw, as_version=4)
+    assert not NB.outputs(committed, "error")
+    assert len(NB.outputs(committed, "image/png")) >= 5
+    text = "".join(NB.outputs(committed, "text"))
+    assert "runs from results/transfer" in text and "| pixels/pg19 | rank |" in text
+    assert all("execution" not in c.metadata for c in committed.cells)
+    monkeypatch.delenv("OMNIBYTE_RUNS", raising=False)
+    fresh = NB.execute(NOTEBOOK, env={"OMNIBYTE_FIGURES": ""}, timeout=120)
+    assert NB.outputs(fresh, "text") == NB.outputs(committed, "text")
+    assert len(NB.outputs(fresh, "image/png")) == len(NB.outputs(committed, "image/png"))
+
+
+def test_every_arm_of_the_study_has_its_own_colour():
+    runs = A.load_runs(STUDY)
+    arms = sorted({*A.group_runs(runs), *(row["arm"] for row in A.accuracy_table(runs, split="val"))})
+    assert {"png+all/scratch", "jpeg+all/scratch", "pixels+all/scratch", "cnn_lstm/scratch", "png/pg19"} <= set(arms)
+    colours = A.arm_colours(arms)
+    assert set(colours) == set(arms)
+    assert len(set(colours.values())) == len(arms), colours
+    # stable: an arm keeps its colour whatever other arms are plotted beside it
+    assert A.arm_colours(["png/pg19"])["png/pg19"] == colours["png/pg19"]
+    # more arms than preferred shades (unknown kinds, extra inits) still never share a colour
+    many = [*arms, "text/scratch", "audio/scratch", "png/wiki", "png/books", "png+weights/scratch"]
+    assert len(set(A.arm_colours(many).values())) == len(many)
+
+
+def test_image_loss_maps_share_one_colour_scale_and_one_colour_bar():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = A.group_runs(A.load_runs(STUDY))
+    with_h5 = {n: next(r for r in rs if r.per_token_files) for n, rs in groups.items()
+               if any(r.per_token_files for r in rs)}
+    fig, axes, images = A.image_loss_maps(with_h5)
+    try:
+        assert len(images) >= 9 and axes.shape == (3, 3)  # {scratch, pg19, all} x {png, jpeg, pixels}
+        clims = {im.get_clim() for im in images.values()}
+        assert len(clims) == 1, clims
+        vmin, vmax = clims.pop()
+        data = np.concatenate([np.asarray(im.get_array(), dtype=float).ravel() for im in images.values()])
+        data = data[np.isfinite(data)]
+        assert vmin <= data.min() and vmax == pytest.approx(data.max())
+        assert len(fig.axes) == axes.size + 1  # the map axes and one colour bar
+    finally:
+        plt.close(fig)
