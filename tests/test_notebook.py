@@ -60,6 +60,7 @@ def needs_jupyter():
         pytest.importorskip(mod)
 
 
+@pytest.mark.slow  # ~30 s on 2 cores: trains tiny runs first (the fast suite executes it on the shipped study)
 def test_notebook_executes_and_renders_figures(tmp_path: Path):
     needs_jupyter()
     t0 = time.perf_counter()
