@@ -11,7 +11,7 @@ import importlib
 import os
 import sys
 
-VERBS = ("train", "eval", "generate", "inspect", "prepare", "list", "plot", "export")
+VERBS = ("train", "eval", "generate", "inspect", "prepare", "list", "plot", "export", "config")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -32,7 +32,7 @@ RESOLVED_NAME = "config.resolved.yaml"
 class DataConfig:
     source: Literal["task", "shards", "h5"] = "task"  # raw samples from the task, webdataset shards, or h5
     path: str = ""  # shards: a folder or URL prefix, or a shard spec with {split}; h5: a file or folder
-    train_split: str = "train"
+    train_split: str = "train"  # the task split trained on
     seq_len: int = 1024  # tokens per row
     batch_size: int = 8  # rows per micro-batch, per rank
     packing: Literal["auto", "pad", "concat"] = "auto"  # auto = the task's own policy
@@ -41,10 +41,10 @@ class DataConfig:
     buckets: tuple[int, ...] = ()  # pad_to=buckets: row lengths, ascending; empty = chosen from the data
     overlong: Literal["error", "skip", "crop"] = "error"  # pad packing: a stream longer than seq_len
     separator: Literal["eos", "none"] = "eos"  # concat packing: token between documents
-    shuffle: bool = True
+    shuffle: bool = True  # shuffle samples (and concat rows) in a buffer
     shuffle_buffer: int = 1024  # samples (and, for concat, rows) held for shuffling
     workers: int = 0  # DataLoader worker processes per rank
-    prefetch: int = 2
+    prefetch: int = 2  # batches each DataLoader worker loads ahead
 
     def __post_init__(self):
         if self.seq_len < 1 or self.batch_size < 1:
@@ -67,19 +67,19 @@ class DataConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 1000  # optimizer steps
-    lr: float = 3e-4
+    lr: float = 3e-4  # peak learning rate (after warm-up)
     min_lr: float = 3e-5  # end of the cosine
     warmup: int = 100  # linear warm-up steps
     weight_decay: float = 0.1  # on tensors with >= 2 dims (matrices, embeddings); norms and biases get none
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
+    eps: float = 1e-8  # AdamW epsilon
     grad_accum: int = 1  # micro-batches per optimizer step
     clip: float = 1.0  # max global grad norm; 0 = off
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     compile: bool = False  # torch.compile each block
     activation_checkpointing: bool = False  # recompute each block in backward
     cuda_graphs: bool = False  # one GPU: stages on mamba-ssm's kernels replayed as CUDA graphs (launch-bound)
-    log_every: int = 10
+    log_every: int = 10  # steps between training-loss lines (console, metrics.jsonl, TensorBoard)
     eval_every: int = 0  # 0 = only at the end
     ckpt_every: int = 0  # 0 = only at the end
     keep_last: int = 2  # checkpoints kept besides the best (lowest eval bpb of those written at an eval step)
@@ -128,7 +128,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    split: str = "validation"
+    split: str = "validation"  # the split evaluated during training and by `omnibyte eval`
     max_samples: int = 256  # samples of the split scored (0 = all)
     batch_size: int = 0  # 0 = data.batch_size
     per_token: bool = True  # `omnibyte eval` writes eval/<split>_<step>.h5
@@ -154,9 +154,9 @@ class ParallelConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    run_name: str = ""
-    out_dir: str = "runs"
-    seed: int = 0
+    run_name: str = ""  # default: the config file's stem (<stem>_<preset> for a preset)
+    out_dir: str = "runs"  # the run directory is <out_dir>/<run_name>
+    seed: int = 0  # initial weights, data order, dropout
     plugins: tuple[str, ...] = ()  # modules imported before parsing (they register tasks/serializers/models)
     task: Node = poly("tasks")
     serializer: Node = poly("serializers")
@@ -165,7 +165,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    notes: str = ""
+    notes: str = ""  # free text kept in the run record
     preset: str = "full"  # which of the config file's `presets:` ran (full: none); `preset=auto|full|<name>` picks
 
     def __post_init__(self):
