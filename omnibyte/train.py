@@ -35,7 +35,7 @@ from .data import TrainLoader, eval_batches
 from .evaluate import evaluate_bpb
 from .identity import check_rerun, flatten
 from .lock import RunLock
-from .logging import EarlyRecords, RunLogger, read_metrics
+from .logging import PROGRESS, EarlyRecords, RunLogger, read_metrics
 from .loss import LossModule
 from .metrics import LogWindow
 from .optim import build_optimizer, build_schedule
@@ -118,24 +118,26 @@ def init_weights_from(model: torch.nn.Module, source: str, stages: tuple[int, ..
              f" (stages {list(stages)}; {len(result.missing_keys)} left at init)" if stages else "")
 
 
-def train(cfg: RunConfig) -> Path:
-    """Run (or resume) training as configured; returns the run directory."""
+def train(cfg: RunConfig, *, dry_run: bool = False) -> Path:
+    """Run (or resume) training as configured; returns the run directory. ``dry_run``: build everything and
+    check the eval data as a real start does, log the start-up summary, and stop before anything is written
+    (no run directory, lock, record or checkpoint)."""
     info = parallel.init_distributed(cfg.parallel, cfg.train.device)
     # records logged before train.log opens (model size, init_from, resume) go into it once it does
-    early = EarlyRecords() if info.is_main else None
-    lock = RunLock(cfg.run_dir) if info.is_main else None
+    early = EarlyRecords() if info.is_main and not dry_run else None
+    lock = RunLock(cfg.run_dir) if info.is_main and not dry_run else None
     try:
         if lock is not None:
             lock.acquire()  # one writer per run directory, before anything of it is read or written
         parallel.barrier(info)
-        run_dir = _train(cfg, info, early)
+        run_dir = _train(cfg, info, early, dry_run=dry_run)
     finally:
         if early is not None:
             early.detach()
         if lock is not None:
             lock.release()
         parallel.destroy()
-    if cfg.eval.report and info.is_main:
+    if cfg.eval.report and info.is_main and not dry_run:
         final_report(run_dir, cfg.train.device)
     return run_dir
 
@@ -188,11 +190,44 @@ def _write_record(cfg: RunConfig, info: parallel.DistInfo) -> None:
     parallel.barrier(info)
 
 
-def _train(cfg: RunConfig, info: parallel.DistInfo, early: EarlyRecords | None = None) -> Path:
+def startup_summary(cfg: RunConfig, info: parallel.DistInfo, model: torch.nn.Module, bf16: bool,
+                    resume_from: Path | None, resume_step: int = 0, new_run: bool = True) -> list[str]:
+    """The lines a run starts with: model size, global batch, device and precision, data, run directory."""
+    d, t = cfg.data, cfg.train
+    n_params = sum(p.numel() for p in model.parameters())
+    rows = d.batch_size * t.grad_accum * info.world
+    if d.source == "task":
+        root = getattr(cfg.task, "root", None)
+        source = f"task {cfg.task.name}" + (f" at {root}" if root else "")
+    else:
+        source = f"{d.source} {d.path}"
+    if resume_from is not None:
+        where = f"resumes from {resume_from} at step {resume_step}"
+    elif new_run:
+        where = "new" + (f"; weights from {t.init_from}" if t.init_from else "")
+    else:
+        where = "exists, no checkpoint: starts at step 0"
+    ranks = f"{info.world} rank{'s' if info.world > 1 else ''}"
+    return [
+        f"run {cfg.run_name}: {type(model).__name__}, {n_params / 1e6:.2f}M parameters ({n_params:,}), "
+        f"{t.steps:,} steps",
+        f"  global batch: {d.batch_size} rows x {d.seq_len} bytes x {t.grad_accum} grad_accum x {ranks} "
+        f"= {rows} rows, {rows * d.seq_len:,} bytes per step",
+        f"  device: {info.device}, precision {'bf16 autocast' if bf16 else 'fp32'}, {ranks} "
+        f"(parallel {info.strategy})",
+        f"  data: {source}, split {d.train_split}; eval: {cfg.eval.split}"
+        f" ({cfg.eval.max_samples or 'all'} samples)",
+        f"  run directory: {cfg.run_dir} ({where})",
+    ]
+
+
+def _train(cfg: RunConfig, info: parallel.DistInfo, early: EarlyRecords | None = None, *,
+           dry_run: bool = False) -> Path:
     device = info.device
     cfg, latest = _open_run_dir(cfg, info)
     t, run_dir = cfg.train, cfg.run_dir
     resume_from = find_resume(cfg, latest)
+    done = 0
     if resume_from is not None:
         head = ckpt_io.read_state(resume_from)
         done = int(head["step"])
@@ -212,14 +247,17 @@ def _train(cfg: RunConfig, info: parallel.DistInfo, early: EarlyRecords | None =
                              batch_size=cfg.eval.batch_size, pad_multiple=pad, rank=info.rank, world=info.world)
     if resume_from is None and t.init_from:
         init_weights_from(model, t.init_from, t.init_stages)
+    if info.is_main:  # INFO on omnibyte.progress: --quiet keeps it, as it keeps the loss lines
+        for line in startup_summary(cfg, info, model, bf16, resume_from, done,
+                                    new_run=not (run_dir / RESOLVED_NAME).is_file()):
+            logging.getLogger(PROGRESS).info("%s", line)
+    if dry_run:
+        return run_dir
     _write_record(cfg, info)
     prov = provenance.collect(info.world, device)
     if info.is_main:
         provenance.append(run_dir, {**prov, "resume_from": str(resume_from) if resume_from else None})
     model.to(device)
-    n_params = sum(p.numel() for p in model.parameters())
-    log.info("run %s: %s, %.2fM parameters, %s%s, %d rank(s) (%s)", cfg.run_name, type(model).__name__,
-             n_params / 1e6, device, " bf16" if bf16 else "", info.world, info.strategy)
 
     # --- parallelism, optimizer, schedule, data -------------------------------------------------
     train_module = parallel.parallelize(LossModule(model), info, t, cfg.parallel, bf16)
@@ -372,4 +410,4 @@ def _train(cfg: RunConfig, info: parallel.DistInfo, early: EarlyRecords | None =
     return run_dir
 
 
-__all__ = ["train", "TrainingError", "build_components", "init_weights_from", "run_record"]
+__all__ = ["train", "startup_summary", "TrainingError", "build_components", "init_weights_from", "run_record"]
