@@ -6,15 +6,20 @@ HELP = "score a trained run: bits per byte (overall, per modality), per-token lo
 
 
 def add_arguments(p) -> None:
+    from omnibyte.config_doc import HelpFormatter
+
     from ._plugins import add_plugin_arguments
 
-    p.add_argument("run_dir")
+    p.formatter_class = HelpFormatter
+    p.add_argument("run_dir", help="a run directory (runs/<run_name>)")
     p.add_argument("split", nargs="?", default=None,
                    help="default: the run's eval.split (a validation split); name `test` to report the test split")
     p.add_argument("overrides", nargs="*", help="evaluation settings, e.g. eval.max_samples=0 task.root=/data/CLEVR")
     p.add_argument("--checkpoint", default=None, metavar="best|latest|STEP",
-                   help="default: the best checkpoint by the run's validation metric, else the latest")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+                   help="default: the run's eval.checkpoint (auto: the best checkpoint by its validation "
+                        "metric, else the latest)")
+    p.add_argument("--device", default="auto", metavar="auto|cpu|cuda|cuda:N",
+                   help="where the model runs (auto: the run's train.device)")
     add_plugin_arguments(p)
     p.add_argument("--quiet", action="store_true", help="print only the results file")
 

@@ -6,9 +6,12 @@ HELP = "sample bytes from a trained run's model after a prompt"
 
 
 def add_arguments(p) -> None:
+    from omnibyte.config_doc import HelpFormatter
+
     from ._plugins import add_plugin_arguments
 
-    p.add_argument("run_dir")
+    p.formatter_class = HelpFormatter
+    p.add_argument("run_dir", help="a run directory (runs/<run_name>)")
     p.add_argument("--prompt", default="", help="prompt text (UTF-8)")
     p.add_argument("--prompt-file", default=None, help="read the prompt's bytes from this (readable) file instead")
     p.add_argument("--raw", action="store_true",
@@ -17,12 +20,15 @@ def add_arguments(p) -> None:
     p.add_argument("--temperature", type=float, default=0.8, help=">= 0; 0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest bytes (>= 0; 0 = all)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1] (1 = off)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--num", type=int, default=1, help="samples to draw (>= 1)")
     p.add_argument("--checkpoint", default=None, metavar="best|latest|STEP",
-                   help="default: the best checkpoint by the run's validation metric, else the latest")
+                   help="default: the run's eval.checkpoint (auto: the best checkpoint by its validation "
+                        "metric, else the latest)")
     add_plugin_arguments(p)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", metavar="auto|cpu|cuda|cuda:N",
+                   help="where the model runs (auto: the run's train.device)")
+    p.add_argument("--quiet", action="store_true", help="print only the samples (no checkpoint line, warnings only)")
     p.add_argument("--no-graphs", action="store_true",
                    help="CUDA: step byte by byte eagerly (default: the CUDA-graph step with Triton decode kernels)")
     p.add_argument("--compile", action="store_true",
@@ -86,7 +92,14 @@ def run(args) -> int:
     data = check_arguments(args)
     import_chosen_plugins(args)
 
+    import logging
+
+    from omnibyte.logging import setup_console_logging
+
+    setup_console_logging(logging.WARNING if args.quiet else logging.INFO)
     loaded = load_run(args.run_dir, args.checkpoint, device=args.device, trust_plugins=args.trust_plugins)
+    logging.getLogger("omnibyte.generate").info("sampling from %s checkpoint %s (step %d)", loaded.which,
+                                                loaded.checkpoint, loaded.step)
     serializer, model = loaded.serializer, loaded.model
     prompt = prompt_tokens(serializer, args.prompt, data, args.raw) or [vocab.BOS]
     device = next(model.parameters()).device

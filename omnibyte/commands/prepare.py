@@ -31,10 +31,14 @@ def _options(p) -> None:
     p.add_argument("--max-samples", type=int, default=0, help="at most this many samples per split (0: all)")
     p.add_argument("--shard-samples", type=int, default=10_000, help="samples per shard at most")
     p.add_argument("--shard-mb", type=int, default=256, help="payload MiB per shard at most")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", "--no-progress", dest="quiet", action="store_true",
+                   help="no progress bars (--no-progress: the same, its older name)")
 
 
 def add_arguments(p) -> None:
+    from omnibyte.config_doc import HelpFormatter
+
+    p.formatter_class = HelpFormatter
     p.epilog = ("Options may come before or after the config. With a generator's name (e.g. clevr-synth) "
                 "instead of a config, the arguments after it are the generator's own.")
     p.add_argument("config", help="run config (name in configs/ or YAML path), or a data generator's name")
@@ -44,7 +48,9 @@ def add_arguments(p) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="omnibyte prepare", description=HELP)
+    from omnibyte.config_doc import HelpFormatter
+
+    p = argparse.ArgumentParser(prog="omnibyte prepare", description=HELP, formatter_class=HelpFormatter)
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. task.root=/data/CLEVR_v1.0")
     _options(p)
     return p
@@ -61,6 +67,6 @@ def run(args) -> int:
     opts = _parser().parse_args(args.args, namespace=args)
     for line in prepare(args.config, opts.overrides, out=opts.out, splits=opts.splits, h5=opts.h5,
                         shards=not opts.no_shards, max_samples=opts.max_samples, shard_samples=opts.shard_samples,
-                        shard_mb=opts.shard_mb, progress=not opts.no_progress):
+                        shard_mb=opts.shard_mb, progress=not opts.quiet):
         print(line)
     return 0
