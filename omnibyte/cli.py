@@ -11,7 +11,7 @@ import importlib
 import os
 import sys
 
-VERBS = ("train", "eval", "generate", "inspect", "prepare", "list", "plot", "export", "config")
+VERBS = ("train", "eval", "generate", "inspect", "prepare", "list", "plot", "export", "config", "doctor")
 
 
 def build_parser() -> argparse.ArgumentParser:
