@@ -11,7 +11,7 @@ import importlib
 import os
 import sys
 
-VERBS = ("train", "eval", "generate", "inspect", "prepare", "list", "plot", "export", "config", "doctor")
+VERBS = ("train", "eval", "generate", "inspect", "prepare", "list", "plot", "export", "config", "doctor", "ask")
 
 
 def build_parser() -> argparse.ArgumentParser:
