@@ -48,6 +48,11 @@ class Serializer:
     def decode(self, stream: ByteStream) -> Any:
         raise NotImplementedError(f"{self.name} cannot decode streams")
 
+    def question_prompt(self, image: bytes, question: str, sample_id: str = "ask") -> ByteStream:
+        """The generation prompt for ``question`` about an image file (``omnibyte ask``): question-answer
+        serializers only."""
+        raise NotImplementedError(f"the {self.name} serializer makes no question prompts")
+
     # --- shared -------------------------------------------------------------------------------
     def __call__(self, sample: Mapping[str, Any]) -> ByteStream:
         """Serialize, turning any failure into a SerializationError that names the sample."""

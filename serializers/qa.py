@@ -98,6 +98,10 @@ class QASerializer(Serializer):
         """Everything up to and including SOM_ANSWER (the answer, if any, is ignored): the generation prompt."""
         return self._build(sample, with_answer=False)
 
+    def question_prompt(self, image: bytes, question: str, sample_id: str = "ask") -> ByteStream:
+        """:meth:`prompt` for a sample of one image file and one question, in this serializer's field names."""
+        return self.prompt({"id": sample_id, self.image.config.field: image, self.config.question_field: question})
+
     def answer_tokens(self, answer: str) -> list[int]:
         """The target continuation of a prompt: answer UTF-8 bytes, then EOS."""
         return [*self._text(answer, "answer", ""), vocab.EOS]

@@ -66,6 +66,12 @@ class Task:
         for s in self.samples(split):
             yield sample_meta(s)
 
+    def answer(self, model: Any, prompt: Any, *, max_new_bytes: int = 0, generate: bool = True) -> dict:
+        """Answer one question (``omnibyte ask``): ``prompt`` is the serialized question with its context, up to
+        where the answer starts. Returns ``{"answers": [{"answer", "prob", "logprob"}, ...] (best first),
+        "generated": str | None}``. Tasks without questions and answers raise NotImplementedError."""
+        raise NotImplementedError(f"task {self.name!r} does not answer questions (not a question-answering task)")
+
     def report(self, results: dict) -> list[str]:
         """A few human-readable lines summarising this task's ``evaluate`` results (default: none)."""
         return []

@@ -273,6 +273,12 @@ class ClevrVQA(Task):
         options.setdefault("mode", self.config.eval_mode)
         return evaluate_vqa(model, items, split=split, labels=self.answer_vocab, out_dir=out_dir, **options)
 
+    def answer(self, model: Any, prompt: Any, *, max_new_bytes: int = 0, generate: bool = True) -> dict:
+        """Rank the closed set (:attr:`answer_vocab`) and generate greedily, as evaluation does."""
+        from .vqa_eval import answer_one
+
+        return answer_one(model, prompt, self.answer_vocab, max_new_bytes=max_new_bytes, generate=generate)
+
     def report(self, results: dict) -> list[str]:
         from .vqa_eval import vqa_report
 

@@ -270,6 +270,26 @@ def evaluate_vqa(model: Any, items: Iterable[Any], *, split: str, labels: Sequen
     return results
 
 
+def answer_one(model: Any, prompt: Any, labels: Sequence[str], *, max_new_bytes: int = 0,
+               generate: bool = True) -> dict[str, Any]:
+    """One question: the log-likelihood of every answer of the closed set ``labels`` after ``prompt`` (a
+    serialized prompt stream), their softmax, best first; and the greedy answer (``max_new_bytes``: 0 = the
+    longest answer + 8, as evaluation)."""
+    import torch
+
+    device = model.device
+    prefix = torch.as_tensor(prompt.tokens.astype("int64"), device=device)
+    ll = model.score_batch([prefix], answer_candidates(labels))[0].double().cpu()
+    generated = None
+    if generate:
+        longest = max(len(a.encode("utf-8")) for a in labels)
+        generated = _generate(model, [prompt], max_new_bytes or longest + 8, device)[0]
+    probs = torch.softmax(ll, dim=0)
+    order = sorted(range(len(labels)), key=lambda i: -float(ll[i]))
+    return {"answers": [{"answer": labels[i], "prob": float(probs[i]), "logprob": float(ll[i])} for i in order],
+            "generated": generated}
+
+
 def _record(item: Any, split: str, position: int, seen: dict[str, int]) -> dict[str, Any]:
     """The per-question record of an item (gold answer and groups from its meta); ids must be unique."""
     meta = item.meta

@@ -25,7 +25,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     import json
 
-    from omnibyte.ask import answer_lines, ask, read_image, vqa_answers
+    from omnibyte.ask import answer_lines, ask, read_image
     from omnibyte.config import ConfigError
     from omnibyte.run import load_run
 
@@ -38,7 +38,6 @@ def run(args) -> int:
     image = read_image(args.image)  # before loading the run: a wrong path fails at once
     import_chosen_plugins(args)
     loaded = load_run(args.run_dir, args.checkpoint, device=args.device, trust_plugins=args.trust_plugins)
-    vqa_answers(loaded)
     result = ask(loaded, image, args.question, image_name=args.image, max_new_bytes=args.max_new_bytes,
                  generate=not args.no_generate)
     if args.json:
