@@ -30,18 +30,19 @@ import torch
 from . import checkpoint as ckpt_io
 from . import parallel, provenance
 from .checkpointer import Checkpointer, ResumeError
-from .config import ConfigError, dump_yaml, from_dict, load_yaml, to_dict
+from .config import to_dict
 from .data import TrainLoader, eval_batches
 from .evaluate import evaluate_bpb
-from .identity import check_rerun, flatten
+from .identity import flatten
 from .lock import RunLock
-from .logging import PROGRESS, EarlyRecords, RunLogger, read_metrics
+from .logging import PROGRESS, EarlyRecords, RunLogger
 from .loss import LossModule
 from .metrics import LogWindow
 from .optim import build_optimizer, build_schedule
 from .precision import autocast, use_bf16
-from .run import build_components, inherit_derived, resolve_data_config
+from .run import build_components
 from .runconfig import RESOLVED_NAME, RunConfig
+from .startup import eval_pending, find_resume, init_weights_from, open_run_dir, startup_summary, write_record
 
 log = logging.getLogger("omnibyte.train")
 
@@ -56,25 +57,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run_record(run_dir: Path, latest: Path | None = None) -> dict | None:
-    """The config a run directory belongs to: its latest intact checkpoint's, else its ``config.resolved.yaml``."""
-    latest = latest or ckpt_io.latest_checkpoint(run_dir / "checkpoints", verify=True)
-    if latest is not None:
-        return ckpt_io.read_state(latest)["config"]
-    if (run_dir / RESOLVED_NAME).is_file():
-        return load_yaml(run_dir / RESOLVED_NAME)
-    return None
-
-
-def find_resume(cfg: RunConfig, latest: Path | None) -> Path | None:
-    """The checkpoint to continue: this run's latest intact one (``auto``), none, or the one named."""
-    if cfg.train.resume == "never":
-        return None
-    if cfg.train.resume == "auto":
-        return latest
-    return ckpt_io.resolve_checkpoint(cfg.train.resume)
-
-
 def summed_counts(counts: dict[str, int], info: parallel.DistInfo) -> dict[str, int]:
     """Per-rank counters (skipped samples, ...) summed over every rank (a collective: all ranks call it)."""
     total: dict[str, int] = {}
@@ -82,40 +64,6 @@ def summed_counts(counts: dict[str, int], info: parallel.DistInfo) -> dict[str, 
         for k, v in part.items():
             total[k] = total.get(k, 0) + v
     return dict(sorted(total.items()))
-
-
-def _eval_pending(state: dict, run_dir: Path, split: str) -> bool:
-    """A checkpoint written before its step's evaluation, which then did not happen (a crash, a failure)."""
-    step = state["step"]
-    return bool(state.get("eval_due")) and not any(
-        r.get("step") == step and r.get("split") == split for r in read_metrics(run_dir))
-
-
-def init_weights_from(model: torch.nn.Module, source: str, stages: tuple[int, ...]) -> None:
-    """Load another run's weights (all, or only ``stages``) into ``model`` before training (transfer). A
-    checkpoint of another architecture is a ConfigError naming the first tensors that do not fit."""
-    try:
-        path = ckpt_io.resolve_checkpoint(source)
-    except FileNotFoundError as e:
-        raise ConfigError(f"train.init_from={source!r}: {e}") from None
-    try:
-        weights = ckpt_io.select_stages(ckpt_io.load_weights(path), stages)
-    except ValueError as e:
-        raise ConfigError(f"train.init_stages: {e}") from None
-    own = model.state_dict()
-    unknown = [k for k in weights if k not in own]
-    wrong = [f"{k} {tuple(v.shape)} (this model: {tuple(own[k].shape)})" for k, v in weights.items()
-             if k in own and own[k].shape != v.shape]
-    missing = [] if stages else [k for k in own if k not in weights]
-    if unknown or wrong or missing:
-        detail = "; ".join(filter(None, [f"shapes differ: {', '.join(wrong[:3])}" if wrong else "",
-                                         f"not in this model: {', '.join(unknown[:3])}" if unknown else "",
-                                         f"missing there: {', '.join(missing[:3])}" if missing else ""]))
-        raise ConfigError(f"train.init_from={source!r}: {path} holds another architecture ({detail}); "
-                          f"start from a run of the same model, or choose matching train.init_stages")
-    result = model.load_state_dict(weights, strict=not stages)
-    log.info("init_from %s: loaded %d tensors%s", path, len(weights),
-             f" (stages {list(stages)}; {len(result.missing_keys)} left at init)" if stages else "")
 
 
 def train(cfg: RunConfig, *, dry_run: bool = False) -> Path:
@@ -160,78 +108,17 @@ def final_report(run_dir: Path, device: str = "auto") -> list[str]:
     return lines
 
 
-def _open_run_dir(cfg: RunConfig, info: parallel.DistInfo) -> tuple[RunConfig, Path | None]:
-    """Check the run directory's identity; returns the config to train and the run's latest intact checkpoint.
-    A new run's record is written by :func:`_write_record` once its start-up checks passed."""
-    run_dir = cfg.run_dir
-    latest = ckpt_io.latest_checkpoint(run_dir / "checkpoints", verify=True)
-    record = run_record(run_dir, latest)
-    if record is not None:
-        cfg = inherit_derived(cfg, from_dict(RunConfig, record))
-        check_rerun(record, cfg, run_dir)
-        if cfg.train.resume == "never" and latest is not None:
-            raise ConfigError(f"train.resume=never but {run_dir} already holds checkpoints of this run; choose a "
-                              f"new run_name (the old run's checkpoints are never overwritten)")
-    else:
-        cfg = resolve_data_config(cfg)
-    return cfg, latest
-
-
-def _write_record(cfg: RunConfig, info: parallel.DistInfo) -> None:
-    """Create a new run's directories and its record (``config.resolved.yaml``, written once, never again).
-    Called after the start-up checks (components, eval data, ``init_from``), so a config that fails them
-    does not claim the run name."""
-    run_dir = cfg.run_dir
-    if info.is_main:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        (run_dir / "eval").mkdir(exist_ok=True)
-        if not (run_dir / RESOLVED_NAME).is_file():
-            dump_yaml(cfg, run_dir / RESOLVED_NAME)
-    parallel.barrier(info)
-
-
-def startup_summary(cfg: RunConfig, info: parallel.DistInfo, model: torch.nn.Module, bf16: bool,
-                    resume_from: Path | None, resume_step: int = 0, new_run: bool = True) -> list[str]:
-    """The lines a run starts with: model size, global batch, device and precision, data, run directory."""
-    d, t = cfg.data, cfg.train
-    n_params = sum(p.numel() for p in model.parameters())
-    rows = d.batch_size * t.grad_accum * info.world
-    if d.source == "task":
-        root = getattr(cfg.task, "root", None)
-        source = f"task {cfg.task.name}" + (f" at {root}" if root else "")
-    else:
-        source = f"{d.source} {d.path}"
-    if resume_from is not None:
-        where = f"resumes from {resume_from} at step {resume_step}"
-    elif new_run:
-        where = "new" + (f"; weights from {t.init_from}" if t.init_from else "")
-    else:
-        where = "exists, no checkpoint: starts at step 0"
-    ranks = f"{info.world} rank{'s' if info.world > 1 else ''}"
-    return [
-        f"run {cfg.run_name}: {type(model).__name__}, {n_params / 1e6:.2f}M parameters ({n_params:,}), "
-        f"{t.steps:,} steps",
-        f"  global batch: {d.batch_size} rows x {d.seq_len} bytes x {t.grad_accum} grad_accum x {ranks} "
-        f"= {rows} rows, {rows * d.seq_len:,} bytes per step",
-        f"  device: {info.device}, precision {'bf16 autocast' if bf16 else 'fp32'}, {ranks} "
-        f"(parallel {info.strategy})",
-        f"  data: {source}, split {d.train_split}; eval: {cfg.eval.split}"
-        f" ({cfg.eval.max_samples or 'all'} samples)",
-        f"  run directory: {cfg.run_dir} ({where})",
-    ]
-
-
 def _train(cfg: RunConfig, info: parallel.DistInfo, early: EarlyRecords | None = None, *,
            dry_run: bool = False) -> Path:
     device = info.device
-    cfg, latest = _open_run_dir(cfg, info)
+    cfg, latest = open_run_dir(cfg, info)
     t, run_dir = cfg.train, cfg.run_dir
     resume_from = find_resume(cfg, latest)
     done = 0
     if resume_from is not None:
         head = ckpt_io.read_state(resume_from)
         done = int(head["step"])
-        if done >= t.steps and not _eval_pending(head, run_dir, cfg.eval.split):
+        if done >= t.steps and not eval_pending(head, run_dir, cfg.eval.split):
             log.warning("run %s is finished: step %d of train.steps=%d; nothing to do (evaluate it with "
                         "`omnibyte eval %s`, or raise train.steps to train on)", cfg.run_name, done, t.steps, run_dir)
             return run_dir
@@ -253,7 +140,7 @@ def _train(cfg: RunConfig, info: parallel.DistInfo, early: EarlyRecords | None =
             logging.getLogger(PROGRESS).info("%s", line)
     if dry_run:
         return run_dir
-    _write_record(cfg, info)
+    write_record(cfg, info)
     prov = provenance.collect(info.world, device)
     if info.is_main:
         provenance.append(run_dir, {**prov, "resume_from": str(resume_from) if resume_from else None})
@@ -275,7 +162,7 @@ def _train(cfg: RunConfig, info: parallel.DistInfo, early: EarlyRecords | None =
             raise TrainingError(str(e)) from None
         loader.load_state_dict(state["data"][info.rank])
         step, best = state["step"], state.get("best")
-        eval_due = _eval_pending(state, run_dir, cfg.eval.split)
+        eval_due = eval_pending(state, run_dir, cfg.eval.split)
         counters.update(state["counters"])
         best = ckpt_io.read_best(run_dir / "checkpoints") or best
         saved_window = state["window"][info.rank]
@@ -299,8 +186,8 @@ def _train(cfg: RunConfig, info: parallel.DistInfo, early: EarlyRecords | None =
         logger.log({"step": rec.pop("step"), "split": rec.pop("split"), "time": round(time.time(), 3),
                     "bytes_seen": bytes_seen, **rec})
 
-    def save(at: int, eval_pending: bool) -> None:
-        saver.save(at, state={"counters": counters, "best": best, "config": cfg_dict, "eval_due": eval_pending,
+    def save(at: int, then_eval: bool) -> None:
+        saver.save(at, state={"counters": counters, "best": best, "config": cfg_dict, "eval_due": then_eval,
                               "provenance": prov},
                    per_rank={"data": loader.state_dict(), "window": window.state()}, best=best)
         if info.is_main:
@@ -394,7 +281,7 @@ def _train(cfg: RunConfig, info: parallel.DistInfo, early: EarlyRecords | None =
             last = step == t.steps
             eval_now = bool(t.eval_every and step % t.eval_every == 0) or last
             if eval_now or (t.ckpt_every and step % t.ckpt_every == 0):
-                save(step, eval_pending=eval_now)
+                save(step, then_eval=eval_now)
             if eval_now and evaluate(step) and not last:
                 log.warning("early stopping at step %d: %d evaluations without a better %s bpb "
                             "(train.patience=%d; best: step %s)", step, counters["evals_since_best"],
@@ -410,4 +297,4 @@ def _train(cfg: RunConfig, info: parallel.DistInfo, early: EarlyRecords | None =
     return run_dir
 
 
-__all__ = ["train", "startup_summary", "TrainingError", "build_components", "init_weights_from", "run_record"]
+__all__ = ["train", "TrainingError"]

@@ -164,7 +164,7 @@ def test_summary_names_a_resume():
     import torch
 
     from omnibyte import parallel
-    from omnibyte.train import startup_summary
+    from omnibyte.startup import startup_summary
 
     cfg = load_run_config("debug_tiny", ["data.source=h5", "data.path=data/x.h5", "train.grad_accum=2"])
     info = parallel.DistInfo(world=4, device=torch.device("cpu"), strategy="ddp")
