@@ -44,9 +44,9 @@ class StageConfig:
     """One stage. ``length``: stage 0 = number of patches (training length = product of all lengths; a
     bound only for learned global positions), inner stages = patch length in units of the next stage."""
 
-    length: int = 8
-    width: int = 256
-    layers: int = 2
+    length: int = 8  # stage 0: number of patches; inner stages: patch length in units of the next stage
+    width: int = 256  # model width of this stage
+    layers: int = 2  # layers of its block
     block: Node = poly("stages", default="transformer")
     checkpoint: bool = False  # activation checkpointing of each layer of this stage (training only)
 
@@ -73,10 +73,10 @@ def _default_stages() -> tuple[StageConfig, ...]:
 @dataclass(frozen=True)
 class MBLMConfig(Node):
     name: str = "mblm"
-    vocab_size: int = vocab.VOCAB_SIZE
+    vocab_size: int = vocab.VOCAB_SIZE  # 256 bytes + the specials (the token contract)
     stages: tuple[StageConfig, ...] = dataclasses.field(default_factory=_default_stages)
-    dropout: float = 0.0
-    init_std: float = 0.02
+    dropout: float = 0.0  # dropout in every block
+    init_std: float = 0.02  # std of the normal weight init (residual outputs scaled by depth)
     tie_embeddings: bool = False  # share the byte embedding and the head (needs equal innermost width)
     inner_chunk_bytes: int = 1 << 20  # training nll path: inner stages + head + loss per chunk of ~this many bytes
 

@@ -167,19 +167,19 @@ class Mamba2Mixer(SSMMixer):
 @dataclasses.dataclass(frozen=True)
 class Mamba2Config(Node):
     name: str = "mamba2"
-    d_state: int = 128
-    d_conv: int = 4
-    expand: int = 2
-    headdim: int = 64
-    ngroups: int = 1
-    chunk_size: int = 256
-    A_init_range: tuple[float, float] = (1.0, 16.0)
-    dt_min: float = 0.001
-    dt_max: float = 0.1
-    dt_init_floor: float = 1e-4
-    conv_bias: bool = True
-    bias: bool = False
-    norm_eps: float = 1e-5
+    d_state: int = 128  # SSM state size per head (N)
+    d_conv: int = 4  # width of the depthwise causal convolution
+    expand: int = 2  # inner width = expand * stage width
+    headdim: int = 64  # channels per SSM head (heads = inner width / headdim)
+    ngroups: int = 1  # groups sharing B and C (heads must divide into them)
+    chunk_size: int = 256  # positions per chunk of the chunked SSD scan
+    A_init_range: tuple[float, float] = (1.0, 16.0)  # A = -exp(A_log) drawn uniformly in this range at init
+    dt_min: float = 0.001  # initial step sizes dt are log-uniform in [dt_min, dt_max]
+    dt_max: float = 0.1  # (see dt_min)
+    dt_init_floor: float = 1e-4  # smallest initial dt
+    conv_bias: bool = True  # a bias in the causal convolution
+    bias: bool = False  # biases in the input and output projections
+    norm_eps: float = 1e-5  # RMSNorm epsilon (layer and gated norms)
     mlp_ratio: float = 0.0  # 0: no MLP (as MBLM's Mamba-2 stages)
 
     def __post_init__(self):

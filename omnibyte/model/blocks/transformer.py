@@ -160,14 +160,14 @@ class TransformerBlock(nn.Module):
     @dataclasses.dataclass(frozen=True)
     class Config(Node):
         name: str = "transformer"
-        heads: int = 8
+        heads: int = 8  # attention heads (width must divide into them unless head_dim is set)
         head_dim: int = 0  # 0: width // heads
         mlp_ratio: float = 8 / 3  # SwiGLU hidden = ratio * width, rounded to a multiple of 64
         mlp_hidden: int = 0  # explicit SwiGLU hidden size (overrides mlp_ratio)
-        positions: Literal["rope", "learned", "none"] = "rope"
-        rope_base: float = 10000.0
-        norm_eps: float = 1e-5
-        bias: bool = False
+        positions: Literal["rope", "learned", "none"] = "rope"  # rotary, learned (bounds the length) or none
+        rope_base: float = 10000.0  # rotary frequency base
+        norm_eps: float = 1e-5  # RMSNorm epsilon
+        bias: bool = False  # biases in the attention and MLP projections
 
         def __post_init__(self):
             if self.heads < 1:
