@@ -16,6 +16,7 @@ VERBS = ("train", "eval", "generate", "inspect", "prepare", "list", "plot", "exp
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .config_doc import HelpFormatter  # every verb's --help shows its defaults
 
     parser = argparse.ArgumentParser(prog="omnibyte", description="Multimodal byte-level language modelling.")
     parser.add_argument("--version", action="version", version=f"omnibyte {__version__}")
@@ -27,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
             if e.name != f"omnibyte.commands.{verb}":
                 raise
             continue
-        p = sub.add_parser(verb, help=mod.HELP, description=mod.HELP)
+        p = sub.add_parser(verb, help=mod.HELP, description=mod.HELP, formatter_class=HelpFormatter)
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
     return parser

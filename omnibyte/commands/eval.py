@@ -6,11 +6,9 @@ HELP = "score a trained run: bits per byte (overall, per modality), per-token lo
 
 
 def add_arguments(p) -> None:
-    from omnibyte.config_doc import HelpFormatter
 
     from ._plugins import add_plugin_arguments
 
-    p.formatter_class = HelpFormatter
     p.add_argument("run_dir", help="a run directory (runs/<run_name>)")
     p.add_argument("split", nargs="?", default=None,
                    help="default: the run's eval.split (a validation split); name `test` to report the test split")

@@ -6,11 +6,9 @@ HELP = "sample bytes from a trained run's model after a prompt"
 
 
 def add_arguments(p) -> None:
-    from omnibyte.config_doc import HelpFormatter
 
     from ._plugins import add_plugin_arguments
 
-    p.formatter_class = HelpFormatter
     p.add_argument("run_dir", help="a run directory (runs/<run_name>)")
     p.add_argument("--prompt", default="", help="prompt text (UTF-8)")
     p.add_argument("--prompt-file", default=None, help="read the prompt's bytes from this (readable) file instead")

@@ -36,9 +36,7 @@ def _options(p) -> None:
 
 
 def add_arguments(p) -> None:
-    from omnibyte.config_doc import HelpFormatter
 
-    p.formatter_class = HelpFormatter
     p.epilog = ("Options may come before or after the config. With a generator's name (e.g. clevr-synth) "
                 "instead of a config, the arguments after it are the generator's own.")
     p.add_argument("config", help="run config (name in configs/ or YAML path), or a data generator's name")

@@ -8,9 +8,7 @@ HELP = "train (or resume) a run from a YAML config; torchrun --nproc-per-node N 
 
 
 def add_arguments(p) -> None:
-    from omnibyte.config_doc import HelpFormatter
 
-    p.formatter_class = HelpFormatter
     p.add_argument("config", help="a YAML path, a name in configs/ (e.g. debug_tiny), or a run directory")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-3 model.stages.0.layers=4 "
                                                 "(`omnibyte config keys <config>` lists them)")
