@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     cpu = time.process_time() - cpu0
     wall = time.perf_counter() - wall0
 
-    qgen = QuestionGenerator(load_templates(), random.Random("bench/q"))
+    qgen = QuestionGenerator(load_templates(), "bench/q")
     c = time.process_time()
     for s in scenes:
         qgen.questions_for(s, 10)

@@ -12,10 +12,17 @@ rest, so ``train,val,test`` gives CLEVR's 70/15/15 and ``train,val`` gives 85/15
 ``{split: count}`` sets the counts exactly.
 
 Determinism: image ``i`` of a split is drawn from a generator seeded with (seed, split, i) alone, so
-it does not depend on ``workers``, on the other splits, nor on rendering; questions are made in one
-pass per split in image order with their own seeded generator. PNGs are written with fixed encoder
-settings and no metadata, JSON with a fixed key order and no timestamps: the same arguments give
-byte-identical files.
+it does not depend on ``workers``, on the other splits, nor on rendering. Its questions draw their
+randomness from (seed, split, i, family) alone too; what they take from earlier images is only the running
+family and answer counts (balancing), applied in one pass per split in image order in this process. PNGs
+are written with fixed encoder settings and no metadata, JSON with a fixed key order and no timestamps: the
+same arguments give byte-identical files.
+
+Parallelism (``workers`` > 1): each worker samples (and renders) an image and runs the expensive part of
+its questions, the template searches, for the families the image will likely try, judged from the family
+counts when the image was handed out (a few images stale); this process then applies the balancing to
+those candidates and runs any search the worker did not (see ``templates.QuestionGenerator``). The
+candidates are pure functions of (seed, split, i, family), so the output is the same for every ``workers``.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import json
 import math
 import os
 import random
+from collections import deque
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -32,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from .scene import sample_scene
-from .templates import DEFAULT_TEMPLATES_DIR, QuestionGenerator, load_templates
+from .templates import DEFAULT_TEMPLATES_DIR, QuestionGenerator, load_templates, speculate
 
 PNG_COMPRESS_LEVEL = 6
 VAL_FRACTION = 0.15
@@ -75,6 +83,21 @@ def _make_scene(args: tuple) -> dict:
         Image.fromarray(rgba, "RGBA").save(os.path.join(image_dir, _image_name(split, i)), format="PNG",
                                            compress_level=PNG_COMPRESS_LEVEL, optimize=False)
     return public_scene(scene, split, i, width, height)
+
+
+_FAMILIES: list[dict] = []  # a worker's question families (set by _init_worker)
+
+
+def _init_worker(families: list[dict]) -> None:
+    global _FAMILIES
+    _FAMILIES = families
+
+
+def _make_item(args: tuple) -> tuple[dict, dict]:
+    """A worker's job: one image's scene (see _make_scene) and its speculated question candidates."""
+    scene_args, key, k, hint = args
+    scene = _make_scene(scene_args)
+    return scene, speculate(_FAMILIES, scene, key, k, hint)
 
 
 def public_scene(scene: dict, split: str, index: int, width: int, height: int) -> dict:
@@ -129,24 +152,28 @@ def generate(out_dir: str | os.PathLike, images: int | None = 1000, questions_pe
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=sum(counts.values()), desc="clevr-synth", unit="img", disable=not progress)
+    bar = tqdm(total=sum(counts.values()), desc="clevr-synth", unit="img", disable=not (progress and _tty()))
     pool = None
     if workers and workers > 1:
         import multiprocessing as mp
 
-        pool = mp.get_context("spawn" if os.name == "nt" else "fork").Pool(workers)
+        pool = mp.get_context("spawn" if os.name == "nt" else "fork").Pool(workers, _init_worker, (families,))
     summary: dict[str, Any] = {"out_dir": str(out), "splits": {}}
     try:
         for split, n in counts.items():
             image_dir = out / "images" / split
             if render:
                 image_dir.mkdir(parents=True, exist_ok=True)
+            key = f"clevr-synth/{seed}/{split}"
+            qgen = QuestionGenerator(families, key)
             jobs = [(seed, split, i, (width, height), render, str(image_dir)) for i in range(n)]
-            it = pool.imap(_make_scene, jobs, chunksize=4) if pool else map(_make_scene, jobs)
-            qgen = QuestionGenerator(families, random.Random(f"clevr-synth/{seed}/{split}/questions"))
+            if pool is None:
+                items = ((scene, None) for scene in map(_make_scene, jobs))
+            else:
+                items = _pipelined(pool, jobs, key, questions_per_image, qgen, workers + 1)
             scenes, questions = [], []
-            for scene in it:
-                for q in qgen.questions_for(scene, questions_per_image):
+            for scene, speculated in items:
+                for q in qgen.questions_for(scene, questions_per_image, speculated):
                     questions.append({"image_index": scene["image_index"], "image_filename": scene["image_filename"],
                                       "split": split, "question_index": len(questions), **q})
                 scenes.append(scene)
@@ -163,6 +190,31 @@ def generate(out_dir: str | os.PathLike, images: int | None = 1000, questions_pe
             pool.close()
             pool.join()
     return summary
+
+
+def _tty() -> bool:
+    """Progress bars only on a terminal: in a log file their carriage-return updates are noise."""
+    import sys
+
+    return sys.stderr is not None and sys.stderr.isatty()
+
+
+def _pipelined(pool, jobs: list[tuple], key: str, k: int, qgen: QuestionGenerator, window: int):
+    """(scene, speculated candidates) per job, in order, from ``pool``; at most ``window`` images in flight, each
+    handed out with the family counts of the moment (so the worker guesses the families it will try)."""
+    pending: deque = deque()
+    it = iter(jobs)
+
+    def submit() -> None:
+        job = next(it, None)
+        if job is not None:
+            pending.append(pool.apply_async(_make_item, ((job, key, k, qgen.hint(job[2], k)),)))
+
+    for _ in range(window):
+        submit()
+    while pending:
+        yield pending.popleft().get()
+        submit()  # after the caller counted that image's questions
 
 
 def _parse_size(text: str) -> tuple[int, int]:
@@ -193,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--templates", default=None,
                    help=f"directory of CLEVR 1.0 template *.json files (default: ours, {DEFAULT_TEMPLATES_DIR.name}/)")
     p.add_argument("--workers", type=int, default=0,
-                   help="processes for rendering (>= 0; 0: none; output does not depend on it)")
+                   help="processes for rendering and question search (>= 0; 0: none; output does not depend on it)")
     p.add_argument("--no-render", action="store_true", help="scenes and questions only, no images")
     p.add_argument("--no-progress", action="store_true")
     return p

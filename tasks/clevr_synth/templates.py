@@ -158,15 +158,14 @@ def _accept_answer(counts: dict, answer: Any) -> bool:
     return cur <= 5.0 * median
 
 
-def instantiate(template: Mapping[str, Any], idx: P.SceneIndex, rng: random.Random,
-                answer_counts: dict, max_instances: int = 1, max_states: int = 800) -> list[dict]:
-    """Up to ``max_instances`` questions of ``template`` on the scene: dicts with nodes, vals, answer."""
+def _leaves(template: Mapping[str, Any], idx: P.SceneIndex, rng: random.Random, max_states: int):
+    """Complete programs of ``template`` on the scene, in the search's depth-first order (a generator): valid
+    (every ``unique`` picks one object) and within the constraints, degenerate ones included. At most
+    ``max_states`` partial programs are executed. The order depends on ``rng`` and the scene alone."""
     types = {p["name"]: p["type"] for p in template["params"]}
-    has_relate = any(n["type"] == "relate" for n in template["nodes"])
     tnodes = template["nodes"]
     states = [{"nodes": [{"type": tnodes[0]["type"], "inputs": []}], "vals": {}, "input_map": {0: 0},
                "next": 1, "outputs": []}]
-    found: list[dict] = []
     popped = 0
     # depth-first, children generated lazily: a stack of iterators over each level's children
     stack = [iter(states)]
@@ -181,18 +180,62 @@ def instantiate(template: Mapping[str, Any], idx: P.SceneIndex, rng: random.Rand
         if ans is P.INVALID or not _check_constraints(template, types, state):
             continue
         if state["next"] == len(tnodes):
-            if not _accept_answer(answer_counts, ans):
-                continue
-            if has_relate and is_degenerate(state["nodes"], idx, ans):
-                continue
-            answer_counts[ans] += 1
-            state["answer"] = ans
-            found.append(state)
-            if len(found) >= max_instances:
-                break
+            yield state
             continue
         stack.append(_expand(template, types, tnodes[state["next"]], state, idx, rng))
-    return found
+
+
+def _question(template: Mapping[str, Any], idx: P.SceneIndex, state: dict) -> dict | None:
+    """A complete program as a question (nodes, vals, answer), or None when it is degenerate."""
+    ans = state["outputs"][-1]
+    if any(n["type"] == "relate" for n in template["nodes"]) and is_degenerate(state["nodes"], idx, ans):
+        return None
+    return {"nodes": state["nodes"], "vals": state["vals"], "answer": ans}
+
+
+def first_accepted(template: Mapping[str, Any], idx: P.SceneIndex, rng: random.Random, answer_counts: dict,
+                   max_states: int = 800) -> dict | None:
+    """The question of ``template`` on the scene: the first complete, non-degenerate program of the search
+    whose answer the running ``answer_counts`` accept (see :func:`_accept_answer`), or None."""
+    for state in _leaves(template, idx, rng, max_states):
+        if _accept_answer(answer_counts, state["outputs"][-1]):
+            q = _question(template, idx, state)
+            if q is not None:
+                return q
+    return None
+
+
+def candidates(template: Mapping[str, Any], idx: P.SceneIndex, rng: random.Random, answer_counts: Mapping,
+               max_states: int = 800) -> tuple[list[dict], bool]:
+    """What :func:`first_accepted` needs, computed from a guess of the answer counts: the first non-degenerate
+    complete program of each answer, in search order, up to the first whose answer ``answer_counts`` (a
+    guess) accept; and whether the search ended before that (True) or stopped there (False).
+    :func:`first_accepted` with the same rng state and the true counts gives the first candidate whose answer
+    the true counts accept; when none is and the search did not end, the question (if any) lies beyond."""
+    out: list[dict] = []
+    seen: list = []
+    for state in _leaves(template, idx, rng, max_states):
+        ans = state["outputs"][-1]
+        if ans in seen:
+            continue
+        q = _question(template, idx, state)
+        if q is None:
+            continue
+        seen.append(ans)
+        out.append(q)
+        if _accept_answer(answer_counts, ans):
+            return out, False
+    return out, True
+
+
+def instantiate(template: Mapping[str, Any], idx: P.SceneIndex, rng: random.Random,
+                answer_counts: dict, max_states: int = 800) -> list[dict]:
+    """[the question of ``template`` on the scene] or []; counts its answer in ``answer_counts``."""
+    q = first_accepted(template, idx, rng, answer_counts, max_states)
+    if q is None:
+        return []
+    answer_counts[q["answer"]] += 1
+    return [q]
 
 
 def _expand(template: Mapping, types: Mapping, tnode: Mapping, state: dict, idx: P.SceneIndex,
@@ -303,41 +346,114 @@ def _other_heuristic(text: str, vals: Mapping[str, str]) -> str:
     return text
 
 
+def family_order(families: list[dict], key: str, index: int, family_counts: Mapping[int, int]) -> list[dict]:
+    """The order image ``index`` tries the families in: least used so far first, ties in a random order drawn
+    from (key, index) alone."""
+    order = list(families)
+    random.Random(f"{key}/{index}/order").shuffle(order)
+    order.sort(key=lambda f: family_counts[f["family_index"]])
+    return order
+
+
+def _family_rng(key: str, index: int, family_index: int, what: str = "search") -> random.Random:
+    return random.Random(f"{key}/{index}/{family_index}/{what}")
+
+
+def speculate(families: list[dict], scene: Mapping[str, Any], key: str, k: int, hint: tuple[Mapping, Mapping],
+              extra: int = 4, max_states: int = 800) -> dict[int, tuple[list[dict], bool]]:
+    """:func:`candidates` of the families image ``scene`` will likely try, for a worker process: in the order
+    the guessed family counts give, until ``k + extra`` families gave some. ``hint``: (family counts, answer
+    counts), guesses from :meth:`QuestionGenerator.hint`. The result only saves
+    :meth:`QuestionGenerator.questions_for` work: its questions are the same with it, without it, whatever
+    the guesses."""
+    family_counts, answer_counts = hint
+    idx = P.SceneIndex(scene)
+    i = scene["image_index"]
+    out: dict[int, tuple[list[dict], bool]] = {}
+    found = 0
+    for fam in family_order(families, key, i, family_counts):
+        if found >= k + extra:
+            break
+        fi = fam["family_index"]
+        out[fi] = candidates(fam, idx, _family_rng(key, i, fi), answer_counts[fi], max_states)
+        found += bool(out[fi][0])
+    return out
+
+
 class QuestionGenerator:
     """Questions for a stream of scenes, balancing families and answers across the whole split.
 
     Per image, families are tried from the least used so far (ties in a random order) until
     ``questions_per_image`` of them gave a question (one question per family and image, like CLEVR's
     ``--templates_per_image`` with ``--instances_per_template 1``).
+
+    Randomness comes from (``key``, image index, family) alone: the tie order of image ``i``, the search of
+    family ``f`` on image ``i`` and its text each have their own generator. What depends on earlier images
+    is only the family and answer counts, which this object keeps, so the expensive part (the searches) can
+    run ahead in other processes (:func:`speculate`) and give the same questions.
     """
 
-    def __init__(self, families: list[dict], rng: random.Random, max_states: int = 800):
+    def __init__(self, families: list[dict], key: str = "questions", max_states: int = 800):
         self.families = families
-        self.rng = rng
+        self.key = key
         self.max_states = max_states
+        self.images = 0
         self.family_counts = {f["family_index"]: 0 for f in families}
         self.answer_counts = {f["family_index"]: {a: 0 for a in answer_domain(f)} for f in families}
+        self.tries = dict.fromkeys(self.family_counts, 0)  # images that tried the family
+        self.successes = dict.fromkeys(self.family_counts, 0)  # ... and got a question from it
+        self._ahead: dict[int, list[int]] = {}  # image handed out -> families expected to give it questions
 
-    def questions_for(self, scene: Mapping[str, Any], k: int) -> list[dict]:
+    def hint(self, index: int, k: int) -> tuple[dict[int, int], dict[int, dict]]:
+        """Guesses of the (family counts, answer counts) image ``index`` will see, for :func:`speculate`: today's,
+        plus what the images handed out before it (with ``hint``, and not yet through :meth:`questions_for`)
+        should add, from each family's success rate so far. Guesses only steer the work done ahead."""
+        counts = dict(self.family_counts)
+        for inc in self._ahead.values():
+            for f in inc:
+                counts[f] += 1
+        inc = []  # the families this image should get questions from: the first k likely to give one
+        for fam in family_order(self.families, self.key, index, counts):
+            if len(inc) >= k:
+                break
+            fi = fam["family_index"]
+            if 2 * self.successes[fi] >= self.tries[fi]:
+                inc.append(fi)
+        self._ahead[index] = inc
+        return counts, {f: dict(c) for f, c in self.answer_counts.items()}
+
+    def questions_for(self, scene: Mapping[str, Any], k: int,
+                      speculated: Mapping[int, tuple[list[dict], bool]] | None = None) -> list[dict]:
+        """Up to ``k`` questions on ``scene`` (its ``image_index``, else the number of scenes seen so far, picks
+        the random streams); ``speculated``: :func:`speculate`'s result for this scene, if any."""
+        i = scene.get("image_index", self.images)
+        self.images += 1
+        self._ahead.pop(i, None)
         idx = P.SceneIndex(scene)
-        order = list(self.families)
-        self.rng.shuffle(order)
-        order.sort(key=lambda f: self.family_counts[f["family_index"]])
+        speculated = speculated or {}
         out = []
-        for fam in order:
+        for fam in family_order(self.families, self.key, i, self.family_counts):
             if len(out) >= k:
                 break
             fi = fam["family_index"]
-            found = instantiate(fam, idx, self.rng, self.answer_counts[fi], max_states=self.max_states)
-            if not found:
+            counts = self.answer_counts[fi]
+            q, done = None, False
+            if fi in speculated:
+                cands, done = speculated[fi]
+                q = next((c for c in cands if _accept_answer(counts, c["answer"])), None)
+            if q is None and not done:
+                q = first_accepted(fam, idx, _family_rng(self.key, i, fi), counts, self.max_states)
+            self.tries[fi] += 1
+            if q is None:
                 continue
+            self.successes[fi] += 1
+            counts[q["answer"]] += 1
             self.family_counts[fi] += 1
-            st = found[0]
             out.append({
-                "question": render_text(fam, st["vals"], self.rng),
-                "answer": P.to_answer(st["answer"]),
+                "question": render_text(fam, q["vals"], _family_rng(self.key, i, fi, "text")),
+                "answer": P.to_answer(q["answer"]),
                 "question_family_index": fi,
                 "template_filename": fam["filename"],
-                "program": [P.to_release(n) for n in st["nodes"]],
+                "program": [P.to_release(n) for n in q["nodes"]],
             })
         return out
