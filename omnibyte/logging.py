@@ -64,6 +64,12 @@ def setup_console_logging(level: int = logging.INFO) -> None:
     root.setLevel(logging.INFO)
 
 
+def show_bar(progress: bool = True) -> bool:
+    """Whether to draw a progress bar: asked for, and stderr is a terminal (in a log file the bar's
+    carriage-return updates are noise; runs print plain periodic lines there instead)."""
+    return bool(progress) and sys.stderr is not None and sys.stderr.isatty()
+
+
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     return read_jsonl(Path(run_dir) / METRICS)
 
@@ -138,7 +144,7 @@ class RunLogger:
         self._file_handler = file_handler
         self.total = total_steps
         # the bar only on a terminal; a log file gets one plain line per log interval instead of carriage returns
-        if progress and sys.stderr.isatty():
+        if show_bar(progress):
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,

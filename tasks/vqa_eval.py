@@ -27,7 +27,6 @@ Item ids must be unique within a split (a repeated id is a :class:`DataError` na
 from __future__ import annotations
 
 import json
-import sys
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from itertools import islice
@@ -36,6 +35,7 @@ from typing import Any
 
 from omnibyte import vocab
 from omnibyte.errors import DataError
+from omnibyte.logging import show_bar
 
 OTHER = "<other>"
 MODES = ("auto", "generate", "rank", "both")
@@ -210,7 +210,7 @@ def evaluate_vqa(model: Any, items: Iterable[Any], *, split: str, labels: Sequen
     seen: dict[str, int] = {}
     was_training = model.training
     model.eval()
-    bar = tqdm(desc=f"vqa {split}", unit="q", disable=not (progress and sys.stderr is not None and sys.stderr.isatty()))
+    bar = tqdm(desc=f"vqa {split}", unit="q", disable=not show_bar(progress))
     try:
         with torch.no_grad():
             for chunk in _chunks(items, batch_size):

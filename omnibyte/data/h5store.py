@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from omnibyte.errors import DataError
+from omnibyte.logging import show_bar
 from omnibyte.stream import ByteStream
 from omnibyte.vocab import check_contract
 
@@ -79,7 +80,7 @@ def write_streams(records: Iterable[ByteStream | tuple[ByteStream, dict[str, Any
 
             pending = 0
             for rec in tqdm(records, total=total, desc=f"h5 {split or path.stem}", unit="stream",
-                            disable=not progress):
+                            disable=not show_bar(progress)):
                 s, meta = rec if isinstance(rec, tuple) else (rec, {"id": rec.id})
                 s.validate()
                 answers.add(meta)

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
+from ..logging import show_bar
 from .provenance import AnswerSet, store_record
 
 FORMAT = 2
@@ -116,7 +117,7 @@ class ShardWriter:
         self._tmp: Path | None = None
         self._count = self._size = self.n = 0
         self._answers = AnswerSet()
-        self._bar = tqdm(total=total, desc=f"shards {split}", unit="sample", disable=not progress)
+        self._bar = tqdm(total=total, desc=f"shards {split}", unit="sample", disable=not show_bar(progress))
 
     def _close(self) -> None:
         if self._tar is None:

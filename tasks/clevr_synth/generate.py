@@ -39,6 +39,8 @@ from typing import Any
 
 import numpy as np
 
+from omnibyte.logging import show_bar
+
 from .scene import sample_scene
 from .templates import DEFAULT_TEMPLATES_DIR, QuestionGenerator, load_templates, speculate
 
@@ -152,7 +154,7 @@ def generate(out_dir: str | os.PathLike, images: int | None = 1000, questions_pe
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=sum(counts.values()), desc="clevr-synth", unit="img", disable=not (progress and _tty()))
+    bar = tqdm(total=sum(counts.values()), desc="clevr-synth", unit="img", disable=not show_bar(progress))
     pool = None
     if workers and workers > 1:
         import multiprocessing as mp
@@ -190,13 +192,6 @@ def generate(out_dir: str | os.PathLike, images: int | None = 1000, questions_pe
             pool.close()
             pool.join()
     return summary
-
-
-def _tty() -> bool:
-    """Progress bars only on a terminal: in a log file their carriage-return updates are noise."""
-    import sys
-
-    return sys.stderr is not None and sys.stderr.isatty()
 
 
 def _pipelined(pool, jobs: list[tuple], key: str, k: int, qgen: QuestionGenerator, window: int):
