@@ -109,9 +109,10 @@ def _block_node(node: Any) -> Node:
 
 @MODELS.register("mblm")
 class MBLM(StreamModel):
-    """Stages over patches of bytes (see the module docstring). Inference (caches, ``generate``, ``score``,
-    the CUDA-graph step) is a component, :attr:`decoder` (:class:`~omnibyte.model.inference.decoder.Decoder`);
-    the methods below that decode delegate to it."""
+    """Multiscale Byte Language Model: stages of registered blocks over patches of bytes, cached generation.
+
+    See the module docstring. Inference (caches, ``generate``, ``score``, the CUDA-graph step) is a component,
+    :attr:`decoder` (:class:`~omnibyte.model.inference.decoder.Decoder`); the methods that decode delegate to it."""
 
     Config = MBLMConfig
 
