@@ -24,3 +24,12 @@ def test_a_closed_pipe_ends_quietly():
     res = subprocess.run(f"{sys.executable} -m omnibyte list configs | head -1", shell=True, capture_output=True,
                          text=True, env={**__import__('os').environ, "PYTHONUNBUFFERED": "1"})
     assert res.stdout.strip() and "Traceback" not in res.stderr and "BrokenPipe" not in res.stderr, res.stderr
+
+
+def test_version(capsys):
+    import omnibyte
+    from omnibyte.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"omnibyte {omnibyte.__version__}"
