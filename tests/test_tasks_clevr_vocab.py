@@ -126,3 +126,35 @@ def test_cnn_lstm_head_covers_the_training_answers(tmp_path):
         assert bool(torch.isfinite(score[0])) == (it.meta["answer"] in model.answers)
     res = task.evaluate(model, eval_items(DataConfig(), task, ser, "val"), split="val", progress=False)
     assert res["num_unanswerable"] == 1 and 0 <= res["accuracy_answerable"] <= 1
+
+
+def test_a_trained_run_records_and_ranks_the_answers_of_its_own_training_split(tmp_path, capsys):
+    """End to end through the CLI on the non-CLEVR set above: `omnibyte train` records the training split's
+    answers (sorted) in the run's record and its checkpoints, and `omnibyte eval` ranks every question against
+    exactly that set; the answer never seen in training is counted as unanswerable, not scored as a miss."""
+    import yaml
+
+    from omnibyte.checkpoint import latest_checkpoint, read_state
+    from omnibyte.cli import main
+
+    root = make_layout(tmp_path / "clevr_other")
+    runs = tmp_path / "runs"
+    tiny = [f"model.stages.{i}.{k}={v}" for i in (0, 1) for k, v in (("width", 16), ("layers", 1))] + [
+        "model.stages.0.block.headdim=16", "model.stages.0.block.d_state=8", "model.stages.1.block.heads=2"]
+    assert main(["train", "clevr_vqa_png", f"task.root={root}", "preset=full", "serializer.image.size=[12,8]",
+                 "model.stages.0.length=64", "data.seq_len=512", "data.batch_size=2", "train.steps=2",
+                 "train.warmup=1", "train.eval_every=0", "train.ckpt_every=2", "eval.report=false",
+                 "task.eval_mode=rank", *tiny, f"out_dir={runs}", "--quiet"]) == 0
+    run = runs / "clevr_vqa_png"
+    trained = sorted({answer for split, _img, _q, answer, _fam, _fn in QUESTIONS if split == "train"})
+    record = yaml.safe_load((run / "config.resolved.yaml").read_text())
+    assert record["task"]["answers"] == trained
+    assert read_state(latest_checkpoint(run / "checkpoints"))["config"]["task"]["answers"] == trained
+    capsys.readouterr()
+    assert main(["eval", str(run), "eval.per_token=false"]) == 0
+    out = capsys.readouterr().out
+    task = json.loads(out[out.index("{"):])["task"]
+    assert task["num_samples"] == 4 and task["num_unanswerable"] == 1  # "hexagon" is not a training answer
+    preds = [json.loads(line) for line in (run / "eval" / "vqa_val_predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 4 and {p["pred_rank"] for p in preds} <= set(trained)  # ranked among the training answers
+    assert [p["answerable"] for p in preds] == [p["gold"] in trained for p in preds] == [True, True, False, True]
