@@ -11,7 +11,8 @@ import importlib
 import os
 import sys
 
-VERBS = ("train", "eval", "generate", "inspect", "prepare", "list", "plot", "export", "config", "doctor", "ask")
+VERBS = ("train", "eval", "generate", "inspect", "prepare", "list", "plot", "export", "config", "doctor", "ask",
+         "robustness", "merge")
 
 
 def build_parser() -> argparse.ArgumentParser:

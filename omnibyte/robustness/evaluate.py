@@ -1,0 +1,305 @@
+"""``omnibyte robustness``: a trained run scored on clean and corrupted copies of its eval split.
+
+Each copy is scored by :func:`omnibyte.run.evaluate_run` itself, with the run's serializer wrapped by
+:class:`CorruptingSerializer` (text and image-file corruptions edit the raw sample before the run's own
+serializer; image-byte corruptions edit its output), so a corrupted row goes through exactly the pipeline of
+``omnibyte eval`` and the clean row *is* ``omnibyte eval``'s result on the same split and samples.
+
+Per row:
+
+* every run: ``bpb`` (and ``bpb/<modality>``), the run's loss-weighted bits per byte over its eval rows;
+* PG19-type runs (task results with ``word_ppl``): ``text_bpb`` = the task's total nats over the **corrupted**
+  text bytes (what the model read), and ``word_ppl = exp(total nats / words of the CLEAN text)``: the corrupted
+  text's likelihood spread over the clean text's words, so every row is normalised by the same count (a
+  corruption that inserts characters makes the text longer and costs nats; it does not add words);
+* VQA runs (task results with ``accuracy``): ``accuracy`` (the task's main mode) and ``accuracy_answerable``;
+  and ``image_bpb``: the mean bits over **all** image bytes of the eval rows, whatever their loss weight (a run
+  trained with ``serializer.loss=answer`` never learned to predict them: compare its rows with each other,
+  not with other runs);
+* ``delta_<metric>``: the row's value minus the clean row's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from ..config import ConfigError
+from ..errors import DataError
+from .corruptions import (
+    CORRUPTIONS,
+    IMAGE,
+    TEXT,
+    Corruption,
+    corrupt_image_file,
+    corrupt_stream,
+    corrupt_text,
+    parse,
+    rng_for,
+)
+
+DEFAULT_TEXT = ("drop:0.05", "drop:0.3", "repeat:0.05", "repeat:0.3", "swap:0.05", "swap:0.3", "uppercase:0.05",
+                "uppercase:0.3", "antspeak", "random_case")
+DEFAULT_IMAGE = ("image_drop:0.001", "image_drop:0.01", "image_flip:0.001", "image_flip:0.01", "image_swap:0.001",
+                 "image_swap:0.01", "jpeg:30", "jpeg:10", "noise:0", "noise:16")
+IMAGE_SERIALIZERS = ("png", "jpeg", "pixels")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What a run's samples offer to corrupt: the text field (``None``: none) and the image field."""
+
+    serializer: str
+    text_field: str | None
+    image_field: str | None
+    corruptions: tuple[Corruption, ...]
+
+    def allowed(self) -> tuple[str, ...]:
+        return (TEXT if self.text_field else ()) + (IMAGE if self.image_field else ())
+
+
+def plan_for(run, specs: list[str] | tuple[str, ...] | None = None) -> Plan:
+    """The corruptions of ``specs`` (default: all that apply to the run) checked against the run's serializer."""
+    cfg = run.config
+    name = cfg.serializer.name
+    ser = run.serializer
+    if cfg.data.source == "h5":
+        raise ConfigError(f"{run.run_dir}: data.source=h5 holds pre-serialized streams; robustness corrupts raw "
+                          f"samples before serialization, so it needs a run on data.source=task or shards")
+    if name == "utf8":
+        text_field, image_field = ser.config.field, None
+    elif name == "qa":
+        order = tuple(ser.config.order)
+        text_field = ser.config.question_field if "question" in order else None
+        image_field = ser.image.config.field if "image" in order else None
+    elif name in IMAGE_SERIALIZERS:
+        text_field, image_field = None, ser.config.field
+    else:
+        raise ConfigError(f"serializer {name!r}: robustness knows where the text and images are for "
+                          f"utf8, qa, {', '.join(IMAGE_SERIALIZERS)}")
+    plan = Plan(name, text_field, image_field, ())
+    if specs is None or not list(specs):
+        specs = (DEFAULT_TEXT if text_field else ()) + (DEFAULT_IMAGE if image_field else ())
+    chosen = [parse(s) for s in specs]
+    allowed = plan.allowed()
+    for c in chosen:
+        if c.name not in allowed:
+            what = "text" if c.name in TEXT else "images"
+            raise ConfigError(f"corruption {c.label!r} needs {what}, and this run's serializer {name!r} "
+                              f"has none; corruptions for this run: {', '.join(allowed)}")
+    labels = [c.label for c in chosen]
+    dup = sorted({x for x in labels if labels.count(x) > 1})
+    if dup:
+        raise ConfigError(f"corruption(s) given twice: {', '.join(dup)}")
+    return dataclasses.replace(plan, corruptions=tuple(chosen))
+
+
+class CorruptingSerializer:
+    """The run's serializer with one corruption applied, seeded per sample id (see the package docstring).
+    ``config`` is the wrapped serializer's: stores and buckets are checked against the run's own config."""
+
+    def __init__(self, inner, corruption: Corruption, plan: Plan, seed: int):
+        self.inner, self.corruption, self.plan, self.seed = inner, corruption, plan, seed
+        self.config = inner.config
+
+    def __getattr__(self, name):  # prompt(), name, ... of the wrapped serializer
+        return getattr(self.inner, name)
+
+    def __call__(self, sample):
+        c = self.corruption
+        sid = sample.get("id")
+        if sid is None or str(sid) == "":
+            raise DataError(f"corruption {c.label}: a sample without an id (the corruption is seeded per id)")
+        rng = rng_for(self.seed, c, str(sid))
+        if c.layer == "image_bytes":
+            return corrupt_stream(self.inner(sample), c, rng)
+        field = self.plan.text_field if c.layer == "text" else self.plan.image_field
+        if field not in sample:
+            raise DataError(f"sample {sid!r}: corruption {c.label}: no {field!r} field")
+        value = sample[field]
+        s = dict(sample)
+        if c.layer == "text":
+            if not isinstance(value, str):
+                raise DataError(f"sample {sid!r}: corruption {c.label}: field {field!r} is not decoded text "
+                                f"({type(value).__name__}; e.g. a PG19 book that is not valid UTF-8)")
+            s[field] = corrupt_text(value, c, rng)
+        else:
+            s[field] = corrupt_image_file(value, c, rng, str(sid))
+        return self.inner(s)
+
+
+def image_bits(run, serializer, split: str, max_samples: int) -> dict[str, Any] | None:
+    """Mean bits over every image byte (modality IMAGE, id < 256) of the eval rows, whatever its loss weight;
+    ``None`` for a model without per-token losses."""
+    import torch
+
+    from ..data import eval_batches
+    from ..loss import per_token_nll
+    from ..precision import autocast, use_bf16
+    from ..vocab import NUM_BYTES, Modality
+
+    model, cfg = run.model, run.config
+    if not model.stream_meta.per_token_losses:
+        return None
+    batches = eval_batches(cfg.data, run.task, serializer, split, max_samples=max_samples,
+                           batch_size=cfg.eval.batch_size, pad_multiple=model.stream_meta.patch_product)
+    nats, count = 0.0, 0
+    with torch.no_grad():
+        for b in batches:
+            with autocast(run.device, use_bf16(cfg.train.precision, run.device)):
+                nll = per_token_nll(model, b.tokens.to(run.device)).double().cpu()
+            keep = (b.modality == int(Modality.IMAGE)) & (b.tokens < NUM_BYTES)
+            nats += float(nll[keep].sum())
+            count += int(keep.sum())
+    return {"image_bpb": nats / count / math.log(2) if count else float("nan"), "image_bytes": count}
+
+
+def _row(label: str, res: dict[str, Any], img: dict[str, Any] | None) -> dict[str, Any]:
+    row: dict[str, Any] = {"corruption": label, "bpb": res.get("bpb")}
+    row.update({k: v for k, v in res.items() if k.startswith("bpb/")})
+    task = res.get("task") or {}
+    if "word_ppl" in task:
+        row.update(text_bpb=task["bpb"], total_nats=task["total_nats"], num_bytes=task["num_bytes"],
+                   num_books=task.get("num_books"))
+    if "accuracy" in task:
+        row.update(accuracy=task["accuracy"], accuracy_answerable=task.get("accuracy_answerable"),
+                   num_questions=task.get("num_samples"))
+    if img is not None:
+        row.update(img)
+    row["detail"] = res.get("results_file")
+    return row
+
+
+def headline(rows: list[dict]) -> list[str]:
+    """The metrics a table shows, in order, present in the clean row."""
+    keys = ["text_bpb", "word_ppl", "accuracy", "image_bpb", "bpb"]
+    clean = rows[0]
+    out = [k for k in keys if clean.get(k) is not None]
+    if "text_bpb" in out:
+        out.remove("bpb")  # the task's sliding-window text bpb is the headline of a text run
+    return out
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def run_robustness(run, split: str | None = None, *, corruptions=None, seed: int = 0, limit: int | None = None,
+                   out: str | Path | None = None, progress: bool = True, log=None) -> dict[str, Any]:
+    """Score ``run`` clean and under each corruption; returns (and writes to ``out``) the table as JSON."""
+    from ..run import evaluate_run
+
+    plan = plan_for(run, corruptions)
+    cfg = run.config
+    split = split or cfg.eval.split
+    n = cfg.eval.max_samples if limit is None else int(limit)
+    if n < 0:
+        raise ConfigError(f"--limit must be >= 0 (0: the whole split), got {n}")
+    detail = run.run_dir / "eval" / "robustness" / f"{split}_{run.step}"
+    rows: list[dict[str, Any]] = []
+    clean_words = None
+    for c in (None, *plan.corruptions):
+        label = "clean" if c is None else c.label
+        if log is not None:
+            log.info("robustness %s: %s", split, label)
+        ser = run.serializer if c is None else CorruptingSerializer(run.serializer, c, plan, seed)
+        variant = dataclasses.replace(run, serializer=ser)
+        res = evaluate_run(variant, split, max_samples=n, per_token=False, task_metrics=True, progress=progress,
+                           out_dir=detail / label.replace(":", "_"))
+        if c is None:
+            clean_words = (res.get("task") or {}).get("num_words")
+        img = image_bits(variant, ser, split, n) if plan.image_field else None
+        rows.append(_row(label, res, img))
+    for r in rows:
+        if "total_nats" in r and clean_words is not None:
+            x = r["total_nats"] / clean_words if clean_words else None
+            r["word_ppl"] = float("nan") if x is None else math.exp(x) if x < 700 else float("inf")
+            r["clean_words"] = clean_words
+    clean = rows[0]
+    for r in rows[1:]:
+        for k in headline(rows):
+            if _finite(r.get(k)) and _finite(clean.get(k)):
+                r[f"delta_{k}"] = r[k] - clean[k]
+    result = {
+        "run": str(run.run_dir), "checkpoint": str(run.checkpoint), "which": run.which, "step": run.step,
+        "split": split, "seed": seed, "max_samples": n, "serializer": plan.serializer,
+        "text_field": plan.text_field, "image_field": plan.image_field,
+        "normalisation": {
+            "bpb": "the run's loss-weighted bits per byte over its eval rows (as omnibyte eval)",
+            "text_bpb": "task total nats / (corrupted text bytes * ln 2)",
+            "word_ppl": "exp(task total nats / whitespace words of the CLEAN text), the same count in every row",
+            "accuracy": "VQA accuracy of the task's main mode (questions corrupted by text corruptions)",
+            "image_bpb": "mean bits over all image bytes of the eval rows, whatever their loss weight",
+        },
+        "definitions": {c.label: CORRUPTIONS[c.name][2] for c in plan.corruptions},
+        "rows": rows,
+    }
+    path = Path(out) if out else run.run_dir / "eval" / f"robustness_{split}_{run.step}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    result["results_file"] = str(path)
+    return result
+
+
+def _fmt(x, delta: bool = False) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if abs(x) >= 1000:
+        return f"{x:+.4g}" if delta else f"{x:.4g}"
+    return f"{x:+.4f}" if delta else f"{x:.4f}"
+
+
+def table_lines(result: dict[str, Any]) -> list[str]:
+    """A readable table: each headline metric and its change from clean."""
+    rows = result["rows"]
+    keys = headline(rows)
+    width = max(12, *(len(r["corruption"]) for r in rows))
+    head = f"{'corruption':<{width}}" + "".join(f" {k:>12} {'change':>10}" for k in keys)
+    lines = [f"{result['run']} step {result['step']}, split {result['split']}, seed {result['seed']}"
+             f"{', ' + str(result['max_samples']) + ' samples' if result['max_samples'] else ''}", head,
+             "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['corruption']:<{width}}" + "".join(
+            f" {_fmt(r.get(k)):>12} {'' if r['corruption'] == 'clean' else _fmt(r.get('delta_' + k), True):>10}"
+            for k in keys))
+    if "word_ppl" in keys:
+        lines.append(f"word_ppl: exp(nats / {rows[0]['clean_words']} words of the clean text) in every row; "
+                     f"text_bpb: over the corrupted text's bytes")
+    if "image_bpb" in keys:
+        lines.append("image_bpb: over all image bytes of the eval rows, whatever their loss weight")
+    return lines
+
+
+def plot(result: dict[str, Any], path: str | Path) -> Path:
+    """Bars of each headline metric per corruption, a dashed line at clean (PNG, Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    keys = headline(rows)
+    fig, axes = plt.subplots(len(keys), 1, figsize=(max(6.0, 0.45 * len(rows) + 2), 2.6 * len(keys)),
+                             squeeze=False)
+    labels = [r["corruption"] for r in rows]
+    for ax, k in zip(axes[:, 0], keys):
+        vals = [r.get(k) if _finite(r.get(k)) else float("nan") for r in rows]
+        ax.bar(range(len(rows)), vals, color=["0.55"] + ["C0"] * (len(rows) - 1))
+        ax.axhline(vals[0], color="k", ls="--", lw=0.8)
+        ax.set_ylabel(k)
+        if k == "word_ppl" and all(v > 0 for v in vals if math.isfinite(v)):
+            ax.set_yscale("log")  # perplexities of corrupted text span orders of magnitude
+        ax.set_xticks(range(len(rows)))
+        ax.set_xticklabels(labels, rotation=45, ha="right", fontsize=8)
+    axes[0, 0].set_title(f"{Path(result['run']).name}: robustness on {result['split']} (step {result['step']})")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

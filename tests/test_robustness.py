@@ -1,0 +1,321 @@
+"""Noise-robustness evaluation: every corruption (determinism, seeds, rates, UTF-8, identity at p=0, bad input),
+image corruptions touching only image bytes, and `omnibyte robustness` end to end on tiny CPU runs."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import string
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from omnibyte.cli import main
+from omnibyte.config import ConfigError
+from omnibyte.registry import SERIALIZERS
+from omnibyte.robustness.corruptions import (
+    CORRUPTIONS,
+    corrupt_image_file,
+    corrupt_stream,
+    corrupt_text,
+    image_positions,
+    parse,
+    rng_for,
+)
+from omnibyte.robustness.evaluate import CorruptingSerializer, Plan
+from omnibyte.vocab import Modality
+
+FIXTURE = Path(__file__).parent / "fixtures" / "clevr_mini"
+MULTI = "naïve café 東京 😀 Straße "
+RANDOM_TEXT = ("drop:0.3", "repeat:0.3", "swap:0.3", "uppercase:0.3", "random_case")
+
+
+def _letters(n: int, seed: int = 0) -> str:
+    """n lowercase letters, no two neighbours equal (so every swap is visible)."""
+    r = random.Random(seed)
+    out = [r.choice(string.ascii_lowercase)]
+    while len(out) < n:
+        ch = r.choice(string.ascii_lowercase)
+        if ch != out[-1]:
+            out.append(ch)
+    return "".join(out)
+
+
+def _text(spec: str, text: str, seed: int = 0, sid: str = "s0") -> str:
+    c = parse(spec)
+    return corrupt_text(text, c, rng_for(seed, c, sid))
+
+
+# --- text -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", [*RANDOM_TEXT, "antspeak"])
+def test_text_corruptions_are_deterministic_per_seed_and_sample(spec):
+    text = _letters(400) + MULTI
+    assert _text(spec, text, seed=3, sid="a") == _text(spec, text, seed=3, sid="a")
+    if spec != "antspeak":  # antspeak draws nothing
+        assert _text(spec, text, seed=3, sid="a") != _text(spec, text, seed=4, sid="a")
+        assert _text(spec, text, seed=3, sid="a") != _text(spec, text, seed=3, sid="b")
+
+
+def test_a_samples_draws_do_not_depend_on_the_order_samples_come_in():
+    inner = SERIALIZERS.build({"name": "utf8"})
+    plan = Plan("utf8", "text", None, ())
+    ser = CorruptingSerializer(inner, parse("drop:0.3"), plan, seed=7)
+    samples = [{"id": f"doc{i}", "text": _letters(200, i)} for i in range(5)]
+    forward = {s["id"]: ser(s).tokens.tobytes() for s in samples}
+    backward = {s["id"]: ser(s).tokens.tobytes() for s in reversed(samples)}
+    assert forward == backward
+    assert len(set(forward.values())) == 5
+    assert samples[0]["text"] == _letters(200, 0)  # the raw sample is not edited in place
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3])
+def test_text_rates_are_within_tolerance_of_p(p):
+    n = 40_000
+    text = _letters(n)
+    tol = 4 * (p * (1 - p) / n) ** 0.5 + 0.002
+    dropped = 1 - len(_text(f"drop:{p}", text)) / n
+    assert abs(dropped - p) < tol
+    added = len(_text(f"repeat:{p}", text)) / n - 1  # a selected character gets 1-3 copies: 2 on average
+    assert abs(added / 2 - p) < 2 * tol
+    upper = sum(ch.isupper() for ch in _text(f"uppercase:{p}", text)) / n
+    assert abs(upper - p) < tol
+    swapped = _text(f"swap:{p}", text)
+    assert sorted(swapped) == sorted(text) and len(swapped) == n
+    moved = sum(a != b for a, b in zip(swapped, text)) / n  # each swap moves two characters
+    assert abs(moved / 2 - p / (1 + p)) < tol
+    rc = sum(ch.isupper() for ch in _text("random_case", text)) / n
+    assert abs(rc - 0.5) < 4 * (0.25 / n) ** 0.5 + 0.002
+
+
+def test_antspeak_follows_byt5s_definition():
+    assert _text("antspeak", "abc def") == " A B C  D E F "
+
+
+@pytest.mark.parametrize("spec", [*RANDOM_TEXT, "antspeak", "drop:1", "repeat:1", "swap:1", "uppercase:1"])
+def test_text_stays_valid_utf8_at_the_codepoint_level(spec):
+    text = MULTI * 50
+    allowed = set(text) | set(text.upper()) | set(text.lower()) | {" "}
+    for seed in range(5):
+        out = _text(spec, text, seed=seed)
+        assert out.encode("utf-8").decode("utf-8") == out
+        assert set(out) <= allowed  # whole characters only: nothing cut out of a multi-byte character
+        stream = SERIALIZERS.build({"name": "utf8"})({"id": "x", "text": out})
+        assert stream.data_bytes().decode("utf-8") == out
+
+
+@pytest.mark.parametrize("spec", ["drop:0", "repeat:0", "swap:0", "uppercase:0"])
+def test_p_zero_is_identity(spec):
+    text = _letters(500) + MULTI
+    assert _text(spec, text) == text
+
+
+@pytest.mark.parametrize("spec", ["bogus", "drop", "drop:1.5", "drop:-0.1", "drop:nan", "swap:x", "antspeak:0.1",
+                                  "random_case:1", "jpeg:0", "jpeg:99", "jpeg:30.5", "noise:-1", "noise:inf",
+                                  "image_flip:2", "image_drop"])
+def test_bad_names_and_values_are_clear_errors(spec):
+    with pytest.raises(ConfigError, match="corruption"):
+        parse(spec)
+
+
+def test_unknown_name_lists_the_allowed_ones():
+    with pytest.raises(ConfigError) as e:
+        parse("typo:0.1")
+    for name in CORRUPTIONS:
+        assert name in str(e.value)
+
+
+# --- images -----------------------------------------------------------------------------------------------
+
+
+def _png(mode: str = "RGBA", size=(24, 16)) -> bytes:
+    rng = np.random.default_rng(0)
+    channels = {"RGBA": 4, "RGB": 3, "L": 1}[mode]
+    arr = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr.squeeze(-1) if channels == 1 else arr, mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _qa_stream():
+    ser = SERIALIZERS.build({"name": "qa", "image": {"name": "png", "method": "passthrough"}})
+    return ser({"id": "q1", "image": _png(), "question": "Is there a red cube?", "answer": "yes"})
+
+
+@pytest.mark.parametrize("spec", ["image_flip:0.3", "image_swap:0.3", "image_drop:0.3"])
+def test_image_byte_corruptions_touch_only_image_bytes(spec):
+    stream = _qa_stream()
+    c = parse(spec)
+    out = corrupt_stream(stream, c, rng_for(0, c, "q1"))
+    img = (stream.modality == Modality.IMAGE) & (stream.tokens < 256)
+    img_out = (out.modality == Modality.IMAGE) & (out.tokens < 256)
+    # everything that is not an image byte comes through unchanged, in order, with its loss weight
+    assert np.array_equal(stream.tokens[~img], out.tokens[~img_out])
+    assert np.array_equal(stream.loss_mask[~img], out.loss_mask[~img_out])
+    assert np.array_equal(stream.modality[~img], out.modality[~img_out])
+    before, after = stream.tokens[img], out.tokens[img_out]
+    n = len(before)
+    tol = 4 * (0.3 * 0.7 / n) ** 0.5 + 0.01
+    if c.name == "image_flip":
+        diff = before ^ after
+        assert all(bin(int(d)).count("1") <= 1 for d in diff)  # one bit per corrupted byte
+        assert abs(np.count_nonzero(diff) / n - 0.3) < tol
+    elif c.name == "image_swap":
+        assert sorted(before.tolist()) == sorted(after.tolist())
+        assert np.count_nonzero(before != after) > 0
+    else:
+        assert abs(1 - len(after) / n - 0.3) < tol
+    again = corrupt_stream(stream, c, rng_for(0, c, "q1"))
+    assert np.array_equal(again.tokens, out.tokens)
+    assert not np.array_equal(corrupt_stream(stream, c, rng_for(1, c, "q1")).tokens, out.tokens)
+
+
+@pytest.mark.parametrize("spec", ["image_flip:0", "image_swap:0", "image_drop:0"])
+def test_image_byte_corruptions_at_p_zero_are_identity(spec):
+    stream = _qa_stream()
+    c = parse(spec)
+    out = corrupt_stream(stream, c, rng_for(0, c, "q1"))
+    assert np.array_equal(out.tokens, stream.tokens) and np.array_equal(out.loss_mask, stream.loss_mask)
+    assert len(image_positions(stream)) > 100
+
+
+def test_image_file_corruptions_keep_the_files_format_size_and_alpha():
+    png = _png("RGBA")
+    for spec in ("jpeg:20", "noise:10", "noise:0"):
+        c = parse(spec)
+        out = corrupt_image_file(png, c, rng_for(0, c, "s"))
+        img = Image.open(io.BytesIO(out))
+        assert img.format == "PNG" and img.size == (24, 16) and img.mode == "RGBA"
+        assert np.array_equal(np.asarray(img)[..., 3], np.asarray(Image.open(io.BytesIO(png)))[..., 3])
+        assert out == corrupt_image_file(png, c, rng_for(0, c, "s"))
+    c = parse("noise:0")
+    same = np.asarray(Image.open(io.BytesIO(corrupt_image_file(png, c, rng_for(0, c, "s")))))
+    assert np.array_equal(same, np.asarray(Image.open(io.BytesIO(png))))  # sigma 0: the pixels unchanged
+    c = parse("noise:10")
+    noisy = [np.asarray(Image.open(io.BytesIO(corrupt_image_file(png, c, rng_for(s, c, "s"))))) for s in (0, 1)]
+    assert not np.array_equal(noisy[0], noisy[1])
+    assert 5 < np.abs(noisy[0][..., :3].astype(int) - same[..., :3]).mean() < 12
+    jpg = io.BytesIO()
+    Image.open(io.BytesIO(_png("RGB"))).save(jpg, format="JPEG", quality=90)
+    c = parse("jpeg:10")
+    out = corrupt_image_file(jpg.getvalue(), c, rng_for(0, c, "s"))
+    assert Image.open(io.BytesIO(out)).format == "JPEG" and len(out) < len(jpg.getvalue())
+
+
+# --- which corruptions apply to a run ----------------------------------------------------------------------
+
+
+def _unloaded_run(config: str, *overrides: str):
+    """A run's real components from its config (untrained: plan_for reads only config and serializer)."""
+    from omnibyte.run import Run, build_components
+    from omnibyte.runconfig import load_run_config
+
+    cfg = load_run_config(config, [*overrides, *TINY_MBLM[:2]])
+    task, serializer, model = build_components(cfg)
+    return Run(Path("runs") / cfg.run_name, cfg, task, serializer, model, Path("none"), 0, "none", {})
+
+
+def test_the_plan_follows_the_runs_serializer_and_refuses_what_does_not_apply():
+    from omnibyte.robustness.evaluate import DEFAULT_IMAGE, DEFAULT_TEXT, plan_for
+
+    text = _unloaded_run("debug_tiny")
+    plan = plan_for(text)
+    assert plan.text_field == "text" and plan.image_field is None
+    assert [c.label for c in plan.corruptions] == list(DEFAULT_TEXT)
+    for spec in ("jpeg:30", "noise:4", "image_flip:0.01"):
+        with pytest.raises(ConfigError, match=f"{spec}.*corruptions for this run: drop, repeat"):
+            plan_for(text, [spec])
+    with pytest.raises(ConfigError, match="given twice"):
+        plan_for(text, ["drop:0.1", "drop:0.1"])
+    with pytest.raises(ConfigError, match="data.source=h5"):
+        plan_for(_unloaded_run("debug_tiny", "data.source=h5", "data.path=x"))
+    vqa = plan_for(_unloaded_run("clevr_vqa_png", f"task.root={FIXTURE}"))
+    assert (vqa.text_field, vqa.image_field) == ("question", "image")
+    assert [c.label for c in vqa.corruptions] == [*DEFAULT_TEXT, *DEFAULT_IMAGE]
+
+
+def test_a_text_corruption_of_undecodable_text_names_the_sample():
+    from omnibyte.errors import DataError
+
+    ser = CorruptingSerializer(SERIALIZERS.build({"name": "utf8"}), parse("drop:0.1"), Plan("utf8", "text", None, ()), 0)
+    with pytest.raises(DataError, match="'pg19/validation/7'.*not decoded text"):
+        ser({"id": "pg19/validation/7", "text": b"\xff\xfe bad"})
+
+
+# --- end to end (slow: each trains a tiny run, then scores it several times) -------------------------------------------------------------------------------------------
+
+TINY_MBLM = [f"model.stages.{i}.{k}={v}" for i in (0, 1) for k, v in (("width", 16), ("layers", 1))] + [
+    "model.stages.0.block.headdim=16", "model.stages.0.block.d_state=8", "model.stages.1.block.heads=2"]
+QUICK = ["train.steps=2", "train.warmup=1", "train.eval_every=0", "train.ckpt_every=0", "data.batch_size=4",
+         "train.progress=false", "preset=full", "eval.report=false"]
+
+
+def _books(root: Path) -> Path:
+    r = random.Random(0)
+    words = "the old sea ship wind night river café naïve 東京 light dark said went over".split()
+    for split, n in (("train", 2), ("validation", 2)):
+        (root / split).mkdir(parents=True)
+        for i in range(n):
+            lines = [" ".join(r.choice(words) for _ in range(10)) + "." for _ in range(12)]
+            (root / split / f"{10 + i}.txt").write_text("\n".join(lines), encoding="utf-8")
+    return root
+
+
+def _json_out(capsys) -> dict:
+    out = capsys.readouterr().out
+    return json.loads(out[out.index("{"):])
+
+
+@pytest.mark.slow
+def test_robustness_on_a_pg19_run_matches_eval_and_refuses_image_corruptions(tmp_path, capsys):
+    runs, root = tmp_path / "runs", _books(tmp_path / "pg")
+    assert main(["train", "pg19_lm", f"task.root={root}", *TINY_MBLM, *QUICK, "data.seq_len=128",
+                 f"out_dir={runs}", "--quiet"]) == 0
+    run = runs / "pg19_lm"
+    capsys.readouterr()
+    assert main(["robustness", str(run), "--corruptions", "jpeg:30"]) == 2
+    err = capsys.readouterr().err
+    assert "jpeg:30" in err and "drop" in err and "antspeak" in err
+    out_file = tmp_path / "rob.json"
+    assert main(["robustness", str(run), "--corruptions", "drop:0.3", "antspeak", "--out", str(out_file),
+                 "--plot", "--quiet"]) == 0
+    table = capsys.readouterr().out
+    assert "antspeak" in table and "word_ppl" in table
+    res = json.loads(out_file.read_text())
+    assert [r["corruption"] for r in res["rows"]] == ["clean", "drop:0.3", "antspeak"]
+    assert out_file.with_suffix(".png").is_file()
+    assert main(["eval", str(run)]) == 0
+    ev = _json_out(capsys)
+    clean, drop, ant = res["rows"]
+    assert clean["bpb"] == ev["bpb"] and clean["text_bpb"] == ev["task"]["bpb"]
+    assert clean["word_ppl"] == ev["task"]["word_ppl"] and clean["clean_words"] == ev["task"]["num_words"]
+    assert drop["num_bytes"] < clean["num_bytes"] < ant["num_bytes"]  # text_bpb is over the corrupted bytes
+    for r in (drop, ant):  # every row's word perplexity is spread over the clean text's words
+        assert r["word_ppl"] == pytest.approx(np.exp(r["total_nats"] / clean["clean_words"]))
+        assert r["delta_text_bpb"] == pytest.approx(r["text_bpb"] - clean["text_bpb"])
+
+
+@pytest.mark.slow
+def test_robustness_on_a_vqa_run_scores_corrupted_questions_and_images(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    common = [f"task.root={FIXTURE}", "serializer.image.size=[16,12]", "model.stages.0.length=128",
+              "data.seq_len=1024"]
+    assert main(["train", "clevr_vqa_png", *common, *TINY_MBLM, *QUICK, f"out_dir={runs}", "--quiet"]) == 0
+    run = runs / "clevr_vqa_png"
+    assert main(["robustness", str(run), "--limit", "2", "--corruptions", "uppercase:0.3", "image_flip:0.05",
+                 "noise:16", "--quiet"]) == 0
+    res = json.loads((run / "eval" / "robustness_val_2.json").read_text())
+    rows = {r["corruption"]: r for r in res["rows"]}
+    assert list(rows) == ["clean", "uppercase:0.3", "image_flip:0.05", "noise:16"]
+    for r in rows.values():
+        assert r["num_questions"] == 2 and 0 <= r["accuracy"] <= 1 and r["image_bytes"] > 0
+    assert rows["uppercase:0.3"]["image_bpb"] == rows["clean"]["image_bpb"]  # the question only
+    assert rows["image_flip:0.05"]["image_bpb"] != rows["clean"]["image_bpb"]
+    capsys.readouterr()
+    assert main(["eval", str(run), "eval.max_samples=2"]) == 0
+    ev = _json_out(capsys)
+    assert rows["clean"]["accuracy"] == ev["task"]["accuracy"] and rows["clean"]["bpb"] == ev["bpb"]
