@@ -27,6 +27,7 @@ from typing import Any
 from .checkpoint import CheckpointError, read_state, resolve_checkpoint, verify_checkpoint
 from .config import ConfigError, apply_overrides, from_dict
 from .model.api import StreamModel
+from .pathway import is_pathway_state
 from .registry import MODELS, SERIALIZERS, TASKS
 from .runconfig import RunConfig, open_plugins
 
@@ -196,12 +197,28 @@ def load_run(run_dir: str | Path, checkpoint: str | int | None = None, *, device
     state = read_state(ckpt)
     task, serializer, model = build_components(cfg)
     weights = load_weights(ckpt)
+    if cfg.train.pathway_from or is_pathway_state(weights):  # a pathway run loads merged: W + lambda W'
+        weights = _merged_pathway(weights, cfg, ckpt)
     result = model.load_state_dict(weights, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ConfigError(f"{ckpt}: weights do not fit the model of its own config (missing "
                           f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]})")
     model.to(pick_device(device if device != "auto" else cfg.train.device)).eval()
     return Run(Path(run_dir), cfg, task, serializer, model, ckpt, int(state["step"]), which, state)
+
+
+def _merged_pathway(weights: dict, cfg: RunConfig, ckpt: Path) -> dict:
+    """The weights of a Multimodal Pathway checkpoint merged into the base architecture (``W + lambda W'``, what
+    the pathway layers compute); a config and weights that disagree about being a pathway run are refused."""
+    from .pathway import merge_state_dict
+
+    if not cfg.train.pathway_from or not is_pathway_state(weights):
+        raise ConfigError(f"{ckpt}: its config {'sets' if cfg.train.pathway_from else 'has no'} train.pathway_from "
+                          f"but its weights {'hold' if is_pathway_state(weights) else 'lack'} pathway layers")
+    merged, names = merge_state_dict(weights, str(ckpt))
+    log.info("pathway run: %d layers merged on load (W + lambda W'); `omnibyte merge` writes them as a run",
+             len(names))
+    return merged
 
 
 # ----------------------------------------------------------------------------------------------

@@ -27,6 +27,11 @@ from .registry import import_plugins
 
 RESOLVED_NAME = "config.resolved.yaml"
 
+#: the linear layers ``train.pathway_layers`` may name (Multimodal Pathway, :mod:`omnibyte.pathway`), by the
+#: module's own name inside a stage block; the default is every one but Mamba-1's x_proj and dt_proj
+PATHWAY_LAYERS: tuple[str, ...] = ("qkv", "out", "gate_up", "down", "in_proj", "out_proj", "x_proj", "dt_proj")
+PATHWAY_DEFAULT: tuple[str, ...] = PATHWAY_LAYERS[:6]
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -86,6 +91,10 @@ class TrainConfig:
     resume: str = "auto"  # auto (latest checkpoint in the run dir if any) | never | <checkpoint path>
     init_from: str = ""  # a run dir or checkpoint whose weights start this run (transfer)
     init_stages: tuple[int, ...] = ()  # which model stages to take from init_from; empty = all weights
+    pathway_from: str = ""  # Multimodal Pathway: a run dir or checkpoint whose same-named linear layers W' join this model's as W + lambda W'
+    pathway_stages: tuple[int, ...] = ()  # stages whose layers get a pathway; empty = all
+    pathway_layers: tuple[str, ...] = PATHWAY_DEFAULT  # linear layers by name: qkv out (attention), gate_up down (MLP), in_proj out_proj (Mamba); also x_proj dt_proj (Mamba-1)
+    pathway_train_aux: bool = True  # the auxiliary weights W' train too (false: frozen)
     max_bad_steps: int = 5  # stop after this many non-finite steps in a row
     patience: int = 0  # early stopping: stop after this many evaluations without a better eval bpb (0: off)
     tracker: Literal["none", "wandb"] = "none"  # experiment tracking beside TensorBoard (pip install omnibyte[tracking])
@@ -124,6 +133,16 @@ class TrainConfig:
             raise ValueError(f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.resume not in ("auto", "never") and not self.resume:
             raise ValueError("train.resume: auto | never | a checkpoint path")
+        self._check_pathway()
+
+    def _check_pathway(self) -> None:
+        unknown = [n for n in self.pathway_layers if n not in PATHWAY_LAYERS]
+        if unknown or not self.pathway_layers:
+            raise ValueError(f"train.pathway_layers: {unknown or 'empty'}; choose from {', '.join(PATHWAY_LAYERS)}")
+        if not self.pathway_from and (self.pathway_stages or not self.pathway_train_aux
+                                      or tuple(self.pathway_layers) != PATHWAY_DEFAULT):
+            raise ValueError("train.pathway_stages / pathway_layers / pathway_train_aux are used with "
+                             "train.pathway_from (a run dir or checkpoint); it is not set")
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from . import parallel
 from .config import ConfigError, dump_yaml, from_dict, load_yaml
 from .identity import check_rerun
 from .logging import read_metrics
+from .pathway import attach_pathway, is_pathway_state, merge_state_dict
 from .run import inherit_derived, resolve_data_config
 from .runconfig import RESOLVED_NAME, RunConfig
 
@@ -31,12 +32,55 @@ def run_record(run_dir: Path, latest: Path | None = None) -> dict | None:
 
 
 def find_resume(cfg: RunConfig, latest: Path | None) -> Path | None:
-    """The checkpoint to continue: this run's latest intact one (``auto``), none, or the one named."""
+    """The checkpoint to continue: this run's latest intact one (``auto``), none, or the one named. A merged
+    checkpoint (``omnibyte merge``: weights only) is refused when training would go on from it."""
     if cfg.train.resume == "never":
         return None
-    if cfg.train.resume == "auto":
-        return latest
-    return ckpt_io.resolve_checkpoint(cfg.train.resume)
+    found = latest if cfg.train.resume == "auto" else ckpt_io.resolve_checkpoint(cfg.train.resume)
+    if found is not None:
+        state = ckpt_io.read_state(found)
+        if state.get("merged_from") and int(state["step"]) < cfg.train.steps:
+            raise ConfigError(f"{found} was written by `omnibyte merge` (from {state['merged_from'].get('run')}): "
+                              f"it holds weights only, no optimizer or data position, so training cannot resume "
+                              f"from it; start a new run with train.init_from={found}")
+    return found
+
+
+def attach_pathway_from(model: torch.nn.Module, cfg: RunConfig, info: parallel.DistInfo,
+                        resume_from: Path | None) -> dict | None:
+    """``train.pathway_from``: wrap the chosen linear layers of ``model`` (:mod:`omnibyte.pathway`) with the
+    same-named layers of the auxiliary run's model, loaded with its own config (:func:`omnibyte.run.load_run`).
+    A resumed run rebuilds the same wrapped model with placeholders that its checkpoint then fills (``W'`` and
+    ``lambda`` are in every pathway checkpoint: the auxiliary run is not read again). Returns the record of the
+    source (path, checkpoint, step, weights sha256) for the run's provenance; on resume, the one recorded by
+    the checkpoint."""
+    t = cfg.train
+    if not t.pathway_from:
+        return None
+    if info.strategy == "fsdp2":
+        raise ConfigError("train.pathway_from with parallel.strategy=fsdp2 is not supported (the pathway layers "
+                          "compute their weight from three parameters; untested under sharding): use ddp or one "
+                          "process")
+    if resume_from is not None:
+        names = attach_pathway(model, t.pathway_layers, t.pathway_stages, None, t.pathway_train_aux)
+        log.info("pathway: %d layers rebuilt to resume (W' and lambda from %s)", len(names), resume_from)
+        return (ckpt_io.read_state(resume_from).get("provenance") or {}).get("pathway_from")
+    from .run import load_run
+
+    try:
+        path = ckpt_io.resolve_checkpoint(t.pathway_from)
+    except FileNotFoundError as e:
+        raise ConfigError(f"train.pathway_from={t.pathway_from!r}: {e}") from None
+    aux = load_run(path.parent.parent, str(path), device="cpu")
+    names = attach_pathway(model, t.pathway_layers, t.pathway_stages, aux.model, t.pathway_train_aux)
+    files = aux.state.get("files") or {}
+    record = {"source": t.pathway_from, "checkpoint": str(path.resolve()), "run": aux.config.run_name,
+              "step": aux.step, "weights_sha256": files.get("model.safetensors") or
+              {k: v for k, v in files.items() if k.startswith("dcp/")}, "layers": len(names),
+              "train_aux": t.pathway_train_aux}
+    log.info("pathway from %s (step %d): %d layers, W' %s", path, aux.step, len(names),
+             "trains" if t.pathway_train_aux else "frozen")
+    return record
 
 
 def eval_pending(state: dict, run_dir: Path, split: str) -> bool:
@@ -53,8 +97,12 @@ def init_weights_from(model: torch.nn.Module, source: str, stages: tuple[int, ..
         path = ckpt_io.resolve_checkpoint(source)
     except FileNotFoundError as e:
         raise ConfigError(f"train.init_from={source!r}: {e}") from None
+    weights = ckpt_io.load_weights(path)
+    if is_pathway_state(weights):  # a Multimodal Pathway run: its merged weights, W + lambda W'
+        weights, merged = merge_state_dict(weights, str(path))
+        log.info("init_from %s: a pathway run; %d layers merged (W + lambda W')", path, len(merged))
     try:
-        weights = ckpt_io.select_stages(ckpt_io.load_weights(path), stages)
+        weights = ckpt_io.select_stages(weights, stages)
     except ValueError as e:
         raise ConfigError(f"train.init_stages: {e}") from None
     own = model.state_dict()
@@ -108,6 +156,8 @@ def startup_summary(cfg: RunConfig, info: parallel.DistInfo, model: torch.nn.Mod
     """The lines a run starts with: model size, global batch, device and precision, data, run directory."""
     d, t = cfg.data, cfg.train
     n_params = sum(p.numel() for p in model.parameters())
+    n_aux = sum(p.numel() for n, p in model.named_parameters() if n.rpartition(".")[2] in ("aux_weight", "aux_bias"))
+    n_layers = sum(1 for n, _ in model.named_parameters() if n.endswith(".pathway_lambda"))
     rows = d.batch_size * t.grad_accum * info.world
     if d.source == "task":
         root = getattr(cfg.task, "root", None)
@@ -120,6 +170,9 @@ def startup_summary(cfg: RunConfig, info: parallel.DistInfo, model: torch.nn.Mod
         where = "new" + (f"; weights from {t.init_from}" if t.init_from else "")
     else:
         where = "exists, no checkpoint: starts at step 0"
+    pathway = [f"  pathway from {t.pathway_from}: {n_layers} layers, {n_aux / 1e6:.2f}M auxiliary parameters "
+               f"({'trained' if t.pathway_train_aux else 'frozen'}) + {n_layers} lambdas beside the base model's "
+               f"{(n_params - n_aux - n_layers) / 1e6:.2f}M"] if t.pathway_from else []
     ranks = f"{info.world} rank{'s' if info.world > 1 else ''}"
     return [
         f"run {cfg.run_name}: {type(model).__name__}, {n_params / 1e6:.2f}M parameters ({n_params:,}), "
@@ -131,4 +184,5 @@ def startup_summary(cfg: RunConfig, info: parallel.DistInfo, model: torch.nn.Mod
         f"  data: {source}, split {d.train_split}; eval: {cfg.eval.split}"
         f" ({cfg.eval.max_samples or 'all'} samples)",
         f"  run directory: {cfg.run_dir} ({where})",
+        *pathway,
     ]

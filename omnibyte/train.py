@@ -4,7 +4,8 @@
 2. the run directory: a new one gets its record (``config.resolved.yaml``, written once, never again); an
    existing one must belong to the same config (:mod:`omnibyte.identity`) -- a finished run says so and stops
 3. build task, serializer and model (:mod:`omnibyte.run`); check the eval split before step 1
-4. weights: resume this run's latest checkpoint (``train.resume``) or start from another run (``init_from``)
+4. weights: resume this run's latest checkpoint (``train.resume``) or start from another run (``init_from``);
+   ``pathway_from`` wraps linear layers with another run's (:mod:`omnibyte.pathway`)
 5. activation checkpointing / compile / DDP or FSDP2 (:mod:`omnibyte.parallel`); AdamW; warm-up + cosine
 6. loop: micro-batches (grad accumulation), clip, skip non-finite steps, step; log; checkpoint, then evaluate
 
@@ -42,7 +43,15 @@ from .optim import build_optimizer, build_schedule
 from .precision import autocast, use_bf16
 from .run import build_components
 from .runconfig import RESOLVED_NAME, RunConfig
-from .startup import eval_pending, find_resume, init_weights_from, open_run_dir, startup_summary, write_record
+from .startup import (
+    attach_pathway_from,
+    eval_pending,
+    find_resume,
+    init_weights_from,
+    open_run_dir,
+    startup_summary,
+    write_record,
+)
 
 log = logging.getLogger("omnibyte.train")
 
@@ -134,6 +143,7 @@ def _train(cfg: RunConfig, info: parallel.DistInfo, early: EarlyRecords | None =
                              batch_size=cfg.eval.batch_size, pad_multiple=pad, rank=info.rank, world=info.world)
     if resume_from is None and t.init_from:
         init_weights_from(model, t.init_from, t.init_stages)
+    pathway = attach_pathway_from(model, cfg, info, resume_from)  # train.pathway_from: W + lambda W' layers
     if info.is_main:  # INFO on omnibyte.progress: --quiet keeps it, as it keeps the loss lines
         for line in startup_summary(cfg, info, model, bf16, resume_from, done,
                                     new_run=not (run_dir / RESOLVED_NAME).is_file()):
@@ -141,7 +151,7 @@ def _train(cfg: RunConfig, info: parallel.DistInfo, early: EarlyRecords | None =
     if dry_run:
         return run_dir
     write_record(cfg, info)
-    prov = provenance.collect(info.world, device)
+    prov = {**provenance.collect(info.world, device), **({"pathway_from": pathway} if pathway else {})}
     if info.is_main:
         provenance.append(run_dir, {**prov, "resume_from": str(resume_from) if resume_from else None})
     model.to(device)
