@@ -244,6 +244,9 @@ def test_a_pathway_run_resumes_exactly_without_its_auxiliary_run(runs, tmp_path)
         assert main(["train", str(cfg), "--quiet"]) == 0
     finally:
         shutil.move(str(moved), aux)
+    resumed = read_provenance(cut)[-1]  # the resuming process records the source the run started with
+    assert resumed["resume_from"].endswith("step_000004") and resumed["pathway_from"] == read_provenance(pw)[0][
+        "pathway_from"]
     got = load_file(str(cut / "checkpoints/step_000008/model.safetensors"))
     want = load_file(str(pw / "checkpoints/step_000008/model.safetensors"))
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
