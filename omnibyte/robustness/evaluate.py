@@ -169,6 +169,8 @@ def _row(label: str, res: dict[str, Any], img: dict[str, Any] | None) -> dict[st
                    num_questions=task.get("num_samples"))
     if img is not None:
         row.update(img)
+    if res.get("skipped"):
+        row["skipped"] = res["skipped"]
     row["detail"] = res.get("results_file")
     return row
 
@@ -220,6 +222,12 @@ def run_robustness(run, split: str | None = None, *, corruptions=None, seed: int
             r["clean_words"] = clean_words
     clean = rows[0]
     for r in rows[1:]:
+        count = "num_books" if "num_books" in clean else "num_questions" if "num_questions" in clean else None
+        if count and r.get(count) != clean.get(count):  # e.g. on_bad_sample=skip dropped corrupted samples
+            r["warning"] = (f"{r.get(count)} samples scored against {clean.get(count)} clean "
+                            f"(skipped: {r.get('skipped') or {}}); this row does not compare the same samples")
+            if log is not None:
+                log.warning("robustness %s: %s", r["corruption"], r["warning"])
         for k in headline(rows):
             if _finite(r.get(k)) and _finite(clean.get(k)):
                 r[f"delta_{k}"] = r[k] - clean[k]
@@ -272,6 +280,7 @@ def table_lines(result: dict[str, Any]) -> list[str]:
                      f"text_bpb: over the corrupted text's bytes")
     if "image_bpb" in keys:
         lines.append("image_bpb: over all image bytes of the eval rows, whatever their loss weight")
+    lines += [f"WARNING {r['corruption']}: {r['warning']}" for r in rows if r.get("warning")]
     return lines
 
 
