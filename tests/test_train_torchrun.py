@@ -22,7 +22,7 @@ def test_torchrun_two_cpu_processes(tmp_path, strategy):
     if strategy == "fsdp2":  # bf16 params through FSDP2's mixed-precision policy, as on GPU
         text = cfg.read_text().replace("progress: false", "progress: false\n  precision: bf16")
         cfg.write_text(text)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}  # a crash shows its stack
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "omnibyte", "train", str(cfg), "--quiet"]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
@@ -58,7 +58,7 @@ def test_torchrun_two_cpu_processes(tmp_path, strategy):
 
 
 def _torchrun(cfg, *extra, timeout=240):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}  # a crash shows its stack
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "omnibyte", "train", str(cfg), "--quiet", *extra]
     return cmd, env
