@@ -154,13 +154,17 @@ def stub_selective_scan_cuda() -> None:
 def train_flops_per_step(model, batch: int, length: int) -> float:
     """Model FLOPs of one training step (forward + backward = 3x forward; no recompute counted):
     2 * params * positions for every matrix multiply, plus causal attention 2 * 2 * T * width / 2 per
-    position and layer. Uses omnibyte's model structure (same configuration as the mblm comparison)."""
+    position and layer. Uses omnibyte's model structure (same configuration as the mblm comparison).
+    Modality-aware blocks count one expert's weights per position (each token runs one expert), so their
+    count equals the dense twin's (tests/test_modality_experts.py)."""
+    from omnibyte.model.blocks.experts import dense_equivalent_numel
+
     total = 0.0
     S = model.num_stages
     for s in range(S):
         positions = batch * length / model.units[s]
         blk = model.blocks[s]
-        mm = sum(p.numel() for n, p in blk.named_parameters() if p.dim() == 2)
+        mm = dense_equivalent_numel(blk)  # 2-D weights; stacked per-modality weights: one expert
         if s + 1 < S:
             mm += model.to_next[s].weight.numel() + model.patch_embed[s][0].weight.numel()
         total += 2 * mm * positions

@@ -77,7 +77,8 @@ def write_per_token(path: Path, model: nn.Module, batches: list[Batch], device: 
     rows: list[tuple] = []
     for batch in batches:
         with autocast(device, bf16):
-            nll = per_token_nll(model, batch.tokens.to(device)).float().cpu().numpy()
+            nll = per_token_nll(model, batch.tokens.to(device), modality=batch.modality.to(device))
+            nll = nll.float().cpu().numpy()
         for r in range(len(batch)):
             rows.append((batch.tokens[r].numpy(), nll[r], batch.loss_mask[r].numpy(), batch.modality[r].numpy(),
                          int(batch.lengths[r]), batch.ids[r]))

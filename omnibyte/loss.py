@@ -68,12 +68,18 @@ def compute_loss(model, tokens: torch.Tensor, loss_mask: torch.Tensor, modality:
     """Masked next-byte cross-entropy of a byte LM (a :class:`~omnibyte.model.api.StreamModel`). tokens (B, L)
     long, loss_mask (B, L) float weights, modality (B, L) codes (optional). ``chunk_size``: bytes of the
     sequence per checkpointed chunk (None: model default)."""
+    if model.stream_meta.modality_aware:  # routes by the modality track (raises without one)
+        return masked_loss(model.nll(tokens.long(), chunk_size, modality=modality), loss_mask, modality)
     return masked_loss(model.nll(tokens.long(), chunk_size), loss_mask, modality)
 
 
 @torch.no_grad()
-def per_token_nll(model, tokens: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
-    """(B, L) float32 nats of each token given the ones before it (evaluation outputs)."""
+def per_token_nll(model, tokens: torch.Tensor, chunk_size: int | None = None,
+                  modality: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, L) float32 nats of each token given the ones before it (evaluation outputs); ``modality``: the
+    tokens' modality track (needed by modality-aware models)."""
+    if model.stream_meta.modality_aware:
+        return model.nll(tokens.long(), chunk_size, modality=modality).float()
     return model.nll(tokens.long(), chunk_size).float()
 
 

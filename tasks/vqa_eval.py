@@ -12,7 +12,9 @@ the results. The model is used only through :class:`omnibyte.model.api.StreamMod
   gold answer exactly.
 * ``rank``: closed-set ranking: ``model.score(prompt, candidates)`` gives the log-likelihood of every answer
   of the closed set ``labels`` (the task's answer vocabulary, each as answer UTF-8 bytes + EOS); the best
-  one is the prediction.
+  one is the prediction. Questions are ranked ``rank_batch_size`` at a time (default :data:`RANK_BATCH`)
+  through ``model.score_batch`` (an MBLM batches them: :mod:`omnibyte.model.inference.scoring`), whatever
+  ``batch_size`` (which bounds the rows of each ``generate`` call).
 * ``both`` (and ``auto``): generate and rank; ``rank`` is the main mode (``accuracy``).
 
 **Answerable questions.** A question whose gold answer is not in ``labels`` cannot be ranked right. Every
@@ -39,6 +41,7 @@ from omnibyte.logging import show_bar
 
 OTHER = "<other>"
 MODES = ("auto", "generate", "rank", "both")
+RANK_BATCH = 256  # questions per score_batch call in rank mode (an MBLM prefills prefixes of one length together)
 
 
 # --- metrics (pure; hand-checked in tests) -----------------------------------------------------------
@@ -186,10 +189,11 @@ def vqa_report(results: dict[str, Any]) -> list[str]:
 
 def evaluate_vqa(model: Any, items: Iterable[Any], *, split: str, labels: Sequence[str], out_dir: Any = None,
                  mode: str = "auto", batch_size: int = 32, max_new_bytes: int = 0, progress: bool = True,
-                 prior_from: Any = None, **_: Any) -> dict[str, Any]:
+                 prior_from: Any = None, rank_batch_size: int = RANK_BATCH, **_: Any) -> dict[str, Any]:
     """Score ``model`` (a StreamModel) on ``items`` of ``split`` against the closed set ``labels``; see the
     module docstring. ``prior_from``: a callable giving the training split's samples (metadata suffices), to
-    report the per-family answer prior beside the model. Options it does not use (``context``, ...) are
+    report the per-family answer prior beside the model. ``batch_size``: rows per ``generate`` call;
+    ``rank_batch_size``: questions per ``score_batch`` call. Options it does not use (``context``, ...) are
     ignored."""
     import torch
     from tqdm.auto import tqdm
@@ -213,7 +217,7 @@ def evaluate_vqa(model: Any, items: Iterable[Any], *, split: str, labels: Sequen
     bar = tqdm(desc=f"vqa {split}", unit="q", disable=not show_bar(progress))
     try:
         with torch.no_grad():
-            for chunk in _chunks(items, batch_size):
+            for chunk in _chunks(items, max(batch_size, rank_batch_size) if "rank" in modes else batch_size):
                 prompts = []
                 for item in chunk:
                     rec = _record(item, split, len(records), seen)
@@ -222,11 +226,12 @@ def evaluate_vqa(model: Any, items: Iterable[Any], *, split: str, labels: Sequen
                     prompts.append(prompt_of(item))
                 recs = records[len(records) - len(chunk):]
                 if "generate" in modes:
-                    for r, p in zip(recs, _generate(model, prompts, max_new_bytes, device)):
+                    for r, p in zip(recs, _generate(model, prompts, max_new_bytes, device, batch_size)):
                         r["pred_generate"] = p
                 if "rank" in modes:
                     prefixes = [torch.as_tensor(p.tokens.astype("int64"), device=device) for p in prompts]
-                    best = model.score_batch(prefixes, cand_tokens).argmax(dim=1).tolist()
+                    best = model.score_batch(prefixes, cand_tokens, **_modalities(model, prompts, device))
+                    best = best.argmax(dim=1).tolist()
                     for r, k in zip(recs, best):
                         r["pred_rank"] = labels[k]
                 bar.update(len(chunk))
@@ -280,7 +285,8 @@ def answer_one(model: Any, prompt: Any, labels: Sequence[str], *, max_new_bytes:
 
     device = model.device
     prefix = torch.as_tensor(prompt.tokens.astype("int64"), device=device)
-    ll = model.score_batch([prefix], answer_candidates(labels))[0].double().cpu()
+    ll = model.score_batch([prefix], answer_candidates(labels), **_modalities(model, [prompt], device))
+    ll = ll[0].double().cpu()
     generated = None
     if generate:
         longest = max(len(a.encode("utf-8")) for a in labels)
@@ -317,8 +323,19 @@ def _chunks(it: Iterable[Any], n: int):
         yield chunk
 
 
-def _generate(model: Any, prompts: Sequence[Any], max_new_bytes: int, device: Any) -> list[str]:
-    """Greedy answers for a list of prompt streams; prompts of equal length are decoded together."""
+def _modalities(model: Any, prompts: Sequence[Any], device: Any) -> dict[str, Any]:
+    """``score_batch``'s ``modalities=`` (the prompts' modality tracks) for a modality-aware model, else none."""
+    import torch
+
+    if not model.stream_meta.modality_aware:
+        return {}
+    return {"modalities": [torch.as_tensor(p.modality.astype("int64"), device=device) for p in prompts]}
+
+
+def _generate(model: Any, prompts: Sequence[Any], max_new_bytes: int, device: Any, batch_size: int = 0
+              ) -> list[str]:
+    """Greedy answers for a list of prompt streams; prompts of equal length are decoded together, at most
+    ``batch_size`` (0: any number) per call."""
     import numpy as np
     import torch
 
@@ -326,9 +343,15 @@ def _generate(model: Any, prompts: Sequence[Any], max_new_bytes: int, device: An
     groups: dict[int, list[int]] = defaultdict(list)
     for i, p in enumerate(prompts):
         groups[len(p)].append(i)
-    for idx in groups.values():
+    step = batch_size if batch_size > 0 else max(1, len(prompts))
+    batches = [same[a:a + step] for same in groups.values() for a in range(0, len(same), step)]
+    for idx in batches:
         x = torch.as_tensor(np.stack([prompts[i].tokens.astype(np.int64) for i in idx]), device=device)
-        new = model.generate(x, max_new_bytes=max_new_bytes, temperature=0.0, stop_tokens=(vocab.EOS,))
+        kw = {}
+        if model.stream_meta.modality_aware:  # the prompts' modality tracks route a modality-aware model
+            kw["modality"] = torch.as_tensor(np.stack([prompts[i].modality.astype(np.int64) for i in idx]),
+                                             device=device)
+        new = model.generate(x, max_new_bytes=max_new_bytes, temperature=0.0, stop_tokens=(vocab.EOS,), **kw)
         for i, row in zip(idx, new.tolist()):
             out[i] = decode_answer(row)
     return out

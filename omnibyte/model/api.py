@@ -35,6 +35,8 @@ class StreamMeta:
     max_len: int | None = None  # longest stream the model accepts (None: unbounded)
     contract_version: int = CONTRACT_VERSION
     per_token_losses: bool = True  # nll() gives per-token losses (False: e.g. a classifier)
+    # routes tokens by their modality track (modality-aware blocks): nll/forward/score/generate need modality=
+    modality_aware: bool = False
 
 
 class StreamModel(nn.Module):
@@ -47,6 +49,8 @@ class StreamModel(nn.Module):
         next-byte cross-entropy of :meth:`nll` weighted by ``batch.loss_mask``, per modality."""
         from ..loss import masked_loss
 
+        if self.stream_meta.modality_aware:
+            return masked_loss(self.nll(batch.tokens, modality=batch.modality), batch.loss_mask, batch.modality)
         return masked_loss(self.nll(batch.tokens), batch.loss_mask, batch.modality)
 
     def nll(self, tokens: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
@@ -58,11 +62,15 @@ class StreamModel(nn.Module):
         """Log-likelihood (nats) of each candidate continuation (token lists) of ``prefix`` (1-D tokens)."""
         raise NotImplementedError(f"{type(self).__name__} does not implement score()")
 
-    def score_batch(self, prefixes, candidates: Sequence[Sequence[int]]) -> torch.Tensor:
+    def score_batch(self, prefixes, candidates: Sequence[Sequence[int]], modalities=None) -> torch.Tensor:
         """(B, K) log-likelihoods of every candidate after each of ``prefixes`` (1-D token tensors of any
         lengths): row b = ``score(prefixes[b], candidates)``. Models override it with a batched path that must
-        equal this one (closed-set VQA ranks every question of a batch at once)."""
-        rows = [self.score(p, candidates) for p in prefixes]
+        equal this one (closed-set VQA ranks every question of a batch at once). ``modalities``: the prefixes'
+        modality tracks, for models with ``stream_meta.modality_aware`` (passed on as ``score(..., modality=)``)."""
+        if modalities is not None:
+            rows = [self.score(p, candidates, modality=m) for p, m in zip(prefixes, modalities, strict=True)]
+        else:
+            rows = [self.score(p, candidates) for p in prefixes]
         return torch.stack(rows) if rows else torch.zeros(0, len(candidates))
 
     def generate(self, prompt, max_new_bytes: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,

@@ -55,8 +55,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def init_linear(module: nn.Module, std: float = 0.02) -> None:
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
+    for m in module.modules():  # nn.Linear and stacked per-modality ones (blocks.experts.ExpertLinear)
+        if isinstance(m, nn.Linear) or getattr(m, "is_expert_linear", False):
             nn.init.normal_(m.weight, std=std)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)

@@ -34,6 +34,7 @@ from torch.utils.checkpoint import checkpoint
 from .. import vocab
 from ..config import ConfigError, Node, poly
 from ..registry import MODELS, STAGES
+from .routing import check_modality, pad_modality, stage_routes
 from .api import StreamMeta, StreamModel
 from .inference.decoder import Decoder
 from .layers import RMSNorm
@@ -157,10 +158,14 @@ class MBLM(StreamModel):
         else:
             nn.init.normal_(self.head.weight, std=std)
         bounded = not getattr(self.blocks[0], "unbounded", True)
+        # stages with modality_experts route every position by a modality (omnibyte.model.routing)
+        self.aware = [bool(getattr(b, "modality_aware", False)) for b in self.blocks]
+        self.modality_aware = any(self.aware)
         self.stream_meta = StreamMeta(
             vocab_size=config.vocab_size,
             patch_product=self.units[0],
             max_len=self.lengths[0] * self.units[0] if bounded else None,
+            modality_aware=self.modality_aware,
         )
 
     # ------------------------------------------------------------------------------------------
@@ -184,14 +189,25 @@ class MBLM(StreamModel):
             u[s] = cur
         return u
 
-    def _run_stage(self, s: int, u: torch.Tensor, ctx: torch.Tensor | None) -> torch.Tensor:
-        """u: (N_s, T, D_s) unit embeddings; ctx: (N_s, T, D_s) or None -> block output (N_s, T, D_s)."""
+    def _run_stage(self, s: int, u: torch.Tensor, ctx: torch.Tensor | None,
+                   route: torch.Tensor | None = None) -> torch.Tensor:
+        """u: (N_s, T, D_s) unit embeddings; ctx: (N_s, T, D_s) or None -> block output (N_s, T, D_s).
+        ``route``: the routing modality of the stage's positions in stream order (modality-aware stages)."""
         N, T, D = u.shape
         start = self.start[s].to(u.dtype).expand(N, 1, D)
         inp = torch.cat((start, u[:, :-1]), dim=1)  # causal shift: position p sees units < p
         if ctx is not None:
             inp = inp + ctx
+        if self.aware[s]:
+            return self.blocks[s](inp, modality=route.reshape(N, T))
         return self.blocks[s](inp)
+
+    def _routes(self, tokens: torch.Tensor, modality: torch.Tensor | None, padded_len: int, who: str):
+        """Per-stage routes (see omnibyte.model.routing) of a (B, L) modality track; Nones for a dense model."""
+        if not self.modality_aware:
+            return [None] * self.num_stages
+        mod = check_modality(modality, tokens, who)
+        return stage_routes(pad_modality(mod, padded_len), self.units, self.aware)
 
     def stage_context(self, s: int, h: torch.Tensor) -> torch.Tensor:
         """h: (..., D_s) -> context for stage s+1: (prod(...), P_{s+1}, D_{s+1})."""
@@ -216,33 +232,35 @@ class MBLM(StreamModel):
     # ------------------------------------------------------------------------------------------
     # forward
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, modality: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, L) long -> logits (B, L, V). Training and evaluation use :meth:`nll` (through
-        :meth:`batch_loss`), which never materialises the full fp32 logits."""
-        return self.logits(self.hidden(tokens))
+        :meth:`batch_loss`), which never materialises the full fp32 logits. ``modality``: (B, L) Modality
+        codes, required by a modality-aware model (ignored by a dense one)."""
+        return self.logits(self.hidden(tokens, modality))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head(hidden)
 
-    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+    def hidden(self, tokens: torch.Tensor, modality: torch.Tensor | None = None) -> torch.Tensor:
         B, L = tokens.shape[0], tokens.shape[-1]
         x, n0 = self._pad(tokens)
+        r = self._routes(tokens, modality, n0 * self.units[0], "MBLM.forward")
         u = self.unit_embeddings(x)
-        h = self._run_stage(0, u[0].reshape(B, n0, -1), None)  # (B, n0, D_0)
+        h = self._run_stage(0, u[0].reshape(B, n0, -1), None, r[0])  # (B, n0, D_0)
         for s in range(1, self.num_stages):
             ctx = self.stage_context(s - 1, h)  # (N_s, P_s, D_s)
-            h = self._run_stage(s, u[s].reshape(ctx.shape), ctx)
+            h = self._run_stage(s, u[s].reshape(ctx.shape), ctx, r[s])
         return h.reshape(B, n0 * self.units[0], self.widths[-1])[:, :L]
 
-    def _inner_nll(self, h0: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def _inner_nll(self, h0: torch.Tensor, x: torch.Tensor, *routes: torch.Tensor | None) -> torch.Tensor:
         """Stages 1.. + head + NLL for a chunk. h0: (B, c, D_0) global outputs, x: (B, c, P_1, ...) ids
-        -> (B, c * Q_0) fp32 nats."""
+        -> (B, c * Q_0) fp32 nats. ``routes``: the chunk's routes of stages 1.. (modality-aware model)."""
         B = x.shape[0]
         u = self.unit_embeddings(x, first=1)
         h = h0
         for s in range(1, self.num_stages):
             ctx = self.stage_context(s - 1, h)
-            h = self._run_stage(s, u[s].reshape(ctx.shape), ctx)
+            h = self._run_stage(s, u[s].reshape(ctx.shape), ctx, routes[s - 1] if routes else None)
         logits = self.head(h).float().view(-1, self.config.vocab_size)
         return F.cross_entropy(logits, x.reshape(-1), reduction="none").view(B, -1)
 
@@ -258,13 +276,17 @@ class MBLM(StreamModel):
         parts = [checkpoint(fn, x[:, a:a + chunk], use_reentrant=False) for a in range(0, n0, chunk)]
         return torch.cat(parts, dim=1)
 
-    def nll(self, tokens: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+    def nll(self, tokens: torch.Tensor, chunk_size: int | None = None, modality: torch.Tensor | None = None
+            ) -> torch.Tensor:
         """(B, L) fp32 nats of ``-log p(tokens[t] | tokens[<t])``, computed in checkpointed chunks of about
-        ``chunk_size`` bytes (default ``inner_chunk_bytes``), so no full fp32 (B, L, V) tensor exists."""
+        ``chunk_size`` bytes (default ``inner_chunk_bytes``), so no full fp32 (B, L, V) tensor exists.
+        ``modality``: (B, L) Modality codes, required by a modality-aware model (ignored by a dense one)."""
+        if isinstance(chunk_size, torch.Tensor):
+            raise TypeError("nll(tokens, chunk_size, modality): pass the modality track as modality=...")
         B, L = tokens.shape
         chunk_bytes = chunk_size or self.config.inner_chunk_bytes or L
         if self.num_stages == 1:
-            h = self.hidden(tokens)
+            h = self.hidden(tokens, modality)
             step = max(1, chunk_bytes // max(B, 1))
 
             def head_nll(hc, tc):
@@ -279,18 +301,21 @@ class MBLM(StreamModel):
             return torch.cat(parts, dim=1)
         x, n0 = self._pad(tokens)
         Q = self.units[0]
+        r = self._routes(tokens, modality, n0 * Q, "MBLM.nll")
         c = max(1, chunk_bytes // (Q * max(B, 1)))  # global patches per chunk
         e0 = self._global_inputs(x, c)  # (B, n0, D_0)
-        h0 = self._run_stage(0, e0, None)
+        h0 = self._run_stage(0, e0, None, r[0])
+        inner = r[1:] if self.modality_aware else []
         if c >= n0:
-            return self._inner_nll(h0, x).reshape(B, -1)[:, :L]
+            return self._inner_nll(h0, x, *inner).reshape(B, -1)[:, :L]
         parts = []
         for a in range(0, n0, c):
             hc, xc = h0[:, a:a + c], x[:, a:a + c]
+            rc = [None if t is None else t[:, a * Q // Qs:(a + c) * Q // Qs] for t, Qs in zip(inner, self.units[1:])]
             if torch.is_grad_enabled():
-                parts.append(checkpoint(self._inner_nll, hc, xc, use_reentrant=False))
+                parts.append(checkpoint(self._inner_nll, hc, xc, *rc, use_reentrant=False))
             else:
-                parts.append(self._inner_nll(hc, xc))
+                parts.append(self._inner_nll(hc, xc, *rc))
         return torch.cat(parts, dim=1)[:, :L]
 
 
@@ -305,19 +330,19 @@ class MBLM(StreamModel):
     def new_state(self, batch: int, device: torch.device | None = None):
         return self.decoder.new_state(batch, device)
 
-    def feed(self, state, new_tokens: torch.Tensor) -> torch.Tensor:
-        return self.decoder.feed(state, new_tokens)
+    def feed(self, state, new_tokens: torch.Tensor, modality: torch.Tensor | None = None) -> torch.Tensor:
+        return self.decoder.feed(state, new_tokens, modality)
 
     def generate(self, prompt, max_new_bytes: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  stop_tokens=(), generator: torch.Generator | None = None, use_graphs: bool = False,
-                 compile_step: bool = False) -> torch.Tensor:
+                 compile_step: bool = False, modality=None) -> torch.Tensor:
         """See :meth:`Decoder.generate <omnibyte.model.inference.decoder.Decoder.generate>`."""
         return self.decoder.generate(prompt, max_new_bytes, temperature, top_k, top_p, stop_tokens, generator,
-                                     use_graphs=use_graphs, compile_step=compile_step)
+                                     use_graphs=use_graphs, compile_step=compile_step, modality=modality)
 
-    def score(self, prefix, candidates) -> torch.Tensor:
+    def score(self, prefix, candidates, modality=None) -> torch.Tensor:
         """See :meth:`Decoder.score <omnibyte.model.inference.decoder.Decoder.score>`."""
-        return self.decoder.score(prefix, candidates)
+        return self.decoder.score(prefix, candidates, modality)
 
 
 def build_model(config: Any) -> nn.Module:

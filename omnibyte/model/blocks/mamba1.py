@@ -22,6 +22,7 @@ from torch import nn
 
 from ...config import Node
 from ...registry import STAGES
+from .experts import ExpertLinear, ExpertsOption, normalize_groups, num_experts
 from .ssm_stack import SSMMixer, SSMStack, log_path_once, require_positive
 
 
@@ -63,23 +64,32 @@ def selective_scan_ref(x, dt, A, B, C, D, h0=None, chunk: int = 16):
 
 
 class Mamba1Mixer(SSMMixer):
+    """Modality-aware (``modality_experts``): ``in_proj``, ``x_proj``, ``dt_proj`` (with its bias, drawn per
+    modality) and ``out_proj`` per modality, as Mixture-of-Mamba; ``conv1d``, ``A_log``, ``D`` shared."""
+
     def __init__(self, dim: int, cfg):
         super().__init__()
+        X = self.experts = num_experts(cfg)
         E = self.d_inner = cfg.expand * dim
         self.d_state, self.d_conv = cfg.d_state, cfg.d_conv
         self.dt_rank = cfg.dt_rank or math.ceil(dim / 16)
-        self.in_proj = nn.Linear(dim, 2 * E, bias=cfg.bias)
+
+        def lin(i, o, bias):
+            return ExpertLinear(X, i, o, bias) if X else nn.Linear(i, o, bias=bias)
+
+        self.in_proj = lin(dim, 2 * E, cfg.bias)
         self.conv1d = nn.Conv1d(E, E, cfg.d_conv, groups=E, bias=cfg.conv_bias)
-        self.x_proj = nn.Linear(E, self.dt_rank + 2 * cfg.d_state, bias=False)
-        self.dt_proj = nn.Linear(self.dt_rank, E, bias=True)
-        dt = torch.exp(torch.rand(E) * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min))
+        self.x_proj = lin(E, self.dt_rank + 2 * cfg.d_state, False)
+        self.dt_proj = lin(self.dt_rank, E, True)
+        shape = (X, E) if X else (E,)
+        dt = torch.exp(torch.rand(shape) * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min))
         dt = dt.clamp(min=cfg.dt_init_floor)
         self._dt_bias_init = dt + torch.log(-torch.expm1(-dt))
         self.A_log = nn.Parameter(torch.log(torch.arange(1, cfg.d_state + 1, dtype=torch.float32)).repeat(E, 1))
         self.D = nn.Parameter(torch.ones(E))
         self.A_log._no_weight_decay = True  # type: ignore[attr-defined]
         self.D._no_weight_decay = True  # type: ignore[attr-defined]
-        self.out_proj = nn.Linear(E, dim, bias=cfg.bias)
+        self.out_proj = lin(E, dim, cfg.bias)
 
     def reset_dt(self) -> None:
         with torch.no_grad():
@@ -91,9 +101,13 @@ class Mamba1Mixer(SSMMixer):
         """False where training runs mamba-ssm's compiled selective scan (not traced by torch.compile)."""
         return _selective_scan_fn() is None
 
-    def forward(self, u: torch.Tensor, state: dict | None = None) -> torch.Tensor:
+    def forward(self, u: torch.Tensor, state: dict | None = None, routing=None) -> torch.Tensor:
         N, T, _ = u.shape
-        x, z = self.in_proj(u).chunk(2, dim=-1)
+        if routing is None:
+            proj = lambda lin, v: lin(v)  # noqa: E731
+        else:
+            proj = lambda lin, v: lin(v, routing)  # noqa: E731
+        x, z = proj(self.in_proj, u).chunk(2, dim=-1)
         xt = x.transpose(1, 2)  # (N, E, T)
         k = self.d_conv - 1
         hist = state.get("conv") if state is not None else None
@@ -103,22 +117,27 @@ class Mamba1Mixer(SSMMixer):
         b = self.conv1d.bias
         x = F.silu(F.conv1d(full, self.conv1d.weight.to(xt.dtype), b.to(xt.dtype) if b is not None else None,
                             groups=self.d_inner)).transpose(1, 2)  # (N, T, E)
-        dtl, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dtl, B, C = torch.split(proj(self.x_proj, x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         A = -torch.exp(self.A_log.float())
         scan = _selective_scan_fn() if (u.is_cuda and state is None) else None
-        if scan is not None:
+        if scan is not None and routing is not None:  # per-token dt_proj (its bias included): no delta_bias
+            log_path_once("mamba1: selective_scan_cuda")
+            y = scan(x.transpose(1, 2).contiguous(), proj(self.dt_proj, dtl).transpose(1, 2).contiguous(), A,
+                     B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(), self.D.float(), z=None,
+                     delta_bias=None, delta_softplus=True).transpose(1, 2)
+        elif scan is not None:
             log_path_once("mamba1: selective_scan_cuda")
             y = scan(x.transpose(1, 2).contiguous(), (self.dt_proj.weight @ dtl.transpose(1, 2)).contiguous(), A,
                      B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(), self.D.float(), z=None,
                      delta_bias=self.dt_proj.bias.float(), delta_softplus=True).transpose(1, 2)
         else:
             log_path_once("mamba1: torch reference scan")
-            dt = F.softplus(self.dt_proj(dtl).float())
+            dt = F.softplus(proj(self.dt_proj, dtl).float())
             y, h = selective_scan_ref(x, dt, A, B, C, self.D, state.get("ssm") if state is not None else None)
             if state is not None:
                 state["ssm"] = h
         y = y.to(u.dtype) * F.silu(z)
-        return self.out_proj(y)
+        return proj(self.out_proj, y)
 
 
 @STAGES.register("mamba1")
@@ -139,9 +158,13 @@ class Mamba1Block(SSMStack):
         bias: bool = False
         norm_eps: float = 1e-5
         mlp_ratio: float = 0.0
+        # per-modality in_proj, x_proj, dt_proj (+ bias), out_proj (and MLP): [image, question, answer] or
+        # groups [[image], [question, answer]]; unlisted modalities share one more copy
+        modality_experts: ExpertsOption = ()
 
         def __post_init__(self):
             require_positive(self, ("d_state", "d_conv", "expand"))
+            object.__setattr__(self, "modality_experts", normalize_groups(self.modality_experts))
             if self.dt_rank < 0:
                 raise ValueError(f"dt_rank must be >= 0 (0: ceil(width / 16)), got {self.dt_rank}")
 

@@ -80,19 +80,21 @@ def load_mamba_kernels() -> types.SimpleNamespace | None:
     )
 
 
-def kernel_forward(m, K, u: torch.Tensor, state: dict | None) -> torch.Tensor:
-    """The Mamba-2 mixer ``m`` (a Mamba2Mixer) on CUDA through the Triton kernels."""
+def kernel_forward(m, K, u: torch.Tensor, state: dict | None, routing=None) -> torch.Tensor:
+    """The Mamba-2 mixer ``m`` (a Mamba2Mixer) on CUDA through the Triton kernels. Modality-aware (``routing``):
+    per-modality in_proj / dt_bias / out_proj around the same conv, scan and gated norm kernels (never the
+    fused path, whose out_proj is one matrix)."""
     N, T, _ = u.shape
-    zxbcdt = m.in_proj(u)
     A = -torch.exp(m.A_log.float())
-    if state is None and K.fused:
+    if state is None and K.fused and routing is None:
+        zxbcdt = m.in_proj(u)
         log_path_once("triton fused (mamba_split_conv1d_scan_combined)")
         return K.split_conv1d_scan(
             zxbcdt, m.conv1d.weight.squeeze(1), m.conv1d.bias, m.dt_bias, A, m.D, m.chunk_size,
             activation="silu", rmsnorm_weight=m.norm.weight, rmsnorm_eps=m.norm.eps,
             outproj_weight=m.out_proj.weight, outproj_bias=m.out_proj.bias, headdim=m.headdim,
             ngroups=m.ngroups, norm_before_gate=False)
-    z, xBC, dt = m._split(zxbcdt)
+    z, xBC, dt, dt_bias = m.project_in(u, routing)
     if state is not None and T == 1 and "ssm" in state:
         log_path_once("triton step (selective_state_update)")
         xBC = m._conv(xBC, state)[:, 0]  # (N, C)
@@ -101,10 +103,10 @@ def kernel_forward(m, K, u: torch.Tensor, state: dict | None) -> torch.Tensor:
         y = K.state_update(
             state["ssm"], x.reshape(N, H, P), dt[:, 0, :, None].expand(N, H, P), A[:, None, None].expand(H, P, n),
             B.reshape(N, m.ngroups, n), C.reshape(N, m.ngroups, n), m.D[:, None].expand(H, P),
-            z=None, dt_bias=m.dt_bias[:, None].expand(H, P), dt_softplus=True)
+            z=None, dt_bias=dt_bias[:, None].expand(H, P) if dt_bias is not None else None, dt_softplus=True)
         y = K.rmsnorm_fn(y.reshape(N, 1, m.d_inner), m.norm.weight, None, z=z, eps=m.norm.eps,
                          group_size=m.d_inner // m.ngroups, norm_before_gate=False)
-        return m.out_proj(y)
+        return m.project_out(y, routing)
     if state is None and K.causal_conv1d_fn is not None:
         log_path_once("triton unfused (causal-conv1d + mamba_chunk_scan_combined)")
         xBC = K.causal_conv1d_fn(xBC.transpose(1, 2), m.conv1d.weight.squeeze(1), m.conv1d.bias,
@@ -118,7 +120,7 @@ def kernel_forward(m, K, u: torch.Tensor, state: dict | None) -> torch.Tensor:
     init = state.get("ssm") if state is not None else None
     out = K.chunk_scan(
         x.reshape(N, T, m.nheads, m.headdim), dt, A, B.reshape(N, T, m.ngroups, m.d_state),
-        C.reshape(N, T, m.ngroups, m.d_state), chunk_size=m.chunk_size, D=m.D, z=None, dt_bias=m.dt_bias,
+        C.reshape(N, T, m.ngroups, m.d_state), chunk_size=m.chunk_size, D=m.D, z=None, dt_bias=dt_bias,
         dt_softplus=True, initial_states=init, return_final_states=state is not None)
     if state is not None:
         y, final = out
@@ -127,7 +129,7 @@ def kernel_forward(m, K, u: torch.Tensor, state: dict | None) -> torch.Tensor:
         y = out
     y = K.rmsnorm_fn(y.reshape(N, T, m.d_inner), m.norm.weight, None, z=z, eps=m.norm.eps,
                      group_size=m.d_inner // m.ngroups, norm_before_gate=False)
-    return m.out_proj(y)
+    return m.project_out(y, routing)
 
 
 def causal_conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -156,12 +158,12 @@ class Mamba2KernelMixer(Mamba2Mixer):
     """The Mamba-2 mixer with mamba-ssm's Triton kernels for CUDA inputs (when they load), the pure-PyTorch
     twin otherwise. Same parameters as :class:`Mamba2Mixer`."""
 
-    def forward(self, u: torch.Tensor, state: dict | None = None) -> torch.Tensor:
+    def forward(self, u: torch.Tensor, state: dict | None = None, routing=None) -> torch.Tensor:
         if u.is_cuda:
             K = load_mamba_kernels()
             if K is not None:
-                return kernel_forward(self, K, u, state)
-        return super().forward(u, state)
+                return kernel_forward(self, K, u, state, routing)
+        return super().forward(u, state, routing)
 
     @property
     def compile_friendly(self) -> bool:

@@ -25,6 +25,7 @@ from torch import nn
 
 from ...config import Node
 from ...registry import STAGES
+from .experts import ExpertLinear, ExpertsOption, Routing, normalize_groups, num_experts
 from .ssm_stack import SSMMixer, SSMStack, log_path_once, require_positive
 
 
@@ -102,6 +103,7 @@ class Mamba2Mixer(SSMMixer):
 
     def __init__(self, dim: int, cfg):
         super().__init__()
+        E = self.experts = num_experts(cfg)  # 0: dense; else per-modality in_proj, dt_bias, out_proj
         self.d_inner = cfg.expand * dim
         if self.d_inner % cfg.headdim:
             raise ValueError(f"mamba2: expand * width = {self.d_inner} is not divisible by headdim {cfg.headdim}")
@@ -111,17 +113,32 @@ class Mamba2Mixer(SSMMixer):
             raise ValueError(f"mamba2: {self.nheads} heads are not divisible into {cfg.ngroups} groups")
         self.chunk_size = cfg.chunk_size
         self.conv_dim = self.d_inner + 2 * cfg.ngroups * cfg.d_state
-        self.in_proj = nn.Linear(dim, 2 * self.d_inner + 2 * cfg.ngroups * cfg.d_state + self.nheads, bias=cfg.bias)
+        n_in = 2 * self.d_inner + 2 * cfg.ngroups * cfg.d_state + self.nheads
+        self.in_proj = ExpertLinear(E, dim, n_in, cfg.bias) if E else nn.Linear(dim, n_in, bias=cfg.bias)
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, cfg.d_conv, groups=self.conv_dim, bias=cfg.conv_bias)
-        dt = torch.exp(torch.rand(self.nheads) * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min))
+        shape = (E, self.nheads) if E else (self.nheads,)  # per modality: drawn independently for each
+        dt = torch.exp(torch.rand(shape) * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min))
         dt = dt.clamp(min=cfg.dt_init_floor)
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
         self.A_log = nn.Parameter(torch.empty(self.nheads).uniform_(*cfg.A_init_range).log())
         self.D = nn.Parameter(torch.ones(self.nheads))
         for p in (self.dt_bias, self.A_log, self.D):
             p._no_weight_decay = True  # type: ignore[attr-defined]
+        self.dt_bias._never_decay = True  # type: ignore[attr-defined]  # 2-D when per modality (omnibyte.optim)
         self.norm = GatedRMSNorm(self.d_inner, self.d_inner // cfg.ngroups, cfg.norm_eps)
-        self.out_proj = nn.Linear(self.d_inner, dim, bias=cfg.bias)
+        self.out_proj = ExpertLinear(E, self.d_inner, dim, cfg.bias) if E else nn.Linear(self.d_inner, dim,
+                                                                                          bias=cfg.bias)
+
+    def project_in(self, u: torch.Tensor, routing: Routing | None = None):
+        """(z, xBC, dt, dt_bias). Modality-aware: each token's own expert in_proj, and its expert's dt_bias
+        already added to dt (fp32), so dt_bias is None (the scans then add none)."""
+        if routing is None:
+            return (*self._split(self.in_proj(u)), self.dt_bias)
+        z, xBC, dt = self._split(self.in_proj(u, routing))
+        return z, xBC, dt.float() + self.dt_bias[routing.expert].float(), None
+
+    def project_out(self, y: torch.Tensor, routing: Routing | None = None) -> torch.Tensor:
+        return self.out_proj(y) if routing is None else self.out_proj(y, routing)
 
     def _split(self, zxbcdt):
         return torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
@@ -144,16 +161,17 @@ class Mamba2Mixer(SSMMixer):
         out = F.conv1d(full, w, b, groups=Cd)
         return F.silu(out).transpose(1, 2)  # (N, T, C)
 
-    def forward(self, u: torch.Tensor, state: dict | None = None) -> torch.Tensor:
+    def forward(self, u: torch.Tensor, state: dict | None = None, routing: Routing | None = None) -> torch.Tensor:
         log_path_once("torch twin (pure-PyTorch chunked SSD)")
-        return self.forward_ref(u, state)
+        return self.forward_ref(u, state, routing)
 
-    def forward_ref(self, u: torch.Tensor, state: dict | None = None) -> torch.Tensor:
+    def forward_ref(self, u: torch.Tensor, state: dict | None = None, routing: Routing | None = None
+                    ) -> torch.Tensor:
         N, T, _ = u.shape
-        z, xBC, dt = self._split(self.in_proj(u))
+        z, xBC, dt, dt_bias = self.project_in(u, routing)
         xBC = self._conv(xBC, state)
         x, B, C = torch.split(xBC, [self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], -1)
-        dt = F.softplus(dt.float() + self.dt_bias.float())  # (N, T, H)
+        dt = F.softplus(dt.float() + dt_bias.float() if dt_bias is not None else dt.float())  # (N, T, H)
         A = -torch.exp(self.A_log.float())
         y, final = ssd_chunked(x.view(N, T, self.nheads, self.headdim), dt, A,
                                B.view(N, T, self.ngroups, self.d_state), C.view(N, T, self.ngroups, self.d_state),
@@ -161,7 +179,7 @@ class Mamba2Mixer(SSMMixer):
         if state is not None:
             state["ssm"] = final
         y = self.norm(y.reshape(N, T, self.d_inner).to(u.dtype), z)
-        return self.out_proj(y)
+        return self.project_out(y, routing)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,9 +199,13 @@ class Mamba2Config(Node):
     bias: bool = False  # biases in the input and output projections
     norm_eps: float = 1e-5  # RMSNorm epsilon (layer and gated norms)
     mlp_ratio: float = 0.0  # 0: no MLP (as MBLM's Mamba-2 stages)
+    # per-modality in_proj (z, x, B, C and dt: Mamba-2's dt projection), dt_bias and out_proj (and MLP), e.g.
+    # [image, question, answer] or [[image], [question, answer]]; unlisted modalities share one more copy
+    modality_experts: ExpertsOption = ()
 
     def __post_init__(self):
         require_positive(self, ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size"))
+        object.__setattr__(self, "modality_experts", normalize_groups(self.modality_experts))
 
 
 @STAGES.register("mamba2_ref")

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..cache import BlockCache
 from ..layers import RMSNorm, init_linear, scaled_std
+from .experts import ExpertRMSNorm, ExpertSwiGLU, ModalityAware, Routing, norm_then, num_experts
 from .transformer import SwiGLU
 
 log = logging.getLogger("omnibyte.model")
@@ -33,32 +34,41 @@ class SSMMixer(nn.Module):
 
 
 class SSMLayer(nn.Module):
-    """Pre-norm residual layer around a mixer, with an optional SwiGLU MLP (mlp_ratio > 0)."""
+    """Pre-norm residual layer around a mixer, with an optional SwiGLU MLP (mlp_ratio > 0). Modality-aware
+    (``modality_experts``): the mixer's projections and the MLP with its norm are per modality; the pre-norm of
+    the mixer stays shared (as Mixture-of-Mamba, which splits only the projections)."""
 
     def __init__(self, dim: int, mixer: nn.Module, cfg, dropout: float):
         super().__init__()
+        E = self.experts = num_experts(cfg)
         self.norm = RMSNorm(dim, cfg.norm_eps)
         self.mixer = mixer
         self.mlp = None
         if cfg.mlp_ratio > 0:
-            self.norm2 = RMSNorm(dim, cfg.norm_eps)
-            self.mlp = SwiGLU(dim, -(-int(cfg.mlp_ratio * dim) // 64) * 64, cfg.bias)
+            hidden = -(-int(cfg.mlp_ratio * dim) // 64) * 64
+            self.norm2 = ExpertRMSNorm(E, dim, cfg.norm_eps) if E else RMSNorm(dim, cfg.norm_eps)
+            self.mlp = ExpertSwiGLU(E, dim, hidden, cfg.bias) if E else SwiGLU(dim, hidden, cfg.bias)
         self.drop = nn.Dropout(dropout)
 
     @property
     def compile_friendly(self) -> bool:
         """False where the mixer calls mamba-ssm's kernels (torch.compile leaves those layers eager: tracing
-        them buys little, the kernels dominate)."""
-        return self.mixer.compile_friendly
+        them buys little, the kernels dominate) and for modality-aware layers (data-dependent dispatch)."""
+        return self.mixer.compile_friendly and not self.experts
 
-    def forward(self, x: torch.Tensor, state: dict | None = None) -> torch.Tensor:
-        x = x + self.drop(self.mixer(self.norm(x), state))
+    def forward(self, x: torch.Tensor, state: dict | None = None, routing: Routing | None = None) -> torch.Tensor:
+        if routing is None:
+            x = x + self.drop(self.mixer(self.norm(x), state))
+            if self.mlp is not None:
+                x = x + self.drop(self.mlp(self.norm2(x)))
+            return x
+        x = x + self.drop(self.mixer(self.norm(x), state, routing))
         if self.mlp is not None:
-            x = x + self.drop(self.mlp(self.norm2(x)))
+            x = x + self.drop(routing.apply(norm_then(self.norm2, self.mlp.expert), x))
         return x
 
 
-class SSMStack(nn.Module):
+class SSMStack(ModalityAware, nn.Module):
     """A stack of SSM layers with a final RMSNorm; subclasses say which mixer to build."""
 
     unbounded = True
@@ -67,6 +77,7 @@ class SSMStack(nn.Module):
                  init_std: float = 0.02):
         super().__init__()
         self.config = config
+        self.setup_experts(config)
         self.layers = nn.ModuleList(SSMLayer(dim, self.make_mixer(dim, config), config, dropout)
                                     for _ in range(layers))
         self.norm = RMSNorm(dim, config.norm_eps)
@@ -80,14 +91,18 @@ class SSMStack(nn.Module):
     def make_mixer(self, dim: int, config) -> nn.Module:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor, cache: BlockCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: BlockCache | None = None, modality: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """``modality``: (N, T) Modality codes routing each input position (modality-aware blocks only)."""
+        routing = self.routing(modality, x)
+        extra = () if routing is None else (routing,)
         for i, layer in enumerate(self.layers):
             if cache is not None:
-                x = layer(x, cache.layer(i))
+                x = layer(x, cache.layer(i), *extra)
             elif self.checkpoint_layers and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, None, *extra, use_reentrant=False)
             else:
-                x = layer(x)
+                x = layer(x, None, *extra) if extra else layer(x)
         if cache is not None:
             cache.length += x.shape[1]
         return self.norm(x)

@@ -17,6 +17,8 @@ from ...config import Node
 from ...registry import STAGES
 from ..cache import BlockCache
 from ..layers import RMSNorm, apply_rope, init_linear, rope_table, scaled_std
+from .experts import (ExpertLinear, ExpertRMSNorm, ExpertsOption, ExpertSwiGLU, ModalityAware, Routing, norm_then,
+                      normalize_groups, num_experts)
 
 
 class Attention(nn.Module):
@@ -26,11 +28,15 @@ class Attention(nn.Module):
     short_impl = "flex"
 
     def __init__(self, dim: int, heads: int, head_dim: int, dropout: float, rope: bool, rope_base: float,
-                 bias: bool):
+                 bias: bool, experts: int = 0):
         super().__init__()
         self.heads, self.head_dim = heads, head_dim
-        self.qkv = nn.Linear(dim, 3 * heads * head_dim, bias=bias)
-        self.out = nn.Linear(heads * head_dim, dim, bias=bias)
+        if experts:  # per-modality QKV and output projections (blocks.experts); attention itself shared
+            self.qkv = ExpertLinear(experts, dim, 3 * heads * head_dim, bias)
+            self.out = ExpertLinear(experts, heads * head_dim, dim, bias)
+        else:
+            self.qkv = nn.Linear(dim, 3 * heads * head_dim, bias=bias)
+            self.out = nn.Linear(heads * head_dim, dim, bias=bias)
         self.dropout = dropout
         self.rope = rope
         self.rope_base = rope_base
@@ -43,9 +49,14 @@ class Attention(nn.Module):
         qkv = self.qkv(x).view(N, T, 3, self.heads, self.head_dim)  # (N, T, 3, H, hd)
         if packed is not None and state is None and torch.compiler.is_compiling():
             return self.out(self._packed_attention(qkv, rope, offset, *packed))
+        return self.out(self.attend(qkv, state, offset, rope))
+
+    def attend(self, qkv: torch.Tensor, state: dict | None, offset: int, rope) -> torch.Tensor:
+        """Causal attention of qkv (N, T, 3, H, hd) (continuing ``state``'s keys) -> (N, T, H * hd)."""
+        N, T = qkv.shape[:2]
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (N, H, T, hd)
         if self.rope:
-            cos, sin = rope if rope is not None else rope_table(offset, T, self.head_dim, self.rope_base, x.device)
+            cos, sin = rope if rope is not None else rope_table(offset, T, self.head_dim, self.rope_base, qkv.device)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if state is not None:
             if "k" in state:
@@ -67,10 +78,9 @@ class Attention(nn.Module):
         elif T == 1:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
         else:  # T new queries after S - T cached keys: query i sees keys <= S - T + i
-            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+            mask = torch.ones(T, S, dtype=torch.bool, device=qkv.device).tril(S - T)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
-        y = y.transpose(1, 2).reshape(N, T, self.heads * self.head_dim)  # (N, T, H*hd)
-        return self.out(y)
+        return y.transpose(1, 2).reshape(N, T, self.heads * self.head_dim)  # (N, T, H*hd)
 
 
     def _packed_attention(self, qkv: torch.Tensor, rope, offset: int, block_mask, per_row: int) -> torch.Tensor:
@@ -137,24 +147,41 @@ class SwiGLU(nn.Module):
 
 
 class TransformerLayer(nn.Module):
+    """Pre-norm attention + SwiGLU. Modality-aware (``modality_experts``, Mixture-of-Transformers): both norms,
+    QKV, the output projection and the feed-forward per modality; attention runs once over all positions."""
+
     def __init__(self, dim: int, cfg: TransformerBlock.Config, dropout: float):
         super().__init__()
+        E = self.experts = num_experts(cfg)
         head_dim = cfg.head_dim or dim // cfg.heads
         hidden = cfg.mlp_hidden or -(-int(cfg.mlp_ratio * dim) // 64) * 64  # ceil to a multiple of 64
-        self.norm1 = RMSNorm(dim, cfg.norm_eps)
-        self.attn = Attention(dim, cfg.heads, head_dim, dropout, cfg.positions == "rope", cfg.rope_base, cfg.bias)
-        self.norm2 = RMSNorm(dim, cfg.norm_eps)
-        self.mlp = SwiGLU(dim, hidden, cfg.bias)
+        self.norm1 = ExpertRMSNorm(E, dim, cfg.norm_eps) if E else RMSNorm(dim, cfg.norm_eps)
+        self.attn = Attention(dim, cfg.heads, head_dim, dropout, cfg.positions == "rope", cfg.rope_base, cfg.bias,
+                              experts=E)
+        self.norm2 = ExpertRMSNorm(E, dim, cfg.norm_eps) if E else RMSNorm(dim, cfg.norm_eps)
+        self.mlp = ExpertSwiGLU(E, dim, hidden, cfg.bias) if E else SwiGLU(dim, hidden, cfg.bias)
         self.drop = nn.Dropout(dropout)
 
+    @property
+    def compile_friendly(self) -> bool:
+        """Modality-aware layers stay eager under torch.compile (data-dependent dispatch)."""
+        return not self.experts
+
     def forward(self, x: torch.Tensor, state: dict | None = None, offset: int = 0,
-                rope: tuple[torch.Tensor, torch.Tensor] | None = None, packed=None) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm1(x), state, offset, rope, packed))
-        return x + self.drop(self.mlp(self.norm2(x)))
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None, packed=None, routing: Routing | None = None
+                ) -> torch.Tensor:
+        if routing is None:
+            x = x + self.drop(self.attn(self.norm1(x), state, offset, rope, packed))
+            return x + self.drop(self.mlp(self.norm2(x)))
+        a = self.attn
+        N, T, _ = x.shape
+        qkv = routing.apply(norm_then(self.norm1, a.qkv.expert), x).view(N, T, 3, a.heads, a.head_dim)
+        x = x + self.drop(a.out(a.attend(qkv, state, offset, rope), routing))
+        return x + self.drop(routing.apply(norm_then(self.norm2, self.mlp.expert), x))
 
 
 @STAGES.register("transformer")
-class TransformerBlock(nn.Module):
+class TransformerBlock(ModalityAware, nn.Module):
     """A stack of causal Transformer layers over (N, T, D) sequences, with a final RMSNorm."""
 
     @dataclasses.dataclass(frozen=True)
@@ -168,8 +195,12 @@ class TransformerBlock(nn.Module):
         rope_base: float = 10000.0  # rotary frequency base
         norm_eps: float = 1e-5  # RMSNorm epsilon
         bias: bool = False  # biases in the attention and MLP projections
+        # per-modality norms, QKV, output projection and feed-forward (attention shared): [image, question,
+        # answer] or groups [[image], [question, answer]]; unlisted modalities share one more copy
+        modality_experts: ExpertsOption = ()
 
         def __post_init__(self):
+            object.__setattr__(self, "modality_experts", normalize_groups(self.modality_experts))
             if self.heads < 1:
                 raise ValueError(f"heads must be >= 1, got {self.heads}")
             if self.head_dim and self.head_dim % 2:
@@ -190,6 +221,7 @@ class TransformerBlock(nn.Module):
                  dropout: float = 0.0, init_std: float = 0.02):
         super().__init__()
         self.config = config
+        self.setup_experts(config)
         if not config.head_dim and dim % config.heads:
             raise ValueError(f"transformer: width {dim} is not divisible by heads {config.heads}; set head_dim")
         hd = config.head_dim or dim // config.heads
@@ -213,8 +245,11 @@ class TransformerBlock(nn.Module):
     def unbounded(self) -> bool:
         return self.max_len is None
 
-    def forward(self, x: torch.Tensor, cache: BlockCache | None = None) -> torch.Tensor:
-        """x: (N, T, D) -> (N, T, D), causal over T. With ``cache``, x continues the cached positions."""
+    def forward(self, x: torch.Tensor, cache: BlockCache | None = None, modality: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """x: (N, T, D) -> (N, T, D), causal over T. With ``cache``, x continues the cached positions.
+        ``modality``: (N, T) Modality codes routing each input position (modality-aware blocks only)."""
+        routing = self.routing(modality, x)
         offset = cache.length if cache is not None else 0
         T = x.shape[1]
         if self.max_len is not None:
@@ -228,16 +263,19 @@ class TransformerBlock(nn.Module):
         rope = rope_table(offset, T, cfg.head_dim or x.shape[-1] // cfg.heads, cfg.rope_base, x.device) \
             if cfg.positions == "rope" else None
         packed = None  # compiled layers on CUDA: short sequences through FlexAttention (see Attention)
-        if (cache is None and x.is_cuda and T <= Attention.short and Attention.short_impl == "flex"
+        if (cache is None and routing is None and x.is_cuda and T <= Attention.short
+                and Attention.short_impl == "flex"
                 and self.layers and getattr(self.layers[0], "_compiled_call_impl", None) is not None
                 and not (self.training and self.layers[0].attn.dropout > 0)):
             packed = packed_block_mask(x.shape[0], T, x.device)
         for i, layer in enumerate(self.layers):
             state = cache.layer(i) if cache is not None else None
+            extra = () if routing is None else (routing,)
             if self.checkpoint_layers and self.training and cache is None:
-                x = torch.utils.checkpoint.checkpoint(layer, x, None, offset, rope, packed, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, None, offset, rope, packed, *extra,
+                                                      use_reentrant=False)
             else:
-                x = layer(x, state, offset, rope, packed)
+                x = layer(x, state, offset, rope, packed, *extra)
         if cache is not None:
             cache.length += T
         return self.norm(x)

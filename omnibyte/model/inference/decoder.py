@@ -11,6 +11,8 @@ import logging
 import torch
 
 from ... import vocab
+from ..routing import SPECIAL, check_modality, open_segment, routes_from_units, unit_modality
+from ..routing import next_modality as _next_modality
 from ..cache import GenerationState, StageState
 from .sampling import as_batch, sample
 
@@ -33,8 +35,12 @@ class Decoder:
     def new_state(self, batch: int, device: torch.device | None = None) -> GenerationState:
         m = self.model
         device = device or m.head.weight.device
-        return GenerationState([StageState() for _ in range(m.num_stages)],
-                               torch.zeros(batch, 0, dtype=torch.long, device=device))
+        state = GenerationState([StageState() for _ in range(m.num_stages)],
+                                torch.zeros(batch, 0, dtype=torch.long, device=device))
+        if m.modality_aware:
+            state.modality = torch.zeros(batch, 0, dtype=torch.long, device=device)
+            state.segment = torch.full((batch,), SPECIAL, dtype=torch.long, device=device)
+        return state
 
     def unit_embedding(self, s: int, units: torch.Tensor) -> torch.Tensor:
         """units: (N, T, Q_s) byte ids -> (N, T, D_s)."""
@@ -44,11 +50,17 @@ class Decoder:
         return m.unit_embeddings(x, first=s)[s]
 
     @torch.no_grad()
-    def feed(self, state: GenerationState, new_tokens: torch.Tensor) -> torch.Tensor:
+    def feed(self, state: GenerationState, new_tokens: torch.Tensor, modality: torch.Tensor | None = None
+             ) -> torch.Tensor:
         """Append ``new_tokens`` (N, k), k >= 0, to the stream and return the logits (N, V) predicting the
         next token. Each stage processes only the positions it has not seen (prefill for long prompts,
-        one position per new byte afterwards)."""
+        one position per new byte afterwards). ``modality`` (N, k): their Modality codes, required by a
+        modality-aware model (:meth:`next_modality` gives those of generated tokens)."""
         m = self.model
+        if m.modality_aware and new_tokens.numel():
+            mod = check_modality(modality, new_tokens.to(state.tokens.device), "feed")
+            state.modality = torch.cat((state.modality, mod), dim=1)
+            state.segment = open_segment(new_tokens[:, -1].to(mod.device), mod[:, -1])
         if new_tokens.numel():
             state.tokens = torch.cat((state.tokens, new_tokens.to(state.tokens.device)), dim=1)
         n = state.length  # we predict token index n
@@ -85,7 +97,10 @@ class Decoder:
             inp = torch.cat(parts, dim=1)  # (N, p - first + 1, D_s)
             if s:
                 inp = inp + state.stages[s - 1].ctx[:, first:p + 1]
-            h = m.blocks[s](inp, st.cache)[:, -1]  # (N, D_s)
+            if m.aware[s]:
+                h = m.blocks[s](inp, st.cache, modality=self._routes(state, base // Qs, first, p, Qs))[:, -1]
+            else:
+                h = m.blocks[s](inp, st.cache)[:, -1]  # (N, D_s)
             if s + 1 < m.num_stages:
                 st.ctx = m.stage_context(s, h).view(N, m.lengths[s + 1], m.widths[s + 1])
         if h is None:  # pragma: no cover
@@ -94,17 +109,40 @@ class Decoder:
         state.trim(max(0, (n // m.units[0] - 1) * m.units[0]))
         return m.head(h).float()
 
+    @staticmethod
+    def _routes(state: GenerationState, k0: int, first: int, p: int, Qs: int) -> torch.Tensor:
+        """Routes of positions first..p of a stage sequence whose position 0 covers stream unit k0 of Q_s
+        bytes: the modality of units k0 + first - 1 .. k0 + p - 1 (``special`` before the stream's start),
+        as :func:`omnibyte.model.routing.stage_routes` in the full forward."""
+        j0, j1 = k0 + first - 1, k0 + p
+        a = max(j0, 0) * Qs - state.offset
+        if a < 0:  # pragma: no cover - trim keeps the bytes of the unit before the current patch
+            raise RuntimeError("generation state out of sync: routing needs dropped tokens")
+        mod = state.modality[:, a:a + (j1 - max(j0, 0)) * Qs]
+        r = unit_modality(mod.reshape(mod.shape[0], -1, Qs))
+        return routes_from_units(r, 0) if j0 < 0 else r
+
+    @staticmethod
+    def next_modality(state: GenerationState, tokens: torch.Tensor) -> torch.Tensor | None:
+        """(N, 1) Modality codes of new tokens (N, 1) by the generation rule (omnibyte.model.routing);
+        None for a dense model."""
+        if state.segment is None:
+            return None
+        return _next_modality(tokens[:, 0], state.segment)[0][:, None]
     @torch.no_grad()
     def generate(self, prompt, max_new_bytes: int, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, stop_tokens=(), generator: torch.Generator | None = None,
-                 use_graphs: bool = False, compile_step: bool = False) -> torch.Tensor:
+                 use_graphs: bool = False, compile_step: bool = False, modality=None) -> torch.Tensor:
         """Sample up to ``max_new_bytes`` tokens after ``prompt`` ((B, P) LongTensor, list[int] or bytes).
         Returns (B, <= max_new_bytes) new tokens; generation stops early once every row has produced a stop
         token (rows that stopped are padded with PAD). temperature 0 = greedy. ``use_graphs=True`` (CUDA, Mamba-2
         global stage) replays the per-byte step as CUDA graphs (omnibyte.model.inference.graphs; Transformer stages
         through the Triton kernels of omnibyte.model.inference.kernels); ``compile_step=True`` also fuses the
         Mamba stages' step with torch.compile first (~30 s once). On an H100, 360M config: 1,600 bytes/s with
-        graphs, 2,500-2,700 with graphs + compile; logits tested against the full forward on CPU and GPU."""
+        graphs, 2,500-2,700 with graphs + compile; logits tested against the full forward on CPU and GPU.
+        ``modality``: the prompt's
+        Modality codes (same shape), required by a modality-aware model; generated tokens follow the rule of
+        :mod:`omnibyte.model.routing` (after ``SOM_ANSWER``: answer bytes)."""
         m = self.model
         device = m.head.weight.device
         prompt = as_batch(prompt, device)
@@ -112,8 +150,8 @@ class Decoder:
         m.eval()
         try:
             state = self.new_state(prompt.shape[0], device)
-            logits = self.feed(state, prompt)
-            step = lambda tok: self.feed(state, tok)  # noqa: E731
+            logits = self.feed(state, prompt, modality)
+            step = lambda tok: self.feed(state, tok, self.next_modality(state, tok))  # noqa: E731
             if device.type == "cuda" and use_graphs:
                 from .graphs import GraphStepper
 
@@ -150,9 +188,11 @@ class Decoder:
             m.train(was_training)
 
     @torch.no_grad()
-    def score(self, prefix, candidates) -> torch.Tensor:
+    def score(self, prefix, candidates, modality=None) -> torch.Tensor:
         """Log-likelihood (nats) of each candidate continuation (a list of token lists / bytes) given
-        ``prefix`` (1-D tokens); the prefix is processed once and its cache fanned out to all candidates."""
+        ``prefix`` (1-D tokens); the prefix is processed once and its cache fanned out to all candidates.
+        ``modality``: the prefix's Modality codes (modality-aware models; candidates follow the generation
+        rule of :mod:`omnibyte.model.routing`)."""
         m = self.model
         device = m.head.weight.device
         prefix = as_batch(prefix, device)
@@ -167,7 +207,7 @@ class Decoder:
         m.eval()
         try:
             state = self.new_state(1, device)
-            logits = self.feed(state, prefix)  # (1, V)
+            logits = self.feed(state, prefix, modality)  # (1, V)
             state.select(torch.zeros(K, dtype=torch.long, device=device))
             logits = logits.expand(K, -1)
             cand = torch.zeros(K, T, dtype=torch.long, device=device)
@@ -181,7 +221,8 @@ class Decoder:
                 lp = torch.log_softmax(logits.float(), dim=-1).gather(1, cand[:, t:t + 1]).squeeze(1)
                 total += torch.where(mask[:, t], lp, torch.zeros_like(lp))
                 if t + 1 < T:
-                    logits = self.feed(state, cand[:, t:t + 1])
+                    tok = cand[:, t:t + 1]
+                    logits = self.feed(state, tok, self.next_modality(state, tok))
             return total
         finally:
             m.train(was_training)

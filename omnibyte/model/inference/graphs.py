@@ -129,6 +129,10 @@ class GraphStepper:
         self.model, self.state = model, state
         self.decoder = model.decoder
         blocks = model.blocks
+        aware = [s for s, b in enumerate(blocks) if getattr(b, "modality_aware", False)]
+        if aware:  # the static step has one set of weights per layer: it would route every byte to one expert
+            raise NotImplementedError(f"GraphStepper: stages {aware} are modality-aware (modality_experts); "
+                                      f"their per-modality weights run in the eager step")
         if not isinstance(blocks[0], SSMStack) or not all(isinstance(m, Mamba2Mixer) for m in
                                                           (lay.mixer for lay in blocks[0].layers)):
             raise NotImplementedError("GraphStepper needs a Mamba-2 global stage")

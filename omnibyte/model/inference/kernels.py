@@ -246,7 +246,9 @@ def _block_k(K: int) -> int:
 
 def supports(blk) -> bool:
     """Whether a Transformer stage block fits the kernels: layer widths <= MAX_K (whole rows per program) and
-    contiguous weights (the kernels index rows as ``row * width``)."""
+    contiguous weights (the kernels index rows as ``row * width``). Never modality-aware blocks (one weight set)."""
+    if getattr(blk, "modality_aware", False):
+        return False
     for lay in blk.layers:
         lins = (lay.attn.qkv, lay.attn.out, lay.mlp.gate_up, lay.mlp.down)
         if max(lin.in_features for lin in lins) > MAX_K or not all(lin.weight.is_contiguous() for lin in lins):
