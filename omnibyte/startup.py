@@ -14,6 +14,7 @@ from . import parallel
 from .config import ConfigError, dump_yaml, from_dict, load_yaml
 from .identity import check_rerun
 from .logging import read_metrics
+from .model.blocks.experts import expand_dense_weights
 from .pathway import attach_pathway, is_pathway_state, merge_state_dict
 from .run import inherit_derived, resolve_data_config
 from .runconfig import RESOLVED_NAME, RunConfig
@@ -105,6 +106,10 @@ def init_weights_from(model: torch.nn.Module, source: str, stages: tuple[int, ..
         weights = ckpt_io.select_stages(weights, stages)
     except ValueError as e:
         raise ConfigError(f"train.init_stages: {e}") from None
+    weights, copied = expand_dense_weights(model, weights)  # a dense run into modality-aware blocks
+    if copied:
+        log.info("init_from %s: %d dense tensors copied into every modality's copy (modality_experts)", path,
+                 len(copied))
     own = model.state_dict()
     unknown = [k for k in weights if k not in own]
     wrong = [f"{k} {tuple(v.shape)} (this model: {tuple(own[k].shape)})" for k, v in weights.items()

@@ -382,3 +382,21 @@ def test_mom_config_trains_and_evaluates_on_cpu(tmp_path, capsys):
     out = capsys.readouterr().out
     task = json.loads(out[out.index("{"):])["task"]
     assert task["num_samples"] == 3 and set(task["modes"]) == {"generate", "rank"}
+
+
+def test_init_from_a_dense_run_copies_it_into_every_expert(tmp_path):
+    """train.init_from of a dense run into the modality-aware twin: every expert starts as the dense weights, so
+    the model computes the dense model's logits for any modality track; another architecture still fails."""
+    from omnibyte.checkpoint import save_checkpoint
+    from omnibyte.startup import init_weights_from
+
+    x, mod = torch.randint(0, 256, (2, 19)), mixed_track(2, 19)
+    for blk in (dict(M2, mlp_ratio=2.0), M1, TF):
+        dense = tiny([(4, 32, blk), (4, 16, TF)])
+        ck = save_checkpoint(tmp_path / blk["name"], 1, model_state=dense.state_dict(), optim_state={}, rng=[],
+                             state={"step": 1})
+        m = tiny([(4, 32, aware(blk)), (4, 16, aware(TF))], seed=1)
+        init_weights_from(m, str(ck), ())
+        assert torch.allclose(m(x, mod), dense(x), atol=1e-5)
+    with pytest.raises(ConfigError, match="another architecture"):
+        init_weights_from(tiny([(4, 32, aware(M2)), (2, 16, aware(TF))]), str(ck), ())

@@ -186,3 +186,30 @@ def dense_equivalent_numel(module: nn.Module) -> int:
             elif p.dim() == 2 and not isinstance(m, (ExpertLinear, ExpertRMSNorm)) and name != "dt_bias":
                 total += p.numel()
     return total
+
+
+def expert_param_names(model: nn.Module) -> set[str]:
+    """State-dict names of every stacked per-modality tensor (leading dimension: the experts)."""
+    out = set()
+    for name, mod in model.named_modules():
+        stacked = isinstance(mod, (ExpertLinear, ExpertRMSNorm))
+        for pname, _ in mod.named_parameters(recurse=False):
+            if stacked or (pname == "dt_bias" and getattr(mod, "experts", 0)):
+                out.add(f"{name}.{pname}" if name else pname)
+    return out
+
+
+def expand_dense_weights(model: nn.Module, weights: dict[str, torch.Tensor]
+                         ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Weights of a dense model for ``model`` with modality-aware blocks: each dense tensor whose name is a
+    stacked per-modality tensor here, with exactly the shape of one expert, is copied into every expert (the
+    model then computes what the dense one did, for any modality track, until training separates the copies).
+    Returns the weights and the names copied; every other tensor is left as it is (and checked by the caller)."""
+    names = expert_param_names(model)
+    own = model.state_dict()
+    out, copied = dict(weights), []
+    for k, v in weights.items():
+        if k in names and k in own and tuple(own[k].shape[1:]) == tuple(v.shape):
+            out[k] = v.unsqueeze(0).expand(own[k].shape[0], *v.shape).clone()
+            copied.append(k)
+    return out, copied
