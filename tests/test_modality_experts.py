@@ -382,6 +382,10 @@ def test_mom_config_trains_and_evaluates_on_cpu(tmp_path, capsys):
     out = capsys.readouterr().out
     task = json.loads(out[out.index("{"):])["task"]
     assert task["num_samples"] == 3 and set(task["modes"]) == {"generate", "rank"}
+    assert main(["generate", str(run), "--prompt", "Is there", "--max-new-bytes", "3"]) == 2  # no modality given
+    assert "--modality" in capsys.readouterr().err
+    assert main(["generate", str(run), "--prompt", "Is there", "--max-new-bytes", "3", "--modality", "question",
+                 "--quiet"]) == 0
 
 
 def test_init_from_a_dense_run_copies_it_into_every_expert(tmp_path):

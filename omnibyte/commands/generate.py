@@ -20,6 +20,9 @@ def add_arguments(p) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1] (1 = off)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--num", type=int, default=1, help="samples to draw (>= 1)")
+    p.add_argument("--modality", default=None, metavar="text|image|question|answer|special",
+                   help="the prompt bytes' modality, for a run with modality-aware blocks (model routes by it; "
+                        "special tokens are special)")
     p.add_argument("--checkpoint", default=None, metavar="best|latest|STEP",
                    help="default: the run's eval.checkpoint (auto: the best checkpoint by its validation "
                         "metric, else the latest)")
@@ -50,6 +53,13 @@ def check_arguments(args) -> bytes | None:
         raise ConfigError(f"--top-p must be in (0, 1] (1: off), got {args.top_p}")
     if args.num < 1:
         raise ConfigError(f"--num must be >= 1, got {args.num}")
+    if args.modality is not None:
+        from omnibyte.vocab import Modality
+
+        try:
+            Modality.parse(args.modality)
+        except ValueError as e:
+            raise ConfigError(f"--modality: {e}") from None
     if not args.prompt_file:
         return None
     from pathlib import Path
@@ -103,9 +113,18 @@ def run(args) -> int:
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(args.seed)
     batch = torch.tensor([prompt] * args.num, dtype=torch.long, device=device)
+    kw = {}
+    if model.stream_meta.modality_aware:  # routes by the prompt's modality track: the user says what it is
+        from omnibyte.config import ConfigError
+
+        if args.modality is None:
+            raise ConfigError(f"{args.run_dir}: this run's model has modality-aware blocks (modality_experts) and "
+                              f"routes every byte by its modality; give the prompt's with --modality NAME")
+        code = int(vocab.Modality.parse(args.modality))
+        kw["modality"] = torch.where(batch < vocab.NUM_BYTES, code, int(vocab.Modality.SPECIAL))
     out = model.generate(batch, args.max_new_bytes, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, stop_tokens=(vocab.EOS,), generator=gen, use_graphs=not args.no_graphs,
-                         compile_step=args.compile)
+                         compile_step=args.compile, **kw)
     for row in out.tolist():
         data = bytes(t for t in row if t < vocab.NUM_BYTES)
         print(args.prompt + data.decode("utf-8", errors="replace"))
