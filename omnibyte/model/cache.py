@@ -7,6 +7,12 @@
 
 A stage's cache covers the positions of the stage sequence now being generated: for the outermost stage
 that is the whole stream, for an inner stage the current parent unit (it is reset when the parent advances).
+
+Rollback (speculative decoding): a block whose cache entries only grow along a time dimension, always by
+concatenation into new tensors (attention KV), says so with a class attribute ``cache_time_dims`` (entry
+name -> dim, e.g. ``{"k": 2, "v": 2}``); such caches are cut back with :meth:`BlockCache.truncated`. Any other
+entry is recurrent state (conv window, SSM state; some CUDA kernels update it in place): it is rolled back
+from clones taken by :meth:`BlockCache.snapshot` after each position.
 """
 
 from __future__ import annotations
@@ -29,6 +35,28 @@ class BlockCache:
     def reset(self) -> None:
         self.layers = []
         self.length = 0
+
+    def snapshot(self, time_dims: dict[str, int] | None = None) -> BlockCache:
+        """A copy to return to later: entries named in ``time_dims`` are shared (they are never written in
+        place), every other entry is cloned."""
+        td = time_dims or {}
+        return BlockCache([{k: t if k in td else t.clone() for k, t in d.items()} for d in self.layers],
+                          self.length)
+
+    def truncated(self, length: int, time_dims: dict[str, int] | None = None) -> BlockCache:
+        """A new cache holding this one's first ``length`` positions (``length == self.length``: the same
+        positions). Only entries named in ``time_dims`` can be cut; cutting recurrent state raises."""
+        td = time_dims or {}
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
+        if length == self.length:
+            return BlockCache([dict(d) for d in self.layers], length)
+        for i, d in enumerate(self.layers):
+            rec = [k for k in d if k not in td]
+            if rec:
+                raise ValueError(f"layer {i}: cache entries {rec} are recurrent state and cannot be truncated "
+                                 f"(roll back from a snapshot instead)")
+        return BlockCache([{k: t.narrow(td[k], 0, length) for k, t in d.items()} for d in self.layers], length)
 
     def select(self, index: torch.Tensor) -> None:
         """Keep/reorder/repeat batch rows (``index`` into dim 0), e.g. to fan one prefix out to candidates."""

@@ -72,6 +72,7 @@ class SSMStack(ModalityAware, nn.Module):
     """A stack of SSM layers with a final RMSNorm; subclasses say which mixer to build."""
 
     unbounded = True
+    cache_time_dims = None  # recurrent state only: rolled back from per-position snapshots
 
     def __init__(self, config, *, dim: int, layers: int, max_len: int | None = None, dropout: float = 0.0,
                  init_std: float = 0.02):

@@ -184,6 +184,8 @@ class TransformerLayer(nn.Module):
 class TransformerBlock(ModalityAware, nn.Module):
     """A stack of causal Transformer layers over (N, T, D) sequences, with a final RMSNorm."""
 
+    cache_time_dims = {"k": 2, "v": 2}  # the KV cache only grows along time (rolled back by truncation)
+
     @dataclasses.dataclass(frozen=True)
     class Config(Node):
         name: str = "transformer"

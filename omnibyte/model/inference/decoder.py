@@ -15,6 +15,7 @@ from ..routing import SPECIAL, check_modality, open_segment, routes_from_units, 
 from ..routing import next_modality as _next_modality
 from ..cache import GenerationState, StageState
 from .sampling import as_batch, sample
+from .speculative import speculative_generate
 
 log = logging.getLogger("omnibyte.model")
 
@@ -132,7 +133,8 @@ class Decoder:
     @torch.no_grad()
     def generate(self, prompt, max_new_bytes: int, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, stop_tokens=(), generator: torch.Generator | None = None,
-                 use_graphs: bool = False, compile_step: bool = False, modality=None) -> torch.Tensor:
+                 use_graphs: bool = False, compile_step: bool = False, draft=None, draft_len: int = 4,
+                 modality=None) -> torch.Tensor:
         """Sample up to ``max_new_bytes`` tokens after ``prompt`` ((B, P) LongTensor, list[int] or bytes).
         Returns (B, <= max_new_bytes) new tokens; generation stops early once every row has produced a stop
         token (rows that stopped are padded with PAD). temperature 0 = greedy. ``use_graphs=True`` (CUDA, Mamba-2
@@ -140,9 +142,20 @@ class Decoder:
         through the Triton kernels of omnibyte.model.inference.kernels); ``compile_step=True`` also fuses the
         Mamba stages' step with torch.compile first (~30 s once). On an H100, 360M config: 1,600 bytes/s with
         graphs, 2,500-2,700 with graphs + compile; logits tested against the full forward on CPU and GPU.
-        ``modality``: the prompt's
+        ``draft`` (a smaller byte model or a :class:`~omnibyte.model.inference.speculative.Drafter`): speculative
+        decoding, ``draft_len`` bytes drafted per verification pass; greedy output equals plain greedy, samples
+        follow the same distribution (:mod:`omnibyte.model.inference.speculative`). ``modality``: the prompt's
         Modality codes (same shape), required by a modality-aware model; generated tokens follow the rule of
         :mod:`omnibyte.model.routing` (after ``SOM_ANSWER``: answer bytes)."""
+        if draft is not None and self.model.modality_aware:
+            raise NotImplementedError("generate: speculative decoding (draft=) does not route modality-aware "
+                                      "models (modality_experts); generate without draft=")
+        if draft is not None:
+            if use_graphs or compile_step:
+                raise ValueError("generate: draft= (speculative decoding) runs eager verification passes; "
+                                 "it cannot be combined with use_graphs / compile_step")
+            return speculative_generate(self, prompt, max_new_bytes, temperature, top_k, top_p, stop_tokens,
+                                        generator, draft=draft, draft_len=draft_len)
         m = self.model
         device = m.head.weight.device
         prompt = as_batch(prompt, device)

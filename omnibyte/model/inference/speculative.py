@@ -1,0 +1,336 @@
+"""Speculative decoding for an MBLM: a drafter proposes ``k`` bytes, the model checks them in one
+teacher-forced pass from its cached state, and the state rolls back to the last byte it kept.
+
+* :func:`verify` -- a ``feed`` that returns the logits at *every* new position, (N, T, V), plus the restore
+  points to roll the :class:`~omnibyte.model.cache.GenerationState` back to any prefix of the fed tokens
+  (:meth:`Verification.rollback`). Each stage runs the positions it has not seen once: a Transformer stage
+  all of a parent unit's new positions in one call, its KV cache cut back on rollback
+  (``cache_time_dims``); a recurrent (Mamba) stage one position per call, its state cloned after each
+  (for the global stage that is one call per patch, as in plain decoding).
+* :func:`speculative_generate` -- the decoding loop behind ``generate(..., draft=..., draft_len=k)``.
+  Each round the target feeds the last kept byte and the k drafts in one :func:`verify`, keeps the longest
+  accepted prefix and adds one byte of its own (the correction, or a bonus byte when all k are kept).
+  Greedy (temperature 0): a draft is kept iff it is the target's argmax, so the output is plain greedy
+  decoding's. Sampling: the standard rejection scheme (Leviathan et al. 2023; Chen et al. 2023) over the
+  distributions :func:`~omnibyte.model.inference.sampling.sampling_probs` gives for the target (p) and the
+  drafter (q) with the same temperature / top-k / top-p: keep draft x with probability min(1, p(x)/q(x));
+  on rejection draw from max(0, p - q) renormalised; every emitted byte is then distributed exactly as
+  plain sampling's. Rows of a batch are decoded one after another (acceptance lengths differ per row).
+* Drafters: :class:`ModelDrafter`, a smaller byte model with the same vocabulary and token contract (any
+  model with an MBLM's ``decoder``); a :class:`Drafter` subclass may draft any other way.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ... import vocab
+from ..cache import BlockCache, GenerationState
+from .sampling import as_batch, sample, sampling_probs
+
+log = logging.getLogger("omnibyte.model")
+
+
+def _time_dims(model, s: int):
+    # blocks declare append-only cache entries; an unknown block is treated as recurrent (always exact)
+    return getattr(model.blocks[s], "cache_time_dims", None)
+
+
+class Verification:
+    """The result of :func:`verify`: ``logits`` (N, T, V), ``logits[:, i]`` predicting the token after the
+    i-th fed one, and :meth:`rollback`."""
+
+    def __init__(self, model, state: GenerationState, start: int, logits: torch.Tensor, points: dict, ctxs: dict):
+        self.model, self.state, self.start, self.logits = model, state, start, logits
+        self._points, self._ctxs = points, ctxs
+
+    def rollback(self, keep: int) -> None:
+        """Leave the state as ``feed`` would after the first ``keep`` (1..T) of the verified tokens."""
+        m, state = self.model, self.state
+        T = self.logits.shape[1]
+        if not 1 <= keep <= T:
+            raise ValueError(f"rollback: keep must be in 1..{T}, got {keep}")
+        n = self.start + keep  # the index the restored state predicts
+        state.tokens = state.tokens[:, :n - state.offset]
+        for s, st in enumerate(state.stages):
+            u = n // m.units[s]
+            snap, length = self._points[(s, u)]
+            st.cache = snap.truncated(length, _time_dims(m, s))
+            st.parent = u // m.lengths[s] if s else 0
+            if s + 1 < m.num_stages:
+                st.ctx = self._ctxs[(s, u)]
+        state.trim(max(0, (n // m.units[0] - 1) * m.units[0]))
+
+
+@torch.no_grad()
+def verify(decoder, state: GenerationState, tokens: torch.Tensor) -> Verification:
+    """Append ``tokens`` (N, T), T >= 1, to the stream as ``decoder.feed`` would, returning the logits at all T
+    positions and restore points for every prefix. ``logits[:, -1]`` is what ``feed`` would return."""
+    m = decoder.model
+    N, T = tokens.shape
+    if T < 1:
+        raise ValueError("verify: at least one token")
+    a = state.length
+    ml = m.stream_meta.max_len
+    if ml is not None and a + T + 1 > ml:
+        raise ValueError(f"generation past this model's max_len {ml}")
+    state.tokens = torch.cat((state.tokens, tokens.to(state.tokens.device)), dim=1)
+    toks, off = state.tokens, state.offset
+    dtype = m.head.weight.dtype
+    S = m.num_stages
+    points: dict[tuple[int, int], tuple[BlockCache, int]] = {}  # (stage, unit) -> (cache, length)
+    ctxs: dict[tuple[int, int], torch.Tensor] = {}  # (stage, unit) -> context for stage + 1
+    outs: list[torch.Tensor] = []
+    lo_n, hi_n = a + 1, a + T  # the indices predicted
+    for s in range(S):
+        Qs, Ps = m.units[s], m.lengths[s]
+        st, td = state.stages[s], _time_dims(m, s)
+        u, u_hi = lo_n // Qs, hi_n // Qs  # stage-s units (global index) covering the predicted indices
+        while u <= u_hi:
+            parent = u // Ps if s else 0
+            pos = u % Ps if s else u  # position of unit u in its parent's stage-s sequence
+            unit0 = u - pos  # global index of position 0
+            last = min(u_hi, unit0 + Ps - 1) if s else u_hi
+            cache = st.cache if parent == st.parent else BlockCache()
+            first = cache.length
+            if pos < first:  # the position the last feed ended on: its cache and context are current
+                if pos != first - 1 or s + 1 == S:  # pragma: no cover
+                    raise RuntimeError("generation state out of sync")
+                points[(s, u)] = (cache.snapshot(td), first)
+                ctxs[(s, u)] = st.ctx
+            p1 = last - unit0
+            if p1 >= first:
+                parts = [m.start[s].to(dtype).expand(N, 1, -1)] if first == 0 else []
+                lo = max(first - 1, 0)  # units lo..p1-1 are the inputs of positions first..p1
+                if p1 > lo:
+                    i0 = (unit0 + lo) * Qs - off
+                    units = toks[:, i0:i0 + (p1 - lo) * Qs].reshape(N, p1 - lo, Qs)
+                    parts.append(decoder.unit_embedding(s, units).to(parts[0].dtype if parts else dtype))
+                inp = torch.cat(parts, dim=1)  # (N, p1 - first + 1, D_s)
+                if s:
+                    inp = inp + ctxs[(s - 1, parent)][:, first:p1 + 1]
+                if td is not None:  # one call; rollback cuts the cache back
+                    h = m.blocks[s](inp, cache)
+                    snap = cache.snapshot(td)
+                    for q in range(first, p1 + 1):
+                        points[(s, unit0 + q)] = (snap, q + 1)
+                else:  # recurrent state: one position per call, a clone after each
+                    hs = []
+                    for j in range(inp.shape[1]):
+                        hs.append(m.blocks[s](inp[:, j:j + 1], cache))
+                        points[(s, unit0 + first + j)] = (cache.snapshot(None), cache.length)
+                    h = torch.cat(hs, dim=1)
+                if s + 1 < S:
+                    c = m.stage_context(s, h).view(N, h.shape[1], m.lengths[s + 1], m.widths[s + 1])
+                    for j in range(h.shape[1]):
+                        ctxs[(s, unit0 + first + j)] = c[:, j]
+                else:
+                    outs.append(m.head(h).float())
+            u = last + 1
+    logits = torch.cat(outs, dim=1)
+    if logits.shape[1] != T:  # pragma: no cover
+        raise RuntimeError(f"verify computed {logits.shape[1]} positions for {T} tokens")
+    return Verification(m, state, a, logits, points, ctxs)
+
+
+def snapshot_state(model, state: GenerationState) -> tuple:
+    """A copy of ``state`` to return to with :func:`restore_state` (KV shared, recurrent state cloned)."""
+    return (state.tokens, state.offset,
+            [(st.cache.snapshot(_time_dims(model, s)), st.parent, st.ctx) for s, st in enumerate(state.stages)])
+
+
+def restore_state(model, state: GenerationState, snap: tuple) -> None:
+    state.tokens, state.offset, stages = snap
+    for s, (st, (cache, parent, ctx)) in enumerate(zip(state.stages, stages)):
+        st.cache, st.parent, st.ctx = cache.truncated(cache.length, _time_dims(model, s)), parent, ctx
+
+
+class Drafter:
+    """Proposes bytes for :func:`speculative_generate`. ``reset(context)`` starts from a (1, L) stream;
+    ``propose(k, ...)`` returns k tokens (1, k) and, when sampling, the distributions they were drawn from
+    (1, k, V) after the same temperature / top-k / top-p as the target's (None when greedy);
+    ``advance(kept, token)``: the first ``kept`` proposals were kept, then ``token`` followed.
+    ``proposed`` / ``accepted`` count drafted and kept bytes (the acceptance rate is their ratio)."""
+
+    def __init__(self):
+        self.proposed = 0
+        self.accepted = 0
+        self.rounds = 0
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.proposed if self.proposed else float("nan")
+
+    def reset(self, context: torch.Tensor) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def propose(self, k: int, temperature: float, top_k: int, top_p: float, generator):  # pragma: no cover
+        raise NotImplementedError
+
+    def advance(self, kept: int, token: int) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class _CachedDrafter(Drafter):
+    """A drafter that samples from an MBLM decoder's ``feed``, with a snapshot before each drafted byte."""
+
+    def __init__(self, model):
+        super().__init__()
+        dec = getattr(model, "decoder", None)
+        if dec is None:
+            raise TypeError(f"draft model {type(model).__name__} has no cached decoder (an MBLM's model.decoder)")
+        self.model, self.dec = model, dec
+        self.device = model.head.weight.device
+
+    def reset(self, context: torch.Tensor) -> None:
+        self.model.eval()
+        self.state = self.dec.new_state(1, self.device)
+        self.logits = self._feed(context.to(self.device))
+
+    def _feed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.dec.feed(self.state, tokens)
+
+    def propose(self, k, temperature, top_k, top_p, generator):
+        toks, qs, self.snaps = [], [], []
+        for i in range(k):
+            if temperature <= 0:
+                d = self.logits.float().argmax(-1)
+            else:
+                q = sampling_probs(self.logits, temperature, top_k, top_p)
+                d = torch.multinomial(q, 1, generator=generator).squeeze(1)
+                qs.append(q)
+            toks.append(d)
+            if i + 1 < k:
+                self.snaps.append(snapshot_state(self.model, self.state))
+                self.logits = self._feed(d[:, None])
+        self.drafts = torch.stack(toks, dim=1)
+        return self.drafts, (torch.stack(qs, dim=1) if qs else None)
+
+    def advance(self, kept: int, token: int) -> None:
+        k = self.drafts.shape[1]
+        tok = torch.tensor([[token]], device=self.device)
+        if kept == k:
+            tok = torch.cat((self.drafts[:, -1:], tok), dim=1)
+        elif kept < k - 1:
+            restore_state(self.model, self.state, self.snaps[kept])
+        self.snaps = []
+        self.logits = self._feed(tok)
+
+
+class ModelDrafter(_CachedDrafter):
+    """A smaller byte model drafts (an MBLM with the target's vocabulary and token contract)."""
+
+    def __init__(self, model, target=None):
+        super().__init__(model)
+        if target is not None:
+            a, b = model.stream_meta, target.stream_meta
+            if (a.vocab_size, a.contract_version) != (b.vocab_size, b.contract_version):
+                raise ValueError(f"draft model: vocabulary {a.vocab_size} / token contract {a.contract_version} "
+                                 f"differ from the target's {b.vocab_size} / {b.contract_version}")
+
+
+def as_drafter(draft, target) -> Drafter:
+    """``draft``: a :class:`Drafter`, or a model (wrapped in a :class:`ModelDrafter`)."""
+    if isinstance(draft, Drafter):
+        return draft
+    if isinstance(draft, torch.nn.Module):
+        return ModelDrafter(draft, target)
+    raise TypeError(f"draft must be a Drafter or a byte model, got {type(draft).__name__}")
+
+
+def accept(logits: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor | None, temperature: float, top_k: int,
+           top_p: float, generator) -> tuple[int, int]:
+    """One row: target logits (k+1, V), drafts (k,), drafter distributions q (k, V) (None: greedy) ->
+    (kept, next token). Greedy keeps drafts while they equal the target's argmax; sampling keeps draft i with
+    probability min(1, p_i(x)/q_i(x)) and at the first rejection draws from max(0, p_i - q_i) renormalised; when
+    all k are kept the next token is drawn from p_k."""
+    k = drafts.shape[0]
+    if temperature <= 0:
+        tgt = logits.float().argmax(-1)
+        miss = (drafts != tgt[:k]).nonzero()
+        kept = int(miss[0, 0]) if miss.numel() else k
+        return kept, int(tgt[kept])
+    p = sampling_probs(logits, temperature, top_k, top_p)  # (k + 1, V)
+    if k:
+        idx = torch.arange(k, device=p.device)
+        u = torch.rand(k, generator=generator, device=p.device)
+        ok = u * q[idx, drafts] < p[idx, drafts]
+        miss = (~ok).nonzero()
+        if miss.numel():
+            i = int(miss[0, 0])
+            resid = (p[i] - q[i]).clamp_min(0)
+            if float(resid.sum()) <= 0:  # p == q to rounding: rejection had probability ~0
+                resid = p[i]
+            return i, int(torch.multinomial(resid, 1, generator=generator))
+    return k, int(torch.multinomial(p[k], 1, generator=generator))
+
+
+@torch.no_grad()
+def speculative_generate(decoder, prompt, max_new_bytes: int, temperature: float = 1.0, top_k: int = 0,
+                         top_p: float = 1.0, stop_tokens=(), generator: torch.Generator | None = None,
+                         draft=None, draft_len: int = 4) -> torch.Tensor:
+    """``Decoder.generate`` with a drafter (same arguments and output: (B, <= max_new_bytes), rows that stop
+    early padded with PAD, ending at the last row's stop when every row stopped). See the module docstring."""
+    m = decoder.model
+    if getattr(m, "modality_aware", False):
+        raise NotImplementedError("speculative decoding: modality-aware stages (modality_experts) are not "
+                                  "supported yet; generate without draft=")
+    device = m.head.weight.device
+    prompt = as_batch(prompt, device)
+    if int(draft_len) != draft_len or draft_len < 1:
+        raise ValueError(f"draft_len must be an integer >= 1, got {draft_len}")
+    drafter = as_drafter(draft, m)
+    B = prompt.shape[0]
+    if max_new_bytes <= 0:
+        return torch.zeros(B, 0, dtype=torch.long, device=device)
+    was_training = m.training
+    m.eval()
+    try:
+        rows = [_generate_row(decoder, prompt[b:b + 1], max_new_bytes, temperature, top_k, top_p,
+                              {int(t) for t in stop_tokens}, generator, drafter, int(draft_len)) for b in range(B)]
+    finally:
+        m.train(was_training)
+    out = torch.full((B, max(len(r) for r in rows)), vocab.PAD, dtype=torch.long, device=device)
+    for b, r in enumerate(rows):
+        out[b, :len(r)] = torch.tensor(r, dtype=torch.long, device=device)
+    log.debug("speculative decoding: %d rounds, %d drafted, %d kept (%.1f%%)", drafter.rounds, drafter.proposed,
+              drafter.accepted, 100 * drafter.acceptance)
+    return out
+
+
+def _generate_row(decoder, prompt, max_new: int, temperature, top_k, top_p, stops, generator, drafter,
+                  draft_len) -> list[int]:
+    state = decoder.new_state(1, prompt.device)
+    x = int(sample(decoder.feed(state, prompt), temperature, top_k, top_p, generator)[0])  # as plain decoding
+    out = [x]
+    if x in stops or max_new == 1:
+        return out
+    drafter.reset(torch.cat((prompt, torch.tensor([[x]], device=prompt.device)), dim=1))
+    while True:
+        k = min(draft_len, max_new - len(out) - 1)  # never predict past where plain decoding would stop
+        pending = torch.tensor([[x]], device=prompt.device)
+        if k:
+            drafts, q = drafter.propose(k, temperature, top_k, top_p, generator)
+            drafts = drafts.to(prompt.device)
+            q = q.to(prompt.device) if q is not None else None
+            ver = verify(decoder, state, torch.cat((pending, drafts), dim=1))
+            kept, x = accept(ver.logits[0], drafts[0], q[0] if q is not None else None, temperature, top_k, top_p,
+                             generator)
+            ver.rollback(kept + 1)
+            new = drafts[0, :kept].tolist() + [x]
+            drafter.proposed += k
+            drafter.accepted += kept
+            drafter.rounds += 1
+        else:  # one byte left: a plain step
+            x = int(sample(decoder.feed(state, pending), temperature, top_k, top_p, generator)[0])
+            new = [x]
+        for i, t in enumerate(new):
+            if t in stops:
+                return out + new[:i + 1]
+        out += new
+        if len(out) >= max_new:
+            return out
+        if k:
+            drafter.advance(kept, x)

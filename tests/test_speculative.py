@@ -1,0 +1,278 @@
+"""Speculative decoding (omnibyte.model.inference.speculative): the multi-position verification pass equals
+step-by-step feed, rollback equals feeding only the kept bytes, greedy output equals plain greedy decoding,
+and sampled output follows the model's own distribution (rejection sampling)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from omnibyte.model.inference.sampling import sampling_probs
+from omnibyte.model.inference.speculative import Drafter, ModelDrafter, accept, verify
+from tests.model_helpers import M1, M2, TF, one_thread, tiny  # noqa: F401 - one_thread is an autouse fixture
+
+# (name, stages, draft stages): 2- and 3-stage models with Transformer and recurrent (Mamba) stages, global and
+# inner; patch products 4, 4, 4 and 6
+CONFIGS = {
+    "tf_tf": ([(16, 16), (4, 16)], [(16, 8), (4, 8)]),
+    "m2_tf": ([(16, 16, M2), (4, 16)], [(16, 8, M2), (2, 8)]),
+    "tf_m1": ([(16, 16), (4, 16, M1)], [(16, 8), (4, 8)]),
+    "m2_tf_tf": ([(8, 16, M2), (3, 16), (2, 16)], [(16, 8), (4, 8)]),
+}
+
+
+def _models(name, seed=0):
+    stages, draft = CONFIGS[name]
+    return tiny(stages, seed=seed), tiny(draft, seed=seed + 100)
+
+
+def _stepwise(m, prompt, tokens):
+    """Reference: feed the prompt, then one token at a time; the logits after each."""
+    st = m.new_state(1)
+    m.feed(st, prompt)
+    return st, torch.stack([m.feed(st, tokens[:, i:i + 1]) for i in range(tokens.shape[1])], dim=1)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_verification_logits_equal_stepwise_feed(name):
+    m, _ = _models(name)
+    P = m.units[0]
+    g = torch.Generator().manual_seed(1)
+    for plen in (1, P - 1, P, 2 * P + 1):  # prompts ending mid-patch and right at a boundary
+        prompt = torch.randint(0, 256, (1, plen), generator=g)
+        for T in range(1, P + 3):  # crossing one or two patch boundaries
+            toks = torch.randint(0, 256, (1, T), generator=g)
+            _, ref = _stepwise(m, prompt, toks)
+            st = m.new_state(1)
+            m.feed(st, prompt)
+            ver = verify(m.decoder, st, toks)
+            assert ver.logits.shape == ref.shape
+            torch.testing.assert_close(ver.logits, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_rollback_equals_feeding_only_the_kept_tokens(name):
+    m, _ = _models(name)
+    P = m.units[0]
+    g = torch.Generator().manual_seed(2)
+    for plen in (1, P + 1, 2 * P - 1):
+        prompt = torch.randint(0, 256, (1, plen), generator=g)
+        T = P + 2
+        toks = torch.randint(0, 256, (1, T), generator=g)
+        after = torch.randint(0, 256, (1, P + 1), generator=g)  # continue across a boundary after rollback
+        for keep in range(1, T + 1):
+            st = m.new_state(1)
+            m.feed(st, prompt)
+            verify(m.decoder, st, toks).rollback(keep)
+            ref_st, _ = _stepwise(m, prompt, toks[:, :keep])
+            assert st.length == ref_st.length == plen + keep
+            assert torch.equal(st.tokens, ref_st.tokens) and st.offset == ref_st.offset
+            for s, (a, b) in enumerate(zip(st.stages, ref_st.stages)):
+                assert (a.parent, a.cache.length) == (b.parent, b.cache.length), (keep, s)
+            for i in range(after.shape[1]):
+                torch.testing.assert_close(m.feed(st, after[:, i:i + 1]), m.feed(ref_st, after[:, i:i + 1]),
+                                           atol=1e-5, rtol=0)
+            # a second verification from the rolled-back state is right too
+            st2 = m.new_state(1)
+            m.feed(st2, prompt)
+            verify(m.decoder, st2, toks).rollback(keep)
+            ver = verify(m.decoder, st2, after)
+            _, ref = _stepwise(m, torch.cat((prompt, toks[:, :keep]), 1), after)
+            torch.testing.assert_close(ver.logits, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_greedy_speculative_equals_plain_greedy(name):
+    for seed in (0, 1):
+        m, bad = _models(name, seed)
+        P = m.units[0]
+        g = torch.Generator().manual_seed(seed)
+        prompt = torch.randint(0, 256, (1, P + 1), generator=g)  # ends mid-patch
+        new = 3 * P + 1  # not a multiple of any draft length > 1
+        plain = m.generate(prompt, new, temperature=0)
+        for k in range(1, P + 2) if seed == 0 else (2, P + 1):  # every draft length 1..patch + 1
+            drafter = ModelDrafter(bad, m)
+            out = m.generate(prompt, new, temperature=0, draft=drafter, draft_len=k)
+            assert torch.equal(out, plain), (seed, k)
+            assert drafter.proposed > 0
+        # the target as its own drafter: every draft is kept
+        own = ModelDrafter(m, m)
+        assert torch.equal(m.generate(prompt, new, temperature=0, draft=own, draft_len=P + 1), plain)
+        assert own.accepted == own.proposed
+
+
+def test_bad_drafter_still_exact_with_low_acceptance():
+    m, _ = _models("m2_tf")
+    bad = tiny([(16, 8), (4, 8)], seed=7)
+    prompt = list(b"The red fox ")
+    plain = m.generate(prompt, 40, temperature=0)
+    d = ModelDrafter(bad, m)
+    assert torch.equal(m.generate(prompt, 40, temperature=0, draft=d, draft_len=4), plain)
+    assert d.acceptance < 0.2  # random models disagree
+
+
+def test_stop_tokens_batches_and_edge_lengths():
+    m, bad = _models("tf_tf")
+    g = torch.Generator().manual_seed(3)
+    prompts = torch.randint(0, 256, (3, 5), generator=g)
+    plain = m.generate(prompts, 30, temperature=0)
+    # stop tokens: each row's greedy bytes at different places (one row never stops)
+    stops = (int(plain[0, 6]), int(plain[1, 13]))
+    ref = m.generate(prompts, 30, temperature=0, stop_tokens=stops)
+    for k in (1, 3, 5):
+        out = m.generate(prompts, 30, temperature=0, stop_tokens=stops, draft=bad, draft_len=k)
+        assert torch.equal(out, ref), k
+    # every row stops: the output ends at the last row's stop
+    ref = m.generate(prompts[:2], 30, temperature=0, stop_tokens=stops)
+    assert torch.equal(m.generate(prompts[:2], 30, temperature=0, stop_tokens=stops, draft=bad, draft_len=3), ref)
+    for new in (0, 1, 2):
+        assert torch.equal(m.generate(prompts, new, temperature=0, draft=bad, draft_len=4),
+                           m.generate(prompts, new, temperature=0))
+    # an empty prompt
+    assert torch.equal(m.generate([], 9, temperature=0, draft=bad, draft_len=2), m.generate([], 9, temperature=0))
+
+
+def test_bad_arguments_are_refused():
+    m, bad = _models("tf_tf")
+    with pytest.raises(ValueError, match="draft_len"):
+        m.generate(b"ab", 4, draft=bad, draft_len=0)
+    with pytest.raises(ValueError, match="use_graphs"):
+        m.generate(b"ab", 4, draft=bad, use_graphs=True)
+    with pytest.raises(TypeError, match="draft must be"):
+        m.generate(b"ab", 4, draft="runs/x")
+    other = tiny([(16, 8), (4, 8)], vocab_size=300)
+    with pytest.raises(ValueError, match="vocabulary"):
+        m.generate(b"ab", 4, draft=other)
+
+
+def test_accept_is_exact_rejection_sampling():
+    """One verification round with fixed target (p) and draft (q) distributions: the first emitted token is
+    distributed as p_0, and the second (given the first draft was kept) as p_1."""
+    g = torch.Generator().manual_seed(0)
+    V, n = 5, 10000
+    logits = torch.randn(3, V, generator=g) * 1.5
+    q = torch.softmax(torch.randn(2, V, generator=g) * 1.5, -1)
+    p = sampling_probs(logits, 1.0)
+    drafts = torch.multinomial(q, n, replacement=True, generator=g).T  # (n, 2): draft i drawn from q_i
+    first = torch.zeros(V)
+    second = torch.zeros(V)
+    for d in drafts:
+        kept, x = accept(logits, d, q, 1.0, 0, 1.0, g)
+        out = d[:kept].tolist() + [x]
+        first[out[0]] += 1
+        if kept >= 1:
+            second[out[1]] += 1
+    assert 0.5 * (first / n - p[0]).abs().sum() < 0.025
+    assert 0.5 * (second / second.sum() - p[1]).abs().sum() < 0.04
+    assert 0.5 * (q[0] - p[0]).abs().sum() > 0.2  # the drafter's own distribution is far from p
+
+
+def _exact_joint(m, prompt, n, temperature, top_k, top_p):
+    """The exact distribution of the first n sampled bytes (over the filtered support), from feed."""
+    out = {}
+
+    def walk(st_tokens, prob, seq):
+        if len(seq) == n:
+            out[tuple(seq)] = prob
+            return
+        st = m.new_state(1)
+        p = sampling_probs(m.feed(st, torch.tensor([st_tokens])), temperature, top_k, top_p)[0]
+        for t in p.nonzero()[:, 0].tolist():
+            walk(st_tokens + [t], prob * float(p[t]), seq + [t])
+
+    walk(list(prompt), 1.0, [])
+    return out
+
+
+def _tv(a: dict, b: dict) -> float:
+    return 0.5 * sum(abs(a.get(s, 0) - b.get(s, 0)) for s in set(a) | set(b))
+
+
+def _sample_counts(m, drafter, prompt, samples, temperature, top_k, top_p, seed, draft_len, exact):
+    g = torch.Generator().manual_seed(seed)
+    counts: dict = {}
+    for _ in range(samples):
+        seq = tuple(m.generate(prompt, 3, temperature=temperature, top_k=top_k, top_p=top_p, generator=g,
+                               draft=drafter, draft_len=draft_len)[0].tolist())
+        assert seq in exact, seq  # never outside the filtered support
+        counts[seq] = counts.get(seq, 0) + 1
+    return counts
+
+
+def _peaked_pair(name, noise=0.5):
+    """A target with peaked byte distributions and a drafter that partly agrees with it (a noisy copy)."""
+    m, _ = _models(name)
+    with torch.no_grad():
+        m.head.weight.mul_(40)
+        d = copy.deepcopy(m)
+        g = torch.Generator().manual_seed(5)
+        d.head.weight.add_(torch.randn(d.head.weight.shape, generator=g) * noise * d.head.weight.std())
+    return m, d
+
+
+def test_speculative_sampling_follows_the_model_distribution():
+    """The first 3 sampled bytes (bytes 2 and 3 come from a verification round) follow the model's exact joint
+    distribution under temperature and top-k, with a drafter that half agrees with the model (drafts kept and
+    rejected; a drafter whose drafts were always kept would give its own distribution, far from it). 250
+    samples: a coarse bound; the slow chi-square test below is the fine one."""
+    m, d = _peaked_pair("tf_tf")
+    prompt = list(b"abcde")
+    exact = _exact_joint(m, prompt, 3, 1.0, 2, 1.0)
+    assert len(exact) == 8
+    assert _tv(exact, _exact_joint(d, prompt, 3, 1.0, 2, 1.0)) > 0.5  # the test can tell the two apart
+    n, drafter = 250, ModelDrafter(d, m)
+    counts = _sample_counts(m, drafter, prompt, n, 1.0, 2, 1.0, 0, 2, exact)
+    assert 0.2 < drafter.acceptance < 0.9, drafter.acceptance  # both branches of the rejection scheme ran
+    tv = _tv(exact, {s: c / n for s, c in counts.items()})
+    assert tv < 0.15, tv
+
+
+def _chi2_critical_999(dof: int) -> float:
+    """The 0.999 quantile of chi-square with ``dof`` degrees of freedom (Wilson-Hilferty; within ~1% here)."""
+    z = 3.090232
+    return dof * (1 - 2 / (9 * dof) + z * (2 / (9 * dof)) ** 0.5) ** 3
+
+
+@pytest.mark.slow
+def test_speculative_sampling_chi_square_top_p():
+    """As above with a Mamba-2 global stage, temperature 0.9, top-k 3 and nucleus 0.9, drafts of 2 bytes and
+    2,500 samples: a chi-square test at the 0.1% level (cells expected below 5 counts pooled)."""
+    m, d = _peaked_pair("m2_tf", noise=0.2)
+    prompt = list(b"abcde")
+    n, drafter = 2500, ModelDrafter(d, m)
+    exact = _exact_joint(m, prompt, 3, 0.9, 3, 0.9)
+    counts = _sample_counts(m, drafter, prompt, n, 0.9, 3, 0.9, 1, 2, exact)
+    assert 0.2 < drafter.acceptance < 0.9, drafter.acceptance
+    big = [s for s, p in exact.items() if n * p >= 5]
+    obs = [counts.get(s, 0) for s in big] + [n - sum(counts.get(s, 0) for s in big)]
+    exp = [n * exact[s] for s in big] + [n * (1 - sum(exact[s] for s in big))]
+    cells = [(o, e) for o, e in zip(obs, exp) if e > 1e-9]
+    chi2 = sum((o - e) ** 2 / e for o, e in cells)
+    assert len(cells) >= 5
+    assert chi2 < _chi2_critical_999(len(cells) - 1), (chi2, len(cells))
+
+
+class _Constant(Drafter):
+    """Always drafts the same byte (a deliberately poor drafter that needs no model)."""
+
+    def reset(self, context):
+        pass
+
+    def propose(self, k, temperature, top_k, top_p, generator):
+        toks = torch.full((1, k), 101)
+        if temperature <= 0:
+            return toks, None
+        return toks, sampling_probs(torch.zeros(1, k, 264).index_fill_(2, torch.tensor([101]), 50.0), 1.0)
+
+    def advance(self, kept, token):
+        pass
+
+
+def test_any_drafter_subclass_gives_exact_greedy_output():
+    m, _ = _models("m2_tf_tf")
+    plain = m.generate(b"hello", 25, temperature=0)
+    d = _Constant()
+    assert torch.equal(m.generate(b"hello", 25, temperature=0, draft=d, draft_len=3), plain)
+    assert d.proposed > 0
