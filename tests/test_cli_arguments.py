@@ -50,6 +50,8 @@ GENERATE_BAD = {
     ("--top-p", "1.5"): "--top-p",
     ("--num", "0"): "--num",
     ("--num", "-1"): "--num",
+    ("--draft-len", "0"): "--draft-len",
+    ("--draft", "x", "--compile"): "--compile",
 }
 
 
@@ -69,6 +71,20 @@ def test_generate_accepts_the_range_edges(run, tmp_path, capsys):
     prompt.write_bytes(b"The")
     assert main(["generate", str(run), "--prompt-file", str(prompt), "--max-new-bytes", "1", "--temperature", "0",
                  "--top-k", "0", "--top-p", "1", "--num", "2", "--device", "cpu"]) == 0
+
+
+def test_generate_with_a_draft_run_prints_the_plain_greedy_output(run, tmp_path, capsys):
+    """--draft RUN (here the run drafts for itself): the same greedy text, and the acceptance is logged;
+    a draft that is not a run is one error line."""
+    argv = ["generate", str(run), "--prompt", "The", "--max-new-bytes", "12", "--temperature", "0", "--device", "cpu"]
+    capsys.readouterr()
+    assert main(argv) == 0
+    plain = capsys.readouterr().out
+    assert main(argv + ["--draft", str(run), "--draft-len", "3"]) == 0
+    out = capsys.readouterr()
+    assert out.out == plain
+    assert "acceptance 100.0%" in out.err
+    _error(capsys, "generate", argv + ["--quiet", "--draft", str(tmp_path / "absent")], "absent")
 
 
 # ------------------------------------------------------------------------------------------------
