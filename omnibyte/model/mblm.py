@@ -335,16 +335,25 @@ class MBLM(StreamModel):
 
     def generate(self, prompt, max_new_bytes: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  stop_tokens=(), generator: torch.Generator | None = None, use_graphs: bool = False,
-                 compile_step: bool = False, draft=None, draft_len: int = 4, modality=None) -> torch.Tensor:
-        """See :meth:`Decoder.generate <omnibyte.model.inference.decoder.Decoder.generate>` (``draft``:
-        speculative decoding, :mod:`omnibyte.model.inference.speculative`)."""
+                 compile_step: bool = False, modality=None) -> torch.Tensor:
+        """See :meth:`Decoder.generate <omnibyte.model.inference.decoder.Decoder.generate>`."""
         return self.decoder.generate(prompt, max_new_bytes, temperature, top_k, top_p, stop_tokens, generator,
-                                     use_graphs=use_graphs, compile_step=compile_step, draft=draft,
-                                     draft_len=draft_len, modality=modality)
+                                     use_graphs=use_graphs, compile_step=compile_step, modality=modality)
 
     def score(self, prefix, candidates, modality=None) -> torch.Tensor:
         """See :meth:`Decoder.score <omnibyte.model.inference.decoder.Decoder.score>`."""
         return self.decoder.score(prefix, candidates, modality)
+
+    def score_batch(self, prefixes, candidates, modalities=None) -> torch.Tensor:
+        """(B, K): row b = :meth:`score` of ``prefixes[b]`` (any lengths), all rows at once; see
+        :mod:`omnibyte.model.inference.scoring` (``StreamModel.score_batch(model, ...)`` is the per-prefix loop).
+        A modality-aware model takes ``modalities`` (one track per prefix) and scores prefix by prefix (the
+        batched path routes no modality)."""
+        if self.modality_aware:
+            return StreamModel.score_batch(self, prefixes, candidates, modalities)
+        from .inference.scoring import score_batch
+
+        return score_batch(self, prefixes, candidates)
 
 
 def build_model(config: Any) -> nn.Module:

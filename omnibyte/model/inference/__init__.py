@@ -1,7 +1,9 @@
 """Inference for MBLMs, a component the model is composed with (not a mixin of it).
 
 * :mod:`.decoder` -- :class:`Decoder`: per-stage caches (``new_state`` / ``feed``), sampling (``generate``)
-  and closed-set scoring (``score``, ``score_batch``) over a model's stages, embeddings and head.
+  and closed-set scoring (``score``) over a model's stages, embeddings and head.
+* :mod:`.scoring` -- ``score_batch``: closed-set scoring of many prefixes at once (``MBLM.score_batch``), equal
+  to a loop over ``Decoder.score``.
 * :mod:`.sampling` -- ``sample`` (temperature, top-k, nucleus).
 * :mod:`.graphs` -- :class:`GraphStepper`: the per-byte step on static buffers, replayed as CUDA graphs.
 * :mod:`.kernels` -- Triton kernels for one decode position of a Transformer stage.
