@@ -2,10 +2,10 @@
 # The GPU jobs behind benchmarks/RESULTS.md (model section). From the repository root, on a machine with
 # one H100 / H200, with the wheels of ../shared/wheels/gpu-py312 copied to .whl/:
 #   bash benchmarks/run_gpu.sh STEP OUTDIR
-# STEP: tests | train | generate | context (each fits in one 10-minute device command; a fresh machine
+# STEP: tests | train | generate | context | vqa (each fits in one 10-minute device command; a fresh machine
 # spends ~2 minutes on Triton JIT + autotuning of mamba-ssm's kernels in its first process).
 set -uo pipefail
-step=${1:?step: tests|train|generate|context}
+step=${1:?step: tests|train|generate|context|vqa}
 out=${2:-/tmp/omnibyte_bench}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -27,5 +27,8 @@ case "$step" in
               --out "$out/bench.jsonl" 2>&1 | tail -c 6000 | tee "$out/gen.log" ;;
   context)  timeout 540 python3 benchmarks/max_context.py --start-mib 8 --time-cap 420 --step-cap 150 \
               --out "$out/bench.jsonl" 2>&1 | tail -c 4000 | tee "$out/ctx.log" ;;
+  # VQA rank-mode scoring, 16M clevr_vqa_png model, 500 val questions: per-question loop vs score_batch
+  vqa)      timeout 540 python3 benchmarks/vqa_eval.py --questions 500 --workers 8 \
+              --out "$out/bench.jsonl" 2>&1 | tail -c 4000 | tee "$out/vqa.log" ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
 esac
