@@ -227,3 +227,12 @@ def test_vqa_rank_predictions_before_equal_after(tmp_path, name):
     got, want = m.score_batch(xs, cands), reference(m, xs, cands)
     top2 = want.topk(2, dim=1).values
     assert float((got - want).abs().max()) < 1e-4 < float((top2[:, 0] - top2[:, 1]).min())
+
+
+def test_modality_aware_models_are_refused_not_mis_scored():
+    """The batched path routes no modality: called on a modality-aware model it raises (MBLM.score_batch sends
+    those models to the per-prefix loop with their modality tracks instead)."""
+    m = tiny([(4, 32, dict(TF, modality_experts=[["image"], ["question", "answer"]])), (4, 16, TF)])
+    assert m.stream_meta.modality_aware
+    with pytest.raises(NotImplementedError, match="modality-aware"):
+        scoring.score_batch(m, prefixes()[:2], [[1]])
