@@ -108,6 +108,15 @@ def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
+def _type_name(tp: Any) -> str:
+    """``Literal['auto']`` -> ``'auto'``, ``bool`` -> ``true/false``, other types by name (for messages)."""
+    if typing.get_origin(tp) is Literal:
+        return " / ".join(repr(a) for a in typing.get_args(tp))
+    if tp is bool:
+        return "true / false"
+    return getattr(tp, "__name__", str(tp))
+
+
 def _convert(tp: Any, value: Any, path: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -124,7 +133,8 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
                 return _convert(arg, value, path)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{_fmt(path)}: {value!r} fits none of {tp}")
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{_fmt(path)}: {value!r} is none of "
+                          f"{', '.join(_type_name(a) for a in args if a is not type(None))}")
     if origin is Literal:
         if value in args:
             return value

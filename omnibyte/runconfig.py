@@ -84,6 +84,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile each block
     activation_checkpointing: bool = False  # recompute each block in backward
     cuda_graphs: bool = False  # one GPU: stages on mamba-ssm's kernels replayed as CUDA graphs (launch-bound)
+    warm_shapes: Literal["auto"] | bool = "auto"  # pad_to=buckets: forward+backward at every bucket before step 1 (kernel autotuning up front); auto: on CUDA without cuda_graphs
     log_every: int = 10  # steps between training-loss lines (console, metrics.jsonl, TensorBoard)
     eval_every: int = 0  # 0 = only at the end
     ckpt_every: int = 0  # 0 = only at the end

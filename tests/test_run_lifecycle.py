@@ -224,6 +224,40 @@ def test_chosen_buckets_are_recorded_and_a_rerun_matches_them(tmp_path):
     assert main(["train", str(cfg), "train.steps=6", "--quiet"]) == 0  # same YAML (buckets: []) resumes
 
 
+def test_shape_warm_up_leaves_the_loss_curve_and_weights_unchanged(tmp_path):
+    """train.warm_shapes=true runs forward + backward at every bucket before step 1 (kernel autotuning up front);
+    it must leave no trace: same losses at every logged step, same final weights."""
+    from safetensors.torch import load_file
+
+    from omnibyte.warmup import warm_lengths
+
+    data = {"packing": "pad", "pad_to": "buckets", "seq_len": 64, "overlong": "crop"}
+    runs = {}
+    for warm in (False, True):
+        (tmp_path / str(warm)).mkdir()
+        cfg = write_config(tmp_path / str(warm), data=data,
+                           train={"steps": 6, "log_every": 1, "eval_every": 6, "ckpt_every": 6,
+                                  "warm_shapes": warm})
+        assert main(["train", str(cfg), "--quiet"]) == 0
+        runs[warm] = tmp_path / str(warm) / "runs" / "tiny"
+    log = (runs[True] / "train.log").read_text()
+    assert "warmed up" in log and "warmed up" not in (runs[False] / "train.log").read_text()
+    curve = {w: [(r["step"], r["loss"]) for r in read_metrics(run) if r["split"] == "train"] for w, run in runs.items()}
+    assert len(curve[True]) == 6 and curve[True] == curve[False]
+    a, b = (load_file(str(run / "checkpoints" / "step_000006" / "model.safetensors")) for run in runs.values())
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # auto: only on CUDA, only for buckets, not with cuda_graphs (they capture the first shape seen)
+    from omnibyte.runconfig import DataConfig
+
+    buckets = DataConfig(seq_len=64, pad_to="buckets", buckets=(16, 32, 64))
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert warm_lengths(buckets, buckets.buckets, "auto", cpu, False) == []
+    assert warm_lengths(buckets, buckets.buckets, "auto", cuda, False) == [64, 32, 16]
+    assert warm_lengths(buckets, buckets.buckets, "auto", cuda, True) == []
+    assert warm_lengths(buckets, buckets.buckets, True, cpu, True) == [64, 32, 16]
+    assert warm_lengths(DataConfig(seq_len=64, pad_to="longest"), (), True, cuda, False) == []
+
+
 def test_build_model_refuses_a_run_directory_and_names_load_run(finished):
     """build_model(run_dir) used to return an untrained model in silence (it found the config by name)."""
     from omnibyte import build_model, load_run

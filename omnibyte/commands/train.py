@@ -24,7 +24,12 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     import logging
+    import os
     import sys
+
+    # Triton keeps autotuning results on disk (mamba-ssm's kernels autotune once per shape): a resumed or
+    # repeated run skips it. Read when the kernels are defined, so set before anything imports them.
+    os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
 
     from omnibyte.logging import setup_console_logging
     from omnibyte.runconfig import load_run_config
