@@ -40,6 +40,11 @@ PRESETS = {
         dict(length=1024, width=256, layers=2, block=dict(name="mamba2", d_state=128, d_conv=4, expand=2, headdim=64)),
         dict(length=8, width=256, layers=2, block=dict(name="transformer", heads=4, head_dim=64, mlp_hidden=320)),
     ]),
+    # a small random-weight drafter for the speculative-decoding benchmark's machinery runs (same patches as small)
+    "tiny": dict(stages=[
+        dict(length=1024, width=64, layers=1, block=dict(name="mamba2", d_state=16, d_conv=4, expand=2, headdim=32)),
+        dict(length=8, width=64, layers=1, block=dict(name="transformer", heads=2, head_dim=32, mlp_hidden=128)),
+    ]),
     # the same with d_state 16 (a Mamba-1-sized state), to show how the ratio depends on it
     "small_s16": dict(stages=[
         dict(length=1024, width=256, layers=2, block=dict(name="mamba2", d_state=16, d_conv=4, expand=2, headdim=64)),

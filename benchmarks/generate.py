@@ -2,6 +2,9 @@
 
     python benchmarks/generate.py [--preset mblm360m] [--contexts 1024,16384,...] [--new 256] [--graph]
     python benchmarks/generate.py --mblm   # also mblm 0.4.2, which re-runs the whole sequence per byte
+    python benchmarks/generate.py --speculative --run runs/pg19_lm --draft runs/pg19_small --draft-len 8 \
+        --prompt-file book.txt --contexts 1024 --new 512      # speculative vs plain greedy, same job
+    python benchmarks/generate.py --speculative --preset small --draft self --device cpu   # the machinery only
 
 Random weights (speed only), bf16 parameters, greedy decoding of ``--new`` bytes after a random prompt of
 each context length. ``prefill_s`` is the time to process the prompt (parallel forward of every stage with
@@ -10,6 +13,14 @@ O(1) in the context for Mamba global stages (fixed-size conv + SSM state; the lo
 patch), so ms_per_byte should stay flat. ``--graph`` replays the per-byte step as CUDA graphs; ``--compile``
 fuses each stage's step with torch.compile before capture (compile time counts in the untimed warm-up);
 Transformer stages use the Triton decode kernels (omnibyte.model.inference.kernels) unless ``--kernels 0``.
+
+``--speculative``: greedy decoding of ``--new`` bytes after the same prompt, plainly (eager; with ``--graph``
+also the CUDA-graph step) and with ``generate(..., draft=, draft_len=)``, in one job; the speculative output
+must equal the eager plain output (asserted). The target is ``--run RUN`` (a trained run) or ``--preset``
+(random weights); the drafter ``--draft RUN``, ``--draft-preset NAME`` or ``--draft self`` (the target drafts
+for itself: acceptance 1, the verification machinery's cost and best case). Acceptance rates only mean
+something for trained models on real text (``--prompt-file``: the prompt is its first ``context`` bytes).
+Times include each call's prefill (reported separately).
 """
 
 from __future__ import annotations
@@ -91,6 +102,86 @@ def bench_mblm(args, ctx: int, new: int) -> dict:
                 new_bytes=new, bytes_per_s=round(new / dt, 1), ms_per_byte=round(1000 * dt / new, 3))
 
 
+def _timed_generate(model, prompt, new: int, dev: str, **kw):
+    sync(dev)
+    t0 = now()
+    out = model.generate(prompt, new, temperature=0.0, **kw)
+    sync(dev)
+    return out, now() - t0
+
+
+def _prefill_s(model, prompt, dev: str) -> float:
+    sync(dev)
+    t0 = now()
+    model.feed(model.new_state(prompt.shape[0]), prompt)
+    sync(dev)
+    return now() - t0
+
+
+def bench_speculative(args, model, draft_model, ctx: int, text: bytes | None) -> list[dict]:
+    """Plain greedy (eager, and with --graph the CUDA-graph step) and speculative greedy after one prompt."""
+    from omnibyte.model.inference.speculative import ModelDrafter
+
+    dev = args.device
+    if text is not None:
+        if len(text) < ctx:
+            raise SystemExit(f"--prompt-file has {len(text)} bytes, fewer than the context {ctx}")
+        prompt = torch.tensor([list(text[:ctx])], device=dev)
+    else:
+        prompt = torch.randint(0, 256, (1, ctx), device=dev)
+    for warm in range(2 if args.warm else 0):  # allocator, kernels, graph capture: untimed
+        model.generate(prompt, 8, temperature=0.0)
+        model.generate(prompt, 8, temperature=0.0, draft=ModelDrafter(draft_model, model), draft_len=args.draft_len)
+    base = dict(bench="generate_speculative", target=args.run or args.preset,
+                draft=args.draft or args.draft_preset, device=device_name(dev), context=ctx, new_bytes=args.new,
+                prompt="file" if text is not None else "random", dtype=args.dtype)
+    plain, dt_plain = _timed_generate(model, prompt, args.new, dev)
+    prefill = _prefill_s(model, prompt, dev)
+    rows = [dict(base, impl="plain", bytes_per_s=round(args.new / dt_plain, 1), total_s=round(dt_plain, 3),
+                 prefill_s=round(prefill, 3))]
+    if args.graph:
+        model.generate(prompt, 8, temperature=0.0, use_graphs=True, compile_step=args.compile)  # capture
+        graph, dt = _timed_generate(model, prompt, args.new, dev, use_graphs=True, compile_step=args.compile)
+        rows.append(dict(base, impl="plain_graph", compile=args.compile, bytes_per_s=round(args.new / dt, 1),
+                         total_s=round(dt, 3), same_output_as_eager=bool(torch.equal(graph, plain))))
+    drafter = ModelDrafter(draft_model, model)
+    spec, dt = _timed_generate(model, prompt, args.new, dev, draft=drafter, draft_len=args.draft_len)
+    if not torch.equal(spec, plain):
+        i = int((spec != plain).nonzero()[0, 1])
+        raise SystemExit(f"speculative output differs from plain greedy at byte {i} (context {ctx})")
+    best = max(r["bytes_per_s"] for r in rows)
+    rows.append(dict(base, impl="speculative", draft_len=args.draft_len, bytes_per_s=round(args.new / dt, 1),
+                     total_s=round(dt, 3), draft_prefill_s=round(_prefill_s(draft_model, prompt, dev), 3),
+                     acceptance=round(drafter.acceptance, 4), drafted=drafter.proposed, kept=drafter.accepted,
+                     passes=drafter.rounds, bytes_per_pass=round(args.new / max(drafter.rounds, 1), 2),
+                     same_output_as_plain=True, speedup_vs_plain_eager=round(dt_plain / dt, 3),
+                     speedup_vs_best_plain=round(args.new / dt / best, 3)))
+    return rows
+
+
+def main_speculative(args) -> None:
+    from omnibyte.run import load_run
+
+    torch.manual_seed(0)
+    dtype = getattr(torch, args.dtype)
+    if args.run:
+        model = load_run(args.run, device=args.device).model.to(dtype).eval()
+    else:
+        model = build_omnibyte(args.preset).to(args.device).to(dtype).eval()
+    if args.draft == "self":
+        draft = model
+    elif args.draft:
+        draft = load_run(args.draft, device=args.device).model.to(dtype).eval()
+    elif args.draft_preset:
+        draft = build_omnibyte(args.draft_preset).to(args.device).to(dtype).eval()
+    else:
+        raise SystemExit("--speculative needs --draft RUN|self or --draft-preset NAME")
+    text = open(args.prompt_file, "rb").read() if args.prompt_file else None
+    for ctx in [int(c) for c in args.contexts.split(",")]:
+        for rec in bench_speculative(args, model, draft, ctx, text):
+            emit(rec, args.out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--preset", default="mblm360m")
@@ -110,7 +201,15 @@ def main() -> None:
     p.add_argument("--profile", type=int, default=0, help="print the top N CUDA kernels of two eager steps")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--out", default=None)
+    p.add_argument("--speculative", action="store_true", help="plain vs speculative greedy decoding (see above)")
+    p.add_argument("--run", default=None, help="--speculative: a trained run as the target (else --preset)")
+    p.add_argument("--draft", default=None, help="--speculative: the drafter, a run directory or 'self'")
+    p.add_argument("--draft-preset", default=None, help="--speculative: a random-weight preset as the drafter")
+    p.add_argument("--draft-len", type=int, default=8, help="--speculative: bytes drafted per verification")
+    p.add_argument("--prompt-file", default=None, help="--speculative: the prompt's bytes (else random bytes)")
     args = p.parse_args()
+    if args.speculative:
+        return main_speculative(args)
     from omnibyte.model.inference.graphs import GraphStepper
 
     GraphStepper.fuse_linears = bool(args.fuse_linears)
