@@ -235,3 +235,18 @@ def test_arm_names():
     assert A.arm(run(serializer={"name": "qa", "loss": "all", "image": {"name": "jpeg"}})) == "jpeg+all/scratch"
     assert A.arm(run(serializer={"name": "utf8"}, train={"init_from": "runs/clevr_vqa_png"})) == "utf8/clevr_vqa_png"
     assert A.init_kind(run(train={"init_from": "runs/pg19_lm/checkpoints/step_000100"})) == "pg19"
+    # pathway and modality-aware runs are arms of their own, never pooled with scratch
+    mom = {"stages": [{"block": {"name": "mamba2", "modality_experts": ["image"]}}, {"block": {"name": "transformer"}}]}
+    assert A.init_kind(run(train={"pathway_from": "runs/pg19_lm"})) == "pathway-pg19"
+    assert A.init_kind(run(model=mom)) == "mom"
+    assert A.init_kind(run(model=mom, train={"init_from": "runs/pg19_lm"})) == "mom+pg19"
+    assert A.init_kind(run(model={"stages": [{"block": {"name": "mamba2", "modality_experts": []}}]})) == "scratch"
+
+
+def test_merged_runs_are_skipped_by_load_runs(tmp_path):
+    """`omnibyte merge` writes a run without curves whose weights another run already stands for."""
+    make_run(tmp_path, "trained")
+    merged = make_run(tmp_path, "trained_merged")
+    (merged / "provenance.jsonl").write_text(json.dumps({"merged_from": str(tmp_path / "trained")}) + "\n")
+    assert [r.name for r in A.load_runs(tmp_path)] == ["trained"]
+    assert A.load_run(merged).merged_from == str(tmp_path / "trained")

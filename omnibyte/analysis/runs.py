@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -15,6 +16,8 @@ import numpy as np
 
 from ..logging import read_metrics
 from ..runconfig import RESOLVED_NAME
+
+log = logging.getLogger("omnibyte.analysis")
 
 Curve = tuple[np.ndarray, np.ndarray]  # (steps, values)
 
@@ -31,6 +34,7 @@ class Run:
     metrics: list[dict[str, Any]]
     evals: dict[str, dict[str, Any]] = field(default_factory=dict)  # eval/*.json by file stem
     per_token_files: list[Path] = field(default_factory=list)  # eval/*.h5, by step
+    merged_from: str | None = None  # `omnibyte merge` output: the pathway run it was merged from (no curves)
 
     @property
     def name(self) -> str:
@@ -80,7 +84,16 @@ def load_run(path: str | os.PathLike) -> Run:
             except (json.JSONDecodeError, OSError):
                 continue
         h5s = sorted(eval_dir.glob("*.h5"), key=lambda f: (_step_of(f), f.name))
-    return Run(path=p, config=config, metrics=read_metrics(p), evals=evals, per_token_files=h5s)
+    merged_from = None
+    prov = p / "provenance.jsonl"
+    if prov.is_file():
+        for line in prov.read_text().splitlines():
+            try:
+                merged_from = json.loads(line).get("merged_from") or merged_from
+            except (json.JSONDecodeError, AttributeError):
+                continue
+    return Run(path=p, config=config, metrics=read_metrics(p), evals=evals, per_token_files=h5s,
+               merged_from=str(merged_from) if merged_from else None)
 
 
 def find_run_dirs(root: str | os.PathLike) -> list[Path]:
@@ -107,7 +120,11 @@ def load_runs(*roots: str | os.PathLike | Iterable[str | os.PathLike]) -> list[R
     for p in paths:
         if p.resolve() not in seen:
             seen.add(p.resolve())
-            out.append(load_run(p))
+            run = load_run(p)
+            if run.merged_from:  # the merged weights of a run already counted: no curves of its own
+                log.info("%s: skipped, merged from %s by `omnibyte merge`", p, run.merged_from)
+                continue
+            out.append(run)
     return out
 
 

@@ -28,15 +28,31 @@ def input_kind(run: Run) -> str:
     return ser or "?"
 
 
-def init_kind(run: Run) -> str:
-    """``scratch``, or the stem of the run ``train.init_from`` names (e.g. ``pg19`` for ``runs/pg19_lm``)."""
-    src = str(run.get("train.init_from", "") or "")
-    if not src:
-        return "scratch"
+def _source_name(src: str) -> str:
+    """``pg19`` for a run directory or checkpoint of a PG19 run (``runs/pg19_lm``, ``.../checkpoints/step_N``),
+    else the run directory's name."""
     name = Path(src.rstrip("/")).name
     if name.startswith("step_") or name in ("latest", "best"):
         name = Path(src.rstrip("/")).parent.parent.name
     return "pg19" if "pg19" in name.lower() else name
+
+
+def modality_aware(run: Run) -> bool:
+    """Whether any stage block of the run has per-modality parameters (``block.modality_experts``)."""
+    stages = run.get("model.stages", []) or []
+    return any(isinstance(s, dict) and (s.get("block") or {}).get("modality_experts") for s in stages)
+
+
+def init_kind(run: Run) -> str:
+    """How the run started, as ``+``-joined parts: ``mom`` (modality-aware blocks), the source of
+    ``train.init_from`` (e.g. ``pg19`` for ``runs/pg19_lm``), ``pathway-<source>`` (``train.pathway_from``);
+    ``scratch`` when none applies. So a pathway run or a modality-aware one never pools with the scratch arm."""
+    parts = ["mom"] if modality_aware(run) else []
+    if src := str(run.get("train.init_from", "") or ""):
+        parts.append(_source_name(src))
+    if src := str(run.get("train.pathway_from", "") or ""):
+        parts.append(f"pathway-{_source_name(src)}")
+    return "+".join(parts) or "scratch"
 
 
 def arm(run: Run) -> str:
