@@ -159,6 +159,13 @@ def test_three_stages_all_aware_cache_and_chunked_nll():
     want = torch.nn.functional.cross_entropy(full.flatten(0, 1), x.flatten(), reduction="none").view(2, -1)
     for chunk in (6, 12, None):  # chunks of the inner stages take their slice of the routes
         assert torch.allclose(m.nll(x, chunk, modality=mod), want, atol=1e-5)
+    one = tiny([(6, 32, aware(M1))])  # one stage: bytes route by the byte before them
+    full = one(x, mod)
+    st = one.new_state(2)
+    outs = [one.feed(st, x[:, :3], mod[:, :3])] + [one.feed(st, x[:, t:t + 1], mod[:, t:t + 1]) for t in range(3, 24)]
+    assert torch.allclose(torch.stack(outs, 1), full[:, 3:], atol=1e-5)
+    want = torch.nn.functional.cross_entropy(full.flatten(0, 1), x.flatten(), reduction="none").view(2, -1)
+    assert torch.allclose(one.nll(x, 8, modality=mod), want, atol=1e-5)
 
 
 def test_generate_and_score_follow_the_rule():
@@ -353,6 +360,23 @@ def test_gpu_mamba2_kernels_match_the_twin():
         st = m.new_state(2)
         outs = [m.feed(st, x[:, :9], xm[:, :9])] + [m.feed(st, x[:, t:t + 1], xm[:, t:t + 1]) for t in range(9, 39)]
     assert torch.allclose(torch.stack(outs, 1), full[:, 9:], atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_mamba1_scan_kernel_matches_the_reference_scan():
+    """Mamba-1 with per-modality dt_proj (its bias folded into delta): mamba-ssm's compiled selective scan (no
+    cache) against the reference scan (with a cache) on the same CUDA inputs."""
+    from omnibyte.model.blocks.experts import Routing
+    from omnibyte.model.blocks.mamba1 import _selective_scan_fn
+
+    if _selective_scan_fn() is None:
+        pytest.skip("mamba-ssm's selective_scan_cuda not compiled")
+    m = tiny([(64, 64, aware(M1)), (4, 32, TF)]).cuda()
+    mix = m.blocks[0].layers[0].mixer
+    u = torch.randn(2, 48, 64, device="cuda")
+    r = Routing(m.blocks[0].expert_of_modality[mixed_track(2, 48).cuda()], m.blocks[0].num_experts)
+    assert torch.allclose(mix(u, None, r), mix(u, {}, r), atol=1e-4, rtol=1e-3)
 
 
 # ------------------------------------------------------------------------------------------------------
