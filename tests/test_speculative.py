@@ -13,13 +13,14 @@ from omnibyte.model.inference.sampling import sampling_probs
 from omnibyte.model.inference.speculative import Drafter, ModelDrafter, accept, verify
 from tests.model_helpers import M1, M2, TF, one_thread, tiny  # noqa: F401 - one_thread is an autouse fixture
 
-# (name, stages, draft stages): 2- and 3-stage models with Transformer and recurrent (Mamba) stages, global and
-# inner; patch products 4, 4, 4 and 6
+# (name, stages, draft stages): 1-, 2- and 3-stage models with Transformer and recurrent (Mamba) stages, global
+# and inner; patch products 4, 4, 4, 6 and 1
 CONFIGS = {
     "tf_tf": ([(16, 16), (4, 16)], [(16, 8), (4, 8)]),
     "m2_tf": ([(16, 16, M2), (4, 16)], [(16, 8, M2), (2, 8)]),
     "tf_m1": ([(16, 16), (4, 16, M1)], [(16, 8), (4, 8)]),
     "m2_tf_tf": ([(8, 16, M2), (3, 16), (2, 16)], [(16, 8), (4, 8)]),
+    "m1_flat": ([(64, 16, M1)], [(64, 8, M1)]),  # one stage over bytes (MambaByte-style)
 }
 
 
@@ -145,6 +146,10 @@ def test_bad_arguments_are_refused():
     other = tiny([(16, 8), (4, 8)], vocab_size=300)
     with pytest.raises(ValueError, match="vocabulary"):
         m.generate(b"ab", 4, draft=other)
+    short = tiny([(2, 8), (4, 8)], block={"name": "transformer", "heads": 2, "positions": "learned"})
+    assert short.stream_meta.max_len == 8
+    with pytest.raises(ValueError, match="draft model: generation past this model's max_len 8"):
+        m.generate(b"abcde", 8, temperature=0, draft=short, draft_len=2)
 
 
 def test_accept_is_exact_rejection_sampling():

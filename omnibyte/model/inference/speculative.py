@@ -190,7 +190,10 @@ class _CachedDrafter(Drafter):
         self.logits = self._feed(context.to(self.device))
 
     def _feed(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.dec.feed(self.state, tokens)
+        try:
+            return self.dec.feed(self.state, tokens)
+        except ValueError as e:  # e.g. past a learned-position drafter's max_len: say which model
+            raise ValueError(f"draft model: {e}") from e
 
     def propose(self, k, temperature, top_k, top_p, generator):
         toks, qs, self.snaps = [], [], []
