@@ -50,6 +50,12 @@ PRESETS = {
         dict(length=1024, width=256, layers=2, block=dict(name="mamba2", d_state=16, d_conv=4, expand=2, headdim=64)),
         dict(length=8, width=256, layers=2, block=dict(name="transformer", heads=4, head_dim=64, mlp_hidden=320)),
     ]),
+    # the shipped research-size model (configs/pg19_lm.yaml; clevr_vqa_base.yaml has the same model), 15.8M:
+    # Mamba-2 global 512 x 6, Transformer local 256 x 4, patches of 8 (train with --batch 16 --length 8192)
+    "pg19_lm": dict(stages=[
+        dict(length=1024, width=512, layers=6, block=dict(name="mamba2", d_state=128, d_conv=4, expand=2, headdim=64)),
+        dict(length=8, width=256, layers=4, block=dict(name="transformer", heads=4)),
+    ]),
     # the 3-stage family of the context-length benchmark: widths 1024/512/256, layers 6/4/2, patches x64 x8
     "ctx3": dict(stages=[
         dict(length=1024, width=1024, layers=6,
@@ -70,6 +76,9 @@ MBLM_PRESETS = {
     "small_s16": dict(hidden_dims=[256, 256], num_layers=[2, 2], seq_lens=[1024, 8],
                       blocks=[dict(kind="mamba", d_state=16, d_conv=4, expand=2, headdim=64),
                               dict(kind="transformer", heads=4, head_dim=64)]),
+    "pg19_lm": dict(hidden_dims=[512, 256], num_layers=[6, 4], seq_lens=[1024, 8],
+                    blocks=[dict(kind="mamba", d_state=128, d_conv=4, expand=2, headdim=64),
+                            dict(kind="transformer", heads=4, head_dim=64)]),
     "ctx3": dict(hidden_dims=[1024, 512, 256], num_layers=[6, 4, 2], seq_lens=[1024, 64, 8],
                  blocks=[dict(kind="mamba", d_state=128, d_conv=4, expand=2, headdim=64),
                          dict(kind="transformer", heads=8, head_dim=64),
