@@ -150,7 +150,8 @@ def image_bits(run, serializer, split: str, max_samples: int) -> dict[str, Any] 
     with torch.no_grad():
         for b in batches:
             with autocast(run.device, use_bf16(cfg.train.precision, run.device)):
-                nll = per_token_nll(model, b.tokens.to(run.device)).double().cpu()
+                nll = per_token_nll(model, b.tokens.to(run.device), modality=b.modality.to(run.device))
+                nll = nll.double().cpu()
             keep = (b.modality == int(Modality.IMAGE)) & (b.tokens < NUM_BYTES)
             nats += float(nll[keep].sum())
             count += int(keep.sum())
