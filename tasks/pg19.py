@@ -283,8 +283,12 @@ def score_stream(model: Any, stream: Any, context: int, stride: int, batch_size:
         for i in range(0, len(group), batch_size):
             chunk = group[i: i + batch_size]
             x = torch.from_numpy(np.stack([tokens[b:e] for b, e, _ in chunk])).to(device)
+            kw = {}
+            if model.stream_meta.modality_aware:  # the windows' modality tracks route the model
+                mods = np.asarray(stream.modality, dtype=np.int64)
+                kw["modality"] = torch.from_numpy(np.stack([mods[b:e] for b, e, _ in chunk])).to(device)
             with torch.no_grad():
-                nll = model.nll(x).float().cpu().numpy()  # (B, length) nats
+                nll = model.nll(x, **kw).float().cpu().numpy()  # (B, length) nats
             for row, (b, e, first) in zip(nll, chunk):
                 keep = counted[first:e]
                 total += float(row[first - b:][keep].sum(dtype=np.float64))

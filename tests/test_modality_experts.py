@@ -428,3 +428,16 @@ def test_init_from_a_dense_run_copies_it_into_every_expert(tmp_path):
         assert torch.allclose(m(x, mod), dense(x), atol=1e-5)
     with pytest.raises(ConfigError, match="another architecture"):
         init_weights_from(tiny([(4, 32, aware(M2)), (2, 16, aware(TF))]), str(ck), ())
+
+
+def test_pg19_scoring_routes_a_modality_aware_model():
+    from omnibyte.stream import ByteStream
+    from omnibyte.tasks.pg19 import score_stream
+
+    m = tiny([(4, 32, aware(M2)), (4, 16, aware(TF))])
+    s = ByteStream.concat([ByteStream.special(vocab.BOS), ByteStream.from_bytes(b"a tiny book", Modality.TEXT)])
+    total, count = score_stream(m, s, context=len(s), stride=len(s))
+    x, mod = torch.from_numpy(s.tokens.astype("int64"))[None], torch.from_numpy(s.modality.astype("int64"))[None]
+    with torch.no_grad():
+        want = m.nll(x, modality=mod)[0, 1:].sum()
+    assert count == len(s) - 1 and abs(total - float(want)) < 1e-4
