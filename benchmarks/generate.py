@@ -18,7 +18,8 @@ Transformer stages use the Triton decode kernels (omnibyte.model.inference.kerne
 also the CUDA-graph step) and with ``generate(..., draft=, draft_len=)``, in one job; the speculative output
 must equal the eager plain output (asserted). The target is ``--run RUN`` (a trained run) or ``--preset``
 (random weights); the drafter ``--draft RUN``, ``--draft-preset NAME`` or ``--draft self`` (the target drafts
-for itself: acceptance 1, the verification machinery's cost and best case). Acceptance rates only mean
+for itself: acceptance 1, the verification machinery's cost and best case; with ``--draft-layers 4,2`` only
+its first layers per stage draft: self-speculation by layer skipping). Acceptance rates only mean
 something for trained models on real text (``--prompt-file``: the prompt is its first ``context`` bytes).
 Times include each call's prefill (reported separately).
 """
@@ -118,10 +119,8 @@ def _prefill_s(model, prompt, dev: str) -> float:
     return now() - t0
 
 
-def bench_speculative(args, model, draft_model, ctx: int, text: bytes | None) -> list[dict]:
+def bench_speculative(args, model, make_drafter, ctx: int, text: bytes | None) -> list[dict]:
     """Plain greedy (eager, and with --graph the CUDA-graph step) and speculative greedy after one prompt."""
-    from omnibyte.model.inference.speculative import ModelDrafter
-
     dev = args.device
     if text is not None:
         if len(text) < ctx:
@@ -131,9 +130,9 @@ def bench_speculative(args, model, draft_model, ctx: int, text: bytes | None) ->
         prompt = torch.randint(0, 256, (1, ctx), device=dev)
     for warm in range(2 if args.warm else 0):  # allocator, kernels, graph capture: untimed
         model.generate(prompt, 8, temperature=0.0)
-        model.generate(prompt, 8, temperature=0.0, draft=ModelDrafter(draft_model, model), draft_len=args.draft_len)
+        model.generate(prompt, 8, temperature=0.0, draft=make_drafter(), draft_len=args.draft_len)
     base = dict(bench="generate_speculative", target=args.run or args.preset,
-                draft=args.draft or args.draft_preset, device=device_name(dev), context=ctx, new_bytes=args.new,
+                draft=args.draft or args.draft_preset, draft_layers=args.draft_layers, device=device_name(dev), context=ctx, new_bytes=args.new,
                 prompt="file" if text is not None else "random", dtype=args.dtype)
     plain, dt_plain = _timed_generate(model, prompt, args.new, dev)
     prefill = _prefill_s(model, prompt, dev)
@@ -144,14 +143,14 @@ def bench_speculative(args, model, draft_model, ctx: int, text: bytes | None) ->
         graph, dt = _timed_generate(model, prompt, args.new, dev, use_graphs=True, compile_step=args.compile)
         rows.append(dict(base, impl="plain_graph", compile=args.compile, bytes_per_s=round(args.new / dt, 1),
                          total_s=round(dt, 3), same_output_as_eager=bool(torch.equal(graph, plain))))
-    drafter = ModelDrafter(draft_model, model)
+    drafter = make_drafter()
     spec, dt = _timed_generate(model, prompt, args.new, dev, draft=drafter, draft_len=args.draft_len)
     if not torch.equal(spec, plain):
         i = int((spec != plain).nonzero()[0, 1])
         raise SystemExit(f"speculative output differs from plain greedy at byte {i} (context {ctx})")
     best = max(r["bytes_per_s"] for r in rows)
     rows.append(dict(base, impl="speculative", draft_len=args.draft_len, bytes_per_s=round(args.new / dt, 1),
-                     total_s=round(dt, 3), draft_prefill_s=round(_prefill_s(draft_model, prompt, dev), 3),
+                     total_s=round(dt, 3), draft_prefill_s=round(_prefill_s(drafter.model, prompt, dev), 3),
                      acceptance=round(drafter.acceptance, 4), drafted=drafter.proposed, kept=drafter.accepted,
                      passes=drafter.rounds, bytes_per_pass=round(args.new / max(drafter.rounds, 1), 2),
                      same_output_as_plain=True, speedup_vs_plain_eager=round(dt_plain / dt, 3),
@@ -160,6 +159,7 @@ def bench_speculative(args, model, draft_model, ctx: int, text: bytes | None) ->
 
 
 def main_speculative(args) -> None:
+    from omnibyte.model.inference.speculative import ModelDrafter, SelfDrafter
     from omnibyte.run import load_run
 
     torch.manual_seed(0)
@@ -176,9 +176,16 @@ def main_speculative(args) -> None:
         draft = build_omnibyte(args.draft_preset).to(args.device).to(dtype).eval()
     else:
         raise SystemExit("--speculative needs --draft RUN|self or --draft-preset NAME")
+    if args.draft_layers:
+        if args.draft != "self":
+            raise SystemExit("--draft-layers goes with --draft self")
+        layers = [int(x) for x in args.draft_layers.split(",")]
+        make = lambda: SelfDrafter(model, layers)  # noqa: E731
+    else:
+        make = lambda: ModelDrafter(draft, model)  # noqa: E731
     text = open(args.prompt_file, "rb").read() if args.prompt_file else None
     for ctx in [int(c) for c in args.contexts.split(",")]:
-        for rec in bench_speculative(args, model, draft, ctx, text):
+        for rec in bench_speculative(args, model, make, ctx, text):
             emit(rec, args.out)
 
 
@@ -204,6 +211,8 @@ def main() -> None:
     p.add_argument("--speculative", action="store_true", help="plain vs speculative greedy decoding (see above)")
     p.add_argument("--run", default=None, help="--speculative: a trained run as the target (else --preset)")
     p.add_argument("--draft", default=None, help="--speculative: the drafter, a run directory or 'self'")
+    p.add_argument("--draft-layers", default=None, help="--draft self: layers kept per stage (e.g. 4,2): "
+                   "self-speculation by layer skipping")
     p.add_argument("--draft-preset", default=None, help="--speculative: a random-weight preset as the drafter")
     p.add_argument("--draft-len", type=int, default=8, help="--speculative: bytes drafted per verification")
     p.add_argument("--prompt-file", default=None, help="--speculative: the prompt's bytes (else random bytes)")

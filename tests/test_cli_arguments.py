@@ -52,6 +52,8 @@ GENERATE_BAD = {
     ("--num", "-1"): "--num",
     ("--draft-len", "0"): "--draft-len",
     ("--draft", "x", "--compile"): "--compile",
+    ("--draft-layers", "1,1"): "--draft-layers",
+    ("--draft", "self", "--draft-layers", "1,x"): "--draft-layers",
 }
 
 
@@ -85,6 +87,9 @@ def test_generate_with_a_draft_run_prints_the_plain_greedy_output(run, tmp_path,
     assert out.out == plain
     assert "acceptance 100.0%" in out.err
     _error(capsys, "generate", argv + ["--quiet", "--draft", str(tmp_path / "absent")], "absent")
+    assert main(argv + ["--draft", "self", "--draft-layers", "1,1"]) == 0  # debug_tiny: 2 stages
+    assert capsys.readouterr().out == plain
+    _error(capsys, "generate", argv + ["--quiet", "--draft", "self", "--draft-layers", "1"], "--draft", "stages")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from omnibyte.model.inference.sampling import sampling_probs
-from omnibyte.model.inference.speculative import Drafter, ModelDrafter, accept, verify
+from omnibyte.model.inference.speculative import Drafter, ModelDrafter, SelfDrafter, accept, verify
 from tests.model_helpers import M1, M2, TF, one_thread, tiny  # noqa: F401 - one_thread is an autouse fixture
 
 # (name, stages, draft stages): 1-, 2- and 3-stage models with Transformer and recurrent (Mamba) stages, global
@@ -281,3 +281,25 @@ def test_any_drafter_subclass_gives_exact_greedy_output():
     d = _Constant()
     assert torch.equal(m.generate(b"hello", 25, temperature=0, draft=d, draft_len=3), plain)
     assert d.proposed > 0
+
+
+@pytest.mark.parametrize("name", ["m2_tf", "m2_tf_tf"])
+def test_self_speculation_by_layer_skipping(name):
+    """The model's own first layers draft: greedy output is plain greedy's; keeping every layer drafts exactly
+    what the model decodes; the model itself is left whole; bad layer counts are refused."""
+    m, _ = _models(name)
+    m.blocks[0].layers.append(copy.deepcopy(m.blocks[0].layers[0]))  # 3 global layers, so skipping differs
+    depth = [len(b.layers) for b in m.blocks]
+    plain = m.generate(b"hello wo", 20, temperature=0)
+    shallow = SelfDrafter(m, [1] * m.num_stages)
+    assert torch.equal(m.generate(b"hello wo", 20, temperature=0, draft=shallow, draft_len=3), plain)
+    assert [len(b.layers) for b in m.blocks] == depth
+    assert [len(b.layers) for b in shallow.model.blocks] == [1] * m.num_stages
+    assert shallow.model.head is m.head and shallow.model.blocks[0].layers[0] is m.blocks[0].layers[0]
+    full = SelfDrafter(m, depth)
+    assert torch.equal(m.generate(b"hello wo", 20, temperature=0, draft=full, draft_len=5), plain)
+    assert full.acceptance == 1.0
+    with pytest.raises(ValueError, match="stage 0 has 3 layers"):
+        SelfDrafter(m, [4] + depth[1:])
+    with pytest.raises(ValueError, match="one per stage"):
+        SelfDrafter(m, [1])

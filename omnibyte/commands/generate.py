@@ -32,9 +32,12 @@ def add_arguments(p) -> None:
     p.add_argument("--quiet", action="store_true", help="print only the samples (no checkpoint line, warnings only)")
     p.add_argument("--no-graphs", action="store_true",
                    help="CUDA: step byte by byte eagerly (default: the CUDA-graph step with Triton decode kernels)")
-    p.add_argument("--draft", default=None, metavar="RUN",
+    p.add_argument("--draft", default=None, metavar="RUN|self",
                    help="speculative decoding: a smaller byte-model run (same token contract) drafts --draft-len "
-                        "bytes, this run verifies them in one pass (greedy output unchanged, sampling exact; eager)")
+                        "bytes, this run verifies them in one pass (greedy output unchanged, sampling exact; eager); "
+                        "'self': this run's own first --draft-layers layers draft")
+    p.add_argument("--draft-layers", default=None, metavar="N0,N1,...",
+                   help="--draft self: layers kept per stage, outermost first (e.g. 4,2)")
     p.add_argument("--draft-len", type=int, default=4, help="--draft: bytes drafted per verification (>= 1)")
     p.add_argument("--draft-checkpoint", default=None, metavar="best|latest|STEP",
                    help="--draft: the draft run's checkpoint (default as --checkpoint)")
@@ -61,6 +64,14 @@ def check_arguments(args) -> bytes | None:
         raise ConfigError(f"--num must be >= 1, got {args.num}")
     if args.draft_len < 1:
         raise ConfigError(f"--draft-len must be >= 1, got {args.draft_len}")
+    if (args.draft == "self") != (args.draft_layers is not None):
+        raise ConfigError("--draft self and --draft-layers go together (self-speculation by layer skipping)")
+    if args.draft_layers is not None:
+        try:
+            args.draft_layers = [int(x) for x in args.draft_layers.split(",")]
+        except ValueError:
+            raise ConfigError(f"--draft-layers must be integers separated by commas, got "
+                              f"{args.draft_layers!r}") from None
     if args.draft and args.compile:
         raise ConfigError("--draft runs eager verification passes; it cannot be combined with --compile")
     if args.modality is not None:
@@ -156,15 +167,19 @@ def load_drafter(args, model, device):
     import logging
 
     from omnibyte.config import ConfigError
-    from omnibyte.model.inference.speculative import ModelDrafter
+    from omnibyte.model.inference.speculative import ModelDrafter, SelfDrafter
     from omnibyte.run import load_run
 
     if model.stream_meta.modality_aware:
         raise ConfigError(f"{args.run_dir}: speculative decoding (--draft) does not support modality-aware models")
-    draft = load_run(args.draft, args.draft_checkpoint, device=str(device), trust_plugins=args.trust_plugins)
-    logging.getLogger("omnibyte.generate").info("drafting with %s checkpoint %s (step %d), %d bytes per pass",
-                                                args.draft, draft.checkpoint, draft.step, args.draft_len)
     try:
+        if args.draft == "self":
+            logging.getLogger("omnibyte.generate").info("drafting with this run's first %s layers per stage, %d "
+                                                        "bytes per pass", args.draft_layers, args.draft_len)
+            return SelfDrafter(model, args.draft_layers)
+        draft = load_run(args.draft, args.draft_checkpoint, device=str(device), trust_plugins=args.trust_plugins)
+        logging.getLogger("omnibyte.generate").info("drafting with %s checkpoint %s (step %d), %d bytes per pass",
+                                                    args.draft, draft.checkpoint, draft.step, args.draft_len)
         return ModelDrafter(draft.model, model)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"--draft {args.draft}: {e}") from None

@@ -17,12 +17,16 @@ teacher-forced pass from its cached state, and the state rolls back to the last 
   on rejection draw from max(0, p - q) renormalised; every emitted byte is then distributed exactly as
   plain sampling's. Rows of a batch are decoded one after another (acceptance lengths differ per row).
 * Drafters: :class:`ModelDrafter`, a smaller byte model with the same vocabulary and token contract (any
-  model with an MBLM's ``decoder``); a :class:`Drafter` subclass may draft any other way.
+  model with an MBLM's ``decoder``); :class:`SelfDrafter`, self-speculation by layer skipping (the model's own
+  weights, only the first layers of each stage: no second model, no second tokenizer); a :class:`Drafter`
+  subclass may draft any other way.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+from collections.abc import Sequence
 
 import torch
 
@@ -232,6 +236,38 @@ class ModelDrafter(_CachedDrafter):
             if (a.vocab_size, a.contract_version) != (b.vocab_size, b.contract_version):
                 raise ValueError(f"draft model: vocabulary {a.vocab_size} / token contract {a.contract_version} "
                                  f"differ from the target's {b.vocab_size} / {b.contract_version}")
+
+
+def skip_layers(model, keep: Sequence[int]):
+    """A view of an MBLM that runs only the first ``keep[s]`` layers of each stage s (then the stage's final
+    norm, the head as usual). Weights are shared, nothing is copied."""
+    keep = [int(k) for k in keep]
+    if len(keep) != model.num_stages:
+        raise ValueError(f"draft layers: {len(keep)} numbers for a model of {model.num_stages} stages "
+                         f"(one per stage, outermost first)")
+    blocks = []
+    for s, (blk, n) in enumerate(zip(model.blocks, keep)):
+        if not 1 <= n <= len(blk.layers):
+            raise ValueError(f"draft layers: stage {s} has {len(blk.layers)} layers; keep 1..{len(blk.layers)}, "
+                             f"got {n}")
+        view = copy.copy(blk)
+        view._modules = dict(blk._modules)
+        view._modules["layers"] = blk.layers[:n]
+        blocks.append(view)
+    out = copy.copy(model)
+    out._modules = dict(model._modules)
+    out._modules["blocks"] = torch.nn.ModuleList(blocks)
+    return out
+
+
+class SelfDrafter(_CachedDrafter):
+    """Self-speculation by layer skipping (as Draft & Verify, Zhang et al. 2024; LayerSkip, Elhoushi et al.
+    2024): the model drafts with only the first ``keep[s]`` layers of each stage s, its own weights and
+    vocabulary. How often the shallow model agrees depends on the trained model (measure it: ``acceptance``)."""
+
+    def __init__(self, model, keep: Sequence[int]):
+        super().__init__(skip_layers(model, keep))
+        self.keep = list(keep)
 
 
 def as_drafter(draft, target) -> Drafter:
