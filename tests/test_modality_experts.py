@@ -102,6 +102,21 @@ def test_each_stage_routes_by_the_unit_before_it(stages, monkeypatch):
         assert seen[s].reshape(-1).tolist() == want, f"stage {s}"
 
 
+def test_routing_dispatch_and_its_gradient():
+    """Routing.apply == each token through its own expert (computed with masks), values and gradients."""
+    from omnibyte.model.blocks.experts import Routing
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
+    for expert in (torch.randint(0, 3, (3, 7)), torch.full((3, 7), 1)):  # mixed, and one expert for all
+        r = Routing(expert, 3)
+        got = r.apply(lambda e, xe: torch.tanh(xe @ w[e]), x)
+        want = sum(torch.tanh(x @ w[e]) * (expert == e)[..., None] for e in range(3))
+        assert torch.allclose(got, want)
+        assert torch.autograd.gradcheck(lambda a, b: r.apply(lambda e, xe: torch.tanh(xe @ b[e]), a), (x, w))
+
+
 def test_generation_rule():
     seg = routing.open_segment(torch.tensor([vocab.SOM_ANSWER, 65, vocab.EOM, vocab.SOM_IMAGE]),
                                torch.tensor([S, Q, S, S]))
