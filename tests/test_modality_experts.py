@@ -20,7 +20,7 @@ from omnibyte.vocab import Modality
 
 GROUPS = ["image", ["question", "answer"]]  # 3 experts: image, question+answer, the rest (text, special)
 BLOCKS = {"mamba2": M2, "mamba1": M1, "transformer": TF}
-I, Q, A, S = int(Modality.IMAGE), int(Modality.QUESTION), int(Modality.ANSWER), int(Modality.SPECIAL)
+IM, Q, A, S = int(Modality.IMAGE), int(Modality.QUESTION), int(Modality.ANSWER), int(Modality.SPECIAL)
 
 
 def aware(blk):
@@ -48,7 +48,7 @@ def test_option_groups_table_and_errors():
     assert normalize_groups(GROUPS) == (("image",), ("question", "answer"))
     assert normalize_groups(["IMAGE", 3]) == (("image",), ("question",))
     table, n = expert_table(normalize_groups(GROUPS))
-    assert n == 3 and table[I] == 0 and table[Q] == table[A] == 1 and table[S] == table[int(Modality.TEXT)] == 2
+    assert n == 3 and table[IM] == 0 and table[Q] == table[A] == 1 and table[S] == table[int(Modality.TEXT)] == 2
     assert expert_table(normalize_groups(["image", "question", "answer", "text", "special"]))[1] == 5  # no rest
     for bad, msg in (([["image"], "image"], "listed twice"), (["pixels"], "unknown modality"), ([[]], "empty")):
         with pytest.raises(ValueError, match=msg):
@@ -65,12 +65,12 @@ def test_option_groups_table_and_errors():
 
 
 def test_unit_modality_majority_ties_to_the_latest():
-    mod = torch.tensor([[I, I, Q, Q, Q, S, S, Q],    # Q majority
-                        [I, I, S, S, Q, Q, A, A],    # tie I/S/Q/A at 2: A occurs last
-                        [S, I, I, I, I, S, S, S],    # tie I/S at 4: S occurs last
+    mod = torch.tensor([[IM, IM, Q, Q, Q, S, S, Q],    # Q majority
+                        [IM, IM, S, S, Q, Q, A, A],    # tie IM/S/Q/A at 2: A occurs last
+                        [S, IM, IM, IM, IM, S, S, S],    # tie IM/S at 4: S occurs last
                         [A, A, A, A, A, A, A, S]])
     assert routing.unit_modality(mod).tolist() == [Q, A, S, A]
-    assert routing.unit_modality(mod[:, :1]).tolist() == [I, I, S, A]  # one byte: its own modality
+    assert routing.unit_modality(mod[:, :1]).tolist() == [IM, IM, S, A]  # one byte: its own modality
 
 
 @pytest.mark.parametrize("stages", [[(4, 32), (4, 16)], [(2, 32), (2, 16), (2, 16)]])
@@ -114,13 +114,17 @@ def test_routing_dispatch_and_its_gradient():
         got = r.apply(lambda e, xe: torch.tanh(xe @ w[e]), x)
         want = sum(torch.tanh(x @ w[e]) * (expert == e)[..., None] for e in range(3))
         assert torch.allclose(got, want)
-        assert torch.autograd.gradcheck(lambda a, b: r.apply(lambda e, xe: torch.tanh(xe @ b[e]), a), (x, w))
+
+        def run(a, b, r=r):
+            return r.apply(lambda k, xk: torch.tanh(xk @ b[k]), a)
+
+        assert torch.autograd.gradcheck(run, (x, w))
 
 
 def test_generation_rule():
     seg = routing.open_segment(torch.tensor([vocab.SOM_ANSWER, 65, vocab.EOM, vocab.SOM_IMAGE]),
                                torch.tensor([S, Q, S, S]))
-    assert seg.tolist() == [A, Q, S, I]
+    assert seg.tolist() == [A, Q, S, IM]
     mod, after = routing.next_modality(torch.tensor([66, vocab.EOS, 7, vocab.SOM_QUESTION]), seg)
     assert mod.tolist() == [A, S, S, S] and after.tolist() == [A, S, S, Q]
 
@@ -234,7 +238,7 @@ def test_an_expert_is_used_only_by_its_modality(name):
     for with_image in (False, True):
         mod = torch.tensor([[S, Q, Q, Q, A, A, S, Q] * 3] * 2)
         if with_image:
-            mod[:, 8:13] = I
+            mod[:, 8:13] = IM
         m.zero_grad()
         m.nll(x, modality=mod).sum().backward()
         grads = {n: sl(params[n].grad).abs().max().item() for n, sl in expert_params(m, 0)}  # expert 0 = image
@@ -252,7 +256,7 @@ def test_an_expert_is_used_only_by_its_modality(name):
         for n, sl in expert_params(m, 0):
             sl(params[n]).add_(torch.randn_like(sl(params[n])))
     assert torch.equal(m(x, mod), before)
-    mod[:, 3] = I
+    mod[:, 3] = IM
     assert not torch.allclose(m(x, mod)[:, 4:], before[:, 4:])
 
 
@@ -286,7 +290,7 @@ def test_dense_models_are_unchanged_and_keys_line_up():
     dense = tiny([(4, 32, M2), (4, 16, TF)])
     assert not dense.modality_aware and not dense.stream_meta.modality_aware
     x = torch.randint(0, 256, (1, 13))
-    assert torch.equal(dense(x), dense(x, torch.full_like(x, I)))
+    assert torch.equal(dense(x), dense(x, torch.full_like(x, IM)))
     assert not any("expert" in k for k in dense.state_dict())
     for blk in BLOCKS.values():
         d = tiny([(4, 32, blk), (4, 16, blk)]).state_dict()
@@ -314,7 +318,7 @@ def test_graph_step_refuses_and_generate_falls_back():
 
     m = tiny([(4, 32, aware(M2K)), (4, 16, TF)])
     st = m.new_state(1)
-    m.feed(st, torch.tensor([[1, 2, 3]]), torch.tensor([[S, I, I]]))
+    m.feed(st, torch.tensor([[1, 2, 3]]), torch.tensor([[S, IM, IM]]))
     with pytest.raises(NotImplementedError, match="modality-aware"):
         GraphStepper(m, st)
 

@@ -34,10 +34,10 @@ from torch.utils.checkpoint import checkpoint
 from .. import vocab
 from ..config import ConfigError, Node, poly
 from ..registry import MODELS, STAGES
-from .routing import check_modality, pad_modality, stage_routes
 from .api import StreamMeta, StreamModel
 from .inference.decoder import Decoder
 from .layers import RMSNorm
+from .routing import check_modality, pad_modality, stage_routes
 
 
 @dataclass(frozen=True)

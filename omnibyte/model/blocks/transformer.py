@@ -17,8 +17,17 @@ from ...config import Node
 from ...registry import STAGES
 from ..cache import BlockCache
 from ..layers import RMSNorm, apply_rope, init_linear, rope_table, scaled_std
-from .experts import (ExpertLinear, ExpertRMSNorm, ExpertsOption, ExpertSwiGLU, ModalityAware, Routing, norm_then,
-                      normalize_groups, num_experts)
+from .experts import (
+    ExpertLinear,
+    ExpertRMSNorm,
+    ExpertsOption,
+    ExpertSwiGLU,
+    ModalityAware,
+    Routing,
+    norm_then,
+    normalize_groups,
+    num_experts,
+)
 
 
 class Attention(nn.Module):

@@ -11,9 +11,9 @@ import logging
 import torch
 
 from ... import vocab
+from ..cache import GenerationState, StageState
 from ..routing import SPECIAL, check_modality, open_segment, routes_from_units, unit_modality
 from ..routing import next_modality as _next_modality
-from ..cache import GenerationState, StageState
 from .sampling import as_batch, sample
 from .speculative import speculative_generate
 
