@@ -21,7 +21,8 @@ must equal the eager plain output (asserted). The target is ``--run RUN`` (a tra
 for itself: acceptance 1, the verification machinery's cost and best case; with ``--draft-layers 4,2`` only
 its first layers per stage draft: self-speculation by layer skipping). Acceptance rates only mean
 something for trained models on real text (``--prompt-file``: the prompt is its first ``context`` bytes).
-Times include each call's prefill (reported separately).
+Times include each call's prefill (reported separately); plain and speculative runs alternate ``--repeat``
+times and the medians are reported.
 """
 
 from __future__ import annotations
@@ -120,7 +121,10 @@ def _prefill_s(model, prompt, dev: str) -> float:
 
 
 def bench_speculative(args, model, make_drafter, ctx: int, text: bytes | None) -> list[dict]:
-    """Plain greedy (eager, and with --graph the CUDA-graph step) and speculative greedy after one prompt."""
+    """Plain greedy (eager, and with --graph the CUDA-graph step) and speculative greedy after one prompt,
+    alternated ``--repeat`` times (medians reported, so a machine whose load drifts skews both alike)."""
+    import statistics
+
     dev = args.device
     if text is not None:
         if len(text) < ctx:
@@ -131,30 +135,39 @@ def bench_speculative(args, model, make_drafter, ctx: int, text: bytes | None) -
     for warm in range(2 if args.warm else 0):  # allocator, kernels, graph capture: untimed
         model.generate(prompt, 8, temperature=0.0)
         model.generate(prompt, 8, temperature=0.0, draft=make_drafter(), draft_len=args.draft_len)
-    base = dict(bench="generate_speculative", target=args.run or args.preset,
-                draft=args.draft or args.draft_preset, draft_layers=args.draft_layers, device=device_name(dev), context=ctx, new_bytes=args.new,
-                prompt="file" if text is not None else "random", dtype=args.dtype)
-    plain, dt_plain = _timed_generate(model, prompt, args.new, dev)
-    prefill = _prefill_s(model, prompt, dev)
-    rows = [dict(base, impl="plain", bytes_per_s=round(args.new / dt_plain, 1), total_s=round(dt_plain, 3),
-                 prefill_s=round(prefill, 3))]
+        if args.graph:
+            model.generate(prompt, 8, temperature=0.0, use_graphs=True, compile_step=args.compile)
+    base = dict(bench="generate_speculative", target=args.run or args.preset, draft=args.draft or args.draft_preset,
+                draft_layers=args.draft_layers, device=device_name(dev), context=ctx, new_bytes=args.new,
+                prompt="file" if text is not None else "random", dtype=args.dtype, repeat=args.repeat)
+    times: dict[str, list[float]] = {"plain": [], "plain_graph": [], "speculative": []}
+    for _ in range(args.repeat):
+        plain, dt = _timed_generate(model, prompt, args.new, dev)
+        times["plain"].append(dt)
+        if args.graph:
+            graph, dt = _timed_generate(model, prompt, args.new, dev, use_graphs=True, compile_step=args.compile)
+            times["plain_graph"].append(dt)
+        drafter = make_drafter()
+        spec, dt = _timed_generate(model, prompt, args.new, dev, draft=drafter, draft_len=args.draft_len)
+        times["speculative"].append(dt)
+        if not torch.equal(spec, plain):
+            i = int((spec != plain).nonzero()[0, 1])
+            raise SystemExit(f"speculative output differs from plain greedy at byte {i} (context {ctx})")
+    med = {k: statistics.median(v) for k, v in times.items() if v}
+    bps = {k: round(args.new / t, 1) for k, t in med.items()}
+    rows = [dict(base, impl="plain", bytes_per_s=bps["plain"], total_s=round(med["plain"], 3),
+                 prefill_s=round(_prefill_s(model, prompt, dev), 3))]
     if args.graph:
-        model.generate(prompt, 8, temperature=0.0, use_graphs=True, compile_step=args.compile)  # capture
-        graph, dt = _timed_generate(model, prompt, args.new, dev, use_graphs=True, compile_step=args.compile)
-        rows.append(dict(base, impl="plain_graph", compile=args.compile, bytes_per_s=round(args.new / dt, 1),
-                         total_s=round(dt, 3), same_output_as_eager=bool(torch.equal(graph, plain))))
-    drafter = make_drafter()
-    spec, dt = _timed_generate(model, prompt, args.new, dev, draft=drafter, draft_len=args.draft_len)
-    if not torch.equal(spec, plain):
-        i = int((spec != plain).nonzero()[0, 1])
-        raise SystemExit(f"speculative output differs from plain greedy at byte {i} (context {ctx})")
+        rows.append(dict(base, impl="plain_graph", compile=args.compile, bytes_per_s=bps["plain_graph"],
+                         total_s=round(med["plain_graph"], 3), same_output_as_eager=bool(torch.equal(graph, plain))))
     best = max(r["bytes_per_s"] for r in rows)
-    rows.append(dict(base, impl="speculative", draft_len=args.draft_len, bytes_per_s=round(args.new / dt, 1),
-                     total_s=round(dt, 3), draft_prefill_s=round(_prefill_s(drafter.model, prompt, dev), 3),
+    rows.append(dict(base, impl="speculative", draft_len=args.draft_len, bytes_per_s=bps["speculative"],
+                     total_s=round(med["speculative"], 3),
+                     draft_prefill_s=round(_prefill_s(drafter.model, prompt, dev), 3),
                      acceptance=round(drafter.acceptance, 4), drafted=drafter.proposed, kept=drafter.accepted,
                      passes=drafter.rounds, bytes_per_pass=round(args.new / max(drafter.rounds, 1), 2),
-                     same_output_as_plain=True, speedup_vs_plain_eager=round(dt_plain / dt, 3),
-                     speedup_vs_best_plain=round(args.new / dt / best, 3)))
+                     same_output_as_plain=True, speedup_vs_plain_eager=round(med["plain"] / med["speculative"], 3),
+                     speedup_vs_best_plain=round(bps["speculative"] / best, 3)))
     return rows
 
 
@@ -216,6 +229,7 @@ def main() -> None:
     p.add_argument("--draft-preset", default=None, help="--speculative: a random-weight preset as the drafter")
     p.add_argument("--draft-len", type=int, default=8, help="--speculative: bytes drafted per verification")
     p.add_argument("--prompt-file", default=None, help="--speculative: the prompt's bytes (else random bytes)")
+    p.add_argument("--repeat", type=int, default=3, help="--speculative: alternated timings (medians reported)")
     args = p.parse_args()
     if args.speculative:
         return main_speculative(args)
