@@ -75,10 +75,13 @@ def test_rollback_equals_feeding_only_the_kept_tokens(name):
             for i in range(after.shape[1]):
                 torch.testing.assert_close(m.feed(st, after[:, i:i + 1]), m.feed(ref_st, after[:, i:i + 1]),
                                            atol=1e-5, rtol=0)
-            # a second verification from the rolled-back state is right too
+            # a second verification from the rolled-back state is right too (and a verification rolls back once)
             st2 = m.new_state(1)
             m.feed(st2, prompt)
-            verify(m.decoder, st2, toks).rollback(keep)
+            first = verify(m.decoder, st2, toks)
+            first.rollback(keep)
+            with pytest.raises(RuntimeError, match="once only"):
+                first.rollback(keep)
             ver = verify(m.decoder, st2, after)
             _, ref = _stepwise(m, torch.cat((prompt, toks[:, :keep]), 1), after)
             torch.testing.assert_close(ver.logits, ref, atol=1e-5, rtol=0)

@@ -49,6 +49,7 @@ class Verification:
     def __init__(self, model, state: GenerationState, start: int, logits: torch.Tensor, points: dict, ctxs: dict):
         self.model, self.state, self.start, self.logits = model, state, start, logits
         self._points, self._ctxs = points, ctxs
+        self._done = False
 
     def rollback(self, keep: int) -> None:
         """Leave the state as ``feed`` would after the first ``keep`` (1..T) of the verified tokens."""
@@ -56,6 +57,9 @@ class Verification:
         T = self.logits.shape[1]
         if not 1 <= keep <= T:
             raise ValueError(f"rollback: keep must be in 1..{T}, got {keep}")
+        if self._done:
+            raise RuntimeError("rollback: this verification was already rolled back (once only: it trims tokens)")
+        self._done = True
         n = self.start + keep  # the index the restored state predicts
         state.tokens = state.tokens[:, :n - state.offset]
         for s, st in enumerate(state.stages):
@@ -71,7 +75,8 @@ class Verification:
 @torch.no_grad()
 def verify(decoder, state: GenerationState, tokens: torch.Tensor) -> Verification:
     """Append ``tokens`` (N, T), T >= 1, to the stream as ``decoder.feed`` would, returning the logits at all T
-    positions and restore points for every prefix. ``logits[:, -1]`` is what ``feed`` would return."""
+    positions and restore points for every prefix. ``logits[:, -1]`` is what ``feed`` would return. The state is
+    only usable again after one :meth:`Verification.rollback` (``rollback(T)`` keeps every token)."""
     m = decoder.model
     N, T = tokens.shape
     if T < 1:
