@@ -306,3 +306,30 @@ def test_self_speculation_by_layer_skipping(name):
         SelfDrafter(m, [4] + depth[1:])
     with pytest.raises(ValueError, match="one per stage"):
         SelfDrafter(m, [1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_speculative_on_the_kernel_path():
+    """On CUDA with mamba-ssm's kernels (the in-place step update of the SSM state is what the per-position
+    clones guard against): verification logits equal step-by-step feed, and greedy speculative decoding equals
+    plain greedy, with a model drafter and with layer skipping."""
+    from omnibyte.model.blocks.mamba2 import load_mamba_kernels
+    from tests.model_helpers import M2K
+
+    if load_mamba_kernels() is None:
+        pytest.skip("mamba-ssm Triton kernels not loadable")
+    big = dict(M2K, d_state=32, headdim=16, chunk_size=16)
+    m = tiny([(16, 64, big), (4, 64, TF)]).cuda()
+    d = tiny([(16, 32, big), (4, 32, TF)], seed=5).cuda()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    prompt = torch.randint(0, 256, (1, 23), device="cuda", generator=g)
+    toks = torch.randint(0, 256, (1, 7), device="cuda", generator=g)
+    _, ref = _stepwise(m, prompt, toks)
+    st = m.new_state(1)
+    m.feed(st, prompt)
+    assert (verify(m.decoder, st, toks).logits - ref).abs().max().item() < 2e-3
+    plain = m.generate(prompt, 40, temperature=0)
+    for drafter in (ModelDrafter(d, m), ModelDrafter(m, m), SelfDrafter(m, [1, 1])):
+        for k in (1, 4, 5):
+            assert torch.equal(m.generate(prompt, 40, temperature=0, draft=drafter, draft_len=k), plain), k
