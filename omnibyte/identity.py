@@ -11,7 +11,8 @@ with that run's own record (the config of its latest checkpoint, else its ``conf
 Keys that may change on resume (:data:`MAY_CHANGE`) do not change what is learned, only how long, how often it is
 logged / evaluated / saved, or how fast it runs: a longer ``train.steps`` (the cosine schedule is then stretched to
 the new end from the resume point on), logging / eval / checkpoint frequencies, ``keep_last``, progress, device
-and performance switches (compile, CUDA graphs, activation checkpointing, deterministic), data-loader prefetch,
+and performance switches (compile, CUDA graphs, activation checkpointing, deterministic, shape warm-up),
+data-loader prefetch,
 the early-stopping patience, ``train.resume``, eval-time settings that do not define the selection metric, and
 ``notes``. The run's ``config.resolved.yaml`` is written once, when the run directory is created, and never
 rewritten; each checkpoint carries the config it was written under.
@@ -31,7 +32,7 @@ MAY_CHANGE: frozenset[str] = frozenset({
     "train.deterministic", "train.resume", "train.max_bad_steps", "train.patience", "train.inject_nan_at",
     "train.tracker", "train.tracker_project",
     "data.prefetch", "eval.batch_size", "eval.per_token", "eval.task_metrics", "eval.checkpoint",
-    "parallel.backend", "notes",
+    "parallel.backend", "notes", "train.warm_shapes",
 })
 
 
@@ -78,7 +79,17 @@ class RunIdentityError(ConfigError):
 
 
 def check_rerun(record: dict[str, Any], cfg, run_dir: Path) -> None:
-    """Raise :class:`RunIdentityError` when ``cfg`` differs from ``record`` in a key outside MAY_CHANGE."""
+    """Raise :class:`RunIdentityError` when ``cfg`` differs from ``record`` in a key outside MAY_CHANGE.
+
+    A key the record lacks because the run began under an older omnibyte (an option added since) counts as its
+    default: the record is read through today's schema first, so upgrading omnibyte never makes a run refuse
+    to resume, while setting such an option away from its default still does."""
+    from .config import from_dict
+
+    try:
+        record = to_dict(from_dict(type(cfg), record))
+    except (ConfigError, ValueError, TypeError):  # a key since removed or renamed: compare the record as it is
+        pass
     diff = config_diff(record, to_dict(cfg))
     if not diff:
         return

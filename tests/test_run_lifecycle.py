@@ -64,6 +64,29 @@ def test_keys_that_may_change_resume_the_run(tmp_path):
     assert read_state(latest_checkpoint(run / "checkpoints"))["config"]["train"]["steps"] == 20
 
 
+def test_a_run_begun_under_an_older_omnibyte_resumes_after_an_upgrade(tmp_path):
+    """Options added since a run began are absent from its record: they count as their defaults (an upgrade must
+    not make every run refuse to resume), but setting one away from its default is still a different run."""
+    import dataclasses
+
+    from omnibyte.config import to_dict
+    from omnibyte.identity import RunIdentityError, check_rerun
+    from omnibyte.runconfig import load_run_config
+
+    cfg = load_run_config("debug_tiny", [f"out_dir={tmp_path}"])
+    old = to_dict(cfg)
+    for key in ("warm_shapes", "pathway_from", "pathway_layers", "pathway_train_aux"):
+        del old["train"][key]  # the record of a run started before these options existed
+    for stage in old["model"]["stages"]:
+        stage["block"].pop("modality_experts", None)
+    check_rerun(old, cfg, tmp_path)  # the defaults: the same run
+    changed = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, pathway_from="runs/pg19_lm"))
+    with pytest.raises(RunIdentityError, match="train.pathway_from"):
+        check_rerun(old, changed, tmp_path)
+    # a performance switch may change on resume
+    check_rerun(old, dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, warm_shapes=True)), tmp_path)
+
+
 def test_eval_reads_the_checkpoints_own_config_not_the_editable_file(finished):
     tmp, cfg, run = finished
     path = run / "config.resolved.yaml"
