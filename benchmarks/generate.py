@@ -132,7 +132,7 @@ def bench_speculative(args, model, make_drafter, ctx: int, text: bytes | None) -
         prompt = torch.tensor([list(text[:ctx])], device=dev)
     else:
         prompt = torch.randint(0, 256, (1, ctx), device=dev)
-    for warm in range(2 if args.warm else 0):  # allocator, kernels, graph capture: untimed
+    for _ in range(2 if args.warm else 0):  # allocator, kernels, graph capture: untimed
         model.generate(prompt, 8, temperature=0.0)
         model.generate(prompt, 8, temperature=0.0, draft=make_drafter(), draft_len=args.draft_len)
         if args.graph:
