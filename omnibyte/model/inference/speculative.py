@@ -15,7 +15,9 @@ teacher-forced pass from its cached state, and the state rolls back to the last 
   distributions :func:`~omnibyte.model.inference.sampling.sampling_probs` gives for the target (p) and the
   drafter (q) with the same temperature / top-k / top-p: keep draft x with probability min(1, p(x)/q(x));
   on rejection draw from max(0, p - q) renormalised; every emitted byte is then distributed exactly as
-  plain sampling's. Rows of a batch are decoded one after another (acceptance lengths differ per row).
+  plain sampling's. Rows of a batch advance together: each round every row keeps as many drafts as the row
+  that accepted fewest, plus one byte of its own (an accepted draft is as exact as a correction), so the
+  cached states stay aligned; a batch's acceptance is therefore that of its least lucky row.
 * Drafters: :class:`ModelDrafter`, a smaller byte model with the same vocabulary and token contract (any
   model with an MBLM's ``decoder``); :class:`SelfDrafter`, self-speculation by layer skipping (the model's own
   weights, only the first layers of each stage: no second model, no second tokenizer); a :class:`Drafter`
@@ -157,10 +159,10 @@ def restore_state(model, state: GenerationState, snap: tuple) -> None:
 
 
 class Drafter:
-    """Proposes bytes for :func:`speculative_generate`. ``reset(context)`` starts from a (1, L) stream;
-    ``propose(k, ...)`` returns k tokens (1, k) and, when sampling, the distributions they were drawn from
-    (1, k, V) after the same temperature / top-k / top-p as the target's (None when greedy);
-    ``advance(kept, token)``: the first ``kept`` proposals were kept, then ``token`` followed.
+    """Proposes bytes for :func:`speculative_generate`. ``reset(context)`` starts from (B, L) streams;
+    ``propose(k, ...)`` returns k tokens per row (B, k) and, when sampling, the distributions they were drawn
+    from (B, k, V) after the same temperature / top-k / top-p as the target's (None when greedy);
+    ``advance(kept, tokens)``: every row kept its first ``kept`` proposals, then ``tokens`` (B,) followed.
     ``proposed`` / ``accepted`` count drafted and kept bytes (the acceptance rate is their ratio)."""
 
     def __init__(self):
@@ -178,7 +180,7 @@ class Drafter:
     def propose(self, k: int, temperature: float, top_k: int, top_p: float, generator):  # pragma: no cover
         raise NotImplementedError
 
-    def advance(self, kept: int, token: int) -> None:  # pragma: no cover - interface
+    def advance(self, kept: int, tokens: torch.Tensor) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
 
@@ -195,7 +197,7 @@ class _CachedDrafter(Drafter):
 
     def reset(self, context: torch.Tensor) -> None:
         self.model.eval()
-        self.state = self.dec.new_state(1, self.device)
+        self.state = self.dec.new_state(context.shape[0], self.device)
         self.logits = self._feed(context.to(self.device))
 
     def _feed(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -220,9 +222,9 @@ class _CachedDrafter(Drafter):
         self.drafts = torch.stack(toks, dim=1)
         return self.drafts, (torch.stack(qs, dim=1) if qs else None)
 
-    def advance(self, kept: int, token: int) -> None:
+    def advance(self, kept: int, tokens: torch.Tensor) -> None:
         k = self.drafts.shape[1]
-        tok = torch.tensor([[token]], device=self.device)
+        tok = tokens.to(self.device).view(-1, 1)
         if kept == k:
             tok = torch.cat((self.drafts[:, -1:], tok), dim=1)
         elif kept < k - 1:
@@ -326,55 +328,69 @@ def speculative_generate(decoder, prompt, max_new_bytes: int, temperature: float
     if int(draft_len) != draft_len or draft_len < 1:
         raise ValueError(f"draft_len must be an integer >= 1, got {draft_len}")
     drafter = as_drafter(draft, m)
-    B = prompt.shape[0]
     if max_new_bytes <= 0:
-        return torch.zeros(B, 0, dtype=torch.long, device=device)
+        return torch.zeros(prompt.shape[0], 0, dtype=torch.long, device=device)
     was_training = m.training
     m.eval()
     try:
-        rows = [_generate_row(decoder, prompt[b:b + 1], max_new_bytes, temperature, top_k, top_p,
-                              {int(t) for t in stop_tokens}, generator, drafter, int(draft_len)) for b in range(B)]
+        out = _generate(decoder, prompt, max_new_bytes, temperature, top_k, top_p, stop_tokens, generator, drafter,
+                        int(draft_len))
     finally:
         m.train(was_training)
-    out = torch.full((B, max(len(r) for r in rows)), vocab.PAD, dtype=torch.long, device=device)
-    for b, r in enumerate(rows):
-        out[b, :len(r)] = torch.tensor(r, dtype=torch.long, device=device)
     log.debug("speculative decoding: %d rounds, %d drafted, %d kept (%.1f%%)", drafter.rounds, drafter.proposed,
               drafter.accepted, 100 * drafter.acceptance)
     return out
 
 
-def _generate_row(decoder, prompt, max_new: int, temperature, top_k, top_p, stops, generator, drafter,
-                  draft_len) -> list[int]:
-    state = decoder.new_state(1, prompt.device)
-    x = int(sample(decoder.feed(state, prompt), temperature, top_k, top_p, generator)[0])  # as plain decoding
-    out = [x]
-    if x in stops or max_new == 1:
-        return out
-    drafter.reset(torch.cat((prompt, torch.tensor([[x]], device=prompt.device)), dim=1))
-    while True:
+def _generate(decoder, prompt, max_new: int, temperature, top_k, top_p, stop_tokens, generator, drafter,
+              draft_len) -> torch.Tensor:
+    """The rows advance together: each round every unfinished row gets its own acceptance, and all rows keep
+    the shortest one's count j plus one byte each (that row's correction or bonus; for a row that accepted more,
+    its accepted draft j, whose distribution is the model's all the same), so the cached states stay aligned."""
+    B, device = prompt.shape[0], prompt.device
+    state = decoder.new_state(B, device)
+    stops = torch.tensor(sorted({int(t) for t in stop_tokens}), dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    out: list[torch.Tensor] = []
+
+    def emit(tokens: torch.Tensor) -> None:  # (B, t): rows past their stop get PAD
+        nonlocal done
+        for i in range(tokens.shape[1]):
+            t = torch.where(done, torch.full_like(tokens[:, i], vocab.PAD), tokens[:, i])
+            out.append(t)
+            if stops.numel():
+                done = done | torch.isin(t, stops)
+
+    x = sample(decoder.feed(state, prompt), temperature, top_k, top_p, generator)  # (B,): as plain decoding
+    emit(x[:, None])
+    if max_new > 1 and not bool(done.all()):
+        drafter.reset(torch.cat((prompt, x[:, None]), dim=1))
+    while len(out) < max_new and not bool(done.all()):
         k = min(draft_len, max_new - len(out) - 1)  # never predict past where plain decoding would stop
-        pending = torch.tensor([[x]], device=prompt.device)
-        if k:
-            drafts, q = drafter.propose(k, temperature, top_k, top_p, generator)
-            drafts = drafts.to(prompt.device)
-            q = q.to(prompt.device) if q is not None else None
-            ver = verify(decoder, state, torch.cat((pending, drafts), dim=1))
-            kept, x = accept(ver.logits[0], drafts[0], q[0] if q is not None else None, temperature, top_k, top_p,
-                             generator)
-            ver.rollback(kept + 1)
-            new = drafts[0, :kept].tolist() + [x]
-            drafter.proposed += k
-            drafter.accepted += kept
-            drafter.rounds += 1
-        else:  # one byte left: a plain step
-            x = int(sample(decoder.feed(state, pending), temperature, top_k, top_p, generator)[0])
-            new = [x]
-        for i, t in enumerate(new):
-            if t in stops:
-                return out + new[:i + 1]
-        out += new
-        if len(out) >= max_new:
-            return out
-        if k:
-            drafter.advance(kept, x)
+        if not k:  # one byte left: a plain step
+            emit(sample(decoder.feed(state, x[:, None]), temperature, top_k, top_p, generator)[:, None])
+            break
+        drafts, q = drafter.propose(k, temperature, top_k, top_p, generator)
+        drafts = drafts.to(device)
+        q = q.to(device) if q is not None else None
+        ver = verify(decoder, state, torch.cat((x[:, None], drafts), dim=1))
+        kept, nxt = [], []
+        for b in range(B):
+            j, t = accept(ver.logits[b], drafts[b], q[b] if q is not None else None, temperature, top_k, top_p,
+                          generator)
+            kept.append(j if not done[b] else k)  # finished rows do not hold the others back
+            nxt.append(t)
+        j = min(kept)
+        x = torch.tensor([drafts[b, j].item() if kept[b] > j else nxt[b] for b in range(B)], device=device)
+        ver.rollback(j + 1)
+        drafter.proposed += k * int((~done).sum())
+        drafter.accepted += j * int((~done).sum())
+        drafter.rounds += 1
+        emit(torch.cat((drafts[:, :j], x[:, None]), dim=1))
+        if len(out) < max_new and not bool(done.all()):
+            drafter.advance(j, x)
+    new = torch.stack(out, dim=1)
+    if stops.numel() and bool(done.all()):  # end at the last row's stop
+        hit = torch.isin(new, stops)
+        new = new[:, :int(hit.int().argmax(dim=1).max()) + 1]
+    return new
