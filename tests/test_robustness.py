@@ -209,14 +209,15 @@ def test_image_file_corruptions_keep_the_files_format_size_and_alpha():
 # --- which corruptions apply to a run ----------------------------------------------------------------------
 
 
-def _unloaded_run(config: str, *overrides: str):
-    """A run's real components from its config (untrained: plan_for reads only config and serializer)."""
+def _unloaded_run(config: str, *overrides: str, run_dir: Path | None = None):
+    """A run's real components from its config, with the model untrained (random weights)."""
     from omnibyte.run import Run, build_components
     from omnibyte.runconfig import load_run_config
 
     cfg = load_run_config(config, [*overrides, *TINY_MBLM[:2]])
     task, serializer, model = build_components(cfg)
-    return Run(Path("runs") / cfg.run_name, cfg, task, serializer, model, Path("none"), 0, "none", {})
+    return Run(run_dir or Path("runs") / cfg.run_name, cfg, task, serializer, model.eval(), Path("none"), 0, "none",
+               {})
 
 
 def test_the_plan_follows_the_runs_serializer_and_refuses_what_does_not_apply():
@@ -236,6 +237,41 @@ def test_the_plan_follows_the_runs_serializer_and_refuses_what_does_not_apply():
     vqa = plan_for(_unloaded_run("clevr_vqa_png", f"task.root={FIXTURE}"))
     assert (vqa.text_field, vqa.image_field) == ("question", "image")
     assert [c.label for c in vqa.corruptions] == [*DEFAULT_TEXT, *DEFAULT_IMAGE]
+
+
+def test_the_table_rows_are_evaluate_runs_results_on_corrupted_copies(tmp_path):
+    from omnibyte.robustness.evaluate import run_robustness, table_lines
+    from omnibyte.run import evaluate_run
+
+    run = _unloaded_run("debug_tiny", run_dir=tmp_path)
+    res = run_robustness(run, corruptions=["uppercase:0.3", "antspeak"], limit=4, progress=False)
+    rows = res["rows"]
+    assert [r["corruption"] for r in rows] == ["clean", "uppercase:0.3", "antspeak"]
+    direct = evaluate_run(run, max_samples=4, per_token=False, progress=False, out_dir=tmp_path / "direct")
+    assert rows[0]["bpb"] == direct["bpb"]
+    assert rows[1]["bpb"] != rows[0]["bpb"] and rows[1]["delta_bpb"] == rows[1]["bpb"] - rows[0]["bpb"]
+    assert json.loads(Path(res["results_file"]).read_text())["rows"] == rows
+    assert Path(res["results_file"]) == tmp_path / "eval" / "robustness_validation_0.json"
+    assert any(line.startswith("antspeak") for line in table_lines(res))
+    again = run_robustness(run, corruptions=["uppercase:0.3"], limit=4, progress=False, out=tmp_path / "b.json")
+    assert again["rows"][1]["bpb"] == rows[1]["bpb"]  # same seed, same corrupted copy
+    other = run_robustness(run, corruptions=["uppercase:0.3"], limit=4, seed=1, progress=False,
+                           out=tmp_path / "c.json")
+    assert other["rows"][1]["bpb"] != rows[1]["bpb"]
+
+
+def test_vqa_rows_score_corrupted_questions_and_image_bytes(tmp_path):
+    from omnibyte.robustness.evaluate import run_robustness
+
+    run = _unloaded_run("clevr_vqa_png", f"task.root={FIXTURE}", "serializer.image.size=[16,12]",
+                        "model.stages.0.length=128", "data.seq_len=1024", *TINY_MBLM[2:], run_dir=tmp_path)
+    rows = {r["corruption"]: r for r in run_robustness(run, corruptions=["random_case", "image_flip:0.05"],
+                                                       limit=2, progress=False)["rows"]}
+    assert all(r["num_questions"] == 2 and 0 <= r["accuracy"] <= 1 and r["image_bytes"] > 0 for r in rows.values())
+    assert rows["random_case"]["image_bpb"] == rows["clean"]["image_bpb"]  # the question changed, not the image
+    assert rows["random_case"]["bpb"] != rows["clean"]["bpb"]  # ... and the answer's context did
+    assert rows["image_flip:0.05"]["image_bpb"] != rows["clean"]["image_bpb"]
+    assert rows["image_flip:0.05"]["image_bytes"] == rows["clean"]["image_bytes"]
 
 
 def test_a_text_corruption_of_undecodable_text_names_the_sample():
