@@ -209,12 +209,12 @@ def test_image_file_corruptions_keep_the_files_format_size_and_alpha():
 # --- which corruptions apply to a run ----------------------------------------------------------------------
 
 
-def _unloaded_run(config: str, *overrides: str, run_dir: Path | None = None):
+def _unloaded_run(config: str, *overrides: str, run_dir: Path | None = None, mblm: bool = True):
     """A run's real components from its config, with the model untrained (random weights)."""
-    from omnibyte.run import Run, build_components
+    from omnibyte.run import Run, build_components, resolve_data_config
     from omnibyte.runconfig import load_run_config
 
-    cfg = load_run_config(config, [*overrides, *TINY_MBLM[:2]])
+    cfg = resolve_data_config(load_run_config(config, [*overrides, *(TINY_MBLM[:2] if mblm else [])]))
     task, serializer, model = build_components(cfg)
     return Run(run_dir or Path("runs") / cfg.run_name, cfg, task, serializer, model.eval(), Path("none"), 0, "none",
                {})
@@ -237,6 +237,10 @@ def test_the_plan_follows_the_runs_serializer_and_refuses_what_does_not_apply():
     vqa = plan_for(_unloaded_run("clevr_vqa_png", f"task.root={FIXTURE}"))
     assert (vqa.text_field, vqa.image_field) == ("question", "image")
     assert [c.label for c in vqa.corruptions] == [*DEFAULT_TEXT, *DEFAULT_IMAGE]
+    cnn = _unloaded_run("clevr_cnn_lstm", f"task.root={FIXTURE}", mblm=False)  # decodes images: no byte-level corruption
+    assert not any(c.name.startswith("image_") for c in plan_for(cnn).corruptions)
+    with pytest.raises(ConfigError, match="image_flip:0.01.*not a byte model"):
+        plan_for(cnn, ["jpeg:10", "image_flip:0.01"])
 
 
 def test_the_table_rows_are_evaluate_runs_results_on_corrupted_copies(tmp_path):

@@ -81,7 +81,8 @@ def plan_for(run, specs: list[str] | tuple[str, ...] | None = None) -> Plan:
         raise ConfigError(f"serializer {name!r}: robustness knows where the text and images are for "
                           f"utf8, qa, {', '.join(IMAGE_SERIALIZERS)}")
     plan = Plan(name, text_field, image_field, ())
-    if specs is None or not list(specs):
+    defaulted = specs is None or not list(specs)
+    if defaulted:
         specs = (DEFAULT_TEXT if text_field else ()) + (DEFAULT_IMAGE if image_field else ())
     chosen = [parse(s) for s in specs]
     allowed = plan.allowed()
@@ -90,6 +91,15 @@ def plan_for(run, specs: list[str] | tuple[str, ...] | None = None) -> Plan:
             what = "text" if c.name in TEXT else "images"
             raise ConfigError(f"corruption {c.label!r} needs {what}, and this run's serializer {name!r} "
                               f"has none; corruptions for this run: {', '.join(allowed)}")
+    if not run.model.stream_meta.per_token_losses:  # e.g. the CNN+LSTM: it decodes the image from the stream
+        bytewise = [c.label for c in chosen if c.layer == "image_bytes"]
+        if defaulted:
+            chosen = [c for c in chosen if c.layer != "image_bytes"]
+        elif bytewise:
+            raise ConfigError(f"corruption(s) {', '.join(bytewise)}: model {cfg.model.name!r} is not a byte model "
+                              f"(no per-token losses: it decodes the image from the stream, like the CNN+LSTM), "
+                              f"and bytes dropped, flipped or swapped inside an image file may leave nothing to "
+                              f"decode; file-level corruptions (jpeg:Q, noise:SIGMA) apply")
     labels = [c.label for c in chosen]
     dup = sorted({x for x in labels if labels.count(x) > 1})
     if dup:
