@@ -12,14 +12,16 @@ log-likelihoods for B prefixes with a handful of calls, from the structure of th
 
 So, per batch of prefixes:
 
-1. **Prefill** (outer stage, cached): the start vector and the prefix's complete units, one call per group of
-   prefixes with the same p_0 (same op sequence per row as the reference's prefill).
-2. **Candidate units** (outer stage): the caches fanned out to the K candidates, then the window's units one
-   position per call (as the reference steps). Caches of SSM blocks (fixed-size states that never read the
-   position) are merged across groups first, so this is one call per position for the whole batch.
-3. **Inner stages** over the window (units p_0 .. p_0 + W - 1 of every (prefix, candidate) row: the prefix's
-   tail bytes in unit p_0, the candidate, PAD after it) in one teacher-forced call per stage, then the head at
-   the candidate positions only; log-probabilities summed per candidate in byte order, as the reference.
+1. **Prefill** (outer stage, cached): the start vector and the prefix's complete units rounded down to a
+   multiple of :data:`BUCKET_UNITS` (p_g), one call per group of prefixes with the same p_g. On a GPU each call
+   is launch-bound, so the number of calls, not their length, is the cost.
+2. **Window through the outer stage**: the caches fanned out to the K candidates; then one cached call over the
+   window's units p_g .. (each row's remaining prefix units, the unit holding its prefix tail and first
+   candidate bytes, the candidate's later units; PAD after). Caches of SSM blocks (fixed-size states that never
+   read the position) are merged across groups first, so this is one call per chunk of rows.
+3. **Inner stages** over each row's units from p_0 on (those holding candidate bytes) in one teacher-forced
+   call per stage, then the head at the candidate positions only; log-probabilities summed per candidate in
+   byte order, as the reference.
 
 Same computation as the reference up to float rounding (the tests compare them to 1e-5 in fp32 and compare
 argmax predictions); under bf16 autocast the two differ by bf16 rounding only.
@@ -39,6 +41,10 @@ from .sampling import as_batch
 
 MAX_ROWS = 2048  # (prefix, candidate) rows per chunk of steps 2-3 (bounds the inner stages' activations)
 STATE_BYTES = 1 << 30  # and the fanned-out outer-stage states per chunk (Mamba-2: ~0.5 MB per layer and row)
+# prefixes are prefilled to a multiple of this many outer units, so one call serves every prefix whose complete
+# units round down to the same multiple; each row's remaining prefix units then run with its candidates
+# (K-fold work on at most BUCKET_UNITS - 1 positions, against one launch-bound call per distinct length)
+BUCKET_UNITS = 8
 
 
 @torch.no_grad()
@@ -80,18 +86,24 @@ def _score(m, rows: list[torch.Tensor], cands: list[list[int]], T: int, device) 
     B, K = len(rows), len(cands)
     Q = m.units[0]
     wdtype = m.head.weight.dtype
+    # rows of one chunk share a prefill length, so a chunk's last outer position is some row's own last needed
+    # one: a stage with learned positions never runs past its length
+    G_units = BUCKET_UNITS
     n = [int(r.shape[0]) for r in rows]
-    p0 = [x // Q for x in n]
+    p0 = [x // Q for x in n]  # the outer unit holding the first candidate byte
     tail = [x - p * Q for x, p in zip(n, p0)]  # prefix bytes inside unit p_0
-    W = max((r + T - 1) // Q + 1 for r in tail)  # units of the window
-    window = _window(rows, cands, tail, W * Q, device)  # (B, K, W * Q)
+    pg = [p - p % G_units for p in p0]  # complete units prefilled (a multiple of the bucket)
+    off = [p - q for p, q in zip(p0, pg)]  # units from the prefill's end to unit p_0
+    need = [(r + T - 1) // Q + 1 for r in tail]  # units from p_0 holding candidate bytes
+    lead = [o * Q + r for o, r in zip(off, tail)]  # prefix bytes in the window (from unit p_g on)
+    window = _window(rows, cands, lead, max(o + w for o, w in zip(off, need)) * Q, device)  # (B, K, W * Q)
 
-    # 1. prefill of the outer stage, one call per group of prefixes with the same number of complete units
+    # 1. prefill of the outer stage, one call per group of prefixes with the same number of units prefilled
     groups: dict[int, list[int]] = defaultdict(list)
-    for b, p in enumerate(p0):
+    for b, p in enumerate(pg):
         groups[p].append(b)
     block0 = m.blocks[0]
-    done = []  # (row indices, cache, outer output at p_0 (G, D_0))
+    done = []  # (row indices, cache, outer output at p_g (G, D_0))
     for p, idx in groups.items():
         G = len(idx)
         parts = [m.start[0].to(wdtype).expand(G, 1, -1)]
@@ -103,29 +115,39 @@ def _score(m, rows: list[torch.Tensor], cands: list[list[int]], T: int, device) 
         done.append((idx, cache, h))
 
     # 2. + 3. per chunk of questions: fan out to the candidates, the window's later units through the outer
-    # stage, then the inner stages and the head
-    if W > 1:
+    # stage (one call), then the inner stages over the units holding candidate bytes, and the head
+    if max(o + w for o, w in zip(off, need)) > 1:
         done = _merge(block0, done)
     total = torch.zeros(B, K, dtype=torch.float32, device=device)
     lens = torch.tensor([len(c) for c in cands], device=device)
+    mask = (torch.arange(T, device=device)[None, :] < lens[:, None])  # (K, T)
     for idx, cache, h in done:
         per_row = sum(t[0].numel() * t.element_size() for d in cache.layers for t in d.values()) * K
         per_call = max(1, min(MAX_ROWS // K, STATE_BYTES // max(per_row, 1)))
         for a in range(0, len(idx), per_call):
             sub = idx[a:a + per_call]
             G = len(sub)
+            W = max(off[b] + need[b] for b in sub)  # outer positions p_g .. p_g + W - 1 of this chunk
+            Wc = max(need[b] for b in sub)
+            win = window[sub][..., : W * Q]  # (G, K, W * Q)
             hs = [h[a:a + G].repeat_interleave(K, dim=0)[:, None]]  # (G * K, 1, D_0)
             if W > 1:
                 c = BlockCache([dict(d) for d in cache.layers], cache.length)
                 c.select(torch.arange(a, a + G, device=device).repeat_interleave(K))
-                inp = _unit_embedding(m, 0, window[sub].view(G * K, W, Q)[:, : W - 1]).to(wdtype)
-                for j in range(W - 1):  # one position per call, as the reference's steps
-                    hs.append(block0(inp[:, j:j + 1], c))
-            lp = _inner_logprobs(m, torch.cat(hs, dim=1), window[sub], [tail[b] for b in sub], T, wdtype)
-            mask = (torch.arange(T, device=device)[None, :] < lens[:, None]).expand(G, K, T)
+                inp = _unit_embedding(m, 0, win.reshape(G * K, W, Q)[:, : W - 1]).to(wdtype)
+                hs.append(block0(inp, c))
+            h0 = torch.cat(hs, dim=1).view(G, K, W, -1)
+            if any(off[b] for b in sub):  # each row's units p_0 .. p_0 + Wc - 1 (past its need: unread)
+                at = (torch.tensor([off[b] for b in sub], device=device)[:, None] +
+                      torch.arange(Wc, device=device)).clamp(max=W - 1)[:, None, :, None].expand(G, K, Wc, 1)
+                h0 = h0.gather(2, at.expand(G, K, Wc, h0.shape[-1]))
+                win = win.view(G, K, W, Q).gather(2, at.expand(G, K, Wc, Q)).view(G, K, Wc * Q)
+            else:
+                win = win[..., : Wc * Q]
+            lp = _inner_logprobs(m, h0.reshape(G * K, Wc, -1), win, [tail[b] for b in sub], T, wdtype)
             acc = torch.zeros(G, K, dtype=torch.float32, device=device)
             for t in range(T):  # summed in byte order, as the reference
-                acc += torch.where(mask[..., t], lp[..., t], torch.zeros_like(lp[..., t]))
+                acc += torch.where(mask[:, t], lp[..., t], torch.zeros_like(lp[..., t]))
             total[sub] = acc
     return total
 
@@ -159,15 +181,15 @@ def _unit_embedding(m, s: int, units: torch.Tensor) -> torch.Tensor:
     return m.unit_embeddings(units.reshape(N, T, *m.lengths[s + 1:]), first=s)[s]
 
 
-def _window(rows, cands, tail, width: int, device) -> torch.Tensor:
-    """(B, K, width) ids: each prefix's bytes in unit p_0, then each candidate, then PAD."""
+def _window(rows, cands, lead: list[int], width: int, device) -> torch.Tensor:
+    """(B, K, width) ids: the last ``lead[b]`` bytes of each prefix, then each candidate, then PAD."""
     B, K, T = len(rows), len(cands), max(len(c) for c in cands)
     padded = torch.full((K, T), vocab.PAD, dtype=torch.long)
     for k, c in enumerate(cands):
         padded[k, :len(c)] = torch.tensor(c, dtype=torch.long)
     padded = padded.to(device)
     out = torch.full((B, K, width), vocab.PAD, dtype=torch.long, device=device)
-    for b, r in enumerate(tail):
+    for b, r in enumerate(lead):
         if r:
             out[b, :, :r] = rows[b][len(rows[b]) - r:]
         out[b, :, r:r + T] = padded
@@ -198,4 +220,4 @@ def _merge(block, done):
     return [(idx, BlockCache(layers, max(lengths)), h)]
 
 
-__all__ = ["score_batch", "MAX_ROWS", "STATE_BYTES"]
+__all__ = ["score_batch", "MAX_ROWS", "STATE_BYTES", "BUCKET_UNITS"]
