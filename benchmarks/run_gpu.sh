@@ -2,10 +2,10 @@
 # The GPU jobs behind benchmarks/RESULTS.md (model section). From the repository root, on a machine with
 # one H100 / H200, with the wheels of ../shared/wheels/gpu-py312 copied to .whl/:
 #   bash benchmarks/run_gpu.sh STEP OUTDIR
-# STEP: tests | train | generate | context | vqa (each fits in one 10-minute device command; a fresh machine
+# STEP: tests | train | generate | context | vqa | first | small (each fits in one 10-minute device command; a fresh machine
 # spends ~2 minutes on Triton JIT + autotuning of mamba-ssm's kernels in its first process).
 set -uo pipefail
-step=${1:?step: tests|train|generate|context|vqa}
+step=${1:?step: tests|train|generate|context|vqa|first|small}
 out=${2:-/tmp/omnibyte_bench}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -14,6 +14,9 @@ export TRITON_CACHE_AUTOTUNING=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
 export PYTHONPATH=/tmp/site:$PWD
+# the device copy is not pip-installed: map omnibyte.{tasks,serializers,configs} to the top-level folders as the
+# editable install and the wheel do
+for p in tasks serializers configs; do ln -sfn "../$p" "omnibyte/$p"; done
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$out/env.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/env.txt"
 case "$step" in
@@ -30,5 +33,13 @@ case "$step" in
   # VQA rank-mode scoring, 16M clevr_vqa_png model, 500 val questions: per-question loop vs score_batch
   vqa)      timeout 540 python3 benchmarks/vqa_eval.py --questions 500 --workers 8 \
               --out "$out/bench.jsonl" 2>&1 | tail -c 4000 | tee "$out/vqa.log" ;;
+  # shape-stable batches: steps in the first 3 minutes of a CLEVR pixels run, pad_to longest vs buckets (cold
+  # Triton cache per arm; the data are generated first, untimed)
+  first)    timeout 590 python3 benchmarks/first_minutes.py --config clevr_vqa_pixels --seconds 180 \
+              --out "$out/bench.jsonl" 2>&1 | tail -c 4000 | tee "$out/first.log" ;;
+  # the shipped 15.8M model (pg19_lm, also CLEVR's): omnibyte (compiled + graphs, eager) and mblm 0.4.2, one process
+  small)    timeout 540 python3 benchmarks/train_throughput.py --preset pg19_lm --impl inproc --batch 16 --length 8192 \
+              --order omnibyte+compile+graphs,mblm,omnibyte --steps 20 --warmup 3 \
+              --out "$out/bench.jsonl" 2>&1 | tail -c 6000 | tee "$out/small.log" ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
 esac
