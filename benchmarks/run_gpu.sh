@@ -35,7 +35,7 @@ case "$step" in
               --out "$out/bench.jsonl" 2>&1 | tail -c 4000 | tee "$out/vqa.log" ;;
   # shape-stable batches: steps in the first 3 minutes of a CLEVR pixels run, pad_to longest vs buckets (cold
   # Triton cache per arm; the data are generated first, untimed)
-  first)    timeout 590 python3 benchmarks/first_minutes.py --config clevr_vqa_pixels --seconds 180 \
+  first)    timeout 590 python3 benchmarks/first_minutes.py --config clevr_vqa_pixels --seconds 180 task.synth.images=600 \
               --out "$out/bench.jsonl" 2>&1 | tail -c 4000 | tee "$out/first.log" ;;
   # the shipped 15.8M model (pg19_lm, also CLEVR's): omnibyte (compiled + graphs, eager) and mblm 0.4.2, one process
   small)    timeout 540 python3 benchmarks/train_throughput.py --preset pg19_lm --impl inproc --batch 16 --length 8192 \
