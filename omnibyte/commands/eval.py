@@ -8,11 +8,9 @@ HELP = "score a trained run: bits per byte (overall, per modality), per-token lo
 def add_arguments(p) -> None:
 
     from ._plugins import add_plugin_arguments
+    from ._run_split import add_run_split_arguments
 
-    p.add_argument("run_dir", help="a run directory (runs/<run_name>)")
-    p.add_argument("split", nargs="?", default=None,
-                   help="default: the run's eval.split (a validation split); name `test` to report the test split")
-    p.add_argument("overrides", nargs="*", help="evaluation settings, e.g. eval.max_samples=0 task.root=/data/CLEVR")
+    add_run_split_arguments(p, "eval.max_samples=0 task.root=/data/CLEVR")
     p.add_argument("--checkpoint", default=None, metavar="best|latest|STEP",
                    help="default: the run's eval.checkpoint (auto: the best checkpoint by its validation "
                         "metric, else the latest)")
@@ -30,15 +28,12 @@ def run(args) -> int:
     from omnibyte.run import evaluate_run, load_run
 
     from ._plugins import import_chosen_plugins
+    from ._run_split import split_and_overrides
 
     import_chosen_plugins(args)
 
     setup_console_logging(logging.WARNING if args.quiet else logging.INFO)
-    overrides = list(args.overrides)
-    split = args.split
-    if split is not None and "=" in split:  # `omnibyte eval run a.b=c`: no split given
-        overrides.insert(0, split)
-        split = None
+    split, overrides = split_and_overrides(args)
     loaded = load_run(args.run_dir, args.checkpoint, device=args.device, overrides=overrides,
                       trust_plugins=args.trust_plugins)
     logging.getLogger("omnibyte.eval").info("evaluating %s checkpoint %s (step %d) on %s", loaded.which,

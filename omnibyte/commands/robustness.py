@@ -8,11 +8,9 @@ HELP = "score a trained run on clean and corrupted copies of its eval split (tex
 
 def add_arguments(p) -> None:
     from ._plugins import add_plugin_arguments
+    from ._run_split import add_run_split_arguments
 
-    p.add_argument("run_dir", help="a run directory (runs/<run_name>)")
-    p.add_argument("split", nargs="?", default=None,
-                   help="default: the run's eval.split (a validation split); name `test` to score the test split")
-    p.add_argument("overrides", nargs="*", help="evaluation settings, e.g. task.root=/data/pg19 task.eval_stride=512")
+    add_run_split_arguments(p, "task.root=/data/pg19 task.eval_stride=512")
     p.add_argument("--corruptions", nargs="+", default=None, metavar="NAME[:VALUE]",
                    help="e.g. drop:0.05 uppercase:0.3 antspeak random_case image_flip:0.001 jpeg:20 noise:8 "
                         "(default: every corruption that applies to the run; text ones at p = 0.05 and 0.3, image-byte "
@@ -42,6 +40,7 @@ def run(args) -> int:
     from omnibyte.run import load_run
 
     from ._plugins import import_chosen_plugins
+    from ._run_split import split_and_overrides
 
     import_chosen_plugins(args)
     setup_console_logging(logging.WARNING if args.quiet else logging.INFO)
@@ -49,11 +48,7 @@ def run(args) -> int:
         raise ConfigError(f"--seed must be >= 0, got {args.seed}")
     if args.limit is not None and args.limit < 0:
         raise ConfigError(f"--limit must be >= 0 (0: the whole split), got {args.limit}")
-    overrides = list(args.overrides)
-    split = args.split
-    if split is not None and "=" in split:  # `omnibyte robustness run a.b=c`: no split given
-        overrides.insert(0, split)
-        split = None
+    split, overrides = split_and_overrides(args)
     loaded = load_run(args.run_dir, args.checkpoint, device=args.device, overrides=overrides,
                       trust_plugins=args.trust_plugins)
     plan_for(loaded, args.corruptions)  # refuse bad corruptions before any scoring
