@@ -287,10 +287,13 @@ def evaluate_run(run: Run, split: str | None = None, *, max_samples: int | None 
     results: dict[str, Any] = {"run": str(run.run_dir), "checkpoint": str(run.checkpoint), "which": run.which,
                                "step": run.step, "split": split, "data_source": cfg.data.source}
     if bpb:
+        rows: dict = {}
         batches = eval_batches(cfg.data, run.task, run.serializer, split, max_samples=n,
-                               batch_size=cfg.eval.batch_size, pad_multiple=meta.patch_product)
+                               batch_size=cfg.eval.batch_size, pad_multiple=meta.patch_product, stats=rows)
         results.update(evaluate_bpb(LossModule(model), batches, device, bf16=bf16))
         results.pop("weight", None)
+        if rows:  # e.g. {"overlong_cropped": 3}: bits per byte over cropped streams, said in the result
+            results["bpb_rows"] = rows
         if per_token and meta.per_token_losses:
             h5 = write_per_token(out / f"{split}_{run.step}.h5", model, batches, device, split=split,
                                  step=run.step, bf16=bf16)

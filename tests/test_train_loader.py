@@ -70,7 +70,8 @@ def test_pad_policies():
         list(pad_rows(streams, 8, "error"))
     stats = {}
     assert [s.id for s in pad_rows(streams, 8, "skip", stats)] == ["a", "b"] and stats["overlong_skipped"] == 1
-    assert [len(s) for s in pad_rows(streams, 8, "crop")] == [5, 8, 3]
+    stats = {}
+    assert [len(s) for s in pad_rows(streams, 8, "crop", stats)] == [5, 8, 3] and stats == {"overlong_cropped": 1}
 
 
 def test_concat_rows_with_separators():
@@ -109,6 +110,15 @@ def test_eval_batches_are_fixed_and_split_over_ranks():
     halves = [_ids(eval_batches(cfg, task, ser, "validation", rank=r, world=2)) for r in range(2)]
     assert one == [s["id"] for s in task.samples("validation")]
     assert sorted(halves[0] + halves[1]) == sorted(one)
+    # a stream longer than seq_len is cropped (eval never fails on it) and counted, so a result can say so
+    stats: dict = {}
+    lengths = [len(ser(s)) for s in task.samples("validation")]
+    short = DataConfig(seq_len=min(lengths) - 1, batch_size=2)
+    assert _ids(eval_batches(short, task, ser, "validation", stats=stats)) == one
+    assert stats == {"overlong_cropped": len(lengths)}
+    whole: dict = {}
+    eval_batches(cfg, task, ser, "validation", stats=whole)
+    assert whole == {}
 
 
 def _prepare(tmp_path, task, ser, max_count=5, splits=("train", "validation")):

@@ -201,13 +201,15 @@ def eval_streams(cfg, task, serializer, split: str, *, max_samples: int = 0, sta
 
 
 def eval_batches(cfg, task, serializer, split: str, *, max_samples: int = 0, batch_size: int = 0,
-                 pad_multiple: int = 1, rank: int = 0, world: int = 1) -> list[Batch]:
+                 pad_multiple: int = 1, rank: int = 0, world: int = 1, stats: dict | None = None) -> list[Batch]:
     """A fixed, finite list of batches of ``split`` (the first ``max_samples`` samples), this rank's share.
 
     Rows go to ranks round-robin. Over-long streams under the ``error`` policy are cropped here (with
-    a warning) rather than ending an evaluation; concat packing keeps the final short row.
+    a warning) rather than ending an evaluation; concat packing keeps the final short row. ``stats`` (a dict)
+    receives the counts of cropped (``overlong_cropped``), skipped and task-skipped samples, so a result can
+    say that its bits per byte are not over whole streams.
     """
-    stats: dict = {}
+    stats = {} if stats is None else stats
     packing = packing_of(cfg, task)
     streams = eval_streams(cfg, task, serializer, split, max_samples=max_samples, stats=stats)
     buckets: tuple[int, ...] = ()

@@ -38,6 +38,8 @@ def pad_rows(streams: Iterable[ByteStream], seq_len: int,
                 if stats is not None:
                     stats["overlong_skipped"] = stats.get("overlong_skipped", 0) + 1
                 continue
+            if stats is not None:
+                stats["overlong_cropped"] = stats.get("overlong_cropped", 0) + 1
             s = s[:seq_len]
         if len(s) == 0:
             continue
