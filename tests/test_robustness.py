@@ -278,6 +278,22 @@ def test_vqa_rows_score_corrupted_questions_and_image_bytes(tmp_path):
     assert rows["image_flip:0.05"]["image_bytes"] == rows["clean"]["image_bytes"]
 
 
+def test_a_corruption_that_pushes_streams_past_seq_len_says_its_bpb_misses_their_tails(tmp_path):
+    """Eval crops a stream longer than data.seq_len; antspeak doubles a question, so at a seq_len that holds
+    every clean stream the corrupted rows are cropped: the row counts them and carries a warning."""
+    from omnibyte.robustness.evaluate import run_robustness, table_lines
+
+    base = ("clevr_vqa_png", f"task.root={FIXTURE}", "serializer.image.size=[16,12]", "model.stages.0.length=128",
+            *TINY_MBLM[2:])
+    probe = _unloaded_run(*base, "data.seq_len=1024")
+    longest = max(len(probe.serializer(s)) for s in list(probe.task.samples("val"))[:2])
+    run = _unloaded_run(*base, f"data.seq_len={longest}", run_dir=tmp_path)
+    res = run_robustness(run, corruptions=["antspeak"], limit=2, progress=False)
+    clean, ant = res["rows"]
+    assert "cropped" not in clean and ant["cropped"] > 0 and "cropped to data.seq_len" in ant["warning"]
+    assert any(line.startswith("WARNING antspeak") for line in table_lines(res))
+
+
 def test_a_text_corruption_of_undecodable_text_names_the_sample():
     from omnibyte.errors import DataError
 

@@ -154,8 +154,9 @@ def image_bits(run, serializer, split: str, max_samples: int) -> dict[str, Any] 
     model, cfg = run.model, run.config
     if not model.stream_meta.per_token_losses:
         return None
+    rows: dict = {}
     batches = eval_batches(cfg.data, run.task, serializer, split, max_samples=max_samples,
-                           batch_size=cfg.eval.batch_size, pad_multiple=model.stream_meta.patch_product)
+                           batch_size=cfg.eval.batch_size, pad_multiple=model.stream_meta.patch_product, stats=rows)
     nats, count = 0.0, 0
     with torch.no_grad():
         for b in batches:
@@ -165,7 +166,8 @@ def image_bits(run, serializer, split: str, max_samples: int) -> dict[str, Any] 
             keep = (b.modality == int(Modality.IMAGE)) & (b.tokens < NUM_BYTES)
             nats += float(nll[keep].sum())
             count += int(keep.sum())
-    return {"image_bpb": nats / count / math.log(2) if count else float("nan"), "image_bytes": count}
+    return {"image_bpb": nats / count / math.log(2) if count else float("nan"), "image_bytes": count,
+            **({"image_rows": rows} if rows else {})}
 
 
 def _row(label: str, res: dict[str, Any], img: dict[str, Any] | None) -> dict[str, Any]:
@@ -182,6 +184,8 @@ def _row(label: str, res: dict[str, Any], img: dict[str, Any] | None) -> dict[st
         row.update(img)
     if res.get("skipped"):
         row["skipped"] = res["skipped"]
+    if res.get("bpb_rows"):  # streams cropped to data.seq_len in the bpb pass (e.g. a lengthened question)
+        row["cropped"] = int(res["bpb_rows"].get("overlong_cropped", 0))
     row["detail"] = res.get("results_file")
     return row
 
@@ -239,6 +243,12 @@ def run_robustness(run, split: str | None = None, *, corruptions=None, seed: int
                             f"(skipped: {r.get('skipped') or {}}); this row does not compare the same samples")
             if log is not None:
                 log.warning("robustness %s: %s", r["corruption"], r["warning"])
+        if r.get("cropped", 0) > clean.get("cropped", 0):
+            note = (f"{r['cropped']} eval streams cropped to data.seq_len in the bpb pass against "
+                    f"{clean.get('cropped', 0)} clean: bpb / image_bpb there miss the cropped tails")
+            r["warning"] = f"{r['warning']}; {note}" if r.get("warning") else note
+            if log is not None:
+                log.warning("robustness %s: %s", r["corruption"], note)
         for k in headline(rows):
             if _finite(r.get(k)) and _finite(clean.get(k)):
                 r[f"delta_{k}"] = r[k] - clean[k]
