@@ -24,10 +24,15 @@ def tables(runs_dir: str, smooth: int = 1) -> str:
 
     runs = A.load_runs(runs_dir)
     out = []
-    rows = A.transfer_table(runs, key="loss", split="val", window=smooth)
-    out.append("### Steps to the scratch model's final val loss (answer bytes)\n")
-    out.append(A.markdown_table(rows, ["kind", "target", "scratch_steps", "pretrained_steps", "reached",
-                                       "speedup", "reduction", "scratch_final", "pretrained_final"]))
+    # one table per way of starting other than scratch: pg19 (init_from), pathway-pg19, mom, mom+pg19, ...
+    starts = sorted({A.init_kind(r) for r in runs} - {"scratch"}, key=lambda k: (k != "pg19", k))
+    for start in starts:
+        rows = A.transfer_table(runs, key="loss", split="val", window=smooth, pretrained=start)
+        if not rows:
+            continue
+        out.append(f"\n### Steps to the scratch model's final val loss (answer bytes): {start} against scratch\n")
+        out.append(A.markdown_table(rows, ["kind", "target", "scratch_steps", "pretrained_steps", "reached",
+                                           "speedup", "reduction", "scratch_final", "pretrained_final"]))
     acc = A.accuracy_table(runs, split="val")
     qtypes = sorted({q for r in acc for q in r["by_qtype"]})
     flat = [{"arm": r["arm"], "mode": r["mode"], "overall": r["accuracy"], **r["by_qtype"]} for r in acc]

@@ -2,12 +2,14 @@
 """The cross-modal transfer experiment, end to end, in one process tree (issue 7).
 
     python results/run_transfer.py --out OUT --pg19 ../shared/data/pg19-mini [--scale gpu|micro] [--jobs N]
+        [--arms scratch,pg19,pathway,mom,mom_pg19]
 
 1. data: ``omnibyte prepare clevr-synth`` (CLEVR-format images and questions), while
 2. ``omnibyte train pg19_lm`` pretrains a byte model on PG19;
 3. fine-tunes ``omnibyte train clevr_vqa_{png,jpeg,pixels}`` from scratch and, with the same model, steps,
    batch and schedule, ``omnibyte train transfer_pg19_to_clevr_{png,jpeg,pixels}`` from the PG19 weights;
    ``omnibyte train clevr_cnn_lstm`` on the same data, steps and batch; every arm with ``--seeds`` seeds;
+   ``--arms`` adds Multimodal Pathway from the PG19 run and modality-aware blocks (scratch and from PG19);
 4. ``run_transfer.py eval RUN_DIR``: VQA accuracy by question type on the first ``vqa_samples`` val
    questions (closed-set ranking through each model's ``score``: byte models and the CNN+LSTM alike) into ``eval/vqa_val.json``,
    and per-token losses of a few val streams into ``eval/val_<step>.h5`` (heat maps);
@@ -39,8 +41,8 @@ REPO = Path(__file__).resolve().parent.parent
 SCALES = {
     "gpu": {
         "images": 4000, "qpi": 10, "render": "240x160", "gen_workers": 16,
-        "stages": "[{length: 1024, width: 256, layers: 3, block: {name: transformer, heads: 4}}, "
-                  "{length: 8, width: 128, layers: 2, block: {name: transformer, heads: 4}}]",
+        "stages": [{"length": 1024, "width": 256, "layers": 3, "block": {"name": "transformer", "heads": 4}},
+                   {"length": 8, "width": 128, "layers": 2, "block": {"name": "transformer", "heads": 4}}],
         "pg19": ["data.seq_len=2048", "data.batch_size=32", "train.steps=1200", "train.lr=2e-3",
                  "train.min_lr=2e-4", "train.warmup=100", "train.eval_every=400", "train.log_every=50",
                  "eval.split=validation", "eval.max_samples=0"],
@@ -53,8 +55,8 @@ SCALES = {
     },
     "micro": {
         "images": 24, "qpi": 4, "render": "96x64", "gen_workers": 2,
-        "stages": "[{length: 64, width: 32, layers: 1, block: {name: transformer, heads: 2}}, "
-                  "{length: 8, width: 16, layers: 1, block: {name: transformer, heads: 2}}]",
+        "stages": [{"length": 64, "width": 32, "layers": 1, "block": {"name": "transformer", "heads": 2}},
+                   {"length": 8, "width": 16, "layers": 1, "block": {"name": "transformer", "heads": 2}}],
         "pg19": ["data.seq_len=256", "data.batch_size=4", "train.steps=6", "train.lr=2e-3", "train.warmup=2",
                  "train.eval_every=3", "train.log_every=2", "eval.split=validation", "eval.max_samples=2"],
         "clevr": ["data.batch_size=2", "train.steps=4", "train.lr=1e-3", "train.warmup=1", "train.eval_every=2",
@@ -68,6 +70,27 @@ SCALES = {
     },
 }
 KINDS = ("png", "jpeg", "pixels")
+# Arms (issue 16's second edition adds the last three): how a CLEVR run starts from the PG19 run, if at all.
+# scratch and pg19 (init_from) are the first edition's; pathway = Multimodal Pathway from the PG19 run (W + lambda W'
+# per linear layer); mom = modality-aware blocks (per-modality copies, MODALITY_EXPERTS) from scratch; mom_pg19 =
+# the same initialised from the PG19 run (each dense tensor copied into every modality's copy).
+ARMS = ("scratch", "pg19", "pathway", "mom", "mom_pg19")
+MODALITY_EXPERTS = [["image"], ["question", "answer"]]
+
+
+def stages_override(stages: list[dict], modality_aware: bool = False) -> str:
+    """``model.stages=<flow YAML>`` (JSON is YAML) for the scale's stages, with per-modality copies if asked."""
+    stages = json.loads(json.dumps(stages))
+    if modality_aware:
+        for st in stages:
+            st["block"]["modality_experts"] = MODALITY_EXPERTS
+    return f"model.stages={json.dumps(stages)}"
+
+
+def arm_overrides(arm: str, pg19_run: Path) -> list[str]:
+    """The overrides that make the scratch config of a kind into ``arm`` (beside the model's stages)."""
+    return {"scratch": [], "mom": [], "pg19": [f"train.init_from={pg19_run}"],
+            "pathway": [f"train.pathway_from={pg19_run}"], "mom_pg19": [f"train.init_from={pg19_run}"]}[arm]
 CONFIG = {("png", "scratch"): "clevr_vqa_png", ("jpeg", "scratch"): "clevr_vqa_jpeg",
           ("pixels", "scratch"): "clevr_vqa_pixels", ("png", "pg19"): "pg19_to_clevr_png",
           ("jpeg", "pg19"): "transfer_pg19_to_clevr_jpeg", ("pixels", "pg19"): "transfer_pg19_to_clevr_pixels"}
@@ -154,7 +177,10 @@ def experiment(a) -> int:
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "PYTHONUNBUFFERED": "1"}
     t_start = time.time()
     r = Runner(out, a.jobs or sc["jobs"], t_start + (a.budget or sc["budget"]), env)
-    model = f"model.stages={sc['stages']}"
+    model = stages_override(sc["stages"])
+    arms = [x for x in a.arms.split(",") if x]
+    if bad := [x for x in arms if x not in ARMS]:
+        raise SystemExit(f"--arms: unknown {bad}; choose from {', '.join(ARMS)}")
     common = [f"out_dir={runs}", "train.progress=false", "train.ckpt_every=0", "train.keep_last=1"]
 
     gen = ["prepare", "clevr-synth", "--out", str(data), "--images", str(sc["images"]), "--questions-per-image",
@@ -164,7 +190,8 @@ def experiment(a) -> int:
     only = {n for n in a.only.split(",") if n}  # a re-run of some runs only (their data and pretrain too)
     wanted = (lambda name: name in only) if only else (lambda name: True)
     data_ok = r.run("data", omnibyte(*gen)) if not (data / "questions").is_dir() else None
-    need_pre = not only or any("_pg19_" in n for n in only)
+    from_pg19 = [x for x in arms if x != "scratch" and x != "mom"]
+    need_pre = bool(from_pg19) and (not only or any(f"_{x}_" in n for n in only for x in from_pg19))
     pre_ok = r.run("pg19_lm", omnibyte("train", "pg19_lm", f"task.root={Path(a.pg19).resolve()}", "run_name=pg19_lm",
                                        model, *common, *sc["pg19"])) if need_pre else threading.Event()
     evaluate = [sys.executable, str(Path(__file__).resolve()), "eval", "--vqa-samples", str(sc["vqa_samples"])]
@@ -174,16 +201,17 @@ def experiment(a) -> int:
     dep_data = [data_ok] if data_ok else []
     need_data = ["data"] if data_ok else []
     for seed in seeds:  # interleave arms so every arm gets its seeds even if the budget cuts the tail
-        for init in ("scratch", "pg19"):
+        for init in arms:
             for kind in KINDS:
                 name = f"{kind}_{init}_s{seed}"
                 if not wanted(name):
                     continue
-                argv = omnibyte("train", CONFIG[kind, init], f"task.root={data}", f"run_name={name}", f"seed={seed}",
-                                model, *common, *sc["clevr"])
+                config = CONFIG[kind, "pg19" if init == "pg19" else "scratch"]
+                stages = stages_override(sc["stages"], modality_aware=init.startswith("mom"))
+                argv = omnibyte("train", config, f"task.root={data}", f"run_name={name}", f"seed={seed}",
+                                stages, *common, *sc["clevr"], *arm_overrides(init, runs / "pg19_lm"))
                 deps, need = list(dep_data), list(need_data)
-                if init == "pg19":
-                    argv.append(f"train.init_from={runs / 'pg19_lm'}")
+                if init in from_pg19:
                     deps.append(pre_ok)
                     need.append("pg19_lm")
                 trained = r.run(name, argv, deps, need)
@@ -208,7 +236,7 @@ def experiment(a) -> int:
         pre_ok.set()
     for w in [pre_ok, *waits]:
         w.wait()
-    summary = {"scale": a.scale, "seeds": seeds, "only": sorted(only), "wall_s": round(time.time() - t_start, 1), "status": r.status,
+    summary = {"scale": a.scale, "seeds": seeds, "arms": arms, "only": sorted(only), "wall_s": round(time.time() - t_start, 1), "status": r.status,
                "sizes": sc, **_environment()}
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     pack(runs, out / "transfer_metrics.tar.gz", extra=[out / "summary.json", out / "commands.txt", out / "prior.json"])
@@ -312,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=0)
     p.add_argument("--budget", type=float, default=0, help="seconds for everything (default: the scale's)")
     p.add_argument("--templates", default="", help="CLEVR template folder for the generator (default: its own)")
+    p.add_argument("--arms", default="scratch,pg19",
+                   help=f"comma-separated arms of {', '.join(ARMS)} (second edition: all of them)")
     p.add_argument("--only", default="", help="comma-separated run names to (re)make, e.g. png_scratch_s2 (default: all)")
     return experiment(p.parse_args(argv))
 
