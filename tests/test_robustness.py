@@ -276,6 +276,14 @@ def test_vqa_rows_score_corrupted_questions_and_image_bytes(tmp_path):
     assert rows["random_case"]["bpb"] != rows["clean"]["bpb"]  # ... and the answer's context did
     assert rows["image_flip:0.05"]["image_bpb"] != rows["clean"]["image_bpb"]
     assert rows["image_flip:0.05"]["image_bytes"] == rows["clean"]["image_bytes"]
+    # the predictions file of a question corruption shows the question the model read, beside the clean one
+    detail = tmp_path / "eval" / "robustness" / "val_0"
+    recs = [json.loads(x) for x in (detail / "random_case" / "vqa_val_predictions.jsonl").read_text().splitlines()]
+    clean = [json.loads(x) for x in (detail / "clean" / "vqa_val_predictions.jsonl").read_text().splitlines()]
+    assert len(recs) == 2 and all("question_clean" not in r for r in clean)
+    for r, c in zip(recs, clean):
+        assert r["question_clean"] == c["question"] and r["question"] != c["question"]
+        assert r["question"].lower() == c["question"].lower()  # random_case: the same letters
 
 
 def test_a_corruption_that_pushes_streams_past_seq_len_says_its_bpb_misses_their_tails(tmp_path):

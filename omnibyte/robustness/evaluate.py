@@ -114,6 +114,7 @@ class CorruptingSerializer:
     def __init__(self, inner, corruption: Corruption, plan: Plan, seed: int):
         self.inner, self.corruption, self.plan, self.seed = inner, corruption, plan, seed
         self.config = inner.config
+        self.questions: dict[str, str] = {}  # qa runs: sample id -> the corrupted question the model read
 
     def __getattr__(self, name):  # prompt(), name, ... of the wrapped serializer
         return getattr(self.inner, name)
@@ -136,6 +137,8 @@ class CorruptingSerializer:
                 raise DataError(f"sample {sid!r}: corruption {c.label}: field {field!r} is not decoded text "
                                 f"({type(value).__name__}; e.g. a PG19 book that is not valid UTF-8)")
             s[field] = corrupt_text(value, c, rng)
+            if self.plan.serializer == "qa":
+                self.questions[str(sid)] = s[field]
         else:
             s[field] = corrupt_image_file(value, c, rng, str(sid))
         return self.inner(s)
@@ -190,6 +193,20 @@ def _row(label: str, res: dict[str, Any], img: dict[str, Any] | None) -> dict[st
     return row
 
 
+def _show_corrupted_questions(path: Path, questions: dict[str, str]) -> None:
+    """The task writes each question's text from the clean sample; in a corrupted row's predictions file the
+    ``question`` is the corrupted text the model read (``question_clean`` keeps the original)."""
+    if not path.is_file():
+        return
+    lines = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        rec = json.loads(line)
+        if str(rec.get("id")) in questions:
+            rec = {**rec, "question_clean": rec.get("question", ""), "question": questions[str(rec["id"])]}
+        lines.append(json.dumps(rec, ensure_ascii=False))
+    path.write_text("".join(x + "\n" for x in lines), encoding="utf-8")
+
+
 def headline(rows: list[dict]) -> list[str]:
     """The metrics a table shows, in order, present in the clean row."""
     keys = ["text_bpb", "word_ppl", "accuracy", "image_bpb", "bpb"]
@@ -228,6 +245,9 @@ def run_robustness(run, split: str | None = None, *, corruptions=None, seed: int
                            out_dir=detail / label.replace(":", "_"))
         if c is None:
             clean_words = (res.get("task") or {}).get("num_words")
+        elif ser.questions:
+            _show_corrupted_questions(detail / label.replace(":", "_") / f"vqa_{split}_predictions.jsonl",
+                                      ser.questions)
         img = image_bits(variant, ser, split, n) if plan.image_field else None
         rows.append(_row(label, res, img))
     for r in rows:
