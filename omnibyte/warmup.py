@@ -48,6 +48,10 @@ def warm_shapes(train_module: torch.nn.Module, model: torch.nn.Module, lengths: 
     same lengths). Gradients are set to None afterwards; RNG states are restored."""
     if not lengths:
         return 0.0
+    meta = getattr(model, "stream_meta", None)
+    if meta is not None and not meta.per_token_losses:  # e.g. the CNN+LSTM: its loss reads each sample's answer
+        log.info("no shape warm-up for %s: its loss needs real samples", type(model).__name__)
+        return 0.0
     from .loss import LossModule
 
     t0 = time.perf_counter()

@@ -281,6 +281,19 @@ def test_shape_warm_up_leaves_the_loss_curve_and_weights_unchanged(tmp_path):
     assert warm_lengths(DataConfig(seq_len=64, pad_to="longest"), (), True, cuda, False) == []
 
 
+def test_no_shape_warm_up_for_a_classifier_whose_loss_needs_real_samples():
+    """The CNN+LSTM's loss reads each sample's answer: a dummy batch cannot stand for it (it is skipped, not run)."""
+    from test_tasks_cnn_lstm import TINY as CNN
+
+    from omnibyte.model import build_model
+    from omnibyte.warmup import warm_shapes
+
+    model = build_model({**CNN, "answers": ["yes", "no"]})
+    called = []
+    assert warm_shapes(lambda batch: called.append(batch), model, [64, 32], 2, torch.device("cpu"), False) == 0.0
+    assert not called
+
+
 def test_build_model_refuses_a_run_directory_and_names_load_run(finished):
     """build_model(run_dir) used to return an untrained model in silence (it found the config by name)."""
     from omnibyte import build_model, load_run
