@@ -206,6 +206,29 @@ def test_image_file_corruptions_keep_the_files_format_size_and_alpha():
     assert Image.open(io.BytesIO(out)).format == "JPEG" and len(out) < len(jpg.getvalue())
 
 
+def test_image_corruptions_are_drawn_per_image_file_so_questions_about_one_image_agree():
+    qa = SERIALIZERS.build({"name": "qa", "image": {"name": "png"}})
+    png = _png("RGB")
+
+    def sample(sid, filename, question):
+        return {"id": sid, "image": png, "image_filename": filename, "question": question, "answer": "yes"}
+
+    for spec in ("noise:10", "image_flip:0.05"):
+        ser = CorruptingSerializer(qa, parse(spec), Plan("qa", "question", "image", ()), 0)
+
+        def image_bytes(s, ser=ser):
+            st = ser(s)
+            return st.tokens[st.modality == int(Modality.IMAGE)].tolist()
+
+        a, b = sample("q/1", "img_7.png", "Is it red?"), sample("q/2", "img_7.png", "How many cubes?")
+        other = sample("q/3", "img_8.png", "Is it red?")
+        assert image_bytes(a) == image_bytes(b), spec  # one image, one corruption
+        assert image_bytes(a) != image_bytes(other), spec  # another file: its own draws
+    text = CorruptingSerializer(qa, parse("random_case"), Plan("qa", "question", "image", ()), 0)
+    q = "is the big sphere the same colour as the small cube"
+    assert text(sample("q/1", "img_7.png", q)).tokens.tolist() != text(sample("q/2", "img_7.png", q)).tokens.tolist()
+
+
 # --- which corruptions apply to a run ----------------------------------------------------------------------
 
 

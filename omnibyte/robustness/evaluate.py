@@ -124,7 +124,10 @@ class CorruptingSerializer:
         sid = sample.get("id")
         if sid is None or str(sid) == "":
             raise DataError(f"corruption {c.label}: a sample without an id (the corruption is seeded per id)")
-        rng = rng_for(self.seed, c, str(sid))
+        # image corruptions are drawn per image file when the sample names one (CLEVR's image_filename): every
+        # question about an image sees the same corrupted image, as with one damaged file in the wild
+        key = f"image:{sample['image_filename']}" if c.layer != "text" and sample.get("image_filename") else str(sid)
+        rng = rng_for(self.seed, c, key)
         if c.layer == "image_bytes":
             return corrupt_stream(self.inner(sample), c, rng)
         field = self.plan.text_field if c.layer == "text" else self.plan.image_field
