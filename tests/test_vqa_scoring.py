@@ -1,7 +1,8 @@
 """MBLM.score_batch (omnibyte/model/inference/scoring.py) against the reference: the per-prefix loop over
 Decoder.score (``StreamModel.score_batch(model, ...)``), on tiny CPU fp32 models of every block kind, prefixes
-ending mid-patch and on patch boundaries, candidates shorter than, as long as and longer than a patch; and VQA
-rank-mode predictions before == after through tasks/vqa_eval."""
+ending mid-patch and on patch boundaries, candidates shorter than, as long as and longer than a patch; modality-aware
+models (experts in the outer stage, the inner stages or both: every call routes as the reference; a wrong route is
+caught); and VQA rank-mode predictions before == after through tasks/vqa_eval."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from omnibyte.model.api import StreamModel
 from omnibyte.model.inference import scoring
 from omnibyte.model.inference.decoder import Decoder
 from omnibyte.tasks.clevr import CLEVR_ANSWERS
+from omnibyte.vocab import Modality
 
 FIXTURE = Path(__file__).parent / "fixtures" / "clevr_mini"
 
@@ -203,16 +205,17 @@ class Loop:
     def __getattr__(self, k):
         return getattr(self.m, k)
 
-    def score_batch(self, prefixes, candidates):
-        return StreamModel.score_batch(self.m, prefixes, candidates)
+    def score_batch(self, prefixes, candidates, modalities=None):
+        return StreamModel.score_batch(self.m, prefixes, candidates, modalities)
 
 
-@pytest.mark.parametrize("name", ["mamba2+transformer", "3-stage"])
+@pytest.mark.parametrize("name", ["mamba2+transformer", "3-stage", "aware"])
 def test_vqa_rank_predictions_before_equal_after(tmp_path, name):
     """tasks/vqa_eval in rank mode on CLEVR-format items (12 questions, prompts of several lengths): the batched
     scorer predicts exactly what the per-question loop predicts, in batches of any size."""
     task, items = _vqa_setup()
-    m = tiny(MODELS[name], init_std=0.3)  # larger weights: answers far from ties, so the check means something
+    stages = AWARE_MODELS["mamba2 both"] if name == "aware" else MODELS[name]  # aware: the prompts' tracks route
+    m = tiny(stages, init_std=0.3)  # larger weights: answers far from ties, so the check means something
     lengths = {len(it.stream) for s in items.values() for it in s}
     assert len(lengths) >= 4
     for split, its in items.items():
@@ -230,19 +233,131 @@ def test_vqa_rank_predictions_before_equal_after(tmp_path, name):
     from omnibyte.tasks.vqa_eval import answer_candidates, prompt_of
 
     cands = answer_candidates(task.answer_vocab)
-    xs = [torch.as_tensor(prompt_of(it).tokens.astype("int64")) for s in items.values() for it in s]
-    got, want = m.score_batch(xs, cands), reference(m, xs, cands)
+    prompts = [prompt_of(it) for s in items.values() for it in s]
+    xs = [torch.as_tensor(p.tokens.astype("int64")) for p in prompts]
+    ms = [torch.as_tensor(p.modality.astype("int64")) for p in prompts] if name == "aware" else None
+    got, want = m.score_batch(xs, cands, modalities=ms), StreamModel.score_batch(m, xs, cands, ms)
     top2 = want.topk(2, dim=1).values
     assert float((got - want).abs().max()) < 1e-4 < float((top2[:, 0] - top2[:, 1]).min())
 
 
-def test_modality_aware_models_are_refused_not_mis_scored():
-    """The batched path routes no modality: called on a modality-aware model it raises (MBLM.score_batch sends
-    those models to the per-prefix loop with their modality tracks instead)."""
-    m = tiny([(4, 32, dict(TF, modality_experts=[["image"], ["question", "answer"]])), (4, 16, TF)])
+# ------------------------------------------------------------------------------------------------------
+# modality-aware models (modality_experts): every call of the batch routes as the reference does
+
+
+def aware(blk):
+    return dict(blk, modality_experts=["image", ["question", "answer"]])  # 3 experts: the rest is text+special
+
+
+AWARE_MODELS = {  # experts in the outer stage, the inner stage(s) or both
+    "mamba2 outer": [(8, 32, aware(M2K)), (4, 16, TF)],
+    "mamba2 inner": [(8, 32, M2K), (4, 16, aware(M2))],
+    "mamba2 both": [(8, 32, aware(M2K)), (4, 16, aware(TF))],
+    "mamba1 outer": [(8, 32, aware(M1)), (4, 16, TF)],
+    "mamba1 inner": [(8, 32, M2K), (4, 16, aware(M1))],
+    "mamba1 both": [(8, 32, aware(M1)), (4, 16, aware(M1))],
+    "transformer outer": [(8, 32, aware(TF)), (4, 16, TF)],  # KV caches of different lengths: no merging
+    "transformer inner": [(8, 32, TF), (4, 16, aware(TF))],
+    "transformer both": [(8, 32, aware(TF)), (4, 16, aware(TF))],
+    "3-stage all": [(3, 32, aware(M2)), (2, 16, aware(TF)), (3, 16, aware(M1))],  # Q_0 = 6, Q_1 = 3
+    "3-stage middle": [(3, 32, M2), (2, 16, aware(TF)), (3, 16, TF)],
+    "1-stage": [(48, 32, aware(M1))],
+}
+AWARE_LENGTHS = [0, 1, 3, 4, 5, 7, 8, 11, 12, 13, 16, 19, 24]  # at and between boundaries of 4 and 6
+# candidates of length 0, 1, 2, up to a patch and longer; segments that change inside a candidate
+AWARE_CANDIDATES = CANDIDATES + [[5, vocab.SOM_IMAGE, 6, 7, 8, 9, vocab.EOM, 10, 11],
+                                 [vocab.SOM_ANSWER, *b"two", vocab.EOS]]
+
+
+def tracks(xs: list[torch.Tensor], seed: int = 0) -> list[torch.Tensor]:
+    """Modality tracks of runs of random modalities (patches that span modalities); in place, the prefixes end
+    in turn with SOM_ANSWER (candidate bytes: answer), SOM_IMAGE (image), EOS (special) or a byte (its own)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i, x in enumerate(xs):
+        mod = torch.empty(len(x), dtype=torch.long)
+        t = 0
+        while t < len(x):
+            n = int(torch.randint(1, 7, (1,), generator=g))
+            mod[t:t + n] = int(torch.randint(0, 5, (1,), generator=g))
+            t += n
+        if len(x) > 1 and i % 4 < 3:
+            x[-1] = (vocab.SOM_ANSWER, vocab.SOM_IMAGE, vocab.EOS)[i % 4]
+            mod[-1] = int(Modality.SPECIAL)
+        out.append(mod)
+    return out
+
+
+def aware_case(seed: int = 1, lengths=AWARE_LENGTHS):
+    xs = prefixes(seed, lengths)
+    return xs, tracks(xs, seed)
+
+
+@pytest.mark.parametrize("name", list(AWARE_MODELS))
+def test_modality_aware_score_batch_equals_the_per_prefix_loop(name, monkeypatch):
+    """Prefixes ending at and between patch boundaries, after every kind of open segment; candidates of length
+    0, 1 and longer than a patch: the batch equals the loop (Decoder.score with the prefix's track), with the
+    same argmax, in exact-length and bucketed prefills, without calling the reference's feed."""
+    m = tiny(AWARE_MODELS[name])
     assert m.stream_meta.modality_aware
-    with pytest.raises(NotImplementedError, match="modality-aware"):
-        scoring.score_batch(m, prefixes()[:2], [[1]])
+    xs, ms = aware_case()
+    want = StreamModel.score_batch(m, xs, AWARE_CANDIDATES, ms)
+    for bucket in (1, scoring.BUCKET_UNITS):
+        monkeypatch.setattr(scoring, "BUCKET_UNITS", bucket)
+        with monkeypatch.context() as mp:
+            mp.setattr(Decoder, "feed", lambda *a, **k: pytest.fail("score_batch called Decoder.feed"))
+            got = m.score_batch(xs, AWARE_CANDIDATES, modalities=ms)
+        assert got.shape == want.shape and got.dtype == torch.float32
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-6), (bucket, (got - want).abs().max())
+        assert torch.equal(got.argmax(1), want.argmax(1))
+        assert (got[:, AWARE_CANDIDATES.index([])] == 0).all()
+
+
+def test_modality_aware_candidates_route_by_the_open_segment(monkeypatch):
+    """The check above can fail: candidate bytes routed by a wrong modality (the segment open after the prefix
+    ignored) or a wrong prefix track change the scores far past the tolerance."""
+    m = tiny(AWARE_MODELS["mamba2 both"])
+    xs, ms = aware_case()
+    want = StreamModel.score_batch(m, xs, AWARE_CANDIDATES, ms)
+    right = scoring.next_modality
+    monkeypatch.setattr(scoring, "next_modality",
+                        lambda tok, seg: right(tok, torch.full_like(seg, int(Modality.TEXT))))
+    wrong = m.score_batch(xs, AWARE_CANDIDATES, modalities=ms)
+    assert (wrong - want).abs().max() > 1e-2
+    monkeypatch.setattr(scoring, "next_modality", right)
+    other = m.score_batch(xs, AWARE_CANDIDATES, modalities=[(t + 1) % 5 for t in ms])
+    assert (other - want).abs().max() > 1e-2
+
+
+def test_modality_aware_random_batches(monkeypatch):
+    """Random batches (lengths, candidate sets with specials, bucket sizes, row chunks) equal the loop."""
+    m = tiny(AWARE_MODELS["3-stage all"])
+    g = torch.Generator().manual_seed(11)
+    tokens = [*range(0, 256, 17), vocab.SOM_ANSWER, vocab.SOM_TEXT, vocab.EOM, vocab.EOS]
+    for trial in range(12):
+        monkeypatch.setattr(scoring, "BUCKET_UNITS", int(torch.randint(1, 5, (1,), generator=g)))
+        monkeypatch.setattr(scoring, "MAX_ROWS", int(torch.randint(1, 12, (1,), generator=g)))
+        lengths = torch.randint(0, 26, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g).tolist()
+        cands = [[tokens[i] for i in torch.randint(0, len(tokens), (int(torch.randint(0, 9, (1,), generator=g)),),
+                                                   generator=g)] for _ in range(int(torch.randint(1, 4, (1,),
+                                                                                                  generator=g)))]
+        xs, ms = aware_case(trial, lengths)
+        got, want = m.score_batch(xs, cands, modalities=ms), StreamModel.score_batch(m, xs, cands, ms)
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-6), (trial, lengths, cands, scoring.BUCKET_UNITS)
+
+
+def test_modality_aware_needs_a_track_per_prefix():
+    """No track, too few, or one of the wrong length: a clear error naming the prefix, never a guessed route."""
+    m = tiny(AWARE_MODELS["transformer outer"])
+    xs, ms = aware_case(lengths=[3, 9])
+    with pytest.raises(ValueError, match="modality track of every prefix"):
+        m.score_batch(xs, [[1]])
+    with pytest.raises(ValueError, match="1 modality tracks for 2 prefixes"):
+        m.score_batch(xs, [[1]], modalities=ms[:1])
+    with pytest.raises(ValueError, match=r"prefix 1 has shape \(8,\)"):
+        m.score_batch(xs, [[1]], modalities=[ms[0], ms[1][:8]])
+    dense = tiny(MODELS["mamba2+transformer"])  # a dense model ignores the tracks, as its reference does
+    assert torch.equal(dense.score_batch(xs, [[1]], modalities=ms), dense.score_batch(xs, [[1]]))
 
 
 @pytest.mark.parametrize("name", ["mamba2+transformer", "transformer+transformer", "3-stage"])

@@ -349,13 +349,10 @@ class MBLM(StreamModel):
     def score_batch(self, prefixes, candidates, modalities=None) -> torch.Tensor:
         """(B, K): row b = :meth:`score` of ``prefixes[b]`` (any lengths), all rows at once; see
         :mod:`omnibyte.model.inference.scoring` (``StreamModel.score_batch(model, ...)`` is the per-prefix loop).
-        A modality-aware model takes ``modalities`` (one track per prefix) and scores prefix by prefix (the
-        batched path routes no modality)."""
-        if self.modality_aware:
-            return StreamModel.score_batch(self, prefixes, candidates, modalities)
+        A modality-aware model needs ``modalities`` (one track per prefix; candidates follow the generation rule)."""
         from .inference.scoring import score_batch
 
-        return score_batch(self, prefixes, candidates)
+        return score_batch(self, prefixes, candidates, modalities)
 
 
 def build_model(config: Any) -> nn.Module:

@@ -23,6 +23,15 @@ So, per batch of prefixes:
    call per stage, then the head at the candidate positions only; log-probabilities summed per candidate in
    byte order, as the reference.
 
+**Modality-aware models** (blocks with ``modality_experts``, :mod:`omnibyte.model.routing`) take the prefixes'
+modality tracks (``modalities=``). Every call above routes its positions as the reference does: the prefill by
+the prefix's units; the window by a track of the unit before it, the prefix's tail and each candidate's bytes,
+whose modality follows the generation rule from the segment open at the prefix's end
+(:func:`~omnibyte.model.routing.next_modality`, the function the reference calls per fed byte); inner stages
+by the unit before each of their positions (for a row's first, the prefix's last bytes or ``special`` at the
+stream's start). Positions past a short candidate route as ``special`` (PAD); they are masked and, the stages
+being causal, never read by a counted position.
+
 Same computation as the reference up to float rounding (the tests compare them to 1e-5 in fp32 and compare
 argmax predictions); under bf16 autocast the two differ by bf16 rounding only.
 """
@@ -37,6 +46,7 @@ import torch
 from ... import vocab
 from ..blocks.ssm_stack import SSMStack
 from ..cache import BlockCache
+from ..routing import SPECIAL, next_modality, open_segment, unit_modality
 from .sampling import as_batch
 
 MAX_ROWS = 2048  # (prefix, candidate) rows per chunk of steps 2-3 (bounds the inner stages' activations)
@@ -48,13 +58,13 @@ BUCKET_UNITS = 8
 
 
 @torch.no_grad()
-def score_batch(model, prefixes: Sequence, candidates: Sequence[Sequence[int]]) -> torch.Tensor:
-    """(B, K) fp32 log-likelihoods (nats): row b = ``model.score(prefixes[b], candidates)``. ``prefixes``: 1-D
-    token sequences (tensors, lists or bytes) of any lengths; ``candidates``: token lists (may be empty)."""
+def score_batch(model, prefixes: Sequence, candidates: Sequence[Sequence[int]], modalities: Sequence | None = None
+                ) -> torch.Tensor:
+    """(B, K) fp32 log-likelihoods (nats): row b = ``model.score(prefixes[b], candidates, modality=modalities[b])``.
+    ``prefixes``: 1-D token sequences (tensors, lists or bytes) of any lengths; ``candidates``: token lists (may be
+    empty); ``modalities``: one Modality-code track per prefix (same length), required by a modality-aware model
+    (ValueError naming the prefix otherwise), ignored by a dense one (as the reference ignores it)."""
     m = model
-    if getattr(m.stream_meta, "modality_aware", False):  # its blocks route by modality: not computed here
-        raise NotImplementedError("scoring.score_batch: a modality-aware model (modality_experts) is scored prefix "
-                                  "by prefix (StreamModel.score_batch with modalities=)")
     device = m.head.weight.device
     rows = []
     for i, p in enumerate(prefixes):
@@ -62,6 +72,7 @@ def score_batch(model, prefixes: Sequence, candidates: Sequence[Sequence[int]]) 
         if t.shape[0] != 1:
             raise ValueError(f"score_batch: prefix {i} must be a single sequence, got shape {tuple(t.shape)}")
         rows.append(t[0])
+    mods = _tracks(m, rows, modalities, device) if m.stream_meta.modality_aware else None
     cands = [[int(x) for x in c] for c in candidates]
     B, K = len(rows), len(cands)
     if B == 0 or K == 0:
@@ -77,12 +88,35 @@ def score_batch(model, prefixes: Sequence, candidates: Sequence[Sequence[int]]) 
     was_training = m.training
     m.eval()
     try:
-        return _score(m, rows, cands, T, device)
+        return _score(m, rows, cands, T, device, mods)
     finally:
         m.train(was_training)
 
 
-def _score(m, rows: list[torch.Tensor], cands: list[list[int]], T: int, device) -> torch.Tensor:
+def _tracks(m, rows: list[torch.Tensor], modalities, device) -> list[torch.Tensor]:
+    """The prefixes' modality tracks, checked: one per prefix, 1-D, as long as it (a modality-aware model never
+    guesses a route)."""
+    if modalities is None:
+        raise ValueError("score_batch: this model has modality-aware blocks (modality_experts) and needs the "
+                         "modality track of every prefix (modalities=[...], e.g. each prompt's .modality); "
+                         "refusing to route every token to one expert")
+    mods = list(modalities)
+    if len(mods) != len(rows):
+        raise ValueError(f"score_batch: {len(mods)} modality tracks for {len(rows)} prefixes")
+    out = []
+    for i, (r, x) in enumerate(zip(rows, mods)):
+        t = torch.as_tensor(x, device=device).long()
+        if t.dim() == 2 and t.shape[0] == 1:
+            t = t[0]
+        if tuple(t.shape) != tuple(r.shape):
+            raise ValueError(f"score_batch: the modality track of prefix {i} has shape {tuple(t.shape)}, the "
+                             f"prefix {tuple(r.shape)}")
+        out.append(t)
+    return out
+
+
+def _score(m, rows: list[torch.Tensor], cands: list[list[int]], T: int, device,
+           mods: list[torch.Tensor] | None) -> torch.Tensor:
     B, K = len(rows), len(cands)
     Q = m.units[0]
     wdtype = m.head.weight.dtype
@@ -96,7 +130,10 @@ def _score(m, rows: list[torch.Tensor], cands: list[list[int]], T: int, device) 
     off = [p - q for p, q in zip(p0, pg)]  # units from the prefill's end to unit p_0
     need = [(r + T - 1) // Q + 1 for r in tail]  # units from p_0 holding candidate bytes
     lead = [o * Q + r for o, r in zip(off, tail)]  # prefix bytes in the window (from unit p_g on)
-    window = _window(rows, cands, lead, max(o + w for o, w in zip(off, need)) * Q, device)  # (B, K, W * Q)
+    width = max(o + w for o, w in zip(off, need)) * Q
+    window = _window(rows, cands, lead, width, device)  # (B, K, W * Q)
+    # modality-aware: the track of the unit before the window (p_g - 1) and of the window, (B, K, (W + 1) * Q)
+    mwin = None if mods is None else _modality_window(rows, mods, cands, lead, width + Q, Q, device)
 
     # 1. prefill of the outer stage, one call per group of prefixes with the same number of units prefilled
     groups: dict[int, list[int]] = defaultdict(list)
@@ -111,7 +148,13 @@ def _score(m, rows: list[torch.Tensor], cands: list[list[int]], T: int, device) 
             units = torch.stack([rows[b][: p * Q] for b in idx]).view(G, p, Q)
             parts.append(_unit_embedding(m, 0, units).to(wdtype))
         cache = BlockCache()
-        h = block0(torch.cat(parts, dim=1), cache)[:, -1]
+        kw = {}
+        if m.aware[0]:  # position 0 routes as special, position j by the prefix's unit j - 1
+            r = [torch.full((G, 1), SPECIAL, dtype=torch.long, device=device)]
+            if p:
+                r.append(unit_modality(torch.stack([mods[b][: p * Q] for b in idx]).view(G, p, Q)))
+            kw["modality"] = torch.cat(r, dim=1)
+        h = block0(torch.cat(parts, dim=1), cache, **kw)[:, -1]
         done.append((idx, cache, h))
 
     # 2. + 3. per chunk of questions: fan out to the candidates, the window's later units through the outer
@@ -135,16 +178,24 @@ def _score(m, rows: list[torch.Tensor], cands: list[list[int]], T: int, device) 
                 c = BlockCache([dict(d) for d in cache.layers], cache.length)
                 c.select(torch.arange(a, a + G, device=device).repeat_interleave(K))
                 inp = _unit_embedding(m, 0, win.reshape(G * K, W, Q)[:, : W - 1]).to(wdtype)
-                hs.append(block0(inp, c))
+                kw = {}
+                if m.aware[0]:  # positions p_g + 1 .. route by units p_g .. (units 1 .. of the modality window)
+                    kw["modality"] = unit_modality(mwin[sub][..., Q:W * Q].reshape(G * K, W - 1, Q))
+                hs.append(block0(inp, c, **kw))
             h0 = torch.cat(hs, dim=1).view(G, K, W, -1)
+            mw = None if mwin is None else mwin[sub][..., :(W + 1) * Q]  # units p_g - 1 .. p_g + W - 1
             if any(off[b] for b in sub):  # each row's units p_0 .. p_0 + Wc - 1 (past its need: unread)
-                at = (torch.tensor([off[b] for b in sub], device=device)[:, None] +
-                      torch.arange(Wc, device=device)).clamp(max=W - 1)[:, None, :, None].expand(G, K, Wc, 1)
+                o = torch.tensor([off[b] for b in sub], device=device)[:, None]
+                at = (o + torch.arange(Wc, device=device)).clamp(max=W - 1)[:, None, :, None].expand(G, K, Wc, 1)
                 h0 = h0.gather(2, at.expand(G, K, Wc, h0.shape[-1]))
                 win = win.view(G, K, W, Q).gather(2, at.expand(G, K, Wc, Q)).view(G, K, Wc * Q)
+                if mw is not None:  # and the modality of units p_0 - 1 .. p_0 + Wc - 1
+                    at = (o + torch.arange(Wc + 1, device=device)).clamp(max=W)[:, None, :, None]
+                    mw = mw.view(G, K, W + 1, Q).gather(2, at.expand(G, K, Wc + 1, Q)).view(G, K, (Wc + 1) * Q)
             else:
                 win = win[..., : Wc * Q]
-            lp = _inner_logprobs(m, h0.reshape(G * K, Wc, -1), win, [tail[b] for b in sub], T, wdtype)
+                mw = None if mw is None else mw[..., :(Wc + 1) * Q]
+            lp = _inner_logprobs(m, h0.reshape(G * K, Wc, -1), win, [tail[b] for b in sub], T, wdtype, mw)
             acc = torch.zeros(G, K, dtype=torch.float32, device=device)
             for t in range(T):  # summed in byte order, as the reference
                 acc += torch.where(mask[:, t], lp[..., t], torch.zeros_like(lp[..., t]))
@@ -152,9 +203,11 @@ def _score(m, rows: list[torch.Tensor], cands: list[list[int]], T: int, device) 
     return total
 
 
-def _inner_logprobs(m, h0: torch.Tensor, window: torch.Tensor, tail: list[int], T: int, wdtype) -> torch.Tensor:
+def _inner_logprobs(m, h0: torch.Tensor, window: torch.Tensor, tail: list[int], T: int, wdtype,
+                    mw: torch.Tensor | None) -> torch.Tensor:
     """h0: (G * K, W, D_0) outer outputs over the window; window: (G, K, W * Q_0) ids; tail: each row's prefix
-    bytes in the window. -> (G, K, T) fp32 log-probabilities of window[..., tail + t] (clamped at the end)."""
+    bytes in the window; mw: None or (G, K, (W + 1) * Q_0) the modality of the unit before the window and of the
+    window. -> (G, K, T) fp32 log-probabilities of window[..., tail + t] (clamped at the end)."""
     G, K, width = window.shape
     N, W = G * K, h0.shape[1]
     h = h0
@@ -164,7 +217,12 @@ def _inner_logprobs(m, h0: torch.Tensor, window: torch.Tensor, tail: list[int], 
             ctx = m.stage_context(s - 1, h)  # (N_s, P_s, D_s)
             us = u[s].reshape(ctx.shape).to(wdtype)
             inp = torch.cat((m.start[s].to(wdtype).expand(ctx.shape[0], 1, -1), us[:, :-1]), dim=1) + ctx
-            h = m.blocks[s](inp)
+            kw = {}
+            if m.aware[s]:  # the position covering unit j of Q_s bytes routes by unit j - 1 (routing.stage_routes)
+                Q, Qs = m.units[0], m.units[s]
+                um = unit_modality(mw.reshape(N, (W + 1) * Q // Qs, Qs))
+                kw["modality"] = um[:, Q // Qs - 1:-1].reshape(ctx.shape[:2])
+            h = m.blocks[s](inp, **kw)
     h = h.reshape(N, width, -1)
     offs = torch.arange(T, device=h.device)
     pos = (torch.tensor(tail, device=h.device)[:, None, None] + offs).expand(G, K, T).reshape(N, T)
@@ -193,6 +251,35 @@ def _window(rows, cands, lead: list[int], width: int, device) -> torch.Tensor:
         if r:
             out[b, :, :r] = rows[b][len(rows[b]) - r:]
         out[b, :, r:r + T] = padded
+    return out
+
+
+def _modality_window(rows, mods, cands, lead: list[int], width: int, Q: int, device) -> torch.Tensor:
+    """(B, K, width) Modality codes of the unit before the window (``special`` before the stream's start), the
+    last ``lead[b]`` bytes of each prefix, then each candidate's tokens by the generation rule from the segment
+    open after its prefix (routing.next_modality, as Decoder.score feeds them), then ``special`` (PAD)."""
+    B, K, T = len(rows), len(cands), max(len(c) for c in cands)
+    padded = torch.full((K, T), vocab.PAD, dtype=torch.long)
+    for k, c in enumerate(cands):
+        padded[k, :len(c)] = torch.tensor(c, dtype=torch.long)
+    seg = torch.full((B,), SPECIAL, dtype=torch.long, device=device)  # the segment open after an empty prefix
+    full = [b for b, r in enumerate(rows) if len(r)]
+    if full:
+        i = torch.tensor(full, device=device)
+        seg[i] = open_segment(torch.stack([rows[b][-1] for b in full]), torch.stack([mods[b][-1] for b in full]))
+    seg = seg.repeat_interleave(K)
+    tok = padded.to(device).repeat(B, 1)  # (B * K, T)
+    cm = []
+    for t in range(T):
+        mod, seg = next_modality(tok[:, t], seg)
+        cm.append(mod)
+    cm = torch.stack(cm, dim=1).view(B, K, T)
+    out = torch.full((B, K, width), SPECIAL, dtype=torch.long, device=device)
+    for b, r in enumerate(lead):
+        n = len(rows[b])
+        before = min(Q, n - r)  # the unit before the window: Q prefix bytes, none at the stream's start
+        out[b, :, Q - before:Q + r] = mods[b][n - r - before:]
+        out[b, :, Q + r:Q + r + T] = cm[b]
     return out
 
 
