@@ -167,19 +167,25 @@ def _same_where_decided(got: torch.Tensor, want: torch.Tensor, tol: float) -> No
     assert torch.equal(got.argmax(1)[decided], want.argmax(1)[decided])
 
 
+@pytest.mark.parametrize("experts", [False, True], ids=["dense", "aware"])
 @pytest.mark.parametrize("device,bf16", [("cpu", True), pytest.param("cuda", True, marks=pytest.mark.gpu),
                                          pytest.param("cuda", False, marks=pytest.mark.gpu)])
-def test_same_predictions_under_the_precision_policy(device, bf16):
+def test_same_predictions_under_the_precision_policy(device, bf16, experts):
     """The run's precision policy (bf16 autocast; on CUDA the Mamba-2 Triton kernels when installed): batched and
-    loop under the same precision agree to rounding and give the same predictions."""
+    loop under the same precision agree to rounding and give the same predictions (dense and modality-aware)."""
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     from omnibyte.precision import autocast
 
-    m = tiny([(8, 64, dict(M2K, d_state=32, headdim=16, chunk_size=16)), (4, 32, TF)], init_std=0.2).to(device)
-    xs = [x.to(device) for x in prefixes(5, LENGTHS + [37, 61, 64, 90])]
+    outer, inner = dict(M2K, d_state=32, headdim=16, chunk_size=16), TF
+    if experts:
+        outer, inner = aware(outer), aware(inner)
+    m = tiny([(8, 64, outer), (4, 32, inner)], init_std=0.2).to(device)
+    xs = prefixes(5, LENGTHS + [37, 61, 64, 90])
+    ms = [t.to(device) for t in tracks(xs, 5)] if experts else None
+    xs = [x.to(device) for x in xs]
     with autocast(torch.device(device), bf16):
-        got, want = m.score_batch(xs, ANSWERS), reference(m, xs, ANSWERS)
+        got, want = m.score_batch(xs, ANSWERS, modalities=ms), StreamModel.score_batch(m, xs, ANSWERS, ms)
     assert got.dtype == want.dtype == torch.float32
     _same_where_decided(got.cpu(), want.cpu(), tol=0.5 if bf16 else 0.05)  # CUDA fp32: TF32 in Triton dots
 
