@@ -6,17 +6,9 @@ HELP = "score a trained run: bits per byte (overall, per modality), per-token lo
 
 
 def add_arguments(p) -> None:
-
-    from ._plugins import add_plugin_arguments
     from ._run_split import add_run_split_arguments
 
     add_run_split_arguments(p, "eval.max_samples=0 task.root=/data/CLEVR")
-    p.add_argument("--checkpoint", default=None, metavar="best|latest|STEP",
-                   help="default: the run's eval.checkpoint (auto: the best checkpoint by its validation "
-                        "metric, else the latest)")
-    p.add_argument("--device", default="auto", metavar="auto|cpu|cuda|cuda:N",
-                   help="where the model runs (auto: the run's train.device)")
-    add_plugin_arguments(p)
     p.add_argument("--quiet", action="store_true", help="print only the results file")
 
 

@@ -7,7 +7,6 @@ HELP = "score a trained run on clean and corrupted copies of its eval split (tex
 
 
 def add_arguments(p) -> None:
-    from ._plugins import add_plugin_arguments
     from ._run_split import add_run_split_arguments
 
     add_run_split_arguments(p, "task.root=/data/pg19 task.eval_stride=512")
@@ -15,18 +14,13 @@ def add_arguments(p) -> None:
                    help="e.g. drop:0.05 uppercase:0.3 antspeak random_case image_flip:0.001 jpeg:20 noise:8 "
                         "(default: every corruption that applies to the run; text ones at p = 0.05 and 0.3, image-byte "
                         "ones at 0.001 and 0.01, jpeg:30, jpeg:10, noise:0, noise:16)")
-    p.add_argument("--seed", type=int, default=0, help="corruption seed (with each sample id: the sample's draws)")
+    p.add_argument("--seed", type=int, default=0, help="corruption seed (with each sample id, or its image file for image corruptions: the draws)")
     p.add_argument("--limit", type=int, default=None, metavar="N",
                    help="score the first N samples of the split (default: the run's eval.max_samples; 0: all)")
     p.add_argument("--out", default=None, metavar="FILE",
                    help="the JSON table (default: <run>/eval/robustness_<split>_<step>.json)")
     p.add_argument("--plot", nargs="?", const="", default=None, metavar="FILE",
                    help="also draw the table as a PNG (default file: the JSON's path with .png)")
-    p.add_argument("--checkpoint", default=None, metavar="best|latest|STEP",
-                   help="default: the run's eval.checkpoint (as omnibyte eval)")
-    p.add_argument("--device", default="auto", metavar="auto|cpu|cuda|cuda:N",
-                   help="where the model runs (auto: the run's train.device)")
-    add_plugin_arguments(p)
     p.add_argument("--quiet", action="store_true", help="print only the table")
 
 
