@@ -214,6 +214,29 @@ def test_generate_and_score_follow_the_rule():
     assert torch.allclose(both[0], got) and torch.allclose(both[1], m.score(prompt[0, :4], cands, pmod[0, :4]))
 
 
+def test_generation_after_bos_routes_by_the_streams_base_modality_as_training_does():
+    """A utf8 stream is BOS text... EOS: training routes its bytes as text. Generation from [BOS] must too, given
+    the stream's base modality (the CLI passes the serializer's); the default (special, the qa rule) would route
+    them as special, and with text in its own copy that changes every logit."""
+    T = int(Modality.TEXT)
+    m = tiny([(4, 32, dict(M2, modality_experts=["text"])), (4, 16, dict(TF, modality_experts=["text"]))])
+    prompt, pmod = torch.tensor([[vocab.BOS]]), torch.tensor([[S]])
+    new = m.generate(prompt, 7, temperature=0, modality=pmod, base_modality=T)
+    seq = torch.cat([prompt, new], 1)
+    track = torch.tensor([[S] + [T if t < 256 else S for t in new[0].tolist()]])
+    full = m(seq, track)  # logits[t] predict token t from the tokens before it
+    assert torch.equal(full[0, 1:].argmax(-1), new[0])  # greedy == the forward over the training track
+    dec = m.decoder
+    for base, want in ((None, S), (T, T)):
+        st = dec.new_state(1)
+        if base is not None:
+            st.base = base
+        dec.feed(st, prompt, pmod)
+        assert int(dec.next_modality(st, torch.tensor([[104]]))) == want
+        dec.feed(st, torch.tensor([[104, vocab.EOS]]), torch.tensor([[want, S]]))  # after EOS: base again
+        assert int(dec.next_modality(st, torch.tensor([[105]]))) == want
+
+
 # ------------------------------------------------------------------------------------------------------
 # per-modality parameters
 

@@ -143,6 +143,8 @@ def run(args) -> int:
                               f"routes every byte by its modality; give the prompt's with --modality NAME")
         code = int(vocab.Modality.parse(args.modality))
         kw["modality"] = torch.where(batch < vocab.NUM_BYTES, code, int(vocab.Modality.SPECIAL))
+        if loaded.config.serializer.name != "qa":  # one modality between specials (utf8: BOS text... EOS)
+            kw["base_modality"] = int(serializer.modality)
     drafter = None
     if args.draft:
         drafter = load_drafter(args, model, device)

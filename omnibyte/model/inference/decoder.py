@@ -61,7 +61,7 @@ class Decoder:
         if m.modality_aware and new_tokens.numel():
             mod = check_modality(modality, new_tokens.to(state.tokens.device), "feed")
             state.modality = torch.cat((state.modality, mod), dim=1)
-            state.segment = open_segment(new_tokens[:, -1].to(mod.device), mod[:, -1])
+            state.segment = open_segment(new_tokens[:, -1].to(mod.device), mod[:, -1], state.base)
         if new_tokens.numel():
             state.tokens = torch.cat((state.tokens, new_tokens.to(state.tokens.device)), dim=1)
         n = state.length  # we predict token index n
@@ -129,12 +129,12 @@ class Decoder:
         None for a dense model."""
         if state.segment is None:
             return None
-        return _next_modality(tokens[:, 0], state.segment)[0][:, None]
+        return _next_modality(tokens[:, 0], state.segment, state.base)[0][:, None]
     @torch.no_grad()
     def generate(self, prompt, max_new_bytes: int, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, stop_tokens=(), generator: torch.Generator | None = None,
                  use_graphs: bool = False, compile_step: bool = False, draft=None, draft_len: int = 4,
-                 modality=None) -> torch.Tensor:
+                 modality=None, base_modality: int | None = None) -> torch.Tensor:
         """Sample up to ``max_new_bytes`` tokens after ``prompt`` ((B, P) LongTensor, list[int] or bytes).
         Returns (B, <= max_new_bytes) new tokens; generation stops early once every row has produced a stop
         token (rows that stopped are padded with PAD). temperature 0 = greedy. ``use_graphs=True`` (CUDA, Mamba-2
@@ -146,7 +146,9 @@ class Decoder:
         decoding, ``draft_len`` bytes drafted per verification pass; greedy output equals plain greedy, samples
         follow the same distribution (:mod:`omnibyte.model.inference.speculative`). ``modality``: the prompt's
         Modality codes (same shape), required by a modality-aware model; generated tokens follow the rule of
-        :mod:`omnibyte.model.routing` (after ``SOM_ANSWER``: answer bytes)."""
+        :mod:`omnibyte.model.routing` (after ``SOM_ANSWER``: answer bytes); ``base_modality``: the stream's base
+        modality there (the serializer's for single-modality streams, e.g. text after a utf8 ``BOS``; default
+        special)."""
         if draft is not None and self.model.modality_aware:
             raise NotImplementedError("generate: speculative decoding (draft=) does not route modality-aware "
                                       "models (modality_experts); generate without draft=")
@@ -163,6 +165,8 @@ class Decoder:
         m.eval()
         try:
             state = self.new_state(prompt.shape[0], device)
+            if base_modality is not None:
+                state.base = int(base_modality)
             logits = self.feed(state, prompt, modality)
             step = lambda tok: self.feed(state, tok, self.next_modality(state, tok))  # noqa: E731
             if device.type == "cuda" and use_graphs:
