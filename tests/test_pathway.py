@@ -294,6 +294,24 @@ def test_merge_writes_a_run_with_the_pathway_logits_that_evaluates_and_generates
     assert "written by `omnibyte merge`" in capsys.readouterr().err
 
 
+def test_export_of_a_pathway_run_is_merged_and_loads_strictly_into_the_base_model(runs, tmp_path):
+    """export used to copy the raw checkpoint: base W under the weight keys plus aux / lambda tensors, which a
+    non-strict load into the base model silently turned into the untrained-pathway base model."""
+    from omnibyte.registry import MODELS
+    from omnibyte.run import load_run
+
+    _, _, pw = runs
+    out = tmp_path / "pw.safetensors"
+    assert main(["export", str(pw), "--checkpoint", "latest", "--out", str(out)]) == 0
+    weights = load_file(str(out))
+    assert not any(k.rpartition(".")[2] in ("aux_weight", "aux_bias", "pathway_lambda") for k in weights)
+    base = MODELS.build(load_run(pw).config.model)
+    base.load_state_dict(weights, strict=True)
+    base.eval()
+    with torch.no_grad():
+        assert torch.allclose(base(TOKENS), load_run(pw, "latest").model(TOKENS), atol=1e-5, rtol=0)
+
+
 def test_init_from_a_pathway_run_takes_its_merged_weights(runs):
     tmp, _, pw = runs
     frozen = {"steps": 1, "inject_nan_at": [1], "warmup": 0, "eval_every": 0, "ckpt_every": 0,  # step skipped
