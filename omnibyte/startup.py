@@ -91,6 +91,26 @@ def eval_pending(state: dict, run_dir: Path, split: str) -> bool:
         r.get("step") == step and r.get("split") == split for r in read_metrics(run_dir))
 
 
+def check_expert_assignment(model: torch.nn.Module, source_config: dict, stages: tuple[int, ...], source: str
+                            ) -> None:
+    """Per-modality copies are stacked by expert index: a modality-aware source whose stage assigns modalities
+    to copies differently (``[[image], [question, answer]]`` against ``[[question, answer], [image]]``) has the
+    same shapes and would start each modality from another's weights. Refuse, naming the stage and both."""
+    from .model.blocks.experts import expert_table, normalize_groups
+
+    own = getattr(getattr(model, "config", None), "stages", None) or ()
+    theirs = (source_config.get("model") or {}).get("stages") or []
+    for s, (mine, other) in enumerate(zip(own, theirs)):
+        if stages and s not in stages:
+            continue
+        a = tuple(getattr(mine.block, "modality_experts", ()) or ())
+        b = normalize_groups(((other or {}).get("block") or {}).get("modality_experts") or ())
+        if a and b and expert_table(a) != expert_table(b):
+            raise ConfigError(f"train.init_from={source!r}: stage {s} assigns modalities to its per-modality copies "
+                              f"as {[list(g) for g in b]}, this model as {[list(g) for g in a]}: each modality would "
+                              f"start from another's weights; use the same modality_experts (or a dense source)")
+
+
 def init_weights_from(model: torch.nn.Module, source: str, stages: tuple[int, ...]) -> None:
     """Load another run's weights (all, or only ``stages``) into ``model`` before training (transfer). A
     checkpoint of another architecture is a ConfigError naming the first tensors that do not fit."""
@@ -106,6 +126,7 @@ def init_weights_from(model: torch.nn.Module, source: str, stages: tuple[int, ..
         weights = ckpt_io.select_stages(weights, stages)
     except ValueError as e:
         raise ConfigError(f"train.init_stages: {e}") from None
+    check_expert_assignment(model, ckpt_io.read_state(path).get("config") or {}, stages, source)
     weights, copied = expand_dense_weights(model, weights)  # a dense run into modality-aware blocks
     if copied:
         log.info("init_from %s: %d dense tensors copied into every modality's copy (modality_experts)", path,

@@ -472,6 +472,28 @@ def test_init_from_a_dense_run_copies_it_into_every_expert(tmp_path):
         init_weights_from(tiny([(4, 32, aware(M2)), (2, 16, aware(TF))]), str(ck), ())
 
 
+def test_init_from_a_modality_aware_run_needs_the_same_assignment_of_modalities_to_copies(tmp_path):
+    """Copies are stacked by index: the same shapes with another assignment would start each modality from
+    another modality's weights (found in review); it is refused, naming the stage and both assignments."""
+    from omnibyte.checkpoint import save_checkpoint
+    from omnibyte.startup import init_weights_from
+
+    x, mod = torch.randint(0, 256, (2, 19)), mixed_track(2, 19)
+    src = tiny([(4, 32, aware(M2)), (4, 16, aware(TF))])
+    stages = [{"block": {"name": "mamba2", "modality_experts": GROUPS}},
+              {"block": {"name": "transformer", "modality_experts": GROUPS}}]
+    ck = save_checkpoint(tmp_path / "src", 1, model_state=src.state_dict(), optim_state={}, rng=[],
+                         state={"step": 1, "config": {"model": {"stages": stages}}})
+    same = tiny([(4, 32, aware(M2)), (4, 16, aware(TF))], seed=1)
+    init_weights_from(same, str(ck), ())
+    assert torch.allclose(same(x, mod), src(x, mod), atol=1e-5)
+    swapped = [["question", "answer"], "image"]
+    other = tiny([(4, 32, dict(M2, modality_experts=swapped)), (4, 16, aware(TF))], seed=1)
+    with pytest.raises(ConfigError, match=r"stage 0 assigns modalities .*\[\['image'\], \['question', 'answer'\]\]"):
+        init_weights_from(other, str(ck), ())
+    init_weights_from(other, str(ck), (1,))  # only the stage whose assignment matches
+
+
 def test_pg19_scoring_routes_a_modality_aware_model():
     from omnibyte.stream import ByteStream
     from omnibyte.tasks.pg19 import score_stream
