@@ -206,6 +206,18 @@ def test_image_file_corruptions_keep_the_files_format_size_and_alpha():
     assert Image.open(io.BytesIO(out)).format == "JPEG" and len(out) < len(jpg.getvalue())
 
 
+def test_a_16_bit_image_is_refused_not_clamped_to_8_bits():
+    from omnibyte.errors import DataError
+
+    buf = io.BytesIO()
+    Image.fromarray(np.arange(24 * 16, dtype=np.uint16).reshape(16, 24) * 170).save(buf, format="PNG")
+    assert Image.open(io.BytesIO(buf.getvalue())).mode.startswith("I")
+    for spec in ("noise:0", "jpeg:50"):
+        c = parse(spec)
+        with pytest.raises(DataError, match="'s7'.*image mode I"):
+            corrupt_image_file(buf.getvalue(), c, rng_for(0, c, "s7"), "s7")
+
+
 def test_image_corruptions_are_drawn_per_image_file_so_questions_about_one_image_agree():
     qa = SERIALIZERS.build({"name": "qa", "image": {"name": "png"}})
     png = _png("RGB")
@@ -311,7 +323,7 @@ def test_vqa_rows_score_corrupted_questions_and_image_bytes(tmp_path):
 
 def test_a_corruption_that_pushes_streams_past_seq_len_says_its_bpb_misses_their_tails(tmp_path):
     """Eval crops a stream longer than data.seq_len; antspeak doubles a question, so at a seq_len that holds
-    every clean stream the corrupted rows are cropped: the row counts them and carries a warning."""
+    every clean stream the corrupted rows are cropped (or skipped): the row counts them and carries a warning."""
     from omnibyte.robustness.evaluate import run_robustness, table_lines
 
     base = ("clevr_vqa_png", f"task.root={FIXTURE}", "serializer.image.size=[16,12]", "model.stages.0.length=128",
@@ -321,8 +333,21 @@ def test_a_corruption_that_pushes_streams_past_seq_len_says_its_bpb_misses_their
     run = _unloaded_run(*base, f"data.seq_len={longest}", run_dir=tmp_path)
     res = run_robustness(run, corruptions=["antspeak"], limit=2, progress=False)
     clean, ant = res["rows"]
-    assert "cropped" not in clean and ant["cropped"] > 0 and "cropped to data.seq_len" in ant["warning"]
+    assert "bpb_rows" not in clean and ant["bpb_rows"]["overlong_cropped"] > 0
+    assert "bpb pass: eval streams over data.seq_len" in ant["warning"]
     assert any(line.startswith("WARNING antspeak") for line in table_lines(res))
+    # data.overlong=skip drops them from the bpb passes instead: also not the clean row's bytes, also said
+    # (a seq_len that keeps one corrupted stream of the two: an eval pass with no rows at all is an error)
+    from omnibyte.robustness.evaluate import plan_for
+
+    four = list(probe.task.samples("val"))[:4]
+    ser = CorruptingSerializer(probe.serializer, parse("antspeak"), plan_for(probe, ["antspeak"]), 0)
+    fit, bent = max(len(probe.serializer(s)) for s in four), sorted(len(ser(s)) for s in four)
+    assert bent[0] <= fit < bent[-1]
+    run = _unloaded_run(*base, f"data.seq_len={fit}", "data.overlong=skip", run_dir=tmp_path / "skip")
+    clean, ant = run_robustness(run, corruptions=["antspeak"], limit=4, progress=False)["rows"]
+    assert ant["bpb_rows"]["overlong_skipped"] > 0 and ant["image_rows"]["overlong_skipped"] > 0
+    assert "bpb pass" in ant["warning"] and "image_bpb pass" in ant["warning"]
 
 
 def test_a_text_corruption_of_undecodable_text_names_the_sample():

@@ -186,6 +186,9 @@ def corrupt_image_file(data: bytes, c: Corruption, rng: np.random.Generator, sam
         raise DataError(f"sample {sample_id!r}: corruption {c.label}: cannot decode the image file ({e})") from None
     if fmt not in ("PNG", "JPEG"):
         raise DataError(f"sample {sample_id!r}: corruption {c.label}: image format {fmt} (PNG or JPEG expected)")
+    if img.mode not in ("1", "L", "LA", "P", "PA", "RGB", "RGBA"):  # e.g. 16-bit PNG (I;16): an 8-bit save clamps it
+        raise DataError(f"sample {sample_id!r}: corruption {c.label}: image mode {img.mode} (8-bit 1 / L / LA / P / "
+                        f"RGB / RGBA images only; re-saving {img.mode} as 8 bits would destroy it, not corrupt it)")
     has_alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
     grey = img.mode in ("L", "LA", "1", "I", "I;16", "F")
     base = img.convert("LA" if grey and has_alpha else "L" if grey else "RGBA" if has_alpha else "RGB")

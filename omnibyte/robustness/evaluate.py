@@ -190,8 +190,8 @@ def _row(label: str, res: dict[str, Any], img: dict[str, Any] | None) -> dict[st
         row.update(img)
     if res.get("skipped"):
         row["skipped"] = res["skipped"]
-    if res.get("bpb_rows"):  # streams cropped to data.seq_len in the bpb pass (e.g. a lengthened question)
-        row["cropped"] = int(res["bpb_rows"].get("overlong_cropped", 0))
+    if res.get("bpb_rows"):  # streams cropped to data.seq_len (or skipped) in the bpb pass: a lengthened question
+        row["bpb_rows"] = dict(res["bpb_rows"])
     row["detail"] = res.get("results_file")
     return row
 
@@ -266,12 +266,14 @@ def run_robustness(run, split: str | None = None, *, corruptions=None, seed: int
                             f"(skipped: {r.get('skipped') or {}}); this row does not compare the same samples")
             if log is not None:
                 log.warning("robustness %s: %s", r["corruption"], r["warning"])
-        if r.get("cropped", 0) > clean.get("cropped", 0):
-            note = (f"{r['cropped']} eval streams cropped to data.seq_len in the bpb pass against "
-                    f"{clean.get('cropped', 0)} clean: bpb / image_bpb there miss the cropped tails")
-            r["warning"] = f"{r['warning']}; {note}" if r.get("warning") else note
-            if log is not None:
-                log.warning("robustness %s: %s", r["corruption"], note)
+        for key, what in (("bpb_rows", "bpb"), ("image_rows", "image_bpb")):
+            mine, theirs = r.get(key) or {}, clean.get(key) or {}
+            if mine != theirs:  # overlong_cropped / overlong_skipped: not the same bytes as the clean row's
+                note = (f"{what} pass: eval streams over data.seq_len {mine} against {theirs} clean (cropped: their "
+                        f"tails unscored; skipped: not scored): this row's {what} is not over the same bytes")
+                r["warning"] = f"{r['warning']}; {note}" if r.get("warning") else note
+                if log is not None:
+                    log.warning("robustness %s: %s", r["corruption"], note)
         for k in headline(rows):
             if _finite(r.get(k)) and _finite(clean.get(k)):
                 r[f"delta_{k}"] = r[k] - clean[k]
