@@ -40,7 +40,7 @@ def add_arguments(p) -> None:
                    help="--draft self: layers kept per stage, outermost first (e.g. 4,2)")
     p.add_argument("--draft-len", type=int, default=4, help="--draft: bytes drafted per verification (>= 1)")
     p.add_argument("--draft-checkpoint", default=None, metavar="best|latest|STEP",
-                   help="--draft: the draft run's checkpoint (default as --checkpoint)")
+                   help="--draft: the draft run's checkpoint (default: the draft run's own eval.checkpoint, as omnibyte eval)")
     p.add_argument("--compile", action="store_true",
                    help="CUDA: also torch.compile the Mamba stages' step first (~30 s once; 1.55x the bytes/s on an H100)")
 
