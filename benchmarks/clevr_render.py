@@ -26,9 +26,10 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from omnibyte.tasks.clevr_synth.generate import PNG_COMPRESS_LEVEL  # noqa: E402
+from omnibyte.tasks.clevr_synth.questions import QuestionGenerator  # noqa: E402
 from omnibyte.tasks.clevr_synth.render import render  # noqa: E402
 from omnibyte.tasks.clevr_synth.scene import sample_scene  # noqa: E402
-from omnibyte.tasks.clevr_synth.templates import QuestionGenerator, load_templates  # noqa: E402
+from omnibyte.tasks.clevr_synth.templates import load_templates  # noqa: E402
 
 
 def main(argv=None) -> int:

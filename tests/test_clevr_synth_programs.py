@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from omnibyte.tasks.clevr_synth import programs as P
+from omnibyte.tasks.clevr_synth import questions as Q
 from omnibyte.tasks.clevr_synth import templates as T
 from omnibyte.tasks.clevr_synth.scene import relationships
 
@@ -179,7 +180,7 @@ def test_degenerate_relation_is_detected():
 
 def test_instantiation_respects_constraints_and_balance():
     fams = T.load_templates()
-    gen = T.QuestionGenerator(fams, "test")
+    gen = Q.QuestionGenerator(fams, "test")
     for q in gen.questions_for(SCENE, 20):
         assert P.answer(q["program"], SCENE) == q["answer"]
         assert "<" not in q["question"] and "[" not in q["question"]
@@ -195,17 +196,17 @@ def test_speculated_candidates_give_the_same_questions_whatever_the_guesses():
 
     fams = T.load_templates()
     scenes = [_make_scene((3, "train", i, (96, 64), False, "")) for i in range(12)]
-    plain = T.QuestionGenerator(fams, "k")
+    plain = Q.QuestionGenerator(fams, "k")
     want = [plain.questions_for(s, 6) for s in scenes]
     for lag in (1, 3):  # hints taken `lag` images ahead, as the pool does
-        gen = T.QuestionGenerator(fams, "k")
+        gen = Q.QuestionGenerator(fams, "k")
         hints = {i: gen.hint(i, 6) for i in range(lag)}
         got = []
         for i, s in enumerate(scenes):
-            got.append(gen.questions_for(s, 6, T.speculate(fams, s, "k", 6, hints.pop(i))))
+            got.append(gen.questions_for(s, 6, Q.speculate(fams, s, "k", 6, hints.pop(i))))
             if i + lag < len(scenes):
                 hints[i + lag] = gen.hint(i + lag, 6)
         assert got == want, lag
-    wrong = T.QuestionGenerator(fams, "k")  # guesses that are plain wrong: all counts 50, no answers seen
+    wrong = Q.QuestionGenerator(fams, "k")  # guesses that are plain wrong: all counts 50, no answers seen
     bad = ({f["family_index"]: 50 for f in fams}, {f["family_index"]: {} for f in fams})
-    assert [wrong.questions_for(s, 6, T.speculate(fams, s, "k", 6, bad)) for s in scenes] == want
+    assert [wrong.questions_for(s, 6, Q.speculate(fams, s, "k", 6, bad)) for s in scenes] == want

@@ -21,7 +21,7 @@ same arguments give byte-identical files.
 Parallelism (``workers`` > 1): each worker samples (and renders) an image and runs the expensive part of
 its questions, the template searches, for the families the image will likely try, judged from the family
 counts when the image was handed out (a few images stale); this process then applies the balancing to
-those candidates and runs any search the worker did not (see ``templates.QuestionGenerator``). The
+those candidates and runs any search the worker did not (see ``questions.QuestionGenerator``). The
 candidates are pure functions of (seed, split, i, family), so the output is the same for every ``workers``.
 """
 
@@ -41,8 +41,9 @@ import numpy as np
 
 from omnibyte.logging import show_bar
 
+from .questions import QuestionGenerator, speculate
 from .scene import sample_scene
-from .templates import DEFAULT_TEMPLATES_DIR, QuestionGenerator, load_templates, speculate
+from .templates import DEFAULT_TEMPLATES_DIR, load_templates
 
 PNG_COMPRESS_LEVEL = 6
 VAL_FRACTION = 0.15
