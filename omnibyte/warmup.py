@@ -22,12 +22,12 @@ from .stream import Batch
 log = logging.getLogger("omnibyte.train")
 
 
-def warm_lengths(data_cfg, buckets: tuple[int, ...], warm: str | bool, device: torch.device, cuda_graphs: bool) -> list[int]:
-    """The row lengths to warm up: the buckets of a ``pad_to: buckets`` run when ``warm`` is true, or
-    ``auto`` on CUDA without ``train.cuda_graphs`` (the graphs capture the first shape they see: warming
-    the largest bucket first would capture that one). Other padding modes give no list: ``seq_len`` has one
-    shape (step 1 warms it), ``longest`` has no fixed set."""
-    if warm is False or data_cfg.pad_to != "buckets" or not buckets:
+def warm_lengths(buckets: tuple[int, ...], warm: str | bool, device: torch.device, cuda_graphs: bool) -> list[int]:
+    """The row lengths to warm up: the buckets of a ``pad_to: buckets`` run (``loader.resolve_buckets()``; empty
+    for the other padding modes: ``seq_len`` has one shape, which step 1 warms, ``longest`` no fixed set) when
+    ``warm`` is true, or ``auto`` on CUDA without ``train.cuda_graphs`` (the graphs capture the first shape they
+    see: warming the largest bucket first would capture that one)."""
+    if warm is False or not buckets:
         return []
     if warm == "auto" and (device.type != "cuda" or cuda_graphs):
         return []

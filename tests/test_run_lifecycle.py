@@ -269,16 +269,14 @@ def test_shape_warm_up_leaves_the_loss_curve_and_weights_unchanged(tmp_path):
     assert len(curve[True]) == 6 and curve[True] == curve[False]
     a, b = (load_file(str(run / "checkpoints" / "step_000006" / "model.safetensors")) for run in runs.values())
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    # auto: only on CUDA, only for buckets, not with cuda_graphs (they capture the first shape seen)
-    from omnibyte.runconfig import DataConfig
-
-    buckets = DataConfig(seq_len=64, pad_to="buckets", buckets=(16, 32, 64))
+    # auto: only on CUDA, not with cuda_graphs (they capture the first shape seen); no buckets, no warm-up
+    buckets = (16, 32, 64)
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
-    assert warm_lengths(buckets, buckets.buckets, "auto", cpu, False) == []
-    assert warm_lengths(buckets, buckets.buckets, "auto", cuda, False) == [64, 32, 16]
-    assert warm_lengths(buckets, buckets.buckets, "auto", cuda, True) == []
-    assert warm_lengths(buckets, buckets.buckets, True, cpu, True) == [64, 32, 16]
-    assert warm_lengths(DataConfig(seq_len=64, pad_to="longest"), (), True, cuda, False) == []
+    assert warm_lengths(buckets, "auto", cpu, False) == []
+    assert warm_lengths(buckets, "auto", cuda, False) == [64, 32, 16]
+    assert warm_lengths(buckets, "auto", cuda, True) == []
+    assert warm_lengths(buckets, True, cpu, True) == [64, 32, 16]
+    assert warm_lengths((), True, cuda, False) == []  # pad_to seq_len / longest: resolve_buckets() is ()
 
 
 def test_no_shape_warm_up_for_a_classifier_whose_loss_needs_real_samples():
