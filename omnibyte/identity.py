@@ -78,18 +78,14 @@ class RunIdentityError(ConfigError):
     """A re-run whose config differs from the run directory's own record."""
 
 
-def check_rerun(record: dict[str, Any], cfg, run_dir: Path) -> None:
-    """Raise :class:`RunIdentityError` when ``cfg`` differs from ``record`` in a key outside MAY_CHANGE.
+def check_rerun(recorded, cfg, run_dir: Path) -> None:
+    """Raise :class:`RunIdentityError` when ``cfg`` differs from ``recorded`` (the run's record read through
+    today's schema, ``from_dict(RunConfig, record)``) in a key outside MAY_CHANGE.
 
-    A key the record lacks because the run began under an older omnibyte (an option added since) counts as its
-    default: the record is read through today's schema first, so upgrading omnibyte never makes a run refuse
-    to resume, while setting such an option away from its default still does."""
-    from .config import from_dict
-
-    try:
-        record = to_dict(from_dict(type(cfg), record))
-    except (ConfigError, ValueError, TypeError):  # a key since removed or renamed: compare the record as it is
-        pass
+    Reading the record through today's schema gives a key it lacks because the run began under an older omnibyte
+    (an option added since) its default, so upgrading omnibyte never makes a run refuse to resume, while setting
+    such an option away from its default still does."""
+    record = to_dict(recorded)
     diff = config_diff(record, to_dict(cfg))
     if not diff:
         return

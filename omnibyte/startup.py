@@ -154,8 +154,9 @@ def open_run_dir(cfg: RunConfig, info: parallel.DistInfo) -> tuple[RunConfig, Pa
     latest = ckpt_io.latest_checkpoint(run_dir / "checkpoints", verify=True)
     record = run_record(run_dir, latest)
     if record is not None:
-        cfg = inherit_derived(cfg, from_dict(RunConfig, record))
-        check_rerun(record, cfg, run_dir)
+        recorded = from_dict(RunConfig, record)  # today's schema: options added since take their defaults
+        cfg = inherit_derived(cfg, recorded)
+        check_rerun(recorded, cfg, run_dir)
         if cfg.train.resume == "never" and latest is not None:
             raise ConfigError(f"train.resume=never but {run_dir} already holds checkpoints of this run; choose a "
                               f"new run_name (the old run's checkpoints are never overwritten)")

@@ -69,9 +69,9 @@ def test_a_run_begun_under_an_older_omnibyte_resumes_after_an_upgrade(tmp_path):
     not make every run refuse to resume), but setting one away from its default is still a different run."""
     import dataclasses
 
-    from omnibyte.config import to_dict
+    from omnibyte.config import from_dict, to_dict
     from omnibyte.identity import RunIdentityError, check_rerun
-    from omnibyte.runconfig import load_run_config
+    from omnibyte.runconfig import RunConfig, load_run_config
 
     cfg = load_run_config("debug_tiny", [f"out_dir={tmp_path}"])
     old = to_dict(cfg)
@@ -79,6 +79,7 @@ def test_a_run_begun_under_an_older_omnibyte_resumes_after_an_upgrade(tmp_path):
         del old["train"][key]  # the record of a run started before these options existed
     for stage in old["model"]["stages"]:
         stage["block"].pop("modality_experts", None)
+    old = from_dict(RunConfig, old)  # as open_run_dir reads a record
     check_rerun(old, cfg, tmp_path)  # the defaults: the same run
     changed = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, pathway_from="runs/pg19_lm"))
     with pytest.raises(RunIdentityError, match="train.pathway_from"):
