@@ -9,13 +9,12 @@ import torch
 
 def build_optimizer(model: torch.nn.Module, t) -> torch.optim.Optimizer:
     """AdamW; weight decay on tensors with >= 2 dims only (not on norms, biases, start vectors), nor on those
-    marked ``_no_weight_decay`` (the SSM parameters A_log, D and dt_bias, as in mamba-ssm: Mamba-1's A_log is a
-    matrix) or ``_never_decay`` (the stacked per-modality biases, norms and dt biases of modality-aware blocks)."""
+    marked ``_no_weight_decay`` (mamba-ssm's marker: the SSM parameters A_log, D and dt_bias -- Mamba-1's A_log is
+    a matrix -- and the stacked, hence 2-D, per-modality biases and norms of modality-aware blocks)."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            exempt = getattr(p, "_no_weight_decay", False) or getattr(p, "_never_decay", False)
-            (decay if p.ndim >= 2 and not exempt else no_decay).append(p)
+            (decay if p.ndim >= 2 and not getattr(p, "_no_weight_decay", False) else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, eps=t.eps)
 

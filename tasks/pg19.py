@@ -267,6 +267,7 @@ def score_stream(model: Any, stream: Any, context: int, stride: int, batch_size:
     import numpy as np
     import torch
 
+    from omnibyte.loss import per_token_nll
     from omnibyte.vocab import Modality
 
     tokens = np.asarray(stream.tokens, dtype=np.int64)
@@ -283,12 +284,11 @@ def score_stream(model: Any, stream: Any, context: int, stride: int, batch_size:
         for i in range(0, len(group), batch_size):
             chunk = group[i: i + batch_size]
             x = torch.from_numpy(np.stack([tokens[b:e] for b, e, _ in chunk])).to(device)
-            kw = {}
+            mods = None
             if model.stream_meta.modality_aware:  # the windows' modality tracks route the model
-                mods = np.asarray(stream.modality, dtype=np.int64)
-                kw["modality"] = torch.from_numpy(np.stack([mods[b:e] for b, e, _ in chunk])).to(device)
-            with torch.no_grad():
-                nll = model.nll(x, **kw).float().cpu().numpy()  # (B, length) nats
+                track = np.asarray(stream.modality, dtype=np.int64)
+                mods = torch.from_numpy(np.stack([track[b:e] for b, e, _ in chunk])).to(device)
+            nll = per_token_nll(model, x, modality=mods).cpu().numpy()  # (B, length) nats
             for row, (b, e, first) in zip(nll, chunk):
                 keep = counted[first:e]
                 total += float(row[first - b:][keep].sum(dtype=np.float64))

@@ -47,11 +47,9 @@ class StreamModel(nn.Module):
     def batch_loss(self, batch):
         """The training objective over a batch (:class:`~omnibyte.loss.LossOutput`); default: masked
         next-byte cross-entropy of :meth:`nll` weighted by ``batch.loss_mask``, per modality."""
-        from ..loss import masked_loss
+        from ..loss import compute_loss
 
-        if self.stream_meta.modality_aware:
-            return masked_loss(self.nll(batch.tokens, modality=batch.modality), batch.loss_mask, batch.modality)
-        return masked_loss(self.nll(batch.tokens), batch.loss_mask, batch.modality)
+        return compute_loss(self, batch.tokens, batch.loss_mask, batch.modality)
 
     def nll(self, tokens: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
         """(B, L) fp32 nats of ``-log p(tokens[t] | tokens[<t])``."""

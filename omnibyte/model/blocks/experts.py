@@ -114,7 +114,7 @@ class ExpertLinear(nn.Module):
         nn.init.normal_(self.weight, std=in_features ** -0.5)
         self.bias = nn.Parameter(torch.zeros(experts, out_features)) if bias else None
         if self.bias is not None:
-            self.bias._never_decay = True  # type: ignore[attr-defined]  (2-D, but a bias: see omnibyte.optim)
+            self.bias._no_weight_decay = True  # type: ignore[attr-defined]  (2-D, but a bias: see omnibyte.optim)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight[e], self.bias[e] if self.bias is not None else None)
@@ -133,7 +133,7 @@ class ExpertRMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(experts, dim))
-        self.weight._never_decay = True  # type: ignore[attr-defined]
+        self.weight._no_weight_decay = True  # type: ignore[attr-defined]
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), self.weight[e].to(x.dtype), self.eps)

@@ -124,7 +124,6 @@ class Mamba2Mixer(SSMMixer):
         self.D = nn.Parameter(torch.ones(self.nheads))
         for p in (self.dt_bias, self.A_log, self.D):
             p._no_weight_decay = True  # type: ignore[attr-defined]
-        self.dt_bias._never_decay = True  # type: ignore[attr-defined]  # 2-D when per modality (omnibyte.optim)
         self.norm = GatedRMSNorm(self.d_inner, self.d_inner // cfg.ngroups, cfg.norm_eps)
         self.out_proj = ExpertLinear(E, self.d_inner, dim, cfg.bias) if E else nn.Linear(self.d_inner, dim,
                                                                                           bias=cfg.bias)

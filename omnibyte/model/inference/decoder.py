@@ -13,7 +13,6 @@ import torch
 from ... import vocab
 from ..cache import GenerationState, StageState
 from ..routing import SPECIAL, check_modality, open_segment, routes_from_units, unit_modality
-from ..routing import next_modality as _next_modality
 from .sampling import as_batch, sample
 from .speculative import speculative_generate
 
@@ -129,7 +128,8 @@ class Decoder:
         None for a dense model."""
         if state.segment is None:
             return None
-        return _next_modality(tokens[:, 0], state.segment, state.base)[0][:, None]
+        # a byte takes the open segment, a special is special (feed then moves the segment on)
+        return torch.where(tokens < vocab.NUM_BYTES, state.segment[:, None], SPECIAL)
     @torch.no_grad()
     def generate(self, prompt, max_new_bytes: int, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, stop_tokens=(), generator: torch.Generator | None = None,
