@@ -190,7 +190,7 @@ def corrupt_image_file(data: bytes, c: Corruption, rng: np.random.Generator, sam
         raise DataError(f"sample {sample_id!r}: corruption {c.label}: image mode {img.mode} (8-bit 1 / L / LA / P / "
                         f"RGB / RGBA images only; re-saving {img.mode} as 8 bits would destroy it, not corrupt it)")
     has_alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
-    grey = img.mode in ("L", "LA", "1", "I", "I;16", "F")
+    grey = img.mode in ("L", "LA", "1")
     base = img.convert("LA" if grey and has_alpha else "L" if grey else "RGBA" if has_alpha else "RGB")
     colour = base.convert("L" if grey else "RGB")
     alpha = base.getchannel("A") if has_alpha else None

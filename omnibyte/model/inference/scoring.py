@@ -146,7 +146,7 @@ def _score(m, rows: list[torch.Tensor], cands: list[list[int]], T: int, device,
         parts = [m.start[0].to(wdtype).expand(G, 1, -1)]
         if p:
             units = torch.stack([rows[b][: p * Q] for b in idx]).view(G, p, Q)
-            parts.append(_unit_embedding(m, 0, units).to(wdtype))
+            parts.append(m.decoder.unit_embedding(0, units).to(wdtype))
         cache = BlockCache()
         kw = {}
         if m.aware[0]:  # position 0 routes as special, position j by the prefix's unit j - 1
@@ -177,7 +177,7 @@ def _score(m, rows: list[torch.Tensor], cands: list[list[int]], T: int, device,
             if W > 1:
                 c = BlockCache([dict(d) for d in cache.layers], cache.length)
                 c.select(torch.arange(a, a + G, device=device).repeat_interleave(K))
-                inp = _unit_embedding(m, 0, win.reshape(G * K, W, Q)[:, : W - 1]).to(wdtype)
+                inp = m.decoder.unit_embedding(0, win.reshape(G * K, W, Q)[:, : W - 1]).to(wdtype)
                 kw = {}
                 if m.aware[0]:  # positions p_g + 1 .. route by units p_g .. (units 1 .. of the modality window)
                     kw["modality"] = unit_modality(mwin[sub][..., Q:W * Q].reshape(G * K, W - 1, Q))
@@ -231,12 +231,6 @@ def _inner_logprobs(m, h0: torch.Tensor, window: torch.Tensor, tail: list[int], 
     hid = h.gather(1, pos[..., None].expand(N, T, h.shape[-1]))
     lp = torch.log_softmax(m.head(hid).float(), dim=-1).gather(2, target[..., None])
     return lp.view(G, K, T)
-
-
-def _unit_embedding(m, s: int, units: torch.Tensor) -> torch.Tensor:
-    """units: (N, T, Q_s) ids -> (N, T, D_s) (as Decoder.unit_embedding)."""
-    N, T, _ = units.shape
-    return m.unit_embeddings(units.reshape(N, T, *m.lengths[s + 1:]), first=s)[s]
 
 
 def _window(rows, cands, lead: list[int], width: int, device) -> torch.Tensor:
