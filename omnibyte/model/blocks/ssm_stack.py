@@ -57,14 +57,10 @@ class SSMLayer(nn.Module):
         return self.mixer.compile_friendly and not self.experts
 
     def forward(self, x: torch.Tensor, state: dict | None = None, routing: Routing | None = None) -> torch.Tensor:
-        if routing is None:
-            x = x + self.drop(self.mixer(self.norm(x), state))
-            if self.mlp is not None:
-                x = x + self.drop(self.mlp(self.norm2(x)))
-            return x
         x = x + self.drop(self.mixer(self.norm(x), state, routing))
         if self.mlp is not None:
-            x = x + self.drop(routing.apply(norm_then(self.norm2, self.mlp.expert), x))
+            h = self.mlp(self.norm2(x)) if routing is None else routing.apply(norm_then(self.norm2, self.mlp.expert), x)
+            x = x + self.drop(h)
         return x
 
 
@@ -103,7 +99,7 @@ class SSMStack(ModalityAware, nn.Module):
             elif self.checkpoint_layers and self.training:
                 x = torch.utils.checkpoint.checkpoint(layer, x, None, *extra, use_reentrant=False)
             else:
-                x = layer(x, None, *extra) if extra else layer(x)
+                x = layer(x, None, *extra)
         if cache is not None:
             cache.length += x.shape[1]
         return self.norm(x)
