@@ -13,6 +13,7 @@ tracker turns itself off, because a run must not die of a dashboard.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ class WandbTracker(Tracker):
         id_file = Path(run_dir) / "wandb_id"
         run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]  # W&B: [a-z0-9]
         id_file.write_text(run_id + "\n")
+        _wait_for_a_fresh_segment_directory(Path(run_dir) / "wandb", run_id)
         self.run = wandb.init(project=project, name=run_name, id=run_id, resume="allow", dir=str(run_dir),
                               config=config, reinit="finish_previous")
         self.failed = False
@@ -63,6 +65,14 @@ class WandbTracker(Tracker):
             self.run.finish()
         except Exception as e:  # pragma: no cover
             log.warning("wandb: finish failed (%s)", e)
+
+
+def _wait_for_a_fresh_segment_directory(wandb_dir: Path, run_id: str) -> None:
+    """W&B names each segment's directory by the second it starts (``[offline-]run-YYYYmmdd_HHMMSS-<id>``). A resume
+    in the same second as the previous segment's start would write into that segment's directory and replace its log
+    file: wait for the next second instead."""
+    while any(wandb_dir.glob(f"*run-{time.strftime('%Y%m%d_%H%M%S')}-{run_id}")):
+        time.sleep(0.05)
 
 
 def open_tracker(kind: str, run_dir: Path, run_name: str, project: str, config: dict[str, Any]) -> Tracker:

@@ -20,6 +20,8 @@ def test_wandb_offline_run_is_recorded_and_resumed(tmp_path, monkeypatch):
     run_id = (run / "wandb_id").read_text().strip()
     files = list((run / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
     assert len(files) == 1 and files[0].stat().st_size > 0
+    # W&B names a segment's directory by the second it starts; this resume may start in the same second as the first
+    # segment, which the tracker then waits out rather than write into (and replace) that segment's log.
     assert main(["train", str(cfg), "train.steps=4", "--quiet"]) == 0
     assert (run / "wandb_id").read_text().strip() == run_id
     assert len(list((run / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))) == 2
