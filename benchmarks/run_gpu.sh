@@ -2,10 +2,10 @@
 # The GPU jobs behind benchmarks/RESULTS.md (model section). From the repository root, on a machine with
 # one H100 / H200, with the wheels of ../shared/wheels/gpu-py312 copied to .whl/:
 #   bash benchmarks/run_gpu.sh STEP OUTDIR
-# STEP: tests | train | generate | context | vqa | first | small (each fits in one 10-minute device command; a fresh machine
+# STEP: tests | train | generate | context | vqa | first | small | pg19 (each fits in one 10-minute device command; a fresh machine
 # spends ~2 minutes on Triton JIT + autotuning of mamba-ssm's kernels in its first process).
 set -uo pipefail
-step=${1:?step: tests|train|generate|context|vqa|first|small}
+step=${1:?step: tests|train|generate|context|vqa|first|small|pg19}
 out=${2:-/tmp/omnibyte_bench}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -20,7 +20,7 @@ for p in tasks serializers configs; do ln -sfn "../$p" "omnibyte/$p"; done
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$out/env.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/env.txt"
 case "$step" in
-  tests)    MAMBA_DETERMINISTIC=1 timeout 540 python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/ -rs 2>&1 \
+  tests)    MAMBA_DETERMINISTIC=1 timeout "${TESTS_TIMEOUT:-540}" python3 -m pytest -q -s -p no:cacheprovider -m gpu ${TESTS_PATHS:-tests/} -rs 2>&1 \
               | tee "$out/gpu_tests.log" ;;
   # omnibyte (compiled + CUDA graphs, compiled, eager) and mblm 0.4.2 in one process
   train)    timeout 540 python3 benchmarks/train_throughput.py --preset mblm360m --impl inproc \
@@ -41,5 +41,23 @@ case "$step" in
   small)    timeout 540 python3 benchmarks/train_throughput.py --preset pg19_lm --impl inproc --batch 16 --length 8192 \
               --order omnibyte+compile+graphs,mblm,omnibyte --steps 20 --warmup 3 \
               --out "$out/bench.jsonl" 2>&1 | tail -c 6000 | tee "$out/small.log" ;;
+  # issue 17 on a text-trained model: pg19_lm (the target) and a 4-layer drafter trained side by side on PG19-mini
+  # (PG19_ROOT; default .data/pg19-mini, carried), then the target's robustness table on the validation book and
+  # plain vs speculative greedy decoding (prompt: the validation book) in one job
+  pg19)     root=${PG19_ROOT:-.data/pg19-mini}; runs=/tmp/omnibyte_pg19_runs; steps=${PG19_STEPS:-1000}
+            common=(task.root="$root" out_dir="$runs" train.steps="$steps" train.eval_every="$steps"
+                    train.ckpt_every="$steps" train.warmup=100 ${PG19_OVERRIDES:-train.compile=true})
+            timeout 330 python3 -m omnibyte train pg19_lm "${common[@]}" --quiet > "$out/pg19_lm.log" 2>&1 &
+            timeout 330 python3 -m omnibyte train pg19_lm run_name=pg19_small "${common[@]}" \
+              model.stages.0.width=256 model.stages.0.layers=2 model.stages.1.width=128 model.stages.1.layers=2 \
+              model.stages.1.block.heads=2 --quiet > "$out/pg19_small.log" 2>&1 &
+            wait
+            tail -n 3 "$out/pg19_lm.log" "$out/pg19_small.log"
+            cp "$runs/pg19_lm/metrics.jsonl" "$out/pg19_lm_metrics.jsonl"
+            timeout 120 python3 -m omnibyte robustness "$runs/pg19_lm" --out "$out/robustness_pg19.json" --quiet \
+              2>&1 | tee "$out/robustness_pg19.txt"
+            timeout 200 python3 benchmarks/generate.py --speculative --run "$runs/pg19_lm" --draft "$runs/pg19_small" \
+              --draft-len ${DRAFT_LEN:-8} --prompt-file "$root/validation/11.txt" --contexts 1024 --new 512 \
+              ${SPEC_FLAGS:---graph} --out "$out/bench.jsonl" 2>&1 | tail -c 4000 | tee "$out/spec.log" ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
 esac
