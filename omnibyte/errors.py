@@ -19,3 +19,7 @@ class SerializationError(ValueError):
 
 class DataError(ValueError):
     """A dataset that is missing, malformed or inconsistent (names the file and what is wrong)."""
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (e.g. too many non-finite steps in a row)."""

@@ -29,40 +29,54 @@ def summarize(nats: float, weight: float, per_modality: dict[int, tuple[float, f
 
 
 class LogWindow:
-    """Loss sums over the steps since the last log line."""
+    """Loss sums over the steps since the last log line. The sums stay on the device (no host sync per step); the
+    host reads them at a log line (:meth:`summary`) or a checkpoint (:meth:`state`)."""
+
+    CODES = tuple(int(m) for m in Modality)
 
     def __init__(self, saved: dict | None = None):
-        self.nats, self.weight, self.tokens, self.steps = 0.0, 0.0, 0, 0
-        self.mod: dict[int, list[float]] = {}
+        self.tokens, self.steps = 0, 0
+        self._start = [0.0] * (2 + 2 * len(self.CODES))  # nats, weight, then (nats, weight) per modality code
         if saved:
-            self.nats, self.weight, self.tokens, self.steps = (saved[k] for k in ("nats", "weight", "tokens", "steps"))
-            self.mod = {int(c): list(v) for c, v in saved["mod"].items()}
+            self.tokens, self.steps = saved["tokens"], saved["steps"]
+            mod = {int(c): v for c, v in saved["mod"].items()}
+            self._start = [saved["nats"], saved["weight"], *(x for c in self.CODES for x in mod.get(c, (0.0, 0.0)))]
+        self._sums: torch.Tensor | None = None
         self.t0 = time.perf_counter()
 
-    def add(self, nats: float, weight: float, per_mod: dict) -> None:
-        self.nats += nats
-        self.weight += weight
-        for code, (n, w) in per_mod.items():
-            acc = self.mod.setdefault(code, [0.0, 0.0])
-            acc[0] += float(n)
-            acc[1] += float(w)
+    def add(self, nats: torch.Tensor, weight: torch.Tensor, per_mod: dict, keep: torch.Tensor | None = None) -> None:
+        """One step's sums (0-dim float64 tensors; ``per_mod``: {code: (nats, weight)}). ``keep``: a 0-dim bool
+        tensor, the step counts only where it is true (a step skipped on the device)."""
+        zero = nats.new_zeros(())
+        parts = [nats, weight, *(x for c in self.CODES for x in per_mod.get(c, (zero, zero)))]
+        vec = torch.stack([torch.as_tensor(x, dtype=torch.float64, device=nats.device) for x in parts])
+        if keep is not None:
+            vec = torch.where(keep, vec, 0.0)
+        if self._sums is None:  # the saved part of a window a checkpoint cut in two comes first, as on the host
+            self._sums = torch.tensor(self._start, dtype=torch.float64, device=nats.device)
+        self._sums = self._sums + vec
         self.steps += 1
 
+    def _values(self, device: torch.device) -> torch.Tensor:
+        if self._sums is None:
+            return torch.tensor(self._start, dtype=torch.float64, device=device)
+        return self._sums.to(device)
+
     def state(self) -> dict:
-        return {"nats": self.nats, "weight": self.weight, "tokens": self.tokens, "steps": self.steps, "mod": self.mod}
+        v = self._values(torch.device("cpu")).tolist()
+        mod = {c: [v[2 + 2 * i], v[3 + 2 * i]] for i, c in enumerate(self.CODES) if v[2 + 2 * i] or v[3 + 2 * i]}
+        return {"nats": v[0], "weight": v[1], "tokens": self.tokens, "steps": self.steps, "mod": mod}
 
     def summary(self, info, device: torch.device) -> dict:
         """Loss, bpb (overall and per modality), bytes/s and ``tokens`` (this window's, all ranks)."""
         from .parallel import all_reduce_sum
 
-        codes = [int(m) for m in Modality]  # every rank sends every modality: same-shaped all-reduce
-        flat = [self.nats, self.weight, float(self.tokens)]
-        for c in codes:
-            flat += self.mod.get(c, [0.0, 0.0])
-        sums = all_reduce_sum(torch.tensor(flat, dtype=torch.float64, device=device), info).tolist()
-        mod = {c: (sums[3 + 2 * i], sums[4 + 2 * i]) for i, c in enumerate(codes)}
+        # every rank sends every modality: a same-shaped all-reduce
+        flat = torch.cat((self._values(device), torch.tensor([float(self.tokens)], dtype=torch.float64, device=device)))
+        sums = all_reduce_sum(flat, info).tolist()
+        mod = {c: (sums[2 + 2 * i], sums[3 + 2 * i]) for i, c in enumerate(self.CODES)}
         out = summarize(sums[0], sums[1], mod)
         out.pop("weight")
-        out["bytes_per_s"] = sums[2] / max(time.perf_counter() - self.t0, 1e-9)
-        out["tokens"] = sums[2]
+        out["bytes_per_s"] = sums[-1] / max(time.perf_counter() - self.t0, 1e-9)
+        out["tokens"] = sums[-1]
         return out

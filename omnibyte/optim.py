@@ -7,16 +7,27 @@ import math
 import torch
 
 
-def build_optimizer(model: torch.nn.Module, t) -> torch.optim.Optimizer:
+def use_fused(t, params: list[torch.nn.Parameter], strategy: str = "none") -> bool:
+    """``train.fused_optimizer``: true / false as given; auto: fused when every parameter is on a CUDA device and
+    the run is not sharded with FSDP2 (its parameters are DTensors)."""
+    if t.fused_optimizer != "auto":
+        return bool(t.fused_optimizer)
+    return strategy != "fsdp2" and bool(params) and all(p.device.type == "cuda" for p in params)
+
+
+def build_optimizer(model: torch.nn.Module, t, strategy: str = "none") -> torch.optim.Optimizer:
     """AdamW; weight decay on tensors with >= 2 dims only (not on norms, biases, start vectors), nor on those
     marked ``_no_weight_decay`` (mamba-ssm's marker: the SSM parameters A_log, D and dt_bias -- Mamba-1's A_log is
-    a matrix -- and the stacked, hence 2-D, per-modality biases and norms of modality-aware blocks)."""
+    a matrix -- and the stacked, hence 2-D, per-modality biases and norms of modality-aware blocks). Fused
+    (one kernel for every parameter, and a step skipped on the device: :mod:`omnibyte.nonfinite`) as
+    :func:`use_fused` says."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 and not getattr(p, "_no_weight_decay", False) else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, eps=t.eps)
+    fused = use_fused(t, decay + no_decay, strategy)
+    return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, eps=t.eps, **({"fused": True} if fused else {}))
 
 
 def lr_factor(step: int, t) -> float:

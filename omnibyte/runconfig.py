@@ -97,6 +97,7 @@ class TrainConfig:
     pathway_layers: tuple[str, ...] = PATHWAY_DEFAULT  # linear layers by name: qkv out (attention), gate_up down (MLP), in_proj out_proj (Mamba); also x_proj dt_proj (Mamba-1)
     pathway_train_aux: bool = True  # the auxiliary weights W' train too (false: frozen)
     max_bad_steps: int = 5  # stop after this many non-finite steps in a row
+    fused_optimizer: Literal["auto"] | bool = "auto"  # fused AdamW: one kernel per step, non-finite steps skipped on the device (no host sync per step); auto: on CUDA, not under FSDP2
     patience: int = 0  # early stopping: stop after this many evaluations without a better eval bpb (0: off)
     tracker: Literal["none", "wandb"] = "none"  # experiment tracking beside TensorBoard (pip install omnibyte[tracking])
     tracker_project: str = "omnibyte"  # the tracker's project name (wandb: WANDB_MODE=offline works without network)

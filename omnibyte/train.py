@@ -33,12 +33,14 @@ from . import parallel, provenance
 from .checkpointer import Checkpointer, ResumeError
 from .config import to_dict
 from .data import TrainLoader, eval_batches
+from .errors import TrainingError
 from .evaluate import evaluate_bpb
 from .identity import flatten
 from .lock import RunLock
 from .logging import PROGRESS, EarlyRecords, RunLogger
 from .loss import LossModule
 from .metrics import LogWindow
+from .nonfinite import NonFiniteSteps
 from .optim import build_optimizer, build_schedule
 from .precision import autocast, use_bf16
 from .run import build_components
@@ -55,10 +57,6 @@ from .startup import (
 from .warmup import warm_lengths, warm_shapes
 
 log = logging.getLogger("omnibyte.train")
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot go on (e.g. too many non-finite steps in a row)."""
 
 
 def seed_everything(seed: int) -> None:
@@ -159,7 +157,7 @@ def _train(cfg: RunConfig, info: parallel.DistInfo, early: EarlyRecords | None =
 
     # --- parallelism, optimizer, schedule, data -------------------------------------------------
     train_module = parallel.parallelize(LossModule(model), info, t, cfg.parallel, bf16)
-    optimizer = build_optimizer(model, t)
+    optimizer = build_optimizer(model, t, info.strategy)
     scheduler = build_schedule(optimizer, t)
     saver = Checkpointer(run_dir / "checkpoints", info, model, optimizer, scheduler, keep_last=t.keep_last)
     loader = TrainLoader(cfg.data, task, serializer, seed=cfg.seed, rank=info.rank, world=info.world,
@@ -198,6 +196,7 @@ def _train(cfg: RunConfig, info: parallel.DistInfo, early: EarlyRecords | None =
                     "bytes_seen": bytes_seen, **rec})
 
     def save(at: int, then_eval: bool) -> None:
+        settle(at)  # a diverged run stops before its checkpoint
         saver.save(at, state={"counters": counters, "best": best, "config": cfg_dict, "eval_due": then_eval,
                               "provenance": prov},
                    per_rank={"data": loader.state_dict(), "window": window.state()}, best=best)
@@ -228,8 +227,13 @@ def _train(cfg: RunConfig, info: parallel.DistInfo, early: EarlyRecords | None =
 
     # --- the loop ---------------------------------------------------------------------------------
     batches = iter(loader)
-    bad_in_row = 0
+    guard = NonFiniteSteps(optimizer, t.max_bad_steps, counters["bad_steps"])
     window = LogWindow(saved_window)
+
+    def settle(at: int) -> None:
+        """Read what the device knows of skipped steps (fused optimizer: one host sync, here only)."""
+        guard.check(at)
+        counters["bad_steps"] = guard.total
     try:
         if eval_due:  # the run stopped between a checkpoint and its evaluation
             evaluate(step)
@@ -240,7 +244,9 @@ def _train(cfg: RunConfig, info: parallel.DistInfo, early: EarlyRecords | None =
             per_mod: dict[int, list] = {}
             tokens = 0
             for micro in range(t.grad_accum):
-                batch = next(batches).to(device, non_blocking=True)
+                batch = next(batches)
+                tokens += int(batch.lengths.sum())  # on the host: the batch is still there
+                batch = batch.to(device, non_blocking=True)
                 with parallel.sync_context(train_module, micro == t.grad_accum - 1), \
                         autocast(device, bf16, cache=not t.cuda_graphs):
                     out = LossModule.unpack(train_module(batch))
@@ -254,32 +260,22 @@ def _train(cfg: RunConfig, info: parallel.DistInfo, early: EarlyRecords | None =
                     acc = per_mod.setdefault(int(code), [0.0, 0.0])
                     acc[0] = acc[0] + n.detach().double()
                     acc[1] = acc[1] + w.detach().double()
-                tokens += int(batch.lengths.sum())
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip if t.clip > 0 else float("inf"))
             if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
                 grad_norm = grad_norm.full_tensor()
             finite = torch.isfinite(nats) & torch.isfinite(grad_norm)
             finite = parallel.all_reduce_sum((~finite).float(), info) == 0  # every rank agrees
             step += 1
-            if bool(finite):
-                optimizer.step()
-                bad_in_row = 0
-                window.add(float(nats), float(weight), per_mod)
-            else:
-                bad_in_row += 1
-                counters["bad_steps"] += 1
-                log.warning("step %d: non-finite loss or gradient; skipped (%d in a row, %d in all)",
-                            step, bad_in_row, counters["bad_steps"])
-                if bad_in_row >= t.max_bad_steps:
-                    raise TrainingError(f"{bad_in_row} non-finite steps in a row (train.max_bad_steps="
-                                        f"{t.max_bad_steps}) at step {step}; lower train.lr, check the data, "
-                                        f"or use precision fp32")
+            counted = guard.step(finite, step)  # no host sync with a fused optimizer
+            if counted is not False:
+                window.add(nats, weight, per_mod, keep=None if counted is True else counted)
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             window.tokens += tokens
 
             # --- log ------------------------------------------------------------------------------
             if step % t.log_every == 0 or step == t.steps:
+                settle(step)
                 summary = window.summary(info, device)
                 counters["bytes_seen"] += int(summary.pop("tokens"))
                 rec = {"step": step, "split": "train", **summary, "lr": lr, "grad_norm": float(grad_norm),

@@ -358,12 +358,11 @@ def test_flops_per_byte_equal_the_dense_twin():
 
 
 def test_optimizer_never_decays_stacked_biases_and_norms():
-    from types import SimpleNamespace
-
     from omnibyte.optim import build_optimizer
+    from omnibyte.runconfig import TrainConfig
 
     m = tiny([(4, 32, aware(dict(M1, bias=True))), (4, 16, aware(TF))])
-    t = SimpleNamespace(weight_decay=0.1, lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
+    t = TrainConfig(weight_decay=0.1, lr=1e-3)
     decayed = {id(p) for p in build_optimizer(m, t).param_groups[0]["params"]}
     names = {n for n, p in m.named_parameters() if id(p) in decayed}
     assert any(n.endswith("in_proj.weight") for n in names)

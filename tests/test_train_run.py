@@ -89,19 +89,25 @@ def test_eval_generate_plot(trained, capsys):
     assert (run / "curves.png").stat().st_size > 10_000
 
 
-def test_nan_steps_are_skipped_and_counted(tmp_path):
+@pytest.mark.parametrize("fused", [False, True])  # fused: the skip is decided on the device (omnibyte.nonfinite)
+def test_nan_steps_are_skipped_and_counted(tmp_path, fused):
     cfg = write_config(tmp_path, train={"steps": 8, "log_every": 1, "eval_every": 0, "ckpt_every": 0,
-                                        "inject_nan_at": [3, 4]})
+                                        "inject_nan_at": [3, 4], "fused_optimizer": fused})
     assert main(["train", str(cfg), "--quiet"]) == 0
     train = [r for r in read_metrics(tmp_path / "runs/tiny") if r["split"] == "train"]
     assert [r["bad_steps"] for r in train] == [0, 0, 1, 2, 2, 2, 2, 2]
     assert train[2]["loss"] is None and train[4]["loss"] is not None  # nothing counted from skipped steps
 
 
-def test_too_many_bad_steps_in_a_row_fail(tmp_path, capsys):
-    cfg = write_config(tmp_path, train={"steps": 8, "inject_nan_at": [2, 3, 4], "max_bad_steps": 3})
+@pytest.mark.parametrize("fused", [False, True])
+def test_too_many_bad_steps_in_a_row_fail(tmp_path, capsys, fused):
+    # fused: the host learns of it at the next log line (step 5) and names the step where the limit was reached;
+    # the checkpoint due at step 5 is not written
+    cfg = write_config(tmp_path, train={"steps": 8, "inject_nan_at": [2, 3, 4], "max_bad_steps": 3,
+                                        "ckpt_every": 5, "fused_optimizer": fused})
     assert main(["train", str(cfg), "--quiet"]) == 1
-    assert "3 non-finite steps in a row" in capsys.readouterr().err
+    assert "3 non-finite steps in a row (train.max_bad_steps=3) at step 4" in capsys.readouterr().err
+    assert not (tmp_path / "runs/tiny/checkpoints/step_000005").exists()
 
 
 def test_init_from_loads_all_or_selected_stages(trained, tmp_path):
@@ -132,6 +138,12 @@ def test_activation_checkpointing_gives_the_same_losses(tmp_path):
     assert _curve(tmp_path, "ac", activation_checkpointing=True) == _curve(tmp_path, "plain")
     log_text = (tmp_path / "runs/ac/train.log").read_text()
     assert "activation checkpointing on 0 blocks" not in log_text and "activation checkpointing on" in log_text
+
+
+def test_fused_optimizer_follows_the_unfused_one(tmp_path):
+    fused = _curve(tmp_path, "fused", fused_optimizer=True)
+    assert fused == pytest.approx(_curve(tmp_path, "foreach", fused_optimizer=False), rel=1e-5)
+    assert fused != _curve(tmp_path, "fused_lr", fused_optimizer=True, lr=1e-2)  # the test can fail
 
 
 def test_cuda_graphs_option_is_a_no_op_without_cuda(tmp_path):
