@@ -228,6 +228,8 @@ def _train(cfg: RunConfig, info: parallel.DistInfo, early: EarlyRecords | None =
     # --- the loop ---------------------------------------------------------------------------------
     batches = iter(loader)
     guard = NonFiniteSteps(optimizer, t.max_bad_steps, counters["bad_steps"])
+    log.info("optimizer: AdamW, %s", "fused (non-finite steps skipped on the device)" if guard.on_device
+             else "not fused (the host checks each step for non-finite values)")
     window = LogWindow(saved_window)
 
     def settle(at: int) -> None:
