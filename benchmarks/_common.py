@@ -56,6 +56,9 @@ PRESETS = {
         dict(length=1024, width=512, layers=6, block=dict(name="mamba2", d_state=128, d_conv=4, expand=2, headdim=64)),
         dict(length=8, width=256, layers=4, block=dict(name="transformer", heads=4)),
     ]),
+    # the same model at a CLEVR PNG row (question + ~2.7 KB PNG + answer: the 3,072-byte bucket), batch 16 as
+    # clevr_vqa_base.yaml
+    "clevr": None,
     # the 3-stage family of the context-length benchmark: widths 1024/512/256, layers 6/4/2, patches x64 x8
     "ctx3": dict(stages=[
         dict(length=1024, width=1024, layers=6,
@@ -79,11 +82,17 @@ MBLM_PRESETS = {
     "pg19_lm": dict(hidden_dims=[512, 256], num_layers=[6, 4], seq_lens=[1024, 8],
                     blocks=[dict(kind="mamba", d_state=128, d_conv=4, expand=2, headdim=64),
                             dict(kind="transformer", heads=4, head_dim=64)]),
+    "clevr": None,
     "ctx3": dict(hidden_dims=[1024, 512, 256], num_layers=[6, 4, 2], seq_lens=[1024, 64, 8],
                  blocks=[dict(kind="mamba", d_state=128, d_conv=4, expand=2, headdim=64),
                          dict(kind="transformer", heads=8, head_dim=64),
                          dict(kind="transformer", heads=4, head_dim=64)]),
 }
+
+PRESETS["clevr"] = PRESETS["pg19_lm"]
+MBLM_PRESETS["clevr"] = MBLM_PRESETS["pg19_lm"]
+# a preset's training shape (batch, bytes per row) when --batch / --length are not given
+SHAPES = {"mblm360m": (6, 8192), "pg19_lm": (16, 8192), "clevr": (16, 3072)}
 
 
 def git_commit() -> str:

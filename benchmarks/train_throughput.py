@@ -4,6 +4,7 @@
     python benchmarks/train_throughput.py --preset mblm360m --impl mblm      # mblm 0.4.2, same config
     python benchmarks/train_throughput.py --preset mblm360m --impl both      # each in its own subprocess
     python benchmarks/train_throughput.py --preset small --impl both --device cpu
+    python benchmarks/train_throughput.py --preset clevr --impl inproc   # the shipped 15.8M model at a CLEVR PNG row (16 x 3,072)
     python benchmarks/train_throughput.py --preset mblm360m --impl inproc --order omnibyte,mblm,omnibyte+compile
                                         # all in ONE process: mamba-ssm's Triton JIT/autotune is paid once
 
@@ -23,6 +24,7 @@ import sys
 import torch
 from _common import (
     H100_BF16_PEAK,
+    SHAPES,
     ROOT,
     build_mblm,
     build_omnibyte,
@@ -189,8 +191,8 @@ def main() -> None:
                    help="--impl inproc: implementations in run order: mblm, omnibyte[+compile][+graphs][+attn=IMPL]")
     p.add_argument("--profile", type=int, default=0, help="print the top N CUDA kernels of one step")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch", type=int, default=6)
-    p.add_argument("--length", type=int, default=8192)
+    p.add_argument("--batch", type=int, default=None, help="rows per step (default: the preset's, else 6)")
+    p.add_argument("--length", type=int, default=None, help="bytes per row (default: the preset's, else 8192)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="torch.compile each layer (omnibyte only)")
@@ -198,6 +200,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--out", default=None, help="append the JSON lines to this file")
     args = p.parse_args()
+    shape = SHAPES.get(args.preset, (6, 8192))
+    args.batch = args.batch or shape[0]
+    args.length = args.length or shape[1]
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.impl == "inproc":
