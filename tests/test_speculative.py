@@ -117,6 +117,16 @@ def test_bad_drafter_still_exact_with_low_acceptance():
     assert d.acceptance < 0.2  # random models disagree
 
 
+def test_both_models_come_back_in_the_mode_they_came_in():
+    m, d = _models("tf_tf")
+    m.train(), d.train()
+    m.generate(list(b"ab"), 6, temperature=0, draft=d, draft_len=3)
+    assert m.training and d.training and all(x.training for x in d.modules())
+    d.eval()
+    m.generate(list(b"ab"), 6, temperature=0, draft=d, draft_len=3)
+    assert m.training and not d.training
+
+
 def test_stop_tokens_batches_and_edge_lengths():
     m, bad = _models("tf_tf")
     g = torch.Generator().manual_seed(3)

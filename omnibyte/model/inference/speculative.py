@@ -330,13 +330,15 @@ def speculative_generate(decoder, prompt, max_new_bytes: int, temperature: float
     drafter = as_drafter(draft, m)
     if max_new_bytes <= 0:
         return torch.zeros(prompt.shape[0], 0, dtype=torch.long, device=device)
-    was_training = m.training
+    # both models decode in eval mode and are handed back in the mode they came in (the drafter's reset sets it)
+    modes = [(x, x.training) for x in (m, getattr(drafter, "model", None)) if isinstance(x, torch.nn.Module)]
     m.eval()
     try:
         out = _generate(decoder, prompt, max_new_bytes, temperature, top_k, top_p, stop_tokens, generator, drafter,
                         int(draft_len))
     finally:
-        m.train(was_training)
+        for x, was_training in reversed(modes):
+            x.train(was_training)
     log.debug("speculative decoding: %d rounds, %d drafted, %d kept (%.1f%%)", drafter.rounds, drafter.proposed,
               drafter.accepted, 100 * drafter.acceptance)
     return out
