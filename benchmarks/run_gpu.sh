@@ -20,7 +20,8 @@ for p in tasks serializers configs; do ln -sfn "../$p" "omnibyte/$p"; done
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$out/env.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/env.txt"
 case "$step" in
-  tests)    MAMBA_DETERMINISTIC=1 timeout "${TESTS_TIMEOUT:-540}" python3 -m pytest -q -s -p no:cacheprovider -m gpu ${TESTS_PATHS:-tests/} -rs 2>&1 \
+  # SIGINT at the time limit: pytest stops and still prints the failures so far (SIGTERM would lose them)
+  tests)    MAMBA_DETERMINISTIC=1 timeout -s INT -k 30 "${TESTS_TIMEOUT:-540}" python3 -m pytest -q -s --tb=short -p no:cacheprovider -m gpu ${TESTS_PATHS:-tests/} -rs 2>&1 \
               | tee "$out/gpu_tests.log" ;;
   # omnibyte (compiled + CUDA graphs, compiled, eager) and mblm 0.4.2 in one process
   train)    timeout 540 python3 benchmarks/train_throughput.py --preset mblm360m --impl inproc \

@@ -389,18 +389,25 @@ def test_gpu_mamba2_kernels_match_the_twin():
     r = Routing(m.blocks[0].expert_of_modality[mod], m.blocks[0].num_experts)
     got = mix(u, None, r)  # Triton kernels
     want = mix.forward_ref(u, None, r)  # the twin
-    assert torch.allclose(got, want, atol=1e-4, rtol=1e-3)
+    # the dense kernel test's criteria (test_model_mamba.py): the Triton dots run in TF32 even for fp32 inputs
+    # (measured there on an H100/H200: max abs err 1.5e-4, gradient relative error 1.3e-2), so elementwise fp32
+    # tolerances cannot hold; a wrong expert's weights or dt_bias would be off by O(1). The glue itself is
+    # checked exactly on CPU (test_mamba2_kernel_glue.py).
+    err = (got - want).abs().max().item()
+    assert err < 1e-2 * max(1.0, want.abs().max().item()), err
     g1 = torch.autograd.grad(got.sum(), [u, mix.in_proj.weight, mix.dt_bias])
     g2 = torch.autograd.grad(want.sum(), [u, mix.in_proj.weight, mix.dt_bias])
-    for a, b in zip(g1, g2):
-        assert torch.allclose(a, b, atol=1e-3, rtol=1e-2)
+    for name, a, b in zip(("u", "in_proj", "dt_bias"), g1, g2):
+        rel = ((a - b).norm() / b.norm()).item()
+        assert rel < 3e-2, (name, rel)
     x = torch.randint(0, 256, (2, 40), device="cuda")
     xm = mixed_track(2, 40, seed=4).cuda()
     with torch.no_grad():
         full = m(x, xm)
         st = m.new_state(2)
         outs = [m.feed(st, x[:, :9], xm[:, :9])] + [m.feed(st, x[:, t:t + 1], xm[:, t:t + 1]) for t in range(9, 39)]
-    assert torch.allclose(torch.stack(outs, 1), full[:, 9:], atol=1e-3)
+    err = (torch.stack(outs, 1) - full[:, 9:]).abs().max().item()
+    assert err < 2e-3, err  # as test_gpu_cached_generation_matches_forward (dense)
 
 
 @pytest.mark.gpu
