@@ -2,10 +2,10 @@
 # The GPU jobs behind benchmarks/RESULTS.md (model section). From the repository root, on a machine with
 # one H100 / H200, with the wheels of ../shared/wheels/gpu-py312 copied to .whl/:
 #   bash benchmarks/run_gpu.sh STEP OUTDIR
-# STEP: tests | train | generate | context | vqa | first | small | pg19 (each fits in one 10-minute device command; a fresh machine
+# STEP: tests | train | generate | context | vqa | first | small | pg19 | clevr (each fits in one 10-minute device command; a fresh machine
 # spends ~2 minutes on Triton JIT + autotuning of mamba-ssm's kernels in its first process).
 set -uo pipefail
-step=${1:?step: tests|train|generate|context|vqa|first|small|pg19}
+step=${1:?step: tests|train|generate|context|vqa|first|small|pg19|clevr}
 out=${2:-/tmp/omnibyte_bench}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -60,5 +60,15 @@ case "$step" in
             timeout 200 python3 benchmarks/generate.py --speculative --run "$runs/pg19_lm" --draft "$runs/pg19_small" \
               --draft-len ${DRAFT_LEN:-8} --prompt-file "$root/validation/11.txt" --contexts 1024 --new 512 \
               ${SPEC_FLAGS:---graph} --out "$out/bench.jsonl" 2>&1 | tail -c 4000 | tee "$out/spec.log" ;;
+  # issue 17's CLEVR robustness table: clevr_vqa_png (the shipped 15.8M model) on a generated CLEVR-format set,
+  # then `omnibyte robustness` on CLEVR_LIMIT val questions (text, image-byte and image-file corruptions)
+  clevr)    runs=/tmp/omnibyte_clevr_runs; steps=${CLEVR_STEPS:-1500}
+            timeout 420 python3 -m omnibyte train clevr_vqa_png out_dir="$runs" train.steps="$steps" \
+              train.eval_every="$steps" train.ckpt_every="$steps" task.synth.images="${CLEVR_IMAGES:-2000}" \
+              ${CLEVR_OVERRIDES:-} --quiet > "$out/clevr_vqa_png.log" 2>&1
+            tail -n 30 "$out/clevr_vqa_png.log"
+            cp "$runs/clevr_vqa_png/metrics.jsonl" "$out/clevr_metrics.jsonl"
+            timeout 150 python3 -m omnibyte robustness "$runs/clevr_vqa_png" --limit "${CLEVR_LIMIT:-300}" \
+              --out "$out/robustness_clevr.json" --quiet 2>&1 | tee "$out/robustness_clevr.txt" ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
 esac
