@@ -91,3 +91,24 @@ def test_kernel_glue_matches_the_twin(modality_aware):
         got.append(mamba2.kernel_forward(mix, TWIN_KERNELS, u[:, t:t + 1], st, _sub(r, t, t + 1)))
     assert torch.allclose(torch.cat(got, 1), torch.cat(want, 1), atol=1e-5)
     assert torch.allclose(st["ssm"], st_ref["ssm"].float(), atol=1e-5)
+
+
+@pytest.mark.parametrize("modality_aware", [False, True], ids=["dense", "aware"])
+def test_batched_vqa_scoring_through_the_kernel_glue(monkeypatch, modality_aware):
+    """The scorers (batched and per-question) with every Mamba-2 mixer on kernel_forward: what CUDA runs,
+    with the kernels swapped for their twins."""
+    from test_vqa_scoring import ANSWERS, LENGTHS, prefixes, tracks
+
+    from omnibyte.model.api import StreamModel
+
+    monkeypatch.setattr(mamba2.Mamba2KernelMixer, "forward", lambda self, u, state=None, routing=None:
+                        mamba2.kernel_forward(self, TWIN_KERNELS, u, state, routing))
+    outer, inner = dict(M2K, d_state=32, headdim=16, chunk_size=16), TF
+    if modality_aware:
+        outer, inner = aware(outer), aware(inner)
+    m = tiny([(8, 64, outer), (4, 32, inner)], init_std=0.2)
+    xs = prefixes(5, LENGTHS + [37, 61, 64, 90])
+    ms = tracks(xs, 5) if modality_aware else None
+    got, want = m.score_batch(xs, ANSWERS, modalities=ms), StreamModel.score_batch(m, xs, ANSWERS, ms)
+    assert torch.allclose(got, want, atol=1e-4)
+    assert torch.equal(got.argmax(1), want.argmax(1))
