@@ -157,8 +157,10 @@ def apply_stage_graphs(model: nn.Module) -> int:
     launch-bound: on an H100 the 25-layer global stage of the 360M config spends several times more CPU
     time launching Triton kernels than the GPU spends running them, and the GPU idles meanwhile.
 
-    The graphs serve one input shape, dtype and autocast state (the first seen); other calls (eval,
-    generation with a cache, a smaller last batch) run the block eagerly. Autocast must run with
+    Each input shape, dtype and autocast state gets its own graphs, captured the first time it is seen in
+    training (a ``pad_to: buckets`` run has a handful of shapes), up to :data:`MAX_GRAPH_SHAPES` per block;
+    beyond that, and for other calls (eval, generation with a cache), the block runs eagerly. Each shape's
+    graphs keep their own activation buffers (memory grows with the number of shapes). Autocast must run with
     ``cache_enabled=False`` (a requirement of make_graphed_callables). Returns the number of wrapped blocks.
     """
     n = 0
@@ -174,9 +176,13 @@ def apply_stage_graphs(model: nn.Module) -> int:
     return n
 
 
+MAX_GRAPH_SHAPES = 8  # per block: a bucketed run's shapes fit; a run of ever-new shapes falls back to eager
+
+
 def _graph_block(block: nn.Module) -> None:
     eager = block.forward
-    slot: dict = {}
+    graphs: dict = {}  # (shape, dtype, autocast) -> the graphed forward for it
+    said: list = []
 
     def forward(x, cache=None):
         eligible = (cache is None and block.training and torch.is_grad_enabled() and x.is_cuda
@@ -184,18 +190,23 @@ def _graph_block(block: nn.Module) -> None:
         if not eligible:
             return eager(x, cache)
         key = (tuple(x.shape), x.dtype, torch.is_autocast_enabled("cuda"))
-        if "fn" not in slot:
+        fn = graphs.get(key)
+        if fn is None:
+            if len(graphs) >= MAX_GRAPH_SHAPES:
+                if not said:
+                    said.append(key)
+                    log.info("CUDA graphs: %s has %d shapes captured; new shapes run eagerly",
+                             type(block).__name__, MAX_GRAPH_SHAPES)
+                return eager(x, cache)
             sample = x.detach().clone().requires_grad_(True)
             block.forward = eager  # make_graphed_callables captures (and then replaces) this forward
             try:
                 torch.cuda.make_graphed_callables(block, (sample,))
-                slot["fn"], slot["key"] = block.forward, key
+                fn = graphs[key] = block.forward
             finally:
                 block.forward = forward
             log.info("CUDA graphs captured for %s on input %s", type(block).__name__, key)
-        if key != slot["key"]:
-            return eager(x, cache)
-        return slot["fn"](x)
+        return fn(x)
 
     block.forward = forward
 

@@ -25,8 +25,8 @@ log = logging.getLogger("omnibyte.train")
 def warm_lengths(buckets: tuple[int, ...], warm: str | bool, device: torch.device, cuda_graphs: bool) -> list[int]:
     """The row lengths to warm up: the buckets of a ``pad_to: buckets`` run (``loader.resolve_buckets()``; empty
     for the other padding modes: ``seq_len`` has one shape, which step 1 warms, ``longest`` no fixed set) when
-    ``warm`` is true, or ``auto`` on CUDA without ``train.cuda_graphs`` (the graphs capture the first shape they
-    see: warming the largest bucket first would capture that one)."""
+    ``warm`` is true, or ``auto`` on CUDA without ``train.cuda_graphs`` (with graphs, each shape's graphs are
+    captured when training first meets it -- a few seconds per bucket -- not under the warm-up's forked RNG)."""
     if warm is False or not buckets:
         return []
     if warm == "auto" and (device.type != "cuda" or cuda_graphs):
