@@ -53,8 +53,12 @@ class LogWindow:
         if keep is not None:
             vec = torch.where(keep, vec, 0.0)
         if self._sums is None:  # the saved part of a window a checkpoint cut in two comes first, as on the host
-            self._sums = torch.tensor(self._start, dtype=torch.float64, device=nats.device)
-        self._sums = self._sums + vec
+            # (0 + x == x: a fresh window starts from this step's sums, with no host-to-device copy, which from
+            # pageable memory would wait for the device)
+            self._sums = vec if not any(self._start) else torch.tensor(self._start, dtype=torch.float64,
+                                                                       device=nats.device) + vec
+        else:
+            self._sums = self._sums + vec
         self.steps += 1
 
     def _values(self, device: torch.device) -> torch.Tensor:
