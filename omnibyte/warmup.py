@@ -35,9 +35,12 @@ def warm_lengths(buckets: tuple[int, ...], warm: str | bool, device: torch.devic
 
 
 def _dummy_batch(rows: int, length: int, device: torch.device) -> Batch:
+    """Bytes in every modality (equal spans of each row, in code order): a modality-aware model warms every
+    expert's kernels, not only one."""
     tokens = (torch.arange(rows * length, dtype=torch.long) * 7 % vocab.NUM_BYTES).view(rows, length)
-    return Batch(tokens=tokens, loss_mask=torch.ones(rows, length),
-                 modality=torch.full((rows, length), int(vocab.Modality.TEXT), dtype=torch.uint8),
+    codes = torch.tensor([int(m) for m in vocab.Modality], dtype=torch.uint8)
+    span = codes[torch.arange(length) * len(codes) // length]
+    return Batch(tokens=tokens, loss_mask=torch.ones(rows, length), modality=span.expand(rows, length).clone(),
                  lengths=torch.full((rows,), length, dtype=torch.long)).to(device)
 
 

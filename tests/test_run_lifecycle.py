@@ -270,7 +270,7 @@ def test_shape_warm_up_leaves_the_loss_curve_and_weights_unchanged(tmp_path):
     assert len(curve[True]) == 6 and curve[True] == curve[False]
     a, b = (load_file(str(run / "checkpoints" / "step_000006" / "model.safetensors")) for run in runs.values())
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    # auto: only on CUDA, not with cuda_graphs (they capture the first shape seen); no buckets, no warm-up
+    # auto: only on CUDA, not with cuda_graphs (their graphs are captured when training meets each shape); no buckets, no warm-up
     buckets = (16, 32, 64)
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     assert warm_lengths(buckets, "auto", cpu, False) == []
@@ -371,3 +371,13 @@ def test_task_only_evaluation_joins_the_checkpoints_record(finished, tmp_path, m
     open(res["results_file"], "w").write(json.dumps(other))
     res = evaluate_run(run, max_samples=3, task_metrics=True, progress=False, out_dir=tmp_path, bpb=False)
     assert "bpb" not in res and "per_token" not in res and res["task"] == {"accuracy": 0.5, "n": 3}
+
+
+def test_shape_warm_up_batch_covers_every_modality():
+    """A modality-aware model's warm-up routes bytes to every expert (each Modality code has a span of each row)."""
+    from omnibyte.vocab import Modality
+    from omnibyte.warmup import _dummy_batch
+
+    b = _dummy_batch(2, 64, torch.device("cpu"))
+    assert set(b.modality.unique().tolist()) == {int(m) for m in Modality}
+    assert b.modality.shape == b.tokens.shape == (2, 64) and int(b.tokens.max()) < 256
