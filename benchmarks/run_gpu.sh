@@ -2,15 +2,16 @@
 # The GPU jobs behind benchmarks/RESULTS.md (model section). From the repository root, on a machine with
 # one H100 / H200, with the wheels of ../shared/wheels/gpu-py312 copied to .whl/:
 #   bash benchmarks/run_gpu.sh STEP OUTDIR
-# STEP: tests | train | generate | context | vqa | first | small | pg19 | clevr (each fits in one 10-minute device command; a fresh machine
+# STEP: tests | train | generate | context | vqa | first | small | pg19 | clevr | issue17 (each fits in one 10-minute device command; a fresh machine
 # spends ~2 minutes on Triton JIT + autotuning of mamba-ssm's kernels in its first process).
 set -uo pipefail
-step=${1:?step: tests|train|generate|context|vqa|first|small|pg19|clevr}
+step=${1:?step: tests|train|generate|context|vqa|first|small|pg19|clevr|issue17}
 out=${2:-/tmp/omnibyte_bench}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 # cache mamba-ssm's Triton autotuning results on disk so later processes on the machine skip it
 export TRITON_CACHE_AUTOTUNING=1
+if [ "${RUN_GPU_SETUP:-1}" = 1 ]; then  # RUN_GPU_SETUP=0: a CPU dry run of a step in an installed venv
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
 export PYTHONPATH=/tmp/site:$PWD
@@ -18,11 +19,67 @@ export PYTHONPATH=/tmp/site:$PWD
 # editable install and the wheel do
 for p in tasks serializers configs; do ln -sfn "../$p" "omnibyte/$p"; done
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$out/env.txt"
+fi
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/env.txt"
-case "$step" in
+# --- issue 17's runs (also combined in the issue17 step) -------------------------------------------
+# pg19_lm (the target) and a 4-layer drafter trained side by side on PG19-mini (PG19_ROOT; default
+# .data/pg19-mini, carried); then the target's robustness table on the validation book, and plain vs speculative
+# greedy decoding (prompt: the validation book) timed in one job
+pg19_root=${PG19_ROOT:-.data/pg19-mini}; pg19_runs=/tmp/omnibyte_pg19_runs
+clevr_runs=/tmp/omnibyte_clevr_runs
+gpu_tests() {
   # SIGINT at the time limit: pytest stops and still prints the failures so far (SIGTERM would lose them)
-  tests)    MAMBA_DETERMINISTIC=1 timeout -s INT -k 30 "${TESTS_TIMEOUT:-540}" python3 -m pytest -q -s --tb=short -p no:cacheprovider -m gpu ${TESTS_PATHS:-tests/} -rs 2>&1 \
-              | tee "$out/gpu_tests.log" ;;
+  MAMBA_DETERMINISTIC=1 timeout -s INT -k 30 "${TESTS_TIMEOUT:-540}" python3 -m pytest -q -s --tb=short \
+    -p no:cacheprovider -m gpu ${TESTS_PATHS:-tests/} -rs > "$out/gpu_tests.log" 2>&1
+  tail -n 40 "$out/gpu_tests.log"
+}
+pg19_train() {
+  local steps=${PG19_STEPS:-1000}
+  local common=(task.root="$pg19_root" out_dir="$pg19_runs" train.steps="$steps" train.eval_every="$steps"
+                train.ckpt_every="$steps" train.warmup=100 ${PG19_OVERRIDES:-train.compile=true})
+  timeout "${TRAIN_TIMEOUT:-330}" python3 -m omnibyte train pg19_lm "${common[@]}" --quiet > "$out/pg19_lm.log" 2>&1 &
+  timeout "${TRAIN_TIMEOUT:-330}" python3 -m omnibyte train pg19_lm run_name=pg19_small "${common[@]}" \
+    model.stages.0.width=256 model.stages.0.layers=2 model.stages.1.width=128 model.stages.1.layers=2 \
+    model.stages.1.block.heads=2 --quiet > "$out/pg19_small.log" 2>&1 &
+  wait
+  tail -n 3 "$out/pg19_lm.log" "$out/pg19_small.log"
+  cp "$pg19_runs/pg19_lm/metrics.jsonl" "$out/pg19_lm_metrics.jsonl"
+}
+pg19_robustness() {
+  timeout 150 python3 -m omnibyte robustness "$pg19_runs/pg19_lm" --out "$out/robustness_pg19.json" --quiet \
+    2>&1 | tee "$out/robustness_pg19.txt"
+}
+pg19_speculative() {  # a timing: run it alone on the GPU
+  timeout 200 python3 benchmarks/generate.py --speculative --run "$pg19_runs/pg19_lm" --draft "$pg19_runs/pg19_small" \
+    --draft-len ${DRAFT_LEN:-8} --prompt-file "$pg19_root/validation/11.txt" --contexts 1024 --new 512 \
+    ${SPEC_FLAGS:---graph} --out "$out/bench.jsonl" 2>&1 | tail -c 4000 | tee "$out/spec.log"
+}
+# clevr_vqa_png (the shipped 15.8M model) on a generated CLEVR-format set, then `omnibyte robustness` on
+# CLEVR_LIMIT val questions (text, image-byte and image-file corruptions)
+clevr_train() {
+  local steps=${CLEVR_STEPS:-1500}
+  timeout "${TRAIN_TIMEOUT:-420}" python3 -m omnibyte train clevr_vqa_png out_dir="$clevr_runs" train.steps="$steps" \
+    train.eval_every="$steps" train.ckpt_every="$steps" task.synth.images="${CLEVR_IMAGES:-2000}" \
+    ${CLEVR_OVERRIDES:-} --quiet > "$out/clevr_vqa_png.log" 2>&1
+  tail -n 30 "$out/clevr_vqa_png.log"
+  cp "$clevr_runs"/clevr_vqa_png*/metrics.jsonl "$out/clevr_metrics.jsonl"
+}
+clevr_robustness() {
+  timeout 150 python3 -m omnibyte robustness "$clevr_runs"/clevr_vqa_png* --limit "${CLEVR_LIMIT:-300}" \
+    --out "$out/robustness_clevr.json" --quiet 2>&1 | tee "$out/robustness_clevr.txt"
+}
+# the device returns at most 8 files: at the end, everything but bench.jsonl and env.txt goes into logs.tgz
+pack() {
+  local rest
+  rest=$(cd "$out" && find . -type f ! -name bench.jsonl ! -name env.txt ! -name logs.tgz | sort)
+  if [ -n "$rest" ]; then
+    (cd "$out" && tar czf logs.tgz $rest && rm -f $rest)
+  fi
+}
+trap pack EXIT
+
+case "$step" in
+  tests)    gpu_tests ;;
   # omnibyte (compiled + CUDA graphs, compiled, eager) and mblm 0.4.2 in one process
   train)    timeout 540 python3 benchmarks/train_throughput.py --preset mblm360m --impl inproc \
               --order omnibyte+compile+graphs,mblm,omnibyte+compile,omnibyte --profile 25 --steps 20 --warmup 3 \
@@ -42,33 +99,11 @@ case "$step" in
   small)    timeout 540 python3 benchmarks/train_throughput.py --preset pg19_lm --impl inproc --batch 16 --length 8192 \
               --order omnibyte+compile+graphs,mblm,omnibyte --steps 20 --warmup 3 \
               --out "$out/bench.jsonl" 2>&1 | tail -c 6000 | tee "$out/small.log" ;;
-  # issue 17 on a text-trained model: pg19_lm (the target) and a 4-layer drafter trained side by side on PG19-mini
-  # (PG19_ROOT; default .data/pg19-mini, carried), then the target's robustness table on the validation book and
-  # plain vs speculative greedy decoding (prompt: the validation book) in one job
-  pg19)     root=${PG19_ROOT:-.data/pg19-mini}; runs=/tmp/omnibyte_pg19_runs; steps=${PG19_STEPS:-1000}
-            common=(task.root="$root" out_dir="$runs" train.steps="$steps" train.eval_every="$steps"
-                    train.ckpt_every="$steps" train.warmup=100 ${PG19_OVERRIDES:-train.compile=true})
-            timeout 330 python3 -m omnibyte train pg19_lm "${common[@]}" --quiet > "$out/pg19_lm.log" 2>&1 &
-            timeout 330 python3 -m omnibyte train pg19_lm run_name=pg19_small "${common[@]}" \
-              model.stages.0.width=256 model.stages.0.layers=2 model.stages.1.width=128 model.stages.1.layers=2 \
-              model.stages.1.block.heads=2 --quiet > "$out/pg19_small.log" 2>&1 &
-            wait
-            tail -n 3 "$out/pg19_lm.log" "$out/pg19_small.log"
-            cp "$runs/pg19_lm/metrics.jsonl" "$out/pg19_lm_metrics.jsonl"
-            timeout 120 python3 -m omnibyte robustness "$runs/pg19_lm" --out "$out/robustness_pg19.json" --quiet \
-              2>&1 | tee "$out/robustness_pg19.txt"
-            timeout 200 python3 benchmarks/generate.py --speculative --run "$runs/pg19_lm" --draft "$runs/pg19_small" \
-              --draft-len ${DRAFT_LEN:-8} --prompt-file "$root/validation/11.txt" --contexts 1024 --new 512 \
-              ${SPEC_FLAGS:---graph} --out "$out/bench.jsonl" 2>&1 | tail -c 4000 | tee "$out/spec.log" ;;
-  # issue 17's CLEVR robustness table: clevr_vqa_png (the shipped 15.8M model) on a generated CLEVR-format set,
-  # then `omnibyte robustness` on CLEVR_LIMIT val questions (text, image-byte and image-file corruptions)
-  clevr)    runs=/tmp/omnibyte_clevr_runs; steps=${CLEVR_STEPS:-1500}
-            timeout 420 python3 -m omnibyte train clevr_vqa_png out_dir="$runs" train.steps="$steps" \
-              train.eval_every="$steps" train.ckpt_every="$steps" task.synth.images="${CLEVR_IMAGES:-2000}" \
-              ${CLEVR_OVERRIDES:-} --quiet > "$out/clevr_vqa_png.log" 2>&1
-            tail -n 30 "$out/clevr_vqa_png.log"
-            cp "$runs/clevr_vqa_png/metrics.jsonl" "$out/clevr_metrics.jsonl"
-            timeout 150 python3 -m omnibyte robustness "$runs/clevr_vqa_png" --limit "${CLEVR_LIMIT:-300}" \
-              --out "$out/robustness_clevr.json" --quiet 2>&1 | tee "$out/robustness_clevr.txt" ;;
+  pg19)     pg19_train; pg19_robustness; pg19_speculative ;;
+  clevr)    clevr_train; clevr_robustness ;;
+  # issue 17 in one call: the GPU tests and both trainings side by side (none of them a timing), then the two
+  # robustness tables, then the speculative timing alone (PG19_STEPS / CLEVR_STEPS / TESTS_TIMEOUT to fit)
+  issue17)  gpu_tests & pg19_train & clevr_train & wait
+            clevr_robustness; pg19_robustness; pg19_speculative ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
 esac
