@@ -10,6 +10,11 @@ import torch
 def use_fused(t, params: list[torch.nn.Parameter], strategy: str = "none") -> bool:
     """``train.fused_optimizer``: true / false as given; auto: fused when every parameter is on a CUDA device and
     the run is not sharded with FSDP2 (its parameters are DTensors)."""
+    if t.fused_optimizer is True and strategy == "fsdp2":
+        from .config import ConfigError
+
+        raise ConfigError("train.fused_optimizer=true under parallel.strategy=fsdp2: the fused AdamW is untested "
+                          "on FSDP2's sharded (DTensor) parameters; use train.fused_optimizer=auto (off there)")
     if t.fused_optimizer != "auto":
         return bool(t.fused_optimizer)
     return strategy != "fsdp2" and bool(params) and all(p.device.type == "cuda" for p in params)

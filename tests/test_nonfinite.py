@@ -64,3 +64,16 @@ def test_a_fused_run_resumes_on_the_uninterrupted_curve(tmp_path):
                 if r["split"] == "train"}
 
     assert curve("cut") == curve("ref")
+
+
+def test_fused_optimizer_choice():
+    from omnibyte.config import ConfigError
+    from omnibyte.optim import use_fused
+    from omnibyte.runconfig import TrainConfig
+
+    cpu = [torch.nn.Parameter(torch.ones(2))]
+    assert use_fused(TrainConfig(), cpu) is False  # auto: CUDA only
+    assert use_fused(TrainConfig(fused_optimizer=True), cpu) is True
+    assert use_fused(TrainConfig(fused_optimizer=False), cpu) is False
+    with pytest.raises(ConfigError, match="fsdp2"):
+        use_fused(TrainConfig(fused_optimizer=True), cpu, "fsdp2")
