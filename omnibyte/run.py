@@ -184,7 +184,6 @@ def load_run(run_dir: str | Path, checkpoint: str | int | None = None, *, device
              overrides: tuple[str, ...] | list[str] = (), trust_plugins: bool = False) -> Run:
     """Load a trained run (see the module docstring). ``checkpoint``: see :func:`find_checkpoint`."""
     from .checkpoint import load_weights
-    from .model.routing import warn_if_unverified
     from .parallel import pick_device
 
     if checkpoint is None:  # the run's own default (eval.checkpoint), read from its record
@@ -204,9 +203,7 @@ def load_run(run_dir: str | Path, checkpoint: str | int | None = None, *, device
     if result.missing_keys or result.unexpected_keys:
         raise ConfigError(f"{ckpt}: weights do not fit the model of its own config (missing "
                           f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]})")
-    dev = pick_device(device if device != "auto" else cfg.train.device)
-    model.to(dev).eval()
-    warn_if_unverified(model, dev)
+    model.to(pick_device(device if device != "auto" else cfg.train.device)).eval()
     return Run(Path(run_dir), cfg, task, serializer, model, ckpt, int(state["step"]), which, state)
 
 

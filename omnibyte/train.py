@@ -40,7 +40,6 @@ from .lock import RunLock
 from .logging import PROGRESS, EarlyRecords, RunLogger
 from .loss import LossModule
 from .metrics import LogWindow
-from .model.routing import warn_if_unverified
 from .nonfinite import NonFiniteSteps
 from .optim import build_optimizer, build_schedule
 from .precision import autocast, use_bf16
@@ -155,7 +154,6 @@ def _train(cfg: RunConfig, info: parallel.DistInfo, early: EarlyRecords | None =
     if info.is_main:
         provenance.append(run_dir, {**prov, "resume_from": str(resume_from) if resume_from else None})
     model.to(device)
-    warn_if_unverified(model, device)
 
     # --- parallelism, optimizer, schedule, data -------------------------------------------------
     train_module = parallel.parallelize(LossModule(model), info, t, cfg.parallel, bf16)

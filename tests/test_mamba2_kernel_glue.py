@@ -32,6 +32,9 @@ def _chunk_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_sof
 def _state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
     """mamba-ssm's selective_state_update (multi-head form): state (N, H, P, n) updated in place; y (N, H, P)."""
     assert z is None
+    # its contract as mamba-ssm 2.3.2 has it: dt_bias is read (dt_bias.stride(-1)) even when it is None, so a
+    # caller must always pass one (a None crashed the modality-aware step path on GPU)
+    assert dt_bias is not None, "selective_state_update needs a dt_bias (mamba-ssm reads its strides)"
     H, G = x.shape[1], B.shape[1]
     dt = dt.float() + (dt_bias.float() if dt_bias is not None else 0.0)
     dt = F.softplus(dt) if dt_softplus else dt  # (N, H, P)

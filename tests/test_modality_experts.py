@@ -512,14 +512,3 @@ def test_pg19_scoring_routes_a_modality_aware_model():
         want = m.nll(x, modality=mod)[0, 1:].sum()
     assert count == len(s) - 1 and abs(total - float(want)) < 1e-4
 
-
-def test_modality_aware_on_cuda_is_said_to_be_unverified(caplog):
-    from omnibyte.model.routing import warn_if_unverified
-
-    dense, mom = tiny([(8, 32, M2), (4, 16, TF)]), tiny([(8, 32, aware(M2)), (4, 16, TF)])
-    with caplog.at_level("WARNING", logger="omnibyte.model"):
-        warn_if_unverified(mom, "cpu")
-        warn_if_unverified(dense, "cuda")
-        assert not caplog.records
-        warn_if_unverified(mom, "cuda")
-    assert "modality-aware blocks on CUDA are unverified" in caplog.text

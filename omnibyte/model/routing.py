@@ -109,15 +109,3 @@ def check_modality(modality: torch.Tensor | None, tokens: torch.Tensor, who: str
         raise ValueError(f"{who}: modality of shape {tuple(modality.shape)} does not match tokens of shape "
                          f"{tuple(tokens.shape)}")
     return modality.long()
-
-
-def warn_if_unverified(model, device) -> None:
-    """Say so, loudly, when a modality-aware model is about to run on CUDA: the last GPU test run found its
-    kernel-path checks failing (README, Known limits) and the cause is not yet known."""
-    import logging
-
-    if getattr(getattr(model, "stream_meta", None), "modality_aware", False) and torch.device(device).type == "cuda":
-        logging.getLogger("omnibyte.model").warning(
-            "modality-aware blocks on CUDA are unverified: the last GPU test run failed their kernel-path checks "
-            "(README, Known limits); compare a few samples against train.device=cpu before trusting the numbers")
-

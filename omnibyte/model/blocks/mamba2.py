@@ -100,10 +100,12 @@ def kernel_forward(m, K, u: torch.Tensor, state: dict | None, routing=None) -> t
         xBC = m._conv(xBC, state)[:, 0]  # (N, C)
         x, B, C = torch.split(xBC, [m.d_inner, m.ngroups * m.d_state, m.ngroups * m.d_state], -1)
         H, P, n = m.nheads, m.headdim, m.d_state
+        if dt_bias is None:  # modality-aware: each token's bias is already in dt. mamba-ssm's selective_state_update
+            dt_bias = dt.new_zeros(H)  # reads dt_bias.stride() unconditionally (2.3.2): a None crashes it
         y = K.state_update(
             state["ssm"], x.reshape(N, H, P), dt[:, 0, :, None].expand(N, H, P), A[:, None, None].expand(H, P, n),
             B.reshape(N, m.ngroups, n), C.reshape(N, m.ngroups, n), m.D[:, None].expand(H, P),
-            z=None, dt_bias=dt_bias[:, None].expand(H, P) if dt_bias is not None else None, dt_softplus=True)
+            z=None, dt_bias=dt_bias[:, None].expand(H, P), dt_softplus=True)
         y = K.rmsnorm_fn(y.reshape(N, 1, m.d_inner), m.norm.weight, None, z=z, eps=m.norm.eps,
                          group_size=m.d_inner // m.ngroups, norm_before_gate=False)
         return m.project_out(y, routing)
