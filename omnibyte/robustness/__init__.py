@@ -2,12 +2,5 @@
 a trained run scored on clean and corrupted copies of its eval split (:mod:`.evaluate`, ``omnibyte
 robustness``)."""
 
-from .corruptions import (  # noqa: F401
-    CORRUPTIONS,
-    Corruption,
-    corrupt_image_file,
-    corrupt_stream,
-    corrupt_text,
-    parse,
-    rng_for,
-)
+from .corruptions import *  # noqa: F403  (its public names: corruptions.__all__, kept there once)
+from .corruptions import __all__  # noqa: F401
