@@ -182,7 +182,6 @@ MAX_GRAPH_SHAPES = 8  # per block: a bucketed run's shapes fit; a run of ever-ne
 def _graph_block(block: nn.Module) -> None:
     eager = block.forward
     graphs: dict = {}  # (shape, dtype, autocast) -> the graphed forward for it
-    said: list = []
 
     def forward(x, cache=None):
         eligible = (cache is None and block.training and torch.is_grad_enabled() and x.is_cuda
@@ -193,10 +192,6 @@ def _graph_block(block: nn.Module) -> None:
         fn = graphs.get(key)
         if fn is None:
             if len(graphs) >= MAX_GRAPH_SHAPES:
-                if not said:
-                    said.append(key)
-                    log.info("CUDA graphs: %s has %d shapes captured; new shapes run eagerly",
-                             type(block).__name__, MAX_GRAPH_SHAPES)
                 return eager(x, cache)
             sample = x.detach().clone().requires_grad_(True)
             block.forward = eager  # make_graphed_callables captures (and then replaces) this forward
@@ -205,7 +200,9 @@ def _graph_block(block: nn.Module) -> None:
                 fn = graphs[key] = block.forward
             finally:
                 block.forward = forward
-            log.info("CUDA graphs captured for %s on input %s", type(block).__name__, key)
+            log.info("CUDA graphs captured for %s on input %s%s", type(block).__name__, key,
+                     f"; the {MAX_GRAPH_SHAPES}th shape: later new shapes run eagerly"
+                     if len(graphs) == MAX_GRAPH_SHAPES else "")
         return fn(x)
 
     block.forward = forward
