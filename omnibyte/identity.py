@@ -32,7 +32,7 @@ MAY_CHANGE: frozenset[str] = frozenset({
     "train.deterministic", "train.resume", "train.max_bad_steps", "train.patience", "train.inject_nan_at",
     "train.tracker", "train.tracker_project",
     "data.prefetch", "eval.batch_size", "eval.per_token", "eval.task_metrics", "eval.checkpoint",
-    "parallel.backend", "notes", "train.warm_shapes",
+    "parallel.backend", "notes", "train.warm_shapes", "train.stop_after_minutes",
 })
 
 

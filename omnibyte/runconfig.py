@@ -88,6 +88,7 @@ class TrainConfig:
     log_every: int = 10  # steps between training-loss lines (console, metrics.jsonl, TensorBoard)
     eval_every: int = 0  # 0 = only at the end
     ckpt_every: int = 0  # 0 = only at the end
+    stop_after_minutes: float = 0.0  # stop this invocation after this many minutes of training, with a checkpoint (run the command again to go on); 0: off. SIGTERM / Ctrl-C do the same after the step in progress
     keep_last: int = 2  # checkpoints kept besides the best (lowest eval bpb of those written at an eval step)
     resume: str = "auto"  # auto (latest checkpoint in the run dir if any) | never | <checkpoint path>
     init_from: str = ""  # a run dir or checkpoint whose weights start this run (transfer)
@@ -123,6 +124,9 @@ class TrainConfig:
             v = getattr(self, key)
             if not (math.isfinite(v) and v >= 0):
                 raise ValueError(f"train.{key} must be a finite number >= 0, got {v}")
+        if not (math.isfinite(self.stop_after_minutes) and self.stop_after_minutes >= 0):
+            raise ValueError(f"train.stop_after_minutes must be a finite number >= 0 (0: off), "
+                             f"got {self.stop_after_minutes}")
         for key in ("warmup", "eval_every", "ckpt_every", "patience"):
             if getattr(self, key) < 0:
                 raise ValueError(f"train.{key} must be >= 0 (0: off / only at the end), got {getattr(self, key)}")

@@ -7,7 +7,8 @@
 4. weights: resume this run's latest checkpoint (``train.resume``) or start from another run (``init_from``);
    ``pathway_from`` wraps linear layers with another run's (:mod:`omnibyte.pathway`)
 5. activation checkpointing / compile / DDP or FSDP2 (:mod:`omnibyte.parallel`); AdamW; warm-up + cosine
-6. loop: micro-batches (grad accumulation), clip, skip non-finite steps, step; log; checkpoint, then evaluate
+6. loop: micro-batches (grad accumulation), clip, skip non-finite steps, step; log; checkpoint, then evaluate;
+   SIGTERM / SIGINT / ``train.stop_after_minutes`` stop after the step with a checkpoint (:mod:`omnibyte.stopping`)
 
 Step ``k`` means "after k optimizer steps"; metrics and checkpoints are labelled with it. A skipped
 (non-finite) step still consumes its data and advances the schedule, so resumed and uninterrupted runs
@@ -45,6 +46,7 @@ from .optim import build_optimizer, build_schedule
 from .precision import autocast, use_bf16
 from .run import build_components
 from .runconfig import RESOLVED_NAME, RunConfig
+from .stopping import StopRequests
 from .startup import (
     attach_pathway_from,
     eval_pending,
@@ -86,14 +88,14 @@ def train(cfg: RunConfig, *, dry_run: bool = False) -> Path:
         if lock is not None:
             lock.acquire()  # one writer per run directory, before anything of it is read or written
         parallel.barrier(info)
-        run_dir = _train(cfg, info, early, dry_run=dry_run)
+        run_dir, stopped = _train(cfg, info, early, dry_run=dry_run)
     finally:
         if early is not None:
             early.detach()
         if lock is not None:
             lock.release()
         parallel.destroy()
-    if cfg.eval.report and info.is_main and not dry_run:
+    if cfg.eval.report and info.is_main and not dry_run and not stopped:  # an unfinished run gets no report
         final_report(run_dir, cfg.train.device)
     return run_dir
 
@@ -117,7 +119,8 @@ def final_report(run_dir: Path, device: str = "auto") -> list[str]:
 
 
 def _train(cfg: RunConfig, info: parallel.DistInfo, early: EarlyRecords | None = None, *,
-           dry_run: bool = False) -> Path:
+           dry_run: bool = False) -> tuple[Path, str | None]:
+    """Train; returns the run directory and why the run stopped before train.steps (None: it did not)."""
     device = info.device
     cfg, latest = open_run_dir(cfg, info)
     t, run_dir = cfg.train, cfg.run_dir
@@ -129,7 +132,7 @@ def _train(cfg: RunConfig, info: parallel.DistInfo, early: EarlyRecords | None =
         if done >= t.steps and not eval_pending(head, run_dir, cfg.eval.split):
             log.warning("run %s is finished: step %d of train.steps=%d; nothing to do (evaluate it with "
                         "`omnibyte eval %s`, or raise train.steps to train on)", cfg.run_name, done, t.steps, run_dir)
-            return run_dir
+            return run_dir, None
     bf16 = use_bf16(t.precision, device)
     if t.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -148,7 +151,7 @@ def _train(cfg: RunConfig, info: parallel.DistInfo, early: EarlyRecords | None =
                                     new_run=not (run_dir / RESOLVED_NAME).is_file()):
             logging.getLogger(PROGRESS).info("%s", line)
     if dry_run:
-        return run_dir
+        return run_dir, None
     write_record(cfg, info)
     prov = {**provenance.collect(info.world, device), **({"pathway_from": pathway} if pathway else {})}
     if info.is_main:
@@ -236,9 +239,12 @@ def _train(cfg: RunConfig, info: parallel.DistInfo, early: EarlyRecords | None =
         """Read what the device knows of skipped steps (fused optimizer: one host sync, here only)."""
         guard.check(at)
         counters["bad_steps"] = guard.total
+    stopped = None
+    stops = StopRequests(t.stop_after_minutes, info, t.log_every)
     try:
         if eval_due:  # the run stopped between a checkpoint and its evaluation
             evaluate(step)
+        stops.install()
         while step < t.steps:
             lr = scheduler.get_last_lr()[0]
             nats = torch.zeros((), dtype=torch.float64, device=device)
@@ -293,21 +299,33 @@ def _train(cfg: RunConfig, info: parallel.DistInfo, early: EarlyRecords | None =
             # evaluated step is on disk, so the best checkpoint by the eval metric can always be loaded -----
             last = step == t.steps
             eval_now = bool(t.eval_every and step % t.eval_every == 0) or last
-            if eval_now or (t.ckpt_every and step % t.ckpt_every == 0):
+            saved = eval_now or bool(t.ckpt_every and step % t.ckpt_every == 0)
+            if saved:
                 save(step, then_eval=eval_now)
             if eval_now and evaluate(step) and not last:
                 log.warning("early stopping at step %d: %d evaluations without a better %s bpb "
                             "(train.patience=%d; best: step %s)", step, counters["evals_since_best"],
                             cfg.eval.split, t.patience, best and best["step"])
                 break
+            # --- a stop request (signal, time limit): checkpoint this step, then stop -------------------
+            stopped = None if last else stops.due(step)
+            if stopped:
+                if not saved:
+                    save(step, then_eval=False)
+                break
     finally:
+        stops.restore()
         logger.close()
+    if stopped and info.is_main:
+        log.warning("stopped at step %d of train.steps=%d (%s); checkpoint written: run the same command again "
+                    "to resume from it", step, t.steps, stopped)
+        return run_dir, stopped
     if info.is_main:
         chosen = (f"best checkpoint: step {best['step']} ({best['metric']} {best['value']:.4f})" if best
                   else "no evaluation selected a best checkpoint")
         log.info("done: %d steps, %d non-finite steps skipped; %s; run directory %s", step, counters["bad_steps"],
                  chosen, run_dir)
-    return run_dir
+    return run_dir, stopped
 
 
 __all__ = ["train", "TrainingError"]

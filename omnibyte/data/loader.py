@@ -20,6 +20,7 @@ stream after a resume is therefore exactly the stream an uninterrupted run would
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -35,6 +36,12 @@ from .position import EpochRun, make_batches
 from .sources import DataShard, open_h5, open_shards, policy_of, sample_meta, serialize, split_samples
 
 log = logging.getLogger("omnibyte.data")
+
+
+def ignore_interrupts_in_workers(_worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: Ctrl-C reaches the whole process group, and the training process decides
+    what it means (stop after the step in progress, with a checkpoint): a worker must not die of it first."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def packing_of(cfg, task) -> str:
@@ -171,7 +178,8 @@ class TrainLoader:
         ds.start = {w: dict(v) for w, v in self.workers.items()}
         if self.cfg.workers > 0:
             loader = DataLoader(ds, batch_size=None, num_workers=self.cfg.workers, prefetch_factor=self.cfg.prefetch,
-                                persistent_workers=False, pin_memory=torch.cuda.is_available())
+                                persistent_workers=False, pin_memory=torch.cuda.is_available(),
+                                worker_init_fn=ignore_interrupts_in_workers)
         else:
             loader = ds
         for item in loader:
