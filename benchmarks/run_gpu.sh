@@ -2,10 +2,10 @@
 # The GPU jobs behind benchmarks/RESULTS.md (model section). From the repository root, on a machine with
 # one H100 / H200, with the wheels of ../shared/wheels/gpu-py312 copied to .whl/:
 #   bash benchmarks/run_gpu.sh STEP OUTDIR
-# STEP: tests | train | generate | context | vqa | first | small | pg19 | clevr | issue17 (each fits in one 10-minute device command; a fresh machine
+# STEP: tests | train | generate | context | vqa | first | small | small_ctx | pg19 | clevr | issue17 (each fits in one 10-minute device command; a fresh machine
 # spends ~2 minutes on Triton JIT + autotuning of mamba-ssm's kernels in its first process).
 set -uo pipefail
-step=${1:?step: tests|train|generate|context|vqa|first|small|pg19|clevr|issue17}
+step=${1:?step: tests|train|generate|context|vqa|first|small|small_ctx|pg19|clevr|issue17}
 out=${2:-/tmp/omnibyte_bench}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -36,9 +36,9 @@ gpu_tests() {
 pg19_train() {
   local steps=${PG19_STEPS:-1000}
   local common=(task.root="$pg19_root" out_dir="$pg19_runs" train.steps="$steps" train.eval_every="$steps"
-                train.ckpt_every="$steps" train.warmup=100 ${PG19_OVERRIDES:-train.compile=true})
-  timeout "${TRAIN_TIMEOUT:-330}" python3 -m omnibyte train pg19_lm "${common[@]}" --quiet > "$out/pg19_lm.log" 2>&1 &
-  timeout "${TRAIN_TIMEOUT:-330}" python3 -m omnibyte train pg19_lm run_name=pg19_small "${common[@]}" \
+                train.ckpt_every="${CKPT_EVERY:-$steps}" train.warmup=100 ${PG19_OVERRIDES:-train.compile=true})
+  timeout -k 60 "${TRAIN_TIMEOUT:-330}" python3 -m omnibyte train pg19_lm "${common[@]}" --quiet > "$out/pg19_lm.log" 2>&1 &
+  timeout -k 60 "${TRAIN_TIMEOUT:-330}" python3 -m omnibyte train pg19_lm run_name=pg19_small "${common[@]}" \
     model.stages.0.width=256 model.stages.0.layers=2 model.stages.1.width=128 model.stages.1.layers=2 \
     model.stages.1.block.heads=2 --quiet > "$out/pg19_small.log" 2>&1 &
   wait
@@ -58,8 +58,8 @@ pg19_speculative() {  # a timing: run it alone on the GPU
 # CLEVR_LIMIT val questions (text, image-byte and image-file corruptions)
 clevr_train() {
   local steps=${CLEVR_STEPS:-1500}
-  timeout "${TRAIN_TIMEOUT:-420}" python3 -m omnibyte train clevr_vqa_png out_dir="$clevr_runs" train.steps="$steps" \
-    train.eval_every="$steps" train.ckpt_every="$steps" task.synth.images="${CLEVR_IMAGES:-2000}" \
+  timeout -k 60 "${TRAIN_TIMEOUT:-420}" python3 -m omnibyte train clevr_vqa_png out_dir="$clevr_runs" train.steps="$steps" \
+    train.eval_every="$steps" train.ckpt_every="${CKPT_EVERY:-$steps}" task.synth.images="${CLEVR_IMAGES:-2000}" \
     ${CLEVR_OVERRIDES:-} --quiet > "$out/clevr_vqa_png.log" 2>&1
   tail -n 30 "$out/clevr_vqa_png.log"
   cp "$clevr_runs"/clevr_vqa_png*/metrics.jsonl "$out/clevr_metrics.jsonl"
@@ -67,6 +67,17 @@ clevr_train() {
 clevr_robustness() {
   timeout 150 python3 -m omnibyte robustness "$clevr_runs"/clevr_vqa_png* --limit "${CLEVR_LIMIT:-300}" \
     --out "$out/robustness_clevr.json" --quiet 2>&1 | tee "$out/robustness_clevr.txt"
+}
+# trainable context of the 3-stage family: one step per size, doubling from CTX_START_MIB
+context() {
+  timeout "${CTX_TIMEOUT:-540}" python3 benchmarks/max_context.py --start-mib "${CTX_START_MIB:-8}" \
+    --max-mib "${CTX_MAX_MIB:-1024}" --time-cap "${CTX_TIME_CAP:-420}" --step-cap "${CTX_STEP_CAP:-150}" \
+    --out "$out/bench.jsonl" 2>&1 | tail -c 4000 | tee "$out/ctx.log"
+}
+small() {  # the shipped 15.8M model (pg19_lm, also CLEVR's): omnibyte (compiled + graphs, eager) and mblm 0.4.2
+  timeout "${SMALL_TIMEOUT:-540}" python3 benchmarks/train_throughput.py --preset pg19_lm --impl inproc --batch 16 \
+    --length 8192 --order omnibyte+compile+graphs,mblm,omnibyte --steps 20 --warmup 3 \
+    --out "$out/bench.jsonl" 2>&1 | tail -c 6000 | tee "$out/small.log"
 }
 # the device returns at most 8 files: at the end, everything but bench.jsonl and env.txt goes into logs.tgz
 pack() {
@@ -86,8 +97,7 @@ case "$step" in
               --out "$out/bench.jsonl" 2>&1 | tail -c 8000 | tee "$out/train.log" ;;
   generate) timeout 540 python3 benchmarks/generate.py --graph --compile --profile 20 --mblm \
               --out "$out/bench.jsonl" 2>&1 | tail -c 6000 | tee "$out/gen.log" ;;
-  context)  timeout 540 python3 benchmarks/max_context.py --start-mib 8 --time-cap 420 --step-cap 150 \
-              --out "$out/bench.jsonl" 2>&1 | tail -c 4000 | tee "$out/ctx.log" ;;
+  context)  context ;;
   # VQA rank-mode scoring, 16M clevr_vqa_png model, 500 val questions: per-question loop vs score_batch
   vqa)      timeout 540 python3 benchmarks/vqa_eval.py --questions 500 --workers 8 \
               --out "$out/bench.jsonl" 2>&1 | tail -c 4000 | tee "$out/vqa.log" ;;
@@ -95,10 +105,10 @@ case "$step" in
   # Triton cache per arm; the data are generated first, untimed)
   first)    timeout 590 python3 benchmarks/first_minutes.py --config clevr_vqa_pixels --seconds 180 task.synth.images=600 \
               --out "$out/bench.jsonl" 2>&1 | tail -c 4000 | tee "$out/first.log" ;;
-  # the shipped 15.8M model (pg19_lm, also CLEVR's): omnibyte (compiled + graphs, eager) and mblm 0.4.2, one process
-  small)    timeout 540 python3 benchmarks/train_throughput.py --preset pg19_lm --impl inproc --batch 16 --length 8192 \
-              --order omnibyte+compile+graphs,mblm,omnibyte --steps 20 --warmup 3 \
-              --out "$out/bench.jsonl" 2>&1 | tail -c 6000 | tee "$out/small.log" ;;
+  small)    small ;;
+  # issue 18 items 2 and 5 in one call: the pg19_lm throughput, then 64 -> 256 MiB of context (one step each)
+  small_ctx) SMALL_TIMEOUT=300 small
+            CTX_START_MIB=64 CTX_MAX_MIB=256 CTX_STEP_CAP=240 CTX_TIME_CAP=400 CTX_TIMEOUT=280 context ;;
   pg19)     pg19_train; pg19_robustness; pg19_speculative ;;
   clevr)    clevr_train; clevr_robustness ;;
   # issue 17 in one call: the GPU tests and both trainings side by side (none of them a timing), then the two
