@@ -17,7 +17,8 @@
    run; no checkpoints.
 
 Jobs run ``--jobs`` at a time (one GPU is shared; each is small). ``--budget`` seconds bound the whole
-thing: no job starts late, running ones are stopped at the budget, and whatever finished is packed.
+thing: no job starts late, running ones get SIGTERM at the budget (a training checkpoints the step it reached,
+so a later run with the same ``--out`` resumes it), and whatever finished is packed.
 Sizes (``SCALES``) are tiny on purpose: the whole study fits in minutes on one H100.
 """
 
@@ -149,9 +150,16 @@ class Runner:
                         try:
                             rc = p.wait(timeout=max(1.0, self.deadline - time.time()))
                         except subprocess.TimeoutExpired:
-                            p.kill()
-                            p.wait()
-                            rc = "killed (budget)"
+                            # SIGTERM first: a training checkpoints the step it reached and the same command
+                            # (a later --only run with this --out) resumes it; killed if it does not end in 60 s
+                            p.terminate()
+                            try:
+                                p.wait(timeout=60)
+                                rc = "stopped (budget; resumable)"
+                            except subprocess.TimeoutExpired:
+                                p.kill()
+                                p.wait()
+                                rc = "killed (budget)"
                     self.status[name] = rc
                     print(f"[{time.strftime('%H:%M:%S')}] {name}: {rc} in {time.time() - t0:.0f}s", flush=True)
                 finally:
