@@ -1,10 +1,13 @@
 """Steps a CLEVR byte run reaches in its first minutes, per batch-padding mode (issue: shape-stable batches).
 
-Each arm is a real ``omnibyte train`` process (the same config and overrides; only ``data.pad_to`` and
-``train.warm_shapes`` differ), started with a cold Triton cache of its own (a fresh ``TRITON_CACHE_DIR``), so
-every arm pays the JIT compiles and autotuning a user's first run pays. The data are generated (or read)
+Each arm is a real ``omnibyte train`` process (the same config and overrides; only the arm's own overrides
+differ: ``data.pad_to``, ``train.warm_shapes``, ``train.compile``, ``train.cuda_graphs``), started with cold
+Triton and inductor caches of its own (fresh ``TRITON_CACHE_DIR`` and ``TORCHINDUCTOR_CACHE_DIR``), so every
+arm pays the JIT compiles and autotuning a user's first run pays. The data are generated (or read)
 once before the first arm. After ``--seconds`` of wall time (process start included) the arm is stopped and
-the last step in its ``metrics.jsonl`` (``train.log_every=1``) is its result. One JSON line per arm.
+the last step in its ``metrics.jsonl`` (``train.log_every=1``) is its result. One JSON line per arm, with where
+the time went: seconds to step 1, the logged shape warm-up, the step rate over the arm's last minute; each arm's
+log is kept (``--logs``).
 
     python benchmarks/first_minutes.py --config clevr_vqa_pixels --seconds 180 --out bench.jsonl
     python benchmarks/first_minutes.py --config clevr_vqa_pixels --seconds 20 preset=cpu   # a CPU smoke run
@@ -25,34 +28,62 @@ from pathlib import Path
 from _common import emit
 
 ARMS = {
-    "longest": ["data.pad_to=longest", "train.warm_shapes=false"],
-    "buckets": ["data.pad_to=buckets", "train.warm_shapes=auto"],
+    "longest": ["data.pad_to=longest", "train.warm_shapes=false"],  # the CLEVR configs before buckets
+    "buckets": ["data.pad_to=buckets", "train.warm_shapes=auto"],  # as shipped
+    "seq_len": ["data.pad_to=seq_len", "train.warm_shapes=false"],  # one shape, ~5% more padding
+    # with train.compile (the issue's "today": 350 steps with longest rows), and with per-shape CUDA graphs
+    "longest_compiled": ["data.pad_to=longest", "train.warm_shapes=false", "train.compile=true"],
+    "buckets_compiled": ["data.pad_to=buckets", "train.warm_shapes=auto", "train.compile=true"],
+    "buckets_graphs": ["data.pad_to=buckets", "train.compile=true", "train.cuda_graphs=true"],
 }
 
 
-def last_step(run_dir: Path) -> int:
+def timeline(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, wall time) of every training line in the arm's ``metrics.jsonl`` (``train.log_every=1``)."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
-        return 0
-    steps = []
+        return []
+    out = []
     for line in path.read_text().splitlines():
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:  # the line being written when the arm was stopped
             continue
         if rec.get("split") == "train":
-            steps.append(int(rec["step"]))
-    return max(steps, default=0)
+            out.append((int(rec["step"]), float(rec["time"])))
+    return out
+
+
+def where_time_went(steps: list[tuple[int, float]], started: float, log_text: str) -> dict:
+    """Seconds from the process start to step 1, the warm-up the run logged, and the step rate over the last
+    60 s of the arm (its steady state, when it got there)."""
+    import re
+
+    rec: dict = {}
+    m = re.search(r"warmed up (\d+) row length\(s\) (\[[^\]]*\]) in ([0-9.]+) s", log_text)
+    if m:
+        rec.update(warm_lengths=json.loads(m.group(2)), warm_s=float(m.group(3)))
+    if steps:
+        rec["first_step_s"] = round(steps[0][1] - started, 1)
+        end = steps[-1][1]
+        recent = [(s, t) for s, t in steps if t >= end - 60]
+        if len(recent) > 1 and recent[-1][1] > recent[0][1]:
+            rec["steps_per_s_last_60s"] = round((recent[-1][0] - recent[0][0]) / (recent[-1][1] - recent[0][1]), 2)
+    return rec
 
 
 def run_arm(name: str, args, overrides: list[str], work: Path) -> dict:
     env = {**os.environ, "TRITON_CACHE_DIR": tempfile.mkdtemp(prefix=f"triton-{name}-", dir=work),
+           "TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix=f"inductor-{name}-", dir=work),
            "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "omnibyte", "train", args.config, f"out_dir={work / 'runs'}", f"run_name={name}",
            "train.log_every=1", f"train.steps={args.steps}", "train.eval_every=0", "train.ckpt_every=0",
-           "eval.report=false", "--quiet", *overrides, *ARMS[name]]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+           "eval.report=false", "train.progress=false", *overrides, *ARMS[name]]
+    t0, started = time.perf_counter(), time.time()
+    log_path = (Path(args.logs) if args.logs else work) / f"first_minutes_{name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_file = open(log_path, "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log_file, text=True,
                             start_new_session=True)
     try:
         proc.wait(timeout=args.seconds)
@@ -62,11 +93,14 @@ def run_arm(name: str, args, overrides: list[str], work: Path) -> dict:
         proc.wait()
         finished = False
     secs = time.perf_counter() - t0
-    err = proc.stderr.read() if proc.stderr else ""
+    log_file.close()
+    err = log_path.read_text()
     if finished and proc.returncode != 0:
         raise SystemExit(f"arm {name} failed (exit {proc.returncode}):\n{err[-3000:]}")
-    return {"arm": name, "overrides": ARMS[name], "seconds": round(secs, 1), "steps": last_step(work / "runs" / name),
-            "finished": finished}
+    steps = timeline(work / "runs" / name)
+    return {"arm": name, "overrides": ARMS[name], "seconds": round(secs, 1),
+            "steps": max((s for s, _ in steps), default=0), "finished": finished,
+            **where_time_went(steps, started, err), "log": str(log_path)}
 
 
 def main() -> None:
@@ -74,11 +108,14 @@ def main() -> None:
     p.add_argument("--config", default="clevr_vqa_pixels")
     p.add_argument("--seconds", type=float, default=180.0, help="wall time per arm (process start included)")
     p.add_argument("--steps", type=int, default=100000, help="train.steps (large: the clock stops the arm)")
-    p.add_argument("--arms", default="longest,buckets")
+    p.add_argument("--arms", default="longest,buckets", help=f"comma-separated, from {', '.join(ARMS)}")
     p.add_argument("--work", default=None, help="folder for the runs and Triton caches (default: a temp folder)")
     p.add_argument("--out", default=None)
+    p.add_argument("--logs", default=None, help="folder for each arm's log (default: --work)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides for every arm")
     args = p.parse_args()
+    if bad := [a for a in args.arms.split(",") if a not in ARMS]:
+        p.error(f"--arms: unknown {bad}; choose from {', '.join(ARMS)}")
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
