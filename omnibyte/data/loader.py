@@ -209,8 +209,11 @@ def eval_streams(cfg, task, serializer, split: str, *, max_samples: int = 0, sta
 
 
 def eval_batches(cfg, task, serializer, split: str, *, max_samples: int = 0, batch_size: int = 0,
-                 pad_multiple: int = 1, rank: int = 0, world: int = 1, stats: dict | None = None) -> list[Batch]:
+                 pad_multiple: int = 1, rank: int = 0, world: int = 1, stats: dict | None = None,
+                 streams=None) -> list[Batch]:
     """A fixed, finite list of batches of ``split`` (the first ``max_samples`` samples), this rank's share.
+    ``streams``: the split's streams serialized already (e.g. the :func:`~omnibyte.data.items.eval_items` a task
+    evaluation reads), batched instead of serializing the split again.
 
     Rows go to ranks round-robin. Over-long streams under the ``error`` policy are cropped here (with
     a warning) rather than ending an evaluation; concat packing keeps the final short row. ``stats`` (a dict)
@@ -219,7 +222,8 @@ def eval_batches(cfg, task, serializer, split: str, *, max_samples: int = 0, bat
     """
     stats = {} if stats is None else stats
     packing = packing_of(cfg, task)
-    streams = eval_streams(cfg, task, serializer, split, max_samples=max_samples, stats=stats)
+    if streams is None:
+        streams = eval_streams(cfg, task, serializer, split, max_samples=max_samples, stats=stats)
     buckets: tuple[int, ...] = ()
     if packing == "concat":
         rows = list(concat_rows(streams, cfg.seq_len, cfg.separator, keep_tail=True))

@@ -147,9 +147,10 @@ class CorruptingSerializer:
         return self.inner(s)
 
 
-def image_bits(run, serializer, split: str, max_samples: int) -> dict[str, Any] | None:
+def image_bits(run, serializer, split: str, max_samples: int, items=None) -> dict[str, Any] | None:
     """Mean bits over every image byte (modality IMAGE, id < 256) of the eval rows, whatever its loss weight;
-    ``None`` for a model without per-token losses."""
+    ``None`` for a model without per-token losses. ``items``: the split's :class:`~omnibyte.run.EvalSet` by
+    this serializer, made already (not serialized again)."""
     import torch
 
     from ..data import eval_batches
@@ -162,7 +163,8 @@ def image_bits(run, serializer, split: str, max_samples: int) -> dict[str, Any] 
         return None
     rows: dict = {}
     batches = eval_batches(cfg.data, run.task, serializer, split, max_samples=max_samples,
-                           batch_size=cfg.eval.batch_size, pad_multiple=model.stream_meta.patch_product, stats=rows)
+                           batch_size=cfg.eval.batch_size, pad_multiple=model.stream_meta.patch_product, stats=rows,
+                           streams=None if items is None else [it.stream for it in items.items])
     nats, count = 0.0, 0
     with torch.no_grad():
         for b in batches:
@@ -227,7 +229,7 @@ def _finite(x) -> bool:
 def run_robustness(run, split: str | None = None, *, corruptions=None, seed: int = 0, limit: int | None = None,
                    out: str | Path | None = None, progress: bool = True, log=None) -> dict[str, Any]:
     """Score ``run`` clean and under each corruption; returns (and writes to ``out``) the table as JSON."""
-    from ..run import evaluate_run
+    from ..run import eval_set, evaluate_run
 
     plan = plan_for(run, corruptions)
     cfg = run.config
@@ -244,14 +246,15 @@ def run_robustness(run, split: str | None = None, *, corruptions=None, seed: int
             log.info("robustness %s: %s", split, label)
         ser = run.serializer if c is None else CorruptingSerializer(run.serializer, c, plan, seed)
         variant = dataclasses.replace(run, serializer=ser)
+        items = eval_set(variant, split, n)  # serialized once: the bpb pass, the task and the image pass read it
         res = evaluate_run(variant, split, max_samples=n, per_token=False, task_metrics=True, progress=progress,
-                           out_dir=detail / label.replace(":", "_"))
+                           out_dir=detail / label.replace(":", "_"), items=items)
         if c is None:
             clean_words = (res.get("task") or {}).get("num_words")
         elif ser.questions:
             _show_corrupted_questions(detail / label.replace(":", "_") / f"vqa_{split}_predictions.jsonl",
                                       ser.questions)
-        img = image_bits(variant, ser, split, n) if plan.image_field else None
+        img = image_bits(variant, ser, split, n, items) if plan.image_field else None
         rows.append(_row(label, res, img))
     for r in rows:
         if "total_nats" in r and clean_words is not None:
