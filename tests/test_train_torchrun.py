@@ -94,3 +94,46 @@ def test_fsdp2_killed_run_resumes_on_the_uninterrupted_curve(tmp_path):
     for k in whole:
         assert resumed[k] == pytest.approx(whole[k], rel=1e-5, abs=1e-6), k
     assert main(["eval", str(run), "eval.per_token=false", "--quiet"]) == 0
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_ddp_run_at_a_log_step_with_a_checkpoint_and_it_resumes(tmp_path):
+    """SIGTERM to torchrun (which passes it to its workers, as a cluster's time limit does): the ranks agree to stop
+    at the next log step, write one checkpoint there (ckpt_every is off) and exit; the same command resumes and
+    the losses equal an uninterrupted run's."""
+    import signal
+    import time
+
+    def config(name):
+        return write_config(tmp_path, name, train={"steps": 60, "log_every": 3, "eval_every": 0, "ckpt_every": 0},
+                            data={"batch_size": 4, "workers": 0}, parallel={"strategy": "ddp"})
+
+    cmd, env = _torchrun(config("whole"))
+    assert subprocess.run(cmd, env=env, capture_output=True, timeout=240).returncode == 0
+    cmd, env = _torchrun(config("stopped"))
+    run = tmp_path / "runs" / "stopped"
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    deadline = time.time() + 200
+
+    def logged():
+        return [r["step"] for r in read_metrics(run) if r["split"] == "train"] if (run / "metrics.jsonl").is_file() else []
+    while max(logged(), default=0) < 6:
+        assert p.poll() is None and time.time() < deadline, "the run ended before it could be stopped"
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert "SIGTERM received: stopping after the step in progress" in err, err[-3000:]
+    stopped_at = max(logged())
+    assert stopped_at % 3 == 0 and 6 <= stopped_at < 60, stopped_at
+    assert f"stopped at step {stopped_at} of train.steps=60 (SIGTERM)" in err, err[-3000:]
+    ckpts = sorted(x.name for x in (run / "checkpoints").glob("step_*"))
+    assert ckpts == [f"step_{stopped_at:06d}"]
+    assert read_state(run / "checkpoints" / ckpts[0])["world"] == 2
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    whole = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "runs" / "whole") if r["split"] == "train"}
+    resumed = {r["step"]: r["loss"] for r in read_metrics(run) if r["split"] == "train"}
+    assert sorted(resumed) == sorted(whole)
+    for k in whole:
+        assert resumed[k] == pytest.approx(whole[k], rel=1e-5, abs=1e-6), k
