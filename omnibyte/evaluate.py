@@ -44,44 +44,83 @@ def evaluate_bpb(loss_module: nn.Module, batches: list[Batch], device: torch.dev
     if info is not None and info.distributed:
         torch.distributed.all_reduce(n_local, op=torch.distributed.ReduceOp.MAX)
     n_batches = int(n_local.item())
-    codes = [int(m) for m in Modality]
-    sums = torch.zeros(2 + 2 * len(codes), dtype=torch.float64, device=device)
+    sums = _new_sums(device)
     for i in range(n_batches):
         batch = batches[i] if i < len(batches) else _dummy_like(batches, seq_len)
         with autocast(device, bf16):
             out = LossModule.unpack(loss_module(batch.to(device)))
-        sums[0] += out.nats_sum.double()
-        sums[1] += out.weight_sum.double()
-        for j, code in enumerate(codes):
-            if code in out.per_modality:
-                n, w = out.per_modality[code]
-                sums[2 + 2 * j] += torch.as_tensor(n, device=device).double()
-                sums[3 + 2 * j] += torch.as_tensor(w, device=device).double()
+        _add(sums, out)
     if info is not None:
         all_reduce_sum(sums, info)
-    s = sums.tolist()
     loss_module.train(was_training)
-    per_mod = {code: (s[2 + 2 * j], s[3 + 2 * j]) for j, code in enumerate(codes)}
-    return summarize(s[0], s[1], per_mod)
+    return _summary(sums)
+
+
+_CODES = [int(m) for m in Modality]
+
+
+def _new_sums(device) -> torch.Tensor:
+    """nats, weight, then (nats, weight) per modality code: the sums behind bits per byte."""
+    return torch.zeros(2 + 2 * len(_CODES), dtype=torch.float64, device=device)
+
+
+def _add(sums: torch.Tensor, out) -> None:
+    sums[0] += out.nats_sum.double()
+    sums[1] += out.weight_sum.double()
+    for j, code in enumerate(_CODES):
+        if code in out.per_modality:
+            n, w = out.per_modality[code]
+            sums[2 + 2 * j] += torch.as_tensor(n, device=sums.device).double()
+            sums[3 + 2 * j] += torch.as_tensor(w, device=sums.device).double()
+
+
+def _summary(sums: torch.Tensor) -> dict[str, Any]:
+    s = sums.tolist()
+    return summarize(s[0], s[1], {code: (s[2 + 2 * j], s[3 + 2 * j]) for j, code in enumerate(_CODES)})
 
 
 @torch.no_grad()
-def write_per_token(path: Path, model: nn.Module, batches: list[Batch], device: torch.device, *, split: str,
-                    step: int, bf16: bool = False, extra_attrs: dict | None = None) -> Path:
-    """Per-token nats of every row to an h5 file (see the module docstring)."""
+def evaluate_bpb_per_token(model: nn.Module, batches: list[Batch], device: torch.device, *, bf16: bool = False,
+                           visit=None) -> dict[str, Any]:
+    """:func:`evaluate_bpb` of a model with per-token losses (one process), from one forward pass per batch that
+    also hands its per-token nats to ``visit(batch, nll)`` (``nll`` (B, L) fp32 on the device): per-token files
+    and image bits read the same pass instead of running the model again. The sums are :func:`masked_loss`'s
+    over the model's ``nll``, as ``batch_loss`` computes them: the same bits per byte."""
+    from .loss import masked_loss, per_token_nll
+
+    was_training = model.training
+    model.eval()
+    sums = _new_sums(device)
+    for batch in batches:
+        b = batch.to(device)
+        with autocast(device, bf16):
+            nll = per_token_nll(model, b.tokens, modality=b.modality)
+            _add(sums, masked_loss(nll, b.loss_mask, b.modality))
+        if visit is not None:
+            visit(batch, nll)
+    model.train(was_training)
+    return _summary(sums)
+
+
+class PerTokenRows:
+    """Collects rows for :func:`write_per_token` from a pass's ``visit(batch, nll)``."""
+
+    def __init__(self):
+        self.rows: list[tuple] = []
+
+    def __call__(self, batch: Batch, nll: torch.Tensor) -> None:
+        nll = nll.float().cpu().numpy()
+        for r in range(len(batch)):
+            self.rows.append((batch.tokens[r].numpy(), nll[r], batch.loss_mask[r].numpy(),
+                              batch.modality[r].numpy(), int(batch.lengths[r]), batch.ids[r]))
+
+
+def write_per_token(path: Path, rows: PerTokenRows, *, split: str, step: int,
+                    extra_attrs: dict | None = None) -> Path:
+    """Per-token nats of the collected rows to an h5 file (see the module docstring)."""
     import h5py
 
-    from .loss import per_token_nll
-
-    model.eval()
-    rows: list[tuple] = []
-    for batch in batches:
-        with autocast(device, bf16):
-            nll = per_token_nll(model, batch.tokens.to(device), modality=batch.modality.to(device))
-            nll = nll.float().cpu().numpy()
-        for r in range(len(batch)):
-            rows.append((batch.tokens[r].numpy(), nll[r], batch.loss_mask[r].numpy(), batch.modality[r].numpy(),
-                         int(batch.lengths[r]), batch.ids[r]))
+    rows = rows.rows
     L = max(r[0].shape[0] for r in rows)
     N = len(rows)
     tokens = np.full((N, L), PAD, np.uint16)

@@ -282,15 +282,18 @@ def eval_set(run: Run, split: str, max_samples: int, serializer=None) -> EvalSet
 
 def evaluate_run(run: Run, split: str | None = None, *, max_samples: int | None = None,
                  per_token: bool | None = None, task_metrics: bool | None = None, progress: bool = True,
-                 out_dir: str | Path | None = None, bpb: bool = True, items: EvalSet | None = None) -> dict[str, Any]:
+                 out_dir: str | Path | None = None, bpb: bool = True, items: EvalSet | None = None,
+                 visit=None) -> dict[str, Any]:
     """Score ``run`` on ``split`` (default: its ``eval.split``) of its own data source; results also go to
     ``<out_dir or run_dir/eval>/<split>_<step>.json`` (and ``.h5`` per-token losses). ``max_samples`` etc.
     default to the run's ``eval`` section. ``bpb=False``: task metrics only, no pass over the eval batches (no
     bits per byte, no per-token losses); they are added to that record when it is one of the same checkpoint
     (its bits per byte and per-token file stay). With task metrics the split is serialized once, for both;
-    ``items``: that :func:`eval_set` already made (the same split, samples and serializer)."""
+    ``items``: that :func:`eval_set` already made (the same split, samples and serializer). For a model with
+    per-token losses, bits per byte and the per-token file come from one forward per batch, which also calls
+    ``visit(batch, nll)`` (``nll``: that batch's per-token nats)."""
     from .data import eval_batches
-    from .evaluate import evaluate_bpb, write_per_token
+    from .evaluate import PerTokenRows, evaluate_bpb, evaluate_bpb_per_token, write_per_token
     from .loss import LossModule
     from .precision import autocast, use_bf16
 
@@ -313,13 +316,19 @@ def evaluate_run(run: Run, split: str | None = None, *, max_samples: int | None 
         batches = eval_batches(cfg.data, run.task, run.serializer, split, max_samples=n,
                                batch_size=cfg.eval.batch_size, pad_multiple=meta.patch_product, stats=rows,
                                streams=None if items is None else [it.stream for it in items.items])
-        results.update(evaluate_bpb(LossModule(model), batches, device, bf16=bf16))
+        per_token = per_token and meta.per_token_losses
+        collect = PerTokenRows() if per_token else None
+        if meta.per_token_losses:  # one forward per batch for the bits per byte, per-token rows and ``visit``
+            visits = [v for v in (collect, visit) if v is not None]
+            results.update(evaluate_bpb_per_token(model, batches, device, bf16=bf16,
+                                                  visit=lambda b, nll: [v(b, nll) for v in visits]))
+        else:
+            results.update(evaluate_bpb(LossModule(model), batches, device, bf16=bf16))
         results.pop("weight", None)
         if rows:  # e.g. {"overlong_cropped": 3}: bits per byte over cropped streams, said in the result
             results["bpb_rows"] = rows
-        if per_token and meta.per_token_losses:
-            h5 = write_per_token(out / f"{split}_{run.step}.h5", model, batches, device, split=split,
-                                 step=run.step, bf16=bf16)
+        if collect is not None:
+            h5 = write_per_token(out / f"{split}_{run.step}.h5", collect, split=split, step=run.step)
             results["per_token"] = str(h5)
     if task_metrics:
         stats = items.stats

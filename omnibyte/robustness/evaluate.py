@@ -147,35 +147,23 @@ class CorruptingSerializer:
         return self.inner(s)
 
 
-def image_bits(run, serializer, split: str, max_samples: int, items=None) -> dict[str, Any] | None:
-    """Mean bits over every image byte (modality IMAGE, id < 256) of the eval rows, whatever its loss weight;
-    ``None`` for a model without per-token losses. ``items``: the split's :class:`~omnibyte.run.EvalSet` by
-    this serializer, made already (not serialized again)."""
-    import torch
+class ImageBits:
+    """``visit(batch, nll)`` of :func:`~omnibyte.run.evaluate_run`'s pass: the nats of every image byte (modality
+    IMAGE, id < 256) of the eval rows, whatever its loss weight; :meth:`result` gives their mean in bits."""
 
-    from ..data import eval_batches
-    from ..loss import per_token_nll
-    from ..precision import autocast, use_bf16
-    from ..vocab import NUM_BYTES, Modality
+    def __init__(self):
+        self.nats, self.count = 0.0, 0
 
-    model, cfg = run.model, run.config
-    if not model.stream_meta.per_token_losses:
-        return None
-    rows: dict = {}
-    batches = eval_batches(cfg.data, run.task, serializer, split, max_samples=max_samples,
-                           batch_size=cfg.eval.batch_size, pad_multiple=model.stream_meta.patch_product, stats=rows,
-                           streams=None if items is None else [it.stream for it in items.items])
-    nats, count = 0.0, 0
-    with torch.no_grad():
-        for b in batches:
-            with autocast(run.device, use_bf16(cfg.train.precision, run.device)):
-                nll = per_token_nll(model, b.tokens.to(run.device), modality=b.modality.to(run.device))
-                nll = nll.double().cpu()
-            keep = (b.modality == int(Modality.IMAGE)) & (b.tokens < NUM_BYTES)
-            nats += float(nll[keep].sum())
-            count += int(keep.sum())
-    return {"image_bpb": nats / count / math.log(2) if count else float("nan"), "image_bytes": count,
-            **({"image_rows": rows} if rows else {})}
+    def __call__(self, batch, nll) -> None:
+        from ..vocab import NUM_BYTES, Modality
+
+        keep = ((batch.modality == int(Modality.IMAGE)) & (batch.tokens < NUM_BYTES)).to(nll.device)
+        self.nats += float(nll.double()[keep].sum())
+        self.count += int(keep.sum())
+
+    def result(self, rows: dict) -> dict[str, Any]:
+        return {"image_bpb": self.nats / self.count / math.log(2) if self.count else float("nan"),
+                "image_bytes": self.count, **({"image_rows": dict(rows)} if rows else {})}
 
 
 def _row(label: str, res: dict[str, Any], img: dict[str, Any] | None) -> dict[str, Any]:
@@ -246,16 +234,17 @@ def run_robustness(run, split: str | None = None, *, corruptions=None, seed: int
             log.info("robustness %s: %s", split, label)
         ser = run.serializer if c is None else CorruptingSerializer(run.serializer, c, plan, seed)
         variant = dataclasses.replace(run, serializer=ser)
-        items = eval_set(variant, split, n)  # serialized once: the bpb pass, the task and the image pass read it
+        items = eval_set(variant, split, n)  # serialized once, for the bpb pass and the task
+        # image bits from the bpb pass's own forward (a model without per-token losses has none)
+        img = ImageBits() if plan.image_field and run.model.stream_meta.per_token_losses else None
         res = evaluate_run(variant, split, max_samples=n, per_token=False, task_metrics=True, progress=progress,
-                           out_dir=detail / label.replace(":", "_"), items=items)
+                           out_dir=detail / label.replace(":", "_"), items=items, visit=img)
         if c is None:
             clean_words = (res.get("task") or {}).get("num_words")
         elif ser.questions:
             _show_corrupted_questions(detail / label.replace(":", "_") / f"vqa_{split}_predictions.jsonl",
                                       ser.questions)
-        img = image_bits(variant, ser, split, n, items) if plan.image_field else None
-        rows.append(_row(label, res, img))
+        rows.append(_row(label, res, img.result(res.get("bpb_rows") or {}) if img is not None else None))
     for r in rows:
         if "total_nats" in r and clean_words is not None:
             x = r["total_nats"] / clean_words if clean_words else None
