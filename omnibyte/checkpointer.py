@@ -20,6 +20,7 @@ import torch
 
 from . import checkpoint as ckpt_io
 from . import parallel
+from .optim import keep_grouping, undecayed
 from .rng import rng_state, set_rng_state
 
 log = logging.getLogger("omnibyte.checkpoint")
@@ -45,6 +46,7 @@ class Checkpointer:
         gathered = parallel.all_gather_object(per_rank, info)
         rngs = parallel.all_gather_object(rng_state(), info)
         full = {**state, "world": info.world, "scheduler": self.scheduler.state_dict(),
+                "no_weight_decay": undecayed(self.model, self.optimizer),
                 **{k: [g[k] for g in gathered] for k in per_rank}}
         if not self.sharded:
             msd, osd = parallel.full_state_dicts(self.model, self.optimizer, info)
@@ -74,6 +76,18 @@ class Checkpointer:
             parallel.barrier(info)
         return final
 
+    def _keep_grouping(self, ckpt: Path, recorded) -> None:
+        if recorded is None:
+            return
+        moved = keep_grouping(self.model, self.optimizer, recorded)
+        if moved and self.info.is_main:
+            now = set(undecayed(self.model, self.optimizer))
+            said = ", ".join(f"{n} ({'not decayed' if n in now else 'decayed'} in the run so far)" for n in moved[:6])
+            more = f" and {len(moved) - 6} more" if len(moved) > 6 else ""
+            log.warning("%s: this run began under another weight-decay rule for %d parameter(s): %s%s. It goes on "
+                        "as it began (one run, one rule); this omnibyte's rule applies to new runs (train.init_from="
+                        "%s starts one from these weights)", ckpt, len(moved), said, more, ckpt)
+
     def restore(self, ckpt: Path) -> dict[str, Any]:
         """Load weights, optimizer, schedule and this rank's RNG from ``ckpt``; returns its state.json."""
         info = self.info
@@ -87,10 +101,16 @@ class Checkpointer:
         if (Path(ckpt) / "dcp").is_dir():
             from .sharded import load_sharded
 
+            self._keep_grouping(ckpt, state.get("no_weight_decay"))  # older sharded checkpoints: not recorded
             load_sharded(Path(ckpt) / "dcp", self.model, self.optimizer)
             sched = state["scheduler"]
         else:
             optim_state, _ = ckpt_io.load_training_state(ckpt)
+            recorded = state.get("no_weight_decay")
+            if recorded is None:  # a checkpoint from before the record: its optimizer's groups say the same
+                recorded = [n for g in optim_state["optimizer"]["param_groups"] if g.get("weight_decay") == 0
+                            for n in g["params"]]
+            self._keep_grouping(ckpt, recorded)
             parallel.load_full_state_dicts(self.model, self.optimizer, ckpt_io.load_weights(ckpt),
                                            optim_state["optimizer"], info)
             sched = state.get("scheduler") or optim_state["scheduler"]

@@ -35,6 +35,33 @@ def build_optimizer(model: torch.nn.Module, t, strategy: str = "none") -> torch.
     return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, eps=t.eps, **({"fused": True} if fused else {}))
 
 
+def undecayed(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The names of the trained parameters the optimizer does not decay (its weight_decay-0 group), sorted: what a
+    checkpoint records, so that a resumed run keeps the grouping it began with."""
+    ids = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    return sorted(n for n, p in model.named_parameters() if id(p) in ids)
+
+
+def keep_grouping(model: torch.nn.Module, optimizer: torch.optim.Optimizer, recorded) -> list[str]:
+    """Move parameters between :func:`build_optimizer`'s two groups (decayed, not decayed) so that exactly
+    ``recorded`` (names) are not decayed, as in the checkpoint being resumed; returns the names moved. A rule
+    changed since the run began (e.g. Mamba-1's A_log, decayed before 4e4bd53) must not change the run's
+    training half-way: the run continues as it began."""
+    recorded = set(recorded)
+    decay, no_decay = optimizer.param_groups[0], optimizer.param_groups[1]
+    moved = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        want_nd = name in recorded
+        src, dst = (decay, no_decay) if want_nd else (no_decay, decay)
+        if any(q is p for q in src["params"]):
+            src["params"] = [q for q in src["params"] if q is not p]
+            dst["params"] = [*dst["params"], p]
+            moved.append(name)
+    return moved
+
+
 def lr_factor(step: int, t) -> float:
     """Multiplier of ``t.lr`` for optimizer step ``step`` (0-based): linear warm-up, then cosine to min_lr."""
     if t.warmup and step < t.warmup:
