@@ -39,9 +39,12 @@ log = logging.getLogger("omnibyte.data")
 
 
 def ignore_interrupts_in_workers(_worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: Ctrl-C reaches the whole process group, and the training process decides
-    what it means (stop after the step in progress, with a checkpoint): a worker must not die of it first."""
+    """DataLoader ``worker_init_fn``: Ctrl-C reaches the whole process group, and a cluster's time limit sends
+    SIGTERM to every process of the job; the training process decides what they mean (stop after the step in
+    progress, with a checkpoint), so a worker must not die of them first and take the step's batches with it.
+    (Workers still end with the training process: the DataLoader stops them, and they exit when it is gone.)"""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def packing_of(cfg, task) -> str:
