@@ -31,11 +31,18 @@ def main() -> None:
     p.add_argument("--step-cap", type=float, default=90, help="stop before a single step would take longer")
     p.add_argument("--chunk-bytes", type=int, default=1 << 18)
     p.add_argument("--warmup-mib", type=float, default=1)
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each layer in backward (train.activation_checkpointing): a layer keeps its input "
+                        "only; benchmarks/memory_breakdown.py says what that saves")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     dev = args.device
     torch.manual_seed(0)
     model = build_omnibyte(args.preset, inner_chunk_bytes=args.chunk_bytes).to(dev).train()
+    if args.activation_checkpointing:
+        from omnibyte.parallel import apply_activation_checkpointing
+
+        apply_activation_checkpointing(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.startswith("cuda"))
     from omnibyte.loss import compute_loss
 
@@ -53,7 +60,7 @@ def main() -> None:
             stop = f"time cap (next step estimated at {last_step * 2.2:.0f} s)"
             break
         rec = dict(bench="max_context", preset=args.preset, device=device_name(dev), bytes=size,
-                   mib=size / 2**20)
+                   mib=size / 2**20, activation_checkpointing=args.activation_checkpointing)
         try:
             x = torch.randint(0, 256, (1, size), device=dev)
             mask = torch.ones(1, size, device=dev)
@@ -87,6 +94,7 @@ def main() -> None:
             break
         size *= 2
     emit(dict(bench="max_context_summary", preset=args.preset, device=device_name(dev),
+              activation_checkpointing=args.activation_checkpointing,
               max_trained_mib=best / 2**20, stopped_by=stop, sweep_s=round(now() - t_start, 1)), args.out)
 
 

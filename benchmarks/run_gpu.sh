@@ -72,6 +72,7 @@ clevr_robustness() {
 context() {
   timeout "${CTX_TIMEOUT:-540}" python3 benchmarks/max_context.py --start-mib "${CTX_START_MIB:-8}" \
     --max-mib "${CTX_MAX_MIB:-1024}" --time-cap "${CTX_TIME_CAP:-420}" --step-cap "${CTX_STEP_CAP:-150}" \
+    ${CTX_AC:+--activation-checkpointing} \
     --out "$out/bench.jsonl" 2>&1 | tail -c 4000 | tee "$out/ctx.log"
 }
 small() {  # the shipped 15.8M model (pg19_lm, also CLEVR's): omnibyte (compiled + graphs, eager) and mblm 0.4.2
