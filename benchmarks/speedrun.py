@@ -1,0 +1,165 @@
+"""The `pg19_speedrun` sweep (issue 18 item 4): each arm trains PG19-mini for a fixed time budget and is scored on
+the validation book; the best arm by validation is scored once on the test book, at the end, and never chosen by it.
+
+    python benchmarks/speedrun.py --root .data/pg19-mini --minutes 10 --out sweep.jsonl \\
+        --arm base: --arm wide:model.stages.0.width=768 --arm drop:model.stages.1.block.dropout=0.1 [--final-test]
+
+An arm is ``NAME:override,override,...`` on top of ``--config`` (default ``pg19_lm``). Per arm, in order:
+
+1. calibration: ``--calibrate-steps`` steps with the arm's settings (compile, graphs and all), timed from the
+   run's own metrics after its first log window (start-up, compile and autotuning excluded): seconds per step;
+2. the run: ``train.steps`` = the steps that fit the budget at that rate (less ``--margin`` for the evaluations
+   and the first step's compile), so the learning-rate schedule ends where the budget does; the budget is also a
+   hard cap (``train.stop_after_minutes``: training time counted from step 1, evaluations included). A run the
+   cap cut short is flagged (its schedule did not finish) and still scored;
+3. ``omnibyte eval RUN validation``: the PG19 task's bits per byte over the whole validation book (each byte
+   scored once) and word perplexity.
+
+One JSON line per arm (arm, overrides, seconds per step, steps planned / reached, training seconds, validation
+bpb); with ``--final-test`` a last line: the best arm by validation bpb and its test-book bpb. Each arm is one
+process tree; run arms in separate device calls when the budget is 10 minutes (``--only NAME`` picks one), and
+the last call with ``--final-test --choose-from sweep.jsonl`` to score the chosen run on the test book.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _common import emit
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _omnibyte(*args: str) -> list[str]:
+    return [sys.executable, "-m", "omnibyte", *args]
+
+
+def _train_records(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec.get("split") == "train":
+            out.append(rec)
+    return out
+
+
+def seconds_per_step(run: Path) -> float:
+    """Steady seconds per step from a run's training lines: from its first log line (which includes start-up
+    and compiles) to its last."""
+    recs = _train_records(run)
+    if len(recs) < 2:
+        raise SystemExit(f"calibration run {run} logged {len(recs)} training line(s); raise --calibrate-steps")
+    a, b = recs[0], recs[-1]
+    return (b["time"] - a["time"]) / (b["step"] - a["step"])
+
+
+def parse_arm(text: str) -> tuple[str, list[str]]:
+    name, _, rest = text.partition(":")
+    if not name or not name.replace("_", "").replace("-", "").isalnum():
+        raise SystemExit(f"--arm {text!r}: NAME:override,override,... (NAME: letters, digits, - and _)")
+    return name, [o for o in rest.split(",") if o]
+
+
+def run(cmd: list[str], log: Path) -> None:
+    with open(log, "w") as f:
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+    if rc != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed (exit {rc}); see {log}:\n{log.read_text()[-3000:]}")
+
+
+def evaluate(run_dir: Path, split: str, log: Path) -> dict:
+    out = subprocess.run(_omnibyte("eval", str(run_dir), split, "eval.per_token=false", "--quiet"),
+                         capture_output=True, text=True, cwd=ROOT)
+    log.write_text(out.stdout + out.stderr)
+    if out.returncode != 0:
+        raise SystemExit(f"omnibyte eval {run_dir} {split} failed; see {log}:\n{out.stderr[-3000:]}")
+    res = json.loads(Path(out.stdout.strip().splitlines()[-1]).read_text())
+    task = res.get("task") or {}
+    return {"bpb": task.get("bpb", res.get("bpb")), "word_ppl": task.get("word_ppl"), "step": res.get("step"),
+            "checkpoint": res.get("checkpoint")}
+
+
+def one_arm(name: str, overrides: list[str], a, work: Path) -> dict:
+    common = [a.config, f"task.root={Path(a.root).resolve()}", f"out_dir={work / 'runs'}", "train.progress=false",
+              "eval.report=false", "--quiet", *a.common, *overrides]
+    cal = work / "runs" / f"{name}_calibration"
+    run(_omnibyte("train", *common, f"run_name={cal.name}", f"train.steps={a.calibrate_steps}",
+                  "train.eval_every=0", "train.ckpt_every=0", "train.log_every=5"), work / f"{name}_calibration.log")
+    sps = seconds_per_step(cal)
+    budget = a.minutes * 60.0
+    steps = max(1, int((budget - a.margin) / sps))
+    t0 = time.time()
+    run(_omnibyte("train", *common, f"run_name={name}", f"train.steps={steps}", f"train.stop_after_minutes={a.minutes}",
+                  f"train.eval_every={steps}", f"train.ckpt_every={steps}"), work / f"{name}.log")
+    wall = time.time() - t0
+    recs = _train_records(work / "runs" / name)
+    reached = recs[-1]["step"] if recs else 0
+    val = evaluate(work / "runs" / name, "validation", work / f"{name}_eval_validation.log")
+    return {"arm": name, "overrides": overrides, "seconds_per_step": round(sps, 4), "steps_planned": steps,
+            "steps_reached": reached, "cut_by_budget": reached < steps, "budget_minutes": a.minutes,
+            "process_wall_s": round(wall, 1), "validation_bpb": val["bpb"], "validation_word_ppl": val["word_ppl"],
+            "run": str(work / "runs" / name)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", required=True, help="a PG19-format folder (train/ validation/ test/)")
+    p.add_argument("--config", default="pg19_lm")
+    p.add_argument("--minutes", type=float, default=10.0, help="training budget per arm")
+    p.add_argument("--margin", type=float, default=30.0, help="seconds of the budget left for evaluations and the "
+                                                               "first step's compile")
+    p.add_argument("--calibrate-steps", type=int, default=40)
+    p.add_argument("--arm", action="append", default=[], help="NAME:override,override,... (repeatable)")
+    p.add_argument("--only", default="", help="run only these arms (comma-separated names)")
+    p.add_argument("--common", nargs="*", default=[], help="overrides for every arm")
+    p.add_argument("--work", default="speedrun_work")
+    p.add_argument("--final-test", action="store_true", help="score the best arm by validation bpb on the test book")
+    p.add_argument("--choose-from", default="", help="JSON lines of earlier arms (this sweep's --out) to choose among")
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+    if not (math.isfinite(a.minutes) and a.minutes > 0):
+        raise SystemExit(f"--minutes must be > 0, got {a.minutes}")
+    work = Path(a.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    arms = [parse_arm(x) for x in a.arm]
+    only = {x for x in a.only.split(",") if x}
+    if unknown := only - {n for n, _ in arms}:
+        raise SystemExit(f"--only: no such arm {sorted(unknown)}")
+    done = []
+    for name, overrides in arms:
+        if only and name not in only:
+            continue
+        rec = {"bench": "speedrun_arm", "config": a.config, **one_arm(name, overrides, a, work)}
+        emit(rec, a.out)
+        done.append(rec)
+    if not a.final_test:
+        return
+    pool = list(done)
+    if a.choose_from:
+        pool += [json.loads(x) for x in Path(a.choose_from).read_text().splitlines()
+                 if x.strip() and json.loads(x).get("bench") == "speedrun_arm"]
+    pool = [r for r in pool if isinstance(r.get("validation_bpb"), (int, float))]
+    if not pool:
+        raise SystemExit("--final-test: no scored arm to choose from")
+    best = min(pool, key=lambda r: r["validation_bpb"])  # chosen on validation only
+    test = evaluate(Path(best["run"]), "test", work / f"{best['arm']}_eval_test.log")
+    emit({"bench": "speedrun_final", "config": a.config, "chosen_by": "validation_bpb", "arm": best["arm"],
+          "overrides": best["overrides"], "validation_bpb": best["validation_bpb"], "test_bpb": test["bpb"],
+          "test_word_ppl": test["word_ppl"], "steps_reached": best["steps_reached"],
+          "budget_minutes": best["budget_minutes"], "arms_compared": len(pool), "run": best["run"]}, a.out)
+
+
+if __name__ == "__main__":
+    main()
