@@ -45,18 +45,9 @@ ARMS = {
 
 def timeline(run_dir: Path) -> list[tuple[int, float]]:
     """(step, wall time) of every training line in the arm's ``metrics.jsonl`` (``train.log_every=1``)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:  # the line being written when the arm was stopped
-            continue
-        if rec.get("split") == "train":
-            out.append((int(rec["step"]), float(rec["time"])))
-    return out
+    from omnibyte.logging import read_metrics  # skips the line being written when the arm was stopped
+
+    return [(int(r["step"]), float(r["time"])) for r in read_metrics(run_dir) if r.get("split") == "train"]
 
 
 def where_time_went(steps: list[tuple[int, float]], started: float, log_text: str) -> dict:

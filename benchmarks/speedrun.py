@@ -41,18 +41,9 @@ def _omnibyte(*args: str) -> list[str]:
 
 
 def _train_records(run: Path) -> list[dict]:
-    path = run / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if rec.get("split") == "train":
-            out.append(rec)
-    return out
+    from omnibyte.logging import read_metrics
+
+    return [r for r in read_metrics(run) if r.get("split") == "train"]
 
 
 def seconds_per_step(run: Path) -> float:

@@ -24,8 +24,8 @@ import sys
 import torch
 from _common import (
     H100_BF16_PEAK,
-    SHAPES,
     ROOT,
+    SHAPES,
     build_mblm,
     build_omnibyte,
     device_name,

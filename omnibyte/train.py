@@ -46,7 +46,6 @@ from .optim import build_optimizer, build_schedule
 from .precision import autocast, use_bf16
 from .run import build_components
 from .runconfig import RESOLVED_NAME, RunConfig
-from .stopping import StopRequests
 from .startup import (
     attach_pathway_from,
     eval_pending,
@@ -56,6 +55,7 @@ from .startup import (
     startup_summary,
     write_record,
 )
+from .stopping import StopRequests
 from .warmup import warm_lengths, warm_shapes
 
 log = logging.getLogger("omnibyte.train")
