@@ -37,18 +37,19 @@ def main() -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args()
     dev = args.device
+    cuda = dev.startswith("cuda")  # on CPU: no peak-memory figure (a smoke run of the sweep)
     torch.manual_seed(0)
     model = build_omnibyte(args.preset, inner_chunk_bytes=args.chunk_bytes).to(dev).train()
     if args.activation_checkpointing:
         from omnibyte.parallel import apply_activation_checkpointing
 
         apply_activation_checkpointing(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.startswith("cuda"))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
     from omnibyte.loss import compute_loss
 
     # one untimed step at --warmup-mib first: Triton JIT / autotuning must not count as a step's time
     w = int(args.warmup_mib * 2**20)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
         compute_loss(model, torch.randint(0, 256, (1, w), device=dev), torch.ones(1, w, device=dev)).loss.backward()
     opt.zero_grad(set_to_none=True)
     sync(dev)
@@ -64,10 +65,11 @@ def main() -> None:
         try:
             x = torch.randint(0, 256, (1, size), device=dev)
             mask = torch.ones(1, size, device=dev)
-            torch.cuda.reset_peak_memory_stats()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
             sync(dev)
             t0 = now()
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
                 out = compute_loss(model, x, mask)
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -78,7 +80,7 @@ def main() -> None:
             rec.update(status="ok", step_s=round(last_step, 2), loss=round(float(out.loss.detach()), 4),
                        bytes_per_s=round(size / last_step),
                        mfu=round(train_flops_per_step(model, 1, size) / last_step / H100_BF16_PEAK, 4),
-                       peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
+                       peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None)
             best = size
         except torch.cuda.OutOfMemoryError as e:
             rec.update(status="oom", error=str(e).splitlines()[0][:200])
@@ -89,7 +91,8 @@ def main() -> None:
         emit(rec, args.out)
         x = mask = out = None  # noqa: F841
         gc.collect()
-        torch.cuda.empty_cache()
+        if cuda:
+            torch.cuda.empty_cache()
         if rec["status"] != "ok":
             break
         size *= 2
