@@ -2,6 +2,7 @@
 
     python benchmarks/generate.py [--preset mblm360m] [--contexts 1024,16384,...] [--new 256] [--graph]
     python benchmarks/generate.py --mblm   # also mblm 0.4.2, which re-runs the whole sequence per byte
+    python benchmarks/generate.py --graph --compile --batches 1,4,16,64 --contexts 1024   # the batch table
     python benchmarks/generate.py --speculative --run runs/pg19_lm --draft runs/pg19_small --draft-len 8 \
         --prompt-file book.txt --contexts 1024 --new 512      # speculative vs plain greedy, same job
     python benchmarks/generate.py --speculative --preset small --draft self --device cpu   # the machinery only
@@ -64,6 +65,7 @@ def bench_omnibyte(args, model, ctx: int) -> dict:
         profile_steps(stepper, args.profile)
     return dict(bench="generate", impl="omnibyte", preset=args.preset, device=device_name(dev), context=ctx,
                 batch=args.batch, new_bytes=args.new, prefill_s=round(prefill, 3), bytes_per_s=round(args.new / dt, 1),
+                total_bytes_per_s=round(args.batch * args.new / dt, 1),
                 ms_per_byte=round(1000 * dt / args.new, 3), graph=bool(args.graph), compile=args.compile,
                 fuse_linears=bool(args.fuse_linears), kernels=stepper.kernels if stepper else None,
                 pdl=bool(args.pdl),
@@ -209,6 +211,8 @@ def main() -> None:
     p.add_argument("--contexts", default="1024,4096,16384,65536,262144,1048576")
     p.add_argument("--new", type=int, default=256)
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together (bytes_per_s is per sequence)")
+    p.add_argument("--batches", default=None, help="e.g. 1,4,16,64: the table over batch sizes (each at every "
+                   "context; per-sequence and total bytes/s), instead of --batch")
     p.add_argument("--warm", type=int, default=16)
     p.add_argument("--graph", action="store_true")
     p.add_argument("--compile", nargs="?", const=True, default=False,
@@ -241,16 +245,18 @@ def main() -> None:
     decode_kernels.use_pdl = bool(args.pdl)
     torch.manual_seed(0)
     model = build_omnibyte(args.preset).to(args.device).to(getattr(torch, args.dtype)).eval()
-    rows = []
-    for ctx in [int(c) for c in args.contexts.split(",")]:
-        rec = bench_omnibyte(args, model, ctx)
-        rows.append(rec)
-        emit(rec, args.out)
-    per = [r["ms_per_byte"] for r in rows]
-    emit(dict(bench="generate_summary", preset=args.preset, device=device_name(args.device), graph=bool(args.graph),
-              compile=args.compile, fuse_linears=bool(args.fuse_linears), kernels=rows[0].get("kernels"),
-              min_bytes_per_s=min(r["bytes_per_s"] for r in rows),
-              flatness=round(max(per) / min(per), 3), contexts=[r["context"] for r in rows]), args.out)
+    for batch in [int(b) for b in args.batches.split(",")] if args.batches else [args.batch]:
+        args.batch = batch
+        rows = []
+        for ctx in [int(c) for c in args.contexts.split(",")]:
+            rec = bench_omnibyte(args, model, ctx)
+            rows.append(rec)
+            emit(rec, args.out)
+        per = [r["ms_per_byte"] for r in rows]
+        emit(dict(bench="generate_summary", preset=args.preset, device=device_name(args.device), batch=batch,
+                  graph=bool(args.graph), compile=args.compile, fuse_linears=bool(args.fuse_linears),
+                  kernels=rows[0].get("kernels"), min_bytes_per_s=min(r["bytes_per_s"] for r in rows),
+                  flatness=round(max(per) / min(per), 3), contexts=[r["context"] for r in rows]), args.out)
     if args.mblm:
         del model
         torch.cuda.empty_cache()

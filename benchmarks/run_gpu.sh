@@ -2,10 +2,10 @@
 # The GPU jobs behind benchmarks/RESULTS.md (model section). From the repository root, on a machine with
 # one H100 / H200, with the wheels of ../shared/wheels/gpu-py312 copied to .whl/:
 #   bash benchmarks/run_gpu.sh STEP OUTDIR
-# STEP: tests | train | generate | context | vqa | first | small | small_ctx | pg19 | clevr | issue17 (each fits in one 10-minute device command; a fresh machine
+# STEP: tests | train | generate | gen_table | context | vqa | first | small | small_ctx | pg19 | clevr | issue17 (each fits in one 10-minute device command; a fresh machine
 # spends ~2 minutes on Triton JIT + autotuning of mamba-ssm's kernels in its first process).
 set -uo pipefail
-step=${1:?step: tests|train|generate|context|vqa|first|small|small_ctx|pg19|clevr|issue17}
+step=${1:?step: tests|train|generate|gen_table|context|vqa|first|small|small_ctx|pg19|clevr|issue17}
 out=${2:-/tmp/omnibyte_bench}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -99,6 +99,9 @@ case "$step" in
   generate) timeout 540 python3 benchmarks/generate.py --graph --compile --profile 20 --mblm \
               --out "$out/bench.jsonl" 2>&1 | tail -c 6000 | tee "$out/gen.log" ;;
   context)  context ;;
+  # issue 17 item 3's table: the 360M decoder at batch 1, 4, 16, 64 (per-sequence and total bytes/s), 1 KiB context
+  gen_table) timeout 540 python3 benchmarks/generate.py --graph --compile --batches 1,4,16,64 --contexts 1024 \
+              --out "$out/bench.jsonl" 2>&1 | tail -c 4000 | tee "$out/gen_table.log" ;;
   # VQA rank-mode scoring, 16M clevr_vqa_png model, 500 val questions: per-question loop vs score_batch
   vqa)      timeout 540 python3 benchmarks/vqa_eval.py --questions 500 --workers 8 \
               --out "$out/bench.jsonl" 2>&1 | tail -c 4000 | tee "$out/vqa.log" ;;
