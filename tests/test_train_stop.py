@@ -38,7 +38,8 @@ def reference(tmp_path_factory):
 
 
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGINT to the process group, with a DataLoader worker",
-                                 "SIGTERM to the process group, with a DataLoader worker"])
+                                 pytest.param("SIGTERM to the process group, with a DataLoader worker",
+                                              marks=pytest.mark.slow)])
 def test_a_signal_stops_after_the_step_with_a_checkpoint_and_the_run_resumes_exactly(tmp_path, reference, how):
     workers = 1 if "worker" in how else 0
     # with a worker: 8 micro-batches per step, fetched one at a time, so the signal lands mid-step and the step
