@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The cross-modal transfer experiment, end to end, in one process tree (issue 7).
 
-    python results/run_transfer.py --out OUT --pg19 ../shared/data/pg19-mini [--scale gpu|micro] [--jobs N]
+    python results/run_transfer.py --out OUT --pg19 ../shared/data/pg19-mini [--scale gpu|gpu2|micro] [--jobs N]
         [--arms scratch,pg19,pathway,mom,mom_pg19]
 
 1. data: ``omnibyte prepare clevr-synth`` (CLEVR-format images and questions), while
@@ -53,6 +53,27 @@ SCALES = {
         "cnn": ["data.batch_size=16", "train.steps=600", "train.warmup=50", "train.eval_every=25",
                 "train.log_every=25", "eval.max_samples=256", "data.workers=2"],
         "vqa_samples": 500, "per_token_rows": 4, "seeds": 3, "jobs": 8, "budget": 510, "aux_all": True,
+    },
+    # the second edition (issue 16 item 4), chosen from a CPU probe (docs/results.md, "Scale for the second
+    # edition"): zero-hop questions only (CLEVR's 6 basic templates: count, exist, query shape / material / colour /
+    # size), 120x80 renders serialized at 30x20 (a 2,048-byte row), so a scratch byte model learns some vision in
+    # minutes; the probe's 0.70M model beat the per-family prior on exist and count after 1,800 steps of 16 rows
+    # on a CPU, not yet on query_attribute: this scale has 6x its parameters (4.23M) and 5.6x its rows seen.
+    # Confirm on the GPU first: `--arms scratch --seeds 1 --only pixels_scratch_s0`.
+    "gpu2": {
+        "images": 2500, "qpi": 6, "render": "120x80", "gen_workers": 16, "templates": ["basic.json"],
+        "stages": [{"length": 256, "width": 256, "layers": 4, "block": {"name": "transformer", "heads": 4}},
+                   {"length": 8, "width": 128, "layers": 2, "block": {"name": "transformer", "heads": 4}}],
+        "pg19": ["data.seq_len=2048", "data.batch_size=32", "train.steps=2000", "train.lr=2e-3",
+                 "train.min_lr=2e-4", "train.warmup=100", "train.eval_every=500", "train.log_every=50",
+                 "eval.split=validation", "eval.max_samples=0"],
+        "clevr": ["serializer.image.size=[30,20]", "data.seq_len=2048", "data.batch_size=32", "data.pad_to=longest",
+                  "train.steps=5000", "train.lr=2e-3", "train.min_lr=2e-4", "train.warmup=100",
+                  "train.eval_every=250", "train.log_every=50", "eval.max_samples=512", "data.workers=2"],
+        "cnn": ["serializer.image.size=[30,20]", "model.image.size=[30,20]", "data.batch_size=32",
+                "train.steps=5000", "train.warmup=100", "train.eval_every=250", "train.log_every=50",
+                "eval.max_samples=512", "data.workers=2"],
+        "vqa_samples": 1000, "per_token_rows": 4, "seeds": 3, "jobs": 8, "budget": 540, "aux_all": False,
     },
     "micro": {
         "images": 24, "qpi": 4, "render": "96x64", "gen_workers": 2,
@@ -195,6 +216,12 @@ def experiment(a) -> int:
            str(sc["qpi"]), "--seed", "0", "--size", sc["render"], "--workers", str(sc["gen_workers"]), "--no-progress"]
     if a.templates:
         gen += ["--templates", a.templates]
+    elif sc.get("templates"):  # a subset of the generator's own template files
+        tdir = out / "templates"
+        tdir.mkdir(exist_ok=True)
+        for name in sc["templates"]:
+            (tdir / name).write_bytes((REPO / "tasks" / "clevr_synth" / "templates" / name).read_bytes())
+        gen += ["--templates", str(tdir)]
     only = {n for n in a.only.split(",") if n}  # a re-run of some runs only (their data and pretrain too)
     wanted = (lambda name: name in only) if only else (lambda name: True)
     data_ok = r.run("data", omnibyte(*gen)) if not (data / "questions").is_dir() else None
