@@ -2,10 +2,10 @@
 # The GPU jobs behind benchmarks/RESULTS.md (model section). From the repository root, on a machine with
 # one H100 / H200, with the wheels of ../shared/wheels/gpu-py312 copied to .whl/:
 #   bash benchmarks/run_gpu.sh STEP OUTDIR
-# STEP: tests | train | generate | gen_table | context | vqa | first | small | small_ctx | pg19 | clevr | issue17 (each fits in one 10-minute device command; a fresh machine
+# STEP: tests | train | generate | gen_table | context | vqa | first | small | small_ctx | pg19 | clevr | clevr_tests | issue17 (each fits in one 10-minute device command; a fresh machine
 # spends ~2 minutes on Triton JIT + autotuning of mamba-ssm's kernels in its first process).
 set -uo pipefail
-step=${1:?step: tests|train|generate|gen_table|context|vqa|first|small|small_ctx|pg19|clevr|issue17}
+step=${1:?step: tests|train|generate|gen_table|context|vqa|first|small|small_ctx|pg19|clevr|clevr_tests|issue17}
 out=${2:-/tmp/omnibyte_bench}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -120,5 +120,8 @@ case "$step" in
   # robustness tables, then the speculative timing alone (PG19_STEPS / CLEVR_STEPS / TESTS_TIMEOUT to fit)
   issue17)  gpu_tests & pg19_train & clevr_train & wait
             clevr_robustness; pg19_robustness; pg19_speculative ;;
+  # the rest of issue 17's first call: the CLEVR run and its robustness table, beside the GPU tests
+  clevr_tests) gpu_tests & clevr_train & wait
+            clevr_robustness ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
 esac
