@@ -260,39 +260,18 @@ def report_lines(run: Run, results: dict[str, Any]) -> list[str]:
     return lines
 
 
-@dataclass(frozen=True)
-class EvalSet:
-    """The serialized eval items of one split (:func:`~omnibyte.data.items.eval_items`) and what serializing
-    them skipped (``bad_samples``, ``task_skipped``): one serialization for every pass over the split."""
-
-    items: list
-    stats: dict
-
-
-def eval_set(run: Run, split: str, max_samples: int, serializer=None) -> EvalSet:
-    """The first ``max_samples`` (0: all) eval items of ``split`` from the run's own data source, serialized by
-    ``serializer`` (default: the run's)."""
-    from .data.items import eval_items
-
-    stats: dict = {}
-    items = list(eval_items(run.config.data, run.task, serializer or run.serializer, split,
-                            max_samples=max_samples, stats=stats))
-    return EvalSet(items, stats)
-
-
 def evaluate_run(run: Run, split: str | None = None, *, max_samples: int | None = None,
                  per_token: bool | None = None, task_metrics: bool | None = None, progress: bool = True,
-                 out_dir: str | Path | None = None, bpb: bool = True, items: EvalSet | None = None,
-                 visit=None) -> dict[str, Any]:
+                 out_dir: str | Path | None = None, bpb: bool = True, visit=None) -> dict[str, Any]:
     """Score ``run`` on ``split`` (default: its ``eval.split``) of its own data source; results also go to
     ``<out_dir or run_dir/eval>/<split>_<step>.json`` (and ``.h5`` per-token losses). ``max_samples`` etc.
     default to the run's ``eval`` section. ``bpb=False``: task metrics only, no pass over the eval batches (no
     bits per byte, no per-token losses); they are added to that record when it is one of the same checkpoint
-    (its bits per byte and per-token file stay). With task metrics the split is serialized once, for both;
-    ``items``: that :func:`eval_set` already made (the same split, samples and serializer). For a model with
-    per-token losses, bits per byte and the per-token file come from one forward per batch, which also calls
-    ``visit(batch, nll)`` (``nll``: that batch's per-token nats)."""
+    (its bits per byte and per-token file stay). With task metrics the split is serialized once, for both. For a
+    model with per-token losses, bits per byte and the per-token file come from one forward per batch, which also
+    calls ``visit(batch, nll)`` (``nll``: that batch's per-token nats)."""
     from .data import eval_batches
+    from .data.items import eval_items
     from .evaluate import PerTokenRows, evaluate_bpb, evaluate_bpb_per_token, write_per_token
     from .loss import LossModule
     from .precision import autocast, use_bf16
@@ -309,13 +288,14 @@ def evaluate_run(run: Run, split: str | None = None, *, max_samples: int | None 
     meta = model.stream_meta
     results: dict[str, Any] = {"run": str(run.run_dir), "checkpoint": str(run.checkpoint), "which": run.which,
                                "step": run.step, "split": split, "data_source": cfg.data.source}
-    if task_metrics and items is None:
-        items = eval_set(run, split, n)
+    stats: dict = {}  # what serializing the items skipped
+    items = list(eval_items(cfg.data, run.task, run.serializer, split, max_samples=n, stats=stats)) \
+        if task_metrics else None
     if bpb:
         rows: dict = {}
         batches = eval_batches(cfg.data, run.task, run.serializer, split, max_samples=n,
                                batch_size=cfg.eval.batch_size, pad_multiple=meta.patch_product, stats=rows,
-                               streams=None if items is None else [it.stream for it in items.items])
+                               streams=None if items is None else [it.stream for it in items])
         per_token = per_token and meta.per_token_losses
         collect = PerTokenRows() if per_token else None
         if meta.per_token_losses:  # one forward per batch for the bits per byte, per-token rows and ``visit``
@@ -331,9 +311,8 @@ def evaluate_run(run: Run, split: str | None = None, *, max_samples: int | None 
             h5 = write_per_token(out / f"{split}_{run.step}.h5", collect, split=split, step=run.step)
             results["per_token"] = str(h5)
     if task_metrics:
-        stats = items.stats
         with autocast(device, bf16):  # the run's precision policy, as in training
-            extra = run.task.evaluate(model, iter(items.items), split=split, out_dir=out, context=cfg.data.seq_len,
+            extra = run.task.evaluate(model, iter(items), split=split, out_dir=out, context=cfg.data.seq_len,
                                       batch_size=cfg.eval.batch_size or cfg.data.batch_size, progress=progress,
                                       prior_from=lambda: training_meta(cfg, run.task, run.serializer))
         if extra:
@@ -351,5 +330,4 @@ def evaluate_run(run: Run, split: str | None = None, *, max_samples: int | None 
 
 
 __all__ = ["Run", "build_components", "resolve_data_config", "load_run", "find_checkpoint", "evaluate_run",
-           "EvalSet", "eval_set",
            "checkpoint_config", "LOAD_MAY_CHANGE"]

@@ -217,7 +217,7 @@ def _finite(x) -> bool:
 def run_robustness(run, split: str | None = None, *, corruptions=None, seed: int = 0, limit: int | None = None,
                    out: str | Path | None = None, progress: bool = True, log=None) -> dict[str, Any]:
     """Score ``run`` clean and under each corruption; returns (and writes to ``out``) the table as JSON."""
-    from ..run import eval_set, evaluate_run
+    from ..run import evaluate_run
 
     plan = plan_for(run, corruptions)
     cfg = run.config
@@ -234,11 +234,10 @@ def run_robustness(run, split: str | None = None, *, corruptions=None, seed: int
             log.info("robustness %s: %s", split, label)
         ser = run.serializer if c is None else CorruptingSerializer(run.serializer, c, plan, seed)
         variant = dataclasses.replace(run, serializer=ser)
-        items = eval_set(variant, split, n)  # serialized once, for the bpb pass and the task
         # image bits from the bpb pass's own forward (a model without per-token losses has none)
         img = ImageBits() if plan.image_field and run.model.stream_meta.per_token_losses else None
         res = evaluate_run(variant, split, max_samples=n, per_token=False, task_metrics=True, progress=progress,
-                           out_dir=detail / label.replace(":", "_"), items=items, visit=img)
+                           out_dir=detail / label.replace(":", "_"), visit=img)
         if c is None:
             clean_words = (res.get("task") or {}).get("num_words")
         elif ser.questions:
