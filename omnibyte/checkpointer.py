@@ -81,8 +81,9 @@ class Checkpointer:
             return
         moved = keep_grouping(self.model, self.optimizer, recorded)
         if moved and self.info.is_main:
-            now = set(undecayed(self.model, self.optimizer))
-            said = ", ".join(f"{n} ({'not decayed' if n in now else 'decayed'} in the run so far)" for n in moved[:6])
+            recorded = set(recorded)
+            said = ", ".join(f"{n} ({'not decayed' if n in recorded else 'decayed'} in the run so far)"
+                             for n in moved[:6])
             more = f" and {len(moved) - 6} more" if len(moved) > 6 else ""
             log.warning("%s: this run began under another weight-decay rule for %d parameter(s): %s%s. It goes on "
                         "as it began (one run, one rule); this omnibyte's rule applies to new runs (train.init_from="

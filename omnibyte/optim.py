@@ -49,17 +49,15 @@ def keep_grouping(model: torch.nn.Module, optimizer: torch.optim.Optimizer, reco
     training half-way: the run continues as it began."""
     recorded = set(recorded)
     decay, no_decay = optimizer.param_groups[0], optimizer.param_groups[1]
-    moved = []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        want_nd = name in recorded
-        src, dst = (decay, no_decay) if want_nd else (no_decay, decay)
-        if any(q is p for q in src["params"]):
-            src["params"] = [q for q in src["params"] if q is not p]
-            dst["params"] = [*dst["params"], p]
-            moved.append(name)
-    return moved
+    in_decay = {id(p) for p in decay["params"]}
+    in_no_decay = {id(p) for p in no_decay["params"]}
+    moved = [(name, p) for name, p in model.named_parameters()
+             if (name in recorded and id(p) in in_decay) or (name not in recorded and id(p) in in_no_decay)]
+    going = {id(p) for _, p in moved}
+    decay["params"], no_decay["params"] = (
+        [q for q in decay["params"] if id(q) not in going] + [p for n, p in moved if n not in recorded],
+        [q for q in no_decay["params"] if id(q) not in going] + [p for n, p in moved if n in recorded])
+    return [name for name, _ in moved]
 
 
 def lr_factor(step: int, t) -> float:
