@@ -225,7 +225,7 @@ def _train(cfg: RunConfig, info: parallel.DistInfo, early: EarlyRecords | None =
         return bool(t.patience) and counters["evals_since_best"] >= t.patience
 
     # --- every batch shape once before step 1 (train.warm_shapes): autotuning up front --------------
-    lengths = warm_lengths(loader.resolve_buckets(), t.warm_shapes, device, t.cuda_graphs)
+    lengths = warm_lengths(loader.warm_buckets(), t.warm_shapes, device, t.cuda_graphs)
     warm_shapes(train_module, model, lengths, cfg.data.batch_size, device, bf16, autocast_cache=not t.cuda_graphs)
 
     # --- the loop ---------------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 will see, so that kernel autotuning (mamba-ssm's Triton kernels) and ``torch.compile`` recompiles happen in
 the first minute instead of whenever a new batch shape first turns up.
 
-With ``data.pad_to: buckets`` a run sees at most ``len(data.buckets)`` shapes; each is warmed once, the
-largest first (so the allocator reserves the peak at once). The warm-up leaves no trace in the run: the
+With ``data.pad_to: buckets`` a run sees at most ``len(data.buckets)`` shapes; each that the run's first
+sampled training rows need (:func:`omnibyte.data.buckets.buckets_in_use`) is warmed once, the largest first (so the allocator reserves the peak at once). The warm-up leaves no trace in the run: the
 RNG states (CPU and the device) are forked and restored, the gradients are dropped, the optimizer is not
 touched, so the loss curve equals that of a run without warm-up (tested on CPU).
 """
@@ -23,9 +23,9 @@ log = logging.getLogger("omnibyte.train")
 
 
 def warm_lengths(buckets: tuple[int, ...], warm: str | bool, device: torch.device, cuda_graphs: bool) -> list[int]:
-    """The row lengths to warm up: the buckets of a ``pad_to: buckets`` run (``loader.resolve_buckets()``; empty
-    for the other padding modes: ``seq_len`` has one shape, which step 1 warms, ``longest`` no fixed set) when
-    ``warm`` is true, or ``auto`` on CUDA without ``train.cuda_graphs`` (with graphs, each shape's graphs are
+    """The row lengths to warm up: the buckets a ``pad_to: buckets`` run's sampled rows fall into
+    (``loader.warm_buckets()``: not a ``seq_len`` bucket no sampled row needs; empty for the other padding
+    modes: ``seq_len`` has one shape, which step 1 warms, ``longest`` no fixed set) when ``warm`` is true, or ``auto`` on CUDA without ``train.cuda_graphs`` (with graphs, each shape's graphs are
     captured when training first meets it -- a few seconds per bucket -- not under the warm-up's forked RNG)."""
     if warm is False or not buckets:
         return []

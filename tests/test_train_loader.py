@@ -298,6 +298,24 @@ def test_bucketed_batches_take_few_shapes_and_resume_with_the_same_buckets():
         DataConfig(seq_len=512, pad_to="buckets", buckets=(128, 256))
 
 
+def test_the_warm_up_warms_only_the_buckets_the_sampled_rows_fall_into():
+    """The seq_len bucket is there so any row fits; when no sampled row needs it, the shape warm-up skips it
+    (one forward + backward, and a kernel specialisation, for a shape the run may never see)."""
+    from omnibyte.data.buckets import in_use
+
+    assert in_use([100, 120, 130, 900], (128, 256, 512), 512) == (128, 256, 512)  # 900 is cut to seq_len
+    assert in_use([100, 120, 130], (128, 256, 512), 512) == (128, 256)
+    task, ser = _task(64, "pad"), UTF8Serializer()
+    lengths = [len(ser(s)) for s in task.samples("train")]
+    assert max(lengths) < 448
+    loader = TrainLoader(DataConfig(seq_len=512, batch_size=3, pad_to="buckets", buckets=(128, 448, 512)), task, ser,
+                         seed=0, pad_multiple=8)
+    assert 512 not in loader.warm_buckets() and set(loader.warm_buckets()) <= {128, 448}
+    assert set(loader.warm_buckets()) == {next(b for b in (128, 448, 512) if b >= n) for n in lengths}
+    longest = TrainLoader(DataConfig(seq_len=512, batch_size=3, pad_to="longest"), task, ser, seed=0)
+    assert longest.warm_buckets() == ()
+
+
 def test_bucketed_loss_equals_the_unbucketed_loss_on_the_same_rows():
     import torch
 

@@ -11,10 +11,14 @@ first :data:`SAMPLES` streams of the training split (in the source's fixed order
 and ``seq_len`` rounded up to the patch product (so any row fits): at most 9 buckets.
 :func:`resolve_buckets` computes them once; the training loader records them in its position (a resumed run
 uses the same), and a run that writes them into its resolved config (``data.buckets``) fixes them for good.
+:func:`buckets_in_use` names the buckets those sampled streams actually fall into: the shape warm-up
+(``train.warm_shapes``) warms only these, not a ``seq_len`` bucket that no sampled row needs (a batch that
+needs it later warms it when it comes, as ``pad_to: longest`` does for every new length).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from itertools import islice
 
@@ -27,6 +31,7 @@ QUANTILES = 8
 GRANULE = 64
 
 _cache: dict[tuple, tuple[int, ...]] = {}
+_lengths_cache: dict[tuple, list[int]] = {}
 
 
 def _up(n: int, m: int) -> int:
@@ -55,13 +60,21 @@ def check_buckets(buckets: tuple[int, ...], seq_len: int, multiple: int) -> tupl
 
 
 def _lengths(cfg, task, serializer) -> list[int]:
+    """The lengths of the first :data:`SAMPLES` training streams (computed once per process for the same data)."""
+    from .provenance import canonical, config_record
     from .sources import open_h5, policy_of, serialize, split_samples
 
-    split = cfg.train_split
-    if cfg.source == "h5":
-        return open_h5(cfg, task, serializer, split, training=True).lengths(SAMPLES).tolist()
-    streams = serialize(islice(split_samples(cfg, task, split, {}), SAMPLES), serializer, policy_of(task), {})
-    return [len(s) for _, s in streams]
+    key = (canonical(config_record(dataclasses.replace(cfg, buckets=()))), canonical(config_record(task.config)),
+           canonical(config_record(serializer.config)))
+    if key not in _lengths_cache:
+        split = cfg.train_split
+        if cfg.source == "h5":
+            got = open_h5(cfg, task, serializer, split, training=True).lengths(SAMPLES).tolist()
+        else:
+            streams = serialize(islice(split_samples(cfg, task, split, {}), SAMPLES), serializer, policy_of(task), {})
+            got = [len(s) for _, s in streams]
+        _lengths_cache[key] = [int(n) for n in got]
+    return _lengths_cache[key]
 
 
 def resolve_buckets(cfg, task, serializer, multiple: int = 1) -> tuple[int, ...]:
@@ -78,3 +91,20 @@ def resolve_buckets(cfg, task, serializer, multiple: int = 1) -> tuple[int, ...]
     if key not in _cache:
         _cache[key] = choose_buckets(_lengths(cfg, task, serializer), cfg.seq_len, multiple)
     return _cache[key]
+
+
+def in_use(lengths, buckets: tuple[int, ...], seq_len: int) -> tuple[int, ...]:
+    """The buckets these stream lengths fall into (a row longer than ``seq_len`` is cut to it)."""
+    used = set()
+    for n in lengths:
+        n = min(int(n), seq_len)
+        used.add(next((b for b in buckets if b >= n), buckets[-1]))
+    return tuple(sorted(used))
+
+
+def buckets_in_use(cfg, task, serializer, buckets: tuple[int, ...]) -> tuple[int, ...]:
+    """The buckets the first :data:`SAMPLES` training streams fall into (module docstring); ``()`` without
+    buckets. The same on every rank (the sampled streams are the split's first, in its fixed order)."""
+    if not buckets:
+        return ()
+    return in_use(_lengths(cfg, task, serializer), tuple(buckets), cfg.seq_len) or tuple(buckets)

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import DataError
 from ..stream import Batch
-from .buckets import resolve_buckets
+from .buckets import buckets_in_use, resolve_buckets
 from .packing import concat_rows, pad_rows
 from .position import EpochRun, make_batches
 from .sources import DataShard, open_h5, open_shards, policy_of, sample_meta, serialize, split_samples
@@ -149,6 +149,12 @@ class TrainLoader:
             ds = self.dataset
             self.buckets = resolve_buckets(self.cfg, ds.task, ds.serializer, ds.pad_multiple)
         return self.buckets
+
+    def warm_buckets(self) -> tuple[int, ...]:
+        """The buckets the run's sampled training streams fall into (what the shape warm-up warms), see
+        :mod:`.buckets`; ``()`` unless ``pad_to: buckets``."""
+        ds = self.dataset
+        return buckets_in_use(self.cfg, ds.task, ds.serializer, self.resolve_buckets())
 
     def state_dict(self) -> dict:
         return {"consumed": self.consumed, "num_workers": self.dataset.num_workers,
