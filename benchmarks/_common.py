@@ -21,6 +21,8 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from omnibyte.model.flops import train_flops_per_step  # noqa: E402,F401  (the benchmarks' MFU count)
+
 H100_BF16_PEAK = 989e12  # dense bf16 tensor-core FLOP/s of an H100 SXM (the MFU denominator)
 
 # The reference's released 360M configuration (MBLM, Egli et al. 2025): 2 stages, seq_lens [1024, 8],
@@ -172,34 +174,6 @@ def stub_selective_scan_cuda() -> None:
     import types
 
     sys.modules.setdefault("selective_scan_cuda", types.ModuleType("selective_scan_cuda"))
-
-
-def train_flops_per_step(model, batch: int, length: int) -> float:
-    """Model FLOPs of one training step (forward + backward = 3x forward; no recompute counted):
-    2 * params * positions for every matrix multiply, plus causal attention 2 * 2 * T * width / 2 per
-    position and layer. Uses omnibyte's model structure (same configuration as the mblm comparison).
-    Modality-aware blocks count one expert's weights per position (each token runs one expert), so their
-    count equals the dense twin's (tests/test_modality_experts.py)."""
-    from omnibyte.model.blocks.experts import dense_equivalent_numel
-
-    total = 0.0
-    S = model.num_stages
-    for s in range(S):
-        positions = batch * length / model.units[s]
-        blk = model.blocks[s]
-        mm = dense_equivalent_numel(blk)  # 2-D weights; stacked per-modality weights: one expert
-        if s + 1 < S:
-            mm += model.to_next[s].weight.numel() + model.patch_embed[s][0].weight.numel()
-        total += 2 * mm * positions
-        if blk.__class__.__name__ == "TransformerBlock":
-            T = model.lengths[s] if s else length / model.units[0]
-            total += 2 * len(blk.layers) * positions * T * model.widths[s]  # QK^T and AV, causal half
-        else:  # SSD: roughly 2 * (2 * d_inner * d_state) per position and layer for state in/out products
-            cfg = blk.config
-            d_inner = getattr(cfg, "expand", 2) * model.widths[s]
-            total += 2 * len(blk.layers) * positions * 2 * d_inner * getattr(cfg, "d_state", 16) * 2
-    total += 2 * model.head.weight.numel() * batch * length
-    return 3 * total
 
 
 def param_count(model) -> int:

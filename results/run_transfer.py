@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """The cross-modal transfer experiment, end to end, in one process tree (issue 7).
 
-    python results/run_transfer.py --out OUT --pg19 ../shared/data/pg19-mini [--scale gpu|gpu2|micro] [--jobs N]
-        [--arms scratch,pg19,pathway,mom,mom_pg19]
+    python results/run_transfer.py --out OUT --pg19 ../shared/data/pg19-mini [--scale gpu|gpu2|cpu2|micro] [--jobs N]
+        [--arms scratch,pg19,pathway,mom,mom_pg19] [--kinds png,jpeg,pixels] [--no-cnn]
 
 1. data: ``omnibyte prepare clevr-synth`` (CLEVR-format images and questions), while
 2. ``omnibyte train pg19_lm`` pretrains a byte model on PG19;
@@ -74,6 +74,23 @@ SCALES = {
                 "train.steps=5000", "train.warmup=100", "train.eval_every=250", "train.log_every=50",
                 "eval.max_samples=512", "data.workers=2"],
         "vqa_samples": 1000, "per_token_rows": 4, "seeds": 3, "jobs": 8, "budget": 540, "aux_all": False,
+    },
+    # the probe itself (docs/results.md, "Scale for the second edition"), for the 2-core CPU: its 0.70M model,
+    # 1,800 steps of 16 rows; two jobs of one thread each (OMP_NUM_THREADS=1), about 25 minutes per CLEVR run
+    "cpu2": {
+        "images": 2500, "qpi": 6, "render": "120x80", "gen_workers": 2, "templates": ["basic.json"],
+        "stages": [{"length": 256, "width": 128, "layers": 2, "block": {"name": "transformer", "heads": 4}},
+                   {"length": 8, "width": 64, "layers": 2, "block": {"name": "transformer", "heads": 2}}],
+        "pg19": ["data.seq_len=2048", "data.batch_size=16", "train.steps=1000", "train.lr=2e-3",
+                 "train.min_lr=2e-4", "train.warmup=50", "train.eval_every=500", "train.log_every=50",
+                 "eval.split=validation", "eval.max_samples=0"],
+        "clevr": ["serializer.image.size=[30,20]", "data.seq_len=2048", "data.batch_size=16", "data.pad_to=longest",
+                  "train.steps=1800", "train.lr=2e-3", "train.min_lr=2e-4", "train.warmup=50",
+                  "train.eval_every=300", "train.log_every=50", "eval.max_samples=400", "data.workers=0"],
+        "cnn": ["serializer.image.size=[30,20]", "model.image.size=[30,20]", "data.batch_size=16",
+                "train.steps=1800", "train.warmup=50", "train.eval_every=300", "train.log_every=50",
+                "eval.max_samples=400", "data.workers=0"],
+        "vqa_samples": 0, "per_token_rows": 4, "seeds": 1, "jobs": 2, "budget": 9000, "aux_all": False,
     },
     "micro": {
         "images": 24, "qpi": 4, "render": "96x64", "gen_workers": 2,
@@ -210,6 +227,9 @@ def experiment(a) -> int:
     arms = [x for x in a.arms.split(",") if x]
     if bad := [x for x in arms if x not in ARMS]:
         raise SystemExit(f"--arms: unknown {bad}; choose from {', '.join(ARMS)}")
+    kinds = [x for x in a.kinds.split(",") if x]
+    if bad := [x for x in kinds if x not in KINDS] or not kinds:
+        raise SystemExit(f"--kinds: unknown {bad}; choose from {', '.join(KINDS)}")
     common = [f"out_dir={runs}", "train.progress=false", "train.ckpt_every=0", "train.keep_last=1"]
 
     gen = ["prepare", "clevr-synth", "--out", str(data), "--images", str(sc["images"]), "--questions-per-image",
@@ -237,7 +257,7 @@ def experiment(a) -> int:
     need_data = ["data"] if data_ok else []
     for seed in seeds:  # interleave arms so every arm gets its seeds even if the budget cuts the tail
         for init in arms:
-            for kind in KINDS:
+            for kind in kinds:
                 name = f"{kind}_{init}_s{seed}"
                 if not wanted(name):
                     continue
@@ -253,12 +273,12 @@ def experiment(a) -> int:
                 rows = ["--per-token-rows", str(sc["per_token_rows"] if seed == 0 else 0)]
                 waits.append(r.run(f"eval_{name}", [*evaluate, *rows, str(runs / name)], [trained], [name]))
         name = f"cnn_lstm_s{seed}"
-        if not wanted(name):
+        if not a.cnn or not wanted(name):
             continue
         trained = r.run(name, omnibyte("train", "clevr_cnn_lstm", f"task.root={data}", f"run_name={name}",
                                        f"seed={seed}", *common, *sc["cnn"]), dep_data, need_data)
         waits.append(r.run(f"eval_{name}", [*evaluate, "--per-token-rows", "0", str(runs / name)], [trained], [name]))
-    for kind in KINDS if sc["aux_all"] else ():  # last: the budget cuts these first
+    for kind in kinds if sc["aux_all"] else ():  # last: the budget cuts these first
         name = f"{kind}_all_scratch_s0"
         if not wanted(name):
             continue
@@ -271,7 +291,7 @@ def experiment(a) -> int:
         pre_ok.set()
     for w in [pre_ok, *waits]:
         w.wait()
-    summary = {"scale": a.scale, "seeds": seeds, "arms": arms, "only": sorted(only), "wall_s": round(time.time() - t_start, 1), "status": r.status,
+    summary = {"scale": a.scale, "seeds": seeds, "arms": arms, "kinds": kinds, "only": sorted(only), "wall_s": round(time.time() - t_start, 1), "status": r.status,
                "sizes": sc, **_environment()}
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     pack(runs, out / "transfer_metrics.tar.gz", extra=[out / "summary.json", out / "commands.txt", out / "prior.json"])
@@ -377,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--templates", default="", help="CLEVR template folder for the generator (default: its own)")
     p.add_argument("--arms", default="scratch,pg19",
                    help=f"comma-separated arms of {', '.join(ARMS)} (second edition: all of them)")
+    p.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated serializers of {', '.join(KINDS)}")
+    p.add_argument("--cnn", action=argparse.BooleanOptionalAction, default=True,
+                   help="train the CNN+LSTM baseline too (--no-cnn: byte models only)")
     p.add_argument("--only", default="", help="comma-separated run names to (re)make, e.g. png_scratch_s2 (default: all)")
     return experiment(p.parse_args(argv))
 

@@ -5,7 +5,6 @@ only by their tokens, the missing-modality error, the dense model unchanged, che
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -347,8 +346,7 @@ def test_graph_step_refuses_and_generate_falls_back():
 
 
 def test_flops_per_byte_equal_the_dense_twin():
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from _common import train_flops_per_step
+    from omnibyte.model.flops import train_flops_per_step
 
     for blk in (dict(M2, mlp_ratio=2.0), M1, TF):
         d = tiny([(4, 32, blk), (4, 16, TF)])

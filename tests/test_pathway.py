@@ -67,6 +67,20 @@ def test_lambda_zero_is_the_base_model_exactly(outer):
                                 if k != "aux_bias" or model.get_submodule(n).base_bias is not None}
 
 
+def test_a_pathway_model_counts_the_base_models_flops_plus_the_weight_combination():
+    """One matrix multiply per layer, by W + lambda W': the auxiliary weights add no per-position FLOPs (the
+    transfer study's FLOPs-per-step column compares arms by this count), only 5 per auxiliary element a step."""
+    from omnibyte.model.flops import PATHWAY_FLOPS_PER_AUX_ELEMENT, train_flops_per_step
+
+    model, _, names = _pathway()
+    base = _model(0)
+    aux = sum(model.get_submodule(n).aux_weight.numel() for n in names)
+    assert aux > 0
+    assert train_flops_per_step(model, 2, 64) == train_flops_per_step(base, 2, 64) + PATHWAY_FLOPS_PER_AUX_ELEMENT * aux
+    merge_modules(model)  # merged: the base model again
+    assert train_flops_per_step(model, 2, 64) == train_flops_per_step(base, 2, 64)
+
+
 def test_gradient_reaches_lambda_and_aux_only_when_it_trains():
     for train_aux in (True, False):
         model, _, names = _pathway(train_aux=train_aux)

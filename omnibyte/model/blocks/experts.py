@@ -198,7 +198,8 @@ def dense_equivalent_numel(module: nn.Module) -> int:
         for name, p in m.named_parameters(recurse=False):
             if getattr(m, "is_expert_linear", False) and name == "weight":
                 total += p[0].numel()
-            elif p.dim() == 2 and not isinstance(m, (ExpertLinear, ExpertRMSNorm)) and name != "dt_bias":
+            elif (p.dim() == 2 and not isinstance(m, (ExpertLinear, ExpertRMSNorm)) and name != "dt_bias"
+                  and name != "aux_weight"):  # a pathway layer multiplies once, by W + lambda W'
                 total += p.numel()
     return total
 
