@@ -300,17 +300,28 @@ def test_the_table_rows_are_evaluate_runs_results_on_corrupted_copies(tmp_path):
 
 
 def test_vqa_rows_score_corrupted_questions_and_image_bytes(tmp_path):
-    from omnibyte.robustness.evaluate import run_robustness
+    from omnibyte.robustness.evaluate import UNTRAINED_NOTE, headline, run_robustness, table_lines
 
     run = _unloaded_run("clevr_vqa_png", f"task.root={FIXTURE}", "serializer.image.size=[16,12]",
                         "model.stages.0.length=128", "data.seq_len=1024", *TINY_MBLM[2:], run_dir=tmp_path)
-    rows = {r["corruption"]: r for r in run_robustness(run, corruptions=["random_case", "image_flip:0.05"],
-                                                       limit=2, progress=False)["rows"]}
+    res = run_robustness(run, corruptions=["random_case", "image_flip:0.05"], limit=2, progress=False)
+    rows = {r["corruption"]: r for r in res["rows"]}
     assert all(r["num_questions"] == 2 and 0 <= r["accuracy"] <= 1 and r["image_bytes"] > 0 for r in rows.values())
     assert rows["random_case"]["image_bpb"] == rows["clean"]["image_bpb"]  # the question changed, not the image
     assert rows["random_case"]["bpb"] != rows["clean"]["bpb"]  # ... and the answer's context did
     assert rows["image_flip:0.05"]["image_bpb"] != rows["clean"]["image_bpb"]
     assert rows["image_flip:0.05"]["image_bytes"] == rows["clean"]["image_bytes"]
+    # the CLEVR configs train on the answer only: their image bits measure nothing the run learned, so the
+    # readable table leaves them out and says why (the JSON keeps them); a run trained on every byte shows them
+    assert rows["clean"]["image_loss_weight"] == 0
+    assert "image_bpb" not in headline(list(rows.values()))
+    assert UNTRAINED_NOTE in table_lines(res) and "image_bpb" not in table_lines(res)[1]
+    full = _unloaded_run("clevr_vqa_png", f"task.root={FIXTURE}", "serializer.image.size=[16,12]",
+                         "serializer.loss=all", "model.stages.0.length=128", "data.seq_len=1024", *TINY_MBLM[2:],
+                         run_dir=tmp_path / "all")
+    res_all = run_robustness(full, corruptions=["image_flip:0.05"], limit=2, progress=False)
+    assert res_all["rows"][0]["image_loss_weight"] == res_all["rows"][0]["image_bytes"] > 0
+    assert "image_bpb" in headline(res_all["rows"]) and UNTRAINED_NOTE not in table_lines(res_all)
     # the predictions file of a question corruption shows the question the model read, beside the clean one
     detail = tmp_path / "eval" / "robustness" / "val_0"
     recs = [json.loads(x) for x in (detail / "random_case" / "vqa_val_predictions.jsonl").read_text().splitlines()]

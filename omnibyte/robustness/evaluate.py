@@ -13,9 +13,10 @@ Per row:
   text's likelihood spread over the clean text's words, so every row is normalised by the same count (a
   corruption that inserts characters makes the text longer and costs nats; it does not add words);
 * VQA runs (task results with ``accuracy``): ``accuracy`` (the task's main mode) and ``accuracy_answerable``;
-  and ``image_bpb``: the mean bits over **all** image bytes of the eval rows, whatever their loss weight (a run
-  trained with ``serializer.loss=answer`` never learned to predict them: compare its rows with each other,
-  not with other runs);
+  and ``image_bpb``: the mean bits over **all** image bytes of the eval rows, whatever their loss weight, with
+  ``image_loss_weight`` (the loss weight those bytes carry). A run whose loss gives image bytes no weight
+  (``serializer.loss=answer``, the CLEVR configs' default) was never trained to predict them: its
+  ``image_bpb`` stays in the JSON but the readable table and the plot leave it out and say why;
 * ``delta_<metric>``: the row's value minus the clean row's.
 """
 
@@ -149,10 +150,11 @@ class CorruptingSerializer:
 
 class ImageBits:
     """``visit(batch, nll)`` of :func:`~omnibyte.run.evaluate_run`'s pass: the nats of every image byte (modality
-    IMAGE, id < 256) of the eval rows, whatever its loss weight; :meth:`result` gives their mean in bits."""
+    IMAGE, id < 256) of the eval rows, whatever its loss weight, and the loss weight they carry; :meth:`result`
+    gives their mean in bits."""
 
     def __init__(self):
-        self.nats, self.count = 0.0, 0
+        self.nats, self.count, self.weight = 0.0, 0, 0.0
 
     def __call__(self, batch, nll) -> None:
         from ..vocab import NUM_BYTES, Modality
@@ -160,10 +162,12 @@ class ImageBits:
         keep = ((batch.modality == int(Modality.IMAGE)) & (batch.tokens < NUM_BYTES)).to(nll.device)
         self.nats += float(nll.double()[keep].sum())
         self.count += int(keep.sum())
+        self.weight += float(batch.loss_mask.to(nll.device).double()[keep].sum())
 
     def result(self, rows: dict) -> dict[str, Any]:
         return {"image_bpb": self.nats / self.count / math.log(2) if self.count else float("nan"),
-                "image_bytes": self.count, **({"image_rows": dict(rows)} if rows else {})}
+                "image_bytes": self.count, "image_loss_weight": self.weight,
+                **({"image_rows": dict(rows)} if rows else {})}
 
 
 def _row(label: str, res: dict[str, Any], img: dict[str, Any] | None) -> dict[str, Any]:
@@ -201,13 +205,19 @@ def _show_corrupted_questions(path: Path, questions: dict[str, str]) -> None:
 
 
 def headline(rows: list[dict]) -> list[str]:
-    """The metrics a table shows, in order, present in the clean row."""
+    """The metrics a table shows, in order, present in the clean row (not ``image_bpb`` of a run never trained
+    to predict image bytes: :func:`untrained_image_bytes`)."""
     keys = ["text_bpb", "word_ppl", "accuracy", "image_bpb", "bpb"]
     clean = rows[0]
-    out = [k for k in keys if clean.get(k) is not None]
+    out = [k for k in keys if clean.get(k) is not None and not (k == "image_bpb" and untrained_image_bytes(rows))]
     if "text_bpb" in out:
         out.remove("bpb")  # the task's sliding-window text bpb is the headline of a text run
     return out
+
+
+def untrained_image_bytes(rows: list[dict]) -> bool:
+    """True when the clean rows' image bytes carry no loss weight: the run never learned to predict them."""
+    return rows[0].get("image_bytes", 0) > 0 and rows[0].get("image_loss_weight") == 0
 
 
 def _finite(x) -> bool:
@@ -278,6 +288,7 @@ def run_robustness(run, split: str | None = None, *, corruptions=None, seed: int
             "word_ppl": "exp(task total nats / whitespace words of the CLEAN text), the same count in every row",
             "accuracy": "VQA accuracy of the task's main mode (questions corrupted by text corruptions)",
             "image_bpb": "mean bits over all image bytes of the eval rows, whatever their loss weight",
+            "image_loss_weight": "the loss weight the run gives those bytes (0: never trained to predict them)",
         },
         "definitions": {c.label: CORRUPTIONS[c.name][2] for c in plan.corruptions},
         "rows": rows,
@@ -287,6 +298,10 @@ def run_robustness(run, split: str | None = None, *, corruptions=None, seed: int
     path.write_text(json.dumps(result, indent=1, default=str) + "\n")
     result["results_file"] = str(path)
     return result
+
+
+UNTRAINED_NOTE = ("image_bpb left out: this run's loss gives image bytes no weight (e.g. serializer.loss=answer), "
+                  "so they measure predictions it was never trained to make (the JSON keeps them)")
 
 
 def _fmt(x, delta: bool = False) -> str:
@@ -317,6 +332,8 @@ def table_lines(result: dict[str, Any]) -> list[str]:
                      f"text_bpb: over the corrupted text's bytes")
     if "image_bpb" in keys:
         lines.append("image_bpb: over all image bytes of the eval rows, whatever their loss weight")
+    elif untrained_image_bytes(rows):
+        lines.append(UNTRAINED_NOTE)
     lines += [f"WARNING {r['corruption']}: {r['warning']}" for r in rows if r.get("warning")]
     return lines
 
