@@ -3,7 +3,9 @@
 Each arm is a real ``omnibyte train`` process (the same config and overrides; only the arm's own overrides
 differ: ``data.pad_to``, ``train.warm_shapes``, ``train.compile``, ``train.cuda_graphs``), started with cold
 Triton and inductor caches of its own (fresh ``TRITON_CACHE_DIR`` and ``TORCHINDUCTOR_CACHE_DIR``), so every
-arm pays the JIT compiles and autotuning a user's first run pays. The data are generated (or read)
+arm pays the JIT compiles and autotuning a user's first run pays. With ``--prime S`` each arm first runs the
+same command for S seconds (untimed) in those cache folders, so the timed run starts as a user's second run
+on the machine does: compiled kernels and autotuning results on disk (``"caches": "primed"`` in its line). The data are generated (or read)
 once before the first arm. After ``--seconds`` of wall time (process start included) the arm is stopped and
 the last step in its ``metrics.jsonl`` (``train.log_every=1``) is its result. One JSON line per arm, with where
 the time went: seconds to step 1, the logged shape warm-up, the step rate over the arm's last minute; each arm's
@@ -68,6 +70,19 @@ def where_time_went(steps: list[tuple[int, float]], started: float, log_text: st
     return rec
 
 
+def _run_for(cmd: list[str], env: dict, log_file, seconds: float) -> tuple[bool, int | None]:
+    """Run ``cmd`` for at most ``seconds`` (then its process group is killed); (finished, exit code)."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log_file, text=True,
+                            start_new_session=True)
+    try:
+        proc.wait(timeout=seconds)
+        return True, proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return False, None
+
+
 def run_arm(name: str, args, overrides: list[str], work: Path) -> dict:
     env = {**os.environ, "TRITON_CACHE_DIR": tempfile.mkdtemp(prefix=f"triton-{name}-", dir=work),
            "TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix=f"inductor-{name}-", dir=work),
@@ -75,26 +90,22 @@ def run_arm(name: str, args, overrides: list[str], work: Path) -> dict:
     cmd = [sys.executable, "-m", "omnibyte", "train", args.config, f"out_dir={work / 'runs'}", f"run_name={name}",
            "train.log_every=1", f"train.steps={args.steps}", "train.eval_every=0", "train.ckpt_every=0",
            "eval.report=false", "train.progress=false", *overrides, *ARMS[name]]
-    t0, started = time.perf_counter(), time.time()
     log_path = (Path(args.logs) if args.logs else work) / f"first_minutes_{name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    log_file = open(log_path, "w")
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log_file, text=True,
-                            start_new_session=True)
-    try:
-        proc.wait(timeout=args.seconds)
-        finished = True
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        finished = False
+    if args.prime > 0:  # the same command, untimed, in the same cache folders and a run of its own
+        prime = [c if not c.startswith("run_name=") else f"run_name={name}_prime" for c in cmd]
+        with open(log_path.with_suffix(".prime.log"), "w") as f:
+            _run_for(prime, env, f, args.prime)
+    t0, started = time.perf_counter(), time.time()
+    with open(log_path, "w") as log_file:
+        finished, returncode = _run_for(cmd, env, log_file, args.seconds)
     secs = time.perf_counter() - t0
-    log_file.close()
     err = log_path.read_text()
-    if finished and proc.returncode != 0:
-        raise SystemExit(f"arm {name} failed (exit {proc.returncode}):\n{err[-3000:]}")
+    if finished and returncode != 0:
+        raise SystemExit(f"arm {name} failed (exit {returncode}):\n{err[-3000:]}")
     steps = timeline(work / "runs" / name)
-    return {"arm": name, "overrides": ARMS[name], "seconds": round(secs, 1),
+    return {"arm": name, "overrides": ARMS[name], "caches": "primed" if args.prime > 0 else "cold",
+            "seconds": round(secs, 1),
             "steps": max((s for s, _ in steps), default=0), "finished": finished,
             **where_time_went(steps, started, err), "log": str(log_path)}
 
@@ -103,6 +114,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="clevr_vqa_pixels")
     p.add_argument("--seconds", type=float, default=180.0, help="wall time per arm (process start included)")
+    p.add_argument("--prime", type=float, default=0.0,
+                   help="seconds of an untimed run of each arm first, in its cache folders (0: cold caches)")
     p.add_argument("--steps", type=int, default=100000, help="train.steps (large: the clock stops the arm)")
     p.add_argument("--arms", default="longest,buckets", help=f"comma-separated, from {', '.join(ARMS)}")
     p.add_argument("--work", default=None, help="folder for the runs and Triton caches (default: a temp folder)")
