@@ -67,6 +67,62 @@ def tables(runs_dir: str, smooth: int = 1) -> str:
     return "\n".join(out) + "\n"
 
 
+def _pm(x: dict | None, digits: int = 3) -> str:
+    return "-" if not x else f"{x['mean']:.{digits}f} ± {x['stderr']:.{digits}f}"
+
+
+def per_question_tables(runs_dir: str, smooth: int = 1) -> str:
+    """One seed at a time: each arm's VQA accuracy with its binomial error, its difference from the same seed's
+    scratch run on the same questions (paired error), and what it cost and learned: parameters trained, model
+    FLOPs per step (``eval/cost.json``), steps to the scratch run's final val loss, the answer loss split over
+    ``eval/answer_split_val.json``'s rows (first answer byte, where the answer is chosen, against the rest)."""
+    import json
+
+    from omnibyte import analysis as A
+
+    runs = [r for r in A.load_runs(runs_dir) if A.vqa_predictions(r)]
+    out = []
+    for seed in sorted({r.seed for r in runs}):
+        mine = [r for r in runs if r.seed == seed]
+        groups = A.group_runs(mine)
+        for kind in sorted({a.split("/", 1)[0] for a in groups}):
+            arms = {a: rs[0] for a, rs in groups.items() if a.split("/", 1)[0] == kind}
+            scratch = arms.get(f"{kind}/scratch")
+            qtypes = sorted({q for r in arms.values() for q in A.binomial_accuracy(r)} - {"all"})
+            acc_rows, cost_rows = [], []
+            for name, r in arms.items():
+                acc = A.binomial_accuracy(r)
+                row = {"arm": name, "all": _pm(acc.get("all")), **{q: _pm(acc.get(q)) for q in qtypes}}
+                if scratch is not None and r is not scratch:
+                    d = A.paired_difference(r, scratch)
+                    row.update({f"Δ {q}": _pm(d.get(q)) for q in ["all", *qtypes]})
+                acc_rows.append(row)
+                cost = json.loads((r.path / "eval" / "cost.json").read_text()) \
+                    if (r.path / "eval" / "cost.json").is_file() else {}
+                split = json.loads((r.path / "eval" / "answer_split_val.json").read_text()) \
+                    if (r.path / "eval" / "answer_split_val.json").is_file() else {}
+                steps = None
+                if scratch is not None and r is not scratch:
+                    target = A.final_value(scratch, "loss", "val", window=smooth)
+                    steps = A.steps_to_target(*A.curve(r, "loss", "val"), target, window=smooth) if target else None
+                cost_rows.append({
+                    "arm": name, "params trained": f"{cost['params_trained'] / 1e6:.2f}M" if cost else "-",
+                    "GFLOPs / step": f"{cost['flops_per_step'] / 1e9:.1f}" if cost.get("flops_per_step") else "-",
+                    "steps to scratch's final val loss": "-" if r is scratch else
+                    ("never" if steps is None else f"{steps:.0f}"),
+                    "final val loss": A.final_value(r, "loss", "val"),
+                    "first answer byte (nats)": _pm(split.get("first_byte")),
+                    "other answer bytes (nats)": _pm(split.get("other_bytes")),
+                    "rows": split.get("rows", "-")})
+            out.append(f"\n### {kind}, seed {seed}: VQA accuracy on val (± binomial stderr; Δ: minus scratch on the "
+                       f"same questions, ± paired stderr)\n")
+            cols = list(dict.fromkeys(k for row in acc_rows for k in row))  # scratch has no Δ columns
+            out.append(A.markdown_table(acc_rows, cols))
+            out.append(f"\n### {kind}, seed {seed}: cost and answer loss\n")
+            out.append(A.markdown_table(cost_rows))
+    return "\n".join(out) + "\n"
+
+
 def figures(runs_dir: str, fig_dir: str) -> None:
     import nbclient
     import nbformat
@@ -88,6 +144,7 @@ def main() -> int:
     p.add_argument("--smooth", type=int, default=1)
     a = p.parse_args()
     print(tables(a.runs, a.smooth))
+    print(per_question_tables(a.runs, a.smooth))
     if not a.no_figures:
         figures(a.runs, a.figures)
     return 0

@@ -73,7 +73,8 @@ SCALES = {
         "cnn": ["serializer.image.size=[30,20]", "model.image.size=[30,20]", "data.batch_size=32",
                 "train.steps=5000", "train.warmup=100", "train.eval_every=250", "train.log_every=50",
                 "eval.max_samples=512", "data.workers=2"],
-        "vqa_samples": 1000, "per_token_rows": 4, "seeds": 3, "jobs": 8, "budget": 540, "aux_all": False,
+        "vqa_samples": 1000, "per_token_rows": 4, "answer_rows": 1000, "seeds": 3, "jobs": 8, "budget": 540,
+        "aux_all": False,
     },
     # the probe itself (docs/results.md, "Scale for the second edition"), for the 2-core CPU: its 0.70M model,
     # 1,800 steps of 16 rows; two jobs of one thread each (OMP_NUM_THREADS=1), about 25 minutes per CLEVR run
@@ -90,7 +91,8 @@ SCALES = {
         "cnn": ["serializer.image.size=[30,20]", "model.image.size=[30,20]", "data.batch_size=16",
                 "train.steps=1800", "train.warmup=50", "train.eval_every=300", "train.log_every=50",
                 "eval.max_samples=400", "data.workers=0"],
-        "vqa_samples": 0, "per_token_rows": 4, "seeds": 1, "jobs": 2, "budget": 9000, "aux_all": False,
+        "vqa_samples": 0, "per_token_rows": 4, "answer_rows": 600, "seeds": 1, "jobs": 2, "budget": 9000,
+        "aux_all": False,
     },
     "micro": {
         "images": 24, "qpi": 4, "render": "96x64", "gen_workers": 2,
@@ -105,7 +107,8 @@ SCALES = {
                 "eval.max_samples=4", "data.workers=0", "serializer.image.size=[16,11]",
                 "model.image.size=[16,11]", "model.lstm_hidden=16", "model.mlp_hidden=16", "model.embed_dim=8",
                 "model.trunk_stages=1"],
-        "vqa_samples": 4, "per_token_rows": 2, "seeds": 2, "jobs": 2, "budget": 600, "aux_all": True,
+        "vqa_samples": 4, "per_token_rows": 2, "answer_rows": 3, "seeds": 2, "jobs": 2, "budget": 600,
+        "aux_all": True,
     },
 }
 KINDS = ("png", "jpeg", "pixels")
@@ -249,7 +252,8 @@ def experiment(a) -> int:
     need_pre = bool(from_pg19) and (not only or any(f"_{x}_" in n for n in only for x in from_pg19))
     pre_ok = r.run("pg19_lm", omnibyte("train", "pg19_lm", f"task.root={Path(a.pg19).resolve()}", "run_name=pg19_lm",
                                        model, *common, *sc["pg19"])) if need_pre else threading.Event()
-    evaluate = [sys.executable, str(Path(__file__).resolve()), "eval", "--vqa-samples", str(sc["vqa_samples"])]
+    evaluate = [sys.executable, str(Path(__file__).resolve()), "eval", "--vqa-samples", str(sc["vqa_samples"]),
+                "--answer-rows", str(sc.get("answer_rows", 0))]
     prior_ok = r.run("prior", [sys.executable, str(Path(__file__).resolve()), "prior", str(data), str(out / "prior.json"),
                     "--vqa-samples", str(sc["vqa_samples"])], [data_ok] if data_ok else [], ["data"] if data_ok else [])
     waits = [prior_ok]
@@ -312,11 +316,13 @@ def _environment() -> dict:
 
 
 def pack(runs: Path, dest: Path, extra: list[Path] = ()) -> Path:
-    """Metrics only: config.resolved.yaml, metrics.jsonl, eval/*.json, eval/*.h5, train.log; no checkpoints."""
+    """Metrics only: config.resolved.yaml, metrics.jsonl, eval/*.json, eval/*.h5, the per-question VQA records,
+    train.log; no checkpoints."""
     with tarfile.open(dest, "w:gz") as tar:
         for run in sorted(p for p in runs.iterdir() if p.is_dir()):
             files = [run / "config.resolved.yaml", run / "metrics.jsonl", run / "train.log",
-                     *sorted((run / "eval").glob("*.json")), *sorted((run / "eval").glob("*.h5"))]
+                     *sorted((run / "eval").glob("*.json")), *sorted((run / "eval").glob("*.h5")),
+                     *sorted((run / "eval").glob("vqa_*_predictions.jsonl"))]  # per question: paired comparisons
             for f in files:
                 if f.is_file():
                     tar.add(f, arcname=f"transfer/{f.relative_to(runs)}")
@@ -332,14 +338,44 @@ def eval_run(a) -> int:
     from omnibyte.run import evaluate_run, load_run
 
     run = load_run(a.run_dir, "latest", overrides=["task.eval_mode=rank"])
+    _write_cost(run, Path(a.run_dir) / "eval" / "cost.json")
     if a.per_token_rows and run.model.stream_meta.per_token_losses:
         evaluate_run(run, max_samples=a.per_token_rows, per_token=True, task_metrics=False, progress=False)
+    if a.answer_rows and run.model.stream_meta.per_token_losses:
+        # per-token losses of the first N val questions in a folder of their own (report.py's answer-loss split:
+        # first answer byte against the rest), apart from eval/ where the heat-map rows and VQA results live
+        res = evaluate_run(run, max_samples=a.answer_rows, per_token=True, task_metrics=False, progress=False,
+                           out_dir=Path(a.run_dir) / "eval" / "answer_rows")
+        from omnibyte.analysis import answer_loss_split, per_token_losses
+
+        rows = per_token_losses(res["per_token"])
+        split = {"split": res["split"], "step": res["step"], "rows": len(rows), "unit": "nats",
+                 **answer_loss_split(rows)}
+        (Path(a.run_dir) / "eval" / f"answer_split_{res['split']}.json").write_text(json.dumps(split, indent=1))
+    if a.skip_vqa:
+        return 0
     # task metrics only (no second bits-per-byte pass); they join the record of the call above, whose bpb and
     # per-token file stay: eval/val_<step>.json keeps this checkpoint's VQA results, which analysis reads by step
     res = evaluate_run(run, max_samples=a.vqa_samples, per_token=False, task_metrics=True, progress=False, bpb=False)
     print(json.dumps({k: v for k, v in res.get("task", {}).items() if not isinstance(v, dict)} | {"step": run.step},
                      default=str))
     return 0
+
+
+def _write_cost(run, path: Path) -> None:
+    """Parameters (all, trainable during training: a pathway's W' too) and model FLOPs per training step at
+    ``data.batch_size`` rows of ``data.seq_len`` bytes (an upper bound under ``pad_to: longest``), for the
+    study's cost column (``omnibyte.model.flops``; a classifier without MBLM stages gets no FLOP count)."""
+    from omnibyte.model.flops import train_flops_per_step
+
+    model, cfg = run.model, run.config
+    rec = {"params": sum(p.numel() for p in model.parameters()),
+           "params_trained": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    if hasattr(model, "num_stages"):
+        rec.update(flops_per_step=train_flops_per_step(model, cfg.data.batch_size, cfg.data.seq_len),
+                   batch=cfg.data.batch_size, length=cfg.data.seq_len)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rec, indent=1))
 
 
 def prior(a) -> int:
@@ -386,6 +422,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("run_dir")
         p.add_argument("--vqa-samples", type=int, default=500)
         p.add_argument("--per-token-rows", type=int, default=4)
+        p.add_argument("--answer-rows", type=int, default=0,
+                       help="per-token losses of the first N val streams into eval/answer_rows/ (0: none)")
+        p.add_argument("--skip-vqa", action="store_true", help="no VQA scoring (e.g. to add --answer-rows later)")
         return eval_run(p.parse_args(argv[1:]))
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)

@@ -250,3 +250,31 @@ def test_merged_runs_are_skipped_by_load_runs(tmp_path):
     (merged / "provenance.jsonl").write_text(json.dumps({"merged_from": str(tmp_path / "trained")}) + "\n")
     assert [r.name for r in A.load_runs(tmp_path)] == ["trained"]
     assert A.load_run(merged).merged_from == str(tmp_path / "trained")
+
+
+def _predictions(run_dir: Path, answers: list[tuple[str, str, str]]) -> None:
+    """(qtype, gold, prediction) per question, as the VQA task writes them."""
+    recs = [{"id": f"clevr/val/{i}", "qtype": q, "gold": g, "pred_rank": p} for i, (q, g, p) in enumerate(answers)]
+    (run_dir / "eval" / "vqa_val_predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+
+def test_binomial_accuracy_and_the_paired_difference_on_the_same_questions(tmp_path: Path):
+    a, b = make_run(tmp_path, "a"), make_run(tmp_path, "b", init="runs/pg19_lm")
+    qs = [("exist", "yes", "yes"), ("exist", "no", "yes"), ("count", "2", "2"), ("count", "3", "1")]
+    _predictions(a, qs)
+    _predictions(b, [(q, g, g) for q, g, _ in qs[:3]] + [qs[3]])  # b also gets the second exist question
+    ra, rb = A.load_run(a), A.load_run(b)
+    acc = A.binomial_accuracy(ra)
+    assert acc["all"]["mean"] == 0.5 and acc["all"]["n"] == 4
+    assert acc["all"]["stderr"] == pytest.approx(math.sqrt(0.25 / 4))
+    assert acc["exist"]["mean"] == 0.5 and acc["count"]["n"] == 2
+    d = A.paired_difference(rb, ra)
+    assert d["all"]["mean"] == pytest.approx(0.25) and d["exist"]["mean"] == pytest.approx(0.5)
+    assert d["count"] == {"mean": 0.0, "stderr": 0.0, "n": 2}
+    diffs = np.array([0, 1, 0, 0])
+    assert d["all"]["stderr"] == pytest.approx(diffs.std(ddof=1) / 2)
+    _predictions(b, qs[:3])  # scored on other questions: no comparison
+    with pytest.raises(ValueError, match="different val questions"):
+        A.paired_difference(A.load_run(b), ra)
+    with pytest.raises(ValueError, match="no per-question records"):
+        A.paired_difference(A.load_run(make_run(tmp_path, "c")), ra)

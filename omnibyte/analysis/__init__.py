@@ -41,11 +41,23 @@ from .runs import (
     steps_to_target,
 )
 from .token_losses import answer_loss_split, image_loss_map, image_segment, modality_bpb, per_token_losses
-from .transfer import accuracy_table, arm, group_runs, init_kind, input_kind, transfer_table, vqa_accuracy
+from .transfer import (
+    accuracy_table,
+    arm,
+    binomial_accuracy,
+    group_runs,
+    init_kind,
+    input_kind,
+    paired_difference,
+    transfer_table,
+    vqa_accuracy,
+    vqa_predictions,
+)
 
 __all__ = [
     "Curve", "Run", "load_run", "load_runs", "find_run_dirs", "metrics_table", "curve", "modality_curves", "splits_of",
     "smooth", "steps_to_target", "final_value", "aggregate", "aggregate_curves", "input_kind", "init_kind",
-    "arm", "group_runs", "transfer_table", "vqa_accuracy", "accuracy_table", "per_token_losses", "modality_bpb", "answer_loss_split",
+    "arm", "group_runs", "transfer_table", "vqa_accuracy", "accuracy_table", "vqa_predictions", "binomial_accuracy",
+    "paired_difference", "per_token_losses", "modality_bpb", "answer_loss_split",
     "image_segment", "image_loss_map", "fmt", "markdown_table", "arm_colours", "image_loss_maps",
 ]

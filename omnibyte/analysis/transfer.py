@@ -150,3 +150,63 @@ def accuracy_table(runs: Iterable[Run], split: str | None = None) -> list[dict[s
         rows.append({"arm": name, "mode": accs[0]["mode"], "accuracy": aggregate(a["accuracy"] for a in accs),
                      "by_qtype": {q: aggregate(a["by_qtype"].get(q) for a in accs) for q in qtypes}})
     return rows
+
+
+# --- per-question comparisons (one seed: the questions give the error bar) -------------------------------------
+
+
+def vqa_predictions(run: Run, split: str = "val") -> list[dict[str, Any]]:
+    """The run's per-question VQA records (``eval/vqa_<split>_predictions.jsonl``: ``id``, ``gold``, ``qtype``,
+    ``pred_<mode>``, ...); empty when there are none."""
+    import json
+
+    path = Path(run.path) / "eval" / f"vqa_{split}_predictions.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _correct(recs: list[dict[str, Any]], mode: str) -> dict[str, tuple[str, bool]]:
+    return {str(r["id"]): (str(r.get("qtype")), r.get(f"pred_{mode}") == r.get("gold")) for r in recs}
+
+
+def binomial_accuracy(run: Run, split: str = "val", mode: str = "rank") -> dict[str, dict[str, float]]:
+    """Accuracy overall and per question type from the per-question records, each with its binomial standard
+    error ``sqrt(p (1 - p) / n)`` (the error of scoring on n questions, not the spread over seeds)."""
+    import math
+
+    by: dict[str, list[bool]] = {}
+    for qtype, ok in _correct(vqa_predictions(run, split), mode).values():
+        by.setdefault("all", []).append(ok)
+        by.setdefault(qtype, []).append(ok)
+    out = {}
+    for k, v in by.items():
+        p = sum(v) / len(v)
+        out[k] = {"mean": p, "stderr": math.sqrt(p * (1 - p) / len(v)), "n": len(v)}
+    return out
+
+
+def paired_difference(run: Run, base: Run, split: str = "val", mode: str = "rank") -> dict[str, dict[str, float]]:
+    """Accuracy of ``run`` minus that of ``base`` on the questions both answered, overall and per question type,
+    with the paired standard error ``sd(d) / sqrt(n)`` of the per-question differences ``d`` in {-1, 0, 1}: two
+    runs scored on the same questions differ by less noise than two independent accuracies suggest. Refuses
+    runs scored on different question sets (a comparison on mismatched questions says nothing)."""
+    import math
+
+    a, b = _correct(vqa_predictions(run, split), mode), _correct(vqa_predictions(base, split), mode)
+    if not a or not b:
+        raise ValueError(f"no per-question records ({split}) in {run.path if not a else base.path}")
+    if set(a) != set(b):
+        raise ValueError(f"{run.path} and {base.path} were scored on different {split} questions "
+                         f"({len(a)} and {len(b)}; {len(set(a) ^ set(b))} not in both)")
+    by: dict[str, list[int]] = {}
+    for qid, (qtype, ok) in a.items():
+        d = int(ok) - int(b[qid][1])
+        by.setdefault("all", []).append(d)
+        by.setdefault(qtype, []).append(d)
+    out = {}
+    for k, d in by.items():
+        n, mean = len(d), sum(d) / len(d)
+        var = sum((x - mean) ** 2 for x in d) / (n - 1) if n > 1 else float("nan")
+        out[k] = {"mean": mean, "stderr": math.sqrt(var / n), "n": n}
+    return out
