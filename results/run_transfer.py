@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -363,16 +364,31 @@ def eval_run(a) -> int:
 
 
 def _write_cost(run, path: Path) -> None:
-    """Parameters (all, trainable during training: a pathway's W' too) and model FLOPs per training step at
+    """Parameters (all, and trained: a pathway run's W' and lambda too, read from its checkpoint, since it loads
+    merged) and model FLOPs per training step at
     ``data.batch_size`` rows of ``data.seq_len`` bytes (an upper bound under ``pad_to: longest``), for the
     study's cost column (``omnibyte.model.flops``; a classifier without MBLM stages gets no FLOP count)."""
-    from omnibyte.model.flops import train_flops_per_step
+    from omnibyte.model.flops import PATHWAY_FLOPS_PER_AUX_ELEMENT, train_flops_per_step
 
     model, cfg = run.model, run.config
     rec = {"params": sum(p.numel() for p in model.parameters()),
            "params_trained": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    aux_weights = 0
+    if cfg.train.pathway_from:  # the run loads merged (W + lambda W'); it trained W' and lambda beside W
+        from safetensors import safe_open
+
+        with safe_open(str(Path(run.checkpoint) / "model.safetensors"), "pt") as f:
+            aux = {k: f.get_slice(k).get_shape() for k in f.keys() if k.rsplit(".", 1)[-1] in
+                   ("aux_weight", "aux_bias", "pathway_lambda")}
+        count = {k: math.prod(shape) for k, shape in aux.items()}  # () -> 1: lambda
+        aux_weights = sum(n for k, n in count.items() if k.endswith("aux_weight"))
+        trains_aux = cfg.train.pathway_train_aux
+        rec["params_trained"] += sum(n for k, n in count.items() if trains_aux or k.endswith("pathway_lambda"))
+        rec["params"] += sum(count.values())
+        rec["pathway_aux_weights"] = aux_weights
     if hasattr(model, "num_stages"):
-        rec.update(flops_per_step=train_flops_per_step(model, cfg.data.batch_size, cfg.data.seq_len),
+        rec.update(flops_per_step=train_flops_per_step(model, cfg.data.batch_size, cfg.data.seq_len)
+                   + PATHWAY_FLOPS_PER_AUX_ELEMENT * aux_weights,
                    batch=cfg.data.batch_size, length=cfg.data.seq_len)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rec, indent=1))

@@ -1,0 +1,54 @@
+"""The transfer study's driver end to end at its CPU size (``results/run_transfer.py --scale micro``): data,
+PG19 pretraining, the scratch, Multimodal Pathway and modality-aware arms on raw pixels, their evaluation
+(VQA per question, cost, answer-loss split) and ``results/report.py``'s per-question tables."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _pg19(root: Path) -> Path:
+    text = ("It was a bright cold day in April, and the clocks were striking thirteen. " * 40).encode()
+    for split, n in (("train", 3), ("validation", 1), ("test", 1)):
+        (root / split).mkdir(parents=True)
+        for i in range(n):
+            (root / split / f"{split}{i}.txt").write_bytes(text[i:] + b"\n")
+    return root
+
+
+@pytest.mark.slow
+def test_the_micro_study_runs_every_arm_and_reports_paired_differences(tmp_path):
+    out = tmp_path / "study"
+    cmd = [sys.executable, str(REPO / "results" / "run_transfer.py"), "--out", str(out), "--pg19",
+           str(_pg19(tmp_path / "pg19")), "--scale", "micro", "--seeds", "1", "--kinds", "pixels", "--no-cnn",
+           "--arms", "scratch,pathway,mom"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["kinds"] == ["pixels"] and set(summary["status"].values()) == {0}
+    assert not any(k.startswith(("png", "jpeg", "cnn")) for k in summary["status"])
+    runs = {n: out / "runs" / f"pixels_{n}_s0" for n in ("scratch", "pathway", "mom")}
+    cost = {n: json.loads((d / "eval" / "cost.json").read_text()) for n, d in runs.items()}
+    assert cost["pathway"]["params_trained"] > cost["scratch"]["params_trained"]  # W' trains too
+    assert cost["pathway"]["flops_per_step"] > cost["scratch"]["flops_per_step"]  # only the weight combination:
+    assert cost["pathway"]["flops_per_step"] < 1.01 * cost["scratch"]["flops_per_step"]  # one multiply per layer
+    assert cost["mom"]["flops_per_step"] == cost["scratch"]["flops_per_step"]  # one expert per position
+    for d in runs.values():
+        split = json.loads((d / "eval" / "answer_split_val.json").read_text())
+        assert split["rows"] == 3 and split["first_byte"]["n"] == 3
+        assert (d / "eval" / "vqa_val_predictions.jsonl").is_file()
+    sys.path.insert(0, str(REPO / "results"))
+    try:
+        import report
+    finally:
+        sys.path.remove(str(REPO / "results"))
+    text = report.per_question_tables(str(out / "runs"))
+    assert "pixels/scratch" in text and "pixels/pathway-pg19" in text and "pixels/mom" in text
+    assert "Δ all" in text and "GFLOPs / step" in text
