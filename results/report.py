@@ -86,7 +86,8 @@ def per_question_tables(runs_dir: str, smooth: int = 1) -> str:
         mine = [r for r in runs if r.seed == seed]
         groups = A.group_runs(mine)
         for kind in sorted({a.split("/", 1)[0] for a in groups}):
-            arms = {a: rs[0] for a, rs in groups.items() if a.split("/", 1)[0] == kind}
+            arms = {a: rs[0] for a, rs in sorted(groups.items(), key=lambda g: (not g[0].endswith("/scratch"), g[0]))
+                    if a.split("/", 1)[0] == kind}  # scratch first: the others are read against it
             scratch = arms.get(f"{kind}/scratch")
             qtypes = sorted({q for r in arms.values() for q in A.binomial_accuracy(r)} - {"all"})
             acc_rows, cost_rows = [], []
