@@ -140,37 +140,52 @@ CONFIG = {("png", "scratch"): "clevr_vqa_png", ("jpeg", "scratch"): "clevr_vqa_j
 
 
 class Runner:
-    """Runs shell-free commands ``jobs`` at a time with dependencies, logging each to OUT/logs/."""
+    """Runs shell-free commands ``jobs`` at a time with dependencies, logging each to OUT/logs/.
+
+    A free slot goes to the ready job (its dependencies done) of the lowest ``(priority, declaration order)``;
+    readiness is judged when the slot frees, from the dependencies' events (set before their slot is released),
+    so an evaluation whose training just ended competes at once: with ``priority=0`` for evaluations, a budget
+    cut falls on trainings not yet started, not on evaluations of trainings already paid for."""
 
     def __init__(self, out: Path, jobs: int, deadline: float, env: dict):
         self.out, self.jobs, self.deadline, self.env = out, jobs, deadline, env
         self.cv = threading.Condition()
-        self.running, self.tickets, self.waiting = 0, 0, set()
+        self.running, self.tickets = 0, 0
+        self.pending: dict[int, tuple[int, list[threading.Event]]] = {}  # ticket -> (priority, dependencies)
         self.lock = threading.Lock()
         self.status: dict[str, int | str] = {}
         (out / "logs").mkdir(parents=True, exist_ok=True)
         self.commands = open(out / "commands.txt", "a")
 
+    def _next(self) -> int | None:
+        ready = [(prio, t) for t, (prio, deps) in self.pending.items() if all(e.is_set() for e in deps)]
+        return min(ready)[1] if ready else None
+
     def _acquire(self, ticket: int) -> None:
-        """First come (in the order jobs were declared), first served, among the jobs that are ready."""
         with self.cv:
-            self.waiting.add(ticket)
-            self.cv.wait_for(lambda: self.running < self.jobs and ticket == min(self.waiting))
-            self.waiting.discard(ticket)
+            self.cv.wait_for(lambda: self.running < self.jobs and self._next() == ticket)
+            del self.pending[ticket]
             self.running += 1
             self.cv.notify_all()
 
-    def _release(self) -> None:
+    def _finish(self, ticket: int, done: threading.Event, held: bool) -> None:
+        """The job's end: its event first (its dependents become ready), then its slot or its place in line."""
         with self.cv:
-            self.running -= 1
+            done.set()
+            if held:
+                self.running -= 1
+            self.pending.pop(ticket, None)
             self.cv.notify_all()
 
     def run(self, name: str, argv: list[str], after: list[threading.Event] | None = None,
-            needs_ok: list[str] | None = None) -> threading.Event:
+            needs_ok: list[str] | None = None, priority: int = 1) -> threading.Event:
         done = threading.Event()
-        ticket, self.tickets = self.tickets, self.tickets + 1
+        with self.cv:
+            ticket, self.tickets = self.tickets, self.tickets + 1
+            self.pending[ticket] = (priority, list(after or []))
 
         def go():
+            held = False
             try:
                 for ev in after or []:
                     ev.wait()
@@ -179,35 +194,33 @@ class Runner:
                     self.status[name] = f"skipped ({', '.join(bad)} failed)"
                     return
                 self._acquire(ticket)
-                try:
-                    if time.time() > self.deadline - 20:
-                        self.status[name] = "skipped (budget)"
-                        return
-                    with self.lock:
-                        self.commands.write(" ".join(shlex.quote(a) for a in argv) + "\n")
-                        self.commands.flush()
-                    t0 = time.time()
-                    with open(self.out / "logs" / f"{name}.log", "w") as log:
-                        p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO)
+                held = True
+                if time.time() > self.deadline - 20:
+                    self.status[name] = "skipped (budget)"
+                    return
+                with self.lock:
+                    self.commands.write(" ".join(shlex.quote(a) for a in argv) + "\n")
+                    self.commands.flush()
+                t0 = time.time()
+                with open(self.out / "logs" / f"{name}.log", "w") as log:
+                    p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO)
+                    try:
+                        rc = p.wait(timeout=max(1.0, self.deadline - time.time()))
+                    except subprocess.TimeoutExpired:
+                        # SIGTERM first: a training checkpoints the step it reached and the same command
+                        # (a later --only run with this --out) resumes it; killed if it does not end in 60 s
+                        p.terminate()
                         try:
-                            rc = p.wait(timeout=max(1.0, self.deadline - time.time()))
+                            p.wait(timeout=60)
+                            rc = "stopped (budget; resumable)"
                         except subprocess.TimeoutExpired:
-                            # SIGTERM first: a training checkpoints the step it reached and the same command
-                            # (a later --only run with this --out) resumes it; killed if it does not end in 60 s
-                            p.terminate()
-                            try:
-                                p.wait(timeout=60)
-                                rc = "stopped (budget; resumable)"
-                            except subprocess.TimeoutExpired:
-                                p.kill()
-                                p.wait()
-                                rc = "killed (budget)"
-                    self.status[name] = rc
-                    print(f"[{time.strftime('%H:%M:%S')}] {name}: {rc} in {time.time() - t0:.0f}s", flush=True)
-                finally:
-                    self._release()
+                            p.kill()
+                            p.wait()
+                            rc = "killed (budget)"
+                self.status[name] = rc
+                print(f"[{time.strftime('%H:%M:%S')}] {name}: {rc} in {time.time() - t0:.0f}s", flush=True)
             finally:
-                done.set()
+                self._finish(ticket, done, held)
 
         threading.Thread(target=go, daemon=True).start()
         return done
@@ -276,13 +289,14 @@ def experiment(a) -> int:
                     need.append("pg19_lm")
                 trained = r.run(name, argv, deps, need)
                 rows = ["--per-token-rows", str(sc["per_token_rows"] if seed == 0 else 0)]
-                waits.append(r.run(f"eval_{name}", [*evaluate, *rows, str(runs / name)], [trained], [name]))
+                waits.append(r.run(f"eval_{name}", [*evaluate, *rows, str(runs / name)], [trained], [name], priority=0))
         name = f"cnn_lstm_s{seed}"
         if not a.cnn or not wanted(name):
             continue
         trained = r.run(name, omnibyte("train", "clevr_cnn_lstm", f"task.root={data}", f"run_name={name}",
                                        f"seed={seed}", *common, *sc["cnn"]), dep_data, need_data)
-        waits.append(r.run(f"eval_{name}", [*evaluate, "--per-token-rows", "0", str(runs / name)], [trained], [name]))
+        waits.append(r.run(f"eval_{name}", [*evaluate, "--per-token-rows", "0", str(runs / name)], [trained], [name],
+                           priority=0))
     for kind in kinds if sc["aux_all"] else ():  # last: the budget cuts these first
         name = f"{kind}_all_scratch_s0"
         if not wanted(name):
@@ -291,7 +305,7 @@ def experiment(a) -> int:
                                        "seed=0", "serializer.loss=all", model, *common, *sc["clevr"]),
                         dep_data, need_data)
         waits.append(r.run(f"eval_{name}", [*evaluate, "--per-token-rows", str(sc["per_token_rows"]),
-                                            str(runs / name)], [trained], [name]))
+                                            str(runs / name)], [trained], [name], priority=0))
     if not need_pre:
         pre_ok.set()
     for w in [pre_ok, *waits]:

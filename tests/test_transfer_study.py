@@ -52,3 +52,35 @@ def test_the_micro_study_runs_every_arm_and_reports_paired_differences(tmp_path)
     text = report.per_question_tables(str(out / "runs"))
     assert "pixels/scratch" in text and "pixels/pathway-pg19" in text and "pixels/mom" in text
     assert "Δ all" in text and "GFLOPs / step" in text
+
+
+def test_the_runner_gives_a_freed_slot_to_the_evaluation_of_the_training_that_just_ended(tmp_path):
+    """One slot: A trains, B (declared before A's evaluation) waits; when A ends, its evaluation runs before B,
+    so a budget cut falls on B, not on the evaluation of a training already paid for. A job whose dependency
+    failed is skipped without holding up the others."""
+    import time
+
+    sys.path.insert(0, str(REPO / "results"))
+    try:
+        import run_transfer
+    finally:
+        sys.path.remove(str(REPO / "results"))
+    order = tmp_path / "order.txt"
+
+    def job(name, code=0, sleep=0.3):
+        return [sys.executable, "-c", f"import time; time.sleep({sleep}); open({str(order)!r}, 'a').write("
+                                      f"{name!r} + '\\n'); raise SystemExit({code})"]
+
+    r = run_transfer.Runner(tmp_path, 1, time.time() + 120, {})
+    a = r.run("train_a", job("train_a"))
+    bad = r.run("train_bad", job("train_bad", code=1, sleep=0.0))
+    b = r.run("train_b", job("train_b"))
+    e = r.run("eval_a", job("eval_a"), [a], ["train_a"], priority=0)
+    skipped = r.run("eval_bad", job("eval_bad"), [bad], ["train_bad"], priority=0)
+    for ev in (a, bad, b, e, skipped):
+        assert ev.wait(30)
+    done = order.read_text().split()
+    assert done.index("eval_a") < done.index("train_b"), done
+    assert "eval_bad" not in done and r.status["eval_bad"].startswith("skipped (train_bad failed)")
+    assert r.status["train_a"] == 0 and r.status["train_bad"] == 1 and r.status["train_b"] == 0
+    assert not r.pending and r.running == 0
