@@ -117,6 +117,12 @@ def per_question_tables(runs_dir: str, smooth: int = 1) -> str:
                     "rows": split.get("rows", "-")})
             out.append(f"\n### {kind}, seed {seed}: VQA accuracy on val (± binomial stderr; Δ: minus scratch on the "
                        f"same questions, ± paired stderr)\n")
+            prior = next((d["task"]["prior"] for r in arms.values() for d in r.evals.values()
+                          if isinstance(d.get("task"), dict) and isinstance(d["task"].get("prior"), dict)
+                          and d["task"].get("num_samples") == A.binomial_accuracy(r)["all"]["n"]), None)
+            if prior:  # what a model that ignores the image reaches on the same questions
+                acc_rows.append({"arm": "answer prior (per family)", "all": f"{prior['accuracy']:.3f}",
+                                 **{q: f"{v:.3f}" for q, v in prior.get("by_qtype", {}).items()}})
             cols = list(dict.fromkeys(k for row in acc_rows for k in row))  # scratch has no Δ columns
             out.append(A.markdown_table(acc_rows, cols))
             out.append(f"\n### {kind}, seed {seed}: cost and answer loss\n")
