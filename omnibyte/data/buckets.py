@@ -9,7 +9,7 @@ the last >= ``data.seq_len``). Empty, they are chosen from the data, determinist
 first :data:`SAMPLES` streams of the training split (in the source's fixed order, over-long ones counted at
 ``seq_len``), their quantiles ``1/8, 2/8, ..., 8/8`` rounded up to a multiple of ``lcm(64, patch product)``,
 and ``seq_len`` rounded up to the patch product (so any row fits): at most 9 buckets.
-:func:`resolve_buckets` computes them once; the training loader records them in its position (a resumed run
+:func:`resolve_buckets` computes them from lengths read once per process; the training loader records them in its position (a resumed run
 uses the same), and a run that writes them into its resolved config (``data.buckets``) fixes them for good.
 :func:`buckets_in_use` names the buckets those sampled streams actually fall into: the shape warm-up
 (``train.warm_shapes``) warms only these, not a ``seq_len`` bucket that no sampled row needs (a batch that
@@ -30,7 +30,6 @@ SAMPLES = 1024
 QUANTILES = 8
 GRANULE = 64
 
-_cache: dict[tuple, tuple[int, ...]] = {}
 _lengths_cache: dict[tuple, list[int]] = {}
 
 
@@ -79,27 +78,19 @@ def _lengths(cfg, task, serializer) -> list[int]:
 
 def resolve_buckets(cfg, task, serializer, multiple: int = 1) -> tuple[int, ...]:
     """``data.buckets`` if given (checked), else the buckets chosen from the training data; ``()`` unless
-    ``data.pad_to`` is ``buckets``. Chosen buckets are computed once per process for the same data."""
+    ``data.pad_to`` is ``buckets``. The sampled lengths are read once per process for the same data."""
     if cfg.pad_to != "buckets":
         return ()
     if cfg.buckets:
         return check_buckets(tuple(cfg.buckets), cfg.seq_len, multiple)
-    from .provenance import canonical, config_record
-
-    key = (canonical(config_record(cfg)), canonical(config_record(task.config)),
-           canonical(config_record(serializer.config)), multiple)
-    if key not in _cache:
-        _cache[key] = choose_buckets(_lengths(cfg, task, serializer), cfg.seq_len, multiple)
-    return _cache[key]
+    return choose_buckets(_lengths(cfg, task, serializer), cfg.seq_len, multiple)
 
 
 def in_use(lengths, buckets: tuple[int, ...], seq_len: int) -> tuple[int, ...]:
     """The buckets these stream lengths fall into (a row longer than ``seq_len`` is cut to it)."""
-    used = set()
-    for n in lengths:
-        n = min(int(n), seq_len)
-        used.add(next((b for b in buckets if b >= n), buckets[-1]))
-    return tuple(sorted(used))
+    from .position import bucket_for
+
+    return tuple(sorted({bucket_for(min(int(n), seq_len), buckets) for n in lengths}))
 
 
 def buckets_in_use(cfg, task, serializer, buckets: tuple[int, ...]) -> tuple[int, ...]:
