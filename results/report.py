@@ -89,10 +89,11 @@ def per_question_tables(runs_dir: str, smooth: int = 1) -> str:
             arms = {a: rs[0] for a, rs in sorted(groups.items(), key=lambda g: (not g[0].endswith("/scratch"), g[0]))
                     if a.split("/", 1)[0] == kind}  # scratch first: the others are read against it
             scratch = arms.get(f"{kind}/scratch")
-            qtypes = sorted({q for r in arms.values() for q in A.binomial_accuracy(r)} - {"all"})
+            accs = {name: A.binomial_accuracy(r) for name, r in arms.items()}  # each predictions file read once
+            qtypes = sorted({q for acc in accs.values() for q in acc} - {"all"})
             acc_rows, cost_rows = [], []
             for name, r in arms.items():
-                acc = A.binomial_accuracy(r)
+                acc = accs[name]
                 row = {"arm": name, "all": _pm(acc.get("all")), **{q: _pm(acc.get(q)) for q in qtypes}}
                 if scratch is not None and r is not scratch:
                     d = A.paired_difference(r, scratch)
@@ -117,9 +118,9 @@ def per_question_tables(runs_dir: str, smooth: int = 1) -> str:
                     "rows": split.get("rows", "-")})
             out.append(f"\n### {kind}, seed {seed}: VQA accuracy on val (± binomial stderr; Δ: minus scratch on the "
                        f"same questions, ± paired stderr)\n")
-            prior = next((d["task"]["prior"] for r in arms.values() for d in r.evals.values()
+            prior = next((d["task"]["prior"] for name, r in arms.items() for d in r.evals.values()
                           if isinstance(d.get("task"), dict) and isinstance(d["task"].get("prior"), dict)
-                          and d["task"].get("num_samples") == A.binomial_accuracy(r)["all"]["n"]), None)
+                          and d["task"].get("num_samples") == accs[name]["all"]["n"]), None)
             if prior:  # what a model that ignores the image reaches on the same questions
                 acc_rows.append({"arm": "answer prior (per family)", "all": f"{prior['accuracy']:.3f}",
                                  **{q: f"{v:.3f}" for q, v in prior.get("by_qtype", {}).items()}})

@@ -391,9 +391,10 @@ def _write_cost(run, path: Path) -> None:
     if cfg.train.pathway_from:  # the run loads merged (W + lambda W'); it trained W' and lambda beside W
         from safetensors import safe_open
 
+        from omnibyte.pathway import AUX_KEYS
+
         with safe_open(str(Path(run.checkpoint) / "model.safetensors"), "pt") as f:
-            aux = {k: f.get_slice(k).get_shape() for k in f.keys() if k.rsplit(".", 1)[-1] in
-                   ("aux_weight", "aux_bias", "pathway_lambda")}
+            aux = {k: f.get_slice(k).get_shape() for k in f.keys() if k.rsplit(".", 1)[-1] in AUX_KEYS}
         count = {k: math.prod(shape) for k, shape in aux.items()}  # () -> 1: lambda
         aux_weights = sum(n for k, n in count.items() if k.endswith("aux_weight"))
         trains_aux = cfg.train.pathway_train_aux
