@@ -5,7 +5,9 @@ differ: ``data.pad_to``, ``train.warm_shapes``, ``train.compile``, ``train.cuda_
 Triton and inductor caches of its own (fresh ``TRITON_CACHE_DIR`` and ``TORCHINDUCTOR_CACHE_DIR``), so every
 arm pays the JIT compiles and autotuning a user's first run pays. With ``--prime S`` each arm first runs the
 same command for S seconds (untimed) in those cache folders, so the timed run starts as a user's second run
-on the machine does: compiled kernels and autotuning results on disk (``"caches": "primed"`` in its line). The data are generated (or read)
+on the machine does: compiled kernels and autotuning results on disk (``"caches": "primed"`` in its line). With
+``--prime-once`` only the first arm primes, once, and every arm starts from a copy of those caches (one prime
+for all arms; ``"caches": "primed once (ARM)"``): the shapes another arm adds still compile in its timed run. The data are generated (or read)
 once before the first arm. After ``--seconds`` of wall time (process start included) the arm is stopped and
 the last step in its ``metrics.jsonl`` (``train.log_every=1``) is its result. One JSON line per arm, with where
 the time went: seconds to step 1, the logged shape warm-up, the step rate over the arm's last minute; each arm's
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -83,19 +86,42 @@ def _run_for(cmd: list[str], env: dict, log_file, seconds: float) -> tuple[bool,
         return False, None
 
 
-def run_arm(name: str, args, overrides: list[str], work: Path) -> dict:
-    env = {**os.environ, "TRITON_CACHE_DIR": tempfile.mkdtemp(prefix=f"triton-{name}-", dir=work),
-           "TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix=f"inductor-{name}-", dir=work),
-           "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "omnibyte", "train", args.config, f"out_dir={work / 'runs'}", f"run_name={name}",
-           "train.log_every=1", f"train.steps={args.steps}", "train.eval_every=0", "train.ckpt_every=0",
-           "eval.report=false", "train.progress=false", *overrides, *ARMS[name]]
+def arm_command(name: str, args, overrides: list[str], work: Path, run_name: str) -> list[str]:
+    return [sys.executable, "-m", "omnibyte", "train", args.config, f"out_dir={work / 'runs'}",
+            f"run_name={run_name}", "train.log_every=1", f"train.steps={args.steps}", "train.eval_every=0",
+            "train.ckpt_every=0", "eval.report=false", "train.progress=false", *overrides, *ARMS[name]]
+
+
+def cache_env(triton: str, inductor: str) -> dict:
+    return {**os.environ, "TRITON_CACHE_DIR": triton, "TORCHINDUCTOR_CACHE_DIR": inductor, "PYTHONUNBUFFERED": "1"}
+
+
+def prime_once(name: str, args, overrides: list[str], work: Path) -> tuple[Path, Path]:
+    """Run arm ``name`` untimed for ``--prime`` seconds into a cache pair of its own; the arms copy it."""
+    triton, inductor = work / "primed-triton", work / "primed-inductor"
+    triton.mkdir(exist_ok=True)
+    inductor.mkdir(exist_ok=True)
+    log_path = (Path(args.logs) if args.logs else work) / f"first_minutes_{name}.prime.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as f:
+        _run_for(arm_command(name, args, overrides, work, f"{name}_prime"), cache_env(str(triton), str(inductor)),
+                 f, args.prime)
+    return triton, inductor
+
+
+def run_arm(name: str, args, overrides: list[str], work: Path, primed: tuple[Path, Path] | None = None) -> dict:
+    triton = tempfile.mkdtemp(prefix=f"triton-{name}-", dir=work)
+    inductor = tempfile.mkdtemp(prefix=f"inductor-{name}-", dir=work)
+    if primed is not None:  # a copy, so that no arm sees what an earlier timed arm compiled
+        shutil.copytree(primed[0], triton, dirs_exist_ok=True)
+        shutil.copytree(primed[1], inductor, dirs_exist_ok=True)
+    env = cache_env(triton, inductor)
+    cmd = arm_command(name, args, overrides, work, name)
     log_path = (Path(args.logs) if args.logs else work) / f"first_minutes_{name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    if args.prime > 0:  # the same command, untimed, in the same cache folders and a run of its own
-        prime = [c if not c.startswith("run_name=") else f"run_name={name}_prime" for c in cmd]
+    if args.prime > 0 and primed is None:  # the same command, untimed, in the same cache folders, a run of its own
         with open(log_path.with_suffix(".prime.log"), "w") as f:
-            _run_for(prime, env, f, args.prime)
+            _run_for(arm_command(name, args, overrides, work, f"{name}_prime"), env, f, args.prime)
     t0, started = time.perf_counter(), time.time()
     with open(log_path, "w") as log_file:
         finished, returncode = _run_for(cmd, env, log_file, args.seconds)
@@ -104,7 +130,8 @@ def run_arm(name: str, args, overrides: list[str], work: Path) -> dict:
     if finished and returncode != 0:
         raise SystemExit(f"arm {name} failed (exit {returncode}):\n{err[-3000:]}")
     steps = timeline(work / "runs" / name)
-    return {"arm": name, "overrides": ARMS[name], "caches": "primed" if args.prime > 0 else "cold",
+    caches = "cold" if args.prime <= 0 else "primed" if primed is None else f"primed once ({args.arms.split(',')[0]})"
+    return {"arm": name, "overrides": ARMS[name], "caches": caches,
             "seconds": round(secs, 1),
             "steps": max((s for s, _ in steps), default=0), "finished": finished,
             **where_time_went(steps, started, err), "log": str(log_path)}
@@ -116,6 +143,8 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=180.0, help="wall time per arm (process start included)")
     p.add_argument("--prime", type=float, default=0.0,
                    help="seconds of an untimed run of each arm first, in its cache folders (0: cold caches)")
+    p.add_argument("--prime-once", action="store_true",
+                   help="prime only the first arm, once; every arm starts from a copy of its caches")
     p.add_argument("--steps", type=int, default=100000, help="train.steps (large: the clock stops the arm)")
     p.add_argument("--arms", default="longest,buckets", help=f"comma-separated, from {', '.join(ARMS)}")
     p.add_argument("--work", default=None, help="folder for the runs and Triton caches (default: a temp folder)")
@@ -133,8 +162,10 @@ def main() -> None:
     # the data once, before any arm is timed (a generated CLEVR set is cached under $OMNIBYTE_CACHE)
     subprocess.run([sys.executable, "-m", "omnibyte", "train", args.config, f"out_dir={work / 'runs'}",
                     "run_name=data", "--dry-run", "--quiet", *args.overrides], check=True)
-    for name in args.arms.split(","):
-        rec = run_arm(name, args, args.overrides, work)
+    arms = args.arms.split(",")
+    primed = prime_once(arms[0], args, args.overrides, work) if args.prime > 0 and args.prime_once else None
+    for name in arms:
+        rec = run_arm(name, args, args.overrides, work, primed)
         emit({"bench": "first_minutes", "device": device, "config": args.config, "extra_overrides": args.overrides, **rec}, args.out)
 
 

@@ -109,7 +109,7 @@ case "$step" in
   # Triton cache per arm; the data are generated first, untimed)
   # FIRST_PRIME=S: each arm first runs S seconds untimed in its own cache folders (a user's second run)
   first)    timeout 590 python3 benchmarks/first_minutes.py --config clevr_vqa_pixels --seconds 180 --logs "$out" \
-              --arms "${FIRST_ARMS:-longest,buckets}" --prime "${FIRST_PRIME:-0}" task.synth.images=600 \
+              --arms "${FIRST_ARMS:-longest,buckets}" --prime "${FIRST_PRIME:-0}" ${FIRST_PRIME_ONCE:+--prime-once} task.synth.images=600 \
               --out "$out/bench.jsonl" 2>&1 | tail -c 4000 | tee "$out/first.log" ;;
   small)    small ;;
   # issue 18 items 2 and 5 in one call: the pg19_lm throughput, then 64 -> 256 MiB of context (one step each)
