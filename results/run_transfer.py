@@ -231,7 +231,10 @@ def omnibyte(*args: str) -> list[str]:
 
 
 def experiment(a) -> int:
-    sc = SCALES[a.scale]
+    sc = dict(SCALES[a.scale])  # --images / --clevr-set change a scale for one study (a scale search)
+    if a.images:
+        sc["images"] = a.images
+    sc["clevr"] = [*sc["clevr"], *a.clevr_set]  # after the scale's own: they win
     seeds = list(range(a.seeds or sc["seeds"]))
     out = Path(a.out).resolve()
     runs, data = out / "runs", out / "data" / "clevr"
@@ -470,6 +473,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated serializers of {', '.join(KINDS)}")
     p.add_argument("--cnn", action=argparse.BooleanOptionalAction, default=True,
                    help="train the CNN+LSTM baseline too (--no-cnn: byte models only)")
+    p.add_argument("--images", type=int, default=0, help="generated images (default: the scale's)")
+    p.add_argument("--clevr-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for every CLEVR byte arm, after the scale's (repeatable)")
     p.add_argument("--only", default="", help="comma-separated run names to (re)make, e.g. png_scratch_s2 (default: all)")
     return experiment(p.parse_args(argv))
 
