@@ -62,6 +62,27 @@ def compare(K, modality_aware: bool) -> dict:
     g1 = torch.autograd.grad(got.sum(), [u, mix.in_proj.weight, mix.dt_bias])
     g2 = torch.autograd.grad(want.sum(), [u, mix.in_proj.weight, mix.dt_bias])
     grad = max(((a - b).norm() / b.norm()).item() for a, b in zip(g1, g2))
+    # the same input in segments of one chunk (as past the kernels' int32 offsets): equal outputs and gradients
+    params = [u, mix.in_proj.weight, mix.dt_bias, mix.conv1d.weight, mix.A_log, mix.D]
+    one = mamba2.kernel_forward(mix, K, u, None, rt(0, T))
+    g_one = torch.autograd.grad(one.sum(), params)
+    width = 2 * mix.d_inner + 2 * mix.ngroups * mix.d_state + mix.nheads
+    limit, mamba2.INDEX_LIMIT = mamba2.INDEX_LIMIT, 2 * 8 * width
+    try:
+        assert mamba2.segment_positions(mix, 2, T) == 8
+        seg = mamba2.kernel_forward(mix, K, u, None, rt(0, T))
+        g_seg = torch.autograd.grad(seg.sum(), params)
+        with torch.no_grad():  # a segmented prefill fills the cache as one call does
+            st_seg, st_one = {}, {}
+            mamba2.kernel_forward(mix, K, u[:, :T], st_seg, rt(0, T))
+        mamba2.INDEX_LIMIT = limit
+        with torch.no_grad():
+            mamba2.kernel_forward(mix, K, u[:, :T], st_one, rt(0, T))
+    finally:
+        mamba2.INDEX_LIMIT = limit
+    segmented = {"forward": (seg - one).abs().max().item(),
+                 "grad_rel": max(((a - b).norm() / b.norm()).item() for a, b in zip(g_seg, g_one)),
+                 "cache": max((st_seg[k] - st_one[k]).abs().max().item() for k in ("conv", "ssm"))}
     with torch.no_grad():  # a prefill into a cache, then single steps (selective_state_update)
         st, st_ref = {}, {}
         outs = [mamba2.kernel_forward(mix, K, u[:, :12], st, rt(0, 12))]
@@ -71,7 +92,7 @@ def compare(K, modality_aware: bool) -> dict:
             refs.append(mix.forward_ref(u[:, t:t + 1], st_ref, rt(t, t + 1)))
     cached = (torch.cat(outs, 1) - torch.cat(refs, 1)).abs().max().item()
     return {"case": "aware" if modality_aware else "dense", "forward": (got - want).abs().max().item(),
-            "grad_rel": grad, "cached": cached}
+            "grad_rel": grad, "cached": cached, "segmented": segmented}
 
 
 def main() -> None:

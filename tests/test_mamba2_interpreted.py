@@ -1,6 +1,7 @@
 """mamba-ssm's real Triton kernels against the twin on CPU, through Triton's interpreter (tests/interpreted_kernels.py,
 in a fresh process with TRITON_INTERPRET=1): dense and modality-aware Mamba-2 mixers, without a cache (forward
-and gradients), a prefill into a cache and single steps. Exact fp32 dots there, so tolerances are tight. Needs
+and gradients), a prefill into a cache and single steps, and the same input in segments (as inputs past the
+kernels' int32 offsets run: mamba2.INDEX_LIMIT lowered). Exact fp32 dots there, so tolerances are tight. Needs
 mamba-ssm's Python files (README: the install line without a CUDA compile) and einops; skipped without them.
 It found the modality-aware step path's crash (mamba-ssm's selective_state_update needs a dt_bias)."""
 
@@ -28,3 +29,5 @@ def test_real_kernels_match_the_twin_in_the_triton_interpreter():
     assert set(cases) == {"dense", "aware"}
     for r in cases.values():
         assert r["forward"] < 1e-5 and r["cached"] < 1e-5 and r["grad_rel"] < 1e-4, r
+        seg = r["segmented"]  # past the kernels' int32 offsets: segments carrying conv history and scan state
+        assert seg["forward"] < 1e-5 and seg["grad_rel"] < 1e-4 and seg["cache"] < 1e-5, r

@@ -441,7 +441,7 @@ def test_mom_config_trains_and_evaluates_on_cpu(tmp_path, capsys):
     runs = tmp_path / "runs"
     assert main(["train", "clevr_vqa_png_mom", f"task.root={FIXTURE}", "serializer.image.size=[16,12]",
                  "model.stages.0.length=128", "data.seq_len=1024", *TINY, "train.steps=6", "train.warmup=1",
-                 "train.eval_every=0", "train.ckpt_every=0", "data.batch_size=4", "train.progress=false",
+                 "train.eval_every=0", "train.ckpt_every=0", "data.batch_size=4", "data.workers=0", "train.progress=false",
                  "train.log_every=1", "preset=full", "eval.report=false", "train.lr=3e-3", f"out_dir={runs}", "--quiet"]) == 0
     run = runs / "clevr_vqa_png_mom"
     losses = [r["loss"] for r in read_metrics(run) if r["split"] == "train"]

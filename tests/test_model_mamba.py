@@ -144,6 +144,33 @@ def test_gpu_kernel_matches_twin(dtype, tol):
 
 @pytest.mark.gpu
 @gpu
+def test_gpu_segments_past_the_int32_offsets_match_one_call(monkeypatch):
+    """Inputs past mamba-ssm's int32 kernel offsets run in segments (mamba2.INDEX_LIMIT, lowered here so a short
+    input splits into 3 segments): outputs and every gradient equal one call's."""
+    from omnibyte.model.blocks import mamba2
+
+    k, _ = _kernel_pair()
+    x = torch.randn(2, 300, 256, device="cuda", requires_grad=True)
+    params = [x, *k.parameters()]
+
+    def run():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = k(x)
+        return y.float(), torch.autograd.grad(y.float().square().mean(), params)
+
+    y1, g1 = run()
+    mix = k.layers[0].mixer
+    width = 2 * mix.d_inner + 2 * mix.ngroups * mix.d_state + mix.nheads
+    monkeypatch.setattr(mamba2, "INDEX_LIMIT", 2 * 128 * width)
+    assert mamba2.segment_positions(mix, 2, 300) == 128
+    y2, g2 = run()
+    assert (y2 - y1).abs().max().item() < 2e-2 * max(1.0, y1.abs().max().item())
+    for a, b in zip(g2, g1):
+        assert ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item() < 2e-2
+
+
+@pytest.mark.gpu
+@gpu
 def test_gpu_cached_generation_matches_forward():
     from omnibyte.model.blocks.mamba2 import load_mamba_kernels
 
@@ -295,3 +322,19 @@ def test_gpu_generate_with_graphs_matches_eager():
     stop = (int(eager[0, 10]),)
     want = m.generate(prompt, 24, temperature=0, stop_tokens=stop)
     assert torch.equal(m.generate(prompt, 24, temperature=0, stop_tokens=stop, use_graphs=True), want)
+
+
+def test_segment_positions_keep_every_kernel_offset_inside_int32():
+    """The ctx3 global stage (1024 wide, d_state 128, headdim 64): in_proj rows of 4,384 elements, so one call
+    holds at most 489,845 positions at batch 1: whole chunks of 256 below that; shorter inputs are one call."""
+    from omnibyte.model.blocks.mamba2 import INDEX_LIMIT, segment_positions
+
+    m = Mamba2Mixer(1024, Mamba2Block.Config(d_state=128, headdim=64, expand=2, chunk_size=256))
+    width = 2 * m.d_inner + 2 * m.ngroups * m.d_state + m.nheads
+    assert width == 4384
+    assert segment_positions(m, 1, 400_000) == 400_000
+    S = segment_positions(m, 1, 512 * 1024)  # 256 MiB of context at 512 bytes per patch
+    assert S % 256 == 0 and S * width <= INDEX_LIMIT < (S + 256) * width
+    assert segment_positions(m, 4, 512 * 1024) * 4 * width <= INDEX_LIMIT
+    with pytest.raises(ValueError, match="fewer rows"):
+        segment_positions(m, INDEX_LIMIT // width + 1, 8)

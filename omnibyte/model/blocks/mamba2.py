@@ -80,11 +80,38 @@ def load_mamba_kernels() -> types.SimpleNamespace | None:
     )
 
 
+# mamba-ssm's Triton kernels compute element offsets in 32-bit integers (``row * stride_row`` with a program id
+# and a stride that each fit in int32): past 2**31 - 1 elements from a tensor's start the offset wraps. The gated
+# RMSNorm reads z, a view into the in_proj output whose rows are 2 * d_inner + 2 * ngroups * d_state + nheads
+# wide, so it is the first to wrap: for the ctx3 global stage (1024 wide) past 489,845 patches, i.e. ~239 MiB of
+# context at batch 1. There it read other memory and trained on garbage without an error (and crashed with an
+# illegal memory access at 512 MiB, on an H100). Longer inputs therefore go through the kernels in segments
+# along time, each carrying the conv history and the scan state to the next (exact: the same recurrence).
+INDEX_LIMIT = 2**31 - 1
+
+
+def segment_positions(m, N: int, T: int) -> int:
+    """Positions per kernel call for an (N, T) input of mixer ``m``: T when the widest tensor the kernels index
+    (the in_proj output, N x T x its width) stays inside int32 offsets, else the most chunks that do."""
+    width = 2 * m.d_inner + 2 * m.ngroups * m.d_state + m.nheads
+    if N * T * width <= INDEX_LIMIT:
+        return T
+    most = INDEX_LIMIT // (N * width)
+    if most < 1:
+        raise ValueError(f"mamba2: a batch of {N} rows of a {m.d_inner}-wide mixer does not fit mamba-ssm's int32 "
+                         f"kernel offsets even one position at a time; use fewer rows")
+    return most // m.chunk_size * m.chunk_size or most
+
+
 def kernel_forward(m, K, u: torch.Tensor, state: dict | None, routing=None) -> torch.Tensor:
     """The Mamba-2 mixer ``m`` (a Mamba2Mixer) on CUDA through the Triton kernels. Modality-aware (``routing``):
     per-modality in_proj / dt_bias / out_proj around the same conv, scan and gated norm kernels (never the
-    fused path, whose out_proj is one matrix)."""
+    fused path, whose out_proj is one matrix). Inputs too long for the kernels' int32 offsets run in segments
+    (:data:`INDEX_LIMIT`)."""
     N, T, _ = u.shape
+    S = segment_positions(m, N, T)
+    if S < T:
+        return segmented_forward(m, K, u, state, routing, S)
     A = -torch.exp(m.A_log.float())
     if state is None and K.fused and routing is None:
         zxbcdt = m.in_proj(u)
@@ -132,6 +159,23 @@ def kernel_forward(m, K, u: torch.Tensor, state: dict | None, routing=None) -> t
     y = K.rmsnorm_fn(y.reshape(N, T, m.d_inner), m.norm.weight, None, z=z, eps=m.norm.eps,
                      group_size=m.d_inner // m.ngroups, norm_before_gate=False)
     return m.project_out(y, routing)
+
+
+def segmented_forward(m, K, u: torch.Tensor, state: dict | None, routing, S: int) -> torch.Tensor:
+    """``kernel_forward`` over [0, S), [S, 2S), ...: each segment starts from the previous one's conv inputs
+    (the last d_conv - 1) and final scan state, through the cached path (``state``); gradients flow through
+    both into earlier segments (mamba-ssm's scan takes and returns states with their gradients). A caller's
+    cache dict is filled as one call would; without one, a temporary dict carries the states."""
+    from .experts import Routing
+
+    log.info("mamba2: %d positions x %d rows exceed the kernels' int32 offsets: %d segments of %d positions",
+             u.shape[1], u.shape[0], -(-u.shape[1] // S), S)
+    carry = state if state is not None else {}
+    outs = []
+    for a in range(0, u.shape[1], S):
+        r = None if routing is None else Routing(routing.expert[:, a:a + S], len(routing.counts))
+        outs.append(kernel_forward(m, K, u[:, a:a + S], carry, r))
+    return torch.cat(outs, dim=1)
 
 
 def causal_conv_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -185,4 +229,5 @@ class Mamba2Block(Mamba2RefBlock):
         return Mamba2KernelMixer(dim, config)
 
 
-__all__ = ["Mamba2Block", "Mamba2KernelMixer", "load_mamba_kernels", "kernel_forward"]
+__all__ = ["INDEX_LIMIT", "Mamba2Block", "Mamba2KernelMixer", "kernel_forward", "load_mamba_kernels",
+           "segment_positions", "segmented_forward"]
