@@ -338,3 +338,14 @@ def test_segment_positions_keep_every_kernel_offset_inside_int32():
     assert segment_positions(m, 4, 512 * 1024) * 4 * width <= INDEX_LIMIT
     with pytest.raises(ValueError, match="fewer rows"):
         segment_positions(m, INDEX_LIMIT // width + 1, 8)
+
+
+def test_mamba1_cuda_scan_is_not_used_past_its_32_bit_offsets():
+    """selective_scan_cuda takes no initial state, so an input past its offsets cannot be split: the reference
+    scan runs it (the rule is the one the forward checks)."""
+    from omnibyte.model.blocks.mamba1 import CUDA_SCAN_LIMIT, cuda_scan_fits
+
+    assert cuda_scan_fits(8, 2048, 8192)
+    assert cuda_scan_fits(1, 2048, CUDA_SCAN_LIMIT // 2048)
+    assert not cuda_scan_fits(1, 2048, CUDA_SCAN_LIMIT // 2048 + 1)
+    assert not cuda_scan_fits(4, 2048, 300_000)

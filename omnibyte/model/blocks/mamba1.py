@@ -23,7 +23,7 @@ from torch import nn
 from ...config import Node
 from ...registry import STAGES
 from .experts import ExpertLinear, ExpertsOption, normalize_groups, num_experts
-from .ssm_stack import SSMMixer, SSMStack, log_path_once, require_positive
+from .ssm_stack import SSMMixer, SSMStack, log, log_path_once, require_positive
 
 
 @lru_cache(maxsize=1)
@@ -36,6 +36,17 @@ def _selective_scan_fn():
         return importlib.import_module("mamba_ssm.ops.selective_scan_interface").selective_scan_fn
     except Exception:  # noqa: BLE001
         return None
+
+
+# mamba-ssm's selective_scan_cuda indexes its (N, d_inner, T) inputs with 32-bit offsets (``index_t`` is
+# uint32 in its csrc, and some products are signed); it takes no initial state, so a longer input cannot be split
+# into segments as the Mamba-2 path does (mamba2.INDEX_LIMIT): it goes to the reference scan instead.
+CUDA_SCAN_LIMIT = 2**31 - 1
+
+
+def cuda_scan_fits(N: int, d_inner: int, T: int) -> bool:
+    """Whether an (N, d_inner, T) scan input stays inside selective_scan_cuda's 32-bit offsets."""
+    return N * d_inner * T <= CUDA_SCAN_LIMIT
 
 
 def selective_scan_ref(x, dt, A, B, C, D, h0=None, chunk: int = 16):
@@ -120,6 +131,10 @@ class Mamba1Mixer(SSMMixer):
         dtl, B, C = torch.split(proj(self.x_proj, x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         A = -torch.exp(self.A_log.float())
         scan = _selective_scan_fn() if (u.is_cuda and state is None) else None
+        if scan is not None and not cuda_scan_fits(N, self.d_inner, T):
+            log.warning("mamba1: %d rows x %d channels x %d positions pass selective_scan_cuda's 32-bit offsets; "
+                        "this call runs the torch reference scan (exact, slower)", N, self.d_inner, T)
+            scan = None
         if scan is not None and routing is not None:  # per-token dt_proj (its bias included): no delta_bias
             log_path_once("mamba1: selective_scan_cuda")
             y = scan(x.transpose(1, 2).contiguous(), proj(self.dt_proj, dtl).transpose(1, 2).contiguous(), A,
