@@ -185,7 +185,7 @@ def test_image_byte_corruptions_at_p_zero_are_identity(spec):
 
 def test_image_file_corruptions_keep_the_files_format_size_and_alpha():
     png = _png("RGBA")
-    for spec in ("jpeg:20", "noise:10", "noise:0"):
+    for spec in ("jpeg:20", "noise:10", "noise:0", "blank"):
         c = parse(spec)
         out = corrupt_image_file(png, c, rng_for(0, c, "s"))
         img = Image.open(io.BytesIO(out))
@@ -204,6 +204,26 @@ def test_image_file_corruptions_keep_the_files_format_size_and_alpha():
     c = parse("jpeg:10")
     out = corrupt_image_file(jpg.getvalue(), c, rng_for(0, c, "s"))
     assert Image.open(io.BytesIO(out)).format == "JPEG" and len(out) < len(jpg.getvalue())
+
+
+def test_blank_leaves_one_colour_the_images_mean_and_the_pixel_stream_its_length():
+    png = _png("RGB")
+    c = parse("blank")
+    assert c.value is None and c.layer == "image_file"
+    orig = np.asarray(Image.open(io.BytesIO(png))).astype(float)
+    out = np.asarray(Image.open(io.BytesIO(corrupt_image_file(png, c, rng_for(0, c, "s")))))
+    assert out.shape == orig.shape and len(np.unique(out.reshape(-1, 3), axis=0)) == 1
+    assert np.array_equal(out[0, 0], np.rint(orig.reshape(-1, 3).mean(0)).astype(np.uint8))
+    grey = io.BytesIO()
+    Image.open(io.BytesIO(png)).convert("L").save(grey, format="PNG")
+    g = np.asarray(Image.open(io.BytesIO(corrupt_image_file(grey.getvalue(), c, rng_for(0, c, "s")))))
+    assert g.ndim == 2 and len(np.unique(g)) == 1
+    pixels = SERIALIZERS.build({"name": "pixels", "size": [12, 8]})
+    clean = pixels({"id": "s", "image": png})
+    blind = CorruptingSerializer(pixels, c, Plan("pixels", None, "image", ()), 0)({"id": "s", "image": png})
+    assert len(blind.tokens) == len(clean.tokens) and not np.array_equal(blind.tokens, clean.tokens)
+    with pytest.raises(ConfigError, match="blank takes no value"):
+        parse("blank:0.5")
 
 
 def test_a_16_bit_image_is_refused_not_clamped_to_8_bits():
@@ -373,7 +393,7 @@ def test_a_text_corruption_of_undecodable_text_names_the_sample():
 
 TINY_MBLM = [f"model.stages.{i}.{k}={v}" for i in (0, 1) for k, v in (("width", 16), ("layers", 1))] + [
     "model.stages.0.block.headdim=16", "model.stages.0.block.d_state=8", "model.stages.1.block.heads=2"]
-QUICK = ["train.steps=2", "train.warmup=1", "train.eval_every=0", "train.ckpt_every=0", "data.batch_size=4",
+QUICK = ["train.steps=2", "train.warmup=1", "train.eval_every=0", "train.ckpt_every=0", "data.batch_size=4", "data.workers=0",
          "train.progress=false", "preset=full", "eval.report=false"]
 
 

@@ -29,6 +29,10 @@ a valid file of the kind it was trained on:
 * ``noise:SIGMA`` -- Gaussian pixel noise of standard deviation SIGMA (0-255 intensity units) added to every
   colour sample (alpha untouched), rounded and clipped to 0..255. PNGs are saved losslessly (8-bit L, RGB or
   RGBA); JPEGs at quality 95, 4:4:4. ``noise:0`` is therefore the re-save alone (a control).
+* ``blank`` -- every pixel set to the image's mean colour (per channel, rounded; alpha untouched), saved as
+  ``noise`` saves: the same size and format with no scene left. A blind control: a VQA model that answers as
+  well with ``blank`` as with the clean image answers from the question alone. With the ``pixels`` serializer
+  the stream keeps its length and every byte its position.
 
 **Image bytes** (after serialization, only on tokens < 256 whose modality track is IMAGE -- PNG/JPEG file
 bytes or pixels; markers and other modalities are never touched):
@@ -61,6 +65,7 @@ CORRUPTIONS: dict[str, tuple[str, str | None, str]] = {
     "random_case": ("text", None, "each character upper- or lowercased with probability 1/2"),
     "jpeg": ("image_file", "quality", "image through JPEG at quality Q (1..95), saved in its own format"),
     "noise": ("image_file", "sigma", "Gaussian pixel noise of std SIGMA (0-255 units), saved in its own format"),
+    "blank": ("image_file", None, "every pixel set to the image's mean colour (a blind control), in its own format"),
     "image_drop": ("image_bytes", "p", "each image byte (after serialization) deleted with probability p"),
     "image_flip": ("image_bytes", "p", "each image byte has one random bit flipped with probability p"),
     "image_swap": ("image_bytes", "p", "adjacent image bytes swapped as swap:p, within an image segment"),
@@ -177,7 +182,7 @@ def corrupt_image_file(data: bytes, c: Corruption, rng: np.random.Generator, sam
     from PIL import Image
 
     if c.layer != "image_file":
-        raise ConfigError(f"corruption {c.label!r} is not an image-file corruption (jpeg:Q, noise:SIGMA)")
+        raise ConfigError(f"corruption {c.label!r} is not an image-file corruption (jpeg:Q, noise:SIGMA, blank)")
     try:
         img = Image.open(io.BytesIO(bytes(data)))
         fmt = img.format
@@ -203,6 +208,11 @@ def corrupt_image_file(data: bytes, c: Corruption, rng: np.random.Generator, sam
         colour = Image.open(io.BytesIO(buf.getvalue()))
         colour.load()
         colour = colour.convert("L" if grey else "RGB")
+    elif c.name == "blank":
+        arr = np.asarray(colour, dtype=np.float64)
+        mean = np.rint(arr.reshape(-1, 1 if grey else 3).mean(0)).astype(np.uint8)
+        colour = Image.fromarray(np.broadcast_to(mean, arr.shape).copy(),
+                                 mode="L" if grey else "RGB")
     else:  # noise
         arr = np.asarray(colour, dtype=np.float64)
         arr = np.clip(np.rint(arr + rng.normal(0.0, float(c.value), arr.shape)), 0, 255).astype(np.uint8)

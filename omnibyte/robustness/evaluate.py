@@ -45,7 +45,7 @@ from .corruptions import (
 DEFAULT_TEXT = ("drop:0.05", "drop:0.3", "repeat:0.05", "repeat:0.3", "swap:0.05", "swap:0.3", "uppercase:0.05",
                 "uppercase:0.3", "antspeak", "random_case")
 DEFAULT_IMAGE = ("image_drop:0.001", "image_drop:0.01", "image_flip:0.001", "image_flip:0.01", "image_swap:0.001",
-                 "image_swap:0.01", "jpeg:30", "jpeg:10", "noise:0", "noise:16")
+                 "image_swap:0.01", "jpeg:30", "jpeg:10", "noise:0", "noise:16", "blank")
 IMAGE_SERIALIZERS = ("png", "jpeg", "pixels")
 
 
@@ -100,7 +100,7 @@ def plan_for(run, specs: list[str] | tuple[str, ...] | None = None) -> Plan:
             raise ConfigError(f"corruption(s) {', '.join(bytewise)}: model {cfg.model.name!r} is not a byte model "
                               f"(no per-token losses: it decodes the image from the stream, like the CNN+LSTM), "
                               f"and bytes dropped, flipped or swapped inside an image file may leave nothing to "
-                              f"decode; file-level corruptions (jpeg:Q, noise:SIGMA) apply")
+                              f"decode; file-level corruptions (jpeg:Q, noise:SIGMA, blank) apply")
     labels = [c.label for c in chosen]
     dup = sorted({x for x in labels if labels.count(x) > 1})
     if dup:
