@@ -274,7 +274,11 @@ def test_binomial_accuracy_and_the_paired_difference_on_the_same_questions(tmp_p
     diffs = np.array([0, 1, 0, 0])
     assert d["all"]["stderr"] == pytest.approx(diffs.std(ddof=1) / 2)
     _predictions(b, qs[:3])  # scored on other questions: no comparison
-    with pytest.raises(ValueError, match="different val questions"):
+    with pytest.raises(ValueError, match=r"\(val\) .*on different questions \(3 and 4; 1 not in both\)"):
         A.paired_difference(A.load_run(b), ra)
+    recs = [{"id": i, "qtype": "exist", "gold": "yes", "pred_rank": p} for i, p in enumerate(["yes", "no", "no"])]
+    clean = [dict(r, pred_rank="yes") for r in recs]  # the same questions answered clean: all right
+    assert A.paired_records(recs, clean)["exist"] == pytest.approx({"mean": -2 / 3, "stderr": math.sqrt(1 / 3 / 3),
+                                                                    "n": 3})
     with pytest.raises(ValueError, match="no per-question records"):
         A.paired_difference(A.load_run(make_run(tmp_path, "c")), ra)

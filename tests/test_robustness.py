@@ -299,7 +299,8 @@ def test_the_plan_follows_the_runs_serializer_and_refuses_what_does_not_apply():
 
 
 def test_the_table_rows_are_evaluate_runs_results_on_corrupted_copies(tmp_path):
-    from omnibyte.robustness.evaluate import run_robustness, table_lines
+    from omnibyte.robustness.evaluate import run_robustness
+    from omnibyte.robustness.report import table_lines
     from omnibyte.run import evaluate_run
 
     run = _unloaded_run("debug_tiny", run_dir=tmp_path)
@@ -320,7 +321,8 @@ def test_the_table_rows_are_evaluate_runs_results_on_corrupted_copies(tmp_path):
 
 
 def test_vqa_rows_score_corrupted_questions_and_image_bytes(tmp_path):
-    from omnibyte.robustness.evaluate import UNTRAINED_NOTE, headline, run_robustness, table_lines
+    from omnibyte.robustness.evaluate import headline, run_robustness
+    from omnibyte.robustness.report import UNTRAINED_NOTE, table_lines
 
     run = _unloaded_run("clevr_vqa_png", f"task.root={FIXTURE}", "serializer.image.size=[16,12]",
                         "model.stages.0.length=128", "data.seq_len=1024", *TINY_MBLM[2:], run_dir=tmp_path)
@@ -355,7 +357,8 @@ def test_vqa_rows_score_corrupted_questions_and_image_bytes(tmp_path):
 def test_a_corruption_that_pushes_streams_past_seq_len_says_its_bpb_misses_their_tails(tmp_path):
     """Eval crops a stream longer than data.seq_len; antspeak doubles a question, so at a seq_len that holds
     every clean stream the corrupted rows are cropped (or skipped): the row counts them and carries a warning."""
-    from omnibyte.robustness.evaluate import run_robustness, table_lines
+    from omnibyte.robustness.evaluate import run_robustness
+    from omnibyte.robustness.report import table_lines
 
     base = ("clevr_vqa_png", f"task.root={FIXTURE}", "serializer.image.size=[16,12]", "model.stages.0.length=128",
             *TINY_MBLM[2:])
@@ -458,7 +461,11 @@ def test_robustness_on_a_vqa_run_scores_corrupted_questions_and_images(tmp_path,
         assert r["num_questions"] == 2 and 0 <= r["accuracy"] <= 1 and r["image_bytes"] > 0
     assert rows["uppercase:0.3"]["image_bpb"] == rows["clean"]["image_bpb"]  # the question only
     assert rows["image_flip:0.05"]["image_bpb"] != rows["clean"]["image_bpb"]
-    capsys.readouterr()
+    for label in ("uppercase:0.3", "image_flip:0.05", "noise:16"):  # paired question by question with clean
+        d = rows[label]["paired"]["all"]
+        assert d["n"] == 2 and d["mean"] == pytest.approx(rows[label]["accuracy"] - rows["clean"]["accuracy"])
+    table = capsys.readouterr().out
+    assert "paired stderr" in table and "noise:16" in table.split("paired stderr")[1]
     assert main(["eval", str(run), "eval.max_samples=2"]) == 0
     ev = _json_out(capsys)
     assert rows["clean"]["accuracy"] == ev["task"]["accuracy"] and rows["clean"]["bpb"] == ev["bpb"]

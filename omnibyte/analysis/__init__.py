@@ -49,6 +49,7 @@ from .transfer import (
     init_kind,
     input_kind,
     paired_difference,
+    paired_records,
     transfer_table,
     vqa_accuracy,
     vqa_predictions,
@@ -58,6 +59,6 @@ __all__ = [
     "Curve", "Run", "load_run", "load_runs", "find_run_dirs", "metrics_table", "curve", "modality_curves", "splits_of",
     "smooth", "steps_to_target", "final_value", "aggregate", "aggregate_curves", "input_kind", "init_kind",
     "arm", "group_runs", "transfer_table", "vqa_accuracy", "accuracy_table", "vqa_predictions", "binomial_accuracy",
-    "paired_difference", "per_token_losses", "modality_bpb", "answer_loss_split",
+    "paired_difference", "paired_records", "per_token_losses", "modality_bpb", "answer_loss_split",
     "image_segment", "image_loss_map", "fmt", "markdown_table", "arm_colours", "image_loss_maps",
 ]

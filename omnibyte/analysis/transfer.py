@@ -191,13 +191,21 @@ def paired_difference(run: Run, base: Run, split: str = "val", mode: str = "rank
     with the paired standard error ``sd(d) / sqrt(n)`` of the per-question differences ``d`` in {-1, 0, 1}: two
     runs scored on the same questions differ by less noise than two independent accuracies suggest. Refuses
     runs scored on different question sets (a comparison on mismatched questions says nothing)."""
+    return paired_records(vqa_predictions(run, split), vqa_predictions(base, split), mode,
+                          names=(f"{run.path} ({split})", f"{base.path} ({split})"))
+
+
+def paired_records(recs: list[dict[str, Any]], base: list[dict[str, Any]], mode: str = "rank",
+                   names: tuple[str, str] = ("the records", "the base records")) -> dict[str, dict[str, float]]:
+    """:func:`paired_difference` on two lists of per-question records (``id``, ``qtype``, ``gold``,
+    ``pred_<mode>``), e.g. one run scored clean and with corrupted inputs; ``names`` label them in errors."""
     import math
 
-    a, b = _correct(vqa_predictions(run, split), mode), _correct(vqa_predictions(base, split), mode)
+    a, b = _correct(recs, mode), _correct(base, mode)
     if not a or not b:
-        raise ValueError(f"no per-question records ({split}) in {run.path if not a else base.path}")
+        raise ValueError(f"no per-question records in {names[0] if not a else names[1]}")
     if set(a) != set(b):
-        raise ValueError(f"{run.path} and {base.path} were scored on different {split} questions "
+        raise ValueError(f"{names[0]} and {names[1]} are on different questions "
                          f"({len(a)} and {len(b)}; {len(set(a) ^ set(b))} not in both)")
     by: dict[str, list[int]] = {}
     for qid, (qtype, ok) in a.items():

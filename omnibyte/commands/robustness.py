@@ -30,7 +30,8 @@ def run(args) -> int:
 
     from omnibyte.config import ConfigError
     from omnibyte.logging import setup_console_logging
-    from omnibyte.robustness.evaluate import plan_for, plot, run_robustness, table_lines
+    from omnibyte.robustness.evaluate import plan_for, run_robustness
+    from omnibyte.robustness.report import plot, table_lines
     from omnibyte.run import load_run
 
     from ._plugins import import_chosen_plugins

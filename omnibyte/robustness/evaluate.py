@@ -178,8 +178,9 @@ def _row(label: str, res: dict[str, Any], img: dict[str, Any] | None) -> dict[st
         row.update(text_bpb=task["bpb"], total_nats=task["total_nats"], num_bytes=task["num_bytes"],
                    num_books=task.get("num_books"))
     if "accuracy" in task:
+        mode = task.get("main_mode")
         row.update(accuracy=task["accuracy"], accuracy_answerable=task.get("accuracy_answerable"),
-                   num_questions=task.get("num_samples"))
+                   num_questions=task.get("num_samples"), mode=mode, by_qtype=task.get(f"by_qtype_{mode}"))
     if img is not None:
         row.update(img)
     if res.get("skipped"):
@@ -260,6 +261,7 @@ def run_robustness(run, split: str | None = None, *, corruptions=None, seed: int
             r["word_ppl"] = float("nan") if x is None else math.exp(x) if x < 700 else float("inf")
             r["clean_words"] = clean_words
     clean = rows[0]
+    _pair_with_clean(rows, detail, split, log)
     for r in rows[1:]:
         count = "num_books" if "num_books" in clean else "num_questions" if "num_questions" in clean else None
         if count and r.get(count) != clean.get(count):  # e.g. on_bad_sample=skip dropped corrupted samples
@@ -300,69 +302,25 @@ def run_robustness(run, split: str | None = None, *, corruptions=None, seed: int
     return result
 
 
-UNTRAINED_NOTE = ("image_bpb left out: this run's loss gives image bytes no weight (e.g. serializer.loss=answer), "
-                  "so they measure predictions it was never trained to make (the JSON keeps them)")
+def _pair_with_clean(rows: list[dict[str, Any]], detail: Path, split: str, log=None) -> None:
+    """VQA rows: each corrupted row's accuracy change per question type, paired question by question against the
+    clean row (``paired``: mean, paired stderr, n), from the per-question records the passes wrote."""
+    from ..analysis.transfer import paired_records
 
+    def records(r):
+        path = detail / r["corruption"].replace(":", "_") / f"vqa_{split}_predictions.jsonl"
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
-def _fmt(x, delta: bool = False) -> str:
-    if x is None:
-        return "-"
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    if abs(x) >= 1000:
-        return f"{x:+.4g}" if delta else f"{x:.4g}"
-    return f"{x:+.4f}" if delta else f"{x:.4f}"
-
-
-def table_lines(result: dict[str, Any]) -> list[str]:
-    """A readable table: each headline metric and its change from clean."""
-    rows = result["rows"]
-    keys = headline(rows)
-    width = max(12, *(len(r["corruption"]) for r in rows))
-    head = f"{'corruption':<{width}}" + "".join(f" {k:>12} {'change':>10}" for k in keys)
-    lines = [f"{result['run']} step {result['step']}, split {result['split']}, seed {result['seed']}"
-             f"{', ' + str(result['max_samples']) + ' samples' if result['max_samples'] else ''}", head,
-             "-" * len(head)]
-    for r in rows:
-        lines.append(f"{r['corruption']:<{width}}" + "".join(
-            f" {_fmt(r.get(k)):>12} {'' if r['corruption'] == 'clean' else _fmt(r.get('delta_' + k), True):>10}"
-            for k in keys))
-    if "word_ppl" in keys:
-        lines.append(f"word_ppl: exp(nats / {rows[0]['clean_words']} words of the clean text) in every row; "
-                     f"text_bpb: over the corrupted text's bytes")
-    if "image_bpb" in keys:
-        lines.append("image_bpb: over all image bytes of the eval rows, whatever their loss weight")
-    elif untrained_image_bytes(rows):
-        lines.append(UNTRAINED_NOTE)
-    lines += [f"WARNING {r['corruption']}: {r['warning']}" for r in rows if r.get("warning")]
-    return lines
-
-
-def plot(result: dict[str, Any], path: str | Path) -> Path:
-    """Bars of each headline metric per corruption, a dashed line at clean (PNG, Agg)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = result["rows"]
-    keys = headline(rows)
-    fig, axes = plt.subplots(len(keys), 1, figsize=(max(6.0, 0.45 * len(rows) + 2), 2.6 * len(keys)),
-                             squeeze=False)
-    labels = [r["corruption"] for r in rows]
-    for ax, k in zip(axes[:, 0], keys):
-        vals = [r.get(k) if _finite(r.get(k)) else float("nan") for r in rows]
-        ax.bar(range(len(rows)), vals, color=["0.55"] + ["C0"] * (len(rows) - 1))
-        ax.axhline(vals[0], color="k", ls="--", lw=0.8)
-        ax.set_ylabel(k)
-        if k == "word_ppl" and all(v > 0 for v in vals if math.isfinite(v)):
-            ax.set_yscale("log")  # perplexities of corrupted text span orders of magnitude
-        ax.set_xticks(range(len(rows)))
-        ax.set_xticklabels(labels, rotation=45, ha="right", fontsize=8)
-    axes[0, 0].set_title(f"{Path(result['run']).name}: robustness on {result['split']} (step {result['step']})")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    clean = rows[0]
+    if "accuracy" not in clean or not (base := records(clean)):
+        return
+    for r in rows[1:]:
+        try:
+            r["paired"] = paired_records(records(r), base, clean.get("mode") or "rank",
+                                         names=(r["corruption"], "clean"))
+        except ValueError as e:  # e.g. samples skipped under this corruption: no pairing, and the row says why
+            r["paired_error"] = str(e)
+            if log is not None:
+                log.warning("robustness %s: no paired change: %s", r["corruption"], e)
