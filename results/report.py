@@ -126,6 +126,20 @@ def per_question_tables(runs_dir: str, smooth: int = 1) -> str:
                                  **{q: f"{v:.3f}" for q, v in prior.get("by_qtype", {}).items()}})
             cols = list(dict.fromkeys(k for row in acc_rows for k in row))  # scratch has no Δ columns
             out.append(A.markdown_table(acc_rows, cols))
+            blind_rows = []
+            for name, r in arms.items():
+                f = r.path / "eval" / "blind_val.json"
+                if f.is_file():
+                    rows = {x["corruption"]: x for x in json.loads(f.read_text())["rows"]}
+                    paired = rows.get("blank", {}).get("paired") or {}
+                    blind_rows.append({"arm": name, "clean": f"{rows['clean']['accuracy']:.3f}",
+                                       "blank image": f"{rows['blank']['accuracy']:.3f}",
+                                       **{f"Δ {q}": _pm(paired.get(q)) for q in ["all", *qtypes]}})
+            if blind_rows:
+                out.append(f"\n### {kind}, seed {seed}: the blind control (every image blanked to its mean colour; Δ: "
+                           f"blank minus clean on the same questions, ± paired stderr; near 0: the answers come from "
+                           f"the question)\n")
+                out.append(A.markdown_table(blind_rows))
             out.append(f"\n### {kind}, seed {seed}: cost and answer loss\n")
             out.append(A.markdown_table(cost_rows))
     return "\n".join(out) + "\n"

@@ -270,7 +270,7 @@ def experiment(a) -> int:
     pre_ok = r.run("pg19_lm", omnibyte("train", "pg19_lm", f"task.root={Path(a.pg19).resolve()}", "run_name=pg19_lm",
                                        model, *common, *sc["pg19"])) if need_pre else threading.Event()
     evaluate = [sys.executable, str(Path(__file__).resolve()), "eval", "--vqa-samples", str(sc["vqa_samples"]),
-                "--answer-rows", str(sc.get("answer_rows", 0))]
+                "--answer-rows", str(sc.get("answer_rows", 0)), *(["--blind"] if a.blind else [])]
     prior_ok = r.run("prior", [sys.executable, str(Path(__file__).resolve()), "prior", str(data), str(out / "prior.json"),
                     "--vqa-samples", str(sc["vqa_samples"])], [data_ok] if data_ok else [], ["data"] if data_ok else [])
     waits = [prior_ok]
@@ -370,13 +370,18 @@ def eval_run(a) -> int:
         split = {"split": res["split"], "step": res["step"], "rows": len(rows), "unit": "nats",
                  **answer_loss_split(rows)}
         (Path(a.run_dir) / "eval" / f"answer_split_{res['split']}.json").write_text(json.dumps(split, indent=1))
-    if a.skip_vqa:
-        return 0
-    # task metrics only (no second bits-per-byte pass); they join the record of the call above, whose bpb and
-    # per-token file stay: eval/val_<step>.json keeps this checkpoint's VQA results, which analysis reads by step
-    res = evaluate_run(run, max_samples=a.vqa_samples, per_token=False, task_metrics=True, progress=False, bpb=False)
-    print(json.dumps({k: v for k, v in res.get("task", {}).items() if not isinstance(v, dict)} | {"step": run.step},
-                     default=str))
+    if not a.skip_vqa:
+        # task metrics only (no second bits-per-byte pass); they join the record of the call above, whose bpb and
+        # per-token file stay: eval/val_<step>.json keeps this checkpoint's VQA results, which analysis reads by step
+        res = evaluate_run(run, max_samples=a.vqa_samples, per_token=False, task_metrics=True, progress=False,
+                           bpb=False)
+        print(json.dumps({k: v for k, v in res.get("task", {}).items() if not isinstance(v, dict)}
+                         | {"step": run.step}, default=str))
+    if a.blind:  # the same questions with every image blanked to its mean colour: what the image adds
+        from omnibyte.robustness.evaluate import run_robustness
+
+        run_robustness(run, corruptions=["blank"], limit=a.vqa_samples, progress=False,
+                       out=Path(a.run_dir) / "eval" / f"blind_{run.config.eval.split}.json")
     return 0
 
 
@@ -458,7 +463,10 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--per-token-rows", type=int, default=4)
         p.add_argument("--answer-rows", type=int, default=0,
                        help="per-token losses of the first N val streams into eval/answer_rows/ (0: none)")
-        p.add_argument("--skip-vqa", action="store_true", help="no VQA scoring (e.g. to add --answer-rows later)")
+        p.add_argument("--skip-vqa", action="store_true", help="no VQA scoring (e.g. to add --answer-rows or --blind later)")
+        p.add_argument("--blind", action="store_true",
+                       help="also score the questions with every image blanked (eval/blind_<split>.json: the "
+                            "robustness table of clean and `blank`, with paired changes per question type)")
         return eval_run(p.parse_args(argv[1:]))
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
@@ -476,6 +484,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=0, help="generated images (default: the scale's)")
     p.add_argument("--clevr-set", action="append", default=[], metavar="KEY=VALUE",
                    help="a config override for every CLEVR byte arm, after the scale's (repeatable)")
+    p.add_argument("--blind", action=argparse.BooleanOptionalAction, default=True,
+                   help="score every arm also with its images blanked (the blind control: does it use the image?)")
     p.add_argument("--only", default="", help="comma-separated run names to (re)make, e.g. png_scratch_s2 (default: all)")
     return experiment(p.parse_args(argv))
 

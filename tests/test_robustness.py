@@ -345,7 +345,8 @@ def test_vqa_rows_score_corrupted_questions_and_image_bytes(tmp_path):
     assert res_all["rows"][0]["image_loss_weight"] == res_all["rows"][0]["image_bytes"] > 0
     assert "image_bpb" in headline(res_all["rows"]) and UNTRAINED_NOTE not in table_lines(res_all)
     # the predictions file of a question corruption shows the question the model read, beside the clean one
-    detail = tmp_path / "eval" / "robustness" / "val_0"
+    detail = Path(res["rows"][0]["detail"]).parent.parent
+    assert detail == tmp_path / "eval" / "robustness" / "val_0_seed0_n2"  # its own folder: seed and sample count
     recs = [json.loads(x) for x in (detail / "random_case" / "vqa_val_predictions.jsonl").read_text().splitlines()]
     clean = [json.loads(x) for x in (detail / "clean" / "vqa_val_predictions.jsonl").read_text().splitlines()]
     assert len(recs) == 2 and all("question_clean" not in r for r in clean)

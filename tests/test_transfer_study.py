@@ -44,6 +44,10 @@ def test_the_micro_study_runs_every_arm_and_reports_paired_differences(tmp_path)
         split = json.loads((d / "eval" / "answer_split_val.json").read_text())
         assert split["rows"] == 3 and split["first_byte"]["n"] == 3
         assert (d / "eval" / "vqa_val_predictions.jsonl").is_file()
+        blind = {r["corruption"]: r for r in json.loads((d / "eval" / "blind_val.json").read_text())["rows"]}
+        assert list(blind) == ["clean", "blank"] and blind["blank"]["paired"]["all"]["n"] == 4  # vqa_samples
+        assert blind["blank"]["paired"]["all"]["mean"] == pytest.approx(blind["blank"]["accuracy"]
+                                                                        - blind["clean"]["accuracy"])
     sys.path.insert(0, str(REPO / "results"))
     try:
         import report
@@ -51,7 +55,7 @@ def test_the_micro_study_runs_every_arm_and_reports_paired_differences(tmp_path)
         sys.path.remove(str(REPO / "results"))
     text = report.per_question_tables(str(out / "runs"))
     assert "pixels/scratch" in text and "pixels/pathway-pg19" in text and "pixels/mom" in text
-    assert "Δ all" in text and "GFLOPs / step" in text
+    assert "Δ all" in text and "GFLOPs / step" in text and "the blind control" in text
 
 
 def test_the_runner_gives_a_freed_slot_to_the_evaluation_of_the_training_that_just_ended(tmp_path):

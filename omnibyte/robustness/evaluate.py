@@ -236,7 +236,9 @@ def run_robustness(run, split: str | None = None, *, corruptions=None, seed: int
     n = cfg.eval.max_samples if limit is None else int(limit)
     if n < 0:
         raise ConfigError(f"--limit must be >= 0 (0: the whole split), got {n}")
-    detail = run.run_dir / "eval" / "robustness" / f"{split}_{run.step}"
+    # one folder per (split, step, seed, sample count): a later call with another seed or --limit writes beside it,
+    # so the "detail" paths in an earlier call's JSON keep pointing at that call's own records
+    detail = run.run_dir / "eval" / "robustness" / f"{split}_{run.step}_seed{seed}_n{n}"
     rows: list[dict[str, Any]] = []
     clean_words = None
     for c in (None, *plan.corruptions):
