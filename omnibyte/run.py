@@ -320,10 +320,13 @@ def evaluate_run(run: Run, split: str | None = None, *, max_samples: int | None 
         if stats:
             results["skipped"] = stats
     path = out / f"{split}_{run.step}.json"
-    if not bpb and path.is_file():
+    if path.is_file():
         earlier = json.loads(path.read_text())
-        if earlier.get("checkpoint") == results["checkpoint"]:  # its task results are replaced, not kept
-            results = {**{k: v for k, v in earlier.items() if k not in ("task", "skipped")}, **results}
+        if earlier.get("checkpoint") == results["checkpoint"]:
+            if not bpb:  # a task-only pass: its task results replace the earlier ones, the bpb pass stays
+                results = {**{k: v for k, v in earlier.items() if k not in ("task", "skipped")}, **results}
+            elif "task" not in results and "task" in earlier:  # a bpb-only pass (per-token rows) keeps them
+                results = {**results, "task": earlier["task"]}
     path.write_text(json.dumps(results, indent=1, default=str) + "\n")
     results["results_file"] = str(path)
     return results

@@ -371,6 +371,10 @@ def test_task_only_evaluation_joins_the_checkpoints_record(finished, tmp_path, m
     open(res["results_file"], "w").write(json.dumps(other))
     res = evaluate_run(run, max_samples=3, task_metrics=True, progress=False, out_dir=tmp_path, bpb=False)
     assert "bpb" not in res and "per_token" not in res and res["task"] == {"accuracy": 0.5, "n": 3}
+    monkeypatch.undo()  # a later bpb-only pass (run_transfer.py eval --skip-vqa: per-token rows) keeps those results
+    again = evaluate_run(run, max_samples=2, per_token=True, task_metrics=False, progress=False, out_dir=tmp_path)
+    on_disk = json.loads(open(again["results_file"]).read())
+    assert on_disk["task"] == {"accuracy": 0.5, "n": 3} and "bpb" in on_disk
 
 
 def test_shape_warm_up_batch_covers_every_modality():
