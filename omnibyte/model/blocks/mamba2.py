@@ -161,6 +161,9 @@ def kernel_forward(m, K, u: torch.Tensor, state: dict | None, routing=None) -> t
     return m.project_out(y, routing)
 
 
+_SEGMENTED_SHAPES: set[tuple[int, int]] = set()
+
+
 def segmented_forward(m, K, u: torch.Tensor, state: dict | None, routing, S: int) -> torch.Tensor:
     """``kernel_forward`` over [0, S), [S, 2S), ...: each segment starts from the previous one's conv inputs
     (the last d_conv - 1) and final scan state, through the cached path (``state``); gradients flow through
@@ -168,8 +171,10 @@ def segmented_forward(m, K, u: torch.Tensor, state: dict | None, routing, S: int
     cache dict is filled as one call would; without one, a temporary dict carries the states."""
     from .experts import Routing
 
-    log.info("mamba2: %d positions x %d rows exceed the kernels' int32 offsets: %d segments of %d positions",
-             u.shape[1], u.shape[0], -(-u.shape[1] // S), S)
+    if (u.shape[0], u.shape[1]) not in _SEGMENTED_SHAPES:  # once per input shape, not per layer and step
+        _SEGMENTED_SHAPES.add((u.shape[0], u.shape[1]))
+        log.info("mamba2: %d positions x %d rows exceed the kernels' int32 offsets: %d segments of %d positions",
+                 u.shape[1], u.shape[0], -(-u.shape[1] // S), S)
     carry = state if state is not None else {}
     outs = []
     for a in range(0, u.shape[1], S):
