@@ -7,16 +7,12 @@ import re
 from pathlib import Path
 
 import pytest
+from run_overrides import QUICK, TINY_MBLM
 
 from omnibyte.cli import main
 
 FIXTURE = Path(__file__).parent / "fixtures" / "clevr_mini"
 IMAGE = FIXTURE / "images" / "val" / "CLEVR_val_000000.png"
-# as tests/test_tasks_e2e.py: global stage Mamba-2, local stage Transformer, a few steps
-TINY_MBLM = [f"model.stages.{i}.{k}={v}" for i in (0, 1) for k, v in (("width", 16), ("layers", 1))] + [
-    "model.stages.0.block.headdim=16", "model.stages.0.block.d_state=8", "model.stages.1.block.heads=2"]
-QUICK = ["train.steps=3", "train.warmup=1", "train.eval_every=0", "train.ckpt_every=0", "data.batch_size=4", "data.workers=0",
-         "train.progress=false", "preset=full", "eval.report=false"]
 
 
 # --- doctor ---------------------------------------------------------------------------------------------

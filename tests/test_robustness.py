@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from run_overrides import TINY_MBLM, quick
 
 from omnibyte.cli import main
 from omnibyte.config import ConfigError
@@ -395,10 +396,7 @@ def test_a_text_corruption_of_undecodable_text_names_the_sample():
 
 # --- end to end (slow: each trains a tiny run, then scores it several times) -------------------------------------------------------------------------------------------
 
-TINY_MBLM = [f"model.stages.{i}.{k}={v}" for i in (0, 1) for k, v in (("width", 16), ("layers", 1))] + [
-    "model.stages.0.block.headdim=16", "model.stages.0.block.d_state=8", "model.stages.1.block.heads=2"]
-QUICK = ["train.steps=2", "train.warmup=1", "train.eval_every=0", "train.ckpt_every=0", "data.batch_size=4", "data.workers=0",
-         "train.progress=false", "preset=full", "eval.report=false"]
+QUICK = quick(2)
 
 
 def _books(root: Path) -> Path:
