@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Two gpu2-scale probes of the transfer study's scratch pixels arm on one GPU, side by side, on the same generated
+# CLEVR set (IMAGES images): images at 30x20 and at 40x27 pixels, both with a loss weight of 0.1 on the image bytes.
+#   bash results/probe_pair.sh OUTDIR          (from the repository root; .data/pg19-mini present)
+# OUTDIR/probes.tgz: each probe's summary, prior, run metrics and eval records (no checkpoints, no data).
+set -u
+out=${1:?OUTDIR}
+mkdir -p "$out"
+common=(--scale "${SCALE:-gpu2}" --arms scratch --seeds 1 --kinds pixels --no-cnn --only pixels_scratch_s0
+        --images "${IMAGES:-6000}" --pg19 .data/pg19-mini
+        --clevr-set serializer.loss=weights --clevr-set serializer.weights.image=0.1)
+python3 results/run_transfer.py "${common[@]}" --out "$out/w01_30x20" --budget "${BUDGET:-540}" > "$out/w01_30x20.log" 2>&1 &
+( # the second probe reuses the first one's data once its prior (computed after the data) is written
+  while [ ! -f "$out/w01_30x20/prior.json" ]; do sleep 2; done
+  mkdir -p "$out/w01_40x27" && ln -sfn "$out/w01_30x20/data" "$out/w01_40x27/data"
+  python3 results/run_transfer.py "${common[@]}" --out "$out/w01_40x27" --budget "${BUDGET40:-500}" \
+    --clevr-set 'serializer.image.size=[40,27]' --clevr-set data.seq_len=4096 --clevr-set model.stages.0.length=512 \
+    > "$out/w01_40x27.log" 2>&1 ) &
+wait
+(cd "$out" && tar czf probes.tgz --exclude=data --exclude=checkpoints --exclude=templates w01_30x20 w01_40x27 ./*.log)
+tail -n 5 "$out"/*.log
