@@ -68,14 +68,18 @@ def test_shards_errors(tmp_path):
     (tmp_path / "val-000001.tar").unlink()
     with pytest.raises(DataError, match="val-000001.tar: shard listed"):
         ShardSet(tmp_path, "val")
-    (tmp_path / "val-000000.tar").write_bytes(b"not a tar")
+    size0 = (tmp_path / "val-000000.tar").stat().st_size
+    (tmp_path / "val-000000.tar").write_bytes(b"not a tar".ljust(size0, b"\x01"))  # same size, not a tar
     write_shards(clevr().samples("val"), tmp_path / "other", "val", max_count=1, progress=False)
     (tmp_path / "val-000001.tar").write_bytes((tmp_path / "other" / "val-000000.tar").read_bytes())
-    shards = ShardSet(tmp_path, "val")
+    shards = ShardSet(tmp_path, "val")  # the replacement has the same (padded) size
     with pytest.raises(DataError, match="val-000000.tar: unreadable shard"):
         list(shards.read([0]))
     with pytest.raises(DataError, match="val-000001.tar: 1 samples, its index entry says 2"):
         list(shards.read([1]))  # a shard replaced by a shorter one is caught by its count
+    (tmp_path / "val-000001.tar").write_bytes((tmp_path / "val-000001.tar").read_bytes()[:-512])
+    with pytest.raises(DataError, match=r"val-000001.tar: \d+ bytes, its index entry in val.shards.json says"):
+        ShardSet(tmp_path, "val")  # a truncated shard is caught by its size before any read
     with pytest.raises(DataError, match="cannot contain"):
         write_shards(iter([{"id": "x", "a.b": 1}]), tmp_path, "bad", progress=False)
     with pytest.raises(DataError, match="lower-case"):
@@ -84,6 +88,28 @@ def test_shards_errors(tmp_path):
     index.write_text(json.dumps({**json.loads(index.read_text()), "format": 1}))
     with pytest.raises(DataError, match="shard format 1"):
         ShardSet(tmp_path, "val")
+
+
+def test_a_shard_cut_between_two_members_of_a_sample_is_refused(tmp_path):
+    """tarfile reads a tar cut on a member boundary as a clean, shorter archive: the last sample loses its image
+    and the sample count can still match; the size recorded in the index catches it."""
+    write_shards(clevr().samples("val"), tmp_path, "val", progress=False, task=clevr().config)
+    tar = tmp_path / "val-000000.tar"
+    import tarfile
+
+    with tarfile.open(tar) as tf:
+        last = tf.getmembers()[-1]  # the last sample's last member
+    tar.write_bytes(tar.read_bytes()[:last.offset])
+    with pytest.raises(DataError, match=r"val-000000.tar: \d+ bytes, its index entry .* says"):
+        ShardSet(tmp_path, "val")
+
+
+def test_preparing_a_split_keeps_the_shards_of_a_split_whose_name_extends_it(tmp_path):
+    write_shards(clevr().samples("val"), tmp_path, "val-hard", max_count=2, progress=False)
+    write_shards(clevr().samples("val"), tmp_path, "val", max_count=2, progress=False)
+    write_shards(clevr().samples("val"), tmp_path, "val", max_count=4, progress=False)  # re-prepared: fewer shards
+    assert len(list(ShardSet(tmp_path, "val-hard").read())) == len(list(ShardSet(tmp_path, "val").read()))
+    assert sorted(p.name for p in tmp_path.glob("val-0*.tar")) == ["val-000000.tar"]  # its old shards went
 
 
 def test_shard_specs_with_split_placeholder(tmp_path):

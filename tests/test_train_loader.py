@@ -72,6 +72,9 @@ def test_pad_policies():
     assert [s.id for s in pad_rows(streams, 8, "skip", stats)] == ["a", "b"] and stats["overlong_skipped"] == 1
     stats = {}
     assert [len(s) for s in pad_rows(streams, 8, "crop", stats)] == [5, 8, 3] and stats == {"overlong_cropped": 1}
+    stats = {}
+    assert [s.id for s in pad_rows([_stream(0, "empty"), *streams[:1]], 8, "error", stats)] == ["a"]
+    assert stats == {"empty_skipped": 1}  # a stream with no token is dropped, and counted like any skip
 
 
 def test_concat_rows_with_separators():

@@ -41,7 +41,9 @@ def pad_rows(streams: Iterable[ByteStream], seq_len: int,
             if stats is not None:
                 stats["overlong_cropped"] = stats.get("overlong_cropped", 0) + 1
             s = s[:seq_len]
-        if len(s) == 0:
+        if len(s) == 0:  # nothing to score or train on (e.g. utf8 of "" without bos/eos); counted like any skip
+            if stats is not None:
+                stats["empty_skipped"] = stats.get("empty_skipped", 0) + 1
             continue
         yield s
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tarfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -110,8 +111,9 @@ class ShardWriter:
         self.path = self.out / index_name(split)
         if self.path.exists():
             self.path.unlink()  # the split is incomplete until the new index lands
-        for old in self.out.glob(f"{split}-*.tar"):
-            old.unlink()
+        for old in self.out.glob(f"{split}-*.tar"):  # this split's shards only: not those of a split "val-hard"
+            if re.fullmatch(re.escape(split) + r"-\d{6,}\.tar", old.name):
+                old.unlink()
         self.shards: list[dict[str, Any]] = []
         self._tar: tarfile.TarFile | None = None
         self._tmp: Path | None = None

@@ -90,6 +90,7 @@ class ShardSet:
             urls, names = [], None
         self.index = self._read_index()
         listed = {s["name"]: int(s["samples"]) for s in self.index["shards"]}
+        sizes = {s["name"]: s.get("bytes") for s in self.index["shards"]}
         if names is None:
             names = list(listed)
             urls = [_join(self.path, n) for n in names]
@@ -100,9 +101,14 @@ class ShardSet:
             raise DataError(f"data.path={self.path}: a shard is named twice")
         self.urls, self.names = urls, names
         self.counts = [listed[n] for n in names]
-        for u in urls:
+        for u, n in zip(urls, names):
             if _is_local(u) and not Path(u).is_file():
                 raise DataError(f"{u}: shard listed in {index_name(split)} is missing")
+            # a tar cut on a member boundary reads as a clean, shorter archive (its last sample loses members
+            # and the sample count can still match): a local shard must have the size its index recorded
+            if _is_local(u) and sizes[n] is not None and (size := Path(u).stat().st_size) != int(sizes[n]):
+                raise DataError(f"{u}: {size} bytes, its index entry in {index_name(split)} says {sizes[n]} "
+                                f"(a truncated or replaced shard? re-run `omnibyte prepare <config>`)")
 
     def _expand(self, spec: str) -> list[str]:
         from webdataset.shardlists import expand_urls
