@@ -177,12 +177,18 @@ def load_pixels(data: bytes, cfg: ProcessConfig):
     early; zlib's Adler-32 is not checked (libspng does not; the CRCs cover the same bytes). JPEG inputs use ``Image.draft`` (DCT scaling at 1/2, 1/4 or 1/8) when the target is at most
     half the crop in both directions: faster, deterministic for a given libjpeg, the crop box scaled to
     match; a JPEG whose scan data ends before the image is complete is refused (:func:`load_strict`).
+
+    EXIF orientation (a JPEG's APP1 or a PNG's eXIf tag 274, values 2-8): the image is turned and mirrored to
+    how it displays before the crop, so ``crop``, ``crop_box`` and ``size`` are in displayed coordinates and the
+    output (re-encoded file or pixels, which carry no metadata) shows what a viewer shows; ``passthrough`` keeps
+    the file and its tag. An EXIF block Pillow cannot read counts as orientation 1.
     """
     from PIL import Image
 
     kind = check_structure(data, cfg)
     spng = _pyspng() if kind == "PNG" else None
-    if spng is not None and data[24] == 8 and data[25] in (0, 2, 6):  # bit depth 8; grey, RGB, RGBA
+    # bit depth 8; grey, RGB, RGBA; no eXIf chunk (its orientation is applied on the Pillow path)
+    if spng is not None and data[24] == 8 and data[25] in (0, 2, 6) and b"eXIf" not in data:
         w, h = struct.unpack_from(">II", data, 16)
         try:
             arr = spng.load(data)
@@ -198,8 +204,12 @@ def load_pixels(data: bytes, cfg: ProcessConfig):
         return _finish(im, box, cfg)
     im = open_image(data, cfg, structure=False)
     W, H = im.size
-    box = crop_box(cfg, W, H)
-    if im.format == "JPEG" and cfg.size is not None:
+    # EXIF orientation (JPEG APP1; a PNG's eXIf chunk is read with the pixels): the pixels as displayed, then the
+    # crop, in displayed coordinates (such a JPEG is decoded at full scale)
+    turned = im.format == "JPEG" and orientation(im) != 1
+    box = None
+    if im.format == "JPEG" and cfg.size is not None and not turned:
+        box = crop_box(cfg, W, H)
         bw, bh = box[2] - box[0], box[3] - box[1]
         if min(bw // cfg.size[0], bh // cfg.size[1]) >= 2:
             im.draft(None, (W * cfg.size[0] // bw, H * cfg.size[1] // bh))
@@ -207,8 +217,24 @@ def load_pixels(data: bytes, cfg: ProcessConfig):
                 sx, sy = im.size[0] / W, im.size[1] / H
                 box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
     decode(im, data)
+    if turned or (im.format == "PNG" and orientation(im) != 1):
+        from PIL import ImageOps
+
+        im = ImageOps.exif_transpose(im)
+        box = crop_box(cfg, *im.size)
+    elif box is None:
+        box = crop_box(cfg, W, H)
     ibox = tuple(int(round(v)) for v in box)
     return _finish(drop_alpha(im, cfg.background, ibox), box, cfg)
+
+
+def orientation(im) -> int:
+    """The EXIF orientation tag of an opened image (1: as stored; 2-8: mirrored and/or turned to display)."""
+    try:
+        value = int(im.getexif().get(0x0112, 1))
+    except Exception:  # noqa: BLE001 - a damaged EXIF block: Pillow's own reading is what displays it
+        return 1
+    return value if 1 <= value <= 8 else 1
 
 
 def _finish(im, box, cfg: ProcessConfig):

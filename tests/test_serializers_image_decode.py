@@ -385,3 +385,39 @@ def test_check_jpeg_restart_and_scan_counts_on_every_layout():
         except OSError:  # libjpeg cannot write some restart + progressive combinations into a buffer
             continue
         assert check_jpeg(buf.getvalue()) == (w, h, save["progressive"])
+
+
+def _oriented(fmt: str, orientation: int) -> tuple[bytes, np.ndarray]:
+    """A 12x8 image whose pixels all differ, saved with an EXIF orientation tag, and the pixels as displayed."""
+    from PIL import ImageOps
+
+    rng = np.random.default_rng(orientation)
+    arr = rng.integers(0, 256, (8, 12, 3), dtype=np.uint8)
+    ex = Image.Exif()
+    ex[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, fmt, exif=ex.tobytes(), **({"quality": 100, "subsampling": 0} if fmt == "JPEG" else {}))
+    data = buf.getvalue()
+    return data, np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8, 5])
+def test_exif_orientation_is_applied_before_the_crop(fmt, orientation, monkeypatch):
+    """Re-encoded files and pixels show what a viewer shows (they carry no tag): an EXIF-turned photo is turned,
+    and the crop is taken in displayed coordinates, with either PNG decoder."""
+    data, shown = _oriented(fmt, orientation)
+    for spng in ("0", "1"):
+        monkeypatch.setenv("OMNIBYTE_NO_SPNG", spng)
+        monkeypatch.setattr(imgmod, "_SPNG", False)
+        P = SERIALIZERS.get("pixels")
+        full = P(P.Config(header=True, size=None))({"id": "x", "image": data})
+        h, w = shown.shape[:2]
+        assert [int(t) for t in full.tokens[:4]] == [h >> 8, h & 255, w >> 8, w & 255]
+        got = np.asarray(full.tokens[5:], dtype=np.uint8).reshape(h, w, 3)
+        assert np.abs(got.astype(int) - shown.astype(int)).max() <= (0 if fmt == "PNG" else 8)
+        box = P(P.Config(header=False, size=None, crop_box=(1, 2, 4, 7)))({"id": "x", "image": data})
+        assert np.array_equal(np.asarray(box.tokens, dtype=np.uint8).reshape(5, 3, 3), got[2:7, 1:4])
+        J = SERIALIZERS.get("jpeg" if fmt == "JPEG" else "png")
+        out = Image.open(io.BytesIO(J(J.Config(method="reencode"))({"id": "x", "image": data}).data_bytes()))
+        assert out.size == (w, h) and 0x0112 not in out.getexif()

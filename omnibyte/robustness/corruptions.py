@@ -191,6 +191,12 @@ def corrupt_image_file(data: bytes, c: Corruption, rng: np.random.Generator, sam
         raise DataError(f"sample {sample_id!r}: corruption {c.label}: cannot decode the image file ({e})") from None
     if fmt not in ("PNG", "JPEG"):
         raise DataError(f"sample {sample_id!r}: corruption {c.label}: image format {fmt} (PNG or JPEG expected)")
+    from ..serializers._image import orientation
+
+    if orientation(img) != 1:  # written back as displayed, without the tag: the serializers turn the clean file too
+        from PIL import ImageOps
+
+        img = ImageOps.exif_transpose(img)
     if img.mode not in ("1", "L", "LA", "P", "PA", "RGB", "RGBA"):  # e.g. 16-bit PNG (I;16): an 8-bit save clamps it
         raise DataError(f"sample {sample_id!r}: corruption {c.label}: image mode {img.mode} (8-bit 1 / L / LA / P / "
                         f"RGB / RGBA images only; re-saving {img.mode} as 8 bits would destroy it, not corrupt it)")
