@@ -22,6 +22,7 @@ the module DDP / FSDP2 wrap) -> ``model.batch_loss(batch)`` -> ``model.nll(token
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from pathlib import Path
@@ -215,8 +216,11 @@ def _train(cfg: RunConfig, info: parallel.DistInfo, early: EarlyRecords | None =
             torch.tensor(float(window.tokens), dtype=torch.float64, device=device), info))
         record({"step": at, "split": cfg.eval.split, **{k: v for k, v in result.items() if k != "weight"}}, seen)
         log.info("step %d: %s bpb %.4f", at, cfg.eval.split, result["bpb"])
-        if best is None or result["bpb"] < best["value"]:
-            best = {"step": at, "metric": f"{cfg.eval.split}/bpb", "value": result["bpb"]}
+        value = result["bpb"]
+        if not math.isfinite(value):  # never the best: every later comparison with NaN would be False
+            log.warning("step %d: %s bpb is %s: not a candidate for the best checkpoint", at, cfg.eval.split, value)
+        if math.isfinite(value) and (best is None or not math.isfinite(best["value"]) or value < best["value"]):
+            best = {"step": at, "metric": f"{cfg.eval.split}/bpb", "value": value}
             if info.is_main:
                 ckpt_io.write_best(run_dir / "checkpoints", best)
             counters["evals_since_best"] = 0

@@ -199,6 +199,29 @@ def test_early_stopping_with_patience(tmp_path):
     assert json.loads((run / "checkpoints" / "best.json").read_text())["step"] == 5
 
 
+def test_a_non_finite_evaluation_never_becomes_the_best(tmp_path, monkeypatch, caplog):
+    """A NaN first evaluation (e.g. a bf16 overflow) was stored as the best, and every finite one after it
+    compared False against NaN: the run kept pointing `best` at its NaN step."""
+    import omnibyte.train as T
+
+    real, calls = T.evaluate_bpb, []
+
+    def first_is_nan(*a, **k):
+        r = real(*a, **k)
+        calls.append(1)
+        return {**r, "bpb": float("nan")} if len(calls) == 1 else r
+
+    monkeypatch.setattr(T, "evaluate_bpb", first_is_nan)
+    cfg = write_config(tmp_path, train={"steps": 15, "eval_every": 5, "ckpt_every": 5, "keep_last": 5})
+    assert main(["train", str(cfg), "--quiet"]) == 0
+    run = tmp_path / "runs" / "tiny"
+    evals = {r["step"]: r["bpb"] for r in read_metrics(run) if r["split"] == "validation"}
+    assert list(evals) == [5, 10, 15] and evals[5] is None  # the NaN is recorded (as null)
+    best = json.loads((run / "checkpoints" / "best.json").read_text())
+    assert best["step"] == min((10, 15), key=evals.get) and best["value"] == evals[best["step"]]
+    assert "not a candidate for the best checkpoint" in caplog.text
+
+
 def test_resume_never_on_an_existing_run_refuses(finished, capsys):
     _, cfg, run = finished
     capsys.readouterr()
