@@ -305,6 +305,7 @@ def evaluate_run(run: Run, split: str | None = None, *, max_samples: int | None 
         else:
             results.update(evaluate_bpb(LossModule(model), batches, device, bf16=bf16))
         results.pop("weight", None)
+        results.update(bpb_max_samples=n, bpb_bf16=bf16)  # what the bits per byte cover (0: the whole split)
         if rows:  # e.g. {"overlong_cropped": 3}: bits per byte over cropped streams, said in the result
             results["bpb_rows"] = rows
         if collect is not None:
@@ -317,16 +318,24 @@ def evaluate_run(run: Run, split: str | None = None, *, max_samples: int | None 
                                       prior_from=lambda: training_meta(cfg, run.task, run.serializer))
         if extra:
             results["task"] = extra
+            results.update(task_max_samples=n, task_bf16=bf16)
         if stats:
             results["skipped"] = stats
     path = out / f"{split}_{run.step}.json"
     if path.is_file():
         earlier = json.loads(path.read_text())
         if earlier.get("checkpoint") == results["checkpoint"]:
+            task_keys = ("task", "skipped", "task_max_samples", "task_bf16")
             if not bpb:  # a task-only pass: its task results replace the earlier ones, the bpb pass stays
-                results = {**{k: v for k, v in earlier.items() if k not in ("task", "skipped")}, **results}
+                results = {**{k: v for k, v in earlier.items() if k not in task_keys and k != "parts"}, **results}
             elif "task" not in results and "task" in earlier:  # a bpb-only pass (per-token rows) keeps them
-                results = {**results, "task": earlier["task"]}
+                results = {**results, **{k: earlier[k] for k in task_keys if k in earlier}}
+    parts = {k: (results.get(f"bpb_{k}"), results.get(f"task_{k}")) for k in ("max_samples", "bf16")}
+    mixed = {k: v for k, v in parts.items() if "bpb" in results and "task" in results and v[0] != v[1]}
+    results.pop("parts", None)
+    if mixed:  # e.g. per-token rows of 4 samples beside the task over the whole split: never one sample set
+        results["parts"] = ("bits per byte and task results come from different passes: "
+                            + "; ".join(f"{k} {a} (bpb) vs {b} (task)" for k, (a, b) in mixed.items()))
     path.write_text(json.dumps(results, indent=1, default=str) + "\n")
     results["results_file"] = str(path)
     return results

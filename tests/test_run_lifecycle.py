@@ -388,7 +388,11 @@ def test_task_only_evaluation_joins_the_checkpoints_record(finished, tmp_path, m
     res = evaluate_run(run, max_samples=3, per_token=False, task_metrics=True, progress=False, out_dir=tmp_path,
                        bpb=False)
     on_disk = json.loads(open(res["results_file"]).read())
-    assert on_disk == {**record, "task": {"accuracy": 0.5, "n": 3}}  # the first call's bpb and per-token file stay
+    assert record["bpb_max_samples"] == 2 and record["bpb_bf16"] is False
+    # the first call's bpb and per-token file stay; each part says what it covers, and the record that they differ
+    assert on_disk == {**record, "task": {"accuracy": 0.5, "n": 3}, "task_max_samples": 3, "task_bf16": False,
+                       "parts": "bits per byte and task results come from different passes: max_samples 2 (bpb) "
+                                "vs 3 (task)"}
     assert res["results_file"] == first["results_file"]
     other = dict(record, checkpoint="elsewhere")  # a record of another checkpoint is replaced, not merged
     open(res["results_file"], "w").write(json.dumps(other))
@@ -397,7 +401,10 @@ def test_task_only_evaluation_joins_the_checkpoints_record(finished, tmp_path, m
     monkeypatch.undo()  # a later bpb-only pass (run_transfer.py eval --skip-vqa: per-token rows) keeps those results
     again = evaluate_run(run, max_samples=2, per_token=True, task_metrics=False, progress=False, out_dir=tmp_path)
     on_disk = json.loads(open(again["results_file"]).read())
-    assert on_disk["task"] == {"accuracy": 0.5, "n": 3} and "bpb" in on_disk
+    assert on_disk["task"] == {"accuracy": 0.5, "n": 3} and "bpb" in on_disk and on_disk["task_max_samples"] == 3
+    assert "max_samples 2 (bpb) vs 3 (task)" in on_disk["parts"]
+    same = evaluate_run(run, max_samples=3, per_token=False, task_metrics=False, progress=False, out_dir=tmp_path)
+    assert "parts" not in json.loads(open(same["results_file"]).read())  # both parts over 3 samples now
 
 
 def test_shape_warm_up_batch_covers_every_modality():
