@@ -13,7 +13,7 @@ python3 results/run_transfer.py "${common[@]}" --out "$out/w01_30x20" --budget "
 ( # the second probe reuses the first one's data once its prior (computed after the data) is written
   while [ ! -f "$out/w01_30x20/prior.json" ]; do sleep 2; done
   mkdir -p "$out/w01_40x27" && ln -sfn "$out/w01_30x20/data" "$out/w01_40x27/data"
-  python3 results/run_transfer.py "${common[@]}" --out "$out/w01_40x27" --budget "${BUDGET40:-500}" \
+  python3 results/run_transfer.py "${common[@]}" --out "$out/w01_40x27" --budget "${BUDGET40:-500}" ${STEPS40:+--clevr-set train.steps=$STEPS40} \
     --clevr-set 'serializer.image.size=[40,27]' --clevr-set data.seq_len=4096 --clevr-set model.stages.0.length=512 \
     > "$out/w01_40x27.log" 2>&1 ) &
 wait
