@@ -19,6 +19,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
+def report_arm(run) -> str:
+    """The run's arm; a run directory suffixed ``_call<N>`` is the same seed re-made in a later device call
+    (results/transfer/pg19_lm_call2): its own row, never pooled as another seed."""
+    import re
+
+    from omnibyte import analysis as A
+
+    return A.arm(run) + (" (re-run)" if re.search(r"_call\d+$", run.name) else "")
+
+
 def tables(runs_dir: str, smooth: int = 1) -> str:
     from omnibyte import analysis as A
 
@@ -48,7 +58,7 @@ def tables(runs_dir: str, smooth: int = 1) -> str:
                    f"family {pr['majority_by_family']:.3f}; per type: "
                    + ", ".join(f"{k} {v:.3f}" for k, v in pr["majority_by_qtype_per_qtype"].items()))
     split_rows = []
-    for arm, rs in A.group_runs(runs).items():
+    for arm, rs in A.group_runs(runs, report_arm, check=True).items():
         rows = [row for r in rs for f in range(len(r.per_token_files)) for row in A.per_token_losses(r, which=f)]
         if rows:
             split_rows.append({"arm": arm, "rows": len(rows), **A.answer_loss_split(rows)})
@@ -56,7 +66,7 @@ def tables(runs_dir: str, smooth: int = 1) -> str:
         out.append("\n### Answer loss split: first answer byte / other answer bytes / EOS (nats, per-token eval rows)\n")
         out.append(A.markdown_table(split_rows))
     finals = []
-    for arm, rs in A.group_runs(runs).items():
+    for arm, rs in A.group_runs(runs, report_arm, check=True).items():
         finals.append({"arm": arm, "seeds": len(rs),
                        "val loss": A.aggregate(A.final_value(r, "loss", "val") for r in rs),
                        "val bpb": A.aggregate(A.final_value(r, "bpb", "val") for r in rs),
@@ -84,7 +94,7 @@ def per_question_tables(runs_dir: str, smooth: int = 1) -> str:
     out = []
     for seed in sorted({r.seed for r in runs}):
         mine = [r for r in runs if r.seed == seed]
-        groups = A.group_runs(mine)
+        groups = A.group_runs(mine, report_arm, check=True)  # one run per arm and seed, or a clear refusal
         for kind in sorted({a.split("/", 1)[0] for a in groups}):
             arms = {a: rs[0] for a, rs in sorted(groups.items(), key=lambda g: (not g[0].endswith("/scratch"), g[0]))
                     if a.split("/", 1)[0] == kind}  # scratch first: the others are read against it

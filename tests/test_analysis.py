@@ -282,3 +282,41 @@ def test_binomial_accuracy_and_the_paired_difference_on_the_same_questions(tmp_p
                                                                     "n": 3})
     with pytest.raises(ValueError, match="no per-question records"):
         A.paired_difference(A.load_run(make_run(tmp_path, "c")), ra)
+
+
+def test_a_mode_the_run_was_not_scored_in_is_refused_not_counted_wrong(tmp_path: Path):
+    a = make_run(tmp_path, "a", vqa=vqa_result(0.5, {"exist": 0.5}, mode="rank"))
+    _predictions(a, [("exist", "yes", "yes"), ("exist", "no", "yes")])
+    ra = A.load_run(a)
+    assert A.binomial_accuracy(ra, mode="rank")["all"]["mean"] == 0.5
+    with pytest.raises(ValueError, match=r"2 of 2 records have no pred_generate .*modes present: \['rank'\]"):
+        A.binomial_accuracy(ra, mode="generate")  # was: accuracy 0.0 with stderr 0
+    with pytest.raises(ValueError, match="no pred_generate"):
+        A.paired_difference(ra, ra, mode="generate")
+    assert A.vqa_accuracy(ra)["accuracy"] == A.vqa_accuracy(ra, mode="rank")["accuracy"] == 0.5
+    with pytest.raises(ValueError, match="no mode 'generate'"):
+        A.vqa_accuracy(ra, mode="generate")  # was: the rank accuracy, labelled generate
+
+
+def test_runs_of_one_arm_must_be_seeds_of_one_setup(tmp_path: Path):
+    """Two pixels runs at different image sizes, or twice the same seed, are not seeds of one arm: the tables
+    refuse to pool them (one was read as the other's seed; with equal seeds one vanished)."""
+    vqa = vqa_result(0.5, {"exist": 0.5})
+    make_run(tmp_path / "ok", "s0", image="pixels", seed=0, vqa=vqa, val=[(10, 1.0)])
+    make_run(tmp_path / "ok", "s1", image="pixels", seed=1, vqa=vqa, val=[(10, 1.1)])
+    assert A.accuracy_table(A.load_runs(tmp_path / "ok"))[0]["accuracy"]["n"] == 2
+    make_run(tmp_path / "dup", "a", image="pixels", seed=0, vqa=vqa)
+    make_run(tmp_path / "dup", "b", image="pixels", seed=0, vqa=vqa)
+    with pytest.raises(ValueError, match=r"arm pixels/scratch: .*a and .*b both have seed 0"):
+        A.accuracy_table(A.load_runs(tmp_path / "dup"))
+    big = make_run(tmp_path / "size", "s1", image="pixels", seed=1, vqa=vqa, val=[(10, 1.0)])
+    make_run(tmp_path / "size", "s0", image="pixels", seed=0, vqa=vqa, val=[(10, 1.0)])
+    cfg = yaml.safe_load((big / "config.resolved.yaml").read_text())
+    cfg["serializer"]["image"]["size"] = [40, 27]
+    (big / "config.resolved.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ValueError, match=r"arm pixels/scratch: its runs differ in serializer.image.size"):
+        A.accuracy_table(A.load_runs(tmp_path / "size"))
+    make_run(tmp_path / "size", "p0", image="pixels", init="runs/pg19_lm", seed=0, val=[(10, 0.5)])
+    with pytest.raises(ValueError, match="differ in serializer.image.size"):
+        A.transfer_table(A.load_runs(tmp_path / "size"))
+    assert set(A.group_runs(A.load_runs(tmp_path / "size"))) == {"pixels/scratch", "pixels/pg19"}  # no check

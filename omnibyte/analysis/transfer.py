@@ -60,12 +60,51 @@ def arm(run: Run) -> str:
     return f"{input_kind(run)}/{init_kind(run)}"
 
 
-def group_runs(runs: Iterable[Run], key: Callable[[Run], str] = arm) -> dict[str, list[Run]]:
-    """Runs by ``key`` (default :func:`arm`), each group sorted by seed; groups in first-seen order."""
+#: config keys in which the seeds of one arm may differ (bookkeeping: where it ran, how it logged)
+SEED_KEYS = frozenset({"seed", "run_name", "out_dir", "task.root", "train.progress", "train.resume", "eval.report",
+                       "train.keep_last", "train.ckpt_every", "train.log_every"})
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, str]:
+    if not isinstance(d, dict):
+        return {prefix[:-1]: repr(d)}
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": repr(v)})
+    return out
+
+
+def check_seeds_of_one_arm(name: str, group: list[Run]) -> None:
+    """Refuse a group that is not seeds of one setup: two runs with the same seed, or runs whose configs differ
+    outside :data:`SEED_KEYS` (e.g. a 30x20 and a 40x27 pixels run: pooled, one would be read as the other's
+    seed, and with equal seeds one would vanish from the tables)."""
+    seeds: dict[int, Run] = {}
+    for r in group:
+        if r.seed in seeds:
+            raise ValueError(f"arm {name}: {seeds[r.seed].path} and {r.path} both have seed {r.seed}: not seeds of "
+                             f"one arm; analyse them apart (separate folders, or group_runs(key=...))")
+        seeds[r.seed] = r
+    flats = [_flat(r.config) for r in group]
+    keys = sorted(k for k in set().union(*flats) if k not in SEED_KEYS and len({f.get(k) for f in flats}) > 1)
+    if keys:
+        shown = ", ".join(keys[:6]) + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")
+        raise ValueError(f"arm {name}: its runs differ in {shown}, not only in their seed "
+                         f"({', '.join(str(r.path) for r in group)}); analyse them apart (separate folders, or "
+                         f"group_runs(key=...))")
+
+
+def group_runs(runs: Iterable[Run], key: Callable[[Run], str] = arm, check: bool = False) -> dict[str, list[Run]]:
+    """Runs by ``key`` (default :func:`arm`), each group sorted by seed; groups in first-seen order. With
+    ``check`` each group must be seeds of one setup (:func:`check_seeds_of_one_arm`); the tables below check
+    the groups they pool."""
     out: dict[str, list[Run]] = {}
     for r in runs:
         out.setdefault(key(r), []).append(r)
-    return {k: sorted(v, key=lambda r: (r.seed, r.name)) for k, v in out.items()}
+    groups = {k: sorted(v, key=lambda r: (r.seed, r.name)) for k, v in out.items()}
+    if check:
+        for k, v in groups.items():
+            check_seeds_of_one_arm(k, v)
+    return groups
 
 
 def transfer_table(runs: Iterable[Run], *, key: str = "loss", split: str = "val", window: int = 1,
@@ -86,6 +125,8 @@ def transfer_table(runs: Iterable[Run], *, key: str = "loss", split: str = "val"
         scratch, pre = groups.get(f"{kind}/scratch", []), groups.get(f"{kind}/{pretrained}", [])
         if not scratch or not pre:
             continue
+        check_seeds_of_one_arm(f"{kind}/scratch", scratch)
+        check_seeds_of_one_arm(f"{kind}/{pretrained}", pre)
         finals = {r.seed: final_value(r, key, split, window=window) for r in scratch}
         mean_target = aggregate(finals.values())["mean"]
 
@@ -134,7 +175,12 @@ def vqa_accuracy(run: Run, split: str | None = None, mode: str | None = None) ->
     by = res.get(f"by_qtype_{m}")
     if by is None and isinstance(res.get("details"), dict) and m in res["details"]:
         by = {k: v["accuracy"] for k, v in res["details"][m].get("by_qtype", {}).items()}
-    acc = res.get(f"accuracy_{m}", res.get("accuracy"))
+    acc = res.get(f"accuracy_{m}")
+    if acc is None:  # the file's single accuracy is its main mode's; any other mode named is not in it
+        if mode is not None and mode != res.get("main_mode", mode):
+            raise ValueError(f"{run.path}: VQA results have no mode {mode!r} (modes: {res.get('modes')}, main "
+                             f"{res.get('main_mode')!r})")
+        acc = res.get("accuracy")
     return {"split": res.get("split"), "mode": m, "accuracy": acc, "by_qtype": dict(by or {}),
             "num_samples": res.get("num_samples")}
 
@@ -146,6 +192,7 @@ def accuracy_table(runs: Iterable[Run], split: str | None = None) -> list[dict[s
         accs = [a for a in (vqa_accuracy(r, split) for r in group) if a is not None]
         if not accs:
             continue
+        check_seeds_of_one_arm(name, group)
         qtypes = sorted({q for a in accs for q in a["by_qtype"]})
         rows.append({"arm": name, "mode": accs[0]["mode"], "accuracy": aggregate(a["accuracy"] for a in accs),
                      "by_qtype": {q: aggregate(a["by_qtype"].get(q) for a in accs) for q in qtypes}})
@@ -167,7 +214,12 @@ def vqa_predictions(run: Run, split: str = "val") -> list[dict[str, Any]]:
 
 
 def _correct(recs: list[dict[str, Any]], mode: str) -> dict[str, tuple[str, bool]]:
-    return {str(r["id"]): (str(r.get("qtype")), r.get(f"pred_{mode}") == r.get("gold")) for r in recs}
+    missing = [r for r in recs if f"pred_{mode}" not in r]
+    if missing:  # a mode the run was not scored in: every question would count as wrong
+        have = sorted({k[5:] for r in recs for k in r if k.startswith("pred_")})
+        raise ValueError(f"{len(missing)} of {len(recs)} records have no pred_{mode} (question "
+                         f"{missing[0].get('id')!r}): not scored in mode {mode!r}; modes present: {have or 'none'}")
+    return {str(r["id"]): (str(r.get("qtype")), r[f"pred_{mode}"] == r.get("gold")) for r in recs}
 
 
 def binomial_accuracy(run: Run, split: str = "val", mode: str = "rank") -> dict[str, dict[str, float]]:
