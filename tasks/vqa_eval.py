@@ -9,7 +9,7 @@ the results. The model is used only through :class:`omnibyte.model.api.StreamMod
 
 * ``generate``: greedy decoding (temperature 0) after the prompt until EOS or ``max_new_bytes``; the bytes
   before the first special token, decoded as UTF-8 and stripped of surrounding whitespace, must equal the
-  gold answer exactly.
+  gold answer stripped the same way (the ``qa`` serializer trains on the answer exactly as given).
 * ``rank``: closed-set ranking: ``model.score(prompt, candidates)`` gives the log-likelihood of every answer
   of the closed set ``labels`` (the task's answer vocabulary, each as answer UTF-8 bytes + EOS); the best
   one is the prediction. Questions are ranked ``rank_batch_size`` at a time (default :data:`RANK_BATCH`)
@@ -242,7 +242,13 @@ def evaluate_vqa(model: Any, items: Iterable[Any], *, split: str, labels: Sequen
     golds = [r["gold"] for r in records]
     qtypes = [r["qtype"] for r in records]
     families = [r["family"] for r in records]
-    by_mode = {m: vqa_metrics(golds, [r[f"pred_{m}"] for r in records], qtypes, families, labels) for m in modes}
+    def metrics(m: str) -> dict[str, Any]:
+        preds = [r[f"pred_{m}"] for r in records]
+        if m == "generate":  # the decoded answer is stripped: the gold answers and the closed set are too
+            return vqa_metrics([g.strip() for g in golds], preds, qtypes, families, [x.strip() for x in labels])
+        return vqa_metrics(golds, preds, qtypes, families, labels)
+
+    by_mode = {m: metrics(m) for m in modes}
     main = "rank" if "rank" in modes else modes[0]
     head = by_mode[main]
     results: dict[str, Any] = {

@@ -169,3 +169,19 @@ def test_real_model_runs_both_modes():
     model = build_model({"name": "mblm", "stages": [{**tiny, "length": 64}, tiny]})
     res = task.evaluate(model, items_of(task, ser, "val", max_samples=2), split="val", progress=False)
     assert 0.0 <= res["accuracy_rank"] <= 1.0 and res["num_samples"] == 2
+
+
+def test_generate_mode_strips_the_gold_answer_as_it_strips_the_decoded_one(tmp_path):
+    """The decoded answer is stripped; a gold answer given with surrounding whitespace (which `qa` trains on as
+    given) could never match it before."""
+    task = TASKS.build({"name": "clevr_vqa", "root": str(FIXTURE)})
+    ser = SERIALIZERS.build({"name": "qa", "image": {"name": "pixels", "size": [8, 6]}})
+    items = items_of(task, ser, "val")
+    items[1].meta["answer"] = items[1].meta["answer"] + " "
+    model = Oracle({it.meta["question"]: it.meta["answer"] for it in items}, ser)  # generates "yes " + EOS
+    res = task.evaluate(model, items, split="val", mode="generate", out_dir=tmp_path / "eval", progress=False)
+    assert res["accuracy_generate"] == 1.0
+    recs = [json.loads(x) for x in (tmp_path / "eval" / "vqa_val_predictions.jsonl").read_text().splitlines()]
+    from omnibyte.analysis.transfer import _correct
+
+    assert recs[1]["gold"].endswith(" ") and all(ok for _, ok in _correct(recs, "generate").values())

@@ -219,7 +219,10 @@ def _correct(recs: list[dict[str, Any]], mode: str) -> dict[str, tuple[str, bool
         have = sorted({k[5:] for r in recs for k in r if k.startswith("pred_")})
         raise ValueError(f"{len(missing)} of {len(recs)} records have no pred_{mode} (question "
                          f"{missing[0].get('id')!r}): not scored in mode {mode!r}; modes present: {have or 'none'}")
-    return {str(r["id"]): (str(r.get("qtype")), r[f"pred_{mode}"] == r.get("gold")) for r in recs}
+    def gold(r):  # generate mode strips the decoded answer, and so the gold one (tasks/vqa_eval.py)
+        return str(r.get("gold")).strip() if mode == "generate" else r.get("gold")
+
+    return {str(r["id"]): (str(r.get("qtype")), r[f"pred_{mode}"] == gold(r)) for r in recs}
 
 
 def binomial_accuracy(run: Run, split: str = "val", mode: str = "rank") -> dict[str, dict[str, float]]:
