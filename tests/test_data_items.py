@@ -89,3 +89,26 @@ def test_bad_samples_follow_on_bad_sample_and_task_skips_are_counted(prepared, t
     stats = {}
     items = list(eval_items(DataConfig(source="shards", path=str(out)), shards_skip, Flaky(), "val", stats=stats))
     assert stats == {"bad_samples": 1} and "clevr/val/1" not in [it.id for it in items]
+
+
+def test_an_h5_file_of_another_split_is_refused(prepared, tmp_path):
+    """data.path=out/val.h5 trained on the validation split, and evaluated on that same file."""
+    from omnibyte.data.sources import open_h5
+
+    out, task, ser = prepared
+    cfg = DataConfig(source="h5", path=str(out / "val.h5"))
+    with pytest.raises(DataError, match=r"val.h5 holds split 'val', read as split 'train' for training"):
+        open_h5(cfg, task, ser, "train", training=True)
+    renamed = tmp_path / "mine.h5"
+    shutil.copy(out / "train.h5", renamed)
+    assert open_h5(DataConfig(source="h5", path=str(renamed)), task, ser, "train", training=True).split == "train"
+    with pytest.raises(DataError, match=r"holds split 'val', read as split 'train'"):
+        shutil.copy(out / "val.h5", tmp_path / "train.h5")  # a val store under a train name
+        open_h5(DataConfig(source="h5", path=str(tmp_path / "train.h5")), task, ser, "train", training=True)
+    from omnibyte.data.h5store import write_streams
+    from omnibyte.stream import ByteStream
+    from omnibyte.vocab import Modality
+
+    anon = write_streams([ByteStream.from_bytes(b"ab", Modality.TEXT, id="a")], tmp_path / "z.h5", progress=False)
+    with pytest.raises(DataError, match=r"z.h5 records no split and is not named train.h5"):
+        open_h5(DataConfig(source="h5", path=str(anon)), task, ser, "train", training=True)

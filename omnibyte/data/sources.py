@@ -110,6 +110,15 @@ def open_h5(cfg, task, serializer, split: str, *, training: bool):
 
     p = h5_file(cfg, split, training)
     store = H5Streams(p)
+    # a file named in data.path is what training reads: data.path=out/val.h5 trained on the validation split
+    # (and evaluated on that same file) without a word; the store records the split it was written for
+    use = "training" if training else "evaluation"
+    if store.split and store.split != split:
+        raise DataError(f"data.path={cfg.path}: {p} holds split {store.split!r}, read as split {split!r} for {use}; "
+                        f"point data.path at the folder of the <split>.h5 files (or at {split}.h5)")
+    if not store.split and p.stem != split:
+        raise DataError(f"data.path={cfg.path}: {p} records no split and is not named {split}.h5: cannot tell that "
+                        f"it holds split {split!r} ({use}); rename it or re-write it with `omnibyte prepare --h5`")
     return store.check(task.name, serializer.config, where=f"data.path={cfg.path} ({p.name})")
 
 
