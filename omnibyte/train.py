@@ -33,7 +33,7 @@ import torch
 from . import checkpoint as ckpt_io
 from . import parallel, provenance
 from .checkpointer import Checkpointer, ResumeError
-from .config import to_dict
+from .config import ConfigError, to_dict
 from .data import TrainLoader, eval_batches
 from .errors import TrainingError
 from .evaluate import evaluate_bpb
@@ -81,6 +81,11 @@ def train(cfg: RunConfig, *, dry_run: bool = False) -> Path:
     """Run (or resume) training as configured; returns the run directory. ``dry_run``: build everything and
     check the eval data as a real start does, log the start-up summary, and stop before anything is written
     (no run directory, lock, record or checkpoint)."""
+    if cfg.eval.split.lower().startswith("test"):
+        raise ConfigError(f"eval.split={cfg.eval.split}: training evaluates eval.split to pick the best checkpoint "
+                          f"(and to stop early), so a test split would become a validation split. Select on "
+                          f"validation (val / validation) and score the test split once, at the end: "
+                          f"`omnibyte eval {cfg.run_dir} {cfg.eval.split}`")
     info = parallel.init_distributed(cfg.parallel, cfg.train.device)
     # records logged before train.log opens (model size, init_from, resume) go into it once it does
     early = EarlyRecords() if info.is_main and not dry_run else None

@@ -58,3 +58,12 @@ def test_an_eval_split_typo_fails_before_step_1(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "validaton" in err and "Traceback" not in err
     assert not list((tmp_path / "runs" / "tiny" / "checkpoints").glob("step_*"))
+
+
+def test_training_refuses_to_select_on_a_test_split(tmp_path, capsys):
+    """Select on validation, never on test: eval.split picks the best checkpoint and drives early stopping."""
+    cfg = write_config(tmp_path, train={"steps": 2, "eval_every": 0, "ckpt_every": 0})
+    assert main(["train", str(cfg), "eval.split=test", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "eval.split=test" in err and "Select on validation" in err and "omnibyte eval" in err
+    assert "Traceback" not in err and not (tmp_path / "runs" / "tiny").exists()

@@ -87,9 +87,9 @@ def test_a_run_trains_from_shards_served_over_http(tmp_path, http_dir):
     braced = train(load_run_config(base, ["run_name=spec", "data.source=shards", f"data.path={spec}",
                                           "eval.split=train"]))  # a spec lists one split's shards
     assert _losses(braced) == _losses(local[0])
-    with pytest.raises(DataError, match=r"test.shards.json: cannot read the shard index .*--splits test"):
+    with pytest.raises(DataError, match=r"dev.shards.json: cannot read the shard index .*--splits dev"):
         train(load_run_config(base, ["run_name=missing", "data.source=shards", f"data.path={url}",
-                                     "eval.split=test", "train.steps=1"]))
+                                     "eval.split=dev", "train.steps=1"]))
 
 
 def test_resume_from_http_shards_continues_the_exact_stream(tmp_path, http_dir):
