@@ -317,7 +317,9 @@ def _record(item: Any, split: str, position: int, seen: dict[str, int]) -> dict[
                         f"evaluate on a split with answers, e.g. val")
     return {"id": qid, "question_index": meta.get("question_index"), "gold": str(gold),
             "qtype": meta.get("qtype", "unknown"), "family": meta.get("family", -1),
-            "question": meta.get("question", "")}
+            "question": meta.get("question", ""),
+            # the image asked about: questions about one image are not independent draws (clustered errors)
+            **({"image": str(meta["image_filename"])} if meta.get("image_filename") is not None else {})}
 
 
 def _chunks(it: Iterable[Any], n: int):

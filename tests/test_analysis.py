@@ -320,3 +320,18 @@ def test_runs_of_one_arm_must_be_seeds_of_one_setup(tmp_path: Path):
     with pytest.raises(ValueError, match="differ in serializer.image.size"):
         A.transfer_table(A.load_runs(tmp_path / "size"))
     assert set(A.group_runs(A.load_runs(tmp_path / "size"))) == {"pixels/scratch", "pixels/pg19"}  # no check
+
+
+def test_errors_over_questions_are_clustered_by_image():
+    """Questions about one image are not independent draws: with every image's questions answered alike, the
+    clustered error is that of the per-image means (here 1/3), not the smaller one of 6 independent questions."""
+    x, g = [1.0, 1.0, 0.0, 0.0, 1.0, 1.0], ["a", "a", "b", "b", "c", "c"]
+    c = A.mean_stderr(x, g, binomial=True)
+    assert c["mean"] == pytest.approx(2 / 3) and c["stderr"] == pytest.approx(1 / 3) and c["clusters"] == 3
+    assert A.mean_stderr(x, binomial=True)["stderr"] == pytest.approx(math.sqrt(2 / 9 / 6))  # independent
+    assert A.mean_stderr(x, list("abcdef"))["stderr"] == pytest.approx(np.std(x, ddof=1) / math.sqrt(6))
+    recs = [{"id": i, "qtype": "exist", "gold": "yes", "pred_rank": "yes" if v else "no", "image": im}
+            for i, (v, im) in enumerate(zip(x, g))]
+    base = [dict(r, pred_rank="no") for r in recs]
+    d = A.paired_records(recs, base)["all"]
+    assert d["mean"] == pytest.approx(2 / 3) and d["stderr"] == pytest.approx(1 / 3) and d["clusters"] == 3

@@ -184,4 +184,4 @@ def test_generate_mode_strips_the_gold_answer_as_it_strips_the_decoded_one(tmp_p
     recs = [json.loads(x) for x in (tmp_path / "eval" / "vqa_val_predictions.jsonl").read_text().splitlines()]
     from omnibyte.analysis.transfer import _correct
 
-    assert recs[1]["gold"].endswith(" ") and all(ok for _, ok in _correct(recs, "generate").values())
+    assert recs[1]["gold"].endswith(" ") and all(ok for _, ok, _ in _correct(recs, "generate").values())

@@ -222,23 +222,42 @@ def _correct(recs: list[dict[str, Any]], mode: str) -> dict[str, tuple[str, bool
     def gold(r):  # generate mode strips the decoded answer, and so the gold one (tasks/vqa_eval.py)
         return str(r.get("gold")).strip() if mode == "generate" else r.get("gold")
 
-    return {str(r["id"]): (str(r.get("qtype")), r[f"pred_{mode}"] == gold(r)) for r in recs}
+    return {str(r["id"]): (str(r.get("qtype")), r[f"pred_{mode}"] == gold(r), r.get("image")) for r in recs}
+
+
+def mean_stderr(values: list[float], clusters: list[Any] | None = None, binomial: bool = False) -> dict[str, Any]:
+    """Mean of ``values`` and its standard error. Without clusters (or with one value per cluster): the binomial
+    ``sqrt(p (1 - p) / n)`` (``binomial``) or ``sd / sqrt(n)``. With ``clusters`` (e.g. the image each question
+    asks about: CLEVR has ~10 questions per image, and questions about one image are not independent draws) the
+    cluster-robust error over G clusters, ``sqrt(G / (G - 1) * sum_g (sum_{i in g} (x_i - mean))^2) / n``, and
+    ``clusters``: G."""
+    import math
+
+    n = len(values)
+    mean = sum(values) / n
+    if clusters is not None and None not in clusters and len(set(clusters)) < n:
+        sums: dict[Any, float] = {}
+        for x, g in zip(values, clusters):
+            sums[g] = sums.get(g, 0.0) + (x - mean)
+        G = len(sums)
+        var = G / (G - 1) * sum(v * v for v in sums.values()) / n**2 if G > 1 else float("nan")
+        return {"mean": mean, "stderr": math.sqrt(var), "n": n, "clusters": G}
+    if binomial:
+        return {"mean": mean, "stderr": math.sqrt(mean * (1 - mean) / n), "n": n}
+    var = sum((x - mean) ** 2 for x in values) / (n - 1) if n > 1 else float("nan")
+    return {"mean": mean, "stderr": math.sqrt(var / n), "n": n}
 
 
 def binomial_accuracy(run: Run, split: str = "val", mode: str = "rank") -> dict[str, dict[str, float]]:
-    """Accuracy overall and per question type from the per-question records, each with its binomial standard
-    error ``sqrt(p (1 - p) / n)`` (the error of scoring on n questions, not the spread over seeds)."""
-    import math
-
-    by: dict[str, list[bool]] = {}
-    for qtype, ok in _correct(vqa_predictions(run, split), mode).values():
-        by.setdefault("all", []).append(ok)
-        by.setdefault(qtype, []).append(ok)
-    out = {}
-    for k, v in by.items():
-        p = sum(v) / len(v)
-        out[k] = {"mean": p, "stderr": math.sqrt(p * (1 - p) / len(v)), "n": len(v)}
-    return out
+    """Accuracy overall and per question type from the per-question records, each with its standard error over
+    questions (the error of scoring on n questions, not the spread over seeds): binomial ``sqrt(p (1 - p) / n)``,
+    or clustered by image when the records name it (:func:`mean_stderr`)."""
+    by: dict[str, tuple[list[float], list[Any]]] = {}
+    for qtype, ok, image in _correct(vqa_predictions(run, split), mode).values():
+        for k in ("all", qtype):
+            by.setdefault(k, ([], []))[0].append(float(ok))
+            by[k][1].append(image)
+    return {k: mean_stderr(v, g, binomial=True) for k, (v, g) in by.items()}
 
 
 def paired_difference(run: Run, base: Run, split: str = "val", mode: str = "rank") -> dict[str, dict[str, float]]:
@@ -253,23 +272,18 @@ def paired_difference(run: Run, base: Run, split: str = "val", mode: str = "rank
 def paired_records(recs: list[dict[str, Any]], base: list[dict[str, Any]], mode: str = "rank",
                    names: tuple[str, str] = ("the records", "the base records")) -> dict[str, dict[str, float]]:
     """:func:`paired_difference` on two lists of per-question records (``id``, ``qtype``, ``gold``,
-    ``pred_<mode>``), e.g. one run scored clean and with corrupted inputs; ``names`` label them in errors."""
-    import math
-
+    ``pred_<mode>``, and ``image`` when known: errors clustered by image), e.g. one run scored clean and with
+    corrupted inputs; ``names`` label them in errors."""
     a, b = _correct(recs, mode), _correct(base, mode)
     if not a or not b:
         raise ValueError(f"no per-question records in {names[0] if not a else names[1]}")
     if set(a) != set(b):
         raise ValueError(f"{names[0]} and {names[1]} are on different questions "
                          f"({len(a)} and {len(b)}; {len(set(a) ^ set(b))} not in both)")
-    by: dict[str, list[int]] = {}
-    for qid, (qtype, ok) in a.items():
-        d = int(ok) - int(b[qid][1])
-        by.setdefault("all", []).append(d)
-        by.setdefault(qtype, []).append(d)
-    out = {}
-    for k, d in by.items():
-        n, mean = len(d), sum(d) / len(d)
-        var = sum((x - mean) ** 2 for x in d) / (n - 1) if n > 1 else float("nan")
-        out[k] = {"mean": mean, "stderr": math.sqrt(var / n), "n": n}
-    return out
+    by: dict[str, tuple[list[float], list[Any]]] = {}
+    for qid, (qtype, ok, image) in a.items():
+        d = float(int(ok) - int(b[qid][1]))
+        for k in ("all", qtype):
+            by.setdefault(k, ([], []))[0].append(d)
+            by[k][1].append(image)
+    return {k: mean_stderr(d, g) for k, (d, g) in by.items()}
