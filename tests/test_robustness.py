@@ -184,6 +184,18 @@ def test_image_byte_corruptions_at_p_zero_are_identity(spec):
     assert len(image_positions(stream)) > 100
 
 
+def test_image_file_corruptions_write_an_exif_turned_photo_as_displayed():
+    """A JPEG tagged 'rotate 90' is written back turned and untagged, as the serializers read the clean file."""
+    ex = Image.Exif()
+    ex[0x0112] = 6
+    buf = io.BytesIO()
+    Image.new("RGB", (24, 16), (200, 30, 30)).save(buf, "JPEG", exif=ex.tobytes())
+    for spec in ("jpeg:50", "noise:5", "blank"):
+        c = parse([spec])[0]
+        out = Image.open(io.BytesIO(corrupt_image_file(buf.getvalue(), c, rng_for(0, c, "s"))))
+        assert out.size == (16, 24) and 0x0112 not in out.getexif(), spec
+
+
 def test_image_file_corruptions_keep_the_files_format_size_and_alpha():
     png = _png("RGBA")
     for spec in ("jpeg:20", "noise:10", "noise:0", "blank"):
