@@ -191,7 +191,7 @@ def test_image_file_corruptions_write_an_exif_turned_photo_as_displayed():
     buf = io.BytesIO()
     Image.new("RGB", (24, 16), (200, 30, 30)).save(buf, "JPEG", exif=ex.tobytes())
     for spec in ("jpeg:50", "noise:5", "blank"):
-        c = parse([spec])[0]
+        c = parse(spec)
         out = Image.open(io.BytesIO(corrupt_image_file(buf.getvalue(), c, rng_for(0, c, "s"))))
         assert out.size == (16, 24) and 0x0112 not in out.getexif(), spec
 
