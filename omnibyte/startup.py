@@ -40,6 +40,15 @@ def find_resume(cfg: RunConfig, latest: Path | None) -> Path | None:
     found = latest if cfg.train.resume == "auto" else ckpt_io.resolve_checkpoint(cfg.train.resume)
     if found is not None:
         state = ckpt_io.read_state(found)
+        later = [p.name for p in ckpt_io.list_checkpoints(cfg.run_dir / "checkpoints")
+                 if int(p.name.split("_")[1]) > int(state["step"])]
+        if cfg.train.resume != "auto" and later:  # a branch back in time inside a run that went further
+            raise ConfigError(
+                f"train.resume={cfg.train.resume} (step {state['step']}) would branch run {cfg.run_name} back: it "
+                f"has later checkpoints ({', '.join(later[:4])}{', ...' if len(later) > 4 else ''}) of the other "
+                f"trajectory, which pruning would delete and a later train.resume=auto would resume instead. "
+                f"Resume into a new run (run_name={cfg.run_name}-from{state['step']} "
+                f"train.resume={cfg.train.resume}), or move those checkpoints away")
         if state.get("merged_from") and int(state["step"]) < cfg.train.steps:
             raise ConfigError(f"{found} was written by `omnibyte merge` (from {state['merged_from'].get('run')}): "
                               f"it holds weights only, no optimizer or data position, so training cannot resume "

@@ -415,3 +415,21 @@ def test_shape_warm_up_batch_covers_every_modality():
     b = _dummy_batch(2, 64, torch.device("cpu"))
     assert set(b.modality.unique().tolist()) == {int(m) for m in Modality}
     assert b.modality.shape == b.tokens.shape == (2, 64) and int(b.tokens.max()) < 256
+
+
+def test_resuming_an_earlier_checkpoint_inside_the_same_run_is_refused(tmp_path, capsys):
+    """Resuming step 10 of a run that reached step 20 branched it back: pruning kept the highest steps (it
+    deleted the new checkpoints), `latest` named a deleted one, and resume=auto went back to the old trajectory."""
+    cfg = write_config(tmp_path, train={"steps": 20, "eval_every": 0, "ckpt_every": 5, "keep_last": 5})
+    assert main(["train", str(cfg), "--quiet"]) == 0
+    run = tmp_path / "runs" / "tiny"
+    step10 = run / "checkpoints" / "step_000010"
+    before = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
+    capsys.readouterr()
+    assert main(["train", str(cfg), f"train.resume={step10}", "train.steps=12", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "would branch run tiny back" in err and "step_000015, step_000020" in err and "run_name=tiny-from10" in err
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == before  # nothing deleted
+    assert main(["train", str(cfg), "run_name=tiny-from10", f"train.resume={step10}", "train.steps=12",
+                 "--quiet"]) == 0  # the branch as a new run
+    assert (tmp_path / "runs" / "tiny-from10" / "checkpoints" / "step_000012").is_dir()
