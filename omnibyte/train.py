@@ -106,6 +106,14 @@ def train(cfg: RunConfig, *, dry_run: bool = False) -> Path:
     return run_dir
 
 
+def rescale_grads(model: torch.nn.Module, scale: torch.Tensor) -> None:
+    """Multiply every gradient by ``scale`` (a device scalar: no host sync); a DTensor's local shard in place."""
+    grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+             for p in model.parameters() if p.grad is not None]
+    if grads:
+        torch._foreach_mul_(grads, scale.to(grads[0].device, torch.float32))
+
+
 def final_report(run_dir: Path, device: str = "auto") -> list[str]:
     """Evaluate a finished run's best checkpoint with its task metrics and log a short report (``eval.report``)."""
     from .plot import plot_run
@@ -239,6 +247,7 @@ def _train(cfg: RunConfig, info: parallel.DistInfo, early: EarlyRecords | None =
 
     # --- the loop ---------------------------------------------------------------------------------
     batches = iter(loader)
+    step_const = float(cfg.data.batch_size * cfg.data.seq_len * t.grad_accum)  # equal on every rank
     guard = NonFiniteSteps(optimizer, t.max_bad_steps, counters["bad_steps"])
     log.info("optimizer: AdamW, %s", "fused (non-finite steps skipped on the device)" if guard.on_device
              else "not fused (the host checks each step for non-finite values)")
@@ -260,6 +269,10 @@ def _train(cfg: RunConfig, info: parallel.DistInfo, early: EarlyRecords | None =
             weight = torch.zeros((), dtype=torch.float64, device=device)
             per_mod: dict[int, list] = {}
             tokens = 0
+            # the step's loss is sum(w * nll) / sum(w) over all its micro-batches (and ranks): each micro-batch's
+            # nats go backward over a constant and the gradients are rescaled by the step's weight once known
+            # (a mean of per-micro-batch means over-weighted micro-batches with fewer loss-weighted bytes)
+            pooled = t.grad_accum > 1 or info.distributed
             for micro in range(t.grad_accum):
                 batch = next(batches)
                 tokens += int(batch.lengths.sum())  # on the host: the batch is still there
@@ -270,13 +283,15 @@ def _train(cfg: RunConfig, info: parallel.DistInfo, early: EarlyRecords | None =
                     loss = out.loss
                     if step + 1 in t.inject_nan_at:
                         loss = loss * float("nan")
-                    (loss / t.grad_accum).backward()
+                    (loss * (out.weight_sum / step_const) if pooled else loss).backward()
                 nats += out.nats_sum.double() if step + 1 not in t.inject_nan_at else float("nan")
                 weight += out.weight_sum.double()
                 for code, (n, w) in out.per_modality.items():  # device tensors: no sync per micro-batch
                     acc = per_mod.setdefault(int(code), [0.0, 0.0])
                     acc[0] = acc[0] + n.detach().double()
                     acc[1] = acc[1] + w.detach().double()
+            if pooled:
+                rescale_grads(model, step_const * info.world / parallel.all_reduce_sum(weight.clone(), info).clamp_min(1e-12))
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip if t.clip > 0 else float("inf"))
             if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
                 grad_norm = grad_norm.full_tensor()

@@ -182,6 +182,28 @@ def test_grad_accumulation_matches_the_bigger_batch(tmp_path):
     assert [a[1] for a in accum] == pytest.approx([b[1] for b in big_norms], rel=1e-4)  # gradients, not just Adam
 
 
+def test_grad_accumulation_weighs_micro_batches_by_their_loss_weight(tmp_path):
+    """Padded rows carry different loss weights: the step's gradient is that of sum(w * nll) / sum(w) over the
+    whole step, so 8 x 1, 4 x 2 and 1 x 8 rows give one loss and one gradient norm (a mean of per-micro-batch
+    means gave 0.661 / 0.670 / 0.684)."""
+    norms = {}
+    for rows, accum in ((8, 1), (4, 2), (1, 8)):
+        name = f"r{rows}x{accum}"
+        model = json.loads(json.dumps(TINY["model"]))
+        model["stages"][0]["length"] = 64  # 64 patches of 4 bytes: rows up to 256
+        cfg = write_config(tmp_path, name, model=model,
+                           data={"batch_size": rows, "packing": "pad", "pad_to": "longest", "seq_len": 256,
+                                 "shuffle": False, "workers": 0},
+                           train={"steps": 2, "grad_accum": accum, "log_every": 1, "eval_every": 0, "ckpt_every": 0,
+                                  "warmup": 0})
+        assert main(["train", str(cfg), "--quiet"]) == 0
+        norms[name] = [x for r in read_metrics(tmp_path / "runs" / name) if r["split"] == "train"
+                       for x in (r["loss"], r["grad_norm"])]
+    ref = norms.pop("r8x1")
+    for name, got in norms.items():
+        assert got == pytest.approx(ref, rel=1e-4), name
+
+
 def test_logged_skip_counts_are_summed_over_ranks(monkeypatch):
     """metrics.jsonl's data/* counts used to be rank 0's alone under DDP."""
     from omnibyte import parallel, train
