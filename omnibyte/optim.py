@@ -71,3 +71,25 @@ def lr_factor(step: int, t) -> float:
 
 def build_schedule(optimizer: torch.optim.Optimizer, t) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, t))
+
+
+def follow_config(optimizer: torch.optim.Optimizer, scheduler, t) -> list[str]:
+    """After a resume: the optimizer's hyper-parameters and the schedule follow this run's ``train`` config (a
+    checkpoint restores the ones it was written with: the old schedule's lr for the first step after raising
+    ``train.steps``, another run's lr and weight decay for ``train.resume=<its checkpoint>``). Returns what
+    changed, as ``name: old -> new`` lines."""
+    step = scheduler.last_epoch  # the index of the next step's factor
+    lr = t.lr * lr_factor(step, t)
+    changed = []
+    for i, g in enumerate(optimizer.param_groups):
+        want = {"initial_lr": t.lr, "lr": lr, "betas": tuple(t.betas), "eps": t.eps,
+                "weight_decay": t.weight_decay if i == 0 else 0.0}
+        for k, v in want.items():
+            old = tuple(g[k]) if k == "betas" else g.get(k)
+            if old != v and not (isinstance(v, float) and old is not None and math.isclose(old, v, rel_tol=1e-9)):
+                if i == 0 or k == "weight_decay":
+                    changed.append(f"group {i} {k}: {old} -> {v}")
+                g[k] = v
+    scheduler.base_lrs = [t.lr for _ in optimizer.param_groups]
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+    return changed

@@ -43,7 +43,7 @@ from .logging import PROGRESS, EarlyRecords, RunLogger
 from .loss import LossModule
 from .metrics import LogWindow
 from .nonfinite import NonFiniteSteps
-from .optim import build_optimizer, build_schedule
+from .optim import build_optimizer, build_schedule, follow_config
 from .precision import autocast, use_bf16
 from .run import build_components
 from .runconfig import RESOLVED_NAME, RunConfig
@@ -193,6 +193,8 @@ def _train(cfg: RunConfig, info: parallel.DistInfo, early: EarlyRecords | None =
         best = ckpt_io.read_best(run_dir / "checkpoints") or best
         saved_window = state["window"][info.rank]
         log.info("resumed from %s at step %d", resume_from, step)
+        for line in follow_config(optimizer, scheduler, t):  # e.g. train.steps raised: the new schedule's lr
+            log.info("resume: the optimizer follows this config: %s", line)
     else:
         seed_everything(cfg.seed + 1 + info.rank)  # dropout etc. differ per rank from here on
 

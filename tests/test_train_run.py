@@ -212,3 +212,23 @@ def test_logged_skip_counts_are_summed_over_ranks(monkeypatch):
     monkeypatch.setattr(parallel, "all_gather_object", lambda obj, info: gathered)
     assert train.summed_counts({"task_skipped": 2, "overlong": 1}, None) == \
         {"bad_sample": 4, "overlong": 1, "task_skipped": 5}
+
+
+def test_a_resumed_run_follows_its_own_config_schedule(tmp_path):
+    """Raising train.steps on resume: the first step after it ran at the old schedule's lr (its min_lr); a run
+    resuming another run's checkpoint trained with that run's lr and weight decay."""
+    from omnibyte.optim import lr_factor
+    from omnibyte.runconfig import TrainConfig
+
+    cfg = write_config(tmp_path, train={"steps": 20, "log_every": 1, "eval_every": 0, "ckpt_every": 20})
+    assert main(["train", str(cfg), "--quiet"]) == 0
+    assert main(["train", str(cfg), "train.steps=40", "--quiet"]) == 0
+    lrs = {r["step"]: r["lr"] for r in read_metrics(tmp_path / "runs" / "tiny") if r["split"] == "train"}
+    t40 = TrainConfig(**{**TINY["train"], "steps": 40})
+    assert lrs[21] == pytest.approx(t40.lr * lr_factor(20, t40)) and lrs[22] == pytest.approx(t40.lr * lr_factor(21, t40))
+    step20 = tmp_path / "runs" / "tiny" / "checkpoints" / "step_000020"
+    assert main(["train", str(cfg), "run_name=other", f"train.resume={step20}", "train.steps=22", "train.lr=1e-4",
+                 "train.min_lr=1e-5", "--quiet"]) == 0
+    lrs = {r["step"]: r["lr"] for r in read_metrics(tmp_path / "runs" / "other") if r["split"] == "train"}
+    t = TrainConfig(**{**TINY["train"], "steps": 22, "lr": 1e-4, "min_lr": 1e-5})
+    assert lrs[21] == pytest.approx(t.lr * lr_factor(20, t))
