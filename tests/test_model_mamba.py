@@ -165,8 +165,15 @@ def test_gpu_segments_past_the_int32_offsets_match_one_call(monkeypatch):
     assert mamba2.segment_positions(mix, 2, 300) == 128
     y2, g2 = run()
     assert (y2 - y1).abs().max().item() < 2e-2 * max(1.0, y1.abs().max().item())
-    for a, b in zip(g2, g1):
-        assert ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item() < 2e-2
+    # each gradient within 2% of its own norm, or of 1e-4 of the largest: on the H200 one parameter's gradient
+    # had a norm of 1.1e-10 (the others ~1e-2 and up) and differed by 3.9% of that, i.e. by 4e-12 -- bf16 noise
+    # of a different summation order, not a segmentation error, which would move the large gradients
+    names = ["x", *(n for n, _ in k.named_parameters())]
+    scale = max(b.float().norm().item() for b in g1)
+    errs = sorted(((a.float() - b.float()).norm().item() / max(b.float().norm().item(), 1e-4 * scale), n)
+                  for n, a, b in zip(names, g2, g1))
+    print("segments vs one call, worst relative gradient errors:", errs[-4:])
+    assert errs[-1][0] < 2e-2, errs[-4:]
 
 
 @pytest.mark.gpu
