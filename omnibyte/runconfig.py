@@ -160,6 +160,9 @@ class EvalConfig:
     task_metrics: bool = True  # `omnibyte eval` also runs task.evaluate (accuracy, word ppl, ...)
     checkpoint: Literal["auto", "best", "latest"] = "auto"  # what eval/generate load by default; auto: best, else latest
     report: bool = False  # at the end of `omnibyte train`: evaluate the best checkpoint (task metrics) and print a report
+    select: str = "bpb"  # the eval metric that picks the best checkpoint and drives train.patience: bpb (loss-weighted,
+    # all scored bytes) or bpb/<modality> (text, image, question, answer), e.g. bpb/answer when image bytes carry an
+    # auxiliary loss weight: their over-fitting must not pick the VQA checkpoint
 
     def __post_init__(self):
         if self.max_samples < 0 or self.batch_size < 0:
@@ -167,6 +170,9 @@ class EvalConfig:
                              f"{self.max_samples} and {self.batch_size}")
         if not self.split:
             raise ValueError("eval.split must name a split (e.g. val or validation)")
+        allowed = ["bpb", *(f"bpb/{m}" for m in ("text", "image", "question", "answer"))]
+        if self.select not in allowed:
+            raise ValueError(f"eval.select={self.select!r}: one of {', '.join(allowed)}")
 
 
 @dataclass(frozen=True)

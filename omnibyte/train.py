@@ -231,11 +231,16 @@ def _train(cfg: RunConfig, info: parallel.DistInfo, early: EarlyRecords | None =
             torch.tensor(float(window.tokens), dtype=torch.float64, device=device), info))
         record({"step": at, "split": cfg.eval.split, **{k: v for k, v in result.items() if k != "weight"}}, seen)
         log.info("step %d: %s bpb %.4f", at, cfg.eval.split, result["bpb"])
-        value = result["bpb"]
+        sel = cfg.eval.select
+        if sel not in result:  # e.g. bpb/answer on a split whose scored bytes have no answer
+            raise TrainingError(f"eval.select={sel}: the {cfg.eval.split} evaluation has no {sel} (it has: "
+                                f"{', '.join(k for k in result if k.startswith('bpb'))}); choose one of those")
+        value = result[sel]
         if not math.isfinite(value):  # never the best: every later comparison with NaN would be False
-            log.warning("step %d: %s bpb is %s: not a candidate for the best checkpoint", at, cfg.eval.split, value)
+            log.warning("step %d: %s %s is %s: not a candidate for the best checkpoint", at, cfg.eval.split, sel,
+                        value)
         if math.isfinite(value) and (best is None or not math.isfinite(best["value"]) or value < best["value"]):
-            best = {"step": at, "metric": f"{cfg.eval.split}/bpb", "value": value}
+            best = {"step": at, "metric": f"{cfg.eval.split}/{sel}", "value": value}
             if info.is_main:
                 ckpt_io.write_best(run_dir / "checkpoints", best)
             counters["evals_since_best"] = 0

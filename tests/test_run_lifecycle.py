@@ -433,3 +433,29 @@ def test_resuming_an_earlier_checkpoint_inside_the_same_run_is_refused(tmp_path,
     assert main(["train", str(cfg), "run_name=tiny-from10", f"train.resume={step10}", "train.steps=12",
                  "--quiet"]) == 0  # the branch as a new run
     assert (tmp_path / "runs" / "tiny-from10" / "checkpoints" / "step_000012").is_dir()
+
+
+def test_eval_select_picks_the_best_checkpoint_by_the_named_metric(tmp_path, monkeypatch, capsys):
+    """With an auxiliary loss on image bytes, their over-fitting picked the VQA checkpoint (the loss-weighted
+    bpb); eval.select=bpb/<modality> selects on one modality's bits per byte instead."""
+    import omnibyte.train as T
+
+    real, calls = T.evaluate_bpb, []
+
+    def scripted(*a, **k):  # all bytes get worse after the first eval, the text bytes better
+        r = real(*a, **k)
+        calls.append(1)
+        return {**r, "bpb": float(len(calls)), "bpb/text": 10.0 - len(calls)}
+
+    monkeypatch.setattr(T, "evaluate_bpb", scripted)
+    cfg = write_config(tmp_path, train={"steps": 15, "eval_every": 5, "ckpt_every": 5, "keep_last": 5})
+    assert main(["train", str(cfg), "eval.select=bpb/text", "--quiet"]) == 0
+    best = json.loads((tmp_path / "runs" / "tiny" / "checkpoints" / "best.json").read_text())
+    assert best == {"step": 15, "metric": "validation/bpb/text", "value": 7.0}
+    assert main(["train", str(cfg), "run_name=plain", "--quiet"]) == 0  # default: the loss-weighted bpb
+    assert json.loads((tmp_path / "runs" / "plain" / "checkpoints" / "best.json").read_text())["step"] == 5
+    capsys.readouterr()
+    assert main(["train", str(cfg), "run_name=answer", "eval.select=bpb/answer", "--quiet"]) != 0
+    assert "eval.select=bpb/answer: the validation evaluation has no bpb/answer" in capsys.readouterr().err
+    assert main(["train", str(cfg), "run_name=typo", "eval.select=loss", "--quiet"]) == 2
+    assert "eval.select='loss': one of bpb, bpb/text" in capsys.readouterr().err
