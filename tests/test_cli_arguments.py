@@ -203,3 +203,18 @@ def test_explicit_best_still_loads_the_best(run):
     step = json.loads((run / "checkpoints" / "best.json").read_text())["step"]
     path, which = find_checkpoint(run, "best")
     assert which == "best" and path.name == f"step_{step:06d}"
+
+
+def test_a_generation_prompt_is_never_cut_by_the_training_length_cap():
+    """utf8 with max_bytes: truncate=head fed the model the first max_bytes of the prompt (and the CLI printed
+    the whole prompt before the continuation); truncate=error fell back to raw bytes, without the BOS."""
+    from omnibyte import vocab
+    from omnibyte.commands.generate import prompt_tokens
+    from omnibyte.registry import SERIALIZERS
+
+    text = "hello world"
+    for truncate in ("head", "error", "tail"):
+        ser = SERIALIZERS.build({"name": "utf8", "bos": True, "eos": True, "max_bytes": 4, "truncate": truncate})
+        assert prompt_tokens(ser, text, None, raw=False) == [vocab.BOS, *text.encode()], truncate
+    qa = SERIALIZERS.build({"name": "qa", "image": {"name": "pixels", "size": [4, 3]}})
+    assert prompt_tokens(qa, "hi", None, raw=False) == list(b"hi")  # needs more than text: the bytes themselves

@@ -99,11 +99,16 @@ def prompt_tokens(serializer, text: str, data: bytes | None, raw: bool) -> list[
 
     if data is not None or raw:
         return list(data if data is not None else text.encode("utf-8"))
-    field = getattr(serializer.config, "field", "text")
-    try:
-        stream = serializer({"id": "prompt", field: text})
-    except Exception:  # serializers that need more than text (qa, images): the bytes themselves
+    field = getattr(serializer.config, "field", None)
+    if field is None:  # serializers that need more than text (qa, images): the bytes themselves
         return list(text.encode("utf-8"))
+    if getattr(serializer.config, "max_bytes", 0):
+        # the training length cap is not the prompt's: a cut prompt (truncate: head) was printed whole before a
+        # continuation of bytes the model never saw, and truncate: error fell back to raw bytes without BOS
+        import dataclasses
+
+        serializer = type(serializer)(dataclasses.replace(serializer.config, max_bytes=0))
+    stream = serializer({"id": "prompt", field: text})  # a refusal names the prompt
     tokens = [int(t) for t in stream.tokens]
     while tokens and tokens[-1] in (vocab.EOS, vocab.EOM):
         tokens.pop()
