@@ -169,8 +169,9 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     if tp is int:
         if isinstance(value, bool):
             raise ConfigError(f"{_fmt(path)}: expected an integer, got {value!r}")
+        _refuse_yaml11_surprise(value, path)
         if isinstance(value, int):
-            return value
+            return int(value)  # a RawInt (YAML text kept) becomes a plain int
         try:
             f = float(value)
         except (TypeError, ValueError):
@@ -181,6 +182,7 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, bool):
             raise ConfigError(f"{_fmt(path)}: expected a number, got {value!r}")
+        _refuse_yaml11_surprise(value, path)
         try:
             return float(value)  # PyYAML reads 3e-4 as a string: accept numeric strings
         except (TypeError, ValueError):
@@ -189,13 +191,25 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         if isinstance(value, str):
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
+            return getattr(value, "text", "") or str(value)  # as written: run_name=010 is '010', not '8'
         raise ConfigError(f"{_fmt(path)}: expected a string, got {value!r}")
     if isinstance(tp, type):
         if isinstance(value, tp):
             return value
         raise ConfigError(f"{_fmt(path)}: expected {tp.__name__}, got {value!r}")
     return value
+
+
+def _refuse_yaml11_surprise(value: Any, path) -> None:
+    """YAML 1.1 reads ``010`` as octal 8 and ``1:30`` as 90 (base 60): a number written so is refused, not
+    taken at a value its writer did not mean."""
+    import re
+
+    text = getattr(value, "text", "")
+    if text and (re.fullmatch(r"[-+]?0[0-7_]+", text) or ":" in text):
+        hint = "" if ":" in text else f", e.g. {text.lstrip('+-0') or '0'}"
+        raise ConfigError(f"{_fmt(path)}: {text!r} reads as {value!r} in YAML 1.1 (octal or base 60); write the "
+                          f"number plainly{hint}")
 
 
 _hints_cache: dict[type, dict[str, Any]] = {}

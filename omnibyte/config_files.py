@@ -70,6 +70,46 @@ class _DuplicateKey(yaml.YAMLError):
         self.key, self.line, self.first = key, line, first
 
 
+class RawInt(int):
+    """An integer read from YAML that keeps its text: a string field gets it back as written (``run_name=010``
+    was the string ``'8'``: YAML 1.1 reads 010 as octal; ``2024_01_15`` as 20240115)."""
+
+    text = ""
+
+
+class RawFloat(float):
+    """A float read from YAML that keeps its text (``run_name=1.10`` was ``'1.1'``)."""
+
+    text = ""
+
+
+def _raw_number(kind):
+    def construct(loader, node):
+        value = kind.__mro__[1](getattr(yaml.SafeLoader, f"construct_yaml_{kind.__mro__[1].__name__}")(loader, node))
+        out = kind(value)
+        out.text = node.value
+        return out
+
+    return construct
+
+
+def _keep_number_text(loader_cls) -> None:
+    loader_cls.add_constructor("tag:yaml.org,2002:int", _raw_number(RawInt))
+    loader_cls.add_constructor("tag:yaml.org,2002:float", _raw_number(RawFloat))
+
+
+# a RawInt / RawFloat that reaches a dumped record is written as the number it is
+yaml.SafeDumper.add_representer(RawInt, yaml.representer.SafeRepresenter.represent_int)
+yaml.SafeDumper.add_representer(RawFloat, yaml.representer.SafeRepresenter.represent_float)
+
+
+class _OverrideLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` for one ``key=value`` override, numbers keeping their text."""
+
+
+_keep_number_text(_OverrideLoader)
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that refuses a key given twice in one mapping (YAML says keys are unique; PyYAML keeps
     the last in silence). Merge keys (``<<: *anchor``) may still be overridden."""
@@ -88,6 +128,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 if first != key_node.start_mark.line + 1:
                     raise _DuplicateKey(key, key_node.start_mark.line + 1, first)
         return super().construct_mapping(node, deep=deep)
+
+
+_keep_number_text(_UniqueKeyLoader)
 
 
 def load_yaml(name_or_path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -123,7 +166,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r}: bad key {key!r}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=_OverrideLoader) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.split("."), value

@@ -67,3 +67,21 @@ def test_training_refuses_to_select_on_a_test_split(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "eval.split=test" in err and "Select on validation" in err and "omnibyte eval" in err
     assert "Traceback" not in err and not (tmp_path / "runs" / "tiny").exists()
+
+
+def test_string_fields_keep_numbers_as_written_and_yaml11_surprises_are_refused(tmp_path):
+    """run_name=010 was the string '8' (YAML 1.1 octal), 2024_01_15 was '20240115', 1.10 was '1.1': a run wrote
+    into another directory; train.steps=010 was 8 and train.lr=1:30 was 90."""
+    from omnibyte.config import ConfigError
+    from omnibyte.runconfig import load_run_config
+
+    for text in ("010", "2024_01_15", "1.10", "7", "1e3"):
+        assert load_run_config("debug_tiny", [f"run_name={text}"]).run_name == text
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("extends: debug_tiny.yaml\nrun_name: 010\ntrain:\n  steps: 1_000\n")
+    c = load_run_config(str(cfg), [])
+    assert c.run_name == "010" and c.train.steps == 1000 and type(c.train.steps) is int
+    with pytest.raises(ConfigError, match=r"train.steps: '010' reads as 8 in YAML 1.1"):
+        load_run_config("debug_tiny", ["train.steps=010"])
+    with pytest.raises(ConfigError, match=r"train.lr: '1:30' reads as 90"):
+        load_run_config("debug_tiny", ["train.lr=1:30"])
