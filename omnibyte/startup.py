@@ -93,6 +93,25 @@ def attach_pathway_from(model: torch.nn.Module, cfg: RunConfig, info: parallel.D
     return record
 
 
+def evals_since_best(run_dir: Path, split: str, select: str, upto: int) -> int:
+    """Evaluations since the best one, replayed from the run's records up to step ``upto`` with the training
+    loop's rule (a finite value below the best so far is the new best). A checkpoint is written before its
+    step's evaluation, so its own counter misses that evaluation: a resumed run recounts from the records."""
+    import math
+
+    by_step: dict[int, float] = {}
+    for r in read_metrics(run_dir):
+        if r.get("split") == split and r.get("step", upto + 1) <= upto and r.get(select) is not None:
+            by_step[int(r["step"])] = float(r[select])
+    best, since = None, 0
+    for _, value in sorted(by_step.items()):
+        if math.isfinite(value) and (best is None or value < best):
+            best, since = value, 0
+        else:
+            since += 1
+    return since
+
+
 def eval_pending(state: dict, run_dir: Path, split: str) -> bool:
     """A checkpoint written before its step's evaluation, which then did not happen (a crash, a failure)."""
     step = state["step"]

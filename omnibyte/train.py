@@ -50,6 +50,7 @@ from .runconfig import RESOLVED_NAME, RunConfig
 from .startup import (
     attach_pathway_from,
     eval_pending,
+    evals_since_best,
     find_resume,
     init_weights_from,
     open_run_dir,
@@ -190,11 +191,17 @@ def _train(cfg: RunConfig, info: parallel.DistInfo, early: EarlyRecords | None =
         step, best = state["step"], state.get("best")
         eval_due = eval_pending(state, run_dir, cfg.eval.split)
         counters.update(state["counters"])
+        counters["evals_since_best"] = evals_since_best(run_dir, cfg.eval.split, cfg.eval.select, step)
         best = ckpt_io.read_best(run_dir / "checkpoints") or best
         saved_window = state["window"][info.rank]
         log.info("resumed from %s at step %d", resume_from, step)
         for line in follow_config(optimizer, scheduler, t):  # e.g. train.steps raised: the new schedule's lr
             log.info("resume: the optimizer follows this config: %s", line)
+        if t.patience and counters["evals_since_best"] >= t.patience and not eval_due:  # it stopped early: done
+            log.warning("run %s stopped early at step %d (%d evaluations without a better %s %s, train.patience=%d);"
+                        " nothing to do (raise train.patience to train on)", cfg.run_name, step,
+                        counters["evals_since_best"], cfg.eval.split, cfg.eval.select, t.patience)
+            return run_dir, None
     else:
         seed_everything(cfg.seed + 1 + info.rank)  # dropout etc. differ per rank from here on
 
