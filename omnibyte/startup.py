@@ -18,6 +18,7 @@ from .model.blocks.experts import expand_dense_weights
 from .pathway import attach_pathway, is_pathway_state, merge_state_dict
 from .run import inherit_derived, resolve_data_config
 from .runconfig import RESOLVED_NAME, RunConfig
+from .weights import STAGE_KEY_RE
 
 log = logging.getLogger("omnibyte.train")
 
@@ -150,6 +151,14 @@ def init_weights_from(model: torch.nn.Module, source: str, stages: tuple[int, ..
     if is_pathway_state(weights):  # a Multimodal Pathway run: its merged weights, W + lambda W'
         weights, merged = merge_state_dict(weights, str(path))
         log.info("init_from %s: a pathway run; %d layers merged (W + lambda W')", path, len(merged))
+    theirs = 1 + max((int(m.group(1)) for k in weights if (m := STAGE_KEY_RE.match(k))), default=0)
+    ours = len(getattr(getattr(model, "config", None), "stages", None) or ()) or theirs
+    if stages and theirs != ours and any(s < 0 or s % theirs == theirs - 1 for s in stages):
+        # the innermost stage (and embedding and head) of a source with another number of stages is not this
+        # model's innermost: -1 put the source's byte-level block into this model's middle stage
+        raise ConfigError(f"train.init_stages={list(stages)}: {path} has {theirs} stages, this model {ours}; its "
+                          f"innermost stage (with the byte embedding and head) is not this model's: name outer "
+                          f"stages by index (0..{theirs - 2}), or start from a model with {ours} stages")
     try:
         weights = ckpt_io.select_stages(weights, stages)
     except ValueError as e:
@@ -170,9 +179,27 @@ def init_weights_from(model: torch.nn.Module, source: str, stages: tuple[int, ..
                                          f"missing there: {', '.join(missing[:3])}" if missing else ""]))
         raise ConfigError(f"train.init_from={source!r}: {path} holds another architecture ({detail}); "
                           f"start from a run of the same model, or choose matching train.init_stages")
+    tied = _tied_names(model)
+    for a, b in tied:  # one tensor under two names here (tie_embeddings): both from the source must agree
+        if a in weights and b in weights and not torch.equal(weights[a], weights[b]):
+            raise ConfigError(f"train.init_from={source!r}: this model ties {a} and {b} (one tensor), {path} holds "
+                              f"two different ones: loading both would keep the last in silence; start from a run "
+                              f"with tie_embeddings, or untie this model")
     result = model.load_state_dict(weights, strict=not stages)
     log.info("init_from %s: loaded %d tensors%s", path, len(weights),
              f" (stages {list(stages)}; {len(result.missing_keys)} left at init)" if stages else "")
+
+
+def _tied_names(model: torch.nn.Module) -> list[tuple[str, str]]:
+    """Pairs of state-dict names that are one parameter (e.g. ``embed.weight`` / ``head.weight`` when tied)."""
+    first: dict[int, str] = {}
+    pairs = []
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            pairs.append((first[id(p)], name))
+        else:
+            first[id(p)] = name
+    return pairs
 
 
 def open_run_dir(cfg: RunConfig, info: parallel.DistInfo) -> tuple[RunConfig, Path | None]:

@@ -232,3 +232,23 @@ def test_a_resumed_run_follows_its_own_config_schedule(tmp_path):
     lrs = {r["step"]: r["lr"] for r in read_metrics(tmp_path / "runs" / "other") if r["split"] == "train"}
     t = TrainConfig(**{**TINY["train"], "steps": 22, "lr": 1e-4, "min_lr": 1e-5})
     assert lrs[21] == pytest.approx(t.lr * lr_factor(20, t))
+
+
+def test_init_from_refuses_what_it_would_load_into_the_wrong_place(trained, tmp_path, capsys):
+    """init_stages=[-1] from a 2-stage run into a 3-stage model put the source's byte-level block into the middle
+    stage; an untied source into a tie_embeddings model kept the head as the embedding, both in silence."""
+    frozen = {"steps": 1, "warmup": 0, "eval_every": 0, "ckpt_every": 0, "init_from": str(trained)}
+    three = json.loads(json.dumps(TINY["model"]))
+    three["stages"] = [{"length": 4, "width": 48, "layers": 1, "block": {"name": "transformer", "heads": 2}},
+                       {"length": 4, "width": 32, "layers": 1, "block": {"name": "transformer", "heads": 2}},
+                       {"length": 4, "width": 32, "layers": 1, "block": {"name": "transformer", "heads": 2}}]
+    capsys.readouterr()
+    for sel in ([-1], [1]):
+        cfg = write_config(tmp_path, f"three{len(sel)}{sel[0]}", model=three, train={**frozen, "init_stages": sel})
+        assert main(["train", str(cfg), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert "has 2 stages, this model 3" in err and "innermost stage" in err, sel
+    tied = json.loads(json.dumps(TINY["model"]))
+    tied["tie_embeddings"] = True
+    assert main(["train", str(write_config(tmp_path, "tied", model=tied, train=frozen)), "--quiet"]) == 2
+    assert "ties embed.weight and head.weight" in capsys.readouterr().err
