@@ -34,6 +34,9 @@ class SyntheticTextConfig(TaskConfig):
     def __post_init__(self):
         if not 1 <= self.min_sentences <= self.max_sentences:
             raise ValueError("need 1 <= min_sentences <= max_sentences")
+        unknown = sorted(set(self.samples or {}) - set(_SPLITS))
+        if unknown:  # a misspelt split (samples.valdation) left the real one at its default in silence
+            raise ValueError(f"samples: no split {', '.join(map(repr, unknown))} (splits: {', '.join(_SPLITS)})")
 
 
 @TASKS.register("synthetic_text")

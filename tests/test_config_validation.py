@@ -85,3 +85,11 @@ def test_string_fields_keep_numbers_as_written_and_yaml11_surprises_are_refused(
         load_run_config("debug_tiny", ["train.steps=010"])
     with pytest.raises(ConfigError, match=r"train.lr: '1:30' reads as 90"):
         load_run_config("debug_tiny", ["train.lr=1:30"])
+
+
+def test_a_misspelt_synthetic_split_is_refused():
+    from omnibyte.config import ConfigError
+    from omnibyte.runconfig import load_run_config
+
+    with pytest.raises(ConfigError, match=r"samples: no split 'valdation' \(splits: train, validation, test\)"):
+        load_run_config("debug_tiny", ["task.samples.valdation=16"])
