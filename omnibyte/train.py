@@ -195,6 +195,11 @@ def _train(cfg: RunConfig, info: parallel.DistInfo, early: EarlyRecords | None =
         best = ckpt_io.read_best(run_dir / "checkpoints") or best
         saved_window = state["window"][info.rank]
         log.info("resumed from %s at step %d", resume_from, step)
+        if state.get("loss_weighting") != "step" and (t.grad_accum > 1 or info.distributed):
+            log.warning("resume: %s was written before micro-batches were weighed by their loss weight (ee97ed8): "
+                        "from step %d on, this run's gradient is that of sum(w*nll)/sum(w) over the whole step, "
+                        "before it was the mean of its %d micro-batch means (the same with equal-weight rows, e.g. "
+                        "concat packing)", resume_from, step + 1, t.grad_accum * info.world)
         for line in follow_config(optimizer, scheduler, t):  # e.g. train.steps raised: the new schedule's lr
             log.info("resume: the optimizer follows this config: %s", line)
         if t.patience and counters["evals_since_best"] >= t.patience and not eval_due:  # it stopped early: done
@@ -224,7 +229,7 @@ def _train(cfg: RunConfig, info: parallel.DistInfo, early: EarlyRecords | None =
     def save(at: int, then_eval: bool) -> None:
         settle(at)  # a diverged run stops before its checkpoint
         saver.save(at, state={"counters": counters, "best": best, "config": cfg_dict, "eval_due": then_eval,
-                              "provenance": prov},
+                              "provenance": prov, "loss_weighting": "step"},
                    per_rank={"data": loader.state_dict(), "window": window.state()}, best=best)
         if info.is_main:
             log.info("checkpoint step %d", at)
