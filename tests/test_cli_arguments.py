@@ -218,3 +218,10 @@ def test_a_generation_prompt_is_never_cut_by_the_training_length_cap():
         assert prompt_tokens(ser, text, None, raw=False) == [vocab.BOS, *text.encode()], truncate
     qa = SERIALIZERS.build({"name": "qa", "image": {"name": "pixels", "size": [4, 3]}})
     assert prompt_tokens(qa, "hi", None, raw=False) == list(b"hi")  # needs more than text: the bytes themselves
+    # a prompt file of a text run is text, serialized as --prompt is (it skipped the serializer: no BOS)
+    assert prompt_tokens(ser, "", "héllo".encode(), raw=False) == [vocab.BOS, *"héllo".encode()]
+    assert prompt_tokens(ser, "", b"\xff\x00", raw=True) == [255, 0]
+    from omnibyte.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--prompt-file: not UTF-8 text .* pass --raw"):
+        prompt_tokens(ser, "", b"\xff\x00", raw=False)

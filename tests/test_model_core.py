@@ -106,6 +106,9 @@ def test_learned_positions_bound():
     m(torch.zeros(1, 8, dtype=torch.long))
     with pytest.raises(ValueError, match="max_len"):
         m(torch.zeros(1, 9, dtype=torch.long))
+    assert m.generate(b"abc", 5, temperature=0).shape == (1, 5)  # 3 + 5 = max_len: fits
+    with pytest.raises(ValueError, match=r"3-token prompt plus max_new_bytes=6 passes .* at most 5 new bytes"):
+        m.generate(b"abc", 6, temperature=0)  # refused before any byte is computed, not after the last
 
 
 def test_build_model_from_dict_yaml_and_errors(tmp_path):

@@ -11,7 +11,8 @@ def add_arguments(p) -> None:
 
     p.add_argument("run_dir", help="a run directory (runs/<run_name>)")
     p.add_argument("--prompt", default="", help="prompt text (UTF-8)")
-    p.add_argument("--prompt-file", default=None, help="read the prompt's bytes from this (readable) file instead")
+    p.add_argument("--prompt-file", default=None,
+                   help="read the prompt from this file instead (a text run: UTF-8 text, serialized as --prompt is)")
     p.add_argument("--raw", action="store_true",
                    help="feed the prompt bytes as they are (default: through the run's serializer, minus its end)")
     p.add_argument("--max-new-bytes", type=int, default=256, help="bytes to sample after the prompt (>= 1)")
@@ -97,11 +98,19 @@ def prompt_tokens(serializer, text: str, data: bytes | None, raw: bool) -> list[
     """The prompt as the model saw such text in training: serialized, trailing EOS/EOM dropped."""
     from omnibyte import vocab
 
-    if data is not None or raw:
+    if raw:
         return list(data if data is not None else text.encode("utf-8"))
     field = getattr(serializer.config, "field", None)
     if field is None:  # serializers that need more than text (qa, images): the bytes themselves
-        return list(text.encode("utf-8"))
+        return list(data if data is not None else text.encode("utf-8"))
+    if data is not None:  # a text run's prompt file is text, serialized as in training (BOS ...)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            from omnibyte.config import ConfigError
+
+            raise ConfigError(f"--prompt-file: not UTF-8 text ({e.reason} at byte {e.start}); this run's serializer "
+                              f"takes text: pass --raw to feed the file's bytes as they are") from None
     if getattr(serializer.config, "max_bytes", 0):
         # the training length cap is not the prompt's: a cut prompt (truncate: head) was printed whole before a
         # continuation of bytes the model never saw, and truncate: error fell back to raw bytes without BOS
@@ -154,6 +163,12 @@ def run(args) -> int:
     if args.draft:
         drafter = load_drafter(args, model, device)
         kw.update(draft=drafter, draft_len=args.draft_len)
+    ml = model.stream_meta.max_len
+    if ml is not None and len(prompt) + args.max_new_bytes > ml:
+        from omnibyte.config import ConfigError
+
+        raise ConfigError(f"--max-new-bytes {args.max_new_bytes}: with the {len(prompt)}-token prompt it passes this "
+                          f"run's max_len {ml} (learned positions); at most {max(0, ml - len(prompt))}")
     out = model.generate(batch, args.max_new_bytes, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, stop_tokens=(vocab.EOS,), generator=gen,
                          use_graphs=not (args.no_graphs or args.draft), compile_step=args.compile, **kw)

@@ -149,6 +149,12 @@ class Decoder:
         :mod:`omnibyte.model.routing` (after ``SOM_ANSWER``: answer bytes); ``base_modality``: the stream's base
         modality there (the serializer's for single-modality streams, e.g. text after a utf8 ``BOS``; default
         special)."""
+        ml = self.model.stream_meta.max_len
+        plen = len(prompt) if isinstance(prompt, (bytes, bytearray)) else (
+            len(prompt) if isinstance(prompt, list) else int(prompt.shape[-1]))
+        if ml is not None and plen + max_new_bytes > ml:  # refused before any work, not after the last byte
+            raise ValueError(f"generate: a {plen}-token prompt plus max_new_bytes={max_new_bytes} passes this model's "
+                             f"max_len {ml} (learned positions); ask for at most {max(0, ml - plen)} new bytes")
         if draft is not None and self.model.modality_aware:
             raise NotImplementedError("generate: speculative decoding (draft=) does not route modality-aware "
                                       "models (modality_experts); generate without draft=")
