@@ -34,8 +34,8 @@ CLEVR_ANSWERS: tuple[str, ...] = (
 QTYPES: tuple[str, ...] = ("exist", "count", "compare_integer", "query_attribute", "compare_attribute")
 _ATTRS = ("size", "color", "material", "shape")
 QTYPE_OF: dict[str, str] = {
-    "exist": "exist", "filter_exist": "exist",
-    "count": "count", "filter_count": "count",
+    "exist": "exist", "filter_exist": "exist", "relate_filter_exist": "exist",  # template macros: programs in
+    "count": "count", "filter_count": "count", "relate_filter_count": "count",  # template form end in these
     "equal_integer": "compare_integer", "less_than": "compare_integer", "greater_than": "compare_integer",
     **{f"query_{a}": "query_attribute" for a in _ATTRS},
     **{f"equal_{a}": "compare_attribute" for a in _ATTRS},

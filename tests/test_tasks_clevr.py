@@ -53,6 +53,7 @@ def test_question_types_follow_johnson():
     assert program_function([{"function": "scene"}, {"function": "less_than"}]) == "less_than"
     assert program_function([{"type": "scene"}, {"type": "filter_exist", "side_inputs": ["red"]}]) == "filter_exist"
     assert question_type("filter_exist") == "exist" and question_type("filter_count") == "count"
+    assert question_type("relate_filter_exist") == "exist" and question_type("relate_filter_count") == "count"
     assert question_type(program_function(["scene", "query_shape[x]"])) == "query_attribute"
     assert question_type("equal_integer") == "compare_integer" and question_type("equal_shape") == "compare_attribute"
     assert question_type("") == "unknown"
