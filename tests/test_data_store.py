@@ -82,6 +82,8 @@ def test_shards_errors(tmp_path):
         ShardSet(tmp_path, "val")  # a truncated shard is caught by its size before any read
     with pytest.raises(DataError, match="cannot contain"):
         write_shards(iter([{"id": "x", "a.b": 1}]), tmp_path, "bad", progress=False)
+    with pytest.raises(DataError, match="starts with '__'"):
+        write_shards(iter([{"id": "x", "__extra": b"\x00"}]), tmp_path, "bad", progress=False)
     with pytest.raises(DataError, match="lower-case"):
         write_shards(iter([{"id": "x", "Image": b"\x89PNG"}]), tmp_path, "bad", progress=False)
     index = tmp_path / "val.shards.json"

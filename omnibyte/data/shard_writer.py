@@ -60,6 +60,9 @@ def encode_sample(sample: dict[str, Any], key: str) -> list[tuple[str, bytes]]:
     for field, value in sample.items():
         if "." in field or "/" in field:
             raise DataError(f"sample {sample.get('id', key)!r}: field name {field!r} cannot contain '.' or '/'")
+        if field.startswith("__"):  # webdataset's own keys (__key__, __url__): dropped on reading
+            raise DataError(f"sample {sample.get('id', key)!r}: field name {field!r} starts with '__', which "
+                            f"webdataset keeps for its own keys (it would be dropped on reading); rename it")
         member = isinstance(value, (bytes, bytearray, memoryview)) or (isinstance(value, str) and len(value) > LONG_TEXT)
         if member and field != field.lower():
             raise DataError(f"sample {sample.get('id', key)!r}: field {field!r} would be a tar member; "
