@@ -311,7 +311,9 @@ def apply_preset(raw: dict, overrides: list[str], where=None) -> dict:
             logging.getLogger("omnibyte.config").warning(
                 "running the full (GPU) sizes of %s; preset=cpu runs its small CPU preset instead",
                 getattr(where, "stem", where))
-    if choice != "full":
+    if choice != "full" and not presets and raw.get("preset") == choice:
+        pass  # a resolved record (a run directory's config): its preset was applied when it was written
+    elif choice != "full":
         if choice not in presets:
             raise ConfigError(f"preset={choice!r}: {where} has no such preset (presets: "
                               f"{', '.join(['full', *presets]) or 'none'})")

@@ -213,3 +213,18 @@ def test_prepare_quiet_and_its_old_name(tmp_path, capsys):
         out = tmp_path / f"d{i}"
         assert main(["prepare", "debug_tiny", "task.samples={train: 4, validation: 2}", "--out", str(out), flag]) == 0
         assert (out / "train.shards.json").is_file()
+
+
+def test_a_preset_runs_resolved_config_loads_as_a_config(tmp_path):
+    """`omnibyte train runs/clevr_vqa_png_cpu` failed: its record says preset: cpu and holds no presets: section
+    (the preset was applied when it was written)."""
+    import yaml
+
+    from omnibyte.config import to_dict
+    from omnibyte.runconfig import load_run_config
+
+    c = load_run_config("clevr_vqa_png", ["preset=cpu"])
+    rec = tmp_path / "config.resolved.yaml"
+    rec.write_text(yaml.safe_dump(to_dict(c)))
+    again = load_run_config(str(rec), [])
+    assert again.preset == "cpu" and again.model == c.model and again.data == c.data
