@@ -463,11 +463,11 @@ def test_eval_select_picks_the_best_checkpoint_by_the_named_metric(tmp_path, mon
 
 def test_early_stopping_counts_the_same_across_a_resume_and_a_stopped_run_stays_stopped(tmp_path, monkeypatch):
     """A checkpoint is written before its step's evaluation: resumed from it, the run missed that evaluation in
-    its patience count (it stopped at 40 instead of 50), and a re-run of an early-stopped run trained on."""
+    its patience count (it stopped at 8 instead of 10), and a re-run of an early-stopped run trained on."""
     import omnibyte.train as T
     from omnibyte import stopping
 
-    values = {10: 5.0, 20: 6.0, 30: 4.0, 40: 4.5, 50: 4.6, 60: 4.7}
+    values = {2: 5.0, 4: 6.0, 6: 4.0, 8: 4.5, 10: 4.6, 12: 4.7}
     at = {}
     real_save = T.Checkpointer.save
 
@@ -478,19 +478,19 @@ def test_early_stopping_counts_the_same_across_a_resume_and_a_stopped_run_stays_
     monkeypatch.setattr(T.Checkpointer, "save", save)
     monkeypatch.setattr(T, "evaluate_bpb", lambda *a, **k: {"loss": values[at["step"]], "bpb": values[at["step"]],
                                                              "weight": 1.0})
-    cfg = write_config(tmp_path, train={"steps": 60, "eval_every": 10, "ckpt_every": 0, "patience": 2,
-                                        "log_every": 10})
+    cfg = write_config(tmp_path, train={"steps": 12, "eval_every": 2, "ckpt_every": 0, "patience": 2,
+                                        "log_every": 2})
 
     def evals(name):
         return [r["step"] for r in read_metrics(tmp_path / "runs" / name) if r["split"] == "validation"]
 
     assert main(["train", str(cfg), "run_name=straight", "--quiet"]) == 0
-    assert evals("straight") == [10, 20, 30, 40, 50]
-    monkeypatch.setattr(stopping.StopRequests, "due", lambda self, step: "test stop" if step == 30 else None)
+    assert evals("straight") == [2, 4, 6, 8, 10]
+    monkeypatch.setattr(stopping.StopRequests, "due", lambda self, step: "test stop" if step == 6 else None)
     assert main(["train", str(cfg), "run_name=cut", "--quiet"]) == 0
     monkeypatch.setattr(stopping.StopRequests, "due", lambda self, step: None)
     assert main(["train", str(cfg), "run_name=cut", "--quiet"]) == 0
     assert evals("cut") == evals("straight")
     assert main(["train", str(cfg), "run_name=cut", "--quiet"]) == 0  # stopped early: nothing to do
     assert evals("cut") == evals("straight")
-    assert max(r["step"] for r in read_metrics(tmp_path / "runs" / "cut")) == 50
+    assert max(r["step"] for r in read_metrics(tmp_path / "runs" / "cut")) == 10
