@@ -24,6 +24,8 @@ BAD = {
     "train.device=tpu": "train.device",
     "train.init_stages=[7]": "init_stages",
     "eval.max_samples=-1": "eval.max_samples",
+    "model.init_std=inf": "init_std must be a finite number > 0",
+    "eval.select=loss": "eval.select",
 }
 
 

@@ -90,6 +90,8 @@ class MBLMConfig(Node):
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.inner_chunk_bytes < 0:
             raise ValueError("inner_chunk_bytes must be >= 0 (0: no chunking)")
+        if not (math.isfinite(self.init_std) and self.init_std > 0):  # inf / nan / 0: a model of nan or zeros
+            raise ValueError(f"init_std must be a finite number > 0, got {self.init_std}")
         if self.tie_embeddings and self.stages[-1].width <= 0:
             raise ValueError("tie_embeddings needs an innermost width")
 
