@@ -219,6 +219,13 @@ def test_prepare_command_writes_shards_and_h5(tmp_path, capsys):
     assert "no split 'dev'" in capsys.readouterr().err
 
 
+def test_h5_refuses_an_id_with_a_nul_at_once_naming_it(tmp_path):
+    streams = [ByteStream.from_bytes(b"ab", Modality.TEXT, id="ok"), ByteStream.from_bytes(b"c", Modality.TEXT,
+                                                                                          id="bad\x00id")]
+    with pytest.raises(DataError, match=r"sample 'bad\\x00id': its id contains a NUL"):
+        write_streams(streams, tmp_path / "n.h5", progress=False)
+
+
 def test_h5_refuses_another_serializer_config(tmp_path):
     from omnibyte.registry import SERIALIZERS
 

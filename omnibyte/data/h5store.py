@@ -88,6 +88,9 @@ def write_streams(records: Iterable[ByteStream | tuple[ByteStream, dict[str, Any
                     metas.append(json.dumps(meta, ensure_ascii=False, sort_keys=True))
                 except TypeError as e:
                     raise DataError(f"sample {s.id!r}: its metadata cannot be stored as JSON: {e}") from None
+                if "\x00" in str(s.id):  # h5py's strings cannot hold NUL: it failed after the whole pass, unnamed
+                    raise DataError(f"sample {s.id!r}: its id contains a NUL character, which an h5 store cannot "
+                                    f"hold; use shards (omnibyte prepare without --h5) or other ids")
                 buf.append(s)
                 ids.append(s.id)
                 offsets.append(offsets[-1] + len(s))
