@@ -42,7 +42,11 @@ def default_set_dir(config: Any) -> Path:
     """Where the default set of a ``ClevrConfig`` goes (its ``synth`` parameters name the folder)."""
     s = config.synth
     w, h = s.size
-    name = f"clevr-synth-n{s.images}-q{s.questions_per_image}-s{s.seed}-{w}x{h}-{'+'.join(s.splits)}"
+    from .clevr_synth.generate import GENERATOR_VERSION
+
+    # the generator's version in the name: a set cached by an older generator is never reused for a newer one's
+    name = (f"clevr-synth-v{GENERATOR_VERSION}-n{s.images}-q{s.questions_per_image}-s{s.seed}-{w}x{h}-"
+            f"{'+'.join(s.splits)}")
     return cache_root(config.cache_dir) / name
 
 
