@@ -117,7 +117,10 @@ def device_name(device: str) -> str:
 def emit(record: dict, out: str | None = None) -> None:
     record = dict(record)
     record.setdefault("date", datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
-    record.setdefault("commit", os.environ.get("OMNIBYTE_COMMIT") or git_commit())
+    # git's answer (with -dirty) where there is a checkout; OMNIBYTE_COMMIT only where there is none (the device
+    # copy), so a modified tree is never recorded as a clean commit
+    commit = git_commit()
+    record.setdefault("commit", commit if commit != "unknown" else os.environ.get("OMNIBYTE_COMMIT", "unknown"))
     record.setdefault("torch", torch.__version__)
     line = json.dumps(record)
     print(line, flush=True)

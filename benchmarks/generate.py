@@ -36,6 +36,9 @@ from _common import build_mblm, build_omnibyte, device_name, emit, now, stub_sel
 
 def bench_omnibyte(args, model, ctx: int) -> dict:
     dev = args.device
+    cuda = str(dev).startswith("cuda")
+    if cuda:  # this row's peak, not the process's so far
+        torch.cuda.reset_peak_memory_stats()
     prompt = torch.randint(0, 256, (args.batch, ctx), device=dev)
     sync(dev)
     t0 = now()
@@ -68,8 +71,8 @@ def bench_omnibyte(args, model, ctx: int) -> dict:
                 total_bytes_per_s=round(args.batch * args.new / dt, 1),
                 ms_per_byte=round(1000 * dt / args.new, 3), graph=bool(args.graph), compile=args.compile,
                 fuse_linears=bool(args.fuse_linears), kernels=stepper.kernels if stepper else None,
-                pdl=bool(args.pdl),
-                peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev == "cuda" else None)
+                pdl=bool(args.pdl), warm=args.warm, dtype=getattr(args, "dtype", None),
+                peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None)
 
 
 def profile_steps(stepper, rows: int) -> None:

@@ -62,7 +62,8 @@ def main() -> None:
             stop = f"time cap (next step estimated at {last_step * 2.2:.0f} s)"
             break
         rec = dict(bench="max_context", preset=args.preset, device=device_name(dev), bytes=size,
-                   mib=size / 2**20, activation_checkpointing=args.activation_checkpointing)
+                   mib=size / 2**20, activation_checkpointing=args.activation_checkpointing,
+                   chunk_bytes=args.chunk_bytes, warmup_mib=args.warmup_mib)
         try:
             x = torch.randint(0, 256, (1, size), device=dev)
             mask = torch.ones(1, size, device=dev)
@@ -85,7 +86,8 @@ def main() -> None:
             rec.update(status="ok" if sane else "bad_values", step_s=round(last_step, 2), loss=round(loss, 4),
                        grad_norm=round(gnorm, 4),
                        bytes_per_s=round(size / last_step),
-                       mfu=round(train_flops_per_step(model, 1, size) / last_step / H100_BF16_PEAK, 4),
+                       mfu=round(train_flops_per_step(model, 1, size) / last_step / H100_BF16_PEAK, 4) if cuda
+                       else None,
                        peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None)
             if sane:
                 best = size

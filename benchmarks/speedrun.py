@@ -101,7 +101,8 @@ def one_arm(name: str, overrides: list[str], a, work: Path) -> dict:
     return {"arm": name, "overrides": overrides, "seconds_per_step": round(sps, 4), "steps_planned": steps,
             "steps_reached": reached, "cut_by_budget": reached < steps, "budget_minutes": a.minutes,
             "process_wall_s": round(wall, 1), "validation_bpb": val["bpb"], "validation_word_ppl": val["word_ppl"],
-            "run": str(work / "runs" / name)}
+            "run": str(work / "runs" / name), "common": list(a.common), "root": a.root, "margin_s": a.margin,
+            "calibrate_steps": a.calibrate_steps}
 
 
 def main() -> None:
@@ -141,9 +142,12 @@ def main() -> None:
     if a.choose_from:
         pool += [json.loads(x) for x in Path(a.choose_from).read_text().splitlines()
                  if x.strip() and json.loads(x).get("bench") == "speedrun_arm"]
-    pool = [r for r in pool if isinstance(r.get("validation_bpb"), (int, float))]
+    # one entry per run (--choose-from = --out holds this call's arms too), and only arms of this config and
+    # training budget: a longer budget's arm is not a candidate of this one
+    pool = list({r.get("run"): r for r in pool if isinstance(r.get("validation_bpb"), (int, float))
+                 and r.get("config") == a.config and r.get("budget_minutes") == a.minutes}.values())
     if not pool:
-        raise SystemExit("--final-test: no scored arm to choose from")
+        raise SystemExit(f"--final-test: no scored arm of config {a.config} at {a.minutes} minutes to choose from")
     best = min(pool, key=lambda r: r["validation_bpb"])  # chosen on validation only
     test = evaluate(Path(best["run"]), "test", work / f"{best['arm']}_eval_test.log")
     emit({"bench": "speedrun_final", "config": a.config, "chosen_by": "validation_bpb", "arm": best["arm"],

@@ -11,7 +11,8 @@
 A step = forward + masked next-byte loss + backward + clip_grad_norm(1.0) + AdamW step, under bf16 autocast
 on CUDA (fp32 params), fp32 on CPU. ``--warmup`` steps (Triton JIT, cudnn autotune) are not timed; the
 ``--steps`` after them are. bytes/s = batch * length * steps / seconds. MFU = model FLOPs (see
-_common.train_flops_per_step; the same count for both implementations) / seconds / 989 TFLOP/s.
+_common.train_flops_per_step, on the shared configuration) / seconds / 989 TFLOP/s, reported only for a model
+within 2% of that configuration's parameter count (mblm's feed-forward differs in some presets: no MFU there).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def run(args) -> dict:
             apply_stage_graphs(model)
     ref = build_omnibyte(args.preset)  # FLOP count on the shared configuration
     flops = train_flops_per_step(ref, args.batch, args.length)
+    ref_params = param_count(ref)
     del ref
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
@@ -99,15 +101,22 @@ def run(args) -> dict:
     dt = now() - t0
     bps = args.batch * args.length * args.steps / dt
     rec = dict(bench="train_throughput", impl=args.impl, preset=args.preset, device=device_name(dev),
-               batch=args.batch, length=args.length, steps=args.steps, seconds=round(dt, 3),
+               batch=args.batch, length=args.length, steps=args.steps, warmup_steps=args.warmup, seconds=round(dt, 3),
                step_ms=round(1000 * dt / args.steps, 1), bytes_per_s=round(bps), params=param_count(model),
                loss=round(float(loss.detach()), 4), warmup_s=round(warm, 1), compile=bool(args.compile),
                graphs=bool(getattr(args, "graphs", False)),
                threads=torch.get_num_threads() if dev == "cpu" else None)
     if args.impl == "mblm":  # which Mamba mblm really ran (its import falls back to Mamba-1 silently)
         rec["mblm_global_block"] = type(model.stage_models[0]).__module__ + "." + type(model.stage_models[0]).__name__
+    # the shared FLOP count describes this model only when it is the same size (mblm's feed-forward differs from
+    # omnibyte's SwiGLU in the pg19_lm / clevr presets: its MFU would be counted with FLOPs it does not do)
+    same_size = abs(rec["params"] - ref_params) <= 0.02 * ref_params
+    rec["flops_per_step"] = flops if same_size else None
     if dev.startswith("cuda"):
-        rec["mfu"] = round(flops * args.steps / dt / H100_BF16_PEAK, 4)
+        rec["mfu"] = round(flops * args.steps / dt / H100_BF16_PEAK, 4) if same_size else None
+        if not same_size:
+            rec["mfu_note"] = (f"{rec['params']} parameters against the shared configuration's {ref_params}: "
+                               f"the shared FLOP count does not describe this model")
         rec["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     if args.impl == "omnibyte":
         from omnibyte.model.blocks import ssm_stack
