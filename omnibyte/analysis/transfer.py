@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from ..identity import flatten
 from .runs import Run, _step_of, aggregate, curve, final_value, steps_to_target
 
 # --- runs grouped by experiment arm ---------------------------------------------------------------------
@@ -65,15 +66,6 @@ SEED_KEYS = frozenset({"seed", "run_name", "out_dir", "task.root", "train.progre
                        "train.keep_last", "train.ckpt_every", "train.log_every"})
 
 
-def _flat(d: Any, prefix: str = "") -> dict[str, str]:
-    if not isinstance(d, dict):
-        return {prefix[:-1]: repr(d)}
-    out: dict[str, str] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": repr(v)})
-    return out
-
-
 def check_seeds_of_one_arm(name: str, group: list[Run]) -> None:
     """Refuse a group that is not seeds of one setup: two runs with the same seed, or runs whose configs differ
     outside :data:`SEED_KEYS` (e.g. a 30x20 and a 40x27 pixels run: pooled, one would be read as the other's
@@ -84,7 +76,7 @@ def check_seeds_of_one_arm(name: str, group: list[Run]) -> None:
             raise ValueError(f"arm {name}: {seeds[r.seed].path} and {r.path} both have seed {r.seed}: not seeds of "
                              f"one arm; analyse them apart (separate folders, or group_runs(key=...))")
         seeds[r.seed] = r
-    flats = [_flat(r.config) for r in group]
+    flats = [{k: repr(v) for k, v in flatten(r.config).items()} for r in group]  # repr: lists compare as text
     keys = sorted(k for k in set().union(*flats) if k not in SEED_KEYS and len({f.get(k) for f in flats}) > 1)
     if keys:
         shown = ", ".join(keys[:6]) + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")
