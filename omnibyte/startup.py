@@ -18,7 +18,7 @@ from .model.blocks.experts import expand_dense_weights
 from .pathway import attach_pathway, is_pathway_state, merge_state_dict
 from .run import inherit_derived, resolve_data_config
 from .runconfig import RESOLVED_NAME, RunConfig
-from .weights import STAGE_KEY_RE
+from .weights import stage_count
 
 log = logging.getLogger("omnibyte.train")
 
@@ -42,7 +42,7 @@ def find_resume(cfg: RunConfig, latest: Path | None) -> Path | None:
     if found is not None:
         state = ckpt_io.read_state(found)
         later = [p.name for p in ckpt_io.list_checkpoints(cfg.run_dir / "checkpoints")
-                 if int(p.name.split("_")[1]) > int(state["step"])]
+                 if int(ckpt_io.STEP_RE.match(p.name).group(1)) > int(state["step"])]
         if cfg.train.resume != "auto" and later:  # a branch back in time inside a run that went further
             raise ConfigError(
                 f"train.resume={cfg.train.resume} (step {state['step']}) would branch run {cfg.run_name} back: it "
@@ -151,7 +151,7 @@ def init_weights_from(model: torch.nn.Module, source: str, stages: tuple[int, ..
     if is_pathway_state(weights):  # a Multimodal Pathway run: its merged weights, W + lambda W'
         weights, merged = merge_state_dict(weights, str(path))
         log.info("init_from %s: a pathway run; %d layers merged (W + lambda W')", path, len(merged))
-    theirs = 1 + max((int(m.group(1)) for k in weights if (m := STAGE_KEY_RE.match(k))), default=0)
+    theirs = stage_count(weights)
     ours = len(getattr(getattr(model, "config", None), "stages", None) or ()) or theirs
     if stages and theirs != ours and any(s < 0 or s % theirs == theirs - 1 for s in stages):
         # the innermost stage (and embedding and head) of a source with another number of stages is not this

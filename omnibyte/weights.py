@@ -38,12 +38,17 @@ def _unshare(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def stage_count(weights: dict[str, torch.Tensor]) -> int:
+    """How many model stages a state dict holds (the highest stage index in its keys, plus one)."""
+    return 1 + max((int(m.group(1)) for k in weights if (m := STAGE_KEY_RE.match(k))), default=0)
+
+
 def select_stages(weights: dict[str, torch.Tensor], stages: tuple[int, ...]) -> dict[str, torch.Tensor]:
     """The weights of the given model stages only (see STAGE_KEY_RE); all weights when ``stages`` is empty.
     Negative indices count from the innermost stage (-1 = the byte-level stage with embedding and head)."""
     if not stages:
         return dict(weights)
-    num = 1 + max((int(m.group(1)) for k in weights if (m := STAGE_KEY_RE.match(k))), default=0)
+    num = stage_count(weights)
     if any(not -num <= s < num for s in stages):
         raise ValueError(f"init_stages={list(stages)}: the checkpoint has stages 0..{num - 1}")
     wanted = {s % num for s in stages}
