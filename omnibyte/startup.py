@@ -94,19 +94,24 @@ def attach_pathway_from(model: torch.nn.Module, cfg: RunConfig, info: parallel.D
     return record
 
 
-def evals_since_best(run_dir: Path, split: str, select: str, upto: int) -> int:
-    """Evaluations since the best one, replayed from the run's records up to step ``upto`` with the training
-    loop's rule (a finite value below the best so far is the new best). A checkpoint is written before its
-    step's evaluation, so its own counter misses that evaluation: a resumed run recounts from the records."""
+def improves(value: float, best: float | None) -> bool:
+    """The selection rule: a finite value below the best so far (none yet, or a non-finite one: any finite)."""
     import math
 
+    return math.isfinite(value) and (best is None or not math.isfinite(best) or value < best)
+
+
+def evals_since_best(run_dir: Path, split: str, select: str, upto: int) -> int:
+    """Evaluations since the best one, replayed from the run's records up to step ``upto`` with the training
+    loop's rule (:func:`improves`). A checkpoint is written before its step's evaluation, so its own counter
+    misses that evaluation: a resumed run recounts from the records."""
     by_step: dict[int, float] = {}
     for r in read_metrics(run_dir):
         if r.get("split") == split and r.get("step", upto + 1) <= upto and r.get(select) is not None:
             by_step[int(r["step"])] = float(r[select])
     best, since = None, 0
     for _, value in sorted(by_step.items()):
-        if math.isfinite(value) and (best is None or value < best):
+        if improves(value, best):
             best, since = value, 0
         else:
             since += 1

@@ -52,6 +52,7 @@ from .startup import (
     eval_pending,
     evals_since_best,
     find_resume,
+    improves,
     init_weights_from,
     open_run_dir,
     startup_summary,
@@ -251,7 +252,7 @@ def _train(cfg: RunConfig, info: parallel.DistInfo, early: EarlyRecords | None =
         if not math.isfinite(value):  # never the best: every later comparison with NaN would be False
             log.warning("step %d: %s %s is %s: not a candidate for the best checkpoint", at, cfg.eval.split, sel,
                         value)
-        if math.isfinite(value) and (best is None or not math.isfinite(best["value"]) or value < best["value"]):
+        if improves(value, best["value"] if best else None):
             best = {"step": at, "metric": f"{cfg.eval.split}/{sel}", "value": value}
             if info.is_main:
                 ckpt_io.write_best(run_dir / "checkpoints", best)
@@ -266,6 +267,10 @@ def _train(cfg: RunConfig, info: parallel.DistInfo, early: EarlyRecords | None =
 
     # --- the loop ---------------------------------------------------------------------------------
     batches = iter(loader)
+    # the step's loss is sum(w * nll) / sum(w) over all its micro-batches (and ranks): with several, each
+    # micro-batch's nats go backward over a constant and the gradients are rescaled by the step's weight once known
+    # (a mean of per-micro-batch means over-weighted micro-batches with fewer loss-weighted bytes)
+    pooled = t.grad_accum > 1 or info.distributed
     step_const = float(cfg.data.batch_size * cfg.data.seq_len * t.grad_accum)  # equal on every rank
     guard = NonFiniteSteps(optimizer, t.max_bad_steps, counters["bad_steps"])
     log.info("optimizer: AdamW, %s", "fused (non-finite steps skipped on the device)" if guard.on_device
@@ -288,10 +293,6 @@ def _train(cfg: RunConfig, info: parallel.DistInfo, early: EarlyRecords | None =
             weight = torch.zeros((), dtype=torch.float64, device=device)
             per_mod: dict[int, list] = {}
             tokens = 0
-            # the step's loss is sum(w * nll) / sum(w) over all its micro-batches (and ranks): each micro-batch's
-            # nats go backward over a constant and the gradients are rescaled by the step's weight once known
-            # (a mean of per-micro-batch means over-weighted micro-batches with fewer loss-weighted bytes)
-            pooled = t.grad_accum > 1 or info.distributed
             for micro in range(t.grad_accum):
                 batch = next(batches)
                 tokens += int(batch.lengths.sum())  # on the host: the batch is still there
