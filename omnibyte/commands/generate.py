@@ -163,12 +163,14 @@ def run(args) -> int:
     if args.draft:
         drafter = load_drafter(args, model, device)
         kw.update(draft=drafter, draft_len=args.draft_len)
-    ml = model.stream_meta.max_len
-    if ml is not None and len(prompt) + args.max_new_bytes > ml:
+    from omnibyte.model.inference.decoder import check_room
+
+    try:  # the model's own check, as a one-line argument error
+        check_room(model, len(prompt), args.max_new_bytes)
+    except ValueError as e:
         from omnibyte.config import ConfigError
 
-        raise ConfigError(f"--max-new-bytes {args.max_new_bytes}: with the {len(prompt)}-token prompt it passes this "
-                          f"run's max_len {ml} (learned positions); at most {max(0, ml - len(prompt))}")
+        raise ConfigError(f"--max-new-bytes {args.max_new_bytes}: {e}") from None
     out = model.generate(batch, args.max_new_bytes, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, stop_tokens=(vocab.EOS,), generator=gen,
                          use_graphs=not (args.no_graphs or args.draft), compile_step=args.compile, **kw)

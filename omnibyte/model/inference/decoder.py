@@ -19,6 +19,16 @@ from .speculative import speculative_generate
 log = logging.getLogger("omnibyte.model")
 
 
+def check_room(model, prompt_len: int, max_new_bytes: int) -> None:
+    """ValueError when a prompt of ``prompt_len`` tokens plus ``max_new_bytes`` passes the model's ``max_len``
+    (a global stage with learned positions)."""
+    ml = model.stream_meta.max_len
+    if ml is not None and prompt_len + max_new_bytes > ml:
+        raise ValueError(f"generate: a {prompt_len}-token prompt plus max_new_bytes={max_new_bytes} passes this "
+                         f"model's max_len {ml} (learned positions); ask for at most {max(0, ml - prompt_len)} "
+                         f"new bytes")
+
+
 class Decoder:
     """``new_state`` / ``feed`` / ``generate`` / ``score`` over an :class:`~omnibyte.model.mblm.MBLM`.
 
@@ -149,12 +159,8 @@ class Decoder:
         :mod:`omnibyte.model.routing` (after ``SOM_ANSWER``: answer bytes); ``base_modality``: the stream's base
         modality there (the serializer's for single-modality streams, e.g. text after a utf8 ``BOS``; default
         special)."""
-        ml = self.model.stream_meta.max_len
-        plen = len(prompt) if isinstance(prompt, (bytes, bytearray)) else (
-            len(prompt) if isinstance(prompt, list) else int(prompt.shape[-1]))
-        if ml is not None and plen + max_new_bytes > ml:  # refused before any work, not after the last byte
-            raise ValueError(f"generate: a {plen}-token prompt plus max_new_bytes={max_new_bytes} passes this model's "
-                             f"max_len {ml} (learned positions); ask for at most {max(0, ml - plen)} new bytes")
+        # refused before any work, not after the last byte
+        check_room(self.model, int(prompt.shape[-1]) if torch.is_tensor(prompt) else len(prompt), max_new_bytes)
         if draft is not None and self.model.modality_aware:
             raise NotImplementedError("generate: speculative decoding (draft=) does not route modality-aware "
                                       "models (modality_experts); generate without draft=")
