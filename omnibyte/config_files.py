@@ -83,10 +83,9 @@ class RawFloat(float):
     text = ""
 
 
-def _raw_number(kind):
+def _raw_number(kind, construct_plain):
     def construct(loader, node):
-        value = kind.__mro__[1](getattr(yaml.SafeLoader, f"construct_yaml_{kind.__mro__[1].__name__}")(loader, node))
-        out = kind(value)
+        out = kind(construct_plain(loader, node))
         out.text = node.value
         return out
 
@@ -94,8 +93,8 @@ def _raw_number(kind):
 
 
 def _keep_number_text(loader_cls) -> None:
-    loader_cls.add_constructor("tag:yaml.org,2002:int", _raw_number(RawInt))
-    loader_cls.add_constructor("tag:yaml.org,2002:float", _raw_number(RawFloat))
+    loader_cls.add_constructor("tag:yaml.org,2002:int", _raw_number(RawInt, yaml.SafeLoader.construct_yaml_int))
+    loader_cls.add_constructor("tag:yaml.org,2002:float", _raw_number(RawFloat, yaml.SafeLoader.construct_yaml_float))
 
 
 # a RawInt / RawFloat that reaches a dumped record is written as the number it is
