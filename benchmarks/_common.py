@@ -7,6 +7,7 @@ and UTC date, so results pasted into RESULTS.md carry their provenance.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import platform
@@ -97,7 +98,8 @@ MBLM_PRESETS["clevr"] = MBLM_PRESETS["pg19_lm"]
 SHAPES = {"mblm360m": (6, 8192), "pg19_lm": (16, 8192), "clevr": (16, 3072)}
 
 
-def git_commit() -> str:
+@functools.lru_cache(maxsize=1)
+def git_commit() -> str:  # once per process: every emitted row records it
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                              timeout=10)
