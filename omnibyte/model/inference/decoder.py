@@ -7,6 +7,8 @@ step is :mod:`omnibyte.model.inference.graphs`.
 from __future__ import annotations
 
 import logging
+import weakref
+from collections import OrderedDict
 
 import torch
 
@@ -29,6 +31,54 @@ def check_room(model, prompt_len: int, max_new_bytes: int) -> None:
                          f"new bytes")
 
 
+def _weights(model) -> tuple[tuple, tuple]:
+    """What a GraphStepper's compiled steps and captured graphs read: every module, parameter and buffer object
+    of ``model`` and the address of each tensor's storage (``load_state_dict`` copies into the same storage;
+    ``model.to(dtype)``, ``param.data = ...`` or a replaced module changes these)."""
+    mods = tuple(model.modules())
+    tens = tuple(t for mod in mods for t in (*mod._parameters.values(), *mod._buffers.values()) if t is not None)
+    return mods + tens, tuple(t.data_ptr() for t in tens)
+
+
+class StepperCache:
+    """The :class:`~omnibyte.model.inference.graphs.GraphStepper` s that ``generate(use_graphs=True)`` keeps
+    between calls for one model, by what their graphs depend on (:meth:`Decoder.stepper`). Bounded: the
+    ``size`` most recently used keys (each stepper holds its static buffers -- per row, the Mamba states of every
+    layer -- and its graphs' memory pool); all are dropped when the model's modules or parameter / buffer tensors
+    are replaced. A copy or pickle of the model starts with an empty cache."""
+
+    size = 2
+
+    def __init__(self, owner=None):
+        self.owner = weakref.ref(owner) if owner is not None else None
+        self.steppers: OrderedDict = OrderedDict()
+        self.weights: tuple = ((), ())
+
+    def __deepcopy__(self, memo):  # CUDA graphs and compiled functions are not copied
+        return StepperCache()
+
+    def __reduce__(self):
+        return StepperCache, ()
+
+    def get(self, key, model):
+        objs, ptrs = _weights(model)
+        old_objs, old_ptrs = self.weights
+        if ptrs != old_ptrs or len(objs) != len(old_objs) or any(a is not b for a, b in zip(objs, old_objs)):
+            self.steppers.clear()  # new weights or structure: graphs would read stale tensors
+            self.weights = (objs, ptrs)
+            return None
+        st = self.steppers.get(key)
+        if st is not None:
+            self.steppers.move_to_end(key)
+        return st
+
+    def put(self, key, stepper) -> None:
+        self.steppers[key] = stepper
+        self.steppers.move_to_end(key)
+        while len(self.steppers) > max(self.size, 1):
+            self.steppers.popitem(last=False)
+
+
 class Decoder:
     """``new_state`` / ``feed`` / ``generate`` / ``score`` over an :class:`~omnibyte.model.mblm.MBLM`.
 
@@ -38,9 +88,47 @@ class Decoder:
     # generate(): check for "every row stopped" every this many bytes (None: 8 on CUDA, where the check waits
     # for the GPU, 1 elsewhere); the output is the same either way
     stop_check_every: int | None = None
+    # generate(use_graphs=True) off CUDA decodes with eager feed; True runs the GraphStepper's static step there
+    # (eagerly, no graphs: what tests use to check the stepper and its reuse without a GPU)
+    static_step_off_cuda: bool = False
 
     def __init__(self, model):
         self.model = model
+
+    def _steppers(self) -> StepperCache:
+        m = self.model
+        cache = m.__dict__.get("_graph_steppers")
+        if cache is None or cache.owner is None or cache.owner() is not m:  # (a shallow copy shares __dict__)
+            cache = StepperCache(m)
+            m.__dict__["_graph_steppers"] = cache
+        return cache
+
+    def stepper(self, state: GenerationState, compile_step: bool | str = False):
+        """A :class:`~omnibyte.model.inference.graphs.GraphStepper` continuing ``state``: the one kept from an
+        earlier call with the same key -- batch rows, device, parameter dtype, autocast, ``compile_step``,
+        ``GraphStepper.fuse_linears`` and the decode kernels' ``use_pdl`` -- reset to ``state`` (its captured graphs
+        and compiled steps reused), else a new one, kept (:class:`StepperCache`). NotImplementedError where the
+        model has no static step (e.g. a Transformer global stage)."""
+        from . import kernels as decode_kernels
+        from .graphs import GraphStepper
+
+        m = self.model
+        dev = m.head.weight.device
+        autocast = torch.is_autocast_enabled(dev.type) and torch.get_autocast_dtype(dev.type)
+        key = (int(state.tokens.shape[0]), dev, m.head.weight.dtype, autocast, compile_step,
+               GraphStepper.fuse_linears, decode_kernels.use_pdl)
+        cache = self._steppers()
+        st = cache.get(key, m)
+        if st is None:
+            st = GraphStepper(m, state, compile=compile_step)
+            cache.put(key, st)
+        else:
+            st.reset(state)
+        return st
+
+    def clear_steppers(self) -> None:
+        """Drop the kept GraphSteppers (their static buffers and CUDA graphs' memory)."""
+        self._steppers().steppers.clear()
 
     def new_state(self, batch: int, device: torch.device | None = None) -> GenerationState:
         m = self.model
@@ -150,8 +238,10 @@ class Decoder:
         token (rows that stopped are padded with PAD). temperature 0 = greedy. ``use_graphs=True`` (CUDA, Mamba-2
         global stage) replays the per-byte step as CUDA graphs (omnibyte.model.inference.graphs; Transformer stages
         through the Triton kernels of omnibyte.model.inference.kernels); ``compile_step=True`` also fuses the
-        Mamba stages' step with torch.compile first (~30 s once). On an H100, 360M config: 1,600 bytes/s with
-        graphs, 2,500-2,700 with graphs + compile; logits tested against the full forward on CPU and GPU.
+        Mamba stages' step with torch.compile first (~30 s once). The stepper is kept on the model between calls
+        (:meth:`stepper`): a call with the same batch rows, dtype and flags as a recent one captures and compiles
+        nothing. On an H100, 360M config: 1,600 bytes/s with graphs, 2,500-2,700 with graphs + compile; logits
+        tested against the full forward on CPU and GPU.
         ``draft`` (a smaller byte model or a :class:`~omnibyte.model.inference.speculative.Drafter`): speculative
         decoding, ``draft_len`` bytes drafted per verification pass; greedy output equals plain greedy, samples
         follow the same distribution (:mod:`omnibyte.model.inference.speculative`). ``modality``: the prompt's
@@ -181,11 +271,9 @@ class Decoder:
                 state.base = int(base_modality)
             logits = self.feed(state, prompt, modality)
             step = lambda tok: self.feed(state, tok, self.next_modality(state, tok))  # noqa: E731
-            if device.type == "cuda" and use_graphs:
-                from .graphs import GraphStepper
-
-                try:
-                    step = GraphStepper(m, state, compile=compile_step).feed
+            if use_graphs and (device.type == "cuda" or self.static_step_off_cuda):
+                try:  # kept between calls: graphs are captured (and steps compiled) once per key, not per call
+                    step = self.stepper(state, compile_step).feed
                 except NotImplementedError as e:
                     log.info("generate: no CUDA-graph step (%s); eager steps", e)
             out = []

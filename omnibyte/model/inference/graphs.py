@@ -16,6 +16,11 @@ update is written out in torch, not mamba-ssm's kernel, so it fuses), compiled b
 
 ``kernels=True`` (the default on CUDA when Triton imports): Transformer stages step through the hand-fused
 Triton kernels of :mod:`omnibyte.model.inference.kernels` (four per layer) instead of either torch step.
+
+A stepper is reusable: :meth:`GraphStepper.reset` points it at a new :class:`GenerationState` (same batch rows),
+whose caches are copied into the *same* static buffers once it has ``Q_0`` bytes, so the graphs captured (and the
+steps compiled) for earlier states replay unchanged. ``Decoder.generate`` keeps its steppers between calls this way
+(:meth:`Decoder.stepper <omnibyte.model.inference.decoder.Decoder.stepper>`).
 """
 
 from __future__ import annotations
@@ -144,8 +149,10 @@ class GraphStepper:
         dev = model.head.weight.device
         self.use_graphs = dev.type == "cuda" if use_graphs is None else use_graphs
         self.Q0 = model.units[0]
-        self.ready = False
+        self.ready = False  # the current state's caches are in the static buffers
+        self.allocated = False  # the static buffers exist (allocated once: the graphs read their addresses)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.captures = 0  # CUDA graphs captured by this stepper (a benchmark's warm-up should do them all)
         self.N = state.tokens.shape[0]
         self.dev = dev
         from . import kernels as decode_kernels
@@ -172,56 +179,79 @@ class GraphStepper:
         if self.kernels:  # (blk, x, caches, rope, pos): the position as an int, one graph per phase anyway
             self.tf_step = decode_kernels.transformer_stage_step
 
+    def reset(self, state: GenerationState) -> None:
+        """Continue ``state`` (a new stream of the same ``N`` rows) from now on. The static buffers, compiled steps
+        and captured graphs are kept: the state's caches are copied into the buffers once it holds ``Q_0`` bytes
+        (after which ``feed`` gives exactly what a new stepper on ``state`` would)."""
+        if state.tokens.shape[0] != self.N:
+            raise ValueError(f"GraphStepper.reset: a state of {state.tokens.shape[0]} rows for a stepper of {self.N}")
+        self.state = state
+        self.ready = False
+
     # -- conversion of the eager state to static buffers ------------------------------------------
-    def _convert(self) -> None:
-        m, st, N = self.model, self.state, self.N
+    def _allocate(self) -> None:
+        """The static buffers (once per stepper: captured graphs read and write these addresses)."""
+        m, N = self.model, self.N
         dtype = m.head.weight.dtype
-        self.window = st.tokens[:, -self.Q0:].clone()  # (N, Q0) the last Q0 tokens
+        self.window = torch.zeros(N, self.Q0, dtype=torch.long, device=self.dev)  # (N, Q0) the last Q0 tokens
         self.tok = torch.zeros(N, 1, dtype=torch.long, device=self.dev)
         self.out = torch.zeros(N, m.config.vocab_size, dtype=torch.float32, device=self.dev)
-        self.n = st.length
         self.ctx = [None] + [torch.zeros(N, m.lengths[s], m.widths[s], dtype=dtype, device=self.dev)
                              for s in range(1, m.num_stages)]
-        for s in range(1, m.num_stages):
-            c = st.stages[s - 1].ctx
-            if c is not None:
-                self.ctx[s].copy_(c)
         self.caches: list[list[dict]] = []
         self.rope: list[list | None] = []  # per Transformer stage: (cos, sin) per position
         self.slots: list[list | None] = []  # per Transformer stage: (write, valid) masks per position
         for s, blk in enumerate(m.blocks):
-            cache = st.stages[s].cache
             layers = []
             if isinstance(blk, TransformerBlock):
                 P = m.lengths[s]
                 at = blk.layers[0].attn
-                for i in range(len(blk.layers)):
+                for _ in range(len(blk.layers)):
                     kb = torch.zeros(N, at.heads, P, at.head_dim, dtype=dtype, device=self.dev)
-                    vb = torch.zeros_like(kb)
-                    d = cache.layer(i)
-                    if "k" in d:
-                        L = d["k"].shape[2]
-                        kb[:, :, :L].copy_(d["k"])
-                        vb[:, :, :L].copy_(d["v"])
-                    layers.append({"k": kb, "v": vb})
+                    layers.append({"k": kb, "v": torch.zeros_like(kb)})
                 pos = torch.arange(P, device=self.dev)
                 cos, sin = rope_cos_sin(pos, at.head_dim, at.rope_base)
                 self.rope.append([(cos[p:p + 1].clone(), sin[p:p + 1].clone()) for p in range(P)]
                                  if at.rope else None)
                 self.slots.append([(pos == p, pos <= p) for p in range(P)])
             else:
-                for i, lay in enumerate(blk.layers):
+                for lay in blk.layers:
                     mx = lay.mixer
-                    d = cache.layer(i)
-                    conv = torch.zeros(N, mx.conv_dim, mx.d_conv - 1, dtype=dtype, device=self.dev)
-                    ssm = torch.zeros(N, mx.nheads, mx.headdim, mx.d_state, dtype=torch.float32, device=self.dev)
-                    if "conv" in d:
-                        conv.copy_(d["conv"])
-                        ssm.copy_(d["ssm"])
-                    layers.append({"conv": conv, "ssm": ssm})
+                    layers.append({"conv": torch.zeros(N, mx.conv_dim, mx.d_conv - 1, dtype=dtype, device=self.dev),
+                                   "ssm": torch.zeros(N, mx.nheads, mx.headdim, mx.d_state, dtype=torch.float32,
+                                                      device=self.dev)})
                 self.rope.append(None)
                 self.slots.append(None)
             self.caches.append(layers)
+        self.allocated = True
+
+    def _convert(self) -> None:
+        """Copy the eager state into the static buffers (in place; zeros where the state has nothing yet)."""
+        if not self.allocated:
+            self._allocate()
+        m, st = self.model, self.state
+        self.window.copy_(st.tokens[:, -self.Q0:])
+        self.n = st.length
+        for s in range(1, m.num_stages):
+            c = st.stages[s - 1].ctx
+            if c is None:
+                self.ctx[s].zero_()
+            else:
+                self.ctx[s].copy_(c)
+        for s, blk in enumerate(m.blocks):
+            cache = st.stages[s].cache
+            for i, bufs in enumerate(self.caches[s]):
+                d = cache.layer(i)
+                for b in bufs.values():
+                    b.zero_()
+                if isinstance(blk, TransformerBlock):
+                    if "k" in d:
+                        L = d["k"].shape[2]
+                        bufs["k"][:, :, :L].copy_(d["k"])
+                        bufs["v"][:, :, :L].copy_(d["v"])
+                elif "conv" in d:
+                    bufs["conv"].copy_(d["conv"])
+                    bufs["ssm"].copy_(d["ssm"])
         self.ready = True
 
     # -- the static step ---------------------------------------------------------------------------
@@ -298,5 +328,6 @@ class GraphStepper:
             for b, v in zip(bufs, saved):  # capture does not run the kernels; state is as before
                 b.copy_(v)
             self.graphs[phase] = g
+            self.captures += 1
         g.replay()
         return self.out.clone()
