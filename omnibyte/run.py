@@ -30,6 +30,7 @@ from .model.api import StreamModel
 from .pathway import is_pathway_state
 from .registry import MODELS, SERIALIZERS, TASKS
 from .runconfig import RunConfig, open_plugins
+from .vocab import Modality
 
 log = logging.getLogger("omnibyte.run")
 
@@ -250,14 +251,21 @@ def _stored_meta(cfg: RunConfig, task, serializer, split: str):
 def report_lines(run: Run, results: dict[str, Any]) -> list[str]:
     """A short, human-readable report of :func:`evaluate_run` results and where the run's files are."""
     d = run.run_dir
+    special = results.get("bpb_special_weight")
     lines = [f"{run.config.run_name}: {run.which} checkpoint step {run.step}; {results['split']} bits per byte "
-             f"{results['bpb']:.4f}"]
+             f"{results['bpb']:.4f}" + (f" (every loss-weighted token, {special:g} of weight on special tokens such as "
+                                         f"BOS/EOS among them)" if special else "")]
     if results.get("task"):
         lines += run.task.report(results["task"])
     lines += [f"run directory {d}  (checkpoints/, metrics.jsonl, eval/)",
               f"curves: omnibyte plot {d}   TensorBoard: tensorboard --logdir {d / 'events'}",
               f"results: {results.get('results_file')}"]
     return lines
+
+
+#: what an eval record's ``bpb`` is over (written beside it as ``bpb_scope``)
+BPB_SCOPE = ("sum(w * nats) / sum(w) / ln 2 over every token with loss weight w > 0 of the eval rows, specials (BOS, "
+             "EOS, markers, concat separators) included; bpb/<modality>: the tokens of one modality")
 
 
 def evaluate_run(run: Run, split: str | None = None, *, max_samples: int | None = None,
@@ -305,7 +313,10 @@ def evaluate_run(run: Run, split: str | None = None, *, max_samples: int | None 
         else:
             results.update(evaluate_bpb(LossModule(model), batches, device, bf16=bf16))
         results.pop("weight", None)
-        results.update(bpb_max_samples=n, bpb_bf16=bf16)  # what the bits per byte cover (0: the whole split)
+        # what the bits per byte cover (max_samples 0: the whole split); the loss weight of the special tokens
+        # (BOS / EOS / markers, concat separators) in them: a text task's own bpb (task.bpb) leaves those out
+        special = sum(float(b.loss_mask[b.modality == int(Modality.SPECIAL)].sum()) for b in batches)
+        results.update(bpb_max_samples=n, bpb_bf16=bf16, bpb_scope=BPB_SCOPE, bpb_special_weight=special)
         if rows:  # e.g. {"overlong_cropped": 3}: bits per byte over cropped streams, said in the result
             results["bpb_rows"] = rows
         if collect is not None:

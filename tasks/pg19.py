@@ -181,6 +181,8 @@ class PG19(Task):
             "num_bytes": totals["bytes"],
             "num_words": totals["words"],
             "word_count_rule": "len(text.split()) per book (whitespace split)",
+            "bpb_rule": BPB_RULE,
+            "word_ppl_rule": WORD_PPL_RULE,
             "num_books": totals["books"],
             "total_nats": totals["nats"],
             "context": context,
@@ -191,6 +193,21 @@ class PG19(Task):
             out.mkdir(parents=True, exist_ok=True)
             (out / f"pg19_{split}.json").write_text(json.dumps({**results, "books": per_book}, indent=1) + "\n")
         return results
+
+
+    def report(self, results: dict) -> list[str]:
+        """The text's bits per byte and word perplexity, each with what it is over (the run-level ``bpb`` of an
+        eval record also counts the EOS between books: this is the figure to quote)."""
+        r = results
+        return [f"{r['split']} text bits per byte {r['bpb']:.4f} over {r['num_bytes']} UTF-8 bytes of "
+                f"{r['num_books']} books (BOS/EOS not counted; windows of {r['context']}, stride {r['stride']}); "
+                f"word perplexity {r['word_ppl']:.6g} over {r['num_words']} whitespace-separated words"]
+
+
+#: what the task's ``bpb`` and ``word_ppl`` are over (recorded in every result)
+BPB_RULE = ("total nats of the books' text bytes (TEXT-modality tokens with loss weight > 0) / (their count * ln 2); "
+            "BOS, EOS and separators are context only: neither in the nats nor in the byte count")
+WORD_PPL_RULE = "exp(the same total nats / whitespace-separated words of the books' text)"
 
 
 def _cut_utf8(raw: bytes, n: int) -> bytes:

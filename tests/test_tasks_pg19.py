@@ -229,3 +229,39 @@ def test_evaluate_window_and_model_checks(tmp_path):
         build(root).evaluate(Uniform(), its, split="validation", context=4, stride=8)
     with pytest.raises(ValueError, match="needs per-token losses"):
         build(root).evaluate(Classifier(), its, split="validation", context=8)
+
+
+TINY_STAGES = ("model.stages=[{length: 8, width: 16, layers: 1, block: {name: transformer, heads: 2}}, "
+               "{length: 8, width: 16, layers: 1, block: {name: transformer, heads: 2}}]")
+
+
+def untrained_run(tmp_path, root, *overrides):
+    """A Run of a tiny untrained pg19 model (no training: evaluate_run only needs the components)."""
+    from omnibyte.run import Run, build_components
+    from omnibyte.runconfig import load_run_config
+
+    cfg = load_run_config("pg19_lm", [f"task.root={root}", TINY_STAGES, "data.seq_len=64", "data.batch_size=2",
+                                      f"out_dir={tmp_path / 'runs'}", "eval.split=validation", *overrides])
+    task, ser, model = build_components(cfg)
+    return Run(tmp_path / "runs" / "r", cfg, task, ser, model.eval(), tmp_path / "ckpt", 0, "latest", {})
+
+
+def test_eval_record_says_what_each_bpb_counts(tmp_path):
+    """The run-level bpb of a PG19 eval counts the EOS between books (concat packing) in its nats and its weight;
+    the task's bpb is over the text bytes only, word perplexity over the text's words; the record and the report
+    say which is which (it said neither, and the report printed only the run-level figure)."""
+    from omnibyte.run import evaluate_run, report_lines
+
+    texts = {"1": "one two three four " * 5, "2": "five six seven " * 6}
+    root = make_layout(tmp_path / "pg", {"validation": {k: v.encode() for k, v in texts.items()}})
+    run = untrained_run(tmp_path, root)
+    res = evaluate_run(run, per_token=False, progress=False, out_dir=tmp_path / "eval")
+    assert res["bpb_special_weight"] == 2.0  # one EOS separator per book, scored in the run-level bpb
+    assert "specials" in res["bpb_scope"] and "bpb/special" in res
+    task = res["task"]
+    assert task["num_bytes"] == sum(len(t) for t in texts.values())  # text bytes only: no EOS
+    assert task["num_words"] == sum(len(t.split()) for t in texts.values())
+    assert "neither in the nats nor in the byte count" in task["bpb_rule"]
+    lines = report_lines(run, res)
+    assert "special tokens" in lines[0]
+    assert any(f"text bits per byte {task['bpb']:.4f} over {task['num_bytes']} UTF-8 bytes" in x for x in lines)
