@@ -297,13 +297,14 @@ def evaluate_run(run: Run, split: str | None = None, *, max_samples: int | None 
     results: dict[str, Any] = {"run": str(run.run_dir), "checkpoint": str(run.checkpoint), "which": run.which,
                                "step": run.step, "split": split, "data_source": cfg.data.source}
     stats: dict = {}  # what serializing the items skipped
-    items = list(eval_items(cfg.data, run.task, run.serializer, split, max_samples=n, stats=stats)) \
-        if task_metrics else None
+    subset: dict = {}  # which samples: all of the split, or max_samples of it spread over it (SUBSET_RULE)
+    items = list(eval_items(cfg.data, run.task, run.serializer, split, max_samples=n, stats=stats,
+                            subset=subset)) if task_metrics else None
     if bpb:
         rows: dict = {}
         batches = eval_batches(cfg.data, run.task, run.serializer, split, max_samples=n,
                                batch_size=cfg.eval.batch_size, pad_multiple=meta.patch_product, stats=rows,
-                               streams=None if items is None else [it.stream for it in items])
+                               streams=None if items is None else [it.stream for it in items], subset=subset)
         per_token = per_token and meta.per_token_losses
         collect = PerTokenRows() if per_token else None
         if meta.per_token_losses:  # one forward per batch for the bits per byte, per-token rows and ``visit``
@@ -316,7 +317,8 @@ def evaluate_run(run: Run, split: str | None = None, *, max_samples: int | None 
         # what the bits per byte cover (max_samples 0: the whole split); the loss weight of the special tokens
         # (BOS / EOS / markers, concat separators) in them: a text task's own bpb (task.bpb) leaves those out
         special = sum(float(b.loss_mask[b.modality == int(Modality.SPECIAL)].sum()) for b in batches)
-        results.update(bpb_max_samples=n, bpb_bf16=bf16, bpb_scope=BPB_SCOPE, bpb_special_weight=special)
+        results.update(bpb_max_samples=n, bpb_subset=subset, bpb_bf16=bf16, bpb_scope=BPB_SCOPE,
+                       bpb_special_weight=special)
         if rows:  # e.g. {"overlong_cropped": 3}: bits per byte over cropped streams, said in the result
             results["bpb_rows"] = rows
         if collect is not None:
@@ -329,19 +331,21 @@ def evaluate_run(run: Run, split: str | None = None, *, max_samples: int | None 
                                       prior_from=lambda: training_meta(cfg, run.task, run.serializer))
         if extra:
             results["task"] = extra
-            results.update(task_max_samples=n, task_bf16=bf16)
+            results.update(task_max_samples=n, task_subset=subset, task_bf16=bf16)
         if stats:
             results["skipped"] = stats
     path = out / f"{split}_{run.step}.json"
     if path.is_file():
         earlier = json.loads(path.read_text())
         if earlier.get("checkpoint") == results["checkpoint"]:
-            task_keys = ("task", "skipped", "task_max_samples", "task_bf16")
+            task_keys = ("task", "skipped", "task_max_samples", "task_subset", "task_bf16")
             if not bpb:  # a task-only pass: its task results replace the earlier ones, the bpb pass stays
                 results = {**{k: v for k, v in earlier.items() if k not in task_keys and k != "parts"}, **results}
             elif "task" not in results and "task" in earlier:  # a bpb-only pass (per-token rows) keeps them
                 results = {**results, **{k: earlier[k] for k in task_keys if k in earlier}}
-    parts = {k: (results.get(f"bpb_{k}"), results.get(f"task_{k}")) for k in ("max_samples", "bf16")}
+    parts = {k: (results.get(f"bpb_{k}"), results.get(f"task_{k}")) for k in ("max_samples", "subset", "bf16")}
+    parts["subset"] = tuple(None if x is None else "{rule} {n} of {of}".format(**{"n": "", "of": "", **x})
+                            for x in parts["subset"])
     mixed = {k: v for k, v in parts.items() if "bpb" in results and "task" in results and v[0] != v[1]}
     results.pop("parts", None)
     if mixed:  # e.g. per-token rows of 4 samples beside the task over the whole split: never one sample set

@@ -157,8 +157,15 @@ def _train(cfg: RunConfig, info: parallel.DistInfo, early: EarlyRecords | None =
     # --- components, and the eval data checked before step 1 ------------------------------------------
     task, serializer, model = build_components(cfg)
     pad = model.stream_meta.patch_product
+    # which eval.max_samples samples: spread over the split; a run begun before that rule keeps its first N, so
+    # its curve and best checkpoint compare one sample set (checkpoints record the rule)
+    subset_rule = "spread" if resume_from is None else head.get("eval_subset", "first")
+    if subset_rule == "first" and cfg.eval.max_samples:
+        log.warning("resume: this run began when eval.max_samples took the first %d samples of %s; it keeps that "
+                    "rule (omnibyte eval spreads them over the split)", cfg.eval.max_samples, cfg.eval.split)
     eval_list = eval_batches(cfg.data, task, serializer, cfg.eval.split, max_samples=cfg.eval.max_samples,
-                             batch_size=cfg.eval.batch_size, pad_multiple=pad, rank=info.rank, world=info.world)
+                             batch_size=cfg.eval.batch_size, pad_multiple=pad, rank=info.rank, world=info.world,
+                             rule=subset_rule)
     if resume_from is None and t.init_from:
         init_weights_from(model, t.init_from, t.init_stages)
     pathway = attach_pathway_from(model, cfg, info, resume_from)  # train.pathway_from: W + lambda W' layers
@@ -230,7 +237,8 @@ def _train(cfg: RunConfig, info: parallel.DistInfo, early: EarlyRecords | None =
     def save(at: int, then_eval: bool) -> None:
         settle(at)  # a diverged run stops before its checkpoint
         saver.save(at, state={"counters": counters, "best": best, "config": cfg_dict, "eval_due": then_eval,
-                              "provenance": prov, "loss_weighting": "step"},
+                              "provenance": prov, "loss_weighting": "step",
+                              "eval_subset": subset_rule},
                    per_rank={"data": loader.state_dict(), "window": window.state()}, best=best)
         if info.is_main:
             log.info("checkpoint step %d", at)

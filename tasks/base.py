@@ -41,6 +41,24 @@ class Task:
         """Every sample of ``split``, in a fixed order; finite."""
         raise NotImplementedError
 
+    def samples_at(self, split: str, positions: Iterable[int]) -> Iterator[tuple[int, dict[str, Any]]]:
+        """``(position, sample)`` for the given ascending positions of :meth:`samples`' order (an evaluation's
+        subset). Skips the task makes count only for the chosen samples (``skipped``). Default: one pass over
+        :meth:`samples`; tasks with an index override it so that only the chosen samples are read."""
+        want = iter(positions)
+        nxt = next(want, None)
+        before = self.skipped
+        for i, sample in enumerate(self.samples(split)):
+            if nxt is None:
+                break
+            if i == nxt:
+                yield i, sample
+                nxt = next(want, None)
+            else:  # skips made on the way to a sample belong to it: not counted for one that is not chosen
+                self.skipped = before
+            before = self.skipped
+        self.skipped = before
+
     def num_samples(self, split: str) -> int | None:
         """Number of samples in ``split`` if cheaply known."""
         return None

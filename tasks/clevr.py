@@ -229,8 +229,15 @@ class ClevrVQA(Task):
 
     # --- samples ----------------------------------------------------------------------------------
     def samples(self, split: str) -> Iterator[dict[str, Any]]:
+        for _, sample in self.samples_at(split, range(len(self._load_index(split)))):
+            yield sample
+
+    def samples_at(self, split: str, positions: Iterable[int]) -> Iterator[tuple[int, dict[str, Any]]]:
+        """The questions at ``positions`` of the split's index (reading only their images)."""
         images = self.root / "images" / split
-        for rec in self._load_index(split):
+        index = self._load_index(split)
+        for i in positions:
+            rec = index[i]
             path = images / rec["image_filename"]
             try:
                 data = path.read_bytes()
@@ -238,7 +245,7 @@ class ClevrVQA(Task):
                 self._bad(f"question {rec['qindex']} of split {split!r}: cannot read image {path}: "
                           f"{e.strerror or e}")
                 continue
-            yield self._sample(split, rec, data)
+            yield i, self._sample(split, rec, data)
 
     def _sample(self, split: str, rec: dict[str, Any], image: bytes) -> dict[str, Any]:
         s = {

@@ -114,8 +114,15 @@ class PG19(Task):
         return self._meta
 
     def samples(self, split: str) -> Iterator[dict[str, Any]]:
+        for _, sample in self.samples_at(split, range(len(self.books(split)))):
+            yield sample
+
+    def samples_at(self, split: str, positions: Iterable[int]) -> Iterator[tuple[int, dict[str, Any]]]:
+        """The books at ``positions`` of the split's id order (reading only those)."""
         meta = self.metadata
-        for path in self.books(split):
+        books = self.books(split)
+        for i in positions:
+            path = books[i]
             try:
                 raw = path.read_bytes()
             except OSError as e:
@@ -131,8 +138,8 @@ class PG19(Task):
             except UnicodeDecodeError:
                 text = raw  # not UTF-8: the serializer's errors policy decides
             m = meta.get(path.stem, {})
-            yield {"id": f"pg19/{split}/{path.stem}", "text": text, "book_id": path.stem,
-                   "title": m.get("title", ""), "year": m.get("year")}
+            yield i, {"id": f"pg19/{split}/{path.stem}", "text": text, "book_id": path.stem,
+                      "title": m.get("title", ""), "year": m.get("year")}
 
     # --- evaluation -------------------------------------------------------------------------------
     def evaluate(self, model: Any, items: Iterable[Any], *, split: str, out_dir: Any = None,

@@ -10,6 +10,7 @@ import pytest
 
 from omnibyte.data import eval_items
 from omnibyte.data.prepare import prepare
+from omnibyte.data.sources import subset_positions
 from omnibyte.errors import DataError, SerializationError
 from omnibyte.registry import SERIALIZERS, TASKS
 from omnibyte.runconfig import DataConfig, load_run_config
@@ -42,7 +43,11 @@ def test_every_source_gives_the_same_items_with_real_meta(prepared):
             assert it.meta == {k: v for k, v in s.items() if k != "image"}, source  # question, answer, qtype, ...
             assert np.array_equal(it.stream.tokens, ser(s).tokens), source
         assert stats == {}, source
-        assert [it.id for it in eval_items(cfg, task, ser, "val", max_samples=2)] == [s["id"] for s in want[:2]]
+        # max_samples: the same seeded positions spread over the split from every source, and the record says so
+        subset: dict = {}
+        got = [it.id for it in eval_items(cfg, task, ser, "val", max_samples=2, subset=subset)]
+        assert got == [want[i]["id"] for i in subset_positions(len(want), 2)], source
+        assert subset["rule"] == "spread" and (subset["n"], subset["of"]) == (2, len(want)), source
     assert "sample" not in items[0].extra  # h5 keeps no raw sample, only its meta
 
 
@@ -112,3 +117,20 @@ def test_an_h5_file_of_another_split_is_refused(prepared, tmp_path):
     anon = write_streams([ByteStream.from_bytes(b"ab", Modality.TEXT, id="a")], tmp_path / "z.h5", progress=False)
     with pytest.raises(DataError, match=r"z.h5 records no split and is not named train.h5"):
         open_h5(DataConfig(source="h5", path=str(anon)), task, ser, "train", training=True)
+
+
+def test_the_default_samples_at_counts_skips_of_the_chosen_samples_only():
+    """A task without an index: one pass over samples(); a skip made on the way to sample i belongs to i."""
+    from omnibyte.tasks.base import Task
+
+    class Some(Task):
+        def samples(self, split):
+            for i in range(6):
+                if i in (1, 4):
+                    self.skipped += 1  # a bad sample skipped just before sample i
+                yield {"id": str(i)}
+
+    t = Some()
+    assert [i for i, _ in t.samples_at("x", [0, 2, 4])] == [0, 2, 4] and t.skipped == 1
+    t = Some()
+    assert [s["id"] for _, s in t.samples_at("x", [1, 5])] == ["1", "5"] and t.skipped == 1

@@ -390,9 +390,11 @@ def test_task_only_evaluation_joins_the_checkpoints_record(finished, tmp_path, m
     on_disk = json.loads(open(res["results_file"]).read())
     assert record["bpb_max_samples"] == 2 and record["bpb_bf16"] is False
     # the first call's bpb and per-token file stay; each part says what it covers, and the record that they differ
+    assert record["bpb_subset"] == {"rule": "spread", "seed": 0, "n": 2, "of": 16}  # which samples, recorded
     assert on_disk == {**record, "task": {"accuracy": 0.5, "n": 3}, "task_max_samples": 3, "task_bf16": False,
+                       "task_subset": {"rule": "spread", "seed": 0, "n": 3, "of": 16},
                        "parts": "bits per byte and task results come from different passes: max_samples 2 (bpb) "
-                                "vs 3 (task)"}
+                                "vs 3 (task); subset spread 2 of 16 (bpb) vs spread 3 of 16 (task)"}
     assert res["results_file"] == first["results_file"]
     other = dict(record, checkpoint="elsewhere")  # a record of another checkpoint is replaced, not merged
     open(res["results_file"], "w").write(json.dumps(other))

@@ -234,3 +234,38 @@ def test_reads_the_generators_output(tmp_path):
     assert len(samples) >= 12 and all(s["image"][:8] == b"\x89PNG\r\n\x1a\n" for s in samples)
     assert {s["answer"] for s in samples} <= set(CLEVR_ANSWERS)
     assert {s["qtype"] for s in samples} <= set(QTYPES) and all(s["family"] >= 0 for s in samples)
+
+
+def test_eval_subset_is_spread_over_the_split_and_counts_only_its_own_skips(tmp_path):
+    """eval.max_samples took the first N questions (CLEVR lists ~10 per image: a few images, few families) and
+    the skip count then included every bad record of the whole split; now N positions spread over the split by a
+    seeded rule (recorded), and only the chosen samples' skips are counted. max_samples=0 is the whole split."""
+    import copy
+
+    from omnibyte.data.items import eval_items
+    from omnibyte.data.sources import subset_positions
+    from omnibyte.registry import SERIALIZERS
+    from omnibyte.runconfig import DataConfig
+
+    root = _copy(tmp_path)
+
+    def edit(qs):
+        extra = [copy.deepcopy(qs[0]) for _ in range(3)]
+        for k, q in enumerate(extra):
+            q["question_index"] = 10 + k
+        del extra[0]["answer"], extra[1]["answer"]  # two bad records (no answer): not samples of the split
+        extra[2]["image_filename"] = "CLEVR_val_000009.png"  # a sample whose image is missing
+        qs.extend(extra)
+
+    _edit_questions(root, "val", edit)
+    task = build(root=root, on_bad_sample="skip")
+    ser = SERIALIZERS.build({"name": "qa", "image": {"name": "png"}})
+    assert subset_positions(5, 2) == [3, 4]  # the rule: seeded, fixed; position 4 is the missing image
+    stats, subset = {}, {}
+    got = [it.id for it in eval_items(DataConfig(), task, ser, "val", max_samples=2, stats=stats, subset=subset)]
+    assert got == ["clevr/val/3"] and stats == {"task_skipped": 1}
+    assert subset == {"rule": "spread", "seed": 0, "n": 2, "of": 5}
+    stats, subset = {}, {}
+    got = [it.id for it in eval_items(DataConfig(), task, ser, "val", stats=stats, subset=subset)]
+    assert got == [f"clevr/val/{i}" for i in range(4)] and stats == {"task_skipped": 3}  # the whole split
+    assert subset["rule"] == "all"

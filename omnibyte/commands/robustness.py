@@ -16,7 +16,7 @@ def add_arguments(p) -> None:
                         "ones at 0.001 and 0.01, jpeg:30, jpeg:10, noise:0, noise:16)")
     p.add_argument("--seed", type=int, default=0, help="corruption seed (with each sample id, or its image file for image corruptions: the draws)")
     p.add_argument("--limit", type=int, default=None, metavar="N",
-                   help="score the first N samples of the split (default: the run's eval.max_samples; 0: all)")
+                   help="score N samples spread over the split, as eval.max_samples (default: the run's eval.max_samples; 0: all)")
     p.add_argument("--out", default=None, metavar="FILE",
                    help="the JSON table (default: <run>/eval/robustness_<split>_<step>.json)")
     p.add_argument("--plot", nargs="?", const="", default=None, metavar="FILE",

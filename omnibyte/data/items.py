@@ -37,13 +37,15 @@ class EvalItem:
 
 
 def eval_items(data_cfg, task, serializer, split: str, *, max_samples: int = 0,
-               stats: dict | None = None) -> Iterator[EvalItem]:
-    """The first ``max_samples`` (0: all) items of ``split`` from ``data_cfg.source`` (module docstring).
+               stats: dict | None = None, subset: dict | None = None) -> Iterator[EvalItem]:
+    """The items of ``split`` from ``data_cfg.source`` (module docstring): all (``max_samples`` 0) or
+    ``max_samples`` spread over the split (:func:`~omnibyte.data.loader.eval_streams`; ``subset`` receives which).
 
-    ``stats`` (if given) receives the counters: ``bad_samples`` (serializer), ``task_skipped`` (task).
+    ``stats`` (if given) receives the counters of the samples read: ``bad_samples`` (serializer), ``task_skipped``
+    (task).
     """
     from .loader import eval_streams
 
     for stream, meta, sample in eval_streams(data_cfg, task, serializer, split, max_samples=max_samples,
-                                             stats=stats, with_samples=True):
+                                             stats=stats, with_samples=True, subset=subset):
         yield EvalItem(meta, stream, {"sample": sample} if sample is not None else {})

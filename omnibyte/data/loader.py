@@ -199,28 +199,51 @@ class TrainLoader:
 
 
 def eval_streams(cfg, task, serializer, split: str, *, max_samples: int = 0, stats: dict | None = None,
-                 with_samples: bool = False) -> Iterator:
-    """The first ``max_samples`` (0: all) serialized streams of ``split`` from ``cfg.source``, in order;
-    with ``with_samples``, ``(stream, meta, sample)`` triples (h5: the stored meta, no sample)."""
+                 with_samples: bool = False, subset: dict | None = None, rule: str = "spread") -> Iterator:
+    """The serialized streams of ``split`` from ``cfg.source`` in split order: all of them (``max_samples`` 0), or
+    ``max_samples`` of them spread over the split (:data:`~.sources.SUBSET_RULE`; ``rule="first"``: the first N,
+    the rule before it, kept for runs that began under it); with ``with_samples``, ``(stream, meta, sample)``
+    triples (h5: the stored meta, no sample). ``subset`` (a dict) receives what they cover
+    (:func:`~.sources.subset_record`); ``stats`` the skip counts of the samples read."""
     from itertools import islice
 
+    from .sources import samples_at, split_size, subset_positions, subset_record
+
     stats = {} if stats is None else stats
+    first = rule == "first"
     if cfg.source == "h5":
         store = open_h5(cfg, task, serializer, split, training=False)
-        for i in range(len(store) if not max_samples else min(max_samples, len(store))):
+        total = len(store)
+        if first and max_samples:
+            positions, record = range(min(max_samples, total)), {"rule": "first", "n": max_samples, "of": total}
+        else:
+            positions, record = subset_positions(total, max_samples), subset_record(total, max_samples)
+        if subset is not None:
+            subset.update(record)
+        for i in positions:
             yield (store[i], store.meta(i), None) if with_samples else store[i]
         return
-    samples = split_samples(cfg, task, split, stats)
-    if max_samples:
-        samples = islice(samples, max_samples)
+    if first or not max_samples:
+        samples = split_samples(cfg, task, split, stats)
+        if max_samples:
+            samples = islice(samples, max_samples)
+        if subset is not None:
+            subset.update({"rule": "first", "n": max_samples} if max_samples else subset_record(None, 0))
+    else:
+        total = split_size(cfg, task, split)
+        if subset is not None:
+            subset.update(subset_record(total, max_samples))
+        samples = samples_at(cfg, task, split, subset_positions(total, max_samples), stats) \
+            if max_samples < total else split_samples(cfg, task, split, stats)
     for s, stream in serialize(((s, s) for _, s in samples), serializer, policy_of(task), stats, log):
         yield (stream, sample_meta(s), s) if with_samples else stream
 
 
 def eval_batches(cfg, task, serializer, split: str, *, max_samples: int = 0, batch_size: int = 0,
                  pad_multiple: int = 1, rank: int = 0, world: int = 1, stats: dict | None = None,
-                 streams=None) -> list[Batch]:
-    """A fixed, finite list of batches of ``split`` (the first ``max_samples`` samples), this rank's share.
+                 streams=None, subset: dict | None = None, rule: str = "spread") -> list[Batch]:
+    """A fixed, finite list of batches of ``split`` (``max_samples`` samples: :func:`eval_streams`), this rank's
+    share.
     ``streams``: the split's streams serialized already (e.g. the :func:`~omnibyte.data.items.eval_items` a task
     evaluation reads), batched instead of serializing the split again.
 
@@ -232,7 +255,8 @@ def eval_batches(cfg, task, serializer, split: str, *, max_samples: int = 0, bat
     stats = {} if stats is None else stats
     packing = packing_of(cfg, task)
     if streams is None:
-        streams = eval_streams(cfg, task, serializer, split, max_samples=max_samples, stats=stats)
+        streams = eval_streams(cfg, task, serializer, split, max_samples=max_samples, stats=stats, subset=subset,
+                               rule=rule)
     buckets: tuple[int, ...] = ()
     if packing == "concat":
         rows = list(concat_rows(streams, cfg.seq_len, cfg.separator, keep_tail=True))

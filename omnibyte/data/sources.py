@@ -82,6 +82,59 @@ def task_samples(task, split: str, stats: dict, *, shard: int = 0, shards: int =
     skips(n)
 
 
+#: how ``eval.max_samples`` (and ``omnibyte robustness --limit``) picks N of a split's M samples; recorded in every
+#: eval record (``bpb_subset`` / ``task_subset``) so two runs' numbers can be checked to cover the same samples
+SUBSET_SEED = 0
+SUBSET_RULE = ("spread: the positions sorted(numpy.random.default_rng(0).choice(M, N, replace=False)) of the "
+               "split's M samples in their fixed order (the whole split when N = 0 or N >= M)")
+
+
+def subset_positions(total: int, n: int) -> list[int]:
+    """The positions of the ``n`` of ``total`` samples an evaluation scores (:data:`SUBSET_RULE`), ascending."""
+    if not n or n >= total:
+        return list(range(total))
+    return sorted(int(i) for i in np.random.default_rng(SUBSET_SEED).choice(total, n, replace=False))
+
+
+def subset_record(total: int | None, n: int) -> dict[str, Any]:
+    """What an eval record says about the samples it covers (``rule``: spread or all; ``n`` of ``of``)."""
+    if not n or (total is not None and n >= total):
+        return {"rule": "all", "n": total, "of": total}
+    return {"rule": "spread", "seed": SUBSET_SEED, "n": n, "of": total}
+
+
+def split_size(cfg, task, split: str) -> int:
+    """The number of samples of ``split`` in the run's source (task: its ``num_samples``, else one counting pass;
+    shards: their index counts)."""
+    if cfg.source == "shards":
+        return sum(open_shards(cfg, task, split).counts)
+    have = task.splits()
+    if split not in have:
+        raise DataError(f"task {task.name!r} has no split {split!r} (splits: {', '.join(have) or 'none'})")
+    n = type(task)(task.config).num_samples(split)
+    return n if n is not None else sum(1 for _ in type(task)(task.config).samples(split))
+
+
+def samples_at(cfg, task, split: str, positions: list[int], stats: dict) -> Iterator[tuple[int, dict]]:
+    """``(position, sample)`` for ``positions`` (ascending) of ``split`` (sources ``task`` and ``shards``). Task
+    skips are counted for the chosen samples only (a task's ``samples_at``), not for the rest of the split, nor
+    those it counts when it loads its index (bad records that are no sample of the split's order)."""
+    if cfg.source == "shards":
+        want = set(positions)
+        for i, sample in enumerate(open_shards(cfg, task, split).read()):
+            if i in want:
+                yield i, sample
+        return
+    fresh = type(task)(task.config)
+    fresh.num_samples(split)  # an index loaded (and its own skips made) before counting
+    last = fresh.skipped
+    for i, sample in fresh.samples_at(split, positions):
+        count(stats, "task_skipped", fresh.skipped - last)
+        last = fresh.skipped
+        yield i, sample
+    count(stats, "task_skipped", fresh.skipped - last)
+
+
 def h5_path(path: str, split: str, training: bool) -> Path:
     """``<path>/<split>.h5`` for a folder; for a file (``data.path=out/train.h5``) the file itself when
     training, and ``<split>.h5`` beside it for evaluation; ``{split}`` in ``path`` is replaced."""
