@@ -42,7 +42,10 @@ def tables(runs_dir: str, smooth: int = 1) -> str:
             continue
         out.append(f"\n### Steps to the scratch model's final val loss (answer bytes): {start} against scratch\n")
         out.append(A.markdown_table(rows, ["kind", "target", "scratch_steps", "pretrained_steps", "reached",
-                                           "speedup", "reduction", "scratch_final", "pretrained_final"]))
+                                           "speedup", "reduction", "reduction_bound", "scratch_final",
+                                           "pretrained_final"]))
+        out.append("\nA run that never reaches the target counts at its last step (censored): a column with "
+                   "censored runs is a bound (>= / <=), over every run, never over those that got there only.\n")
     acc = A.accuracy_table(runs, split="val")
     qtypes = sorted({q for r in acc for q in r["by_qtype"]})
     flat = [{"arm": r["arm"], "mode": r["mode"], "overall": r["accuracy"], **r["by_qtype"]} for r in acc]

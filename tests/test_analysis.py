@@ -335,3 +335,23 @@ def test_errors_over_questions_are_clustered_by_image():
     base = [dict(r, pred_rank="no") for r in recs]
     d = A.paired_records(recs, base)["all"]
     assert d["mean"] == pytest.approx(2 / 3) and d["stderr"] == pytest.approx(1 / 3) and d["clusters"] == 3
+
+
+def test_transfer_table_counts_runs_that_never_reach_the_target(tmp_path: Path):
+    """A pretrained run that never reaches scratch's final loss was left out of the speedup and step means (a mean
+    over the survivors, the failure hidden); it now counts, censored at its last step, and the figures say they
+    are bounds."""
+    root = tmp_path / "runs"
+    for seed in (0, 1):
+        make_run(root, f"png_scratch_s{seed}", seed=seed, val=[(10, 3.0), (20, 2.0), (30, 1.5)])
+    make_run(root, "png_pg19_s0", seed=0, init="runs/pg19_lm", val=[(10, 2.0), (20, 1.5), (30, 1.2)])
+    make_run(root, "png_pg19_s1", seed=1, init="runs/pg19_lm", val=[(10, 2.0), (20, 1.9), (30, 1.8)])  # never
+    row = A.transfer_table(A.load_runs(root))[0]
+    assert row["reached"] == "1/2" and row["scratch_reached"] == "2/2"
+    p = row["pretrained_steps"]
+    assert (p["n"], p["censored"], p["bound"], p["mean"]) == (2, 1, ">=", pytest.approx(25.0))  # 20 and >= 30
+    sp = row["speedup"]  # seed 0: 30 / 20; seed 1: 30 / (>= 30), at most 1
+    assert (sp["n"], sp["censored"], sp["bound"], sp["mean"]) == (2, 1, "<=", pytest.approx(1.25))
+    assert A.fmt(sp).startswith("<= 1.25 ± ") and "1 censored" in A.fmt(sp)
+    assert math.isnan(row["reduction"]) and row["reduction_bound"].startswith("<= ")
+    assert row["scratch_steps"]["censored"] == 0 and A.fmt(row["scratch_steps"]).startswith("30 ± 0")

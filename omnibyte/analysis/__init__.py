@@ -27,6 +27,7 @@ from .runs import (
     Run,
     aggregate,
     aggregate_curves,
+    censored_aggregate,
     curve,
     final_value,
     find_run_dirs,
@@ -60,7 +61,7 @@ from .transfer import (
 
 __all__ = [
     "Curve", "Run", "load_run", "load_runs", "find_run_dirs", "metrics_table", "curve", "modality_curves", "splits_of",
-    "smooth", "steps_to_target", "final_value", "aggregate", "aggregate_curves", "input_kind", "init_kind",
+    "smooth", "steps_to_target", "final_value", "aggregate", "aggregate_curves", "censored_aggregate", "input_kind", "init_kind",
     "arm", "group_runs", "check_seeds_of_one_arm", "SEED_KEYS", "mean_stderr", "transfer_table", "vqa_accuracy", "accuracy_table", "vqa_predictions", "binomial_accuracy",
     "paired_difference", "paired_records", "per_token_losses", "modality_bpb", "answer_loss_split",
     "image_segment", "image_loss_map", "fmt", "markdown_table", "arm_colours", "image_loss_maps",

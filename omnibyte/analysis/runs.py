@@ -230,6 +230,17 @@ def aggregate(values: Iterable[float | None]) -> dict[str, float]:
             "missing": len(vals) - n}
 
 
+def censored_aggregate(values: Sequence[float | None], censored: Sequence[bool], bound: str) -> dict[str, Any]:
+    """:func:`aggregate` of values some of which are censored (a bound, not a measurement: e.g. a run that never
+    reached a target, counted at its last step). With any censored value the mean is itself a bound: ``bound``
+    (">=" or "<=") is kept and ``censored`` counts them (:func:`fmt` prints both); none censored: a plain
+    aggregate (``censored`` 0)."""
+    out: dict[str, Any] = aggregate(values)
+    k = sum(bool(c) for v, c in zip(values, censored) if v is not None)
+    out.update(censored=k, bound=bound if k else "")
+    return out
+
+
 def aggregate_curves(curves: Sequence[Curve], steps: Sequence[int] | None = None
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(steps, mean, std, stderr) across seeds' curves, on the steps every curve has (or on ``steps``,
@@ -264,6 +275,9 @@ def fmt(agg: dict[str, float] | float | None, digits: int = 3, err: str = "stder
         return "-" if not math.isfinite(float(agg)) else f"{float(agg):.{digits}g}"
     if not agg.get("n"):
         return "-"
+    if agg.get("censored"):  # a bound: say so, and how many values are censored
+        return (f"{agg['bound']} {agg['mean']:.{digits}g} ± {agg[err]:.{digits}g} (n={agg['n']}, "
+                f"{agg['censored']} censored)")
     return f"{agg['mean']:.{digits}g} ± {agg[err]:.{digits}g} (n={agg['n']})"
 
 

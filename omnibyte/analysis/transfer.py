@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..identity import flatten
-from .runs import Run, _step_of, aggregate, curve, final_value, steps_to_target
+from .runs import Run, _step_of, aggregate, censored_aggregate, curve, final_value, steps_to_target
 
 # --- runs grouped by experiment arm ---------------------------------------------------------------------
 
@@ -99,16 +99,32 @@ def group_runs(runs: Iterable[Run], key: Callable[[Run], str] = arm, check: bool
     return groups
 
 
+def _steps_to(run: Run, target: float, key: str, split: str, window: int) -> tuple[float | None, bool]:
+    """(the first step ``run`` reaches ``target``, False); a run that never does: (its last step, True), censored
+    there (it would reach the target at that step or later); (None, False) without a curve."""
+    s, v = curve(run, key, split)
+    at = steps_to_target(s, v, target, window=window)
+    if at is None:
+        return (float(s[-1]), True) if len(s) else (None, False)
+    return at, False
+
+
 def transfer_table(runs: Iterable[Run], *, key: str = "loss", split: str = "val", window: int = 1,
                    pretrained: str = "pg19", paired: bool = True) -> list[dict[str, Any]]:
     """Does pretraining reduce the steps to the scratch model's final loss? One row per input kind.
 
     Target: the scratch arm's final (``window``-smoothed) ``split`` ``key``; with ``paired`` each seed's own
     scratch run gives the target for the pretrained run of the same seed (else the scratch mean is the
-    target for all). Per run: the first step its smoothed curve reaches the target (interpolated; None if
-    never). Row: ``kind, target, scratch_steps, pretrained_steps`` (aggregates), ``reached`` (pretrained
-    runs that got there / all), ``speedup`` (aggregate over seeds of scratch steps / pretrained steps),
-    ``reduction`` (1 - pretrained mean / scratch mean), final losses of both arms.
+    target for all). Per run: the first step its smoothed curve reaches the target (interpolated). A run that
+    never reaches it is **censored at its last step** (it needs at least that many), never dropped: the
+    aggregates count it, and when any value is censored they are bounds (``bound``, ``censored``; :func:`fmt`
+    prints ">= 600 ± 0 (n=3, 1 censored)"). Row: ``kind, target, scratch_steps, pretrained_steps`` (censored
+    aggregates, ">="), ``reached`` / ``scratch_reached`` (runs that got there / all), ``speedup`` (over every
+    seed, scratch steps / pretrained steps: "<=" where only pretrained runs are censored, ">=" where only scratch
+    ones are; with both kinds the seeds that are censored on both sides are left out and counted in
+    ``speedup["unbounded"]``, and seeds censored on one side of each kind make it no bound: ``bound`` "?"),
+    ``reduction`` (1 - pretrained mean / scratch mean; nan when a mean is censored, then ``reduction_bound``
+    says the bound, e.g. "<= 0.31"), final losses of both arms.
     """
     groups = group_runs(runs)
     rows = []
@@ -124,17 +140,38 @@ def transfer_table(runs: Iterable[Run], *, key: str = "loss", split: str = "val"
 
         targets = {r.seed: (finals.get(r.seed) if paired else None) for r in [*scratch, *pre]}
         targets = {sd: mean_target if t is None else t for sd, t in targets.items()}
-        s_steps = {r.seed: steps_to_target(*curve(r, key, split), targets[r.seed], window=window) for r in scratch}
-        p_steps = {r.seed: steps_to_target(*curve(r, key, split), targets[r.seed], window=window) for r in pre}
-        ratios = [s_steps[sd] / p for sd, p in p_steps.items()
-                  if p and s_steps.get(sd) is not None]
-        sa, pa = aggregate(s_steps.values()), aggregate(p_steps.values())
+        s_steps = {r.seed: _steps_to(r, targets[r.seed], key, split, window) for r in scratch}
+        p_steps = {r.seed: _steps_to(r, targets[r.seed], key, split, window) for r in pre}
+        ratios, directions, unbounded = [], set(), 0
+        for sd, (p, p_cens) in p_steps.items():
+            s, s_cens = s_steps.get(sd, (None, False))
+            if not p or s is None:
+                continue
+            if p_cens and s_cens:  # neither reached: the ratio is not bounded either way
+                unbounded += 1
+                continue
+            ratios.append((s / p, p_cens or s_cens))
+            directions |= {"<=" if p_cens else ">="} if (p_cens or s_cens) else set()
+        bound = "?" if len(directions) > 1 else next(iter(directions), "")
+        speedup = {**censored_aggregate([x for x, _ in ratios], [c for _, c in ratios], bound),
+                   "unbounded": unbounded}
+        sa = censored_aggregate([v for v, _ in s_steps.values()], [c for _, c in s_steps.values()], ">=")
+        pa = censored_aggregate([v for v, _ in p_steps.values()], [c for _, c in p_steps.values()], ">=")
+        reduction = 1.0 - pa["mean"] / sa["mean"] if sa["n"] and pa["n"] and sa["mean"] else float("nan")
+        bound_note = ""
+        if sa["censored"] or pa["censored"]:
+            # a censored pretrained mean is a lower bound (reduction <=), a censored scratch one too (reduction >=)
+            bound_note = ("?" if sa["censored"] and pa["censored"] else "<=" if pa["censored"] else ">=")
+            bound_note = f"{bound_note} {reduction:.3g}"
+            reduction = float("nan")
         rows.append({
             "kind": kind, "metric": f"{split}/{key}", "target": aggregate(finals.values()),
             "scratch_steps": sa, "pretrained_steps": pa,
-            "reached": f"{sum(v is not None for v in p_steps.values())}/{len(p_steps)}",
-            "speedup": aggregate(ratios),
-            "reduction": 1.0 - pa["mean"] / sa["mean"] if sa["n"] and pa["n"] and sa["mean"] else float("nan"),
+            "reached": f"{sum(not c and v is not None for v, c in p_steps.values())}/{len(p_steps)}",
+            "scratch_reached": f"{sum(not c and v is not None for v, c in s_steps.values())}/{len(s_steps)}",
+            "speedup": speedup,
+            "reduction": reduction,
+            "reduction_bound": bound_note,
             "scratch_final": aggregate(finals.values()),
             "pretrained_final": aggregate(final_value(r, key, split, window=window) for r in pre),
             "seeds": sorted({r.seed for r in scratch} | {r.seed for r in pre}),
