@@ -89,6 +89,8 @@ def test_generate_with_a_draft_run_prints_the_plain_greedy_output(run, tmp_path,
     _error(capsys, "generate", argv + ["--quiet", "--draft", str(tmp_path / "absent")], "absent")
     assert main(argv + ["--draft", "self", "--draft-layers", "1,1"]) == 0  # debug_tiny: 2 stages
     assert capsys.readouterr().out == plain
+    assert main(argv + ["--draft", "lookup", "--draft-len", "4"]) == 0  # prompt lookup: no model
+    assert capsys.readouterr().out == plain
     _error(capsys, "generate", argv + ["--quiet", "--draft", "self", "--draft-layers", "1"], "--draft", "stages")
 
 

@@ -33,10 +33,12 @@ def add_arguments(p) -> None:
     p.add_argument("--quiet", action="store_true", help="print only the samples (no checkpoint line, warnings only)")
     p.add_argument("--no-graphs", action="store_true",
                    help="CUDA: step byte by byte eagerly (default: the CUDA-graph step with Triton decode kernels)")
-    p.add_argument("--draft", default=None, metavar="RUN|self",
+    p.add_argument("--draft", default=None, metavar="RUN|self|lookup",
                    help="speculative decoding: a smaller byte-model run (same token contract) drafts --draft-len "
                         "bytes, this run verifies them in one pass (greedy output unchanged, sampling exact; eager); "
-                        "'self': this run's own first --draft-layers layers draft")
+                        "'self': this run's own first --draft-layers layers draft; 'lookup': no model, the bytes "
+                        "that followed an earlier occurrence of the context's last bytes (prompt lookup; a run "
+                        "directory named so: ./lookup)")
     p.add_argument("--draft-layers", default=None, metavar="N0,N1,...",
                    help="--draft self: layers kept per stage, outermost first (e.g. 4,2)")
     p.add_argument("--draft-len", type=int, default=4, help="--draft: bytes drafted per verification (>= 1)")
@@ -187,15 +189,20 @@ def run(args) -> int:
 
 
 def load_drafter(args, model, device):
-    """The --draft run's model as a ModelDrafter for ``model``; a run that cannot draft is a ConfigError."""
+    """The --draft drafter for ``model``: a run's model (ModelDrafter), ``self`` (SelfDrafter) or ``lookup``
+    (LookupDrafter); a run that cannot draft is a ConfigError."""
     import logging
 
     from omnibyte.config import ConfigError
-    from omnibyte.model.inference.speculative import ModelDrafter, SelfDrafter
+    from omnibyte.model.inference.speculative import LookupDrafter, ModelDrafter, SelfDrafter
     from omnibyte.run import load_run
 
     if model.stream_meta.modality_aware:
         raise ConfigError(f"{args.run_dir}: speculative decoding (--draft) does not support modality-aware models")
+    if args.draft == "lookup":
+        logging.getLogger("omnibyte.generate").info("drafting by prompt lookup, up to %d bytes per pass",
+                                                    args.draft_len)
+        return LookupDrafter()
     try:
         if args.draft == "self":
             logging.getLogger("omnibyte.generate").info("drafting with this run's first %s layers per stage, %d "

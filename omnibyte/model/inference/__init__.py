@@ -7,6 +7,8 @@
 * :mod:`.sampling` -- ``sample`` (temperature, top-k, nucleus).
 * :mod:`.graphs` -- :class:`GraphStepper`: the per-byte step on static buffers, replayed as CUDA graphs.
 * :mod:`.kernels` -- Triton kernels for one decode position of a Transformer stage.
+* :mod:`.speculative` -- speculative decoding (verification pass, rollback, model drafters); :mod:`.drafters` --
+  the ``Drafter`` interface and ``LookupDrafter`` (prompt lookup).
 
 The caches themselves (:mod:`omnibyte.model.cache`) belong to the blocks' contract, not to this package.
 """

@@ -242,7 +242,8 @@ class Decoder:
         (:meth:`stepper`): a call with the same batch rows, dtype and flags as a recent one captures and compiles
         nothing. On an H100, 360M config: 1,600 bytes/s with graphs, 2,500-2,700 with graphs + compile; logits
         tested against the full forward on CPU and GPU.
-        ``draft`` (a smaller byte model or a :class:`~omnibyte.model.inference.speculative.Drafter`): speculative
+        ``draft`` (a smaller byte model, a :class:`~omnibyte.model.inference.drafters.Drafter` or ``"lookup"``,
+        prompt lookup: :class:`~omnibyte.model.inference.drafters.LookupDrafter`): speculative
         decoding, ``draft_len`` bytes drafted per verification pass; greedy output equals plain greedy, samples
         follow the same distribution (:mod:`omnibyte.model.inference.speculative`). ``modality``: the prompt's
         Modality codes (same shape), required by a modality-aware model; generated tokens follow the rule of

@@ -20,8 +20,11 @@ teacher-forced pass from its cached state, and the state rolls back to the last 
   cached states stay aligned; a batch's acceptance is therefore that of its least lucky row.
 * Drafters: :class:`ModelDrafter`, a smaller byte model with the same vocabulary and token contract (any
   model with an MBLM's ``decoder``); :class:`SelfDrafter`, self-speculation by layer skipping (the model's own
-  weights, only the first layers of each stage: no second model, no second tokenizer); a :class:`Drafter`
-  subclass may draft any other way.
+  weights, only the first layers of each stage: no second model, no second tokenizer);
+  :class:`~omnibyte.model.inference.drafters.LookupDrafter` (``draft="lookup"``), prompt lookup: drafts copied
+  from the context after an earlier occurrence of its last bytes, no model at all; a
+  :class:`~omnibyte.model.inference.drafters.Drafter` subclass may draft any other way. A round where the
+  drafter proposes nothing is one plain step of the model.
 """
 
 from __future__ import annotations
@@ -34,7 +37,11 @@ import torch
 
 from ... import vocab
 from ..cache import BlockCache, GenerationState
+from .drafters import Drafter, LookupDrafter
 from .sampling import as_batch, sample, sampling_probs
+
+__all__ = ["Drafter", "LookupDrafter", "ModelDrafter", "SelfDrafter", "accept", "as_drafter", "skip_layers",
+           "speculative_generate", "verify"]
 
 log = logging.getLogger("omnibyte.model")
 
@@ -158,32 +165,6 @@ def restore_state(model, state: GenerationState, snap: tuple) -> None:
         st.cache, st.parent, st.ctx = cache.truncated(cache.length, _time_dims(model, s)), parent, ctx
 
 
-class Drafter:
-    """Proposes bytes for :func:`speculative_generate`. ``reset(context)`` starts from (B, L) streams;
-    ``propose(k, ...)`` returns k tokens per row (B, k) and, when sampling, the distributions they were drawn
-    from (B, k, V) after the same temperature / top-k / top-p as the target's (None when greedy);
-    ``advance(kept, tokens)``: every row kept its first ``kept`` proposals, then ``tokens`` (B,) followed.
-    ``proposed`` / ``accepted`` count drafted and kept bytes (the acceptance rate is their ratio)."""
-
-    def __init__(self):
-        self.proposed = 0
-        self.accepted = 0
-        self.rounds = 0
-
-    @property
-    def acceptance(self) -> float:
-        return self.accepted / self.proposed if self.proposed else float("nan")
-
-    def reset(self, context: torch.Tensor) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def propose(self, k: int, temperature: float, top_k: int, top_p: float, generator):  # pragma: no cover
-        raise NotImplementedError
-
-    def advance(self, kept: int, tokens: torch.Tensor) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
-
-
 class _CachedDrafter(Drafter):
     """A drafter that samples from an MBLM decoder's ``feed``, with a snapshot before each drafted byte."""
 
@@ -277,21 +258,29 @@ class SelfDrafter(_CachedDrafter):
         self.keep = list(keep)
 
 
+DRAFTERS = {"lookup": LookupDrafter}  # drafters that need nothing but their name: generate(..., draft="lookup")
+
+
 def as_drafter(draft, target) -> Drafter:
-    """``draft``: a :class:`Drafter`, or a model (wrapped in a :class:`ModelDrafter`)."""
+    """``draft``: a :class:`Drafter`, a model (wrapped in a :class:`ModelDrafter`) or a name in ``DRAFTERS``
+    (a new drafter of that class with its defaults)."""
     if isinstance(draft, Drafter):
         return draft
     if isinstance(draft, torch.nn.Module):
         return ModelDrafter(draft, target)
-    raise TypeError(f"draft must be a Drafter or a byte model, got {type(draft).__name__}")
+    if isinstance(draft, str) and draft in DRAFTERS:
+        return DRAFTERS[draft]()
+    got = repr(draft) if isinstance(draft, str) else type(draft).__name__
+    raise TypeError(f"draft must be a Drafter, a byte model or one of {sorted(DRAFTERS)}, got {got}")
 
 
 def accept(logits: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor | None, temperature: float, top_k: int,
            top_p: float, generator) -> tuple[int, int]:
-    """One row: target logits (k+1, V), drafts (k,), drafter distributions q (k, V) (None: greedy) ->
-    (kept, next token). Greedy keeps drafts while they equal the target's argmax; sampling keeps draft i with
-    probability min(1, p_i(x)/q_i(x)) and at the first rejection draws from max(0, p_i - q_i) renormalised; when
-    all k are kept the next token is drawn from p_k."""
+    """One row: target logits (k+1, V), drafts (k,), drafter distributions q (k, V) (None: greedy, or drafts
+    that are certain, q one-hot at each) -> (kept, next token). Greedy keeps drafts while they equal the
+    target's argmax; sampling keeps draft i with probability min(1, p_i(x)/q_i(x)) and at the first rejection
+    draws from max(0, p_i - q_i) renormalised (one-hot q: keep x with probability p_i(x), else draw from p_i
+    without x); when all k are kept the next token is drawn from p_k."""
     k = drafts.shape[0]
     if temperature <= 0:
         tgt = logits.float().argmax(-1)
@@ -302,11 +291,14 @@ def accept(logits: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor | None, t
     if k:
         idx = torch.arange(k, device=p.device)
         u = torch.rand(k, generator=generator, device=p.device)
-        ok = u * q[idx, drafts] < p[idx, drafts]
+        ok = u * (q[idx, drafts] if q is not None else 1.0) < p[idx, drafts]
         miss = (~ok).nonzero()
         if miss.numel():
             i = int(miss[0, 0])
-            resid = (p[i] - q[i]).clamp_min(0)
+            if q is not None:
+                resid = (p[i] - q[i]).clamp_min(0)
+            else:  # max(0, p - onehot(x)): p without x
+                resid = p[i].index_fill(0, drafts[i:i + 1], 0.0)
             if float(resid.sum()) <= 0:  # p == q to rounding: rejection had probability ~0
                 resid = p[i]
             return i, int(torch.multinomial(resid, 1, generator=generator))
@@ -373,6 +365,13 @@ def _generate(decoder, prompt, max_new: int, temperature, top_k, top_p, stop_tok
             emit(sample(decoder.feed(state, x[:, None]), temperature, top_k, top_p, generator)[:, None])
             break
         drafts, q = drafter.propose(k, temperature, top_k, top_p, generator)
+        k = drafts.shape[1]  # a drafter may propose fewer (LookupDrafter: where nothing matches)
+        if not k:  # nothing to verify: a plain step
+            x = sample(decoder.feed(state, x[:, None]), temperature, top_k, top_p, generator)
+            emit(x[:, None])
+            if len(out) < max_new and not bool(done.all()):
+                drafter.advance(0, x)
+            continue
         drafts = drafts.to(device)
         q = q.to(device) if q is not None else None
         ver = verify(decoder, state, torch.cat((x[:, None], drafts), dim=1))
