@@ -454,6 +454,11 @@ def test_robustness_on_a_pg19_run_matches_eval_and_refuses_image_corruptions(tmp
     for r in (drop, ant):  # every row's word perplexity is spread over the clean text's words
         assert r["word_ppl"] == pytest.approx(np.exp(r["total_nats"] / clean["clean_words"]))
         assert r["delta_text_bpb"] == pytest.approx(r["text_bpb"] - clean["text_bpb"])
+        # ... and beside it the bits per CLEAN byte: the same normaliser in every row, named in the table (word_ppl
+        # fell under drop because fewer bytes were scored, which read as robustness)
+        assert r["clean_byte_bpb"] == pytest.approx(r["total_nats"] / (clean["num_bytes"] * np.log(2)))
+    assert clean["clean_byte_bpb"] == pytest.approx(clean["text_bpb"]) and clean["clean_bytes"] == clean["num_bytes"]
+    assert "clean_byte_bpb" in table and f"nats / {clean['num_bytes']} bytes of the clean text" in table
 
 
 @pytest.mark.slow

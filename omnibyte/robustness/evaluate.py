@@ -208,7 +208,7 @@ def _show_corrupted_questions(path: Path, questions: dict[str, str]) -> None:
 def headline(rows: list[dict]) -> list[str]:
     """The metrics a table shows, in order, present in the clean row (not ``image_bpb`` of a run never trained
     to predict image bytes: :func:`untrained_image_bytes`)."""
-    keys = ["text_bpb", "word_ppl", "accuracy", "image_bpb", "bpb"]
+    keys = ["text_bpb", "clean_byte_bpb", "word_ppl", "accuracy", "image_bpb", "bpb"]
     clean = rows[0]
     out = [k for k in keys if clean.get(k) is not None and not (k == "image_bpb" and untrained_image_bytes(rows))]
     if "text_bpb" in out:
@@ -257,11 +257,16 @@ def run_robustness(run, split: str | None = None, *, corruptions=None, seed: int
             _show_corrupted_questions(detail / label.replace(":", "_") / f"vqa_{split}_predictions.jsonl",
                                       ser.questions)
         rows.append(_row(label, res, img.result(res.get("bpb_rows") or {}) if img is not None else None))
+    clean_bytes = rows[0].get("num_bytes")
     for r in rows:
         if "total_nats" in r and clean_words is not None:
             x = r["total_nats"] / clean_words if clean_words else None
             r["word_ppl"] = float("nan") if x is None else math.exp(x) if x < 700 else float("inf")
             r["clean_words"] = clean_words
+            # beside word_ppl, on the same footing: the nats over the clean text's bytes (drop scores fewer bytes,
+            # so both fall with it; text_bpb, over the corrupted bytes, does not)
+            r["clean_byte_bpb"] = r["total_nats"] / (clean_bytes * math.log(2)) if clean_bytes else float("nan")
+            r["clean_bytes"] = clean_bytes
     clean = rows[0]
     _pair_with_clean(rows, detail, split, log)
     for r in rows[1:]:
@@ -289,6 +294,7 @@ def run_robustness(run, split: str | None = None, *, corruptions=None, seed: int
         "normalisation": {
             "bpb": "the run's loss-weighted bits per byte over its eval rows (as omnibyte eval)",
             "text_bpb": "task total nats / (corrupted text bytes * ln 2)",
+            "clean_byte_bpb": "task total nats / (CLEAN text bytes * ln 2), the same count in every row (as word_ppl)",
             "word_ppl": "exp(task total nats / whitespace words of the CLEAN text), the same count in every row",
             "accuracy": "VQA accuracy of the task's main mode (questions corrupted by text corruptions)",
             "image_bpb": "mean bits over all image bytes of the eval rows, whatever their loss weight",

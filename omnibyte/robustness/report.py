@@ -59,8 +59,10 @@ def table_lines(result: dict[str, Any]) -> list[str]:
             f" {_fmt(r.get(k)):>12} {'' if r['corruption'] == 'clean' else _fmt(r.get('delta_' + k), True):>10}"
             for k in keys))
     if "word_ppl" in keys:
-        lines.append(f"word_ppl: exp(nats / {rows[0]['clean_words']} words of the clean text) in every row; "
-                     f"text_bpb: over the corrupted text's bytes")
+        lines.append(f"normalisers: text_bpb: nats / the corrupted text's bytes (each row its own); clean_byte_bpb: "
+                     f"nats / {rows[0]['clean_bytes']} bytes of the clean text and word_ppl: exp(nats / "
+                     f"{rows[0]['clean_words']} words of the clean text), the same in every row: a corruption that "
+                     f"removes text (drop) lowers both by scoring fewer bytes, which is not robustness")
     if "image_bpb" in keys:
         lines.append("image_bpb: over all image bytes of the eval rows, whatever their loss weight")
     elif untrained_image_bytes(rows):
