@@ -16,11 +16,14 @@ STAGE_KEY_RE = re.compile(r"^(?:blocks|start|patch_embed|to_next|stages)\.(\d+)(
 INNER_KEY_RE = re.compile(r"^(?:embed|head)(?:\.|$)")
 
 
-def save_weights(path: Path, model_state: dict[str, torch.Tensor], step: int) -> None:
-    """Weights as safetensors, with the step and the token-contract version in the file's metadata."""
+def save_weights(path: Path, model_state: dict[str, torch.Tensor], step: int,
+                 extra: dict[str, str] | None = None) -> None:
+    """Weights as safetensors, with the step and the token-contract version in the file's metadata (and ``extra``
+    string entries, e.g. an export's config)."""
     from safetensors.torch import save_file
 
-    meta = {"step": str(step), "contract_version": str(vocab.CONTRACT_VERSION), "format": "omnibyte-1"}
+    meta = {**(extra or {}), "step": str(step), "contract_version": str(vocab.CONTRACT_VERSION),
+            "format": "omnibyte-1"}
     save_file(_unshare(model_state), str(path), metadata=meta)
 
 

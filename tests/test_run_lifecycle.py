@@ -374,6 +374,29 @@ def test_export_writes_the_chosen_checkpoints_weights(finished, tmp_path, capsys
     assert main(["export", str(run), "--checkpoint", "7"]) == 2  # no such step: one clear error
 
 
+def test_an_export_carries_its_config_and_rebuilds_alone(finished, tmp_path):
+    """An exported file held weights, step and contract only: nothing said which model they were, so it could not
+    be rebuilt or checked. Its metadata now holds the run config; load_export builds the model from the file."""
+    from safetensors.torch import save_file
+
+    from omnibyte.config import ConfigError, to_dict
+    from omnibyte.export import export_weights, load_export
+    from omnibyte.run import load_run
+
+    _, _, run = finished
+    out, step = export_weights(run, "10", tmp_path / "x.safetensors")
+    model, cfg = load_export(out)
+    ref = load_run(run, 10, device="cpu")
+    assert to_dict(cfg.model) == to_dict(ref.config.model) and step == 10
+    want = ref.model.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
+    x = torch.randint(0, 256, (1, 16))
+    assert torch.equal(model(x), ref.model(x))
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "old.safetensors"), metadata={"step": "1"})
+    with pytest.raises(ConfigError, match="no run config in its metadata"):
+        load_export(tmp_path / "old.safetensors")
+
+
 def test_task_only_evaluation_joins_the_checkpoints_record(finished, tmp_path, monkeypatch):
     from omnibyte import data
     from omnibyte.run import evaluate_run, load_run
