@@ -5,6 +5,8 @@
     python benchmarks/generate.py --graph --compile --batches 1,4,16,64 --contexts 1024   # the batch table
     python benchmarks/generate.py --speculative --run runs/pg19_lm --draft runs/pg19_small --draft-len 8 \
         --prompt-file book.txt --contexts 1024 --new 512      # speculative vs plain greedy, same job
+    python benchmarks/generate.py --speculative --run runs/pg19_lm --draft lookup --draft-len 8 --graph --compile \
+        --prompt-file book.txt --contexts 1024 --new 512      # prompt lookup (no draft model) vs graphed plain
     python benchmarks/generate.py --speculative --preset small --draft self --device cpu   # the machinery only
 
 Random weights (speed only), bf16 parameters, greedy decoding of ``--new`` bytes after a random prompt of
@@ -14,16 +16,22 @@ O(1) in the context for Mamba global stages (fixed-size conv + SSM state; the lo
 patch), so ms_per_byte should stay flat. ``--graph`` replays the per-byte step as CUDA graphs; ``--compile``
 fuses each stage's step with torch.compile before capture (compile time counts in the untimed warm-up);
 Transformer stages use the Triton decode kernels (omnibyte.model.inference.kernels) unless ``--kernels 0``.
+Every row records ``capture_in_timing``: whether a CUDA graph was captured (or a step compiled) inside the timed
+span (``--warm`` bytes of at least a patch + 1 keep it out).
 
 ``--speculative``: greedy decoding of ``--new`` bytes after the same prompt, plainly (eager; with ``--graph``
 also the CUDA-graph step) and with ``generate(..., draft=, draft_len=)``, in one job; the speculative output
 must equal the eager plain output (asserted). The target is ``--run RUN`` (a trained run) or ``--preset``
-(random weights); the drafter ``--draft RUN``, ``--draft-preset NAME`` or ``--draft self`` (the target drafts
-for itself: acceptance 1, the verification machinery's cost and best case; with ``--draft-layers 4,2`` only
-its first layers per stage draft: self-speculation by layer skipping). Acceptance rates only mean
-something for trained models on real text (``--prompt-file``: the prompt is its first ``context`` bytes).
-Times include each call's prefill (reported separately); plain and speculative runs alternate ``--repeat``
-times and the medians are reported.
+(random weights); the drafter ``--draft RUN``, ``--draft-preset NAME``, ``--draft lookup`` (prompt lookup: no
+model) or ``--draft self`` (the target drafts for itself: acceptance 1, the verification machinery's cost and
+best case; with ``--draft-layers 4,2`` only its first layers per stage draft: self-speculation by layer
+skipping). Acceptance rates only mean something for trained models on real text (``--prompt-file``: the
+prompt is its first ``context`` bytes). Times include each call's prefill (reported separately); plain and
+speculative runs alternate ``--repeat`` times and the medians are reported. ``generate`` keeps its CUDA-graph
+stepper between calls, so the untimed warm-up calls (``--new`` bytes each: every phase of the patch) capture
+its graphs and the timed ``plain_graph`` calls replay them: the rows compare decoding with decoding
+(``capture_in_timing`` says so; it is true only where a timed call captured or compiled). On CPU, ``--graph``
+runs the same static step eagerly (``Decoder.static_step_off_cuda``): a dry run of the machinery.
 """
 
 from __future__ import annotations
@@ -57,6 +65,7 @@ def bench_omnibyte(args, model, ctx: int) -> dict:
     for _ in range(args.warm):
         logits = stepper.feed(tok) if stepper else model.feed(state, tok)
         tok = logits.argmax(-1, keepdim=True)
+    captured = stepper.captures if stepper else 0
     sync(dev)
     t0 = now()
     for _ in range(args.new):
@@ -64,6 +73,7 @@ def bench_omnibyte(args, model, ctx: int) -> dict:
         tok = logits.argmax(-1, keepdim=True)
     sync(dev)
     dt = now() - t0
+    capture_in_timing = bool(stepper and stepper.captures > captured)  # --warm shorter than a patch + 1
     if stepper is not None and args.profile and stepper.ready:
         profile_steps(stepper, args.profile)
     return dict(bench="generate", impl="omnibyte", preset=args.preset, device=device_name(dev), context=ctx,
@@ -72,6 +82,7 @@ def bench_omnibyte(args, model, ctx: int) -> dict:
                 ms_per_byte=round(1000 * dt / args.new, 3), graph=bool(args.graph), compile=args.compile,
                 fuse_linears=bool(args.fuse_linears), kernels=stepper.kernels if stepper else None,
                 pdl=bool(args.pdl), warm=args.warm, dtype=getattr(args, "dtype", None),
+                capture_in_timing=capture_in_timing, cuda_graphs=bool(stepper and stepper.use_graphs),
                 peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None)
 
 
@@ -109,12 +120,20 @@ def bench_mblm(args, ctx: int, new: int) -> dict:
                 new_bytes=new, bytes_per_s=round(new / dt, 1), ms_per_byte=round(1000 * dt / new, 3))
 
 
+def _graph_state(model) -> list:
+    """(stepper, captures) of the steppers ``generate`` keeps: a change across a timed call means it captured."""
+    return [(id(s), s.captures) for s in model.decoder.kept_steppers()]
+
+
 def _timed_generate(model, prompt, new: int, dev: str, **kw):
+    """(output, seconds, whether a CUDA graph was captured or a stepper built inside the timing)."""
+    before = _graph_state(model)
     sync(dev)
     t0 = now()
     out = model.generate(prompt, new, temperature=0.0, **kw)
     sync(dev)
-    return out, now() - t0
+    dt = now() - t0
+    return out, dt, _graph_state(model) != before
 
 
 def _prefill_s(model, prompt, dev: str) -> float:
@@ -137,38 +156,47 @@ def bench_speculative(args, model, make_drafter, ctx: int, text: bytes | None) -
         prompt = torch.tensor([list(text[:ctx])], device=dev)
     else:
         prompt = torch.randint(0, 256, (1, ctx), device=dev)
-    for _ in range(2 if args.warm else 0):  # allocator, kernels, graph capture: untimed
-        model.generate(prompt, 8, temperature=0.0)
-        model.generate(prompt, 8, temperature=0.0, draft=make_drafter(), draft_len=args.draft_len)
+    # allocator, kernels, and the CUDA-graph stepper's capture (and compile): untimed. Each warm-up call decodes
+    # --new bytes, so the kept stepper has captured every phase the timed calls replay
+    for _ in range(2 if args.warm else 0):
+        model.generate(prompt, args.new, temperature=0.0)
+        model.generate(prompt, args.new, temperature=0.0, draft=make_drafter(), draft_len=args.draft_len)
         if args.graph:
-            model.generate(prompt, 8, temperature=0.0, use_graphs=True, compile_step=args.compile)
+            model.generate(prompt, args.new, temperature=0.0, use_graphs=True, compile_step=args.compile)
     base = dict(bench="generate_speculative", target=args.run or args.preset, draft=args.draft or args.draft_preset,
                 draft_layers=args.draft_layers, device=device_name(dev), context=ctx, new_bytes=args.new,
                 prompt="file" if text is not None else "random", dtype=args.dtype, repeat=args.repeat)
     times: dict[str, list[float]] = {"plain": [], "plain_graph": [], "speculative": []}
+    captured = {k: False for k in times}  # a capture inside any timed call of the row
     for _ in range(args.repeat):
-        plain, dt = _timed_generate(model, prompt, args.new, dev)
+        plain, dt, cap = _timed_generate(model, prompt, args.new, dev)
         times["plain"].append(dt)
+        captured["plain"] |= cap
         if args.graph:
-            graph, dt = _timed_generate(model, prompt, args.new, dev, use_graphs=True, compile_step=args.compile)
+            graph, dt, cap = _timed_generate(model, prompt, args.new, dev, use_graphs=True,
+                                             compile_step=args.compile)
             times["plain_graph"].append(dt)
+            captured["plain_graph"] |= cap
         drafter = make_drafter()
-        spec, dt = _timed_generate(model, prompt, args.new, dev, draft=drafter, draft_len=args.draft_len)
+        spec, dt, cap = _timed_generate(model, prompt, args.new, dev, draft=drafter, draft_len=args.draft_len)
         times["speculative"].append(dt)
+        captured["speculative"] |= cap
         if not torch.equal(spec, plain):
             i = int((spec != plain).nonzero()[0, 1])
             raise SystemExit(f"speculative output differs from plain greedy at byte {i} (context {ctx})")
     med = {k: statistics.median(v) for k, v in times.items() if v}
     bps = {k: round(args.new / t, 1) for k, t in med.items()}
     rows = [dict(base, impl="plain", bytes_per_s=bps["plain"], total_s=round(med["plain"], 3),
-                 prefill_s=round(_prefill_s(model, prompt, dev), 3))]
+                 prefill_s=round(_prefill_s(model, prompt, dev), 3), capture_in_timing=captured["plain"])]
     if args.graph:
         rows.append(dict(base, impl="plain_graph", compile=args.compile, bytes_per_s=bps["plain_graph"],
-                         total_s=round(med["plain_graph"], 3), same_output_as_eager=bool(torch.equal(graph, plain))))
+                         total_s=round(med["plain_graph"], 3), same_output_as_eager=bool(torch.equal(graph, plain)),
+                         capture_in_timing=captured["plain_graph"], cuda_graphs=str(dev).startswith("cuda")))
     best = max(r["bytes_per_s"] for r in rows)
+    dmodel = getattr(drafter, "model", None)  # LookupDrafter: none
     rows.append(dict(base, impl="speculative", draft_len=args.draft_len, bytes_per_s=bps["speculative"],
-                     total_s=round(med["speculative"], 3),
-                     draft_prefill_s=round(_prefill_s(drafter.model, prompt, dev), 3),
+                     total_s=round(med["speculative"], 3), capture_in_timing=captured["speculative"],
+                     draft_prefill_s=round(_prefill_s(dmodel, prompt, dev), 3) if dmodel is not None else None,
                      acceptance=round(drafter.acceptance, 4), drafted=drafter.proposed, kept=drafter.accepted,
                      passes=drafter.rounds, bytes_per_pass=round(args.new / max(drafter.rounds, 1), 2),
                      same_output_as_plain=True, speedup_vs_plain_eager=round(med["plain"] / med["speculative"], 3),
@@ -177,16 +205,19 @@ def bench_speculative(args, model, make_drafter, ctx: int, text: bytes | None) -
 
 
 def main_speculative(args) -> None:
-    from omnibyte.model.inference.speculative import ModelDrafter, SelfDrafter
+    from omnibyte.model.inference.decoder import Decoder
+    from omnibyte.model.inference.speculative import LookupDrafter, ModelDrafter, SelfDrafter
     from omnibyte.run import load_run
 
+    if args.graph and not str(args.device).startswith("cuda"):  # a dry run: the static step, eagerly
+        Decoder.static_step_off_cuda = True
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
     if args.run:
         model = load_run(args.run, device=args.device).model.to(dtype).eval()
     else:
         model = build_omnibyte(args.preset).to(args.device).to(dtype).eval()
-    if args.draft == "self":
+    if args.draft in ("self", "lookup"):
         draft = model
     elif args.draft:
         draft = load_run(args.draft, device=args.device).model.to(dtype).eval()
@@ -199,6 +230,8 @@ def main_speculative(args) -> None:
             raise SystemExit("--draft-layers goes with --draft self")
         layers = [int(x) for x in args.draft_layers.split(",")]
         make = lambda: SelfDrafter(model, layers)  # noqa: E731
+    elif args.draft == "lookup":
+        make = LookupDrafter
     else:
         make = lambda: ModelDrafter(draft, model)  # noqa: E731
     text = open(args.prompt_file, "rb").read() if args.prompt_file else None
@@ -207,7 +240,7 @@ def main_speculative(args) -> None:
             emit(rec, args.out)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--preset", default="mblm360m")
     p.add_argument("--device", default="cuda")
@@ -230,14 +263,15 @@ def main() -> None:
     p.add_argument("--out", default=None)
     p.add_argument("--speculative", action="store_true", help="plain vs speculative greedy decoding (see above)")
     p.add_argument("--run", default=None, help="--speculative: a trained run as the target (else --preset)")
-    p.add_argument("--draft", default=None, help="--speculative: the drafter, a run directory or 'self'")
+    p.add_argument("--draft", default=None, help="--speculative: the drafter, a run directory, 'self' or 'lookup' "
+                   "(prompt lookup: no model)")
     p.add_argument("--draft-layers", default=None, help="--draft self: layers kept per stage (e.g. 4,2): "
                    "self-speculation by layer skipping")
     p.add_argument("--draft-preset", default=None, help="--speculative: a random-weight preset as the drafter")
     p.add_argument("--draft-len", type=int, default=8, help="--speculative: bytes drafted per verification")
     p.add_argument("--prompt-file", default=None, help="--speculative: the prompt's bytes (else random bytes)")
     p.add_argument("--repeat", type=int, default=3, help="--speculative: alternated timings (medians reported)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.speculative:
         return main_speculative(args)
     from omnibyte.model.inference.graphs import GraphStepper

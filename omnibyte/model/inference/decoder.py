@@ -126,6 +126,10 @@ class Decoder:
             st.reset(state)
         return st
 
+    def kept_steppers(self) -> list:
+        """The GraphSteppers kept for this model, least recently used first (benchmarks read their ``captures``)."""
+        return list(self._steppers().steppers.values())
+
     def clear_steppers(self) -> None:
         """Drop the kept GraphSteppers (their static buffers and CUDA graphs' memory)."""
         self._steppers().steppers.clear()

@@ -1,0 +1,55 @@
+"""benchmarks/generate.py measures decoding, not set-up: its CPU dry run (the static step eagerly) runs every
+row kind, and each row says whether a graph capture or a stepper build fell inside the timed span
+(``capture_in_timing``), false after the untimed warm-up (issue 17: the graphed rows had timed capture)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from omnibyte.model.inference import kernels as decode_kernels
+from omnibyte.model.inference.decoder import Decoder
+from omnibyte.model.inference.graphs import GraphStepper
+from tests.model_helpers import one_thread  # noqa: F401 - an autouse fixture
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    for obj, attr in ((Decoder, "static_step_off_cuda"), (GraphStepper, "fuse_linears"), (decode_kernels, "use_pdl")):
+        monkeypatch.setattr(obj, attr, getattr(obj, attr))  # the benchmark sets them: restored after the test
+    spec = importlib.util.spec_from_file_location("bench_generate", BENCH / "generate.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _rows(bench, tmp_path, *argv) -> list[dict]:
+    out = tmp_path / "rows.jsonl"
+    bench.main([*argv, "--preset", "tiny", "--device", "cpu", "--dtype", "float32", "--contexts", "40",
+                "--out", str(out)])
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def test_speculative_rows_time_decoding_only(bench, tmp_path):
+    rows = _rows(bench, tmp_path, "--speculative", "--draft", "lookup", "--graph", "--new", "20", "--repeat", "1")
+    assert [r["impl"] for r in rows] == ["plain", "plain_graph", "speculative"]
+    assert [r["capture_in_timing"] for r in rows] == [False, False, False]
+    assert rows[1]["same_output_as_eager"] and rows[1]["cuda_graphs"] is False
+    assert rows[2]["draft"] == "lookup" and rows[2]["draft_prefill_s"] is None
+    # without the warm-up the graphed row's first call builds its stepper inside the timing, and says so
+    (tmp_path / "rows.jsonl").unlink()
+    rows = _rows(bench, tmp_path, "--speculative", "--draft", "lookup", "--graph", "--new", "20", "--repeat", "1",
+                 "--warm", "0")
+    assert [r["capture_in_timing"] for r in rows] == [False, True, False]
+
+
+def test_per_context_rows_say_where_capture_fell(bench, tmp_path):
+    rows = _rows(bench, tmp_path, "--graph", "--new", "4", "--warm", "9")
+    assert rows[0]["bench"] == "generate" and rows[0]["capture_in_timing"] is False
+    assert rows[0]["cuda_graphs"] is False
