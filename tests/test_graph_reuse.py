@@ -134,29 +134,38 @@ def _gpu_model():
 @gpu
 @pytest.mark.parametrize("compile_step", [False, True])
 def test_gpu_graphed_generate_twice_equals_eager(compile_step):
-    """Consecutive graphed calls (different prompts and lengths; greedy and seeded sampling) give the eager
-    bytes; the second call with the same key captures nothing (its graphs are the first call's)."""
+    """Consecutive graphed calls (different prompts and lengths; greedy and seeded sampling) give what a fresh
+    stepper gives and, uncompiled, the eager bytes; calls after the first capture nothing (their graphs are the
+    first call's); new weights loaded in place decode with the same graphs."""
     m = _gpu_model()
     g = torch.Generator(device="cuda").manual_seed(0)
-    calls = [(torch.randint(0, 256, (2, n), device="cuda", generator=g), new) for n, new in ((13, 24), (9, 31), (2, 17))]
-    captured = []
-    for prompt, new in calls:
-        eager = m.generate(prompt, new, temperature=0)
-        assert torch.equal(m.generate(prompt, new, temperature=0, use_graphs=True, compile_step=compile_step), eager)
-        (st,) = _kept(m)
-        captured.append(st.captures)
-    assert captured[0] == len(st.graphs) == 4 and captured[-1] == captured[0]  # 4 phases, captured once
-    for prompt, new in calls:  # seeded sampling: the kept stepper draws what a fresh one does
-        kw = dict(temperature=1.0, top_k=16, use_graphs=True, compile_step=compile_step)
-        a = m.generate(prompt, new, generator=torch.Generator(device="cuda").manual_seed(1), **kw)
-        b = _fresh(m).generate(prompt, new, generator=torch.Generator(device="cuda").manual_seed(1), **kw)
-        assert torch.equal(a, b)
+    calls = [(torch.randint(0, 256, (2, n), device="cuda", generator=g), new)
+             for n, new in ((13, 24), (9, 31), (2, 17))]
+    kw = dict(use_graphs=True, compile_step=compile_step)
+    for temperature in (0.0, 1.0):
+        outs, captured = [], []
+        for prompt, new in calls:
+            gen = torch.Generator(device="cuda").manual_seed(1)
+            outs.append(m.generate(prompt, new, temperature=temperature, top_k=16, generator=gen, **kw))
+            (st,) = _kept(m)
+            captured.append(st.captures)
+        assert len(st.graphs) == 4 and captured == [captured[0]] * len(calls)  # 4 phases, captured once
+        for (prompt, new), got in zip(calls, outs):
+            if temperature == 0 and not compile_step:
+                assert torch.equal(got, m.generate(prompt, new, temperature=0))
+            m.decoder.clear_steppers()  # a fresh stepper (same modules: a compiled step is not recompiled)
+            gen = torch.Generator(device="cuda").manual_seed(1)
+            assert torch.equal(got, m.generate(prompt, new, temperature=temperature, top_k=16, generator=gen, **kw))
+    (st,) = _kept(m)
     m.load_state_dict(tiny([(4, 64, dict(M2K, d_state=32, headdim=16, chunk_size=16)), (4, 64, TF)],
                            seed=3).state_dict())
     prompt, new = calls[0]
-    assert torch.equal(m.generate(prompt, new, temperature=0, use_graphs=True, compile_step=compile_step),
-                       m.generate(prompt, new, temperature=0))
+    got = m.generate(prompt, new, temperature=0, **kw)
     assert _kept(m) == [st]  # in-place weights: the same graphs read them
+    if not compile_step:
+        assert torch.equal(got, m.generate(prompt, new, temperature=0))
+    m.decoder.clear_steppers()
+    assert torch.equal(got, m.generate(prompt, new, temperature=0, **kw))
 
 
 def test_graph_stepper_counts_captures_only_on_cuda(static):

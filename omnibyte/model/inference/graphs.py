@@ -253,6 +253,7 @@ class GraphStepper:
                     bufs["conv"].copy_(d["conv"])
                     bufs["ssm"].copy_(d["ssm"])
         self.ready = True
+        self.state = None  # not used again (nor kept up to date): a kept stepper holds no call's eager caches
 
     # -- the static step ---------------------------------------------------------------------------
     def _block_step(self, s: int, x: torch.Tensor, pos: int) -> torch.Tensor:
