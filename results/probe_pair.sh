@@ -9,7 +9,7 @@ mkdir -p "$out"
 common=(--scale "${SCALE:-gpu2}" --arms scratch --seeds 1 --kinds pixels --no-cnn --only pixels_scratch_s0
         --images "${IMAGES:-6000}" --pg19 .data/pg19-mini
         --clevr-set serializer.loss=weights --clevr-set serializer.weights.image=0.1)
-python3 results/run_transfer.py "${common[@]}" --out "$out/w01_30x20" --budget "${BUDGET:-540}" > "$out/w01_30x20.log" 2>&1 &
+python3 results/run_transfer.py "${common[@]}" --out "$out/w01_30x20" --budget "${BUDGET:-540}" ${STEPS30:+--clevr-set train.steps=$STEPS30} > "$out/w01_30x20.log" 2>&1 &
 ( # the second probe reuses the first one's data once its prior (computed after the data) is written
   while [ ! -f "$out/w01_30x20/prior.json" ]; do sleep 2; done
   mkdir -p "$out/w01_40x27" && ln -sfn "$out/w01_30x20/data" "$out/w01_40x27/data"
