@@ -4,6 +4,7 @@ cannot be built and an explicit ``--checkpoint best`` that cannot be honoured: a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -66,6 +67,43 @@ def test_generate_refuses_a_prompt_file_that_is_not_a_readable_file(run, tmp_pat
     err = _error(capsys, "generate", ["generate", str(run), "--prompt-file", str(tmp_path)], "--prompt-file")
     assert "directory" in err
     _error(capsys, "generate", ["generate", str(run), "--prompt-file", str(tmp_path / "absent")], "--prompt-file")
+
+
+def test_generate_follows_the_runs_precision_policy_as_ask_does(run, capsys, monkeypatch):
+    """generate ran in fp32 while ask and eval ran under the run's bf16 autocast: the same greedy prompt could
+    answer differently in the two commands. It now decodes under the same policy (eager paths) and logs it."""
+    import torch
+
+    from omnibyte.commands.generate import precision_of
+    from omnibyte.model.mblm import MBLM
+    from omnibyte.run import load_run
+
+    seen = []
+    real = MBLM.generate
+
+    def spy(self, *a, **k):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(MBLM, "generate", spy)
+    config = load_run(run).config
+    for precision, want in (("bf16", torch.bfloat16), ("fp32", False), ("auto", False)):
+        cfg = dataclasses.replace(config, train=dataclasses.replace(config.train, precision=precision))
+        monkeypatch.setattr("omnibyte.run.load_run",
+                            lambda *a, _c=cfg, **k: _with_config(load_run(*a, **k), _c))
+        assert main(["generate", str(run), "--prompt", "ab", "--max-new-bytes", "2", "--temperature", "0"]) == 0
+        assert seen[-1] == want, (precision, seen)
+    cfg = dataclasses.replace(config, train=dataclasses.replace(config.train, precision="auto"))
+    cuda = torch.device("cuda")
+    assert precision_of(cfg, cuda, graphs=False) and not precision_of(cfg, cuda, graphs=True)
+
+
+def _with_config(loaded, config):
+    try:
+        return dataclasses.replace(loaded, config=config)
+    except TypeError:
+        loaded.config = config
+        return loaded
 
 
 def test_generate_accepts_the_range_edges(run, tmp_path, capsys):

@@ -173,9 +173,18 @@ def run(args) -> int:
         from omnibyte.config import ConfigError
 
         raise ConfigError(f"--max-new-bytes {args.max_new_bytes}: {e}") from None
-    out = model.generate(batch, args.max_new_bytes, temperature=args.temperature, top_k=args.top_k,
-                         top_p=args.top_p, stop_tokens=(vocab.EOS,), generator=gen,
-                         use_graphs=not (args.no_graphs or args.draft), compile_step=args.compile, **kw)
+    graphs = device.type == "cuda" and not (args.no_graphs or args.draft)
+    bf16 = precision_of(loaded.config, device, graphs)
+    logging.getLogger("omnibyte.generate").info(
+        "precision: %s", "bf16 autocast (train.precision, as omnibyte ask and eval)" if bf16 else
+        "fp32 weights (the CUDA-graph step; ask and eval run bf16 autocast: --no-graphs for the same)" if graphs
+        else "fp32 (train.precision)")
+    from omnibyte.precision import autocast
+
+    with torch.no_grad(), autocast(device, bf16):
+        out = model.generate(batch, args.max_new_bytes, temperature=args.temperature, top_k=args.top_k,
+                             top_p=args.top_p, stop_tokens=(vocab.EOS,), generator=gen,
+                             use_graphs=not (args.no_graphs or args.draft), compile_step=args.compile, **kw)
     if drafter is not None:
         logging.getLogger("omnibyte.generate").info(
             "speculative decoding: %d bytes drafted, %d kept (acceptance %.1f%%) in %d verification passes",
@@ -186,6 +195,15 @@ def run(args) -> int:
         if args.num > 1:
             print("-" * 40)
     return 0
+
+
+def precision_of(config, device, graphs: bool) -> bool:
+    """Whether ``generate`` decodes under bf16 autocast: the run's ``train.precision`` policy, as ``omnibyte ask``
+    and evaluation use it (greedy answers then agree with theirs), except on the CUDA-graph step, which runs at the
+    weights' dtype (fp32), as the precision line it logs says."""
+    from omnibyte.precision import use_bf16
+
+    return use_bf16(config.train.precision, device) and not graphs
 
 
 def load_drafter(args, model, device):
