@@ -101,13 +101,17 @@ SHAPES = {"mblm360m": (6, 8192), "pg19_lm": (16, 8192), "clevr": (16, 3072)}
 @functools.lru_cache(maxsize=1)
 def git_commit() -> str:  # once per process: every emitted row records it
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=10)
+        out = subprocess.run(["git", "rev-parse", "--show-toplevel", "--short", "HEAD"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=10)
+        lines = out.stdout.split()
+        # a copy of the tree inside another checkout (the device's snapshot folder) is not that checkout's HEAD
+        if out.returncode != 0 or len(lines) != 2 or Path(lines[0]).resolve() != Path(ROOT).resolve():
+            return "unknown"
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
                                capture_output=True, text=True, timeout=10).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+        return lines[1] + ("-dirty" if dirty else "")
     except Exception:  # noqa: BLE001
-        return os.environ.get("OMNIBYTE_COMMIT", "unknown")
+        return "unknown"
 
 
 def device_name(device: str) -> str:
@@ -119,8 +123,8 @@ def device_name(device: str) -> str:
 def emit(record: dict, out: str | None = None) -> None:
     record = dict(record)
     record.setdefault("date", datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
-    # git's answer (with -dirty) where there is a checkout; OMNIBYTE_COMMIT only where there is none (the device
-    # copy), so a modified tree is never recorded as a clean commit
+    # git's answer (with -dirty) where the benchmarks' tree is a checkout's root; OMNIBYTE_COMMIT only where it is
+    # not (the device copy, or a snapshot folder inside another checkout), so a modified tree is never recorded as a clean commit
     commit = git_commit()
     record.setdefault("commit", commit if commit != "unknown" else os.environ.get("OMNIBYTE_COMMIT", "unknown"))
     record.setdefault("torch", torch.__version__)

@@ -53,3 +53,28 @@ def test_per_context_rows_say_where_capture_fell(bench, tmp_path):
     rows = _rows(bench, tmp_path, "--graph", "--new", "4", "--warm", "9")
     assert rows[0]["bench"] == "generate" and rows[0]["capture_in_timing"] is False
     assert rows[0]["cuda_graphs"] is False
+
+
+def test_a_snapshot_inside_another_checkout_is_not_recorded_as_its_commit(tmp_path, monkeypatch):
+    """The device runs a snapshot folder of the tree inside the carried checkout: git answered that checkout's HEAD
+    (and -dirty) for code that was another commit. Only a checkout whose root is the benchmarks' tree counts; else
+    the rows take OMNIBYTE_COMMIT."""
+    import importlib.util
+    import shutil
+    import subprocess
+
+    outer = tmp_path / "outer"
+    (outer / "snap" / "benchmarks").mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", str(outer)], check=True)
+    (outer / "f").write_text("x")
+    subprocess.run(["git", "-C", str(outer), "add", "f"], check=True)
+    subprocess.run(["git", "-C", str(outer), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c"],
+                   check=True)
+    shutil.copy(Path(__file__).resolve().parent.parent / "benchmarks" / "_common.py", outer / "snap" / "benchmarks")
+    spec = importlib.util.spec_from_file_location("_common_snap", outer / "snap" / "benchmarks" / "_common.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.git_commit() == "unknown"
+    monkeypatch.setenv("OMNIBYTE_COMMIT", "abc1234")
+    mod.emit({"bench": "x"}, str(tmp_path / "rows.jsonl"))
+    assert json.loads((tmp_path / "rows.jsonl").read_text())["commit"] == "abc1234"
