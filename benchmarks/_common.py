@@ -123,10 +123,10 @@ def device_name(device: str) -> str:
 def emit(record: dict, out: str | None = None) -> None:
     record = dict(record)
     record.setdefault("date", datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
-    # git's answer (with -dirty) where the benchmarks' tree is a checkout's root; OMNIBYTE_COMMIT only where it is
-    # not (the device copy, or a snapshot folder inside another checkout), so a modified tree is never recorded as a clean commit
-    commit = git_commit()
-    record.setdefault("commit", commit if commit != "unknown" else os.environ.get("OMNIBYTE_COMMIT", "unknown"))
+    # OMNIBYTE_COMMIT when set (the device copy: its .git can be stale -- device rows of f23c7a5 said 242ac0d-dirty --
+    # and a snapshot folder inside another checkout is not that checkout's HEAD), else git's answer (-dirty for a
+    # modified tree) where the benchmarks' tree is a checkout's root
+    record.setdefault("commit", os.environ.get("OMNIBYTE_COMMIT") or git_commit())
     record.setdefault("torch", torch.__version__)
     line = json.dumps(record)
     print(line, flush=True)
