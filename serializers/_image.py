@@ -214,8 +214,7 @@ def load_pixels(data: bytes, cfg: ProcessConfig):
         if min(bw // cfg.size[0], bh // cfg.size[1]) >= 2:
             im.draft(None, (W * cfg.size[0] // bw, H * cfg.size[1] // bh))
             if im.size != (W, H):  # the crop box follows the reduced scale
-                sx, sy = im.size[0] / W, im.size[1] / H
-                box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+                box = draft_box(box, (W, H), im.size)
     decode(im, data)
     if turned or (im.format == "PNG" and orientation(im) != 1):
         from PIL import ImageOps
@@ -226,6 +225,18 @@ def load_pixels(data: bytes, cfg: ProcessConfig):
         box = crop_box(cfg, W, H)
     ibox = tuple(int(round(v)) for v in box)
     return _finish(drop_alpha(im, cfg.background, ibox), box, cfg)
+
+
+def draft_box(box, full: tuple[int, int], scaled: tuple[int, int]) -> tuple[float, float, float, float]:
+    """``box`` (full-size pixels) in the pixels of a JPEG decoded with DCT scaling (``Image.draft``): libjpeg
+    scales by exactly 1/d (d = 2, 4 or 8) and rounds the size up, so pixel i of the scaled image covers full pixels
+    [i d, (i + 1) d). (Scaling by ``scaled / full`` instead shifted the box by up to one scaled pixel when the width
+    or height is not a multiple of d: 126/1001 for 1/8 of a 1001-pixel width.)"""
+    d = next((d for d in (2, 4, 8) if -(-full[0] // d) == scaled[0] and -(-full[1] // d) == scaled[1]), None)
+    if d is None:
+        raise ImageError(f"a JPEG decoded by DCT scaling at {scaled[0]}x{scaled[1]} from {full[0]}x{full[1]}: not "
+                         f"a scale of 1/2, 1/4 or 1/8")
+    return tuple(v / d for v in box)
 
 
 def orientation(im) -> int:

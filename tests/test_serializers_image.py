@@ -200,6 +200,29 @@ def test_jpeg_reencode_from_jpeg_uses_draft_and_is_deterministic():
     assert Image.open(io.BytesIO(ser.decode(a))).size == (62, 41)
 
 
+def test_draft_crop_box_is_an_exact_dct_scale_when_the_width_is_not_a_multiple_of_8(monkeypatch):
+    """A JPEG decoded at 1/8 by DCT scaling: its crop box was scaled by scaled/full size (126/1001 for a
+    1001-pixel width), up to a scaled pixel off at the far edge. A sharp edge lands where the full decode puts it."""
+    from omnibyte.serializers._image import draft_box
+
+    assert draft_box((50, 30, 951, 571), (1001, 601), (126, 76)) == (50 / 8, 30 / 8, 951 / 8, 571 / 8)
+    assert draft_box((0, 0, 1000, 600), (1000, 600), (250, 150)) == (0, 0, 250, 150)
+    arr = np.zeros((601, 1001, 3), np.uint8)
+    arr[:, 900:] = 255  # a vertical edge near the right side of the crop
+    src = jpeg_bytes(arr, quality=95)
+    ser = build(name="pixels", size=[110, 66], crop=0.1)
+    fast = np.asarray(ser.decode(ser({"id": "e", "image": src}))).astype(float)
+    monkeypatch.setattr(Image.Image, "draft", lambda self, mode, size: None)  # the full-size decode
+    full = np.asarray(ser.decode(ser({"id": "e", "image": src}))).astype(float)
+    # the edge's column (where the row crosses mid-grey) agrees to a fraction of an output pixel
+    def edge(px):
+        row = px[33, :, 0]
+        i = int(np.argmax(row > 127))
+        return i - 1 + (127 - row[i - 1]) / (row[i] - row[i - 1])
+
+    assert abs(edge(fast) - edge(full)) < 0.25, (edge(fast), edge(full))
+
+
 def test_alpha_composited_on_background():
     arr = np.zeros((8, 8, 4), np.uint8)
     arr[..., 0] = 200
