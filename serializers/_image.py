@@ -24,6 +24,7 @@ from typing import Any, Literal
 import numpy as np
 
 from omnibyte.errors import SerializationError
+from omnibyte.exif import orientation  # noqa: F401 - also this module's name for it
 from omnibyte.stream import ByteStream
 from omnibyte.vocab import Modality
 
@@ -237,15 +238,6 @@ def draft_box(box, full: tuple[int, int], scaled: tuple[int, int]) -> tuple[floa
         raise ImageError(f"a JPEG decoded by DCT scaling at {scaled[0]}x{scaled[1]} from {full[0]}x{full[1]}: not "
                          f"a scale of 1/2, 1/4 or 1/8")
     return tuple(v / d for v in box)
-
-
-def orientation(im) -> int:
-    """The EXIF orientation tag of an opened image (1: as stored; 2-8: mirrored and/or turned to display)."""
-    try:
-        value = int(im.getexif().get(0x0112, 1))
-    except Exception:  # noqa: BLE001 - a damaged EXIF block: Pillow's own reading is what displays it
-        return 1
-    return value if 1 <= value <= 8 else 1
 
 
 def _finish(im, box, cfg: ProcessConfig):

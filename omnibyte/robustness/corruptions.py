@@ -52,6 +52,7 @@ import numpy as np
 
 from ..config import ConfigError
 from ..errors import DataError
+from ..exif import orientation
 from ..stream import ByteStream
 from ..vocab import NUM_BYTES, Modality
 
@@ -191,11 +192,7 @@ def corrupt_image_file(data: bytes, c: Corruption, rng: np.random.Generator, sam
         raise DataError(f"sample {sample_id!r}: corruption {c.label}: cannot decode the image file ({e})") from None
     if fmt not in ("PNG", "JPEG"):
         raise DataError(f"sample {sample_id!r}: corruption {c.label}: image format {fmt} (PNG or JPEG expected)")
-    try:
-        turned = int(img.getexif().get(0x0112, 1)) != 1  # EXIF orientation (as serializers/_image.py reads it)
-    except Exception:  # noqa: BLE001 - an EXIF block Pillow cannot read: orientation 1, as the serializers
-        turned = False
-    if turned:  # written back as displayed, without the tag: the serializers turn the clean file too
+    if orientation(img) != 1:  # read as the serializers read it  # written back as displayed, without the tag: the serializers turn the clean file too
         from PIL import ImageOps
 
         img = ImageOps.exif_transpose(img)
