@@ -338,12 +338,13 @@ class MBLM(StreamModel):
     def generate(self, prompt, max_new_bytes: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  stop_tokens=(), generator: torch.Generator | None = None, use_graphs: bool = False,
                  compile_step: bool = False, draft=None, draft_len: int = 4, modality=None,
-                 base_modality: int | None = None) -> torch.Tensor:
+                 base_modality: int | None = None, graph_verify: bool = False) -> torch.Tensor:
         """See :meth:`Decoder.generate <omnibyte.model.inference.decoder.Decoder.generate>` (``draft``:
         speculative decoding, :mod:`omnibyte.model.inference.speculative`)."""
         return self.decoder.generate(prompt, max_new_bytes, temperature, top_k, top_p, stop_tokens, generator,
                                      use_graphs=use_graphs, compile_step=compile_step, draft=draft,
-                                     draft_len=draft_len, modality=modality, base_modality=base_modality)
+                                     draft_len=draft_len, modality=modality, base_modality=base_modality,
+                                     graph_verify=graph_verify)
 
     def score(self, prefix, candidates, modality=None) -> torch.Tensor:
         """See :meth:`Decoder.score <omnibyte.model.inference.decoder.Decoder.score>`."""

@@ -6,6 +6,7 @@ step is :mod:`omnibyte.model.inference.graphs`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import weakref
 from collections import OrderedDict
@@ -236,7 +237,7 @@ class Decoder:
     def generate(self, prompt, max_new_bytes: int, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, stop_tokens=(), generator: torch.Generator | None = None,
                  use_graphs: bool = False, compile_step: bool = False, draft=None, draft_len: int = 4,
-                 modality=None, base_modality: int | None = None) -> torch.Tensor:
+                 modality=None, base_modality: int | None = None, graph_verify: bool = False) -> torch.Tensor:
         """Sample up to ``max_new_bytes`` tokens after ``prompt`` ((B, P) LongTensor, list[int] or bytes).
         Returns (B, <= max_new_bytes) new tokens; generation stops early once every row has produced a stop
         token (rows that stopped are padded with PAD). temperature 0 = greedy. ``use_graphs=True`` (CUDA, Mamba-2
@@ -253,18 +254,29 @@ class Decoder:
         Modality codes (same shape), required by a modality-aware model; generated tokens follow the rule of
         :mod:`omnibyte.model.routing` (after ``SOM_ANSWER``: answer bytes); ``base_modality``: the stream's base
         modality there (the serializer's for single-modality streams, e.g. text after a utf8 ``BOS``; default
-        special)."""
+        special). ``graph_verify=True`` (with ``draft``; opt-in, not yet measured on a GPU): verification passes
+        on the kept GraphStepper's static buffers, one CUDA graph per (phase, pass length) on CUDA, eagerly
+        elsewhere (:mod:`omnibyte.model.inference.graph_verify`; ``use_graphs`` / ``compile_step`` allowed with it);
+        models it does not cover use the eager passes."""
         # refused before any work, not after the last byte
         check_room(self.model, int(prompt.shape[-1]) if torch.is_tensor(prompt) else len(prompt), max_new_bytes)
         if draft is not None and self.model.modality_aware:
             raise NotImplementedError("generate: speculative decoding (draft=) does not route modality-aware "
                                       "models (modality_experts); generate without draft=")
+        if graph_verify and draft is None:
+            raise ValueError("generate: graph_verify=True is for speculative decoding (draft=)")
         if draft is not None:
-            if use_graphs or compile_step:
+            if (use_graphs or compile_step) and not graph_verify:
                 raise ValueError("generate: draft= (speculative decoding) runs eager verification passes; "
-                                 "it cannot be combined with use_graphs / compile_step")
+                                 "it cannot be combined with use_graphs / compile_step (graph_verify=True: "
+                                 "static verification passes)")
+            loop = None
+            if graph_verify:
+                from .graph_verify import generate_static
+
+                loop = functools.partial(generate_static, compile_step=compile_step)
             return speculative_generate(self, prompt, max_new_bytes, temperature, top_k, top_p, stop_tokens,
-                                        generator, draft=draft, draft_len=draft_len)
+                                        generator, draft=draft, draft_len=draft_len, static_loop=loop)
         m = self.model
         device = m.head.weight.device
         prompt = as_batch(prompt, device)

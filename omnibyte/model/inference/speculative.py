@@ -308,9 +308,10 @@ def accept(logits: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor | None, t
 @torch.no_grad()
 def speculative_generate(decoder, prompt, max_new_bytes: int, temperature: float = 1.0, top_k: int = 0,
                          top_p: float = 1.0, stop_tokens=(), generator: torch.Generator | None = None,
-                         draft=None, draft_len: int = 4) -> torch.Tensor:
+                         draft=None, draft_len: int = 4, static_loop=None) -> torch.Tensor:
     """``Decoder.generate`` with a drafter (same arguments and output: (B, <= max_new_bytes), rows that stop
-    early padded with PAD, ending at the last row's stop when every row stopped). See the module docstring."""
+    early padded with PAD, ending at the last row's stop when every row stopped). See the module docstring.
+    ``static_loop``: :func:`~omnibyte.model.inference.graph_verify.generate_static` (static passes; None: eager)."""
     m = decoder.model
     if getattr(m, "modality_aware", False):
         raise NotImplementedError("speculative decoding: modality-aware stages (modality_experts) are not "
@@ -326,8 +327,10 @@ def speculative_generate(decoder, prompt, max_new_bytes: int, temperature: float
     modes = [(x, x.training) for x in (m, getattr(drafter, "model", None)) if isinstance(x, torch.nn.Module)]
     m.eval()
     try:
-        out = _generate(decoder, prompt, max_new_bytes, temperature, top_k, top_p, stop_tokens, generator, drafter,
-                        int(draft_len))
+        args = decoder, prompt, max_new_bytes, temperature, top_k, top_p, stop_tokens, generator, drafter, int(draft_len)
+        out = static_loop(*args) if static_loop is not None else None  # None: the model has no static passes
+        if out is None:
+            out = _generate(*args)
     finally:
         for x, was_training in reversed(modes):
             x.train(was_training)

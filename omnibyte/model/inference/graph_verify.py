@@ -1,0 +1,330 @@
+"""Speculative verification on a :class:`~omnibyte.model.inference.graphs.GraphStepper`'s static buffers,
+replayable as one CUDA graph per (start phase, T) (``generate(..., draft=..., graph_verify=True)``).
+
+The eager :func:`~omnibyte.model.inference.speculative.verify` clones states and grows KV caches by
+concatenation, a few hundred small launches and several host syncs per pass. Here a pass of T tokens (fixed T
+= 1 + draft length; shorter drafts are padded and their logits ignored) runs on the stepper's buffers: the
+local Transformer stage runs each within-patch segment of the T positions in one multi-position call on the
+static KV buffers (causal within the segment, attending to the patch's earlier slots; RoPE rows by position),
+and the global Mamba-2 stage steps once per patch boundary crossed (the stepper's own SSM step). Before each
+boundary after the first token, everything a rollback needs -- the global conv / SSM states, the local stage's
+context and the local KV of the patch being left -- is copied into preallocated snapshot buffers inside the
+pass. The kernel sequence depends only on (start phase, T): captured once per pair like ``GraphStepper.feed``'s
+per-phase step (warm-up on a side stream, buffers saved and restored around capture), on CUDA only; elsewhere
+the same code runs eagerly. :meth:`StaticVerifier.rollback` then leaves the stepper as if only the first
+``keep`` tokens had been fed (snapshot restored where a boundary was not kept; token window and position set).
+
+Supported: a Mamba-2 global stage and ONE inner Transformer stage of one-byte units (the shipped pg19_lm and
+mblm360m shapes); otherwise :class:`StaticVerifier` raises ``NotImplementedError`` and
+:func:`speculative_generate <omnibyte.model.inference.speculative.speculative_generate>` falls back to the eager
+path. Not yet measured on a GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ... import vocab
+from ..blocks.transformer import TransformerBlock
+from ..layers import apply_rope, rope_cos_sin
+from .drafters import LookupDrafter
+from .sampling import sample
+from .speculative import accept, verify
+
+log = logging.getLogger("omnibyte.model")
+
+
+def check_supported(model) -> None:
+    """NotImplementedError unless ``model`` has the shape the static verification handles (the GraphStepper's
+    own checks -- a Mamba-2 global stage, no modality-aware stages -- come on top)."""
+    blocks = model.blocks
+    if len(blocks) != 2 or not isinstance(blocks[1], TransformerBlock) or model.units[1] != 1:
+        raise NotImplementedError("static verification needs exactly two stages, the inner one a Transformer over "
+                                  "single bytes")
+    if blocks[1].max_len is not None:
+        raise NotImplementedError("static verification: learned positions in the inner stage")
+
+
+def transformer_multi_step(blk: TransformerBlock, x: torch.Tensor, caches: list[dict], p0: int, rope,
+                           allowed: torch.Tensor) -> torch.Tensor:
+    """Positions p0..p0+L-1 (x: (N, L, D)) of a patch through every layer of a Transformer stage on static KV
+    buffers (N, H, P, hd): their k, v written into slots p0.., each attending to slots <= its own position
+    (``allowed`` (L, P) bool). ``rope``: (cos, sin) (L, hd/2) or None."""
+    N, L, _ = x.shape
+    for lay, c in zip(blk.layers, caches):
+        at = lay.attn
+        q, k, v = at.qkv(lay.norm1(x)).view(N, L, 3, at.heads, at.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        kb, vb = c["k"], c["v"]
+        kb[:, :, p0:p0 + L].copy_(k)
+        vb[:, :, p0:p0 + L].copy_(v)
+        scores = (q.float() @ kb.float().transpose(-1, -2)) * at.head_dim ** -0.5  # (N, H, L, P)
+        probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+        y = (probs @ vb.float()).to(x.dtype)  # (N, H, L, hd)
+        x = x + at.out(y.transpose(1, 2).reshape(N, L, at.heads * at.head_dim))
+        x = x + lay.mlp(lay.norm2(x))
+    return blk.norm(x)
+
+
+def segments(phase0: int, T: int, Q0: int) -> list[tuple[int, int, int]]:
+    """The T steps of a pass starting at phase ``phase0`` (of the first index predicted) as within-patch
+    segments (first step, last step, local position of the first); a segment at local position 0 starts with a
+    global step."""
+    out, i = [], 0
+    while i < T:
+        p0 = (phase0 + i) % Q0
+        L = min(T - i, Q0 - p0)
+        out.append((i, i + L - 1, p0))
+        i += L
+    return out
+
+
+class StaticVerifier:
+    """Verification passes of T tokens on ``stepper``'s static buffers (see the module docstring). ``run``
+    returns the logits (N, T, V) in a static buffer (overwritten by the next pass); every ``run`` must be
+    followed by one ``rollback``."""
+
+    def __init__(self, stepper):
+        check_supported(stepper.model)
+        self.st, self.model = stepper, stepper.model
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.bufs: dict[int, dict] = {}
+        self.captures = 0
+        self.pending: tuple[int, int, int] | None = None  # (stream length before, T, phase0) of the last pass
+        self.passes = 0
+
+    # -- buffers --------------------------------------------------------------------------------
+    def _live(self) -> list[torch.Tensor]:
+        """What a rollback restores: global conv / SSM states, the local context, the local KV."""
+        st = self.st
+        return [*(t for d in st.caches[0] for t in d.values()), st.ctx[1], *(t for d in st.caches[1] for t in
+                                                                             d.values())]
+
+    def _buffers(self, T: int) -> dict:
+        b = self.bufs.get(T)
+        if b is None:
+            st, m, N, Q0 = self.st, self.model, self.st.N, self.st.Q0
+            dev = st.dev
+            at = m.blocks[1].layers[0].attn
+            pos = torch.arange(Q0, device=dev)
+            cos, sin = rope_cos_sin(pos, at.head_dim, at.rope_base)
+            nsnap = (T - 1) // Q0 + 1  # boundaries at steps >= 1 (a boundary at step 0 is always kept)
+            b = dict(tok=torch.full((N, T), vocab.PAD, dtype=torch.long, device=dev),
+                     hist=torch.zeros(N, Q0 + T, dtype=torch.long, device=dev),  # window before, then the T tokens
+                     out=torch.zeros(N, T, m.config.vocab_size, dtype=torch.float32, device=dev),
+                     arg=torch.zeros(N, T, dtype=torch.long, device=dev),
+                     snaps=[[t.clone() for t in self._live()] for _ in range(nsnap)],
+                     rope=(cos, sin) if at.rope else None,
+                     allowed=pos[None, :] <= pos[:, None])  # (position, slot)
+            self.bufs[T] = b
+        return b
+
+    # -- the pass ---------------------------------------------------------------------------------
+    def _pass(self, phase0: int, T: int) -> None:
+        st, m, N, Q0 = self.st, self.model, self.st.N, self.st.Q0
+        b = self.bufs[T]
+        dec, dtype = st.decoder, m.head.weight.dtype
+        hist = b["hist"]
+        hist[:, :Q0].copy_(st.window)
+        hist[:, Q0:].copy_(b["tok"])
+        nsnap = 0
+        for i0, i1, p0 in segments(phase0, T, Q0):
+            L = i1 - i0 + 1
+            if p0 == 0:  # a boundary: the global stage steps over the patch completed by token i0
+                if i0 > 0:
+                    torch._foreach_copy_(b["snaps"][nsnap], self._live())
+                    nsnap += 1
+                inp = dec.unit_embedding(0, hist[:, i0 + 1:i0 + 1 + Q0].reshape(N, 1, Q0)).to(dtype)
+                h = st.ssm_step(m.blocks[0], inp, st.caches[0], st.fuse_linears)[:, -1]
+                st.ctx[1].copy_(m.stage_context(0, h).view(N, m.lengths[1], m.widths[1]))
+            # inputs: the start vector at position 0, else the embedding of the token fed at that step
+            parts = [m.start[1].to(dtype).expand(N, 1, -1)] if p0 == 0 else []
+            a = i0 + (p0 == 0)
+            if a <= i1:
+                parts.append(dec.unit_embedding(1, hist[:, Q0 + a:Q0 + i1 + 1].reshape(N, i1 + 1 - a, 1)).to(dtype))
+            inp = (torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]) + st.ctx[1][:, p0:p0 + L]
+            rope = (b["rope"][0][p0:p0 + L], b["rope"][1][p0:p0 + L]) if b["rope"] is not None else None
+            h = transformer_multi_step(m.blocks[1], inp, st.caches[1], p0, rope, b["allowed"][p0:p0 + L])
+            b["out"][:, i0:i1 + 1].copy_(m.head(h).float())
+        b["arg"].copy_(b["out"].argmax(-1))
+
+    @torch.no_grad()
+    def run(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed ``tokens`` (N, T) from the stepper's current position; (N, T, V) logits (a static buffer)."""
+        st = self.st
+        if not st.ready:
+            raise RuntimeError("StaticVerifier.run: the stepper holds no state yet (fewer than Q_0 bytes fed)")
+        if self.pending is not None:
+            raise RuntimeError("StaticVerifier.run: the previous pass was not rolled back")
+        N, T = tokens.shape
+        b = self._buffers(T)
+        b["tok"].copy_(tokens, non_blocking=True)  # (from pinned host memory: the caller syncs every round)
+        phase0 = (st.n + 1) % st.Q0
+        if not st.use_graphs:
+            self._pass(phase0, T)
+        else:
+            g = self.graphs.get((phase0, T))
+            if g is None:
+                g = self._capture(phase0, T)
+            g.replay()
+        self.pending = (st.n, T, phase0)
+        self.passes += 1
+        return b["out"]
+
+    def _capture(self, phase0: int, T: int):
+        """As GraphStepper.feed: warm up on a side stream, capture; the stepper's buffers are as before."""
+        st = self.st
+        bufs = [st.window, *st.ctx[1:], *(t for c in st.caches for d in c for t in d.values())]
+        saved = [x.clone() for x in bufs]
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            self._pass(phase0, T)
+        torch.cuda.current_stream().wait_stream(s)
+        for x, v in zip(bufs, saved):
+            x.copy_(v)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            self._pass(phase0, T)
+        for x, v in zip(bufs, saved):
+            x.copy_(v)
+        self.graphs[(phase0, T)] = g
+        self.captures += 1
+        return g
+
+    @property
+    def argmax(self) -> torch.Tensor:
+        """(N, T) argmax of the last pass's logits (computed inside the pass)."""
+        return self.bufs[self.pending[1]]["arg"]
+
+    @torch.no_grad()
+    def rollback(self, keep: int) -> None:
+        """Leave the stepper as if only the first ``keep`` (1..T) tokens of the last pass had been fed."""
+        if self.pending is None:
+            raise RuntimeError("StaticVerifier.rollback: no pass to roll back")
+        a, T, phase0 = self.pending
+        if not 1 <= keep <= T:
+            raise ValueError(f"rollback: keep must be in 1..{T}, got {keep}")
+        st, b = self.st, self.bufs[T]
+        bounds = [i0 for i0, _, p0 in segments(phase0, T, st.Q0) if p0 == 0 and i0 > 0]
+        for j, i in enumerate(bounds):
+            if i >= keep:  # the first boundary not kept: its state from before it
+                torch._foreach_copy_(self._live(), b["snaps"][j])
+                break
+        st.window.copy_(b["hist"][:, keep:keep + st.Q0])
+        st.n = a + keep
+        self.pending = None
+
+
+def verifier(stepper) -> StaticVerifier:
+    """The StaticVerifier kept on ``stepper`` (its captured graphs live as long as the kept stepper)."""
+    v = stepper.__dict__.get("_static_verifier")
+    if v is None:
+        v = StaticVerifier(stepper)
+        stepper.__dict__["_static_verifier"] = v
+    return v
+
+
+def generate_static(decoder, prompt, max_new: int, temperature, top_k, top_p, stop_tokens, generator, drafter,
+                    draft_len: int, compile_step=False) -> torch.Tensor:
+    """The speculative loop of :func:`~omnibyte.model.inference.speculative._generate` on the kept GraphStepper:
+    verification passes of fixed T = 1 + ``draft_len`` through :class:`StaticVerifier`, rounds without drafts as
+    the stepper's graphed step. Rows advance together as there; bookkeeping on the host (one sync per round).
+    None, before any work, where the model has no static verification (the caller then runs the eager passes)."""
+    m = decoder.model
+    B, device = prompt.shape[0], prompt.device
+    state = decoder.new_state(B, device)
+    try:
+        check_supported(m)
+        stepper = decoder.stepper(state, compile_step)  # NotImplementedError: no static step
+        ver = verifier(stepper)
+    except NotImplementedError as e:
+        log.info("speculative decoding: no static verification (%s); eager passes", e)
+        return None
+    ver.pending = None  # (a pass interrupted by an exception in an earlier call)
+    stops = {int(t) for t in stop_tokens}
+    done = [False] * B
+    rows: list[list[int]] = [[] for _ in range(B)]
+    greedy = temperature <= 0
+
+    def emit(cols: list[list[int]]) -> None:  # per row its new tokens; rows past their stop get PAD
+        for r in range(B):
+            for t in cols[r]:
+                t = vocab.PAD if done[r] else t
+                rows[r].append(t)
+                done[r] = done[r] or t in stops
+
+    def step(xs: list[int]) -> list[int]:  # one plain step (the stepper: eager until it holds Q_0 bytes)
+        logits = stepper.feed(torch.tensor(xs, device=device).view(B, 1))
+        return sample(logits, temperature, top_k, top_p, generator).tolist()
+
+    logits = decoder.feed(state, prompt)
+    x = sample(logits, temperature, top_k, top_p, generator)
+    xs = x.tolist()
+    emit([[t] for t in xs])
+    if max_new > 1 and not all(done):
+        ctx = torch.cat((prompt, x[:, None]), dim=1)
+        drafter.reset(ctx.cpu() if isinstance(drafter, LookupDrafter) else ctx)  # host drafts: no device round trip
+    T = draft_len + 1
+    toks = torch.full((B, T), vocab.PAD, dtype=torch.long, pin_memory=device.type == "cuda")
+    while len(rows[0]) < max_new and not all(done):
+        k = min(draft_len, max_new - len(rows[0]) - 1)
+        if not k:
+            emit([[t] for t in step(xs)])
+            break
+        drafts, q = drafter.propose(k, temperature, top_k, top_p, generator)
+        k = drafts.shape[1]
+        if not k:
+            xs = step(xs)
+            emit([[t] for t in xs])
+            if len(rows[0]) < max_new and not all(done):
+                drafter.advance(0, torch.tensor(xs))
+            continue
+        dh = drafts.cpu()
+        if not stepper.ready and stepper.state.length >= stepper.Q0:
+            stepper._convert()
+        toks.fill_(vocab.PAD)
+        toks[:, 0] = torch.tensor(xs)
+        toks[:, 1:k + 1] = dh
+        if stepper.ready:
+            logits = ver.run(toks)
+            roll = ver.rollback
+        else:  # fewer than Q_0 bytes so far: the eager pass on the stepper's state
+            v = verify(decoder, stepper.state, toks[:, :k + 1].to(device))
+            logits, roll = v.logits, v.rollback
+        kept, nxt = [], []
+        if greedy:
+            tgt = (ver.argmax if stepper.ready else logits.argmax(-1))[:, :k + 1].cpu()
+            for r in range(B):
+                miss = (dh[r] != tgt[r, :k]).nonzero()
+                j = int(miss[0, 0]) if miss.numel() else k
+                kept.append(j if not done[r] else k)
+                nxt.append(int(tgt[r, j]))
+        else:
+            q = q.to(device) if q is not None else None
+            dd = drafts.to(device)
+            for r in range(B):
+                j, t = accept(logits[r, :k + 1], dd[r], q[r] if q is not None else None, temperature, top_k, top_p,
+                              generator)
+                kept.append(j if not done[r] else k)
+                nxt.append(t)
+        j = min(kept)
+        xs = [int(dh[r, j]) if kept[r] > j else nxt[r] for r in range(B)]
+        roll(j + 1)
+        if not stepper.ready and stepper.state.length >= stepper.Q0:
+            stepper._convert()
+        live = B - sum(done)
+        drafter.proposed += k * live
+        drafter.accepted += j * live
+        drafter.rounds += 1
+        emit([dh[r, :j].tolist() + [xs[r]] for r in range(B)])
+        if len(rows[0]) < max_new and not all(done):
+            drafter.advance(j, torch.tensor(xs))
+    new = torch.tensor(rows, dtype=torch.long, device=device).view(B, -1)
+    if stops and all(done):  # end at the last row's stop
+        hit = torch.isin(new, torch.tensor(sorted(stops), device=device))
+        new = new[:, :int(hit.int().argmax(dim=1).max()) + 1]
+    return new

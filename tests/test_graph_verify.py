@@ -1,0 +1,230 @@
+"""Static verification passes on a GraphStepper's buffers (omnibyte.model.inference.graph_verify,
+``generate(..., draft=..., graph_verify=True)``): the pass's logits equal single stepper feeds and the eager
+``verify`` from every start phase (T below, at and past the patch, two boundaries included), rollback to every
+kept prefix equals feeding only that prefix, greedy output equals plain greedy, sampling stays exact, and models
+it does not cover fall back to the eager passes. Off CUDA the pass runs eagerly; ``test_gpu_*`` check the
+captured graphs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from omnibyte.model.inference.drafters import LookupDrafter
+from omnibyte.model.inference.graph_verify import StaticVerifier, segments, verifier
+from omnibyte.model.inference.graphs import GraphStepper
+from omnibyte.model.inference.speculative import ModelDrafter, verify
+from tests.model_helpers import M2, M2K, TF, one_thread, tiny  # noqa: F401 - one_thread is an autouse fixture
+from tests.test_lookup_drafter import _echo_prompt, _lookup_sampling_prompt
+from tests.test_speculative import _exact_joint, _models, _peaked_pair, _tv
+
+STAGES = [(16, 16, M2), (4, 16)]  # test_speculative's m2_tf: patches of 4 bytes
+
+
+def _stepper(m, tokens: torch.Tensor, use_graphs: bool = False) -> GraphStepper:
+    """A GraphStepper holding the state after ``tokens`` (>= Q_0 of them) in its static buffers."""
+    st = m.new_state(tokens.shape[0], tokens.device)
+    m.feed(st, tokens)
+    gs = GraphStepper(m, st, use_graphs=use_graphs)
+    gs._convert()
+    return gs
+
+
+def _feeds(gs: GraphStepper, toks: torch.Tensor) -> torch.Tensor:
+    return torch.stack([gs.feed(toks[:, i:i + 1]) for i in range(toks.shape[1])], dim=1)
+
+
+def test_segments():
+    assert segments(1, 4, 4) == [(0, 2, 1), (3, 3, 0)]
+    assert segments(0, 5, 4) == [(0, 3, 0), (4, 4, 0)]  # two boundaries
+    assert segments(2, 2, 4) == [(0, 1, 2)]
+
+
+def test_static_pass_equals_single_feeds_and_eager_verify():
+    m = tiny(STAGES)
+    Q0 = m.units[0]
+    g = torch.Generator().manual_seed(0)
+    for plen in range(Q0, 2 * Q0):  # every start phase
+        prompt = torch.randint(0, 256, (2, plen), generator=g)
+        for T in (1, Q0 - 1, Q0, Q0 + 1, Q0 + 2):
+            toks = torch.randint(0, 256, (2, T), generator=g)
+            ref = _feeds(_stepper(m, prompt), toks)
+            st = m.new_state(2)
+            m.feed(st, prompt)
+            eager = verify(m.decoder, st, toks).logits
+            ver = StaticVerifier(_stepper(m, prompt))
+            out = ver.run(toks)
+            assert out.shape == ref.shape
+            torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+            torch.testing.assert_close(out, eager, atol=1e-5, rtol=0)
+            assert torch.equal(ver.argmax, out.argmax(-1))
+            with pytest.raises(RuntimeError, match="not rolled back"):
+                ver.run(toks)
+
+
+def test_rollback_to_every_keep_equals_feeding_the_kept_prefix():
+    m = tiny(STAGES)
+    Q0 = m.units[0]
+    g = torch.Generator().manual_seed(1)
+    for plen in range(Q0, 2 * Q0):
+        prompt = torch.randint(0, 256, (1, plen), generator=g)
+        T = Q0 + 1
+        toks = torch.randint(0, 256, (1, T), generator=g)
+        after = torch.randint(0, 256, (1, Q0 + 2), generator=g)  # on across a boundary
+        for keep in range(1, T + 1):
+            gs = _stepper(m, prompt)
+            ver = StaticVerifier(gs)
+            ver.run(toks)
+            ver.rollback(keep)
+            ref = _stepper(m, torch.cat((prompt, toks[:, :keep]), dim=1))
+            assert gs.n == ref.n and torch.equal(gs.window, ref.window)
+            torch.testing.assert_close(_feeds(gs, after[:, :2]), _feeds(ref, after[:, :2]), atol=1e-5, rtol=0)
+            # and a second pass from there (snapshots, window and position all right)
+            torch.testing.assert_close(ver.run(after[:, 2:]), _feeds(ref, after[:, 2:]), atol=1e-5, rtol=0)
+            ver.rollback(1)
+        with pytest.raises(ValueError, match="keep must be"):
+            ver.run(toks)
+            ver.rollback(T + 1)
+
+
+def test_greedy_with_lookup_drafts_equals_plain_greedy():
+    m = tiny(STAGES)
+    P = m.units[0]
+    prompt = _echo_prompt(m)
+    plain = m.generate(prompt, 30, temperature=0)
+    rejected = 0
+    for k in (1, 3, P - 1, P, P + 1, 8):
+        d = LookupDrafter()
+        assert torch.equal(m.generate(prompt, 30, temperature=0, draft=d, draft_len=k, graph_verify=True), plain), k
+        assert d.accepted > 0, k
+        rejected += d.proposed - d.accepted
+    assert rejected > 0
+    (gs,) = m.decoder.kept_steppers()  # the pass ran on the kept stepper's buffers
+    assert verifier(gs).passes > 0 and verifier(gs).pending is None
+    # a batch where one row never matches, stop tokens, short and empty prompts, few new bytes
+    other = torch.randint(0, 256, (1, len(prompt)), generator=torch.Generator().manual_seed(0))
+    batch = torch.cat((torch.tensor([prompt]), other))
+    kw = dict(temperature=0, draft="lookup", draft_len=5, graph_verify=True)
+    assert torch.equal(m.generate(batch, 30, **kw), m.generate(batch, 30, temperature=0))
+    stops = (int(plain[0, 17]),)
+    assert torch.equal(m.generate(batch, 30, stop_tokens=stops, **kw),
+                       m.generate(batch, 30, temperature=0, stop_tokens=stops))
+    for p, new in ((list(b"abab"), 20), (list(b"ab"), 20), ([], 9), (prompt, 0), (prompt, 1), (prompt, 2)):
+        want = m.generate(p, new, temperature=0)
+        assert torch.equal(m.generate(p, new, temperature=0, draft=LookupDrafter(min_ngram=1), draft_len=5,
+                                      graph_verify=True), want), (len(p), new)
+
+
+def test_greedy_with_a_model_drafter_equals_plain_greedy():
+    m, bad = _models("m2_tf")
+    P = m.units[0]
+    prompt = torch.randint(0, 256, (3, P + 1), generator=torch.Generator().manual_seed(0))
+    plain = m.generate(prompt, 3 * P + 1, temperature=0)
+    for k in (2, P + 1):
+        d = ModelDrafter(bad, m)
+        assert torch.equal(m.generate(prompt, 3 * P + 1, temperature=0, draft=d, draft_len=k, graph_verify=True),
+                           plain), k
+    own = ModelDrafter(m, m)  # every draft kept: rollback(T) each round
+    assert torch.equal(m.generate(prompt, 3 * P + 1, temperature=0, draft=own, draft_len=P + 1, graph_verify=True),
+                       plain)
+    assert own.accepted == own.proposed
+    # prompts shorter than a patch: eager passes on the stepper's state until it holds Q_0 bytes, then static ones
+    for p in (list(b"a"), []):
+        want = m.generate(p, 20, temperature=0)
+        assert torch.equal(m.generate(p, 20, temperature=0, draft=ModelDrafter(bad, m), draft_len=5,
+                                      graph_verify=True), want), len(p)
+
+
+def test_lookup_sampling_through_the_static_pass_follows_the_model_distribution():
+    """As test_lookup_drafter's sampling test (temperature 1, top-k 2, 250 samples, two rows per call) on a
+    Mamba-2 global stage through the static pass: the first 3 bytes follow the model's exact joint."""
+    m, _ = _peaked_pair("m2_tf")
+    prompt = _lookup_sampling_prompt(m, list(b"abcde"), 2)
+    exact = _exact_joint(m, prompt, 3, 1.0, 2, 1.0)
+    d, n, g = LookupDrafter(), 250, torch.Generator().manual_seed(0)
+    counts: dict = {}
+    for _ in range(n // 2):
+        out = m.generate(torch.tensor([prompt] * 2), 3, temperature=1.0, top_k=2, generator=g, draft=d,
+                         draft_len=2, graph_verify=True)
+        for seq in map(tuple, out.tolist()):
+            assert seq in exact, seq
+            counts[seq] = counts.get(seq, 0) + 1
+    assert 0 < d.accepted < d.proposed  # drafts kept and rejected
+    assert verifier(m.decoder.kept_steppers()[0]).passes > 0
+    tv = _tv(exact, {s: c / n for s, c in counts.items()})
+    assert tv < 0.15, tv
+    # the same draws as the eager passes (the same generator calls in the same order)
+    for seed in range(8):
+        kw = dict(temperature=1.0, top_k=2, draft="lookup", draft_len=2)
+        assert torch.equal(m.generate(torch.tensor([prompt] * 2), 6, generator=torch.Generator().manual_seed(seed),
+                                      graph_verify=True, **kw),
+                           m.generate(torch.tensor([prompt] * 2), 6, generator=torch.Generator().manual_seed(seed),
+                                      **kw))
+
+
+def test_models_without_a_static_pass_fall_back_to_the_eager_one():
+    for name in ("tf_tf", "m2_tf_tf"):  # a Transformer global stage; three stages
+        m, _ = _models(name)
+        prompt = _echo_prompt(m)
+        want = m.generate(prompt, 20, temperature=0)
+        assert torch.equal(m.generate(prompt, 20, temperature=0, draft="lookup", draft_len=4, graph_verify=True),
+                           want)
+    with pytest.raises(NotImplementedError, match="two stages"):
+        StaticVerifier(_stepper(m, torch.zeros(1, 8, dtype=torch.long)))
+    with pytest.raises(ValueError, match="graph_verify=True is for speculative"):
+        m.generate(b"ab", 4, graph_verify=True)
+    m = tiny(STAGES)
+    with pytest.raises(ValueError, match="use_graphs"):
+        m.generate(b"ab", 4, draft="lookup", use_graphs=True)
+    p = list(b"abcabcabcab")
+    assert torch.equal(m.generate(p, 9, temperature=0, draft="lookup", graph_verify=True, use_graphs=True),
+                       m.generate(p, 9, temperature=0))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_captured_pass_equals_the_eager_static_pass():
+    """The CUDA graph of each (start phase, T) gives the eager static pass's logits, and rollback after a replay
+    leaves the stepper as the eager one (then fed on: same logits)."""
+    from omnibyte.model.blocks.mamba2 import load_mamba_kernels
+
+    if load_mamba_kernels() is None:
+        pytest.skip("mamba-ssm Triton kernels not loadable")
+    m = tiny([(16, 64, dict(M2K, d_state=32, headdim=16, chunk_size=16)), (8, 64, TF)]).cuda()
+    Q0 = m.units[0]
+    g = torch.Generator().manual_seed(0)
+    for plen in range(Q0, 2 * Q0):
+        prompt = torch.randint(0, 256, (2, plen), generator=g).cuda()
+        for T in (3, Q0 + 1):
+            toks = torch.randint(0, 256, (2, T), generator=g).cuda()
+            graphed, eager = StaticVerifier(_stepper(m, prompt, True)), StaticVerifier(_stepper(m, prompt, False))
+            for keep in (1, T):
+                a, b = graphed.run(toks).clone(), eager.run(toks).clone()
+                torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+                graphed.rollback(keep)
+                eager.rollback(keep)
+                nxt = toks[:, :1]
+                torch.testing.assert_close(graphed.st.feed(nxt), eager.st.feed(nxt), atol=1e-4, rtol=0)
+            assert graphed.captures >= 1 and eager.captures == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_graph_verify_greedy_equals_plain_graphed_greedy():
+    """On CUDA: lookup speculative decoding through the captured static passes gives plain graphed greedy's
+    bytes (drafts kept and rejected, draft lengths below, at and past the patch)."""
+    from omnibyte.model.blocks.mamba2 import load_mamba_kernels
+
+    if load_mamba_kernels() is None:
+        pytest.skip("mamba-ssm Triton kernels not loadable")
+    m = tiny([(16, 64, dict(M2K, d_state=32, headdim=16, chunk_size=16)), (8, 64, TF)]).cuda()
+    prompt = torch.tensor([_echo_prompt(m)], device="cuda")
+    plain = m.generate(prompt, 64, temperature=0, use_graphs=True)
+    assert torch.equal(m.generate(prompt, 64, temperature=0), plain)
+    for k in (3, 8, 9):
+        d = LookupDrafter()
+        out = m.generate(prompt, 64, temperature=0, draft=d, draft_len=k, graph_verify=True, use_graphs=True)
+        assert torch.equal(out, plain), k
+        assert d.accepted > 0
+    ver = verifier(m.decoder.kept_steppers()[-1])
+    assert ver.captures > 0 and ver.st.use_graphs
