@@ -7,6 +7,8 @@
         --prompt-file book.txt --contexts 1024 --new 512      # speculative vs plain greedy, same job
     python benchmarks/generate.py --speculative --run runs/pg19_lm --draft lookup --draft-len 8 --graph --compile \
         --prompt-file book.txt --contexts 1024 --new 512      # prompt lookup (no draft model) vs graphed plain
+    python benchmarks/generate.py --speculative --run runs/pg19_lm --draft lookup --draft-len 8 --graph --compile \
+        --graph-verify --prompt-file book.txt --contexts 1024 --new 512   # verification as CUDA graphs too
     python benchmarks/generate.py --speculative --preset small --draft self --device cpu   # the machinery only
 
 Random weights (speed only), bf16 parameters, greedy decoding of ``--new`` bytes after a random prompt of
@@ -32,6 +34,11 @@ stepper between calls, so the untimed warm-up calls (``--new`` bytes each: every
 its graphs and the timed ``plain_graph`` calls replay them: the rows compare decoding with decoding
 (``capture_in_timing`` says so; it is true only where a timed call captured or compiled). On CPU, ``--graph``
 runs the same static step eagerly (``Decoder.static_step_off_cuda``): a dry run of the machinery.
+``--graph-verify``: the speculative calls verify on the kept GraphStepper's static buffers, one CUDA graph per
+(start phase, pass length) (``generate(..., graph_verify=True)``, omnibyte.model.inference.graph_verify; the
+stepper's key as the ``--graph`` calls': ``--compile`` applies); rows record ``graph_verify``. With ``--graph`` its
+output must equal the graphed plain output (the same numerics; in bf16 that can differ from eager at near-ties),
+and the row records both comparisons.
 """
 
 from __future__ import annotations
@@ -121,8 +128,10 @@ def bench_mblm(args, ctx: int, new: int) -> dict:
 
 
 def _graph_state(model) -> list:
-    """(stepper, captures) of the steppers ``generate`` keeps: a change across a timed call means it captured."""
-    return [(id(s), s.captures) for s in model.decoder.kept_steppers()]
+    """(stepper, captures, verification captures) of the steppers ``generate`` keeps: a change across a timed call
+    means it captured."""
+    return [(id(s), s.captures, getattr(s.__dict__.get("_static_verifier"), "captures", 0))
+            for s in model.decoder.kept_steppers()]
 
 
 def _timed_generate(model, prompt, new: int, dev: str, **kw):
@@ -158,14 +167,16 @@ def bench_speculative(args, model, make_drafter, ctx: int, text: bytes | None) -
         prompt = torch.randint(0, 256, (1, ctx), device=dev)
     # allocator, kernels, and the CUDA-graph stepper's capture (and compile): untimed. Each warm-up call decodes
     # --new bytes, so the kept stepper has captured every phase the timed calls replay
+    spec_kw = dict(graph_verify=True, compile_step=args.compile) if args.graph_verify else {}
     for _ in range(2 if args.warm else 0):
         model.generate(prompt, args.new, temperature=0.0)
-        model.generate(prompt, args.new, temperature=0.0, draft=make_drafter(), draft_len=args.draft_len)
+        model.generate(prompt, args.new, temperature=0.0, draft=make_drafter(), draft_len=args.draft_len, **spec_kw)
         if args.graph:
             model.generate(prompt, args.new, temperature=0.0, use_graphs=True, compile_step=args.compile)
     base = dict(bench="generate_speculative", target=args.run or args.preset, draft=args.draft or args.draft_preset,
                 draft_layers=args.draft_layers, device=device_name(dev), context=ctx, new_bytes=args.new,
-                prompt="file" if text is not None else "random", dtype=args.dtype, repeat=args.repeat)
+                prompt="file" if text is not None else "random", dtype=args.dtype, repeat=args.repeat,
+                graph_verify=bool(args.graph_verify))
     times: dict[str, list[float]] = {"plain": [], "plain_graph": [], "speculative": []}
     captured = {k: False for k in times}  # a capture inside any timed call of the row
     for _ in range(args.repeat):
@@ -178,12 +189,16 @@ def bench_speculative(args, model, make_drafter, ctx: int, text: bytes | None) -
             times["plain_graph"].append(dt)
             captured["plain_graph"] |= cap
         drafter = make_drafter()
-        spec, dt, cap = _timed_generate(model, prompt, args.new, dev, draft=drafter, draft_len=args.draft_len)
+        spec, dt, cap = _timed_generate(model, prompt, args.new, dev, draft=drafter, draft_len=args.draft_len,
+                                        **spec_kw)
         times["speculative"].append(dt)
         captured["speculative"] |= cap
-        if not torch.equal(spec, plain):
-            i = int((spec != plain).nonzero()[0, 1])
-            raise SystemExit(f"speculative output differs from plain greedy at byte {i} (context {ctx})")
+        # static verification computes as the graphed step does: with --graph its output is the reference (in
+        # bf16 the graphed and eager plain outputs can differ at near-ties; both comparisons are recorded)
+        ref, ref_name = (graph, "graphed plain") if args.graph_verify and args.graph else (plain, "plain")
+        if not torch.equal(spec, ref):
+            i = int((spec != ref).nonzero()[0, 1])
+            raise SystemExit(f"speculative output differs from {ref_name} greedy at byte {i} (context {ctx})")
     med = {k: statistics.median(v) for k, v in times.items() if v}
     bps = {k: round(args.new / t, 1) for k, t in med.items()}
     rows = [dict(base, impl="plain", bytes_per_s=bps["plain"], total_s=round(med["plain"], 3),
@@ -199,7 +214,9 @@ def bench_speculative(args, model, make_drafter, ctx: int, text: bytes | None) -
                      draft_prefill_s=round(_prefill_s(dmodel, prompt, dev), 3) if dmodel is not None else None,
                      acceptance=round(drafter.acceptance, 4), drafted=drafter.proposed, kept=drafter.accepted,
                      passes=drafter.rounds, bytes_per_pass=round(args.new / max(drafter.rounds, 1), 2),
-                     same_output_as_plain=True, speedup_vs_plain_eager=round(med["plain"] / med["speculative"], 3),
+                     same_output_as_plain=bool(torch.equal(spec, plain)),
+                     same_output_as_plain_graph=bool(torch.equal(spec, graph)) if args.graph else None,
+                     speedup_vs_plain_eager=round(med["plain"] / med["speculative"], 3),
                      speedup_vs_best_plain=round(bps["speculative"] / best, 3)))
     return rows
 
@@ -271,6 +288,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--draft-len", type=int, default=8, help="--speculative: bytes drafted per verification")
     p.add_argument("--prompt-file", default=None, help="--speculative: the prompt's bytes (else random bytes)")
     p.add_argument("--repeat", type=int, default=3, help="--speculative: alternated timings (medians reported)")
+    p.add_argument("--graph-verify", action="store_true", help="--speculative: verification passes on the kept "
+                   "GraphStepper's static buffers, as CUDA graphs (generate(..., graph_verify=True))")
     args = p.parse_args(argv)
     if args.speculative:
         return main_speculative(args)

@@ -49,6 +49,14 @@ def test_speculative_rows_time_decoding_only(bench, tmp_path):
     assert [r["capture_in_timing"] for r in rows] == [False, True, False]
 
 
+def test_speculative_rows_with_static_verification(bench, tmp_path):
+    rows = _rows(bench, tmp_path, "--speculative", "--draft", "lookup", "--graph", "--graph-verify", "--new", "20",
+                 "--repeat", "1")
+    assert [r["impl"] for r in rows] == ["plain", "plain_graph", "speculative"]
+    assert all(r["graph_verify"] for r in rows) and rows[2]["same_output_as_plain"]
+    assert [r["capture_in_timing"] for r in rows] == [False, False, False]
+
+
 def test_per_context_rows_say_where_capture_fell(bench, tmp_path):
     rows = _rows(bench, tmp_path, "--graph", "--new", "4", "--warm", "9")
     assert rows[0]["bench"] == "generate" and rows[0]["capture_in_timing"] is False
