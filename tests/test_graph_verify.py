@@ -181,6 +181,58 @@ def test_models_without_a_static_pass_fall_back_to_the_eager_one():
                        m.generate(p, 9, temperature=0))
 
 
+_INTERLEAVED = r"""
+import json, random, sys, torch
+sys.path.insert(0, sys.argv[1])
+from model_helpers import tiny, M2
+from omnibyte.model.inference.graphs import GraphStepper
+from omnibyte.model.inference.graph_verify import StaticVerifier
+m = tiny([(16, 32, M2), (4, 32, {"name": "transformer", "heads": 3, "head_dim": 8, "mlp_hidden": 40})])
+x = torch.randint(0, 256, (2, 60), generator=torch.Generator().manual_seed(0))
+random.seed(0)
+with torch.no_grad():
+    full = m(x)
+    st = m.new_state(2)
+    m.feed(st, x[:, :6])
+    gs = GraphStepper(m, st, use_graphs=False, kernels=True)
+    gs._convert()
+    v, n, worst, passes = StaticVerifier(gs), 6, 0.0, 0
+    while n < 55:
+        if random.random() < 0.5:  # a pass of T tokens, keeping a random prefix
+            T = random.choice([2, 3, 5, 6])
+            keep = random.randint(1, T)
+            out = v.run(x[:, n:n + T].clone())
+            worst = max(worst, (out[:, :keep] - full[:, n + 1:n + 1 + keep]).abs().max().item())
+            v.rollback(keep)
+            n, passes = n + keep, passes + 1
+        else:  # a plain step through the kernels
+            o = gs.feed(x[:, n:n + 1])
+            n += 1
+            worst = max(worst, (o - full[:, n]).abs().max().item())
+print(json.dumps(dict(kernels=gs.kernels, worst=worst, passes=passes)))
+"""
+
+
+@pytest.mark.slow  # Triton's interpreter in a subprocess: ~5 s
+def test_static_passes_interleave_with_the_kernel_step_interpreted():
+    """The GraphStepper's Triton decode kernels (under Triton's interpreter) and the static passes share the KV
+    buffers: plain kernel steps and passes with random rollbacks, interleaved, give the full forward's logits."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-c", _INTERLEAVED, str(Path(__file__).parent)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["kernels"] is True and r["passes"] > 5
+    assert r["worst"] < 1e-5, r
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_captured_pass_equals_the_eager_static_pass():
