@@ -176,6 +176,7 @@ def test_actionable_errors_for_wrong_root(tmp_path):
 def test_default_set_is_generated_once_atomically(tmp_path, monkeypatch):
     """With root empty the generator is called once into the cache (temp folder + rename), then reused."""
     import omnibyte.tasks
+
     # the set's folder name reads GENERATOR_VERSION from the real submodule: import it before the package is faked
     # (in a full run another test has imported it already; alone it was missing)
     import omnibyte.tasks.clevr_synth.generate  # noqa: F401
