@@ -37,7 +37,9 @@ def reference(tmp_path_factory):
     return _losses(tmp / "runs/ref")
 
 
-@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT to the process group, with a DataLoader worker",
+@pytest.mark.parametrize("how", ["SIGTERM",
+                                 pytest.param("SIGINT to the process group, with a DataLoader worker",
+                                              marks=pytest.mark.slow),  # 5.5 s: the README command's budget
                                  pytest.param("SIGTERM to the process group, with a DataLoader worker",
                                               marks=pytest.mark.slow)])
 def test_a_signal_stops_after_the_step_with_a_checkpoint_and_the_run_resumes_exactly(tmp_path, reference, how):
