@@ -2,7 +2,8 @@
 # Two gpu2-scale probes of the transfer study's scratch pixels arm on one GPU, side by side, on the same generated
 # CLEVR set (IMAGES images): images at 30x20 and at 40x27 pixels, both with a loss weight of 0.1 on the image bytes.
 #   bash results/probe_pair.sh OUTDIR          (from the repository root; .data/pg19-mini present)
-# OUTDIR/probes.tgz: each probe's summary, prior, run metrics and eval records (no checkpoints, no data).
+# OUTDIR/probes.tgz: each probe's summary, prior, run metrics and eval records (no checkpoints, data, per-token h5
+# files or answer rows: at 12,000 images those made it 24 MB, too large to come back from the device).
 set -u
 out=${1:?OUTDIR}
 mkdir -p "$out"
@@ -17,5 +18,6 @@ python3 results/run_transfer.py "${common[@]}" --out "$out/w01_30x20" --budget "
     --clevr-set 'serializer.image.size=[40,27]' --clevr-set data.seq_len=4096 --clevr-set model.stages.0.length=512 \
     > "$out/w01_40x27.log" 2>&1 ) &
 wait
-(cd "$out" && tar czf probes.tgz --exclude=data --exclude=checkpoints --exclude=templates w01_30x20 w01_40x27 ./*.log)
+(cd "$out" && tar czf probes.tgz --exclude=data --exclude=checkpoints --exclude=templates --exclude='*.h5' --exclude=answer_rows \
+  --exclude=transfer_metrics.tar.gz w01_30x20 w01_40x27 ./*.log)
 tail -n 5 "$out"/*.log
