@@ -199,6 +199,7 @@ def test_early_stopping_with_patience(tmp_path):
     assert json.loads((run / "checkpoints" / "best.json").read_text())["step"] == 5
 
 
+@pytest.mark.slow  # several short trainings: the README command's 2-minute budget (CI runs -m slow too)
 def test_a_non_finite_evaluation_never_becomes_the_best(tmp_path, monkeypatch, caplog):
     """A NaN first evaluation (e.g. a bf16 overflow) was stored as the best, and every finite one after it
     compared False against NaN: the run kept pointing `best` at its NaN step."""
@@ -442,6 +443,7 @@ def test_shape_warm_up_batch_covers_every_modality():
     assert b.modality.shape == b.tokens.shape == (2, 64) and int(b.tokens.max()) < 256
 
 
+@pytest.mark.slow  # several short trainings: the README command's 2-minute budget (CI runs -m slow too)
 def test_resuming_an_earlier_checkpoint_inside_the_same_run_is_refused(tmp_path, capsys):
     """Resuming step 10 of a run that reached step 20 branched it back: pruning kept the highest steps (it
     deleted the new checkpoints), `latest` named a deleted one, and resume=auto went back to the old trajectory."""
@@ -486,6 +488,7 @@ def test_eval_select_picks_the_best_checkpoint_by_the_named_metric(tmp_path, mon
     assert "eval.select='loss': one of bpb, bpb/text" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # several short trainings: the README command's 2-minute budget (CI runs -m slow too)
 def test_early_stopping_counts_the_same_across_a_resume_and_a_stopped_run_stays_stopped(tmp_path, monkeypatch):
     """A checkpoint is written before its step's evaluation: resumed from it, the run missed that evaluation in
     its patience count (it stopped at 8 instead of 10), and a re-run of an early-stopped run trained on."""

@@ -15,7 +15,8 @@ from omnibyte.cli import main
 from omnibyte.logging import read_metrics
 
 
-@pytest.mark.parametrize("strategy", ["ddp", pytest.param("fsdp2", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("strategy", [pytest.param("ddp", marks=pytest.mark.slow),  # two processes: 5 s
+                                      pytest.param("fsdp2", marks=pytest.mark.slow)])
 def test_torchrun_two_cpu_processes(tmp_path, strategy):
     cfg = write_config(tmp_path, strategy, train={"steps": 4, "log_every": 2, "eval_every": 4, "ckpt_every": 2},
                        data={"batch_size": 4}, parallel={"strategy": strategy})
