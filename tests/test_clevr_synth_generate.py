@@ -199,6 +199,7 @@ def test_official_templates_cover_at_least_60_families(tmp_path):
     _check_questions(scenes, questions)
 
 
+@pytest.mark.slow  # a subprocess or a whole run: the README command's 2-minute budget (CI runs -m slow)
 def test_builtin_templates_cover_all_question_types(tmp_path):
     out = tmp_path / "own"
     generate(out, images=60, questions_per_image=10, seed=1, splits=("train",), progress=False, render=False)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 from test_train_run import write_config
 
 
@@ -16,6 +17,7 @@ def _train(tmp_path, *extra):
                           text=True, timeout=300)
 
 
+@pytest.mark.slow  # a subprocess or a whole run: the README command's 2-minute budget (CI runs -m slow)
 def test_no_bar_off_a_terminal_and_plain_loss_lines(tmp_path):
     res = _train(tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -27,6 +29,7 @@ def test_no_bar_off_a_terminal_and_plain_loss_lines(tmp_path):
     assert any("global batch:" in ln for ln in progress) and any("run directory:" in ln for ln in progress)
 
 
+@pytest.mark.slow  # a subprocess or a whole run: the README command's 2-minute budget (CI runs -m slow)
 def test_quiet_keeps_the_loss_lines(tmp_path):
     res = _train(tmp_path, "--quiet")
     assert res.returncode == 0, res.stderr[-2000:]

@@ -27,6 +27,7 @@ def test_readme_command_in_process(tmp_path, capsys):
     assert im.format == "PNG" and im.size[0] > 800 and im.size[1] > 500
 
 
+@pytest.mark.slow  # a subprocess or a whole run: the README command's 2-minute budget (CI runs -m slow)
 def test_console_script_runs(tmp_path):
     """The exact README command through the installed entry point (python -m omnibyte)."""
     out = tmp_path / "stream.png"

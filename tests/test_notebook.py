@@ -84,6 +84,7 @@ def test_notebook_executes_and_renders_figures(tmp_path: Path):
     assert time.perf_counter() - t0 < 120  # budget 60 s on an idle 2-core machine; slack for a busy one
 
 
+@pytest.mark.slow  # a subprocess or a whole run: the README command's 2-minute budget (CI runs -m slow)
 def test_committed_notebook_has_current_outputs_of_the_study(monkeypatch, tmp_path: Path):
     """The committed notebook shows the shipped study's results: figures and tables, no machine paths, small;
     executing it again on results/transfer gives the same text outputs (run
