@@ -250,6 +250,18 @@ def test_speculative_sampling_follows_the_model_distribution():
     assert tv < 0.15, tv
 
 
+def _assert_chi_square(counts: dict, exact: dict, n: int) -> None:
+    """``n`` samples' ``counts`` follow the ``exact`` distribution: a chi-square test at the 0.1% level over the
+    sequences expected at least 5 times, the rest pooled in one cell; at least 5 cells."""
+    big = [s for s, p in exact.items() if n * p >= 5]
+    obs = [counts.get(s, 0) for s in big] + [n - sum(counts.get(s, 0) for s in big)]
+    exp = [n * exact[s] for s in big] + [n * (1 - sum(exact[s] for s in big))]
+    cells = [(o, e) for o, e in zip(obs, exp) if e > 1e-9]
+    chi2 = sum((o - e) ** 2 / e for o, e in cells)
+    assert len(cells) >= 5
+    assert chi2 < _chi2_critical_999(len(cells) - 1), (chi2, len(cells))
+
+
 def _chi2_critical_999(dof: int) -> float:
     """The 0.999 quantile of chi-square with ``dof`` degrees of freedom (Wilson-Hilferty; within ~1% here)."""
     z = 3.090232
@@ -266,13 +278,7 @@ def test_speculative_sampling_chi_square_top_p():
     exact = _exact_joint(m, prompt, 3, 0.9, 3, 0.9)
     counts = _sample_counts(m, drafter, prompt, n, 0.9, 3, 0.9, 1, 2, exact, rows=2)
     assert 0.1 < drafter.acceptance < 0.9, drafter.acceptance  # rows kept the shorter acceptance of the two
-    big = [s for s, p in exact.items() if n * p >= 5]
-    obs = [counts.get(s, 0) for s in big] + [n - sum(counts.get(s, 0) for s in big)]
-    exp = [n * exact[s] for s in big] + [n * (1 - sum(exact[s] for s in big))]
-    cells = [(o, e) for o, e in zip(obs, exp) if e > 1e-9]
-    chi2 = sum((o - e) ** 2 / e for o, e in cells)
-    assert len(cells) >= 5
-    assert chi2 < _chi2_critical_999(len(cells) - 1), (chi2, len(cells))
+    _assert_chi_square(counts, exact, n)
 
 
 class _Constant(Drafter):
