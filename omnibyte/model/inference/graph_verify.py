@@ -175,23 +175,8 @@ class StaticVerifier:
         return b["out"]
 
     def _capture(self, phase0: int, T: int):
-        """As GraphStepper.feed: warm up on a side stream, capture; the stepper's buffers are as before."""
-        st = self.st
-        bufs = [st.window, *st.ctx[1:], *(t for c in st.caches for d in c for t in d.values())]
-        saved = [x.clone() for x in bufs]
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            self._pass(phase0, T)
-        torch.cuda.current_stream().wait_stream(s)
-        for x, v in zip(bufs, saved):
-            x.copy_(v)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            self._pass(phase0, T)
-        for x, v in zip(bufs, saved):
-            x.copy_(v)
-        self.graphs[(phase0, T)] = g
+        """The pass captured with the stepper's own capture (side-stream warm-up, its buffers as before)."""
+        g = self.graphs[(phase0, T)] = self.st.capture(lambda: self._pass(phase0, T))
         self.captures += 1
         return g
 

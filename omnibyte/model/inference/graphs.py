@@ -312,23 +312,27 @@ class GraphStepper:
             return self.out.clone()
         g = self.graphs.get(phase)
         if g is None:
-            # warm up on a side stream, then capture; the warm-up step must not change the state, so save
-            # and restore every buffer around it
-            bufs = [self.window, *self.ctx[1:], *(t for c in self.caches for d in c for t in d.values())]
-            saved = [b.clone() for b in bufs]
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                self._step(phase)
-            torch.cuda.current_stream().wait_stream(s)
-            for b, v in zip(bufs, saved):
-                b.copy_(v)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                self._step(phase)
-            for b, v in zip(bufs, saved):  # capture does not run the kernels; state is as before
-                b.copy_(v)
-            self.graphs[phase] = g
+            g = self.graphs[phase] = self.capture(lambda: self._step(phase))
             self.captures += 1
         g.replay()
         return self.out.clone()
+
+    def capture(self, run) -> torch.cuda.CUDAGraph:
+        """``run()`` (work on the static buffers) captured as a CUDA graph: warmed up on a side stream first; the
+        warm-up must not change the state, so every buffer is saved and restored around it (and around the
+        capture, which runs no kernels). Also serves the static verification passes (graph_verify)."""
+        bufs = [self.window, *self.ctx[1:], *(t for c in self.caches for d in c for t in d.values())]
+        saved = [b.clone() for b in bufs]
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            run()
+        torch.cuda.current_stream().wait_stream(s)
+        for b, v in zip(bufs, saved):
+            b.copy_(v)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            run()
+        for b, v in zip(bufs, saved):  # capture does not run the kernels; state is as before
+            b.copy_(v)
+        return g
