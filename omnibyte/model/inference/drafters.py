@@ -85,14 +85,15 @@ class LookupDrafter(Drafter):
                 grams = {int(k): starts[a:b].tolist() for k, a, b in zip(uniq, first, ends)}
             self.hist.append(h.tolist())
             self.grams.append(grams)
-            self.after.append(dict(zip(h[:L - 1].tolist(), range(1, L))))  # a later occurrence overwrites
+            # byte -> its most recent continuation (a later occurrence overwrites); only the min_ngram=1 fallback reads it
+            self.after.append(dict(zip(h[:L - 1].tolist(), range(1, L))) if self.min_ngram <= 1 else {})
 
     def _append(self, b: int, tok: int) -> None:
         h = self.hist[b]
         t = len(h)  # tok lands at index t: it follows the 2-gram ending at t - 1 and the byte at t - 1
         if t >= 2:
             self.grams[b].setdefault((h[t - 2] << _SHIFT) | h[t - 1], []).append(t)
-        if t >= 1:
+        if t >= 1 and self.min_ngram <= 1:
             self.after[b][h[t - 1]] = t
         h.append(tok)
 
