@@ -201,7 +201,6 @@ class PG19(Task):
             (out / f"pg19_{split}.json").write_text(json.dumps({**results, "books": per_book}, indent=1) + "\n")
         return results
 
-
     def report(self, results: dict) -> list[str]:
         """The text's bits per byte and word perplexity, each with what it is over (the run-level ``bpb`` of an
         eval record also counts the EOS between books: this is the figure to quote)."""

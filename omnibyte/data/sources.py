@@ -111,8 +111,9 @@ def split_size(cfg, task, split: str) -> int:
     have = task.splits()
     if split not in have:
         raise DataError(f"task {task.name!r} has no split {split!r} (splits: {', '.join(have) or 'none'})")
-    n = type(task)(task.config).num_samples(split)
-    return n if n is not None else sum(1 for _ in type(task)(task.config).samples(split))
+    fresh = type(task)(task.config)  # the run's task instance keeps its own skip counts
+    n = fresh.num_samples(split)
+    return n if n is not None else sum(1 for _ in fresh.samples(split))
 
 
 def samples_at(cfg, task, split: str, positions: list[int], stats: dict) -> Iterator[tuple[int, dict]]:
