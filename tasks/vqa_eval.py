@@ -9,7 +9,8 @@ the results. The model is used only through :class:`omnibyte.model.api.StreamMod
 
 * ``generate``: greedy decoding (temperature 0) after the prompt until EOS or ``max_new_bytes``; the bytes
   before the first special token, decoded as UTF-8 and stripped of surrounding whitespace, must equal the
-  gold answer stripped the same way (the ``qa`` serializer trains on the answer exactly as given).
+  gold answer stripped the same way (the ``qa`` serializer trains on the answer exactly as given); the rule
+  is :mod:`omnibyte.answers`' (the analysis of the per-question records applies the same one).
 * ``rank``: closed-set ranking: ``model.score(prompt, candidates)`` gives the log-likelihood of every answer
   of the closed set ``labels`` (the task's answer vocabulary, each as answer UTF-8 bytes + EOS); the best
   one is the prediction. Questions are ranked ``rank_batch_size`` at a time (default :data:`RANK_BATCH`)
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from omnibyte import vocab
+from omnibyte.answers import decode_answer, normalize_answer
 from omnibyte.errors import DataError
 from omnibyte.logging import show_bar
 
@@ -110,17 +112,6 @@ def vqa_metrics(golds: Sequence[str], preds: Sequence[str], qtypes: Sequence[str
 
 def _natural(key: str):
     return (0, int(key), "") if key.lstrip("-").isdigit() else (1, 0, key)
-
-
-def decode_answer(tokens: Iterable[int]) -> str:
-    """Generated tokens -> answer text: the bytes before the first special token, stripped."""
-    out = bytearray()
-    for t in tokens:
-        t = int(t)
-        if t >= vocab.NUM_BYTES:
-            break
-        out.append(t)
-    return out.decode("utf-8", errors="replace").strip()
 
 
 def answer_candidates(labels: Sequence[str]) -> list[list[int]]:
@@ -244,8 +235,9 @@ def evaluate_vqa(model: Any, items: Iterable[Any], *, split: str, labels: Sequen
     families = [r["family"] for r in records]
     def metrics(m: str) -> dict[str, Any]:
         preds = [r[f"pred_{m}"] for r in records]
-        if m == "generate":  # the decoded answer is stripped: the gold answers and the closed set are too
-            return vqa_metrics([g.strip() for g in golds], preds, qtypes, families, [x.strip() for x in labels])
+        if m == "generate":  # the decoded answer is normalized: the gold answers and the closed set are too
+            return vqa_metrics([normalize_answer(g) for g in golds], preds, qtypes, families,
+                               [normalize_answer(x) for x in labels])
         return vqa_metrics(golds, preds, qtypes, families, labels)
 
     by_mode = {m: metrics(m) for m in modes}

@@ -59,6 +59,27 @@ def test_decode_answer_stops_at_first_special():
     assert decode_answer([vocab.EOS]) == "" and decode_answer([0xFF]) == "\ufffd"
 
 
+def test_generate_answer_rule_is_pinned_and_owned_once():
+    """The generate-mode rule (omnibyte/answers.py): bytes before the first special token, UTF-8 with errors
+    replaced, surrounding whitespace stripped; nothing else. The evaluation and the analysis of its records use
+    that one function (two copies once lived in tasks/vqa_eval.py and analysis/transfer.py)."""
+    from omnibyte import answers
+    from omnibyte.analysis import transfer
+    from omnibyte.tasks import vqa_eval
+
+    assert vqa_eval.normalize_answer is transfer.normalize_answer is answers.normalize_answer
+    assert vqa_eval.decode_answer is answers.decode_answer
+    norm = answers.normalize_answer
+    assert norm(" yes ") == norm("yes\n") == norm("\tyes\r\n") == norm("yes\u3000") == "yes"  # any whitespace
+    assert norm("Yes") == "Yes" and norm("light blue") == "light blue"  # case and inner whitespace kept
+    assert norm("yes\x00") == "yes\x00" and norm("") == "" and norm(" \n ") == ""  # NUL is data, not padding
+    toks = [*b" red\n", vocab.EOS, *b"junk"]
+    assert decode_answer(toks) == "red" and decode_answer([*b"2", vocab.PAD, vocab.PAD]) == "2"
+    assert decode_answer([*b"a", vocab.SOM_ANSWER, *b"b"]) == "a"  # any special ends the answer, not only EOS
+    assert decode_answer([*"caf\u00e9".encode(), vocab.EOS]) == "caf\u00e9" and decode_answer([0xC3]) == "\ufffd"
+    assert decode_answer(torch.tensor([*b" no ", vocab.EOS])) == "no"  # tensor rows as the model returns them
+
+
 def items_of(task, ser, split, **kw):
     """Evaluation items of ``split`` from the task's own samples (the run's ``data.source: task``)."""
     return list(eval_items(DataConfig(), task, ser, split, **kw))
@@ -185,3 +206,21 @@ def test_generate_mode_strips_the_gold_answer_as_it_strips_the_decoded_one(tmp_p
     from omnibyte.analysis.transfer import _correct
 
     assert recs[1]["gold"].endswith(" ") and all(ok for _, ok, _ in _correct(recs, "generate").values())
+
+
+@pytest.mark.parametrize("gold,generated,right", [("yes\n", "yes", True), ("\tyes ", " yes\n", True),
+                                                  ("Yes", "yes", False), ("light blue", "light  blue", False)])
+def test_evaluation_and_analysis_score_generate_mode_alike(tmp_path, gold, generated, right):
+    """The accuracy the evaluation reports and the one the analysis computes from its per-question records
+    agree, whitespace and case included (they once held two copies of the rule)."""
+    from omnibyte.analysis.transfer import _correct
+
+    task = TASKS.build({"name": "clevr_vqa", "root": str(FIXTURE)})
+    ser = SERIALIZERS.build({"name": "qa", "image": {"name": "pixels", "size": [8, 6]}})
+    items = items_of(task, ser, "val")[:1]
+    items[0].meta["answer"] = gold
+    model = Oracle({items[0].meta["question"]: generated}, ser)
+    res = task.evaluate(model, items, split="val", mode="generate", out_dir=tmp_path / "eval", progress=False)
+    recs = [json.loads(x) for x in (tmp_path / "eval" / "vqa_val_predictions.jsonl").read_text().splitlines()]
+    assert res["accuracy_generate"] == float(right)
+    assert [ok for _, ok, _ in _correct(recs, "generate").values()] == [right]

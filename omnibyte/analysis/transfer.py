@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from ..answers import normalize_answer
 from ..identity import flatten
 from .runs import Run, _step_of, aggregate, censored_aggregate, curve, final_value, steps_to_target
 
@@ -248,8 +249,8 @@ def _correct(recs: list[dict[str, Any]], mode: str) -> dict[str, tuple[str, bool
         have = sorted({k[5:] for r in recs for k in r if k.startswith("pred_")})
         raise ValueError(f"{len(missing)} of {len(recs)} records have no pred_{mode} (question "
                          f"{missing[0].get('id')!r}): not scored in mode {mode!r}; modes present: {have or 'none'}")
-    def gold(r):  # generate mode strips the decoded answer, and so the gold one (tasks/vqa_eval.py)
-        return str(r.get("gold")).strip() if mode == "generate" else r.get("gold")
+    def gold(r):  # generate mode normalizes the decoded answer, and so the gold one (the evaluation's rule)
+        return normalize_answer(str(r.get("gold"))) if mode == "generate" else r.get("gold")
 
     return {str(r["id"]): (str(r.get("qtype")), r[f"pred_{mode}"] == gold(r), r.get("image")) for r in recs}
 
