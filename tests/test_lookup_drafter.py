@@ -60,6 +60,7 @@ def test_lookup_advance_indexes_the_new_bytes_and_pads_rows():
     drafts, _ = d.propose(3, 0.0, 0, 1.0, None)
     # row 0 drafts "XYa", row 1 has no match: padded with PAD to the longest row
     assert drafts.tolist() == [list(b"XYa"), [vocab.PAD] * 3]
+    assert d.draft_lengths(drafts) == [3, 0]  # the pads are not drafted bytes (proposed / accepted)
     d.advance(1, torch.tensor([ord("Z"), ord("t")]))  # every row kept 1 draft, then its own byte
     assert d.hist == [list(b"abXYabXZ"), list(b"qrstuv") + [vocab.PAD, ord("t")]]
     assert d.propose(2, 0.0, 0, 1.0, None)[0].shape == (2, 0)  # "XZ" / "PAD t" seen once only: nothing

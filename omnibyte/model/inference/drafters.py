@@ -17,8 +17,10 @@ class Drafter:
     propose, the model then steps by itself as in plain decoding), and the distributions they were drawn from,
     (B, j, V) after the same temperature / top-k / top-p as the target's, or None: greedy, or a drafter whose
     drafts are certain (q one-hot at each draft, as :class:`LookupDrafter`'s); ``advance(kept, tokens)``: every row
-    kept its first ``kept`` proposals, then ``tokens`` (B,) followed. ``proposed`` / ``accepted`` count drafted
-    and kept bytes (the acceptance rate is their ratio), ``rounds`` the verification passes."""
+    kept its first ``kept`` proposals, then ``tokens`` (B,) followed. A row with fewer real drafts than the
+    batch's j pads its row; ``draft_lengths`` says how many are real (default: all j). ``proposed`` / ``accepted``
+    count real drafted bytes of unfinished rows and those of them kept (pad slots are neither: the acceptance rate
+    is their ratio, NaN before any draft), ``rounds`` the verification passes."""
 
     def __init__(self):
         self.proposed = 0
@@ -28,6 +30,11 @@ class Drafter:
     @property
     def acceptance(self) -> float:
         return self.accepted / self.proposed if self.proposed else float("nan")
+
+    def draft_lengths(self, drafts: torch.Tensor) -> list[int]:
+        """Per row, how many of the (B, j) ``drafts`` the last ``propose`` returned are real (the rest pad the row
+        to j). This default: every row drafted all j."""
+        return [int(drafts.shape[1])] * int(drafts.shape[0])
 
     def reset(self, context: torch.Tensor) -> None:  # pragma: no cover - interface
         raise NotImplementedError
@@ -52,7 +59,8 @@ class LookupDrafter(Drafter):
     just before the end continues a repeating pattern). A match shorter than ``min_ngram`` bytes is not used;
     with ``min_ngram=1`` the fallback is the bytes after the last byte's most recent earlier occurrence. No match:
     the row proposes nothing. Rows of a batch with fewer drafts than the longest are padded with ``PAD`` (verified
-    like any draft: exact, rarely kept); when no row has a draft, the model steps by itself.
+    like any draft: exact, rarely kept; not counted as drafted, ``draft_lengths``); when no row has a draft, the
+    model steps by itself.
 
     The drafts are certain, so their distribution q is one-hot at each draft (``propose`` returns None for it):
     under sampling a draft x is kept with probability p(x), else a byte is drawn from p without x, renormalised,
@@ -128,8 +136,12 @@ class LookupDrafter(Drafter):
                     out.append(h[p + i] if p + i < L else out[p + i - L])
             rows.append(out)
         j = max(map(len, rows))
+        self.lengths = [len(r) for r in rows]
         self.drafts = [r + [vocab.PAD] * (j - len(r)) for r in rows]
         return torch.tensor(self.drafts, dtype=torch.long, device=self.device).view(len(rows), j), None
+
+    def draft_lengths(self, drafts: torch.Tensor) -> list[int]:
+        return list(self.lengths)
 
     def advance(self, kept: int, tokens: torch.Tensor) -> None:
         for b, t in enumerate(tokens.view(-1).tolist()):

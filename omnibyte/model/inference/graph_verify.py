@@ -31,7 +31,7 @@ from ..blocks.transformer import TransformerBlock
 from ..layers import apply_rope, rope_cos_sin
 from .drafters import LookupDrafter
 from .sampling import sample
-from .speculative import accept, verify
+from .speculative import accept, count_round, verify
 
 log = logging.getLogger("omnibyte.model")
 
@@ -301,10 +301,7 @@ def generate_static(decoder, prompt, max_new: int, temperature, top_k, top_p, st
         roll(j + 1)
         if not stepper.ready and stepper.state.length >= stepper.Q0:
             stepper._convert()
-        live = B - sum(done)
-        drafter.proposed += k * live
-        drafter.accepted += j * live
-        drafter.rounds += 1
+        count_round(drafter, dh, j, [not d for d in done])
         emit([dh[r, :j].tolist() + [xs[r]] for r in range(B)])
         if len(rows[0]) < max_new and not all(done):
             drafter.advance(j, torch.tensor(xs))

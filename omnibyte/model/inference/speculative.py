@@ -17,7 +17,9 @@ teacher-forced pass from its cached state, and the state rolls back to the last 
   on rejection draw from max(0, p - q) renormalised; every emitted byte is then distributed exactly as
   plain sampling's. Rows of a batch advance together: each round every row keeps as many drafts as the row
   that accepted fewest, plus one byte of its own (an accepted draft is as exact as a correction), so the
-  cached states stay aligned; a batch's acceptance is therefore that of its least lucky row.
+  cached states stay aligned; a batch's acceptance is therefore that of its least lucky row. A row whose draft
+  is shorter than the batch's is padded (``Drafter.draft_lengths``); the pad slots count neither as drafted nor
+  as kept.
 * Drafters: :class:`ModelDrafter`, a smaller byte model with the same vocabulary and token contract (any
   model with an MBLM's ``decoder``); :class:`SelfDrafter`, self-speculation by layer skipping (the model's own
   weights, only the first layers of each stage: no second model, no second tokenizer);
@@ -305,6 +307,21 @@ def accept(logits: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor | None, t
     return k, int(torch.multinomial(p[k], 1, generator=generator))
 
 
+def count_round(drafter: Drafter, drafts: torch.Tensor, j: int, live: Sequence[bool]) -> None:
+    """A verification round's statistics: per unfinished (``live``) row, its real drafts (``draft_lengths``: the
+    slots padding a shorter draft to the batch's length are not drafted bytes) and those of them kept (the batch's
+    ``j``, at most the row's own count)."""
+    lengths = [int(nb) for nb in drafter.draft_lengths(drafts)]
+    B, k = drafts.shape
+    if len(lengths) != B or not all(0 <= nb <= k for nb in lengths):
+        raise ValueError(f"{type(drafter).__name__}.draft_lengths: {lengths} for drafts of shape ({B}, {k}) (one "
+                         f"count in 0..{k} per row)")
+    n = [nb for nb, ok in zip(lengths, live) if ok]
+    drafter.proposed += sum(n)
+    drafter.accepted += sum(min(j, nb) for nb in n)
+    drafter.rounds += 1
+
+
 @torch.no_grad()
 def speculative_generate(decoder, prompt, max_new_bytes: int, temperature: float = 1.0, top_k: int = 0,
                          top_p: float = 1.0, stop_tokens=(), generator: torch.Generator | None = None,
@@ -387,9 +404,7 @@ def _generate(decoder, prompt, max_new: int, temperature, top_k, top_p, stop_tok
         j = min(kept)
         x = torch.tensor([drafts[b, j].item() if kept[b] > j else nxt[b] for b in range(B)], device=device)
         ver.rollback(j + 1)
-        drafter.proposed += k * int((~done).sum())
-        drafter.accepted += j * int((~done).sum())
-        drafter.rounds += 1
+        count_round(drafter, drafts, j, (~done).tolist())
         emit(torch.cat((drafts[:, :j], x[:, None]), dim=1))
         if len(out) < max_new and not bool(done.all()):
             drafter.advance(j, x)
