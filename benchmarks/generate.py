@@ -39,11 +39,19 @@ runs the same static step eagerly (``Decoder.static_step_off_cuda``): a dry run 
 stepper's key as the ``--graph`` calls': ``--compile`` applies); rows record ``graph_verify``. With ``--graph`` its
 output must equal the graphed plain output (the same numerics; in bf16 that can differ from eager at near-ties),
 and the row records both comparisons.
+
+The speculative row's statistics (greedy, batch 1, the last timed call): ``drafted`` / ``kept`` bytes and
+``acceptance`` = kept / drafted (null when nothing was drafted), ``passes`` (verification passes),
+``bytes_per_pass`` = the bytes those passes produced (kept drafts + one byte of the model's own each) / passes
+(null without a pass), ``plain_steps`` (bytes made by a plain step of the model: rounds where nothing was drafted,
+a last byte with no room for a draft; the first byte comes from the prefill). A ratio whose denominator is zero is null, never a stand-in figure, and a row with a
+non-finite number is refused (JSON lines hold no NaN).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 
 import torch
 from _common import build_mblm, build_omnibyte, device_name, emit, now, stub_selective_scan_cuda, sync
@@ -212,13 +220,31 @@ def bench_speculative(args, model, make_drafter, ctx: int, text: bytes | None) -
     rows.append(dict(base, impl="speculative", draft_len=args.draft_len, bytes_per_s=bps["speculative"],
                      total_s=round(med["speculative"], 3), capture_in_timing=captured["speculative"],
                      draft_prefill_s=round(_prefill_s(dmodel, prompt, dev), 3) if dmodel is not None else None,
-                     acceptance=round(drafter.acceptance, 4), drafted=drafter.proposed, kept=drafter.accepted,
-                     passes=drafter.rounds, bytes_per_pass=round(args.new / max(drafter.rounds, 1), 2),
+                     **speculative_stats(drafter, spec.shape[1]),
                      same_output_as_plain=bool(torch.equal(spec, plain)),
                      same_output_as_plain_graph=bool(torch.equal(spec, graph)) if args.graph else None,
                      speedup_vs_plain_eager=round(med["plain"] / med["speculative"], 3),
                      speedup_vs_best_plain=round(bps["speculative"] / best, 3)))
     return rows
+
+
+def speculative_stats(drafter, new_bytes: int) -> dict:
+    """drafted / kept / acceptance / passes / bytes_per_pass / plain_steps of one batch-1 greedy call that made
+    ``new_bytes`` bytes (see the module docstring); a ratio over zero is None."""
+    drafted, kept, passes = drafter.proposed, drafter.accepted, drafter.rounds
+    plain_steps = new_bytes - 1 - kept - passes  # the prefill's byte; each pass: its kept drafts + 1; each step: 1
+    if plain_steps < 0:  # pragma: no cover - the counts do not add up to the bytes made
+        raise SystemExit(f"speculative statistics: {kept} kept in {passes} passes exceed the {new_bytes} bytes made")
+    return dict(acceptance=round(kept / drafted, 4) if drafted else None, drafted=drafted, kept=kept, passes=passes,
+                bytes_per_pass=round((kept + passes) / passes, 2) if passes else None, plain_steps=plain_steps)
+
+
+def emit_row(rec: dict, out: str | None) -> None:
+    """``emit``, refusing a row with a NaN or infinity (not JSON; a ratio over zero is None here)."""
+    bad = [k for k, v in rec.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise SystemExit(f"benchmark row with non-finite {', '.join(bad)}: {rec}")
+    emit(rec, out)
 
 
 def main_speculative(args) -> None:
@@ -254,7 +280,7 @@ def main_speculative(args) -> None:
     text = open(args.prompt_file, "rb").read() if args.prompt_file else None
     for ctx in [int(c) for c in args.contexts.split(",")]:
         for rec in bench_speculative(args, model, make, ctx, text):
-            emit(rec, args.out)
+            emit_row(rec, args.out)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -291,6 +317,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--graph-verify", action="store_true", help="--speculative: verification passes on the kept "
                    "GraphStepper's static buffers, as CUDA graphs (generate(..., graph_verify=True))")
     args = p.parse_args(argv)
+    for name in ("new", "repeat", "draft_len"):  # bytes per second / medians / drafts of nothing: no figure
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.speculative:
         return main_speculative(args)
     from omnibyte.model.inference.graphs import GraphStepper
@@ -307,16 +336,17 @@ def main(argv: list[str] | None = None) -> None:
         for ctx in [int(c) for c in args.contexts.split(",")]:
             rec = bench_omnibyte(args, model, ctx)
             rows.append(rec)
-            emit(rec, args.out)
+            emit_row(rec, args.out)
         per = [r["ms_per_byte"] for r in rows]
-        emit(dict(bench="generate_summary", preset=args.preset, device=device_name(args.device), batch=batch,
-                  graph=bool(args.graph), compile=args.compile, fuse_linears=bool(args.fuse_linears),
-                  kernels=rows[0].get("kernels"), min_bytes_per_s=min(r["bytes_per_s"] for r in rows),
-                  flatness=round(max(per) / min(per), 3), contexts=[r["context"] for r in rows]), args.out)
+        emit_row(dict(bench="generate_summary", preset=args.preset, device=device_name(args.device), batch=batch,
+                      graph=bool(args.graph), compile=args.compile, fuse_linears=bool(args.fuse_linears),
+                      kernels=rows[0].get("kernels"), min_bytes_per_s=min(r["bytes_per_s"] for r in rows),
+                      flatness=round(max(per) / min(per), 3) if min(per) > 0 else None,
+                      contexts=[r["context"] for r in rows]), args.out)
     if args.mblm:
         del model
         torch.cuda.empty_cache()
-        emit(bench_mblm(args, int(args.contexts.split(",")[0]), 8), args.out)
+        emit_row(bench_mblm(args, int(args.contexts.split(",")[0]), 8), args.out)
 
 
 if __name__ == "__main__":

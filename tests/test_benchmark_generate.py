@@ -29,11 +29,23 @@ def bench(monkeypatch):
     return mod
 
 
+def _no_nan(name):
+    raise ValueError(f"not JSON: {name}")
+
+
 def _rows(bench, tmp_path, *argv) -> list[dict]:
     out = tmp_path / "rows.jsonl"
     bench.main([*argv, "--preset", "tiny", "--device", "cpu", "--dtype", "float32", "--contexts", "40",
                 "--out", str(out)])
-    return [json.loads(line) for line in out.read_text().splitlines()]
+    return [json.loads(line, parse_constant=_no_nan) for line in out.read_text().splitlines()]  # strict JSON
+
+
+def _check_stats(row: dict) -> None:
+    """The speculative row's counts add up to the bytes made, and each ratio is its counts' (None over zero)."""
+    assert row["plain_steps"] + row["passes"] + row["kept"] + 1 == row["new_bytes"]
+    assert row["acceptance"] == (round(row["kept"] / row["drafted"], 4) if row["drafted"] else None)
+    assert row["bytes_per_pass"] == (round((row["kept"] + row["passes"]) / row["passes"], 2) if row["passes"]
+                                     else None)
 
 
 def test_speculative_rows_time_decoding_only(bench, tmp_path):
@@ -42,6 +54,7 @@ def test_speculative_rows_time_decoding_only(bench, tmp_path):
     assert [r["capture_in_timing"] for r in rows] == [False, False, False]
     assert rows[1]["same_output_as_eager"] and rows[1]["cuda_graphs"] is False
     assert rows[2]["draft"] == "lookup" and rows[2]["draft_prefill_s"] is None
+    _check_stats(rows[2])
     # without the warm-up the graphed row's first call builds its stepper inside the timing, and says so
     (tmp_path / "rows.jsonl").unlink()
     rows = _rows(bench, tmp_path, "--speculative", "--draft", "lookup", "--graph", "--new", "20", "--repeat", "1",
@@ -55,6 +68,26 @@ def test_speculative_rows_with_static_verification(bench, tmp_path):
     assert [r["impl"] for r in rows] == ["plain", "plain_graph", "speculative"]
     assert all(r["graph_verify"] for r in rows) and rows[2]["same_output_as_plain"]
     assert [r["capture_in_timing"] for r in rows] == [False, False, False]
+
+
+def test_speculative_row_without_a_pass_has_null_ratios(bench, tmp_path):
+    """No verification pass (one new byte: the prefill's): acceptance and bytes per pass are null, not NaN (not
+    JSON) and not a figure over max(passes, 1) (it said 64 bytes per pass for 64 plain steps); with passes, the
+    bytes per pass are the passes' own (self-drafting: 2 passes of 8 kept + 1, and a last plain step)."""
+    rows = _rows(bench, tmp_path, "--speculative", "--draft", "lookup", "--graph", "--graph-verify", "--new", "1",
+                 "--repeat", "1")
+    spec = rows[-1]
+    assert spec["impl"] == "speculative" and spec["passes"] == spec["drafted"] == 0
+    assert spec["acceptance"] is None and spec["bytes_per_pass"] is None and spec["plain_steps"] == 0
+    _check_stats(spec)
+    (tmp_path / "rows.jsonl").unlink()
+    spec = _rows(bench, tmp_path, "--speculative", "--draft", "self", "--new", "20", "--repeat", "1")[-1]
+    assert (spec["passes"], spec["kept"], spec["plain_steps"], spec["bytes_per_pass"]) == (2, 16, 1, 9.0)
+    _check_stats(spec)
+    with pytest.raises(SystemExit):
+        _rows(bench, tmp_path, "--speculative", "--draft", "lookup", "--new", "0")
+    with pytest.raises(SystemExit, match="non-finite ratio"):
+        bench.emit_row({"bench": "x", "ratio": float("nan")}, None)
 
 
 def test_per_context_rows_say_where_capture_fell(bench, tmp_path):
