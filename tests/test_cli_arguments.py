@@ -53,6 +53,8 @@ GENERATE_BAD = {
     ("--num", "-1"): "--num",
     ("--draft-len", "0"): "--draft-len",
     ("--draft", "x", "--compile"): "--compile",
+    ("--graph-verify",): "--draft",  # graph verification verifies drafts
+    ("--draft", "lookup", "--graph-verify", "--no-graphs"): "--no-graphs",
     ("--draft-layers", "1,1"): "--draft-layers",
     ("--draft", "self", "--draft-layers", "1,x"): "--draft-layers",
 }
@@ -130,6 +132,48 @@ def test_generate_with_a_draft_run_prints_the_plain_greedy_output(run, tmp_path,
     assert main(argv + ["--draft", "lookup", "--draft-len", "4"]) == 0  # prompt lookup: no model
     assert capsys.readouterr().out == plain
     _error(capsys, "generate", argv + ["--quiet", "--draft", "self", "--draft-layers", "1"], "--draft", "stages")
+
+
+@pytest.fixture(scope="module")
+def mamba_run(tmp_path_factory):
+    """debug_tiny with a Mamba-2 global stage (the shape the static verification passes cover)."""
+    tmp = tmp_path_factory.mktemp("cliargs_m2")
+    assert main(["train", "debug_tiny", "train.steps=1", "train.eval_every=1", "train.ckpt_every=1",
+                 "eval.max_samples=1", "data.batch_size=2", "model.stages.0.length=4", "data.seq_len=32",
+                 "model.stages.0.block={name: mamba2_ref, d_state: 8, headdim: 8, chunk_size: 4}",
+                 "out_dir=" + str(tmp), "--quiet"]) == 0
+    return tmp / "debug_tiny"
+
+
+def test_generate_graph_verify_prints_the_plain_greedy_output(run, mamba_run, capsys, monkeypatch):
+    """--draft ... --graph-verify: generate(..., graph_verify=True), the static verification passes (run eagerly
+    off CUDA) on a model they cover, the logged eager fallback on one they do not; the greedy text is plain
+    decoding's either way. A run with nothing drafted logs no acceptance rate (it said "acceptance nan%")."""
+    from omnibyte.model.inference.graph_verify import StaticVerifier
+
+    passes = []
+    real = StaticVerifier.run
+    monkeypatch.setattr(StaticVerifier, "run", lambda self, toks: passes.append(toks.shape) or real(self, toks))
+    for r, static in ((mamba_run, True), (run, False)):
+        argv = ["generate", str(r), "--prompt", "The", "--max-new-bytes", "12", "--temperature", "0", "--device",
+                "cpu", "--num", "2"]
+        capsys.readouterr()
+        assert main(argv) == 0
+        plain = capsys.readouterr().out
+        del passes[:]
+        assert main(argv + ["--draft", "self", "--draft-layers", "1,1", "--draft-len", "3", "--graph-verify"]) == 0
+        out = capsys.readouterr()
+        assert out.out == plain
+        assert "kept (acceptance" in out.err and "verification passes" in out.err
+        assert bool(passes) == static, (r, passes)
+        assert ("no static verification" in out.err) != static, out.err
+        assert main(argv + ["--draft", "lookup", "--graph-verify"]) == 0
+        assert capsys.readouterr().out == plain
+    # one new byte: the prefill's, no round, nothing drafted
+    argv[argv.index("12")] = "1"
+    assert main(argv + ["--draft", "lookup", "--graph-verify"]) == 0
+    err = capsys.readouterr().err
+    assert "no bytes drafted, so no acceptance rate (0 verification passes)" in err and "nan" not in err, err
 
 
 # ------------------------------------------------------------------------------------------------

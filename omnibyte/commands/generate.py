@@ -35,7 +35,8 @@ def add_arguments(p) -> None:
                    help="CUDA: step byte by byte eagerly (default: the CUDA-graph step with Triton decode kernels)")
     p.add_argument("--draft", default=None, metavar="RUN|self|lookup",
                    help="speculative decoding: a smaller byte-model run (same token contract) drafts --draft-len "
-                        "bytes, this run verifies them in one pass (greedy output unchanged, sampling exact; eager); "
+                        "bytes, this run verifies them in one pass (greedy output unchanged, sampling exact; eager "
+                        "passes, or --graph-verify); "
                         "'self': this run's own first --draft-layers layers draft; 'lookup': no model, the bytes "
                         "that followed an earlier occurrence of the context's last bytes (prompt lookup; a run "
                         "directory named so: ./lookup)")
@@ -44,6 +45,12 @@ def add_arguments(p) -> None:
     p.add_argument("--draft-len", type=int, default=4, help="--draft: bytes drafted per verification (>= 1)")
     p.add_argument("--draft-checkpoint", default=None, metavar="best|latest|STEP",
                    help="--draft: the draft run's checkpoint (default: the draft run's own eval.checkpoint, as omnibyte eval)")
+    p.add_argument("--graph-verify", action="store_true",
+                   help="--draft: verification passes on the CUDA-graph stepper's static buffers, one CUDA graph per "
+                        "(patch phase, pass length) (generate(..., graph_verify=True); not yet measured on a GPU). "
+                        "Off CUDA the same static passes run eagerly; a model without them (they need a Mamba-2 "
+                        "global stage and one inner Transformer stage over bytes) uses the eager passes, logged. "
+                        "Decodes at the weights' dtype on CUDA, as the CUDA-graph step; --compile applies")
     p.add_argument("--compile", action="store_true",
                    help="CUDA: also torch.compile the Mamba stages' step first (~30 s once; 1.55x the bytes/s on an H100)")
 
@@ -75,8 +82,14 @@ def check_arguments(args) -> bytes | None:
         except ValueError:
             raise ConfigError(f"--draft-layers must be integers separated by commas, got "
                               f"{args.draft_layers!r}") from None
-    if args.draft and args.compile:
-        raise ConfigError("--draft runs eager verification passes; it cannot be combined with --compile")
+    if args.graph_verify and not args.draft:
+        raise ConfigError("--graph-verify verifies drafts: it needs --draft RUN|self|lookup")
+    if args.graph_verify and args.no_graphs:
+        raise ConfigError("--graph-verify runs the verification passes and the plain steps on the CUDA-graph stepper; "
+                          "it cannot be combined with --no-graphs")
+    if args.draft and args.compile and not args.graph_verify:
+        raise ConfigError("--draft runs eager verification passes; it cannot be combined with --compile (with "
+                          "--graph-verify, --compile applies to the CUDA-graph stepper)")
     if args.modality is not None:
         from omnibyte.vocab import Modality
 
@@ -164,7 +177,7 @@ def run(args) -> int:
     drafter = None
     if args.draft:
         drafter = load_drafter(args, model, device)
-        kw.update(draft=drafter, draft_len=args.draft_len)
+        kw.update(draft=drafter, draft_len=args.draft_len, graph_verify=args.graph_verify)
     from omnibyte.model.inference.decoder import check_room
 
     try:  # the model's own check, as a one-line argument error
@@ -173,22 +186,27 @@ def run(args) -> int:
         from omnibyte.config import ConfigError
 
         raise ConfigError(f"--max-new-bytes {args.max_new_bytes}: {e}") from None
-    graphs = device.type == "cuda" and not (args.no_graphs or args.draft)
+    graphs = device.type == "cuda" and (args.graph_verify or not (args.no_graphs or args.draft))
     bf16 = precision_of(loaded.config, device, graphs)
     logging.getLogger("omnibyte.generate").info(
         "precision: %s", "bf16 autocast (train.precision, as omnibyte ask and eval)" if bf16 else
-        "fp32 weights (the CUDA-graph step; ask and eval run bf16 autocast: --no-graphs for the same)" if graphs
-        else "fp32 (train.precision)")
+        f"fp32 weights (the CUDA-graph step; ask and eval run bf16 autocast: "
+        f"{'eager verification, without --graph-verify,' if args.graph_verify else '--no-graphs'} for the same)"
+        if graphs else "fp32 (train.precision)")
     from omnibyte.precision import autocast
 
     with torch.no_grad(), autocast(device, bf16):
         out = model.generate(batch, args.max_new_bytes, temperature=args.temperature, top_k=args.top_k,
                              top_p=args.top_p, stop_tokens=(vocab.EOS,), generator=gen,
-                             use_graphs=not (args.no_graphs or args.draft), compile_step=args.compile, **kw)
-    if drafter is not None:
+                             use_graphs=not (args.no_graphs or args.draft), compile_step=args.compile and graphs,
+                             **kw)
+    if drafter is not None and drafter.proposed:
         logging.getLogger("omnibyte.generate").info(
             "speculative decoding: %d bytes drafted, %d kept (acceptance %.1f%%) in %d verification passes",
             drafter.proposed, drafter.accepted, 100 * drafter.acceptance, drafter.rounds)
+    elif drafter is not None:  # no acceptance rate without a draft (not NaN, not 0%)
+        logging.getLogger("omnibyte.generate").info(
+            "speculative decoding: no bytes drafted, so no acceptance rate (%d verification passes)", drafter.rounds)
     for row in out.tolist():
         data = bytes(t for t in row if t < vocab.NUM_BYTES)
         print(args.prompt + data.decode("utf-8", errors="replace"))
