@@ -89,10 +89,11 @@ class Checkpointer:
                         "as it began (one run, one rule); this omnibyte's rule applies to new runs (train.init_from="
                         "%s starts one from these weights)", ckpt, len(moved), said, more, ckpt)
 
-    def restore(self, ckpt: Path) -> dict[str, Any]:
-        """Load weights, optimizer, schedule and this rank's RNG from ``ckpt``; returns its state.json."""
+    def restore(self, ckpt: Path, state: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Load weights, optimizer, schedule and this rank's RNG from ``ckpt``; returns its state.json (``state``:
+        the one already read from it, not read again). Each file of the checkpoint is read once."""
         info = self.info
-        state = ckpt_io.read_state(ckpt)
+        state = ckpt_io.read_state(ckpt) if state is None else state
         written_by = int(state.get("world", len(state["data"])))
         if written_by != info.world:
             raise ResumeError(f"{ckpt} was written by {written_by} process(es); this run has {info.world}. Resume "
@@ -105,8 +106,9 @@ class Checkpointer:
             self._keep_grouping(ckpt, state.get("no_weight_decay"))  # older sharded checkpoints: not recorded
             load_sharded(Path(ckpt) / "dcp", self.model, self.optimizer)
             sched = state["scheduler"]
+            rngs = ckpt_io.load_rng(ckpt)
         else:
-            optim_state, _ = ckpt_io.load_training_state(ckpt)
+            optim_state, rngs = ckpt_io.load_training_state(ckpt)
             recorded = state.get("no_weight_decay")
             if recorded is None:  # a checkpoint from before the record: its optimizer's groups say the same
                 recorded = [n for g in optim_state["optimizer"]["param_groups"] if g.get("weight_decay") == 0
@@ -116,5 +118,5 @@ class Checkpointer:
                                            optim_state["optimizer"], info)
             sched = state.get("scheduler") or optim_state["scheduler"]
         self.scheduler.load_state_dict(sched)
-        set_rng_state(ckpt_io.load_rng(ckpt)[info.rank])
+        set_rng_state(rngs[info.rank])
         return state

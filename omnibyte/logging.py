@@ -113,10 +113,12 @@ class EarlyRecords(logging.Handler):
 
 
 class RunLogger:
-    """Writes metrics (main rank only) and drives the progress bar."""
+    """Writes metrics (main rank only) and drives the progress bar. ``records``: the run's ``metrics.jsonl`` as
+    already read (a resume reads it once for all its decisions); None reads it here. The lines after
+    ``start_step`` are dropped either way."""
 
     def __init__(self, run_dir: Path, *, enabled: bool, start_step: int, total_steps: int, progress: bool = True,
-                 early: EarlyRecords | None = None, tracker=None):
+                 early: EarlyRecords | None = None, tracker=None, records: list[dict[str, Any]] | None = None):
         self.enabled = enabled
         self.path = Path(run_dir) / METRICS
         self.writer = None
@@ -124,7 +126,9 @@ class RunLogger:
         self.tracker = tracker
         if not enabled:
             return
-        kept = [r for r in read_metrics(run_dir) if int(r.get("step", 0)) <= start_step]
+        if records is None:
+            records = read_metrics(run_dir)
+        kept = [r for r in records if int(r.get("step", 0)) <= start_step]
         from .checkpoint import write_text_atomic
 
         write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))

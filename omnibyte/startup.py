@@ -13,7 +13,6 @@ from . import checkpoint as ckpt_io
 from . import parallel
 from .config import ConfigError, dump_yaml, from_dict, load_yaml
 from .identity import check_rerun
-from .logging import read_metrics
 from .model.blocks.experts import expand_dense_weights
 from .pathway import attach_pathway, is_pathway_state, merge_state_dict
 from .run import inherit_derived, resolve_data_config
@@ -101,12 +100,12 @@ def improves(value: float, best: float | None) -> bool:
     return math.isfinite(value) and (best is None or not math.isfinite(best) or value < best)
 
 
-def evals_since_best(run_dir: Path, split: str, select: str, upto: int) -> int:
-    """Evaluations since the best one, replayed from the run's records up to step ``upto`` with the training
-    loop's rule (:func:`improves`). A checkpoint is written before its step's evaluation, so its own counter
-    misses that evaluation: a resumed run recounts from the records."""
+def evals_since_best(records: list[dict], split: str, select: str, upto: int) -> int:
+    """Evaluations since the best one, replayed from the run's ``metrics.jsonl`` records up to step ``upto`` with
+    the training loop's rule (:func:`improves`). A checkpoint is written before its step's evaluation, so its own
+    counter misses that evaluation: a resumed run recounts from the records."""
     by_step: dict[int, float] = {}
-    for r in read_metrics(run_dir):
+    for r in records:
         if r.get("split") == split and r.get("step", upto + 1) <= upto and r.get(select) is not None:
             by_step[int(r["step"])] = float(r[select])
     best, since = None, 0
@@ -118,11 +117,12 @@ def evals_since_best(run_dir: Path, split: str, select: str, upto: int) -> int:
     return since
 
 
-def eval_pending(state: dict, run_dir: Path, split: str) -> bool:
-    """A checkpoint written before its step's evaluation, which then did not happen (a crash, a failure)."""
+def eval_pending(state: dict, records: list[dict], split: str) -> bool:
+    """A checkpoint written before its step's evaluation, which then did not happen (a crash, a failure): no
+    record of it among the run's ``metrics.jsonl`` ``records``."""
     step = state["step"]
     return bool(state.get("eval_due")) and not any(
-        r.get("step") == step and r.get("split") == split for r in read_metrics(run_dir))
+        r.get("step") == step and r.get("split") == split for r in records)
 
 
 def check_expert_assignment(model: torch.nn.Module, source_config: dict, stages: tuple[int, ...], source: str

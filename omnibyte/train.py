@@ -39,7 +39,7 @@ from .errors import TrainingError
 from .evaluate import evaluate_bpb
 from .identity import flatten
 from .lock import RunLock
-from .logging import PROGRESS, EarlyRecords, RunLogger
+from .logging import PROGRESS, EarlyRecords, RunLogger, read_metrics
 from .loss import LossModule
 from .metrics import LogWindow
 from .nonfinite import NonFiniteSteps
@@ -141,11 +141,15 @@ def _train(cfg: RunConfig, info: parallel.DistInfo, early: EarlyRecords | None =
     cfg, latest = open_run_dir(cfg, info)
     t, run_dir = cfg.train, cfg.run_dir
     resume_from = find_resume(cfg, latest)
-    done = 0
+    # a resume reads its checkpoint's state.json and the run's metrics.jsonl once, and every decision made from
+    # them (finished? an evaluation pending? evaluations since the best, the lines the logger keeps, the restore)
+    # takes that one copy: a long run's records are not parsed three times, and no two reads can disagree
+    done, history = 0, None
     if resume_from is not None:
         head = ckpt_io.read_state(resume_from)
+        history = read_metrics(run_dir)
         done = int(head["step"])
-        if done >= t.steps and not eval_pending(head, run_dir, cfg.eval.split):
+        if done >= t.steps and not eval_pending(head, history, cfg.eval.split):
             log.warning("run %s is finished: step %d of train.steps=%d; nothing to do (evaluate it with "
                         "`omnibyte eval %s`, or raise train.steps to train on)", cfg.run_name, done, t.steps, run_dir)
             return run_dir, None
@@ -192,14 +196,14 @@ def _train(cfg: RunConfig, info: parallel.DistInfo, early: EarlyRecords | None =
     saved_window = None  # the sums of a log window that a checkpoint cut in two
     if resume_from is not None:
         try:
-            state = saver.restore(resume_from)
+            state = saver.restore(resume_from, head)
         except ResumeError as e:
             raise TrainingError(str(e)) from None
         loader.load_state_dict(state["data"][info.rank])
         step, best = state["step"], state.get("best")
-        eval_due = eval_pending(state, run_dir, cfg.eval.split)
+        eval_due = eval_pending(state, history, cfg.eval.split)
         counters.update(state["counters"])
-        counters["evals_since_best"] = evals_since_best(run_dir, cfg.eval.split, cfg.eval.select, step)
+        counters["evals_since_best"] = evals_since_best(history, cfg.eval.split, cfg.eval.select, step)
         best = ckpt_io.read_best(run_dir / "checkpoints") or best
         saved_window = state["window"][info.rank]
         log.info("resumed from %s at step %d", resume_from, step)
@@ -226,7 +230,8 @@ def _train(cfg: RunConfig, info: parallel.DistInfo, early: EarlyRecords | None =
         tracker = open_tracker(t.tracker, run_dir, cfg.run_name, t.tracker_project,
                                {**flatten(cfg_dict), "provenance": prov})
     logger = RunLogger(run_dir, enabled=info.is_main, start_step=step, total_steps=t.steps,
-                       progress=t.progress, early=early, tracker=tracker)
+                       progress=t.progress, early=early, tracker=tracker, records=history)
+    del history  # a long run's records: not held through the loop
     if step == 0:
         logger.hparams(flatten(cfg_dict), f"{cfg.eval.split}/bpb")
 
