@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import functools
 import json
+import math
 import os
 import platform
 import subprocess
@@ -120,7 +121,22 @@ def device_name(device: str) -> str:
     return f"cpu: {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
 
 
+def _nonfinite(value, path: str = "") -> list[str]:
+    """Paths of NaN / infinite floats in a row (nested dicts and lists too)."""
+    if isinstance(value, float):
+        return [] if math.isfinite(value) else [path or "<row>"]
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in _nonfinite(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(value, (list, tuple)):
+        return [p for i, v in enumerate(value) for p in _nonfinite(v, f"{path}[{i}]")]
+    return []
+
+
 def emit(record: dict, out: str | None = None) -> None:
+    """Print (and append to ``out``) one JSON line. A row with a NaN or infinity is refused (SystemExit naming
+    the fields): it is not JSON, and a ratio over zero belongs in a row as null, never as a made-up figure."""
+    if bad := _nonfinite(record):
+        raise SystemExit(f"benchmark row with non-finite {', '.join(bad)}: {record}")
     record = dict(record)
     record.setdefault("date", datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
     # OMNIBYTE_COMMIT when set (the device copy: its .git can be stale -- device rows of f23c7a5 said 242ac0d-dirty --
@@ -128,7 +144,7 @@ def emit(record: dict, out: str | None = None) -> None:
     # modified tree) where the benchmarks' tree is a checkout's root
     record.setdefault("commit", os.environ.get("OMNIBYTE_COMMIT") or git_commit())
     record.setdefault("torch", torch.__version__)
-    line = json.dumps(record)
+    line = json.dumps(record, allow_nan=False)
     print(line, flush=True)
     if out:
         with open(out, "a") as f:

@@ -51,7 +51,6 @@ non-finite number is refused (JSON lines hold no NaN).
 from __future__ import annotations
 
 import argparse
-import math
 
 import torch
 from _common import build_mblm, build_omnibyte, device_name, emit, now, stub_selective_scan_cuda, sync
@@ -239,14 +238,6 @@ def speculative_stats(drafter, new_bytes: int) -> dict:
                 bytes_per_pass=round((kept + passes) / passes, 2) if passes else None, plain_steps=plain_steps)
 
 
-def emit_row(rec: dict, out: str | None) -> None:
-    """``emit``, refusing a row with a NaN or infinity (not JSON; a ratio over zero is None here)."""
-    bad = [k for k, v in rec.items() if isinstance(v, float) and not math.isfinite(v)]
-    if bad:
-        raise SystemExit(f"benchmark row with non-finite {', '.join(bad)}: {rec}")
-    emit(rec, out)
-
-
 def main_speculative(args) -> None:
     from omnibyte.model.inference.decoder import Decoder
     from omnibyte.model.inference.speculative import LookupDrafter, ModelDrafter, SelfDrafter
@@ -280,7 +271,7 @@ def main_speculative(args) -> None:
     text = open(args.prompt_file, "rb").read() if args.prompt_file else None
     for ctx in [int(c) for c in args.contexts.split(",")]:
         for rec in bench_speculative(args, model, make, ctx, text):
-            emit_row(rec, args.out)
+            emit(rec, args.out)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -336,9 +327,9 @@ def main(argv: list[str] | None = None) -> None:
         for ctx in [int(c) for c in args.contexts.split(",")]:
             rec = bench_omnibyte(args, model, ctx)
             rows.append(rec)
-            emit_row(rec, args.out)
+            emit(rec, args.out)
         per = [r["ms_per_byte"] for r in rows]
-        emit_row(dict(bench="generate_summary", preset=args.preset, device=device_name(args.device), batch=batch,
+        emit(dict(bench="generate_summary", preset=args.preset, device=device_name(args.device), batch=batch,
                       graph=bool(args.graph), compile=args.compile, fuse_linears=bool(args.fuse_linears),
                       kernels=rows[0].get("kernels"), min_bytes_per_s=min(r["bytes_per_s"] for r in rows),
                       flatness=round(max(per) / min(per), 3) if min(per) > 0 else None,
@@ -346,7 +337,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.mblm:
         del model
         torch.cuda.empty_cache()
-        emit_row(bench_mblm(args, int(args.contexts.split(",")[0]), 8), args.out)
+        emit(bench_mblm(args, int(args.contexts.split(",")[0]), 8), args.out)
 
 
 if __name__ == "__main__":

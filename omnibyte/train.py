@@ -143,7 +143,7 @@ def _train(cfg: RunConfig, info: parallel.DistInfo, early: EarlyRecords | None =
     resume_from = find_resume(cfg, latest)
     # a resume reads its checkpoint's state.json and the run's metrics.jsonl once, and every decision made from
     # them (finished? an evaluation pending? evaluations since the best, the lines the logger keeps, the restore)
-    # takes that one copy: a long run's records are not parsed three times, and no two reads can disagree
+    # takes that one copy: a long run's records are not parsed four times, and no two reads can disagree
     done, history = 0, None
     if resume_from is not None:
         head = ckpt_io.read_state(resume_from)
