@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from omnibyte.model.inference.drafters import LookupDrafter
+from omnibyte.model.inference.drafters import Drafter, LookupDrafter
 from omnibyte.model.inference.graph_verify import StaticVerifier, segments, verifier
 from omnibyte.model.inference.graphs import GraphStepper
 from omnibyte.model.inference.speculative import ModelDrafter, verify
@@ -179,6 +179,50 @@ def test_models_without_a_static_pass_fall_back_to_the_eager_one():
     p = list(b"abcabcabcab")
     assert torch.equal(m.generate(p, 9, temperature=0, draft="lookup", graph_verify=True, use_graphs=True),
                        m.generate(p, 9, temperature=0))
+
+
+class _Gappy(Drafter):
+    """Drafts constant bytes, row b ``b`` fewer than row 0 (padded, ``draft_lengths``), and nothing at all every
+    third round (a plain step): every branch of the round loop."""
+
+    def reset(self, context):
+        self.n, self.B = 0, context.shape[0]
+
+    def propose(self, k, temperature, top_k, top_p, generator):
+        self.n += 1
+        self.lengths = [0] * self.B if self.n % 3 == 0 else [max(0, k - b) for b in range(self.B)]
+        return torch.full((self.B, max(self.lengths)), 101), None
+
+    def draft_lengths(self, drafts):
+        return list(self.lengths)
+
+    def advance(self, kept, tokens):
+        pass
+
+
+def test_the_static_and_eager_passes_share_one_round_loop():
+    """speculative.rounds serves both backends: with the same generator the static passes give the eager ones'
+    bytes and statistics (drafted, kept, rounds) -- greedy and sampled, stop tokens, rounds without drafts, short
+    drafts padded, a last byte as a plain step, prompts shorter than a patch (eager passes on the stepper's state)."""
+    m, d = _peaked_pair("m2_tf")
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 256, (3, 9), generator=g), torch.tensor([list(b"ab")] * 2)]
+    ran = 0
+    for prompt in prompts:
+        plain = m.generate(prompt, 17, temperature=0)
+        for temperature, stops in ((0, ()), (0, (int(plain[0, 5]), int(plain[1, 9]))), (1.0, ()), (1.0, (97, 98))):
+            for mk in (_Gappy, lambda: ModelDrafter(d, m), lambda: LookupDrafter(min_ngram=1)):
+                for new, k in ((17, 3), (6, 5), (2, 1)):
+                    got = []
+                    for graph_verify in (False, True):
+                        dr = mk()
+                        out = m.generate(prompt, new, temperature=temperature, top_k=3, stop_tokens=stops,
+                                         generator=torch.Generator().manual_seed(1), draft=dr, draft_len=k,
+                                         graph_verify=graph_verify)
+                        got.append((out.tolist(), dr.proposed, dr.accepted, dr.rounds))
+                    assert got[0] == got[1], (temperature, stops, mk, new, k)
+                    ran += got[0][3]
+    assert ran > 0 and verifier(m.decoder.kept_steppers()[0]).passes > 0
 
 
 _INTERLEAVED = r"""

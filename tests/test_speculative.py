@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from omnibyte.model.inference.sampling import sampling_probs
-from omnibyte.model.inference.speculative import Drafter, ModelDrafter, SelfDrafter, accept, verify
+from omnibyte.model.inference.speculative import (
+    Drafter,
+    ModelDrafter,
+    SelfDrafter,
+    accept,
+    accept_greedy,
+    verify,
+)
 from tests.model_helpers import M1, M2, TF, one_thread, tiny  # noqa: F401 - one_thread is an autouse fixture
 
 # (name, stages, draft stages): 1-, 2- and 3-stage models with Transformer and recurrent (Mamba) stages, global
@@ -185,6 +192,17 @@ def test_accept_is_exact_rejection_sampling():
     assert 0.5 * (first / n - p[0]).abs().sum() < 0.025
     assert 0.5 * (second / second.sum() - p[1]).abs().sum() < 0.04
     assert 0.5 * (q[0] - p[0]).abs().sum() > 0.2  # the drafter's own distribution is far from p
+
+
+def test_accept_greedy_keeps_drafts_while_they_are_the_argmax():
+    """accept's greedy rule (temperature 0), which the round loop applies to every row's argmax at once: drafts kept
+    up to the first that is not the target's argmax, then the argmax there (the bonus one when all are kept)."""
+    logits = torch.full((4, 6), -1.0)
+    logits[torch.arange(4), torch.tensor([2, 5, 0, 3])] = 1.0  # argmax 2, 5, 0, then the bonus 3
+    for drafts, want in (([2, 5, 0], (3, 3)), ([2, 5, 1], (2, 0)), ([4, 5, 0], (0, 2)), ([], (0, 2))):
+        d = torch.tensor(drafts, dtype=torch.long)
+        assert accept(logits[:len(drafts) + 1], d, None, 0.0, 0, 1.0, None) == want, drafts
+        assert accept_greedy(logits[:len(drafts) + 1].argmax(-1), d) == want, drafts
 
 
 def _exact_joint(m, prompt, n, temperature, top_k, top_p):

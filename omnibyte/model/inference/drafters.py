@@ -17,10 +17,10 @@ class Drafter:
     propose, the model then steps by itself as in plain decoding), and the distributions they were drawn from,
     (B, j, V) after the same temperature / top-k / top-p as the target's, or None: greedy, or a drafter whose
     drafts are certain (q one-hot at each draft, as :class:`LookupDrafter`'s); ``advance(kept, tokens)``: every row
-    kept its first ``kept`` proposals, then ``tokens`` (B,) followed. A row with fewer real drafts than the
-    batch's j pads its row; ``draft_lengths`` says how many are real (default: all j). ``proposed`` / ``accepted``
-    count real drafted bytes of unfinished rows and those of them kept (pad slots are neither: the acceptance rate
-    is their ratio, NaN before any draft), ``rounds`` the verification passes."""
+    kept its first ``kept`` proposals, then ``tokens`` (B,) (a CPU tensor) followed. A row with fewer real drafts
+    than the batch's j pads its row; ``draft_lengths`` says how many are real (default: all j). ``proposed`` /
+    ``accepted`` count real drafted bytes of unfinished rows and those of them kept (pad slots are neither: the
+    acceptance rate is their ratio, NaN before any draft), ``rounds`` the verification passes."""
 
     def __init__(self):
         self.proposed = 0

@@ -13,6 +13,8 @@ pass. The kernel sequence depends only on (start phase, T): captured once per pa
 per-phase step (warm-up on a side stream, buffers saved and restored around capture), on CUDA only; elsewhere
 the same code runs eagerly. :meth:`StaticVerifier.rollback` then leaves the stepper as if only the first
 ``keep`` tokens had been fed (snapshot restored where a boundary was not kept; token window and position set).
+The decoding loop is the eager one's (:func:`~omnibyte.model.inference.speculative.rounds`), with
+:class:`StaticPasses` as its backend (:func:`generate_static`).
 
 Supported: a Mamba-2 global stage and ONE inner Transformer stage of one-byte units (the shipped pg19_lm and
 mblm360m shapes); otherwise :class:`StaticVerifier` raises ``NotImplementedError`` and
@@ -29,9 +31,7 @@ import torch
 from ... import vocab
 from ..blocks.transformer import TransformerBlock
 from ..layers import apply_rope, rope_cos_sin
-from .drafters import LookupDrafter
-from .sampling import sample
-from .speculative import accept, count_round, verify
+from .speculative import rounds, verify
 
 log = logging.getLogger("omnibyte.model")
 
@@ -213,12 +213,59 @@ def verifier(stepper) -> StaticVerifier:
     return v
 
 
+class StaticPasses:
+    """The round loop's backend (:func:`~omnibyte.model.inference.speculative.rounds`) on the kept GraphStepper:
+    plain steps as the stepper's (graphed) step, verification passes of fixed T = 1 + ``draft_len`` through the
+    :class:`StaticVerifier` (shorter drafts padded, their logits ignored), and until the stepper holds Q_0 bytes the
+    eager pass on its state. The prefill runs eagerly on ``state`` (the stepper's), as plain decoding's."""
+
+    def __init__(self, decoder, state, stepper, ver: StaticVerifier, draft_len: int):
+        self.decoder, self.state, self.stepper, self.ver = decoder, state, stepper, ver
+        self.device = decoder.model.head.weight.device
+        B = state.tokens.shape[0]
+        self.toks = torch.full((B, draft_len + 1), vocab.PAD, dtype=torch.long, pin_memory=self.device.type == "cuda")
+        self.eager = None  # the eager Verification of the last pass, where the stepper held fewer than Q_0 bytes
+
+    def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
+        return self.decoder.feed(self.state, prompt)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:  # the stepper: eager until it holds Q_0 bytes
+        return self.stepper.feed(tokens)
+
+    def _convert(self) -> None:  # the eager state into the static buffers once it holds Q_0 bytes
+        st = self.stepper
+        if not st.ready and st.state.length >= st.Q0:
+            st._convert()
+
+    def verify(self, tokens: torch.Tensor) -> torch.Tensor:
+        self._convert()
+        n = tokens.shape[1]
+        self.toks.fill_(vocab.PAD)
+        self.toks[:, :n] = tokens
+        if self.stepper.ready:
+            self.eager = None
+            return self.ver.run(self.toks)[:, :n]
+        self.eager = verify(self.decoder, self.stepper.state, self.toks[:, :n].to(self.device))
+        return self.eager.logits
+
+    def argmax(self) -> torch.Tensor:  # computed inside the static pass
+        return self.ver.argmax if self.eager is None else self.eager.logits.argmax(-1)
+
+    def rollback(self, keep: int) -> None:
+        if self.eager is None:
+            self.ver.rollback(keep)
+        else:
+            self.eager.rollback(keep)
+            self.eager = None
+        self._convert()
+
+
 def generate_static(decoder, prompt, max_new: int, temperature, top_k, top_p, stop_tokens, generator, drafter,
                     draft_len: int, compile_step=False) -> torch.Tensor:
-    """The speculative loop of :func:`~omnibyte.model.inference.speculative._generate` on the kept GraphStepper:
-    verification passes of fixed T = 1 + ``draft_len`` through :class:`StaticVerifier`, rounds without drafts as
-    the stepper's graphed step. Rows advance together as there; bookkeeping on the host (one sync per round).
-    None, before any work, where the model has no static verification (the caller then runs the eager passes)."""
+    """The speculative loop (:func:`~omnibyte.model.inference.speculative.rounds`, the eager loop's) on the kept
+    GraphStepper through :class:`StaticPasses`: verification passes of fixed T = 1 + ``draft_len`` through
+    :class:`StaticVerifier`, rounds without drafts as the stepper's graphed step. None, before any work, where the
+    model has no static verification (the caller then runs the eager passes)."""
     m = decoder.model
     B, device = prompt.shape[0], prompt.device
     state = decoder.new_state(B, device)
@@ -230,83 +277,5 @@ def generate_static(decoder, prompt, max_new: int, temperature, top_k, top_p, st
         log.info("speculative decoding: no static verification (%s); eager passes", e)
         return None
     ver.pending = None  # (a pass interrupted by an exception in an earlier call)
-    stops = {int(t) for t in stop_tokens}
-    done = [False] * B
-    rows: list[list[int]] = [[] for _ in range(B)]
-    greedy = temperature <= 0
-
-    def emit(cols: list[list[int]]) -> None:  # per row its new tokens; rows past their stop get PAD
-        for r in range(B):
-            for t in cols[r]:
-                t = vocab.PAD if done[r] else t
-                rows[r].append(t)
-                done[r] = done[r] or t in stops
-
-    def step(xs: list[int]) -> list[int]:  # one plain step (the stepper: eager until it holds Q_0 bytes)
-        logits = stepper.feed(torch.tensor(xs, device=device).view(B, 1))
-        return sample(logits, temperature, top_k, top_p, generator).tolist()
-
-    logits = decoder.feed(state, prompt)
-    x = sample(logits, temperature, top_k, top_p, generator)
-    xs = x.tolist()
-    emit([[t] for t in xs])
-    if max_new > 1 and not all(done):
-        ctx = torch.cat((prompt, x[:, None]), dim=1)
-        drafter.reset(ctx.cpu() if isinstance(drafter, LookupDrafter) else ctx)  # host drafts: no device round trip
-    T = draft_len + 1
-    toks = torch.full((B, T), vocab.PAD, dtype=torch.long, pin_memory=device.type == "cuda")
-    while len(rows[0]) < max_new and not all(done):
-        k = min(draft_len, max_new - len(rows[0]) - 1)
-        if not k:
-            emit([[t] for t in step(xs)])
-            break
-        drafts, q = drafter.propose(k, temperature, top_k, top_p, generator)
-        k = drafts.shape[1]
-        if not k:
-            xs = step(xs)
-            emit([[t] for t in xs])
-            if len(rows[0]) < max_new and not all(done):
-                drafter.advance(0, torch.tensor(xs))
-            continue
-        dh = drafts.cpu()
-        if not stepper.ready and stepper.state.length >= stepper.Q0:
-            stepper._convert()
-        toks.fill_(vocab.PAD)
-        toks[:, 0] = torch.tensor(xs)
-        toks[:, 1:k + 1] = dh
-        if stepper.ready:
-            logits = ver.run(toks)
-            roll = ver.rollback
-        else:  # fewer than Q_0 bytes so far: the eager pass on the stepper's state
-            v = verify(decoder, stepper.state, toks[:, :k + 1].to(device))
-            logits, roll = v.logits, v.rollback
-        kept, nxt = [], []
-        if greedy:
-            tgt = (ver.argmax if stepper.ready else logits.argmax(-1))[:, :k + 1].cpu()
-            for r in range(B):
-                miss = (dh[r] != tgt[r, :k]).nonzero()
-                j = int(miss[0, 0]) if miss.numel() else k
-                kept.append(j if not done[r] else k)
-                nxt.append(int(tgt[r, j]))
-        else:
-            q = q.to(device) if q is not None else None
-            dd = drafts.to(device)
-            for r in range(B):
-                j, t = accept(logits[r, :k + 1], dd[r], q[r] if q is not None else None, temperature, top_k, top_p,
-                              generator)
-                kept.append(j if not done[r] else k)
-                nxt.append(t)
-        j = min(kept)
-        xs = [int(dh[r, j]) if kept[r] > j else nxt[r] for r in range(B)]
-        roll(j + 1)
-        if not stepper.ready and stepper.state.length >= stepper.Q0:
-            stepper._convert()
-        count_round(drafter, dh, j, [not d for d in done])
-        emit([dh[r, :j].tolist() + [xs[r]] for r in range(B)])
-        if len(rows[0]) < max_new and not all(done):
-            drafter.advance(j, torch.tensor(xs))
-    new = torch.tensor(rows, dtype=torch.long, device=device).view(B, -1)
-    if stops and all(done):  # end at the last row's stop
-        hit = torch.isin(new, torch.tensor(sorted(stops), device=device))
-        new = new[:, :int(hit.int().argmax(dim=1).max()) + 1]
-    return new
+    passes = StaticPasses(decoder, state, stepper, ver, draft_len)
+    return rounds(passes, prompt, max_new, temperature, top_k, top_p, stop_tokens, generator, drafter, draft_len)

@@ -19,7 +19,9 @@ teacher-forced pass from its cached state, and the state rolls back to the last 
   that accepted fewest, plus one byte of its own (an accepted draft is as exact as a correction), so the
   cached states stay aligned; a batch's acceptance is therefore that of its least lucky row. A row whose draft
   is shorter than the batch's is padded (``Drafter.draft_lengths``); the pad slots count neither as drafted nor
-  as kept.
+  as kept. One round loop, :func:`rounds`, serves the eager passes (backend :class:`EagerPasses`) and the static
+  ones of :mod:`~omnibyte.model.inference.graph_verify` (``StaticPasses``); a backend only feeds, verifies and
+  rolls back.
 * Drafters: :class:`ModelDrafter`, a smaller byte model with the same vocabulary and token contract (any
   model with an MBLM's ``decoder``); :class:`SelfDrafter`, self-speculation by layer skipping (the model's own
   weights, only the first layers of each stage: no second model, no second tokenizer);
@@ -42,8 +44,8 @@ from ..cache import BlockCache, GenerationState
 from .drafters import Drafter, LookupDrafter
 from .sampling import as_batch, sample, sampling_probs
 
-__all__ = ["Drafter", "LookupDrafter", "ModelDrafter", "SelfDrafter", "accept", "as_drafter", "skip_layers",
-           "speculative_generate", "verify"]
+__all__ = ["Drafter", "LookupDrafter", "ModelDrafter", "SelfDrafter", "accept", "accept_greedy", "as_drafter",
+           "skip_layers", "speculative_generate", "verify"]
 
 log = logging.getLogger("omnibyte.model")
 
@@ -276,6 +278,15 @@ def as_drafter(draft, target) -> Drafter:
     raise TypeError(f"draft must be a Drafter, a byte model or one of {sorted(DRAFTERS)}, got {got}")
 
 
+def accept_greedy(tgt: torch.Tensor, drafts: torch.Tensor) -> tuple[int, int]:
+    """The greedy rule of :func:`accept` from the target's argmax: one row's tgt (k+1,) and drafts (k,) -> (kept,
+    next token): drafts are kept while they equal the argmax, the next token is the argmax after them."""
+    k = drafts.shape[0]
+    miss = (drafts != tgt[:k]).nonzero()
+    kept = int(miss[0, 0]) if miss.numel() else k
+    return kept, int(tgt[kept])
+
+
 def accept(logits: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor | None, temperature: float, top_k: int,
            top_p: float, generator) -> tuple[int, int]:
     """One row: target logits (k+1, V), drafts (k,), drafter distributions q (k, V) (None: greedy, or drafts
@@ -285,10 +296,7 @@ def accept(logits: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor | None, t
     without x); when all k are kept the next token is drawn from p_k."""
     k = drafts.shape[0]
     if temperature <= 0:
-        tgt = logits.float().argmax(-1)
-        miss = (drafts != tgt[:k]).nonzero()
-        kept = int(miss[0, 0]) if miss.numel() else k
-        return kept, int(tgt[kept])
+        return accept_greedy(logits.float().argmax(-1), drafts)
     p = sampling_probs(logits, temperature, top_k, top_p)  # (k + 1, V)
     if k:
         idx = torch.arange(k, device=p.device)
@@ -356,60 +364,111 @@ def speculative_generate(decoder, prompt, max_new_bytes: int, temperature: float
     return out
 
 
+class EagerPasses:
+    """The backend of :func:`rounds` on a :class:`GenerationState`: ``prefill`` (prompt (B, P)) and ``step``
+    (tokens (B, 1)) -> logits (B, V) through ``Decoder.feed``; ``verify`` (tokens (B, T), the last kept byte then
+    the drafts) -> logits (B, T, V) through :func:`verify`, then ``argmax`` (B, T) of them and one ``rollback(keep)``
+    to the first ``keep`` tokens. The static backend: :class:`~omnibyte.model.inference.graph_verify.StaticPasses`."""
+
+    def __init__(self, decoder, state: GenerationState):
+        self.decoder, self.state = decoder, state
+        self.ver: Verification | None = None
+
+    def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
+        return self.decoder.feed(self.state, prompt)
+
+    step = prefill
+
+    def verify(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.ver = verify(self.decoder, self.state, tokens)
+        return self.ver.logits
+
+    def argmax(self) -> torch.Tensor:
+        return self.ver.logits.argmax(-1)
+
+    def rollback(self, keep: int) -> None:
+        self.ver.rollback(keep)
+        self.ver = None
+
+
 def _generate(decoder, prompt, max_new: int, temperature, top_k, top_p, stop_tokens, generator, drafter,
               draft_len) -> torch.Tensor:
-    """The rows advance together: each round every unfinished row gets its own acceptance, and all rows keep
-    the shortest one's count j plus one byte each (that row's correction or bonus; for a row that accepted more,
-    its accepted draft j, whose distribution is the model's all the same), so the cached states stay aligned."""
+    """The eager loop: :func:`rounds` on :class:`EagerPasses` over a new state."""
+    passes = EagerPasses(decoder, decoder.new_state(prompt.shape[0], prompt.device))
+    return rounds(passes, prompt, max_new, temperature, top_k, top_p, stop_tokens, generator, drafter, draft_len)
+
+
+def rounds(passes, prompt, max_new: int, temperature, top_k, top_p, stop_tokens, generator, drafter,
+           draft_len: int) -> torch.Tensor:
+    """The speculative round loop, one for the eager and the static passes: ``passes`` (:class:`EagerPasses` or
+    :class:`~omnibyte.model.inference.graph_verify.StaticPasses`) does the model's work -- ``prefill``, ``step``
+    (a plain step), ``verify`` (a pass over the last kept byte and the drafts), ``argmax`` (of that pass, for
+    greedy), ``rollback`` (to the kept prefix) -- and this loop the rest, on the host (one sync per round):
+    emitted bytes, stops, the drafter's rounds and statistics (:func:`count_round`).
+
+    The rows advance together: each round every unfinished row gets its own acceptance, and all rows keep the
+    shortest one's count j plus one byte each (that row's correction or bonus; for a row that accepted more, its
+    accepted draft j, whose distribution is the model's all the same), so the cached states stay aligned."""
     B, device = prompt.shape[0], prompt.device
-    state = decoder.new_state(B, device)
-    stops = torch.tensor(sorted({int(t) for t in stop_tokens}), dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    out: list[torch.Tensor] = []
+    stops = {int(t) for t in stop_tokens}
+    done = [False] * B
+    rows: list[list[int]] = [[] for _ in range(B)]
+    greedy = temperature <= 0
 
-    def emit(tokens: torch.Tensor) -> None:  # (B, t): rows past their stop get PAD
-        nonlocal done
-        for i in range(tokens.shape[1]):
-            t = torch.where(done, torch.full_like(tokens[:, i], vocab.PAD), tokens[:, i])
-            out.append(t)
-            if stops.numel():
-                done = done | torch.isin(t, stops)
+    def emit(cols: list[list[int]]) -> None:  # per row its new tokens; rows past their stop get PAD
+        for r in range(B):
+            for t in cols[r]:
+                t = vocab.PAD if done[r] else t
+                rows[r].append(t)
+                done[r] = done[r] or t in stops
 
-    x = sample(decoder.feed(state, prompt), temperature, top_k, top_p, generator)  # (B,): as plain decoding
-    emit(x[:, None])
-    if max_new > 1 and not bool(done.all()):
-        drafter.reset(torch.cat((prompt, x[:, None]), dim=1))
-    while len(out) < max_new and not bool(done.all()):
-        k = min(draft_len, max_new - len(out) - 1)  # never predict past where plain decoding would stop
+    def step(xs: list[int]) -> list[int]:  # one plain step of the model
+        logits = passes.step(torch.tensor(xs, device=device).view(B, 1))
+        return sample(logits, temperature, top_k, top_p, generator).tolist()
+
+    def more() -> bool:
+        return len(rows[0]) < max_new and not all(done)
+
+    x = sample(passes.prefill(prompt), temperature, top_k, top_p, generator)  # (B,): as plain decoding
+    xs = x.tolist()
+    emit([[t] for t in xs])
+    if max_new > 1 and not all(done):
+        ctx = torch.cat((prompt, x[:, None]), dim=1)
+        drafter.reset(ctx.cpu() if isinstance(drafter, LookupDrafter) else ctx)  # host drafts: no device round trip
+    while more():
+        k = min(draft_len, max_new - len(rows[0]) - 1)  # never predict past where plain decoding would stop
         if not k:  # one byte left: a plain step
-            emit(sample(decoder.feed(state, x[:, None]), temperature, top_k, top_p, generator)[:, None])
+            emit([[t] for t in step(xs)])
             break
         drafts, q = drafter.propose(k, temperature, top_k, top_p, generator)
         k = drafts.shape[1]  # a drafter may propose fewer (LookupDrafter: where nothing matches)
         if not k:  # nothing to verify: a plain step
-            x = sample(decoder.feed(state, x[:, None]), temperature, top_k, top_p, generator)
-            emit(x[:, None])
-            if len(out) < max_new and not bool(done.all()):
-                drafter.advance(0, x)
+            xs = step(xs)
+            emit([[t] for t in xs])
+            if more():
+                drafter.advance(0, torch.tensor(xs))
             continue
-        drafts = drafts.to(device)
-        q = q.to(device) if q is not None else None
-        ver = verify(decoder, state, torch.cat((x[:, None], drafts), dim=1))
-        kept, nxt = [], []
-        for b in range(B):
-            j, t = accept(ver.logits[b], drafts[b], q[b] if q is not None else None, temperature, top_k, top_p,
-                          generator)
-            kept.append(j if not done[b] else k)  # finished rows do not hold the others back
-            nxt.append(t)
+        dh = drafts.cpu()
+        logits = passes.verify(torch.cat((torch.tensor(xs)[:, None], dh), dim=1))  # (B, k + 1, V)
+        if greedy:  # accept's greedy rule, from the argmax of every row copied to the host at once
+            tgt = passes.argmax()[:, :k + 1].cpu()
+            acc = [accept_greedy(tgt[r], dh[r]) for r in range(B)]
+        else:
+            q = q.to(device) if q is not None else None
+            dd = drafts.to(device)
+            acc = [accept(logits[r], dd[r], q[r] if q is not None else None, temperature, top_k, top_p, generator)
+                   for r in range(B)]
+        kept = [k if done[r] else j for r, (j, _) in enumerate(acc)]  # finished rows do not hold the others back
+        nxt = [t for _, t in acc]
         j = min(kept)
-        x = torch.tensor([drafts[b, j].item() if kept[b] > j else nxt[b] for b in range(B)], device=device)
-        ver.rollback(j + 1)
-        count_round(drafter, drafts, j, (~done).tolist())
-        emit(torch.cat((drafts[:, :j], x[:, None]), dim=1))
-        if len(out) < max_new and not bool(done.all()):
-            drafter.advance(j, x)
-    new = torch.stack(out, dim=1)
-    if stops.numel() and bool(done.all()):  # end at the last row's stop
-        hit = torch.isin(new, stops)
+        xs = [int(dh[r, j]) if kept[r] > j else nxt[r] for r in range(B)]
+        passes.rollback(j + 1)
+        count_round(drafter, dh, j, [not d for d in done])
+        emit([dh[r, :j].tolist() + [xs[r]] for r in range(B)])
+        if more():
+            drafter.advance(j, torch.tensor(xs))
+    new = torch.tensor(rows, dtype=torch.long, device=device).view(B, -1)
+    if stops and all(done):  # end at the last row's stop
+        hit = torch.isin(new, torch.tensor(sorted(stops), device=device))
         new = new[:, :int(hit.int().argmax(dim=1).max()) + 1]
     return new
