@@ -323,6 +323,44 @@ def test_any_drafter_subclass_gives_exact_greedy_output():
     assert d.proposed > 0
 
 
+class _Silent(Drafter):
+    """Never drafts anything: every round is a plain step."""
+
+    def reset(self, context):
+        self.B = context.shape[0]
+
+    def propose(self, k, temperature, top_k, top_p, generator):
+        return torch.zeros(self.B, 0, dtype=torch.long), None
+
+    def advance(self, kept, tokens):
+        pass
+
+
+@pytest.mark.parametrize("graph_verify", [False, True])
+def test_acceptance_is_none_until_something_was_drafted(graph_verify, caplog):
+    """Drafter.acceptance is None, not NaN, while nothing was drafted (no round, or only plain steps), and the
+    debug line says there is no rate (it printed "nan%"); once drafts were verified it is kept / drafted."""
+    import logging
+
+    m, _ = _models("m2_tf")
+    assert Drafter().acceptance is None
+    plain = m.generate(b"hello", 9, temperature=0)
+    for d, new in ((_Silent(), 9), (_Constant(), 1)):  # only plain steps; one byte, the prefill's: no round
+        with caplog.at_level(logging.DEBUG, logger="omnibyte.model"):
+            caplog.clear()
+            out = m.generate(b"hello", new, temperature=0, draft=d, draft_len=3, graph_verify=graph_verify)
+        assert torch.equal(out, plain[:, :new])
+        assert d.proposed == d.accepted == d.rounds == 0 and d.acceptance is None, type(d).__name__
+        line = [r.getMessage() for r in caplog.records if r.getMessage().startswith("speculative decoding: 0 rounds")]
+        assert line and "no acceptance rate" in line[0] and "nan" not in line[0], line
+    d = _Constant()
+    with caplog.at_level(logging.DEBUG, logger="omnibyte.model"):
+        caplog.clear()
+        m.generate(b"hello", 9, temperature=0, draft=d, draft_len=3, graph_verify=graph_verify)
+    assert d.proposed > 0 and d.acceptance == d.accepted / d.proposed
+    assert f"({100 * d.acceptance:.1f}%)" in caplog.text
+
+
 class _Scripted(Drafter):
     """Drafts the target's own greedy bytes (``plain``, (B, new)): row 0 all k, the other rows only their first
     ``short``, padded to k with bytes the greedy model rejects (not its own), declared through ``draft_lengths``."""

@@ -200,11 +200,11 @@ def run(args) -> int:
                              top_p=args.top_p, stop_tokens=(vocab.EOS,), generator=gen,
                              use_graphs=not (args.no_graphs or args.draft), compile_step=args.compile and graphs,
                              **kw)
-    if drafter is not None and drafter.proposed:
+    if drafter is not None and drafter.acceptance is not None:
         logging.getLogger("omnibyte.generate").info(
             "speculative decoding: %d bytes drafted, %d kept (acceptance %.1f%%) in %d verification passes",
             drafter.proposed, drafter.accepted, 100 * drafter.acceptance, drafter.rounds)
-    elif drafter is not None:  # no acceptance rate without a draft (not NaN, not 0%)
+    elif drafter is not None:  # no acceptance rate without a draft (Drafter.acceptance None; not 0%)
         logging.getLogger("omnibyte.generate").info(
             "speculative decoding: no bytes drafted, so no acceptance rate (%d verification passes)", drafter.rounds)
     for row in out.tolist():

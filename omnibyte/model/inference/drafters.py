@@ -20,7 +20,7 @@ class Drafter:
     kept its first ``kept`` proposals, then ``tokens`` (B,) (a CPU tensor) followed. A row with fewer real drafts
     than the batch's j pads its row; ``draft_lengths`` says how many are real (default: all j). ``proposed`` /
     ``accepted`` count real drafted bytes of unfinished rows and those of them kept (pad slots are neither: the
-    acceptance rate is their ratio, NaN before any draft), ``rounds`` the verification passes."""
+    acceptance rate is their ratio, None before any draft), ``rounds`` the verification passes."""
 
     def __init__(self):
         self.proposed = 0
@@ -28,8 +28,10 @@ class Drafter:
         self.rounds = 0
 
     @property
-    def acceptance(self) -> float:
-        return self.accepted / self.proposed if self.proposed else float("nan")
+    def acceptance(self) -> float | None:
+        """``accepted / proposed``; None while nothing was drafted (a rate over no draft is no number: not NaN, which
+        formats as "nan%" and compares false with everything, nor 0, which would read as every draft rejected)."""
+        return self.accepted / self.proposed if self.proposed else None
 
     def draft_lengths(self, drafts: torch.Tensor) -> list[int]:
         """Per row, how many of the (B, j) ``drafts`` the last ``propose`` returned are real (the rest pad the row

@@ -359,8 +359,9 @@ def speculative_generate(decoder, prompt, max_new_bytes: int, temperature: float
     finally:
         for x, was_training in reversed(modes):
             x.train(was_training)
-    log.debug("speculative decoding: %d rounds, %d drafted, %d kept (%.1f%%)", drafter.rounds, drafter.proposed,
-              drafter.accepted, 100 * drafter.acceptance)
+    a = drafter.acceptance  # None: nothing drafted, no rate
+    log.debug("speculative decoding: %d rounds, %d drafted, %d kept (%s)", drafter.rounds, drafter.proposed,
+              drafter.accepted, "no acceptance rate" if a is None else f"{100 * a:.1f}%")
     return out
 
 
