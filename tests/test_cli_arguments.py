@@ -176,6 +176,39 @@ def test_generate_graph_verify_prints_the_plain_greedy_output(run, mamba_run, ca
     assert "no bytes drafted, so no acceptance rate (0 verification passes)" in err and "nan" not in err, err
 
 
+def test_the_precision_line_says_what_decodes_on_cuda(run, mamba_run):
+    """On CUDA with --graph-verify (or the plain CUDA-graph step) a model without the static passes (step) decodes
+    with the eager ones at the weights' fp32; the line said "the CUDA-graph step" all the same. It now names what
+    runs, and claims bf16 for ask and eval only under a bf16 policy. CUDA is absent here: the line is built for a
+    CUDA device from the CPU models (static_support needs no GPU)."""
+    import torch
+
+    from omnibyte.commands.generate import precision_line
+    from omnibyte.run import load_run
+
+    cuda = torch.device("cuda")
+    tf, m2 = load_run(run), load_run(mamba_run)  # a Transformer global stage; a Mamba-2 one (static passes)
+    cfg = {p: dataclasses.replace(tf.config, train=dataclasses.replace(tf.config.train, precision=p))
+           for p in ("auto", "fp32")}
+    line = precision_line(cfg["auto"], cuda, tf.model, graphs=True, graph_verify=True)
+    assert line.startswith("float32 weights, no autocast (eager verification passes and steps, as this model has "
+                           "no static verification: GraphStepper needs a Mamba-2 global stage"), line
+    assert "CUDA-graph step" not in line and "without --graph-verify" in line
+    line = precision_line(cfg["auto"], cuda, tf.model, graphs=True, graph_verify=False)
+    assert line.startswith("float32 weights, no autocast (eager steps, as this model has no CUDA-graph step"), line
+    assert "--no-graphs for the same" in line
+    line = precision_line(cfg["auto"], cuda, m2.model, graphs=True, graph_verify=True)
+    assert line.startswith("float32 weights, no autocast (the CUDA-graph step and static verification passes; ask "
+                           "and eval run bf16 autocast"), line
+    assert precision_line(cfg["auto"], cuda, m2.model, graphs=True, graph_verify=False).startswith(
+        "float32 weights, no autocast (the CUDA-graph step; ")
+    assert precision_line(cfg["fp32"], cuda, m2.model, graphs=True, graph_verify=True) == (
+        "float32 weights, no autocast (the CUDA-graph step and static verification passes)")  # no bf16 claim
+    assert "bf16" not in precision_line(cfg["fp32"], cuda, tf.model, graphs=True, graph_verify=True)
+    assert precision_line(cfg["auto"], cuda, tf.model, graphs=False, graph_verify=False).startswith("bf16 autocast")
+    assert precision_line(cfg["auto"], torch.device("cpu"), m2.model, False, False) == "fp32 (train.precision)"
+
+
 # ------------------------------------------------------------------------------------------------
 # prepare clevr-synth
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from omnibyte.model.inference.drafters import Drafter, LookupDrafter
-from omnibyte.model.inference.graph_verify import StaticVerifier, segments, verifier
+from omnibyte.model.inference.graph_verify import StaticVerifier, segments, static_support, verifier
 from omnibyte.model.inference.graphs import GraphStepper
 from omnibyte.model.inference.speculative import ModelDrafter, verify
 from tests.model_helpers import M2, M2K, TF, one_thread, tiny  # noqa: F401 - one_thread is an autouse fixture
@@ -160,6 +160,27 @@ def test_lookup_sampling_through_the_static_pass_follows_the_model_distribution(
                                       graph_verify=True, **kw),
                            m.generate(torch.tensor([prompt] * 2), 6, generator=torch.Generator().manual_seed(seed),
                                       **kw))
+
+
+def test_static_support_says_which_models_fall_back(caplog):
+    """static_support (what omnibyte generate's precision line reads before decoding) names the reason exactly where
+    generate(..., graph_verify=True) falls back to the eager passes, and builds nothing it keeps."""
+    import logging
+
+    for name in ("m2_tf", "tf_tf", "m2_tf_tf", "tf_m1", "m1_flat"):
+        m, _ = _models(name)
+        why = static_support(m)
+        with caplog.at_level(logging.INFO, logger="omnibyte.model"):
+            caplog.clear()
+            m.generate(b"abcabcab", 6, temperature=0, draft="lookup", graph_verify=True)
+        fell_back = [r.getMessage() for r in caplog.records if "no static verification" in r.getMessage()]
+        assert bool(fell_back) == (why is not None), (name, why, fell_back)
+        assert why is None or f"({why})" in fell_back[0], (why, fell_back)
+        assert (static_support(m, passes=False) is None) == (name in ("m2_tf", "m2_tf_tf")), name
+    m, _ = _models("m2_tf")
+    m.decoder.clear_steppers()
+    assert static_support(m) is None and m.decoder.kept_steppers() == []
+    assert "no cached byte decoder" in static_support(torch.nn.Linear(2, 2))
 
 
 def test_models_without_a_static_pass_fall_back_to_the_eager_one():

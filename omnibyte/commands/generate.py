@@ -50,7 +50,8 @@ def add_arguments(p) -> None:
                         "(patch phase, pass length) (generate(..., graph_verify=True); not yet measured on a GPU). "
                         "Off CUDA the same static passes run eagerly; a model without them (they need a Mamba-2 "
                         "global stage and one inner Transformer stage over bytes) uses the eager passes, logged. "
-                        "Decodes at the weights' dtype on CUDA, as the CUDA-graph step; --compile applies")
+                        "Decodes at the weights' dtype on CUDA, as the CUDA-graph step (the eager fallback too; the "
+                        "precision line says which runs); --compile applies")
     p.add_argument("--compile", action="store_true",
                    help="CUDA: also torch.compile the Mamba stages' step first (~30 s once; 1.55x the bytes/s on an H100)")
 
@@ -189,10 +190,7 @@ def run(args) -> int:
     graphs = device.type == "cuda" and (args.graph_verify or not (args.no_graphs or args.draft))
     bf16 = precision_of(loaded.config, device, graphs)
     logging.getLogger("omnibyte.generate").info(
-        "precision: %s", "bf16 autocast (train.precision, as omnibyte ask and eval)" if bf16 else
-        f"fp32 weights (the CUDA-graph step; ask and eval run bf16 autocast: "
-        f"{'eager verification, without --graph-verify,' if args.graph_verify else '--no-graphs'} for the same)"
-        if graphs else "fp32 (train.precision)")
+        "precision: %s", precision_line(loaded.config, device, model, graphs, args.graph_verify))
     from omnibyte.precision import autocast
 
     with torch.no_grad(), autocast(device, bf16):
@@ -217,11 +215,38 @@ def run(args) -> int:
 
 def precision_of(config, device, graphs: bool) -> bool:
     """Whether ``generate`` decodes under bf16 autocast: the run's ``train.precision`` policy, as ``omnibyte ask``
-    and evaluation use it (greedy answers then agree with theirs), except on the CUDA-graph step, which runs at the
-    weights' dtype (fp32), as the precision line it logs says."""
+    and evaluation use it (greedy answers then agree with theirs), except where the CUDA-graph step was asked for,
+    which runs at the weights' dtype (fp32; so do the eager steps of a model without it), as the precision line it
+    logs says (:func:`precision_line`)."""
     from omnibyte.precision import use_bf16
 
     return use_bf16(config.train.precision, device) and not graphs
+
+
+def precision_line(config, device, model, graphs: bool, graph_verify: bool) -> str:
+    """What ``omnibyte generate`` decodes with and at which precision (after "precision: "). ``graphs``: the
+    CUDA-graph step was asked for (no autocast, :func:`precision_of`); then what runs is the CUDA-graph step (with
+    ``graph_verify``: and the static verification passes) where the model has it, else the eager steps (passes)
+    that ``generate`` falls back on, at the weights' dtype all the same (graph_verify.static_support says which)."""
+    from omnibyte.precision import use_bf16
+
+    policy = use_bf16(config.train.precision, device)
+    if not graphs:
+        return "bf16 autocast (train.precision, as omnibyte ask and eval)" if policy else "fp32 (train.precision)"
+    from omnibyte.model.inference.graph_verify import static_support
+
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    same = ""
+    if policy:  # how to decode as ask and eval do
+        same = "; ask and eval run bf16 autocast: " + ("eager verification, without --graph-verify," if graph_verify
+                                                       else "--no-graphs") + " for the same"
+    why = static_support(model, passes=graph_verify)
+    if why is None:
+        what = "the CUDA-graph step and static verification passes" if graph_verify else "the CUDA-graph step"
+        return f"{dtype} weights, no autocast ({what}{same})"
+    what = ("eager verification passes and steps, as this model has no static verification" if graph_verify else
+            "eager steps, as this model has no CUDA-graph step")
+    return f"{dtype} weights, no autocast ({what}: {why}{same})"
 
 
 def load_drafter(args, model, device):

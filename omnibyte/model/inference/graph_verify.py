@@ -47,6 +47,25 @@ def check_supported(model) -> None:
         raise NotImplementedError("static verification: learned positions in the inner stage")
 
 
+def static_support(model, passes: bool = True) -> str | None:
+    """Why ``model`` has no CUDA-graph step (``passes``: or no static verification passes), as the message of the
+    NotImplementedError ``generate(..., use_graphs=True)`` / ``graph_verify=True`` falls back on (to eager steps /
+    eager passes); None where it has them. The checks of :func:`check_supported` and the GraphStepper's constructor,
+    on a one-row state: no static buffers are allocated, nothing is captured or kept."""
+    from .graphs import GraphStepper
+
+    dec = getattr(model, "decoder", None)
+    if dec is None:
+        return f"{type(model).__name__} has no cached byte decoder"
+    try:
+        if passes:
+            check_supported(model)
+        GraphStepper(model, dec.new_state(1))
+    except NotImplementedError as e:
+        return str(e)
+    return None
+
+
 def transformer_multi_step(blk: TransformerBlock, x: torch.Tensor, caches: list[dict], p0: int, rope,
                            allowed: torch.Tensor) -> torch.Tensor:
     """Positions p0..p0+L-1 (x: (N, L, D)) of a patch through every layer of a Transformer stage on static KV
