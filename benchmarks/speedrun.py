@@ -8,10 +8,15 @@ An arm is ``NAME:override,override,...`` on top of ``--config`` (default ``pg19_
 
 1. calibration: ``--calibrate-steps`` steps with the arm's settings (compile, graphs and all), timed from the
    run's own metrics after its first log window (start-up, compile and autotuning excluded): seconds per step;
-2. the run: ``train.steps`` = the steps that fit the budget at that rate (less ``--margin`` for the evaluations
-   and the first step's compile), so the learning-rate schedule ends where the budget does; the budget is also a
-   hard cap (``train.stop_after_minutes``: training time counted from step 1, evaluations included). A run the
-   cap cut short is flagged (its schedule did not finish) and still scored;
+2. the run: ``train.steps`` = the steps that fit the budget at that rate (less ``--margin`` for the final
+   evaluation), so the learning-rate schedule ends where the budget does. The budget is training time: the first
+   step's start-up (torch.compile, Triton JIT and autotuning, CUDA-graph capture: up to two minutes on a cold
+   machine, where the caches are empty) is not counted, since counting it would hand a cold arm fewer steps than a
+   warm one. A hard cap still holds (``train.stop_after_minutes`` = the budget plus an allowance of 1.5x the
+   calibration's start-up, at least a minute). Recorded per arm: ``startup_s`` (process start to the first
+   training line, less that line's steps at the steady rate) and ``training_s`` (the steps reached at the steady
+   rate of the run's own log). A run the cap cut short (``cut_by_budget``) or whose steps took longer than the
+   budget (``over_budget``) is still scored, and never chosen by ``--final-test``;
 3. ``omnibyte eval RUN validation``: the PG19 task's bits per byte over the whole validation book (each byte
    scored once) and word perplexity.
 
@@ -46,14 +51,38 @@ def _train_records(run: Path) -> list[dict]:
     return [r for r in read_metrics(run) if r.get("split") == "train"]
 
 
-def seconds_per_step(run: Path) -> float:
-    """Steady seconds per step from a run's training lines: from its first log line (which includes start-up
-    and compiles) to its last."""
-    recs = _train_records(run)
+def steady_rate(recs: list[dict], what: str) -> float:
+    """Steady seconds per step from training lines: from the first log line (whose window holds the start-up and
+    compiles) to the last."""
     if len(recs) < 2:
-        raise SystemExit(f"calibration run {run} logged {len(recs)} training line(s); raise --calibrate-steps")
+        raise SystemExit(f"{what} logged {len(recs)} training line(s); raise --calibrate-steps")
     a, b = recs[0], recs[-1]
     return (b["time"] - a["time"]) / (b["step"] - a["step"])
+
+
+def seconds_per_step(run: Path) -> float:
+    return steady_rate(_train_records(run), f"calibration run {run}")
+
+
+def timing(recs: list[dict], started: float, fallback_sps: float) -> dict:
+    """``startup_s``: from ``started`` (the process' launch, epoch seconds) to the first training line, less that
+    line's steps at the steady rate; ``training_s``: the steps reached at the steady rate (the run's own, else
+    ``fallback_sps`` when it logged one line)."""
+    if not recs:
+        return {"startup_s": None, "training_s": None, "run_seconds_per_step": None}
+    sps = steady_rate(recs, "run") if len(recs) >= 2 else fallback_sps
+    first, last = recs[0], recs[-1]
+    return {"startup_s": round(first["time"] - started - sps * first["step"], 1),
+            "training_s": round(sps * last["step"], 1), "run_seconds_per_step": round(sps, 4)}
+
+
+def eligible(rec: dict) -> str | None:
+    """Why an arm may not be chosen (None: it may): its schedule must have finished inside the budget."""
+    if rec.get("cut_by_budget"):
+        return f"cut by the time cap at step {rec.get('steps_reached')} of {rec.get('steps_planned')}"
+    if rec.get("over_budget"):
+        return f"its steps took {rec.get('training_s')} s, over the {rec.get('budget_minutes')}-minute budget"
+    return None
 
 
 def parse_arm(text: str) -> tuple[str, list[str]]:
@@ -86,20 +115,27 @@ def one_arm(name: str, overrides: list[str], a, work: Path) -> dict:
     common = [a.config, f"task.root={Path(a.root).resolve()}", f"out_dir={work / 'runs'}", "train.progress=false",
               "eval.report=false", "--quiet", *a.common, *overrides]
     cal = work / "runs" / f"{name}_calibration"
+    t_cal = time.time()
     run(_omnibyte("train", *common, f"run_name={cal.name}", f"train.steps={a.calibrate_steps}",
                   "train.eval_every=0", "train.ckpt_every=0", "train.log_every=5"), work / f"{name}_calibration.log")
     sps = seconds_per_step(cal)
+    cal_startup = timing(_train_records(cal), t_cal, sps)["startup_s"]
     budget = a.minutes * 60.0
     steps = max(1, int((budget - a.margin) / sps))
+    allowance = max(60.0, 1.5 * cal_startup)  # the first step's start-up is not training time (see above)
     t0 = time.time()
-    run(_omnibyte("train", *common, f"run_name={name}", f"train.steps={steps}", f"train.stop_after_minutes={a.minutes}",
+    run(_omnibyte("train", *common, f"run_name={name}", f"train.steps={steps}",
+                  f"train.stop_after_minutes={a.minutes + allowance / 60.0:.4f}",
                   f"train.eval_every={steps}", f"train.ckpt_every={steps}"), work / f"{name}.log")
     wall = time.time() - t0
     recs = _train_records(work / "runs" / name)
     reached = recs[-1]["step"] if recs else 0
+    tm = timing(recs, t0, sps)
     val = evaluate(work / "runs" / name, "validation", work / f"{name}_eval_validation.log")
     return {"arm": name, "overrides": overrides, "seconds_per_step": round(sps, 4), "steps_planned": steps,
             "steps_reached": reached, "cut_by_budget": reached < steps, "budget_minutes": a.minutes,
+            "over_budget": tm["training_s"] is not None and tm["training_s"] > budget, **tm,
+            "calibration_startup_s": cal_startup, "cap_minutes": round(a.minutes + allowance / 60.0, 4),
             "process_wall_s": round(wall, 1), "validation_bpb": val["bpb"], "validation_word_ppl": val["word_ppl"],
             "run": str(work / "runs" / name), "common": list(a.common), "root": a.root, "margin_s": a.margin,
             "calibrate_steps": a.calibrate_steps}
@@ -146,14 +182,19 @@ def main() -> None:
     # training budget: a longer budget's arm is not a candidate of this one
     pool = list({r.get("run"): r for r in pool if isinstance(r.get("validation_bpb"), (int, float))
                  and r.get("config") == a.config and r.get("budget_minutes") == a.minutes}.values())
+    # an arm whose schedule did not finish inside the budget is not comparable: it is listed, never chosen
+    excluded = [{"arm": r["arm"], "run": r["run"], "why": why} for r in pool if (why := eligible(r))]
+    pool = [r for r in pool if not eligible(r)]
     if not pool:
-        raise SystemExit(f"--final-test: no scored arm of config {a.config} at {a.minutes} minutes to choose from")
+        raise SystemExit(f"--final-test: no arm of config {a.config} at {a.minutes} minutes finished its schedule "
+                         f"inside the budget; excluded: {excluded}")
     best = min(pool, key=lambda r: r["validation_bpb"])  # chosen on validation only
     test = evaluate(Path(best["run"]), "test", work / f"{best['arm']}_eval_test.log")
     emit({"bench": "speedrun_final", "config": a.config, "chosen_by": "validation_bpb", "arm": best["arm"],
           "overrides": best["overrides"], "validation_bpb": best["validation_bpb"], "test_bpb": test["bpb"],
           "test_word_ppl": test["word_ppl"], "steps_reached": best["steps_reached"],
-          "budget_minutes": best["budget_minutes"], "arms_compared": len(pool), "run": best["run"]}, a.out)
+          "budget_minutes": best["budget_minutes"], "arms_compared": len(pool), "excluded": excluded,
+          "run": best["run"]}, a.out)
 
 
 if __name__ == "__main__":

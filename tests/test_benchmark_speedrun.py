@@ -1,0 +1,90 @@
+"""benchmarks/speedrun.py: the first step's start-up is not training time, and --final-test never chooses an arm
+whose schedule did not finish inside the budget (an H100 sweep's cold first arm spent 114 s of a 3-minute budget
+compiling in its first step and was cut at 2,160 of 4,836 steps, beside a warm arm that finished)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture
+def speedrun(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    spec = importlib.util.spec_from_file_location("bench_speedrun", BENCH / "speedrun.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _recs(t_first: float, sps: float, steps: range) -> list[dict]:
+    first = steps[0]
+    return [{"step": s, "split": "train", "time": t_first + (s - first) * sps} for s in steps]
+
+
+def test_timing_separates_start_up_from_training(speedrun):
+    # launched at t=1000; 114 s of compile in step 1, then 0.05 s a step; lines every 10 steps up to 2,000
+    recs = _recs(1000.0 + 114.0 + 10 * 0.05, 0.05, range(10, 2001, 10))
+    tm = speedrun.timing(recs, 1000.0, fallback_sps=0.9)
+    assert tm["run_seconds_per_step"] == pytest.approx(0.05)
+    assert tm["startup_s"] == pytest.approx(114.0, abs=0.1)
+    assert tm["training_s"] == pytest.approx(100.0, abs=0.1)  # 2,000 steps at the steady rate, start-up excluded
+    one = speedrun.timing(recs[:1], 1000.0, fallback_sps=0.05)  # one line: the calibration's rate
+    assert one["training_s"] == pytest.approx(0.5) and one["startup_s"] == pytest.approx(114.0, abs=0.1)
+    assert speedrun.timing([], 1000.0, 0.05)["training_s"] is None
+
+
+def test_eligible_names_why_an_arm_may_not_be_chosen(speedrun):
+    ok = {"cut_by_budget": False, "over_budget": False}
+    assert speedrun.eligible(ok) is None
+    assert "step 2160 of 4836" in speedrun.eligible({**ok, "cut_by_budget": True, "steps_reached": 2160,
+                                                      "steps_planned": 4836})
+    assert "over the 3.0-minute budget" in speedrun.eligible({**ok, "over_budget": True, "training_s": 190.0,
+                                                              "budget_minutes": 3.0})
+    assert speedrun.eligible({}) is None  # records of older sweeps: no flags, judged by what they say
+
+
+def _arm(name: str, bpb: float, **kw) -> dict:
+    return {"bench": "speedrun_arm", "config": "pg19_lm", "arm": name, "overrides": [], "budget_minutes": 3.0,
+            "validation_bpb": bpb, "steps_reached": 100, "steps_planned": 100, "cut_by_budget": False,
+            "over_budget": False, "run": f"/runs/{name}", **kw}
+
+
+def _final(speedrun, monkeypatch, tmp_path, arms: list[dict]) -> list[dict]:
+    sweep = tmp_path / "sweep.jsonl"
+    sweep.write_text("".join(json.dumps(a) + "\n" for a in arms))
+    scored = []
+
+    def fake_eval(run, split, log):
+        scored.append((str(run), split))
+        return {"bpb": 1.7, "word_ppl": 900.0, "step": 100, "checkpoint": None}
+
+    monkeypatch.setattr(speedrun, "evaluate", fake_eval)
+    out = tmp_path / "final.jsonl"
+    monkeypatch.setattr(sys, "argv", ["speedrun.py", "--root", str(tmp_path), "--minutes", "3", "--work",
+                                      str(tmp_path / "w"), "--final-test", "--choose-from", str(sweep),
+                                      "--out", str(out)])
+    speedrun.main()
+    assert len(scored) == 1 and scored[0][1] == "test"  # the test book is scored once, for the chosen arm
+    return [json.loads(x) for x in out.read_text().splitlines()]
+
+
+def test_final_test_never_chooses_an_arm_that_did_not_finish(speedrun, monkeypatch, tmp_path):
+    arms = [_arm("cut", 1.50, cut_by_budget=True, steps_reached=50),  # best validation, but its schedule was cut
+            _arm("slow", 1.60, over_budget=True, training_s=200.0),
+            _arm("fine", 1.90), _arm("better", 1.80)]
+    final = _final(speedrun, monkeypatch, tmp_path, arms)[-1]
+    assert final["bench"] == "speedrun_final" and final["arm"] == "better" and final["arms_compared"] == 2
+    assert {e["arm"] for e in final["excluded"]} == {"cut", "slow"}
+    assert all(e["why"] for e in final["excluded"])
+
+
+def test_final_test_refuses_when_no_arm_finished(speedrun, monkeypatch, tmp_path):
+    with pytest.raises(SystemExit, match="no arm of config pg19_lm at 3.0 minutes finished"):
+        _final(speedrun, monkeypatch, tmp_path, [_arm("cut", 1.5, cut_by_budget=True)])
