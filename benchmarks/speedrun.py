@@ -21,9 +21,17 @@ An arm is ``NAME:override,override,...`` on top of ``--config`` (default ``pg19_
    scored once) and word perplexity.
 
 One JSON line per arm (arm, overrides, seconds per step, steps planned / reached, training seconds, validation
-bpb); with ``--final-test`` a last line: the best arm by validation bpb and its test-book bpb. Each arm is one
-process tree; run arms in separate device calls when the budget is 10 minutes (``--only NAME`` picks one), and
-the last call with ``--final-test --choose-from sweep.jsonl`` to score the chosen run on the test book.
+bpb); with ``--final-test`` a last line: the best arm by validation bpb and its test-book bpb.
+
+**An arm longer than one command.** A 10-minute arm with its calibration, start-up and evaluation does not fit a
+device command of 10 minutes. ``--call-seconds S`` caps this invocation's training so the harness exits inside S
+seconds: the run stops with a checkpoint (``train.stop_after_minutes``), a ``speedrun_paused`` line says where,
+and the same command run again (the work folder kept, e.g. on a still-warm machine) goes on: the calibration and
+the plan (``WORK/NAME.plan.json``: seconds per step, steps, cap) are read back, not redone, and the run resumes
+from its checkpoint with the budget that is left. Training time across invocations is the steps reached at the
+run's median per-window rate, so the gap between invocations and each invocation's start-up are not counted.
+Run arms in separate calls (``--only NAME`` picks one), and the last call with ``--final-test --choose-from
+sweep.jsonl`` to score the chosen run on the test book.
 """
 
 from __future__ import annotations
@@ -64,13 +72,25 @@ def seconds_per_step(run: Path) -> float:
     return steady_rate(_train_records(run), f"calibration run {run}")
 
 
+def median_rate(recs: list[dict]) -> float | None:
+    """Seconds per step: the median over consecutive training lines of (time gap) / (step gap). The window
+    holding a start-up (compile, autotuning) or a gap between invocations (a resume) is one window among many, so
+    it does not move the median; None with fewer than two lines."""
+    rates = sorted((b["time"] - a["time"]) / (b["step"] - a["step"]) for a, b in zip(recs, recs[1:])
+                   if b["step"] > a["step"])
+    if not rates:
+        return None
+    n = len(rates)
+    return rates[n // 2] if n % 2 else (rates[n // 2 - 1] + rates[n // 2]) / 2
+
+
 def timing(recs: list[dict], started: float, fallback_sps: float) -> dict:
-    """``startup_s``: from ``started`` (the process' launch, epoch seconds) to the first training line, less that
-    line's steps at the steady rate; ``training_s``: the steps reached at the steady rate (the run's own, else
-    ``fallback_sps`` when it logged one line)."""
+    """``training_s``: the steps reached at the median per-window rate (the run's own, else ``fallback_sps`` when
+    it logged one line); ``startup_s``: from ``started`` (an invocation's launch, epoch seconds) to its first
+    training line, less that line's steps at that rate (meaningful for a run's first invocation)."""
     if not recs:
         return {"startup_s": None, "training_s": None, "run_seconds_per_step": None}
-    sps = steady_rate(recs, "run") if len(recs) >= 2 else fallback_sps
+    sps = median_rate(recs) or fallback_sps
     first, last = recs[0], recs[-1]
     return {"startup_s": round(first["time"] - started - sps * first["step"], 1),
             "training_s": round(sps * last["step"], 1), "run_seconds_per_step": round(sps, 4)}
@@ -111,33 +131,84 @@ def evaluate(run_dir: Path, split: str, log: Path) -> dict:
             "checkpoint": res.get("checkpoint")}
 
 
-def one_arm(name: str, overrides: list[str], a, work: Path) -> dict:
-    common = [a.config, f"task.root={Path(a.root).resolve()}", f"out_dir={work / 'runs'}", "train.progress=false",
-              "eval.report=false", "--quiet", *a.common, *overrides]
+def _plan(name: str, overrides: list[str], a, work: Path, common: list[str]) -> dict:
+    """The arm's calibration and plan, made once and kept in WORK/NAME.plan.json (a later invocation of the same
+    arm reads it back; a different arm definition under the same name is refused)."""
+    path = work / f"{name}.plan.json"
+    what = {"config": a.config, "overrides": overrides, "common": list(a.common), "budget_minutes": a.minutes,
+            "margin_s": a.margin, "calibrate_steps": a.calibrate_steps, "root": str(Path(a.root).resolve())}
+    if path.exists():
+        plan = json.loads(path.read_text())
+        if {k: plan.get(k) for k in what} != what:
+            raise SystemExit(f"arm {name}: {path} was planned with other settings "
+                             f"({ {k: plan.get(k) for k in what} }); use another --work or arm name")
+        return plan
     cal = work / "runs" / f"{name}_calibration"
     t_cal = time.time()
     run(_omnibyte("train", *common, f"run_name={cal.name}", f"train.steps={a.calibrate_steps}",
                   "train.eval_every=0", "train.ckpt_every=0", "train.log_every=5"), work / f"{name}_calibration.log")
     sps = seconds_per_step(cal)
     cal_startup = timing(_train_records(cal), t_cal, sps)["startup_s"]
+    plan = {**what, "seconds_per_step": sps, "steps": max(1, int((a.minutes * 60.0 - a.margin) / sps)),
+            "calibration_startup_s": cal_startup,
+            "allowance_s": max(60.0, 1.5 * cal_startup),  # the first step's start-up is not training time
+            "invocations": []}
+    path.write_text(json.dumps(plan, indent=1))
+    return plan
+
+
+def one_arm(name: str, overrides: list[str], a, work: Path, started: float) -> dict:
+    """Plan, train (or go on training) and score one arm; the arm's record, or a ``speedrun_paused`` record when
+    ``--call-seconds`` stopped this invocation before the arm's schedule ended."""
+    common = [a.config, f"task.root={Path(a.root).resolve()}", f"out_dir={work / 'runs'}", "train.progress=false",
+              "eval.report=false", "--quiet", *a.common, *overrides]
+    plan = _plan(name, overrides, a, work, common)
+    sps, steps, allowance = plan["seconds_per_step"], plan["steps"], plan["allowance_s"]
     budget = a.minutes * 60.0
-    steps = max(1, int((budget - a.margin) / sps))
-    allowance = max(60.0, 1.5 * cal_startup)  # the first step's start-up is not training time (see above)
-    t0 = time.time()
-    run(_omnibyte("train", *common, f"run_name={name}", f"train.steps={steps}",
-                  f"train.stop_after_minutes={a.minutes + allowance / 60.0:.4f}",
-                  f"train.eval_every={steps}", f"train.ckpt_every={steps}"), work / f"{name}.log")
-    wall = time.time() - t0
-    recs = _train_records(work / "runs" / name)
+    run_dir = work / "runs" / name
+    recs = _train_records(run_dir) if run_dir.exists() else []
+    inv = plan["invocations"]
+    ended = bool(inv) and not inv[-1].get("paused_by_call")  # the last invocation met the budget's cap (or ended)
+    if (not recs or recs[-1]["step"] < steps) and not ended:
+        spent = timing(recs, time.time(), sps)["training_s"] or 0.0
+        cap = budget - spent + allowance  # the budget left, and this invocation's start-up
+        paused_by_call = False
+        if a.call_seconds:
+            left = a.call_seconds - (time.time() - started) - a.eval_reserve
+            if left < 5.0:
+                raise SystemExit(f"arm {name}: {left:.0f} s left of --call-seconds={a.call_seconds} after "
+                                 f"--eval-reserve={a.eval_reserve}: too little to train; run it in another call")
+            paused_by_call, cap = left < cap, min(cap, left)
+        t0 = time.time()
+        plan["invocations"].append({"started": t0, "from_step": recs[-1]["step"] if recs else 0,
+                                    "cap_s": round(cap, 1)})
+        (work / f"{name}.plan.json").write_text(json.dumps(plan, indent=1))
+        run(_omnibyte("train", *common, f"run_name={name}", f"train.steps={steps}",
+                      f"train.stop_after_minutes={cap / 60.0:.4f}", f"train.eval_every={steps}",
+                      f"train.ckpt_every={steps}"), work / f"{name}.log")
+        recs = _train_records(run_dir)
+        reached = recs[-1]["step"] if recs else 0
+        plan["invocations"][-1]["paused_by_call"] = reached < steps and paused_by_call
+        (work / f"{name}.plan.json").write_text(json.dumps(plan, indent=1))
+        if reached < steps and paused_by_call:
+            tm = timing(recs, t0, sps)
+            return {"bench": "speedrun_paused", "arm": name, "steps_reached": reached, "steps_planned": steps,
+                    "training_s": tm["training_s"], "budget_minutes": a.minutes, "run": str(run_dir),
+                    "next": "run the same command again (same --work) to go on from the checkpoint"}
     reached = recs[-1]["step"] if recs else 0
-    tm = timing(recs, t0, sps)
-    val = evaluate(work / "runs" / name, "validation", work / f"{name}_eval_validation.log")
-    return {"arm": name, "overrides": overrides, "seconds_per_step": round(sps, 4), "steps_planned": steps,
-            "steps_reached": reached, "cut_by_budget": reached < steps, "budget_minutes": a.minutes,
+    first = plan["invocations"][0]["started"] if plan["invocations"] else time.time()
+    tm = timing([r for r in recs if r["time"] >= first], first, sps)
+    if len(plan["invocations"]) > 1:  # the start-up of the first invocation only: later ones resumed
+        tm["startup_s"] = timing([r for r in recs if first <= r["time"] < plan["invocations"][1]["started"]],
+                                 first, sps)["startup_s"]
+    val = evaluate(run_dir, "validation", work / f"{name}_eval_validation.log")
+    return {"bench": "speedrun_arm", "config": a.config, "arm": name, "overrides": overrides,
+            "seconds_per_step": round(sps, 4), "steps_planned": steps, "steps_reached": reached,
+            "cut_by_budget": reached < steps, "budget_minutes": a.minutes,
             "over_budget": tm["training_s"] is not None and tm["training_s"] > budget, **tm,
-            "calibration_startup_s": cal_startup, "cap_minutes": round(a.minutes + allowance / 60.0, 4),
-            "process_wall_s": round(wall, 1), "validation_bpb": val["bpb"], "validation_word_ppl": val["word_ppl"],
-            "run": str(work / "runs" / name), "common": list(a.common), "root": a.root, "margin_s": a.margin,
+            "invocations": len(plan["invocations"]), "calibration_startup_s": plan["calibration_startup_s"],
+            "allowance_s": round(allowance, 1), "validation_bpb": val["bpb"], "validation_word_ppl": val["word_ppl"],
+            "run": str(run_dir), "common": list(a.common), "root": a.root, "margin_s": a.margin,
             "calibrate_steps": a.calibrate_steps}
 
 
@@ -156,7 +227,12 @@ def main() -> None:
     p.add_argument("--final-test", action="store_true", help="score the best arm by validation bpb on the test book")
     p.add_argument("--choose-from", default="", help="JSON lines of earlier arms (this sweep's --out) to choose among")
     p.add_argument("--out", default=None)
+    p.add_argument("--call-seconds", type=float, default=0.0, help="stop this invocation's training so the harness "
+                   "ends within this many seconds (a device command's limit); run it again to go on (0: off)")
+    p.add_argument("--eval-reserve", type=float, default=60.0, help="--call-seconds: seconds kept for the "
+                   "validation evaluation (and the final test) after training")
     a = p.parse_args()
+    started = time.time()
     if not (math.isfinite(a.minutes) and a.minutes > 0):
         raise SystemExit(f"--minutes must be > 0, got {a.minutes}")
     work = Path(a.work).resolve()
@@ -169,8 +245,12 @@ def main() -> None:
     for name, overrides in arms:
         if only and name not in only:
             continue
-        rec = {"bench": "speedrun_arm", "config": a.config, **one_arm(name, overrides, a, work)}
+        rec = one_arm(name, overrides, a, work, started)
         emit(rec, a.out)
+        if rec["bench"] == "speedrun_paused":
+            print(f"arm {name} paused at step {rec['steps_reached']} of {rec['steps_planned']}: run the same "
+                  f"command again to go on", file=sys.stderr)
+            return
         done.append(rec)
     if not a.final_test:
         return

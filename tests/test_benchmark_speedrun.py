@@ -88,3 +88,46 @@ def test_final_test_never_chooses_an_arm_that_did_not_finish(speedrun, monkeypat
 def test_final_test_refuses_when_no_arm_finished(speedrun, monkeypatch, tmp_path):
     with pytest.raises(SystemExit, match="no arm of config pg19_lm at 3.0 minutes finished"):
         _final(speedrun, monkeypatch, tmp_path, [_arm("cut", 1.5, cut_by_budget=True)])
+
+
+TINY = ["data.seq_len=512", "data.batch_size=2", "model.stages.0.length=64", "model.stages.0.width=64",
+        "model.stages.0.layers=1", "model.stages.1.width=32", "model.stages.1.layers=1", "train.compile=false"]
+
+
+def _pg19(tmp_path) -> Path:
+    """A PG19-layout folder of repeated English text (the test must not read ../shared)."""
+    root = tmp_path / "pg19"
+    text = "It was the best of times, it was the worst of times, it was the age of wisdom. " * 400
+    for split, n in (("train", 3), ("validation", 1), ("test", 1)):
+        (root / split).mkdir(parents=True)
+        for i in range(n):
+            (root / split / f"{i}.txt").write_text(text)
+    return root
+
+
+@pytest.mark.slow
+def test_an_arm_paused_by_the_call_limit_goes_on_where_it_stopped(speedrun, monkeypatch, tmp_path):
+    """--call-seconds stops the run with a checkpoint and a speedrun_paused line; the same command again reads the
+    plan back (no second calibration), resumes, and scores the arm once its schedule has run."""
+    root, work, out = _pg19(tmp_path), tmp_path / "work", tmp_path / "sweep.jsonl"
+    argv = ["speedrun.py", "--root", str(root), "--minutes", "0.5", "--margin", "2", "--calibrate-steps", "12",
+            "--work", str(work), "--out", str(out), "--common", *TINY, "--arm", "base:"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--call-seconds", "30", "--eval-reserve", "1"])
+    speedrun.main()
+    (paused,) = [json.loads(x) for x in out.read_text().splitlines()]
+    assert paused["bench"] == "speedrun_paused" and 0 < paused["steps_reached"] < paused["steps_planned"]
+    plan = json.loads((work / "base.plan.json").read_text())
+    assert len(plan["invocations"]) == 1 and plan["invocations"][0]["paused_by_call"]
+    cal_mtime = (work / "runs" / "base_calibration" / "metrics.jsonl").stat().st_mtime
+    monkeypatch.setattr(sys, "argv", argv)
+    speedrun.main()
+    arm = json.loads(out.read_text().splitlines()[-1])
+    assert arm["bench"] == "speedrun_arm" and arm["steps_reached"] == arm["steps_planned"] == plan["steps"]
+    assert arm["invocations"] == 2 and not arm["cut_by_budget"] and arm["validation_bpb"] > 0
+    assert (work / "runs" / "base_calibration" / "metrics.jsonl").stat().st_mtime == cal_mtime  # not recalibrated
+    steps = [r["step"] for r in speedrun._train_records(work / "runs" / "base")]
+    assert steps == sorted(set(steps))  # resumed from the checkpoint: no step twice
+    monkeypatch.setattr(sys, "argv", argv)  # a third time: nothing left to train, the arm is scored again
+    speedrun.main()
+    again = json.loads(out.read_text().splitlines()[-1])
+    assert again["steps_reached"] == arm["steps_reached"] and again["invocations"] == 2
