@@ -19,7 +19,8 @@ teacher-forced pass from its cached state, and the state rolls back to the last 
   that accepted fewest, plus one byte of its own (an accepted draft is as exact as a correction), so the
   cached states stay aligned; a batch's acceptance is therefore that of its least lucky row. A row whose draft
   is shorter than the batch's is padded (``Drafter.draft_lengths``); the pad slots count neither as drafted nor
-  as kept. One round loop, :func:`rounds`, serves the eager passes (backend :class:`EagerPasses`) and the static
+  as kept. One round loop, :func:`~omnibyte.model.inference.rounds.rounds`, serves the eager passes (backend
+  :class:`EagerPasses`) and the static
   ones of :mod:`~omnibyte.model.inference.graph_verify` (``StaticPasses``); a backend only feeds, verifies and
   rolls back.
 * Drafters: :class:`ModelDrafter`, a smaller byte model with the same vocabulary and token contract (any
@@ -39,10 +40,10 @@ from collections.abc import Sequence
 
 import torch
 
-from ... import vocab
 from ..cache import BlockCache, GenerationState
 from .drafters import Drafter, LookupDrafter
-from .sampling import as_batch, sample, sampling_probs
+from .rounds import accept, accept_greedy, count_round, rounds  # noqa: F401  (the round loop; re-exported)
+from .sampling import as_batch, sampling_probs
 
 __all__ = ["Drafter", "LookupDrafter", "ModelDrafter", "SelfDrafter", "accept", "accept_greedy", "as_drafter",
            "skip_layers", "speculative_generate", "verify"]
@@ -278,58 +279,6 @@ def as_drafter(draft, target) -> Drafter:
     raise TypeError(f"draft must be a Drafter, a byte model or one of {sorted(DRAFTERS)}, got {got}")
 
 
-def accept_greedy(tgt: torch.Tensor, drafts: torch.Tensor) -> tuple[int, int]:
-    """The greedy rule of :func:`accept` from the target's argmax: one row's tgt (k+1,) and drafts (k,) -> (kept,
-    next token): drafts are kept while they equal the argmax, the next token is the argmax after them."""
-    k = drafts.shape[0]
-    miss = (drafts != tgt[:k]).nonzero()
-    kept = int(miss[0, 0]) if miss.numel() else k
-    return kept, int(tgt[kept])
-
-
-def accept(logits: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor | None, temperature: float, top_k: int,
-           top_p: float, generator) -> tuple[int, int]:
-    """One row: target logits (k+1, V), drafts (k,), drafter distributions q (k, V) (None: greedy, or drafts
-    that are certain, q one-hot at each) -> (kept, next token). Greedy keeps drafts while they equal the
-    target's argmax; sampling keeps draft i with probability min(1, p_i(x)/q_i(x)) and at the first rejection
-    draws from max(0, p_i - q_i) renormalised (one-hot q: keep x with probability p_i(x), else draw from p_i
-    without x); when all k are kept the next token is drawn from p_k."""
-    k = drafts.shape[0]
-    if temperature <= 0:
-        return accept_greedy(logits.float().argmax(-1), drafts)
-    p = sampling_probs(logits, temperature, top_k, top_p)  # (k + 1, V)
-    if k:
-        idx = torch.arange(k, device=p.device)
-        u = torch.rand(k, generator=generator, device=p.device)
-        ok = u * (q[idx, drafts] if q is not None else 1.0) < p[idx, drafts]
-        miss = (~ok).nonzero()
-        if miss.numel():
-            i = int(miss[0, 0])
-            if q is not None:
-                resid = (p[i] - q[i]).clamp_min(0)
-            else:  # max(0, p - onehot(x)): p without x
-                resid = p[i].index_fill(0, drafts[i:i + 1], 0.0)
-            if float(resid.sum()) <= 0:  # p == q to rounding: rejection had probability ~0
-                resid = p[i]
-            return i, int(torch.multinomial(resid, 1, generator=generator))
-    return k, int(torch.multinomial(p[k], 1, generator=generator))
-
-
-def count_round(drafter: Drafter, drafts: torch.Tensor, j: int, live: Sequence[bool]) -> None:
-    """A verification round's statistics: per unfinished (``live``) row, its real drafts (``draft_lengths``: the
-    slots padding a shorter draft to the batch's length are not drafted bytes) and those of them kept (the batch's
-    ``j``, at most the row's own count)."""
-    lengths = [int(nb) for nb in drafter.draft_lengths(drafts)]
-    B, k = drafts.shape
-    if len(lengths) != B or not all(0 <= nb <= k for nb in lengths):
-        raise ValueError(f"{type(drafter).__name__}.draft_lengths: {lengths} for drafts of shape ({B}, {k}) (one "
-                         f"count in 0..{k} per row)")
-    n = [nb for nb, ok in zip(lengths, live) if ok]
-    drafter.proposed += sum(n)
-    drafter.accepted += sum(min(j, nb) for nb in n)
-    drafter.rounds += 1
-
-
 @torch.no_grad()
 def speculative_generate(decoder, prompt, max_new_bytes: int, temperature: float = 1.0, top_k: int = 0,
                          top_p: float = 1.0, stop_tokens=(), generator: torch.Generator | None = None,
@@ -397,79 +346,3 @@ def _generate(decoder, prompt, max_new: int, temperature, top_k, top_p, stop_tok
     """The eager loop: :func:`rounds` on :class:`EagerPasses` over a new state."""
     passes = EagerPasses(decoder, decoder.new_state(prompt.shape[0], prompt.device))
     return rounds(passes, prompt, max_new, temperature, top_k, top_p, stop_tokens, generator, drafter, draft_len)
-
-
-def rounds(passes, prompt, max_new: int, temperature, top_k, top_p, stop_tokens, generator, drafter,
-           draft_len: int) -> torch.Tensor:
-    """The speculative round loop, one for the eager and the static passes: ``passes`` (:class:`EagerPasses` or
-    :class:`~omnibyte.model.inference.graph_verify.StaticPasses`) does the model's work -- ``prefill``, ``step``
-    (a plain step), ``verify`` (a pass over the last kept byte and the drafts), ``argmax`` (of that pass, for
-    greedy), ``rollback`` (to the kept prefix) -- and this loop the rest, on the host (one sync per round):
-    emitted bytes, stops, the drafter's rounds and statistics (:func:`count_round`).
-
-    The rows advance together: each round every unfinished row gets its own acceptance, and all rows keep the
-    shortest one's count j plus one byte each (that row's correction or bonus; for a row that accepted more, its
-    accepted draft j, whose distribution is the model's all the same), so the cached states stay aligned."""
-    B, device = prompt.shape[0], prompt.device
-    stops = {int(t) for t in stop_tokens}
-    done = [False] * B
-    rows: list[list[int]] = [[] for _ in range(B)]
-    greedy = temperature <= 0
-
-    def emit(cols: list[list[int]]) -> None:  # per row its new tokens; rows past their stop get PAD
-        for r in range(B):
-            for t in cols[r]:
-                t = vocab.PAD if done[r] else t
-                rows[r].append(t)
-                done[r] = done[r] or t in stops
-
-    def step(xs: list[int]) -> list[int]:  # one plain step of the model
-        logits = passes.step(torch.tensor(xs, device=device).view(B, 1))
-        return sample(logits, temperature, top_k, top_p, generator).tolist()
-
-    def more() -> bool:
-        return len(rows[0]) < max_new and not all(done)
-
-    x = sample(passes.prefill(prompt), temperature, top_k, top_p, generator)  # (B,): as plain decoding
-    xs = x.tolist()
-    emit([[t] for t in xs])
-    if max_new > 1 and not all(done):
-        ctx = torch.cat((prompt, x[:, None]), dim=1)
-        drafter.reset(ctx.cpu() if isinstance(drafter, LookupDrafter) else ctx)  # host drafts: no device round trip
-    while more():
-        k = min(draft_len, max_new - len(rows[0]) - 1)  # never predict past where plain decoding would stop
-        if not k:  # one byte left: a plain step
-            emit([[t] for t in step(xs)])
-            break
-        drafts, q = drafter.propose(k, temperature, top_k, top_p, generator)
-        k = drafts.shape[1]  # a drafter may propose fewer (LookupDrafter: where nothing matches)
-        if not k:  # nothing to verify: a plain step
-            xs = step(xs)
-            emit([[t] for t in xs])
-            if more():
-                drafter.advance(0, torch.tensor(xs))
-            continue
-        dh = drafts.cpu()
-        logits = passes.verify(torch.cat((torch.tensor(xs)[:, None], dh), dim=1))  # (B, k + 1, V)
-        if greedy:  # accept's greedy rule, from the argmax of every row copied to the host at once
-            tgt = passes.argmax()[:, :k + 1].cpu()
-            acc = [accept_greedy(tgt[r], dh[r]) for r in range(B)]
-        else:
-            q = q.to(device) if q is not None else None
-            dd = drafts.to(device)
-            acc = [accept(logits[r], dd[r], q[r] if q is not None else None, temperature, top_k, top_p, generator)
-                   for r in range(B)]
-        kept = [k if done[r] else j for r, (j, _) in enumerate(acc)]  # finished rows do not hold the others back
-        nxt = [t for _, t in acc]
-        j = min(kept)
-        xs = [int(dh[r, j]) if kept[r] > j else nxt[r] for r in range(B)]
-        passes.rollback(j + 1)
-        count_round(drafter, dh, j, [not d for d in done])
-        emit([dh[r, :j].tolist() + [xs[r]] for r in range(B)])
-        if more():
-            drafter.advance(j, torch.tensor(xs))
-    new = torch.tensor(rows, dtype=torch.long, device=device).view(B, -1)
-    if stops and all(done):  # end at the last row's stop
-        hit = torch.isin(new, torch.tensor(sorted(stops), device=device))
-        new = new[:, :int(hit.int().argmax(dim=1).max()) + 1]
-    return new
