@@ -121,23 +121,29 @@ def device_name(device: str) -> str:
     return f"cpu: {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
 
 
-def _nonfinite(value, path: str = "") -> list[str]:
-    """Paths of NaN / infinite floats in a row (nested dicts and lists too)."""
-    if isinstance(value, float):
-        return [] if math.isfinite(value) else [path or "<row>"]
+def _finite(value, path: str, bad: list[str]):
+    """``value`` with every NaN / infinite float (nested dicts and lists too) replaced by None; their paths go to
+    ``bad``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        bad.append(path or "<row>")
+        return None
     if isinstance(value, dict):
-        return [p for k, v in value.items() for p in _nonfinite(v, f"{path}.{k}" if path else str(k))]
+        return {k: _finite(v, f"{path}.{k}" if path else str(k), bad) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [p for i, v in enumerate(value) for p in _nonfinite(v, f"{path}[{i}]")]
-    return []
+        return [_finite(v, f"{path}[{i}]", bad) for i, v in enumerate(value)]
+    return value
 
 
 def emit(record: dict, out: str | None = None) -> None:
-    """Print (and append to ``out``) one JSON line. A row with a NaN or infinity is refused (SystemExit naming
-    the fields): it is not JSON, and a ratio over zero belongs in a row as null, never as a made-up figure."""
-    if bad := _nonfinite(record):
-        raise SystemExit(f"benchmark row with non-finite {', '.join(bad)}: {record}")
-    record = dict(record)
+    """Print (and append to ``out``) one JSON line, strict JSON. A NaN or infinity (not JSON; e.g. the loss of a
+    step whose kernels read garbage, which max_context reports as ``bad_values``) is written as null and its
+    field named in ``nonfinite`` (and on stderr), so the row is kept and says what it lacks; a ratio over zero
+    belongs in a row as null in the first place, never as a made-up figure."""
+    bad: list[str] = []
+    record = _finite(dict(record), "", bad)
+    if bad:
+        record["nonfinite"] = bad
+        print(f"benchmark row {record.get('bench')}: non-finite {', '.join(bad)} written as null", file=sys.stderr)
     record.setdefault("date", datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
     # OMNIBYTE_COMMIT when set (the device copy: its .git can be stale -- device rows of f23c7a5 said 242ac0d-dirty --
     # and a snapshot folder inside another checkout is not that checkout's HEAD), else git's answer (-dirty for a
