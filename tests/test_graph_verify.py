@@ -2,8 +2,8 @@
 ``generate(..., draft=..., graph_verify=True)``): the pass's logits equal single stepper feeds and the eager
 ``verify`` from every start phase (T below, at and past the patch, two boundaries included), rollback to every
 kept prefix equals feeding only that prefix, greedy output equals plain greedy, sampling stays exact, and models
-it does not cover fall back to the eager passes. Off CUDA the pass runs eagerly; ``test_gpu_*`` check the
-captured graphs."""
+it does not cover fall back to the eager passes; with the stepper compiled, the compiled pass equals the
+uncompiled one. Off CUDA the pass runs without graphs; ``test_gpu_*`` check the captured graphs."""
 
 from __future__ import annotations
 
@@ -246,6 +246,78 @@ def test_the_static_and_eager_passes_share_one_round_loop():
     assert ran > 0 and verifier(m.decoder.kept_steppers()[0]).passes > 0
 
 
+def _live_state(gs: GraphStepper) -> list[torch.Tensor]:
+    return [gs.window, gs.ctx[1], *(t for c in gs.caches for d in c for t in d.values())]
+
+
+def _compiled_pass_walk(m, Ts, passes: int, seed: int) -> StaticVerifier:
+    """A verifier whose pass is compiled (``stepper.compiled``; the stepper's own steps eager, so only the pass
+    compiles) beside an uncompiled one on the same state: ``passes`` passes of T in ``Ts`` in turn, each rolled back
+    to a kept prefix cycling through 1..T (so the start phases change). Logits and argmax equal after each pass,
+    position, window, context and every cache after each rollback; returns the compiled verifier."""
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, 256, (2, m.units[0]), generator=g)
+    gs = _stepper(m, prompt)
+    gs.compiled = True
+    comp, eager = StaticVerifier(gs), StaticVerifier(_stepper(m, prompt))
+    assert comp.compile and not eager.compile
+    for i in range(passes):
+        T = Ts[i % len(Ts)]
+        toks = torch.randint(0, 256, (2, T), generator=g)
+        a, b = comp.run(toks).clone(), eager.run(toks).clone()
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+        assert torch.equal(comp.argmax, eager.argmax) and torch.equal(comp.argmax, a.argmax(-1))
+        keep = 1 + (i * 3 + i // len(Ts)) % T
+        comp.rollback(keep)
+        eager.rollback(keep)
+        assert comp.st.n == eager.st.n
+        for x, y in zip(_live_state(comp.st), _live_state(eager.st), strict=True):
+            torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
+    assert not eager.local_fns
+    return comp
+
+
+def test_compiled_pass_equals_the_uncompiled_pass(monkeypatch):
+    """Where the stepper is compiled, each segment's local stage, head and argmax is a torch.compile'd function.
+    Here with backend aot_eager (dynamo's capture and the functionalised in-place writes into the static KV, logits
+    and argmax buffers, without inductor's slow CPU codegen; the slow test below runs inductor): from every start
+    phase, T below and past the patch, the logits, argmax and the state after rollback equal the uncompiled pass's,
+    and each segment compiled exactly once -- more segments than dynamo's recompile limit, none recompiled (nor run
+    eagerly: fullgraph)."""
+    import torch._dynamo.config as dynamo_config
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(StaticVerifier, "compile_backend", "aot_eager")
+    m = tiny(STAGES)
+    Q0 = m.units[0]
+    Ts = (Q0 - 1, Q0 + 1)
+    graphs = counters["stats"]["unique_graphs"]
+    comp = _compiled_pass_walk(m, Ts, 40, 0)
+    want = {(T, *seg) for T in Ts for phase0 in range(Q0) for seg in segments(phase0, T, Q0)}
+    assert set(comp.local_fns) == want  # every segment of every start phase ran
+    assert len(want) > dynamo_config.recompile_limit
+    assert counters["stats"]["unique_graphs"] - graphs == len(want)  # one graph each, no recompiles
+
+
+@pytest.mark.slow  # inductor's CPU codegen: ~6 s a segment
+def test_compiled_pass_inductor_and_greedy():
+    """As above with inductor (the backend used on GPU; T past the patch, every start phase), and greedy
+    speculative decoding with compile_step=True (the stepper's steps and the passes compiled) gives plain greedy's
+    bytes."""
+    m = tiny(STAGES)
+    Q0 = m.units[0]
+    comp = _compiled_pass_walk(m, (Q0 + 1,), 6, 1)
+    assert len(comp.local_fns) >= 4
+    prompt = _echo_prompt(m)
+    plain = m.generate(prompt, 24, temperature=0)
+    d = LookupDrafter()
+    assert torch.equal(m.generate(prompt, 24, temperature=0, draft=d, draft_len=2, graph_verify=True,
+                                  compile_step=True), plain)
+    assert d.accepted > 0
+    (gs,) = [s for s in m.decoder.kept_steppers() if s.compiled]
+    assert verifier(gs).passes > 0 and verifier(gs).local_fns
+
+
 _INTERLEAVED = r"""
 import json, random, sys, torch
 sys.path.insert(0, sys.argv[1])
@@ -323,6 +395,46 @@ def test_gpu_captured_pass_equals_the_eager_static_pass():
                 nxt = toks[:, :1]
                 torch.testing.assert_close(graphed.st.feed(nxt), eager.st.feed(nxt), atol=1e-4, rtol=0)
             assert graphed.captures >= 1 and eager.captures == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_compiled_captured_pass_equals_the_eager_static_pass():
+    """With the stepper compiled (its steps and the passes' segments torch.compile'd with inductor, before capture):
+    the CUDA graph of each (start phase, T) gives the eager static pass's logits and argmax, and rollback leaves the
+    stepper as the eager one (then fed on: same logits); greedy speculative decoding with compile_step gives plain
+    graphed greedy's bytes."""
+    from omnibyte.model.blocks.mamba2 import load_mamba_kernels
+
+    if load_mamba_kernels() is None:
+        pytest.skip("mamba-ssm Triton kernels not loadable")
+    m = tiny([(16, 64, dict(M2K, d_state=32, headdim=16, chunk_size=16)), (8, 64, TF)]).cuda()
+    Q0 = m.units[0]
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, 256, (2, Q0), generator=g).cuda()
+    st = m.new_state(2)
+    m.feed(st, prompt)
+    graphed = StaticVerifier(GraphStepper(m, st, use_graphs=True, compile=True))
+    graphed.st._convert()
+    eager = StaticVerifier(_stepper(m, prompt, False))
+    T = Q0 + 1
+    for i in range(2 * Q0):  # keeps 1..T in turn: every start phase
+        toks = torch.randint(0, 256, (2, T), generator=g).cuda()
+        a, b = graphed.run(toks).clone(), eager.run(toks).clone()
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+        assert torch.equal(graphed.argmax, a.argmax(-1))
+        keep = 1 + (i * 3) % T
+        graphed.rollback(keep)
+        eager.rollback(keep)
+        nxt = toks[:, :1]
+        torch.testing.assert_close(graphed.st.feed(nxt), eager.st.feed(nxt), atol=1e-4, rtol=0)
+    assert graphed.compile and graphed.local_fns and graphed.captures == len(graphed.graphs) >= 2
+    prompt = torch.tensor([_echo_prompt(m)], device="cuda")
+    kw = dict(temperature=0, use_graphs=True, compile_step=True)
+    plain = m.generate(prompt, 64, **kw)
+    d = LookupDrafter()
+    assert torch.equal(m.generate(prompt, 64, draft=d, draft_len=8, graph_verify=True, **kw), plain)
+    assert d.accepted > 0
 
 
 @pytest.mark.gpu

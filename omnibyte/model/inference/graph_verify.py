@@ -16,21 +16,32 @@ the same code runs eagerly. :meth:`StaticVerifier.rollback` then leaves the step
 The decoding loop is the eager one's (:func:`~omnibyte.model.inference.speculative.rounds`), with
 :class:`StaticPasses` as its backend (:func:`generate_static`).
 
+Where the stepper's steps are compiled (``GraphStepper(..., compile=...)``, ``generate(..., compile_step=True)``;
+``stepper.compiled``), each within-patch segment's local work -- input embeddings, the Transformer stage on the
+static KV, head and argmax -- is one ``torch.compile``d function (the stepper's mode, ``fullgraph``, coordinate-
+descent tuning, ``GraphStepper.fuse_linears``), compiled at its first pass, i.e. before capture, so that the graph
+replays a few fused kernels per segment rather than the eager ops' several hundred per pass; the global step is the
+stepper's own compiled ``ssm_step``. Dynamo specialises on the segment's ints (first step, length, local
+position), so each segment gets a function with a code object of its own (up to ~2 Q_0 per T: more than dynamo's
+recompile limit if they shared one), compiled exactly once. Uncompiled steppers run the same ops eagerly.
+
 Supported: a Mamba-2 global stage and ONE inner Transformer stage of one-byte units (the shipped pg19_lm and
 mblm360m shapes); otherwise :class:`StaticVerifier` raises ``NotImplementedError`` and
 :func:`speculative_generate <omnibyte.model.inference.speculative.speculative_generate>` falls back to the eager
-path. Not yet measured on a GPU.
+path. The compiled pass is not yet measured on a GPU.
 """
 
 from __future__ import annotations
 
 import logging
+import types
 
 import torch
 
 from ... import vocab
 from ..blocks.transformer import TransformerBlock
 from ..layers import apply_rope, rope_cos_sin
+from .graphs import _lin, _mlp, _with_inductor_config
 from .speculative import rounds, verify
 
 log = logging.getLogger("omnibyte.model")
@@ -67,14 +78,17 @@ def static_support(model, passes: bool = True) -> str | None:
 
 
 def transformer_multi_step(blk: TransformerBlock, x: torch.Tensor, caches: list[dict], p0: int, rope,
-                           allowed: torch.Tensor) -> torch.Tensor:
+                           allowed: torch.Tensor, fuse: bool = False) -> torch.Tensor:
     """Positions p0..p0+L-1 (x: (N, L, D)) of a patch through every layer of a Transformer stage on static KV
     buffers (N, H, P, hd): their k, v written into slots p0.., each attending to slots <= its own position
-    (``allowed`` (L, P) bool). ``rope``: (cos, sin) (L, hd/2) or None."""
+    (``allowed`` (L, P) bool). ``rope``: (cos, sin) (L, hd/2) or None. ``fuse``: under torch.compile the
+    linears as products and sums, as the GraphStepper's compiled steps (graphs._lin; eagerly the same ops either
+    way)."""
     N, L, _ = x.shape
     for lay, c in zip(blk.layers, caches):
         at = lay.attn
-        q, k, v = at.qkv(lay.norm1(x)).view(N, L, 3, at.heads, at.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        qkv = _lin(lay.norm1(x), at.qkv, fuse)
+        q, k, v = qkv.view(N, L, 3, at.heads, at.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         kb, vb = c["k"], c["v"]
@@ -83,9 +97,21 @@ def transformer_multi_step(blk: TransformerBlock, x: torch.Tensor, caches: list[
         scores = (q.float() @ kb.float().transpose(-1, -2)) * at.head_dim ** -0.5  # (N, H, L, P)
         probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
         y = (probs @ vb.float()).to(x.dtype)  # (N, H, L, hd)
-        x = x + at.out(y.transpose(1, 2).reshape(N, L, at.heads * at.head_dim))
-        x = x + lay.mlp(lay.norm2(x))
+        x = x + _lin(y.transpose(1, 2).reshape(N, L, at.heads * at.head_dim), at.out, fuse)
+        x = x + _mlp(lay.mlp, lay.norm2(x), fuse)
     return blk.norm(x)
+
+
+def _own_code(fn):
+    """A copy of function ``fn`` with a code object of its own. Dynamo keeps compiled graphs, and counts them
+    against its recompile limit, per code object: each copy compiled once holds one graph and counts against no
+    other copy's limit."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
+def _compiled_local(ver: StaticVerifier, b: dict, i0: int, i1: int, p0: int) -> None:
+    """What :meth:`StaticVerifier._segment_fn` compiles: one segment's local work, head and argmax."""
+    ver._local(b, i0, i1, p0, True)
 
 
 def segments(phase0: int, T: int, Q0: int) -> list[tuple[int, int, int]]:
@@ -104,11 +130,23 @@ def segments(phase0: int, T: int, Q0: int) -> list[tuple[int, int, int]]:
 class StaticVerifier:
     """Verification passes of T tokens on ``stepper``'s static buffers (see the module docstring). ``run``
     returns the logits (N, T, V) in a static buffer (overwritten by the next pass); every ``run`` must be
-    followed by one ``rollback``."""
+    followed by one ``rollback``.
+
+    Where the stepper's steps are compiled (``stepper.compiled``: ``GraphStepper(..., compile=...)``), each
+    segment's local-stage work, head and argmax is one ``torch.compile``d function (same mode, ``fullgraph``,
+    coordinate-descent tuning), compiled at its first pass (before capture on CUDA); the global step is the stepper's
+    own (compiled) ``ssm_step``."""
+
+    compile_backend = "inductor"  # (tests: "eager" / "aot_eager" check the dynamo path alone)
 
     def __init__(self, stepper):
         check_supported(stepper.model)
         self.st, self.model = stepper, stepper.model
+        self.compile = getattr(stepper, "compiled", False)
+        # per segment (T, first step, last step, local position): its compiled function. The ints are
+        # specialised (different slices and shapes): one function per segment, each with a code object of its own,
+        # so none of the (up to ~2 Q_0 per T) segments counts against another's recompile limit or falls back
+        self.local_fns: dict[tuple[int, int, int, int], object] = {}
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.bufs: dict[int, dict] = {}
         self.captures = 0
@@ -142,6 +180,40 @@ class StaticVerifier:
         return b
 
     # -- the pass ---------------------------------------------------------------------------------
+    def _local(self, b: dict, i0: int, i1: int, p0: int, arg: bool) -> None:
+        """Steps i0..i1 (local positions p0..) through the local stage on the static KV, their logits into
+        ``b["out"]`` (``arg``: and their argmax into ``b["arg"]``)."""
+        st, m, N, Q0 = self.st, self.model, self.st.N, self.st.Q0
+        dec, dtype, hist = st.decoder, m.head.weight.dtype, b["hist"]
+        L = i1 - i0 + 1
+        # inputs: the start vector at position 0, else the embedding of the token fed at that step
+        parts = [m.start[1].to(dtype).expand(N, 1, -1)] if p0 == 0 else []
+        a = i0 + (p0 == 0)
+        if a <= i1:
+            parts.append(dec.unit_embedding(1, hist[:, Q0 + a:Q0 + i1 + 1].reshape(N, i1 + 1 - a, 1)).to(dtype))
+        inp = (torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]) + st.ctx[1][:, p0:p0 + L]
+        rope = (b["rope"][0][p0:p0 + L], b["rope"][1][p0:p0 + L]) if b["rope"] is not None else None
+        h = transformer_multi_step(m.blocks[1], inp, st.caches[1], p0, rope, b["allowed"][p0:p0 + L],
+                                   st.fuse_linears)
+        logits = m.head(h).float()
+        b["out"][:, i0:i1 + 1].copy_(logits)
+        if arg:
+            b["arg"][:, i0:i1 + 1].copy_(logits.argmax(-1))
+
+    def _segment_fn(self, T: int, i0: int, i1: int, p0: int):
+        """The compiled ``_local`` of one segment (compiled at its first call)."""
+        key = (T, i0, i1, p0)
+        fn = self.local_fns.get(key)
+        if fn is None:
+            inductor = self.compile_backend == "inductor"
+            mode = self.compile if isinstance(self.compile, str) and inductor else None
+            fn = torch.compile(_own_code(_compiled_local), dynamic=False, fullgraph=True, mode=mode,
+                               backend=self.compile_backend)
+            if inductor:
+                fn = _with_inductor_config(fn, coordinate_descent_tuning=True)
+            self.local_fns[key] = fn
+        return fn
+
     def _pass(self, phase0: int, T: int) -> None:
         st, m, N, Q0 = self.st, self.model, self.st.N, self.st.Q0
         b = self.bufs[T]
@@ -151,7 +223,6 @@ class StaticVerifier:
         hist[:, Q0:].copy_(b["tok"])
         nsnap = 0
         for i0, i1, p0 in segments(phase0, T, Q0):
-            L = i1 - i0 + 1
             if p0 == 0:  # a boundary: the global stage steps over the patch completed by token i0
                 if i0 > 0:
                     torch._foreach_copy_(b["snaps"][nsnap], self._live())
@@ -159,16 +230,12 @@ class StaticVerifier:
                 inp = dec.unit_embedding(0, hist[:, i0 + 1:i0 + 1 + Q0].reshape(N, 1, Q0)).to(dtype)
                 h = st.ssm_step(m.blocks[0], inp, st.caches[0], st.fuse_linears)[:, -1]
                 st.ctx[1].copy_(m.stage_context(0, h).view(N, m.lengths[1], m.widths[1]))
-            # inputs: the start vector at position 0, else the embedding of the token fed at that step
-            parts = [m.start[1].to(dtype).expand(N, 1, -1)] if p0 == 0 else []
-            a = i0 + (p0 == 0)
-            if a <= i1:
-                parts.append(dec.unit_embedding(1, hist[:, Q0 + a:Q0 + i1 + 1].reshape(N, i1 + 1 - a, 1)).to(dtype))
-            inp = (torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]) + st.ctx[1][:, p0:p0 + L]
-            rope = (b["rope"][0][p0:p0 + L], b["rope"][1][p0:p0 + L]) if b["rope"] is not None else None
-            h = transformer_multi_step(m.blocks[1], inp, st.caches[1], p0, rope, b["allowed"][p0:p0 + L])
-            b["out"][:, i0:i1 + 1].copy_(m.head(h).float())
-        b["arg"].copy_(b["out"].argmax(-1))
+            if self.compile:  # local stage, head and argmax as a few fused kernels
+                self._segment_fn(T, i0, i1, p0)(self, b, i0, i1, p0)
+            else:
+                self._local(b, i0, i1, p0, False)
+        if not self.compile:
+            b["arg"].copy_(b["out"].argmax(-1))
 
     @torch.no_grad()
     def run(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -169,6 +169,7 @@ class GraphStepper:
         # the per-stage steps; compiled, each stage's layers become a few fused kernels (one graph for all
         # positions: they differ only in tensor arguments)
         self.tf_step, self.ssm_step = transformer_stage_step, ssm_stage_step
+        self.compiled = compile  # False, or the torch.compile request (True / a mode): the static passes follow it
         if compile:
             mode = compile if isinstance(compile, str) else None  # e.g. "max-autotune-no-cudagraphs"
             # coordinate-descent tuning of the generated kernels (as gpt-fast does for decoding): on an H100
