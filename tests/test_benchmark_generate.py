@@ -67,7 +67,9 @@ def test_speculative_rows_with_static_verification(bench, tmp_path):
                  "--repeat", "1")
     assert [r["impl"] for r in rows] == ["plain", "plain_graph", "speculative"]
     assert all(r["graph_verify"] for r in rows) and rows[2]["same_output_as_plain"]
+    assert rows[2]["same_output_as_reference"] and rows[2]["first_difference"] is None
     assert [r["capture_in_timing"] for r in rows] == [False, False, False]
+    assert not any(r["verify_compiled"] for r in rows)  # no --compile
 
 
 def test_speculative_row_without_a_pass_has_null_ratios(bench, tmp_path):

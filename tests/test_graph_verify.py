@@ -299,6 +299,19 @@ def test_compiled_pass_equals_the_uncompiled_pass(monkeypatch):
     assert counters["stats"]["unique_graphs"] - graphs == len(want)  # one graph each, no recompiles
 
 
+def test_compile_pass_off_keeps_the_eager_pass_under_a_compiled_stepper(monkeypatch):
+    """StaticVerifier.compile_pass = False (benchmarks/generate.py --verify-compile 0): a compiled stepper's passes
+    run their eager torch ops, so the two can be timed in one job."""
+    m = tiny(STAGES)
+    toks = torch.randint(0, 256, (1, m.units[0] + 1))
+    st = m.new_state(1, toks.device)
+    m.feed(st, toks)
+    gs = GraphStepper(m, st, compile=True)
+    assert StaticVerifier(gs).compile
+    monkeypatch.setattr(StaticVerifier, "compile_pass", False)
+    assert not StaticVerifier(gs).compile
+
+
 @pytest.mark.slow  # inductor's CPU codegen: ~6 s a segment
 def test_compiled_pass_inductor_and_greedy():
     """As above with inductor (the backend used on GPU; T past the patch, every start phase), and greedy

@@ -138,11 +138,12 @@ class StaticVerifier:
     own (compiled) ``ssm_step``."""
 
     compile_backend = "inductor"  # (tests: "eager" / "aot_eager" check the dynamo path alone)
+    compile_pass = True  # False: the passes run their eager torch ops even where the stepper is compiled (to compare)
 
     def __init__(self, stepper):
         check_supported(stepper.model)
         self.st, self.model = stepper, stepper.model
-        self.compile = getattr(stepper, "compiled", False)
+        self.compile = getattr(stepper, "compiled", False) if self.compile_pass else False
         # per segment (T, first step, last step, local position): its compiled function. The ints are
         # specialised (different slices and shapes): one function per segment, each with a code object of its own,
         # so none of the (up to ~2 Q_0 per T) segments counts against another's recompile limit or falls back
