@@ -277,6 +277,7 @@ def _compiled_pass_walk(m, Ts, passes: int, seed: int) -> StaticVerifier:
     return comp
 
 
+@pytest.mark.slow  # ~10 s of dynamo tracing on 2 cores (CI runs -m slow too)
 def test_compiled_pass_equals_the_uncompiled_pass(monkeypatch):
     """Where the stepper is compiled, each segment's local stage, head and argmax is a torch.compile'd function.
     Here with backend aot_eager (dynamo's capture and the functionalised in-place writes into the static KV, logits
