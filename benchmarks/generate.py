@@ -232,7 +232,37 @@ def bench_speculative(args, model, make_drafter, ctx: int, text: bytes | None) -
                      same_output_as_plain_graph=bool(torch.equal(spec, graph)) if args.graph else None,
                      speedup_vs_plain_eager=round(med["plain"] / med["speculative"], 3),
                      speedup_vs_best_plain=round(bps["speculative"] / best, 3)))
+    if args.profile:  # after the timings: where a speculative call's time goes
+        rows.append(dict(base, **profile_speculative(model, prompt, args.new, make_drafter(), args.draft_len, spec_kw,
+                                                     args.profile)))
     return rows
+
+
+def profile_speculative(model, prompt, new: int, drafter, draft_len: int, spec_kw: dict, top: int) -> dict:
+    """One speculative greedy call under torch.profiler (after the timed ones, so nothing is captured or compiled
+    in it): its wall time, device kernel time and launches per round, and the host's share; the top ``top`` host
+    ops and device kernels on stderr. A row ``impl: speculative_profile``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if prompt.is_cuda else [])
+    with profile(activities=acts) as prof:
+        t0 = now()
+        model.generate(prompt, new, temperature=0.0, draft=drafter, draft_len=draft_len, **spec_kw)
+        sync(str(prompt.device))
+        wall = now() - t0
+    ka = prof.key_averages()
+    dev_events = [e for e in ka if e.device_type.name == "CUDA"]
+    kernels = sum(e.count for e in dev_events)
+    dev_ms = sum(e.self_device_time_total for e in dev_events) / 1e3
+    rounds = drafter.rounds + max(0, new - 1 - drafter.accepted - drafter.rounds)  # passes + plain steps
+    print(ka.table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=60), file=sys.stderr)
+    if dev_events:
+        print(ka.table(sort_by="self_cuda_time_total", row_limit=top, max_name_column_width=60), file=sys.stderr)
+    per = (lambda x: round(x / rounds, 4)) if rounds else (lambda x: None)
+    return dict(impl="speculative_profile", wall_ms=round(wall * 1e3, 2), rounds_and_steps=rounds,
+                wall_ms_per_round=per(wall * 1e3), device_kernel_ms_per_round=per(dev_ms) if dev_events else None,
+                kernels_per_round=per(kernels) if dev_events else None,
+                device_busy_share=round(dev_ms / (wall * 1e3), 3) if dev_events and wall > 0 else None)
 
 
 def speculative_stats(drafter, new_bytes: int) -> dict:
@@ -300,7 +330,9 @@ def main(argv: list[str] | None = None) -> None:
                    "(auto: on CUDA; 1/0)")
     p.add_argument("--pdl", type=int, default=1, help="decode kernels: programmatic dependent launch (1/0)")
     p.add_argument("--fuse-linears", type=int, default=1, help="--compile: GraphStepper.fuse_linears (1/0)")
-    p.add_argument("--profile", type=int, default=0, help="print the top N CUDA kernels of two eager steps")
+    p.add_argument("--profile", type=int, default=0, help="print the top N CUDA kernels of two eager steps; with "
+                   "--speculative: one profiled speculative call after the timings (a speculative_profile row: wall, "
+                   "kernel time and launches per round; top N host ops and kernels on stderr)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--out", default=None)
     p.add_argument("--speculative", action="store_true", help="plain vs speculative greedy decoding (see above)")

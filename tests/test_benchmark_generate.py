@@ -70,6 +70,12 @@ def test_speculative_rows_with_static_verification(bench, tmp_path):
     assert rows[2]["same_output_as_reference"] and rows[2]["first_difference"] is None
     assert [r["capture_in_timing"] for r in rows] == [False, False, False]
     assert not any(r["verify_compiled"] for r in rows)  # no --compile
+    (tmp_path / "rows.jsonl").unlink()
+    prof = _rows(bench, tmp_path, "--speculative", "--draft", "lookup", "--graph", "--graph-verify", "--new", "20",
+                 "--repeat", "1", "--profile", "3")[-1]
+    assert prof["impl"] == "speculative_profile" and prof["wall_ms"] > 0
+    assert prof["rounds_and_steps"] >= 1 and prof["wall_ms_per_round"] > 0
+    assert prof["kernels_per_round"] is None  # no device kernels on CPU
 
 
 def test_speculative_row_without_a_pass_has_null_ratios(bench, tmp_path):
