@@ -2,10 +2,10 @@
 # The GPU jobs behind benchmarks/RESULTS.md (model section). From the repository root, on a machine with
 # one H100 / H200, with the wheels of ../shared/wheels/gpu-py312 copied to .whl/:
 #   bash benchmarks/run_gpu.sh STEP OUTDIR
-# STEP: tests | train | generate | gen_table | context | vqa | first | small | small_ctx | pg19 | clevr | clevr_tests | issue17 (each fits in one 10-minute device command; a fresh machine
+# STEP: tests | train | generate | gen_table | context | vqa | first | small | small_ctx | pg19 | clevr | clevr_tests | issue17 | spec_static | speedrun (each fits in one 10-minute device command; a fresh machine
 # spends ~2 minutes on Triton JIT + autotuning of mamba-ssm's kernels in its first process).
 set -uo pipefail
-step=${1:?step: tests|train|generate|gen_table|context|vqa|first|small|small_ctx|pg19|clevr|clevr_tests|issue17}
+step=${1:?step: tests|train|generate|gen_table|context|vqa|first|small|small_ctx|pg19|clevr|clevr_tests|issue17|spec_static|speedrun}
 out=${2:-/tmp/omnibyte_bench}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -124,5 +124,27 @@ case "$step" in
   # the rest of issue 17's first call: the CLEVR run and its robustness table, beside the GPU tests
   clevr_tests) gpu_tests & clevr_train & wait
             clevr_robustness ;;
+  # issue 17 item 2 on the static passes, in one call: a 3-minute pg19_lm speedrun arm (also the target), the
+  # speculative timing with the compiled pass and (--verify-compile 0) the uncompiled one, one profiled call, then
+  # the graph_verify GPU tests in the time left
+  spec_static)
+            timeout -k 20 420 python3 benchmarks/speedrun.py --root "$pg19_root" --minutes "${SR_MINUTES:-3}" \
+              --work /tmp/sr --out "$out/sweep.jsonl" --common train.compile=true train.cuda_graphs=true \
+              --arm base: --only base > "$out/sweep.log" 2>&1; tail -c 1500 "$out/sweep.log"
+            for vc in 1 0; do
+              timeout 200 python3 benchmarks/generate.py --speculative --run /tmp/sr/runs/base --draft lookup \
+                --draft-len ${DRAFT_LEN:-8} --graph --compile --graph-verify --verify-compile $vc --profile 15 \
+                --prompt-file "$pg19_root/validation/11.txt" --contexts 1024 --new 512 --out "$out/bench.jsonl" \
+                > "$out/spec_vc$vc.log" 2>&1; tail -c 1500 "$out/spec_vc$vc.log"
+            done
+            TESTS_PATHS=tests/test_graph_verify.py TESTS_TIMEOUT=${TESTS_TIMEOUT:-150} gpu_tests ;;
+  # issue 18 item 4: speedrun arms (SR_ARMS: NAME:override,... space-separated; SR_ONLY picks; SR_MINUTES);
+  # --call-seconds pauses a long arm with a checkpoint: run the same step again on the warm machine to go on
+  speedrun) arms=(); for x in ${SR_ARMS:-base: drop:model.dropout=0.1}; do arms+=(--arm "$x"); done
+            timeout -k 20 590 python3 benchmarks/speedrun.py --root "$pg19_root" --minutes "${SR_MINUTES:-3}" \
+              --work /tmp/sr --out "$out/sweep.jsonl" --common train.compile=true train.cuda_graphs=true \
+              "${arms[@]}" ${SR_ONLY:+--only $SR_ONLY} --call-seconds "${SR_CALL_SECONDS:-560}" \
+              ${SR_FINAL:+--final-test --choose-from "$out/sweep.jsonl"} > "$out/sweep.log" 2>&1
+            tail -c 3000 "$out/sweep.log" ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
 esac
