@@ -21,7 +21,9 @@ An arm is ``NAME:override,override,...`` on top of ``--config`` (default ``pg19_
    scored once) and word perplexity.
 
 One JSON line per arm (arm, overrides, seconds per step, steps planned / reached, training seconds, validation
-bpb); with ``--final-test`` a last line: the best arm by validation bpb and its test-book bpb.
+bpb); with ``--final-test`` a last line: the best arm by validation bpb and its test-book bpb. The test book is
+scored once per sweep (``WORK/test_looks.jsonl``): a second ``--final-test``, e.g. after more arms, is refused
+unless ``--look-again``, and then the final line lists every earlier look (``earlier_test_looks``).
 
 **An arm longer than one command.** A 10-minute arm with its calibration, start-up and evaluation does not fit a
 device command of 10 minutes. ``--call-seconds S`` caps this invocation's training so the harness exits inside S
@@ -225,6 +227,8 @@ def main() -> None:
     p.add_argument("--common", nargs="*", default=[], help="overrides for every arm")
     p.add_argument("--work", default="speedrun_work")
     p.add_argument("--final-test", action="store_true", help="score the best arm by validation bpb on the test book")
+    p.add_argument("--look-again", action="store_true", help="--final-test although this sweep's test book was "
+                   "already scored (every earlier look is recorded in the final line)")
     p.add_argument("--choose-from", default="", help="JSON lines of earlier arms (this sweep's --out) to choose among")
     p.add_argument("--out", default=None)
     p.add_argument("--call-seconds", type=float, default=0.0, help="stop this invocation's training so the harness "
@@ -269,12 +273,23 @@ def main() -> None:
         raise SystemExit(f"--final-test: no arm of config {a.config} at {a.minutes} minutes finished its schedule "
                          f"inside the budget; excluded: {excluded}")
     best = min(pool, key=lambda r: r["validation_bpb"])  # chosen on validation only
+    # the test book is scored once per sweep: a second look after changing the pool is selection on test
+    looks = work / "test_looks.jsonl"
+    earlier = [json.loads(x) for x in looks.read_text().splitlines() if x.strip()] if looks.exists() else []
+    if earlier and not a.look_again:
+        e = earlier[-1]
+        raise SystemExit(f"--final-test: this sweep's test book was already scored (arm {e['arm']}, {e['date']}; "
+                         f"{looks}): looking again after changing the arms is choosing on test. Pass --look-again "
+                         f"to score it anyway; the final line then records every earlier look")
     test = evaluate(Path(best["run"]), "test", work / f"{best['arm']}_eval_test.log")
+    with open(looks, "a") as f:
+        f.write(json.dumps({"arm": best["arm"], "run": best["run"], "test_bpb": test["bpb"],
+                            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}) + "\n")
     emit({"bench": "speedrun_final", "config": a.config, "chosen_by": "validation_bpb", "arm": best["arm"],
           "overrides": best["overrides"], "validation_bpb": best["validation_bpb"], "test_bpb": test["bpb"],
           "test_word_ppl": test["word_ppl"], "steps_reached": best["steps_reached"],
           "budget_minutes": best["budget_minutes"], "arms_compared": len(pool), "excluded": excluded,
-          "run": best["run"]}, a.out)
+          "earlier_test_looks": earlier, "run": best["run"]}, a.out)
 
 
 if __name__ == "__main__":

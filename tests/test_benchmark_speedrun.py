@@ -56,7 +56,7 @@ def _arm(name: str, bpb: float, **kw) -> dict:
             "over_budget": False, "run": f"/runs/{name}", **kw}
 
 
-def _final(speedrun, monkeypatch, tmp_path, arms: list[dict]) -> list[dict]:
+def _final(speedrun, monkeypatch, tmp_path, arms: list[dict], *extra: str) -> list[dict]:
     sweep = tmp_path / "sweep.jsonl"
     sweep.write_text("".join(json.dumps(a) + "\n" for a in arms))
     scored = []
@@ -69,7 +69,7 @@ def _final(speedrun, monkeypatch, tmp_path, arms: list[dict]) -> list[dict]:
     out = tmp_path / "final.jsonl"
     monkeypatch.setattr(sys, "argv", ["speedrun.py", "--root", str(tmp_path), "--minutes", "3", "--work",
                                       str(tmp_path / "w"), "--final-test", "--choose-from", str(sweep),
-                                      "--out", str(out)])
+                                      "--out", str(out), *extra])
     speedrun.main()
     assert len(scored) == 1 and scored[0][1] == "test"  # the test book is scored once, for the chosen arm
     return [json.loads(x) for x in out.read_text().splitlines()]
@@ -131,3 +131,13 @@ def test_an_arm_paused_by_the_call_limit_goes_on_where_it_stopped(speedrun, monk
     speedrun.main()
     again = json.loads(out.read_text().splitlines()[-1])
     assert again["steps_reached"] == arm["steps_reached"] and again["invocations"] == 2
+
+
+def test_the_test_book_is_scored_once_per_sweep(speedrun, monkeypatch, tmp_path):
+    """A second --final-test (after more arms: the pool changed) is choosing on test: refused, unless --look-again,
+    whose final line records the earlier look."""
+    _final(speedrun, monkeypatch, tmp_path, [_arm("a", 1.9)])
+    with pytest.raises(SystemExit, match="already scored .arm a"):
+        _final(speedrun, monkeypatch, tmp_path, [_arm("a", 1.9), _arm("b", 1.8)])
+    final = _final(speedrun, monkeypatch, tmp_path, [_arm("a", 1.9), _arm("b", 1.8)], "--look-again")[-1]
+    assert final["arm"] == "b" and [e["arm"] for e in final["earlier_test_looks"]] == ["a"]
