@@ -170,6 +170,10 @@ def test_bad_arguments_are_refused():
     assert short.stream_meta.max_len == 8
     with pytest.raises(ValueError, match="draft model: generation past this model's max_len 8"):
         m.generate(b"abcde", 8, temperature=0, draft=short, draft_len=2)
+    for kw in ({}, {"draft": "lookup"}):  # a batch of no rows: one clear error, not a reshape's inside feed
+        with pytest.raises(ValueError, match="a batch of no rows"):
+            m.generate(torch.zeros(0, 5, dtype=torch.long), 4, temperature=0, **kw)
+    assert m.generate(torch.zeros(2, 0, dtype=torch.long), 3, temperature=0).shape == (2, 3)  # empty rows are fine
 
 
 def test_accept_is_exact_rejection_sampling():

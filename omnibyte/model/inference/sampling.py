@@ -16,6 +16,9 @@ def as_batch(prompt, device) -> torch.Tensor:
         t = t[None]
     if t.dim() != 2:
         raise ValueError(f"prompt must be (B, P) or 1-D, got shape {tuple(t.shape)}")
+    if t.shape[0] == 0:
+        raise ValueError(f"prompt: a batch of no rows (shape {tuple(t.shape)}); give at least one row (a row may be "
+                         f"empty: shape (B, 0))")
     return t
 
 
