@@ -176,6 +176,23 @@ def test_bad_arguments_are_refused():
     assert m.generate(torch.zeros(2, 0, dtype=torch.long), 3, temperature=0).shape == (2, 3)  # empty rows are fine
 
 
+def test_accept_rejection_where_p_equals_q_draws_from_p(monkeypatch):
+    """Where q equals p (to rounding) and the draft is rejected anyway (u at its top), max(0, p - q) is all zero:
+    accept draws the correction from p itself, a token p allows, never from an all-zero residual."""
+    from omnibyte.model.inference import rounds as rounds_mod
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[2.0, 1.0, -30.0, 0.5], [0.0, 0.0, 0.0, 0.0]])
+    q = sampling_probs(logits[:1], 1.0)  # exactly p_0
+    monkeypatch.setattr(rounds_mod.torch, "rand", lambda k, generator=None, device=None: torch.ones(k))
+    seen = set()
+    for _ in range(200):
+        kept, x = accept(logits, torch.tensor([0]), q, 1.0, 0, 1.0, g)
+        assert kept == 0
+        seen.add(x)
+    assert seen <= {0, 1, 3} and len(seen) == 3  # from p_0: token 2 has probability ~1e-14
+
+
 def test_accept_is_exact_rejection_sampling():
     """One verification round with fixed target (p) and draft (q) distributions: the first emitted token is
     distributed as p_0, and the second (given the first draft was kept) as p_1."""
