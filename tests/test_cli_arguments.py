@@ -57,6 +57,9 @@ GENERATE_BAD = {
     ("--draft", "lookup", "--graph-verify", "--no-graphs"): "--no-graphs",
     ("--draft-layers", "1,1"): "--draft-layers",
     ("--draft", "self", "--draft-layers", "1,x"): "--draft-layers",
+    ("--lookup-ngram", "2,8"): "--draft lookup",  # lookup's tuning without the lookup drafter
+    ("--draft", "lookup", "--lookup-ngram", "3"): "--lookup-ngram",
+    ("--draft", "lookup", "--lookup-ngram", "a,b"): "--lookup-ngram",
 }
 
 
@@ -131,6 +134,9 @@ def test_generate_with_a_draft_run_prints_the_plain_greedy_output(run, tmp_path,
     assert capsys.readouterr().out == plain
     assert main(argv + ["--draft", "lookup", "--draft-len", "4"]) == 0  # prompt lookup: no model
     assert capsys.readouterr().out == plain
+    assert main(argv + ["--draft", "lookup", "--lookup-ngram", "1,4", "--lookup-candidates", "4"]) == 0
+    assert capsys.readouterr().out == plain  # tuned lookup: greedy output unchanged
+    _error(capsys, "generate", argv + ["--quiet", "--draft", "lookup", "--lookup-ngram", "5,3"], "--lookup-ngram")
     _error(capsys, "generate", argv + ["--quiet", "--draft", "self", "--draft-layers", "1"], "--draft", "stages")
 
 

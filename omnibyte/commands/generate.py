@@ -43,11 +43,16 @@ def add_arguments(p) -> None:
     p.add_argument("--draft-layers", default=None, metavar="N0,N1,...",
                    help="--draft self: layers kept per stage, outermost first (e.g. 4,2)")
     p.add_argument("--draft-len", type=int, default=4, help="--draft: bytes drafted per verification (>= 1)")
+    p.add_argument("--lookup-ngram", default=None, metavar="MIN,MAX",
+                   help="--draft lookup: the shortest match used and the longest compared, in bytes (default 2,8)")
+    p.add_argument("--lookup-candidates", type=int, default=None, metavar="N",
+                   help="--draft lookup: earlier occurrences of the last 2 bytes compared per draft (default 32)")
     p.add_argument("--draft-checkpoint", default=None, metavar="best|latest|STEP",
                    help="--draft: the draft run's checkpoint (default: the draft run's own eval.checkpoint, as omnibyte eval)")
     p.add_argument("--graph-verify", action="store_true",
                    help="--draft: verification passes on the CUDA-graph stepper's static buffers, one CUDA graph per "
-                        "(patch phase, pass length) (generate(..., graph_verify=True); not yet measured on a GPU). "
+                        "(patch phase, pass length) (generate(..., graph_verify=True); on an H100 0.33x the graphed plain decoder before the pass was "
+                        "compiled, see benchmarks/RESULTS.md). "
                         "Off CUDA the same static passes run eagerly; a model without them (they need a Mamba-2 "
                         "global stage and one inner Transformer stage over bytes) uses the eager passes, logged. "
                         "Decodes at the weights' dtype on CUDA, as the CUDA-graph step (the eager fallback too; the "
@@ -83,6 +88,15 @@ def check_arguments(args) -> bytes | None:
         except ValueError:
             raise ConfigError(f"--draft-layers must be integers separated by commas, got "
                               f"{args.draft_layers!r}") from None
+    if (args.lookup_ngram is not None or args.lookup_candidates is not None) and args.draft != "lookup":
+        raise ConfigError("--lookup-ngram and --lookup-candidates tune --draft lookup")
+    if args.lookup_ngram is not None:
+        try:
+            args.lookup_ngram = [int(x) for x in args.lookup_ngram.split(",")]
+        except ValueError:
+            args.lookup_ngram = None
+        if args.lookup_ngram is None or len(args.lookup_ngram) != 2:
+            raise ConfigError("--lookup-ngram must be two integers MIN,MAX (e.g. 2,8)")
     if args.graph_verify and not args.draft:
         raise ConfigError("--graph-verify verifies drafts: it needs --draft RUN|self|lookup")
     if args.graph_verify and args.no_graphs:
@@ -263,7 +277,15 @@ def load_drafter(args, model, device):
     if args.draft == "lookup":
         logging.getLogger("omnibyte.generate").info("drafting by prompt lookup, up to %d bytes per pass",
                                                     args.draft_len)
-        return LookupDrafter()
+        kw = {}
+        if args.lookup_ngram is not None:
+            kw["min_ngram"], kw["max_ngram"] = args.lookup_ngram
+        if args.lookup_candidates is not None:
+            kw["candidates"] = args.lookup_candidates
+        try:
+            return LookupDrafter(**kw)
+        except ValueError as e:
+            raise ConfigError(f"--lookup-ngram / --lookup-candidates: {e}") from None
     try:
         if args.draft == "self":
             logging.getLogger("omnibyte.generate").info("drafting with this run's first %s layers per stage, %d "
