@@ -46,13 +46,22 @@ def run(model, kernels):
 with torch.no_grad():
     full = m(x)[:, 9:]
     k32, used = run(m, True)
+    # 20 rows: two chunks of ROW_CHUNK rows per weight block (grid axis 1), the second ragged; asked for explicitly
+    x20 = torch.randint(0, 256, (20, 13))
+    def rows(kernels):
+        st = m.new_state(20)
+        gs = GraphStepper(m, st, use_graphs=False, kernels=kernels)
+        return torch.stack([m.feed(st, x20[:, :9])] + [gs.feed(x20[:, t:t + 1]) for t in range(9, 12)], 1), gs.kernels
+    k20, used20 = rows(True)
+    t20, _ = rows(False)
     mb = m.to(torch.bfloat16)
     kb, _ = run(mb, True)
     tb, _ = run(mb, False)
     st = m.new_state(17)  # above MAX_ROWS the default is the torch step
     m.feed(st, torch.randint(0, 256, (17, 9)))
     big = GraphStepper(m, st, use_graphs=False).kernels
-print(json.dumps(dict(used=used, big=big, err32=(k32 - full).abs().max().item(), errbf16=(kb - tb).abs().max().item(),
+print(json.dumps(dict(used=used, big=big, used20=used20, err20=(k20 - t20).abs().max().item(),
+                      err32=(k32 - full).abs().max().item(), errbf16=(kb - tb).abs().max().item(),
                       scale=tb.abs().max().item())))
 """
 
@@ -60,15 +69,16 @@ print(json.dumps(dict(used=used, big=big, err32=(k32 - full).abs().max().item(),
 @pytest.mark.slow  # Triton interpreter in a subprocess: ~20 s each on 2 cores (run by .ci/run after the fast suite)
 @pytest.mark.parametrize("bias,patch", [(False, 4), (True, 3)])
 def test_kernels_match_torch_step_interpreted(bias, patch):
-    """fp32: the kernel step == full forward (to 1e-5); bf16: == the torch step within a few bf16 ulps. A patch
-    of 3 leaves the attention kernel's power-of-two slot block ragged."""
+    """fp32: the kernel step == full forward (to 1e-5), also at 20 rows (two chunks of rows per weight block, the
+    second ragged) == the torch step; bf16: == the torch step within a few bf16 ulps. A patch of 3 leaves the
+    attention kernel's power-of-two slot block ragged."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     out = subprocess.run([sys.executable, "-c", _SCRIPT, str(Path(__file__).parent), json.dumps(TFK),
                           "1" if bias else "0", str(patch)], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
-    assert r["used"] is True and r["big"] is False
-    assert r["err32"] < 1e-5, r
+    assert r["used"] is True and r["big"] is False and r["used20"] is True
+    assert r["err32"] < 1e-5 and r["err20"] < 1e-5, r  # 20 rows: two row chunks per weight block
     assert r["errbf16"] < 0.02 * max(1.0, r["scale"]), r
 
 

@@ -10,9 +10,11 @@ config's local layer took ~11 kernels and ~26 us on an H100 (RESULTS.md). Here e
 3. ``_norm_matvec`` (SWIGLU): silu(RMSNorm(x1) @ W_gate) * (RMSNorm(x1) @ W_up) -> g
 4. ``_matvec_residual``: x1 + g @ W_down                                   -> x2
 
-Every kernel is a grid of row blocks of its weight; a program loads its block once and loops over the batch
-rows (so a batch of N reads the weights once, not N times; up to ``MAX_ROWS`` rows the stepper uses these
-kernels). Each program recomputes what it needs from the small input vectors (the norm of x, the attention of
+Every kernel is a grid of (row blocks of its weight) x (chunks of ``ROW_CHUNK`` batch rows); a program loads its
+weight block once and loops over its chunk's rows (so a batch of up to ``ROW_CHUNK`` rows reads the weights once,
+not N times; a larger batch is split into chunks that read the same block, mostly from L2, in parallel, where one
+program used to loop over every row). The stepper uses the kernels by default up to ``MAX_ROWS`` rows (measured),
+and at any batch size when asked (``GraphStepper(..., kernels=True)``). Each program recomputes what it needs from the small input vectors (the norm of x, the attention of
 all heads over <= P slots: a few KB from L2) so no kernel waits on another program. Intermediate values are
 rounded to the activation dtype where the torch step rounds them (norm output, projections, RoPE, attention
 output), so the result matches ``generation.transformer_stage_step`` to rounding order. On Hopper and newer the
@@ -45,7 +47,8 @@ def available(device: torch.device) -> bool:
 
 
 MAX_K = 4096  # each program holds whole rows of its weight block (input widths up to this)
-MAX_ROWS = 16  # GraphStepper uses the kernels up to this batch size (each program loops over the rows)
+MAX_ROWS = 16  # GraphStepper uses the kernels by default up to this batch size (larger: kernels=True)
+ROW_CHUNK = 16  # batch rows per program (a larger batch: more programs per weight block, grid axis 1)
 
 
 def _configs(pairs):
@@ -112,7 +115,7 @@ if triton is not None:
     @triton.jit
     def _norm_matvec(x_ptr, g_ptr, w_ptr, b_ptr, out_ptr, R, K, N, eps, stride_x, stride_o,
                      HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, SWIGLU: tl.constexpr,
-                     BLOCK_R: tl.constexpr):
+                     RPP: tl.constexpr, BLOCK_R: tl.constexpr):
         """out[n, j] = W[j] . n(x[n]) for j < R; SWIGLU: out[n, j] = silu(gate) * up with gate = W[j] . n(x[n])
         and up = W[R + j] . n(x[n]) (R = the hidden size, W = [W_gate; W_up])."""
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -122,7 +125,8 @@ if triton is not None:
             wu = _rows(w_ptr, rows + R, rm, K, BLOCK_K)
         _after_prior(PDL)
         dt = out_ptr.dtype.element_ty
-        for n in range(N):  # the weight block is read once for all rows
+        n0 = tl.program_id(1) * RPP
+        for n in range(n0, tl.minimum(n0 + RPP, N)):  # the weight block is read once for the chunk's rows
             xn = _normed(x_ptr + n * stride_x, g_ptr, K, eps, BLOCK_K)
             y = tl.sum(w.to(tl.float32) * xn[None, :], 1)
             if HAS_BIAS:
@@ -138,7 +142,7 @@ if triton is not None:
     @triton.autotune(configs=_MATVEC, key=["R", "K", "N"], prune_configs_by={"early_config_prune": _prune})
     @triton.jit
     def _matvec_residual(h_ptr, w_ptr, b_ptr, x_ptr, out_ptr, R, K, N, stride_h, stride_x, stride_o,
-                         HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, RPP: tl.constexpr,
                          BLOCK_R: tl.constexpr):
         """out[n] = x[n] + round(W @ h[n])."""
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -146,7 +150,8 @@ if triton is not None:
         w = _rows(w_ptr, rows, rm, K, BLOCK_K)
         offs = tl.arange(0, BLOCK_K)
         _after_prior(PDL)
-        for n in range(N):
+        n0 = tl.program_id(1) * RPP
+        for n in range(n0, tl.minimum(n0 + RPP, N)):
             hv = tl.load(h_ptr + n * stride_h + offs, mask=offs < K, other=0.0).to(tl.float32)
             acc = tl.sum(w.to(tl.float32) * hv[None, :], 1)
             _store_residual(acc, b_ptr, x_ptr + n * stride_x, out_ptr + n * stride_o, rows, rm, HAS_BIAS)
@@ -172,7 +177,7 @@ if triton is not None:
                   stride_qkv, stride_cn, stride_x, stride_o,
                   H: tl.constexpr, HD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
                   BLOCK_P: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr,
-                  BLOCK_R: tl.constexpr):
+                  RPP: tl.constexpr, BLOCK_R: tl.constexpr):
         """out[n] = x[n] + round(W_out @ attention(n)); the cache is (N, H, P, hd) contiguous, slots < pos valid."""
         pid = tl.program_id(0)
         h = tl.arange(0, BLOCK_H)
@@ -186,7 +191,8 @@ if triton is not None:
         p = tl.arange(0, BLOCK_P)
         cm = hdm[:, None, :] & (p[None, :, None] < pos)
         dt = out_ptr.dtype.element_ty
-        for n in range(N):
+        n0 = tl.program_id(1) * RPP
+        for n in range(n0, tl.minimum(n0 + RPP, N)):
             base = qkv_ptr + n * stride_qkv
             q = _rope(base, h, d, hdm, cos_ptr, sin_ptr, HD, HAS_ROPE).to(tl.float32)
             k = _rope(base + H * HD, h, d, hdm, cos_ptr, sin_ptr, HD, HAS_ROPE)
@@ -202,7 +208,8 @@ if triton is not None:
             en = tl.exp(sn - mx)
             y = (tl.sum(e[:, :, None] * vc, 1) + en[:, None] * v.to(tl.float32)) / (tl.sum(e, 1) + en)[:, None]
             y = y.to(dt).to(tl.float32)  # (H, hd)
-            if pid == 0:  # the new slot, read by later positions (slots < pos are all this program reads)
+            if pid == 0:  # the new slot, read by later positions (slots < pos are all this program reads); one
+                # program per chunk of rows writes its rows
                 new = n * stride_cn + h[:, None] * (P * HD) + pos * HD + d[None, :]
                 tl.store(kc_ptr + new, k, mask=hdm)
                 tl.store(vc_ptr + new, v, mask=hdm)
@@ -210,8 +217,8 @@ if triton is not None:
             _store_residual(acc, b_ptr, x_ptr + n * stride_x, out_ptr + n * stride_o, rows, rm, HAS_BIAS)
 
 
-def _grid(R: int):
-    return lambda meta: (triton.cdiv(R, meta["BLOCK_R"]),)
+def _grid(R: int, N: int):
+    return lambda meta: (triton.cdiv(R, meta["BLOCK_R"]), triton.cdiv(N, ROW_CHUNK))
 
 
 use_pdl = True  # programmatic dependent launch on Hopper and newer (see _after_prior); False to compare
@@ -267,8 +274,8 @@ def norm_linear(x: torch.Tensor, norm, lin, swiglu: bool = False) -> torch.Tenso
     R = lin.weight.shape[0] // (2 if swiglu else 1)
     out = torch.empty(N, R, dtype=x.dtype, device=x.device)
     b, has_b = _bias(lin)
-    _norm_matvec[_grid(R)](x, norm.weight, lin.weight, b, out, R, K, N, norm.eps, x.stride(0), out.stride(0),
-                           HAS_BIAS=has_b, BLOCK_K=_block_k(K), SWIGLU=swiglu, **_launch(x))
+    _norm_matvec[_grid(R, N)](x, norm.weight, lin.weight, b, out, R, K, N, norm.eps, x.stride(0), out.stride(0),
+                              HAS_BIAS=has_b, BLOCK_K=_block_k(K), SWIGLU=swiglu, RPP=ROW_CHUNK, **_launch(x))
     return out
 
 
@@ -278,8 +285,8 @@ def linear_residual(h: torch.Tensor, lin, x: torch.Tensor) -> torch.Tensor:
     R = lin.weight.shape[0]
     out = torch.empty_like(x)
     b, has_b = _bias(lin)
-    _matvec_residual[_grid(R)](h, lin.weight, b, x, out, R, K, N, h.stride(0), x.stride(0), out.stride(0),
-                               HAS_BIAS=has_b, BLOCK_K=_block_k(K), **_launch(x))
+    _matvec_residual[_grid(R, N)](h, lin.weight, b, x, out, R, K, N, h.stride(0), x.stride(0), out.stride(0),
+                                  HAS_BIAS=has_b, BLOCK_K=_block_k(K), RPP=ROW_CHUNK, **_launch(x))
     return out
 
 
@@ -296,11 +303,11 @@ def attention_out_residual(qkv: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor
     out = torch.empty_like(x)
     b, has_b = _bias(attn.out)
     cos, sin = rope if rope is not None else (qkv, qkv)
-    _attn_out[_grid(R)](qkv, kc, vc, cos, sin, attn.out.weight, b, x, out, pos, R, N, P, hd ** -0.5,
+    _attn_out[_grid(R, N)](qkv, kc, vc, cos, sin, attn.out.weight, b, x, out, pos, R, N, P, hd ** -0.5,
                         qkv.stride(0), kc.stride(0), x.stride(0), out.stride(0), H=H, HD=hd,
                         BLOCK_H=triton.next_power_of_2(H), BLOCK_D=triton.next_power_of_2(hd),
                         BLOCK_P=triton.next_power_of_2(P), HAS_ROPE=rope is not None, HAS_BIAS=has_b,
-                        **_launch(x))
+                        RPP=ROW_CHUNK, **_launch(x))
     return out
 
 
