@@ -14,11 +14,12 @@ Every kernel is a grid of (row blocks of its weight) x (chunks of ``ROW_CHUNK`` 
 weight block once and loops over its chunk's rows (so a batch of up to ``ROW_CHUNK`` rows reads the weights once,
 not N times; a larger batch is split into chunks that read the same block, mostly from L2, in parallel, where one
 program used to loop over every row). The stepper uses the kernels by default up to ``MAX_ROWS`` rows (measured),
-and at any batch size when asked (``GraphStepper(..., kernels=True)``). Each program recomputes what it needs from the small input vectors (the norm of x, the attention of
-all heads over <= P slots: a few KB from L2) so no kernel waits on another program. Intermediate values are
-rounded to the activation dtype where the torch step rounds them (norm output, projections, RoPE, attention
-output), so the result matches ``generation.transformer_stage_step`` to rounding order. On Hopper and newer the
-launches are chained with programmatic dependent launch (see ``_after_prior``).
+and at any batch size when asked (``GraphStepper(..., kernels=True)``). Each program recomputes what it needs from
+the small input vectors (the norm of x, the attention of all heads over <= P slots: a few KB from L2) so no kernel
+waits on another program. Intermediate values are rounded to the activation dtype where the torch step rounds them
+(norm output, projections, RoPE, attention output), so the result matches ``generation.transformer_stage_step`` to
+rounding order. On Hopper and newer the launches are chained with programmatic dependent launch (see
+``_after_prior``).
 
 Tested on CPU with Triton's interpreter (``TRITON_INTERPRET=1``) against the torch step, and on CUDA.
 Block sizes are autotuned per weight shape on the first call (before CUDA-graph capture).
@@ -115,7 +116,7 @@ if triton is not None:
     @triton.jit
     def _norm_matvec(x_ptr, g_ptr, w_ptr, b_ptr, out_ptr, R, K, N, eps, stride_x, stride_o,
                      HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, SWIGLU: tl.constexpr,
-                     RPP: tl.constexpr, BLOCK_R: tl.constexpr):
+                     RPP: tl.constexpr, CHUNKED: tl.constexpr, BLOCK_R: tl.constexpr):
         """out[n, j] = W[j] . n(x[n]) for j < R; SWIGLU: out[n, j] = silu(gate) * up with gate = W[j] . n(x[n])
         and up = W[R + j] . n(x[n]) (R = the hidden size, W = [W_gate; W_up])."""
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -125,8 +126,11 @@ if triton is not None:
             wu = _rows(w_ptr, rows + R, rm, K, BLOCK_K)
         _after_prior(PDL)
         dt = out_ptr.dtype.element_ty
-        n0 = tl.program_id(1) * RPP
-        for n in range(n0, tl.minimum(n0 + RPP, N)):  # the weight block is read once for the chunk's rows
+        if CHUNKED:  # this program's chunk of rows (a batch over RPP rows)
+            lo, hi = tl.program_id(1) * RPP, tl.minimum(tl.program_id(1) * RPP + RPP, N)
+        else:  # every row, as one program did before chunks (the batch-1 path unchanged)
+            lo, hi = 0, N
+        for n in range(lo, hi):  # the weight block is read once for the chunk's rows
             xn = _normed(x_ptr + n * stride_x, g_ptr, K, eps, BLOCK_K)
             y = tl.sum(w.to(tl.float32) * xn[None, :], 1)
             if HAS_BIAS:
@@ -143,15 +147,18 @@ if triton is not None:
     @triton.jit
     def _matvec_residual(h_ptr, w_ptr, b_ptr, x_ptr, out_ptr, R, K, N, stride_h, stride_x, stride_o,
                          HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, RPP: tl.constexpr,
-                         BLOCK_R: tl.constexpr):
+                         CHUNKED: tl.constexpr, BLOCK_R: tl.constexpr):
         """out[n] = x[n] + round(W @ h[n])."""
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         rm = rows < R
         w = _rows(w_ptr, rows, rm, K, BLOCK_K)
         offs = tl.arange(0, BLOCK_K)
         _after_prior(PDL)
-        n0 = tl.program_id(1) * RPP
-        for n in range(n0, tl.minimum(n0 + RPP, N)):
+        if CHUNKED:  # this program's chunk of rows (a batch over RPP rows)
+            lo, hi = tl.program_id(1) * RPP, tl.minimum(tl.program_id(1) * RPP + RPP, N)
+        else:  # every row, as one program did before chunks (the batch-1 path unchanged)
+            lo, hi = 0, N
+        for n in range(lo, hi):
             hv = tl.load(h_ptr + n * stride_h + offs, mask=offs < K, other=0.0).to(tl.float32)
             acc = tl.sum(w.to(tl.float32) * hv[None, :], 1)
             _store_residual(acc, b_ptr, x_ptr + n * stride_x, out_ptr + n * stride_o, rows, rm, HAS_BIAS)
@@ -177,7 +184,7 @@ if triton is not None:
                   stride_qkv, stride_cn, stride_x, stride_o,
                   H: tl.constexpr, HD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
                   BLOCK_P: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr,
-                  RPP: tl.constexpr, BLOCK_R: tl.constexpr):
+                  RPP: tl.constexpr, CHUNKED: tl.constexpr, BLOCK_R: tl.constexpr):
         """out[n] = x[n] + round(W_out @ attention(n)); the cache is (N, H, P, hd) contiguous, slots < pos valid."""
         pid = tl.program_id(0)
         h = tl.arange(0, BLOCK_H)
@@ -191,8 +198,11 @@ if triton is not None:
         p = tl.arange(0, BLOCK_P)
         cm = hdm[:, None, :] & (p[None, :, None] < pos)
         dt = out_ptr.dtype.element_ty
-        n0 = tl.program_id(1) * RPP
-        for n in range(n0, tl.minimum(n0 + RPP, N)):
+        if CHUNKED:  # this program's chunk of rows (a batch over RPP rows)
+            lo, hi = tl.program_id(1) * RPP, tl.minimum(tl.program_id(1) * RPP + RPP, N)
+        else:  # every row, as one program did before chunks (the batch-1 path unchanged)
+            lo, hi = 0, N
+        for n in range(lo, hi):
             base = qkv_ptr + n * stride_qkv
             q = _rope(base, h, d, hdm, cos_ptr, sin_ptr, HD, HAS_ROPE).to(tl.float32)
             k = _rope(base + H * HD, h, d, hdm, cos_ptr, sin_ptr, HD, HAS_ROPE)
@@ -215,6 +225,12 @@ if triton is not None:
                 tl.store(vc_ptr + new, v, mask=hdm)
             acc = tl.sum(tl.sum(w.to(tl.float32) * y[None, :, :], 2), 1)
             _store_residual(acc, b_ptr, x_ptr + n * stride_x, out_ptr + n * stride_o, rows, rm, HAS_BIAS)
+
+
+def _chunks(N: int) -> dict:
+    """The kernels' row-chunk constants for a batch of N rows (CHUNKED only over ROW_CHUNK: the path of up to
+    ROW_CHUNK rows, batch 1 included, compiles as before chunks)."""
+    return {"RPP": ROW_CHUNK, "CHUNKED": N > ROW_CHUNK}
 
 
 def _grid(R: int, N: int):
@@ -275,7 +291,7 @@ def norm_linear(x: torch.Tensor, norm, lin, swiglu: bool = False) -> torch.Tenso
     out = torch.empty(N, R, dtype=x.dtype, device=x.device)
     b, has_b = _bias(lin)
     _norm_matvec[_grid(R, N)](x, norm.weight, lin.weight, b, out, R, K, N, norm.eps, x.stride(0), out.stride(0),
-                              HAS_BIAS=has_b, BLOCK_K=_block_k(K), SWIGLU=swiglu, RPP=ROW_CHUNK, **_launch(x))
+                              HAS_BIAS=has_b, BLOCK_K=_block_k(K), SWIGLU=swiglu, **_chunks(N), **_launch(x))
     return out
 
 
@@ -286,7 +302,7 @@ def linear_residual(h: torch.Tensor, lin, x: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(x)
     b, has_b = _bias(lin)
     _matvec_residual[_grid(R, N)](h, lin.weight, b, x, out, R, K, N, h.stride(0), x.stride(0), out.stride(0),
-                                  HAS_BIAS=has_b, BLOCK_K=_block_k(K), RPP=ROW_CHUNK, **_launch(x))
+                                  HAS_BIAS=has_b, BLOCK_K=_block_k(K), **_chunks(N), **_launch(x))
     return out
 
 
@@ -307,7 +323,7 @@ def attention_out_residual(qkv: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor
                         qkv.stride(0), kc.stride(0), x.stride(0), out.stride(0), H=H, HD=hd,
                         BLOCK_H=triton.next_power_of_2(H), BLOCK_D=triton.next_power_of_2(hd),
                         BLOCK_P=triton.next_power_of_2(P), HAS_ROPE=rope is not None, HAS_BIAS=has_b,
-                        RPP=ROW_CHUNK, **_launch(x))
+                        **_chunks(N), **_launch(x))
     return out
 
 
