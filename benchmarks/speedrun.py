@@ -175,12 +175,15 @@ def one_arm(name: str, overrides: list[str], a, work: Path, started: float) -> d
         spent = timing(recs, time.time(), sps)["training_s"] or 0.0
         cap = budget - spent + allowance  # the budget left, and this invocation's start-up
         paused_by_call = False
+        limits = [a.call_train_seconds] if a.call_train_seconds else []
         if a.call_seconds:
             left = a.call_seconds - (time.time() - started) - a.eval_reserve
             if left < 5.0:
                 raise SystemExit(f"arm {name}: {left:.0f} s left of --call-seconds={a.call_seconds} after "
                                  f"--eval-reserve={a.eval_reserve}: too little to train; run it in another call")
-            paused_by_call, cap = left < cap, min(cap, left)
+            limits.append(left)
+        if limits:
+            paused_by_call, cap = min(limits) < cap, min(cap, *limits)
         t0 = time.time()
         plan["invocations"].append({"started": t0, "from_step": recs[-1]["step"] if recs else 0,
                                     "cap_s": round(cap, 1)})
@@ -233,6 +236,8 @@ def main() -> None:
     p.add_argument("--out", default=None)
     p.add_argument("--call-seconds", type=float, default=0.0, help="stop this invocation's training so the harness "
                    "ends within this many seconds (a device command's limit); run it again to go on (0: off)")
+    p.add_argument("--call-train-seconds", type=float, default=0.0, help="train at most this many seconds in this "
+                   "invocation (its start-up included), then pause as --call-seconds does (0: off)")
     p.add_argument("--eval-reserve", type=float, default=60.0, help="--call-seconds: seconds kept for the "
                    "validation evaluation (and the final test) after training")
     a = p.parse_args()
