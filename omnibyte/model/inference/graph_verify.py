@@ -41,7 +41,7 @@ import torch
 from ... import vocab
 from ..blocks.transformer import TransformerBlock
 from ..layers import apply_rope, rope_cos_sin
-from .graphs import _lin, _mlp, _with_inductor_config
+from .graphs import _lin, _mlp, compile_tuned
 from .speculative import rounds, verify
 
 log = logging.getLogger("omnibyte.model")
@@ -205,14 +205,8 @@ class StaticVerifier:
         """The compiled ``_local`` of one segment (compiled at its first call)."""
         key = (T, i0, i1, p0)
         fn = self.local_fns.get(key)
-        if fn is None:
-            inductor = self.compile_backend == "inductor"
-            mode = self.compile if isinstance(self.compile, str) and inductor else None
-            fn = torch.compile(_own_code(_compiled_local), dynamic=False, fullgraph=True, mode=mode,
-                               backend=self.compile_backend)
-            if inductor:
-                fn = _with_inductor_config(fn, coordinate_descent_tuning=True)
-            self.local_fns[key] = fn
+        if fn is None:  # compiled as the stepper's own steps are
+            fn = self.local_fns[key] = compile_tuned(_own_code(_compiled_local), self.compile, self.compile_backend)
         return fn
 
     def _pass(self, phase0: int, T: int) -> None:

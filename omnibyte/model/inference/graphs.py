@@ -119,6 +119,17 @@ def _with_inductor_config(fn, **options):
     return call
 
 
+def compile_tuned(fn, request, backend: str = "inductor"):
+    """``fn`` compiled as the decode steps are (``request``: True, or a torch.compile mode such as
+    "max-autotune-no-cudagraphs"): one static graph (``dynamic=False``, ``fullgraph``) and, with inductor,
+    coordinate-descent tuning of the generated kernels (as gpt-fast does for decoding: on an H100 1,473 vs 1,361
+    bytes/s for the 360M config, two jobs). Other backends (tests: "eager", "aot_eager") take no mode."""
+    inductor = backend == "inductor"
+    mode = request if isinstance(request, str) and inductor else None
+    fn = torch.compile(fn, dynamic=False, fullgraph=True, mode=mode, backend=backend)
+    return _with_inductor_config(fn, coordinate_descent_tuning=True) if inductor else fn
+
+
 class GraphStepper:
     """Continue a :class:`GenerationState` one byte at a time on static buffers / CUDA graphs.
 
@@ -171,12 +182,8 @@ class GraphStepper:
         self.tf_step, self.ssm_step = transformer_stage_step, ssm_stage_step
         self.compiled = compile  # False, or the torch.compile request (True / a mode): the static passes follow it
         if compile:
-            mode = compile if isinstance(compile, str) else None  # e.g. "max-autotune-no-cudagraphs"
-            # coordinate-descent tuning of the generated kernels (as gpt-fast does for decoding): on an H100
-            # 1,473 vs 1,361 bytes/s for the 360M config (two jobs)
-            tuned = lambda fn: _with_inductor_config(  # noqa: E731
-                torch.compile(fn, dynamic=False, fullgraph=True, mode=mode), coordinate_descent_tuning=True)
-            self.tf_step, self.ssm_step = tuned(transformer_stage_step), tuned(ssm_stage_step)
+            self.tf_step = compile_tuned(transformer_stage_step, compile)
+            self.ssm_step = compile_tuned(ssm_stage_step, compile)
         if self.kernels:  # (blk, x, caches, rope, pos): the position as an int, one graph per phase anyway
             self.tf_step = decode_kernels.transformer_stage_step
 
