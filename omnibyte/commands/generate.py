@@ -51,14 +51,27 @@ def add_arguments(p) -> None:
                    help="--draft: the draft run's checkpoint (default: the draft run's own eval.checkpoint, as omnibyte eval)")
     p.add_argument("--graph-verify", action="store_true",
                    help="--draft: verification passes on the CUDA-graph stepper's static buffers, one CUDA graph per "
-                        "(patch phase, pass length) (generate(..., graph_verify=True); on an H100 0.33x the graphed plain decoder before the pass was "
-                        "compiled, see benchmarks/RESULTS.md). "
+                        "(patch phase, pass length) (generate(..., graph_verify=True); on an H100 0.33x the "
+                        "graphed plain decoder before the pass was compiled, see benchmarks/RESULTS.md). "
                         "Off CUDA the same static passes run eagerly; a model without them (they need a Mamba-2 "
                         "global stage and one inner Transformer stage over bytes) uses the eager passes, logged. "
                         "Decodes at the weights' dtype on CUDA, as the CUDA-graph step (the eager fallback too; the "
                         "precision line says which runs); --compile applies")
     p.add_argument("--compile", action="store_true",
                    help="CUDA: also torch.compile the Mamba stages' step first (~30 s once; 1.55x the bytes/s on an H100)")
+
+
+def _ints(text: str, error: str, count: int | None = None) -> list[int]:
+    """Comma-separated integers (``count`` of them where given); else a ConfigError saying ``error``."""
+    from omnibyte.config import ConfigError
+
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ConfigError(error) from None
+    if count is not None and len(values) != count:
+        raise ConfigError(error)
+    return values
 
 
 def check_arguments(args) -> bytes | None:
@@ -83,20 +96,12 @@ def check_arguments(args) -> bytes | None:
     if (args.draft == "self") != (args.draft_layers is not None):
         raise ConfigError("--draft self and --draft-layers go together (self-speculation by layer skipping)")
     if args.draft_layers is not None:
-        try:
-            args.draft_layers = [int(x) for x in args.draft_layers.split(",")]
-        except ValueError:
-            raise ConfigError(f"--draft-layers must be integers separated by commas, got "
-                              f"{args.draft_layers!r}") from None
+        args.draft_layers = _ints(args.draft_layers, f"--draft-layers must be integers separated by commas, got "
+                                                     f"{args.draft_layers!r}")
     if (args.lookup_ngram is not None or args.lookup_candidates is not None) and args.draft != "lookup":
         raise ConfigError("--lookup-ngram and --lookup-candidates tune --draft lookup")
     if args.lookup_ngram is not None:
-        try:
-            args.lookup_ngram = [int(x) for x in args.lookup_ngram.split(",")]
-        except ValueError:
-            args.lookup_ngram = None
-        if args.lookup_ngram is None or len(args.lookup_ngram) != 2:
-            raise ConfigError("--lookup-ngram must be two integers MIN,MAX (e.g. 2,8)")
+        args.lookup_ngram = _ints(args.lookup_ngram, "--lookup-ngram must be two integers MIN,MAX (e.g. 2,8)", 2)
     if args.graph_verify and not args.draft:
         raise ConfigError("--graph-verify verifies drafts: it needs --draft RUN|self|lookup")
     if args.graph_verify and args.no_graphs:
