@@ -254,10 +254,10 @@ class Decoder:
         Modality codes (same shape), required by a modality-aware model; generated tokens follow the rule of
         :mod:`omnibyte.model.routing` (after ``SOM_ANSWER``: answer bytes); ``base_modality``: the stream's base
         modality there (the serializer's for single-modality streams, e.g. text after a utf8 ``BOS``; default
-        special). ``graph_verify=True`` (with ``draft``; opt-in; benchmarks/RESULTS.md has its H100 figures): verification passes
-        on the kept GraphStepper's static buffers, one CUDA graph per (phase, pass length) on CUDA, eagerly
-        elsewhere (:mod:`omnibyte.model.inference.graph_verify`; ``use_graphs`` / ``compile_step`` allowed with it);
-        models it does not cover use the eager passes."""
+        special). ``graph_verify=True`` (with ``draft``; opt-in; benchmarks/RESULTS.md has its H100 figures):
+        verification passes on the kept GraphStepper's static buffers, one CUDA graph per (phase, pass length)
+        on CUDA, eagerly elsewhere (:mod:`omnibyte.model.inference.graph_verify`; ``use_graphs`` /
+        ``compile_step`` allowed with it); models it does not cover use the eager passes."""
         # refused before any work, not after the last byte
         check_room(self.model, int(prompt.shape[-1]) if torch.is_tensor(prompt) else len(prompt), max_new_bytes)
         if draft is not None and self.model.modality_aware:
