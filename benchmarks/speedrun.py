@@ -14,8 +14,8 @@ An arm is ``NAME:override,override,...`` on top of ``--config`` (default ``pg19_
    machine, where the caches are empty) is not counted, since counting it would hand a cold arm fewer steps than a
    warm one. A hard cap still holds (``train.stop_after_minutes`` = the budget plus an allowance of 1.5x the
    calibration's start-up, at least a minute). Recorded per arm: ``startup_s`` (process start to the first
-   training line, less that line's steps at the steady rate) and ``training_s`` (the steps reached at the steady
-   rate of the run's own log). A run the cap cut short (``cut_by_budget``) or whose steps took longer than the
+   training line, less that line's steps at the run's rate) and ``training_s`` (the steps reached at the median
+   per-window rate of the run's own log). A run the cap cut short (``cut_by_budget``) or whose steps took longer than the
    budget (``over_budget``) is still scored, and never chosen by ``--final-test``;
 3. ``omnibyte eval RUN validation``: the PG19 task's bits per byte over the whole validation book (each byte
    scored once) and word perplexity.
@@ -133,6 +133,10 @@ def evaluate(run_dir: Path, split: str, log: Path) -> dict:
             "checkpoint": res.get("checkpoint")}
 
 
+def _save_plan(work: Path, name: str, plan: dict) -> None:
+    (work / f"{name}.plan.json").write_text(json.dumps(plan, indent=1))
+
+
 def _plan(name: str, overrides: list[str], a, work: Path, common: list[str]) -> dict:
     """The arm's calibration and plan, made once and kept in WORK/NAME.plan.json (a later invocation of the same
     arm reads it back; a different arm definition under the same name is refused)."""
@@ -155,7 +159,7 @@ def _plan(name: str, overrides: list[str], a, work: Path, common: list[str]) -> 
             "calibration_startup_s": cal_startup,
             "allowance_s": max(60.0, 1.5 * cal_startup),  # the first step's start-up is not training time
             "invocations": []}
-    path.write_text(json.dumps(plan, indent=1))
+    _save_plan(work, name, plan)
     return plan
 
 
@@ -187,14 +191,14 @@ def one_arm(name: str, overrides: list[str], a, work: Path, started: float) -> d
         t0 = time.time()
         plan["invocations"].append({"started": t0, "from_step": recs[-1]["step"] if recs else 0,
                                     "cap_s": round(cap, 1)})
-        (work / f"{name}.plan.json").write_text(json.dumps(plan, indent=1))
+        _save_plan(work, name, plan)
         run(_omnibyte("train", *common, f"run_name={name}", f"train.steps={steps}",
                       f"train.stop_after_minutes={cap / 60.0:.4f}", f"train.eval_every={steps}",
                       f"train.ckpt_every={steps}"), work / f"{name}.log")
         recs = _train_records(run_dir)
         reached = recs[-1]["step"] if recs else 0
         plan["invocations"][-1]["paused_by_call"] = reached < steps and paused_by_call
-        (work / f"{name}.plan.json").write_text(json.dumps(plan, indent=1))
+        _save_plan(work, name, plan)
         if reached < steps and paused_by_call:
             tm = timing(recs, t0, sps)
             return {"bench": "speedrun_paused", "arm": name, "steps_reached": reached, "steps_planned": steps,
@@ -272,8 +276,9 @@ def main() -> None:
     pool = list({r.get("run"): r for r in pool if isinstance(r.get("validation_bpb"), (int, float))
                  and r.get("config") == a.config and r.get("budget_minutes") == a.minutes}.values())
     # an arm whose schedule did not finish inside the budget is not comparable: it is listed, never chosen
-    excluded = [{"arm": r["arm"], "run": r["run"], "why": why} for r in pool if (why := eligible(r))]
-    pool = [r for r in pool if not eligible(r)]
+    why = {r["run"]: eligible(r) for r in pool}
+    excluded = [{"arm": r["arm"], "run": r["run"], "why": why[r["run"]]} for r in pool if why[r["run"]]]
+    pool = [r for r in pool if not why[r["run"]]]
     if not pool:
         raise SystemExit(f"--final-test: no arm of config {a.config} at {a.minutes} minutes finished its schedule "
                          f"inside the budget; excluded: {excluded}")
