@@ -192,7 +192,9 @@ def corrupt_image_file(data: bytes, c: Corruption, rng: np.random.Generator, sam
         raise DataError(f"sample {sample_id!r}: corruption {c.label}: cannot decode the image file ({e})") from None
     if fmt not in ("PNG", "JPEG"):
         raise DataError(f"sample {sample_id!r}: corruption {c.label}: image format {fmt} (PNG or JPEG expected)")
-    if orientation(img) != 1:  # read as the serializers read it  # written back as displayed, without the tag: the serializers turn the clean file too
+    # EXIF orientation read as the serializers read it; a turned file is written back as displayed, without the
+    # tag (the serializers turn the clean file too)
+    if orientation(img) != 1:
         from PIL import ImageOps
 
         img = ImageOps.exif_transpose(img)
