@@ -96,7 +96,8 @@ def bench_omnibyte(args, model, ctx: int) -> dict:
                 batch=args.batch, new_bytes=args.new, prefill_s=round(prefill, 3), bytes_per_s=round(args.new / dt, 1),
                 total_bytes_per_s=round(args.batch * args.new / dt, 1),
                 ms_per_byte=round(1000 * dt / args.new, 3), graph=bool(args.graph), compile=args.compile,
-                fuse_linears=bool(args.fuse_linears), kernels=stepper.kernels if stepper else None,
+                fuse_linears=bool(args.fuse_linears), fuse_max_rows=getattr(args, "fuse_max_rows", None),
+                kernels=stepper.kernels if stepper else None,
                 pdl=bool(args.pdl), warm=args.warm, dtype=getattr(args, "dtype", None),
                 capture_in_timing=capture_in_timing, cuda_graphs=bool(stepper and stepper.use_graphs),
                 peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None)
@@ -189,7 +190,8 @@ def bench_speculative(args, model, make_drafter, ctx: int, text: bytes | None) -
                 draft_layers=args.draft_layers, device=device_name(dev), context=ctx, new_bytes=args.new,
                 prompt="file" if text is not None else "random", dtype=args.dtype, repeat=args.repeat,
                 graph_verify=bool(args.graph_verify),
-                verify_compiled=bool(args.graph_verify and args.compile and args.verify_compile))
+                verify_compiled=bool(args.graph_verify and args.compile and args.verify_compile),
+                fuse_max_rows=getattr(args, "fuse_max_rows", None))
     times: dict[str, list[float]] = {"plain": [], "plain_graph": [], "speculative": []}
     captured = {k: False for k in times}  # a capture inside any timed call of the row
     first_difference = None  # first byte where the speculative output left its reference's (None: identical)
@@ -332,6 +334,8 @@ def main(argv: list[str] | None = None) -> None:
                    "(auto: on CUDA; 1/0)")
     p.add_argument("--pdl", type=int, default=1, help="decode kernels: programmatic dependent launch (1/0)")
     p.add_argument("--fuse-linears", type=int, default=1, help="--compile: GraphStepper.fuse_linears (1/0)")
+    p.add_argument("--fuse-max-rows", type=int, default=None, help="--compile: graphs.FUSE_MAX_ROWS, the most rows "
+                   "(batch x positions) a linear is fused for (default: the module's)")
     p.add_argument("--profile", type=int, default=0, help="print the top N CUDA kernels of two eager steps; with "
                    "--speculative: one profiled speculative call after the timings (a speculative_profile row: wall, "
                    "kernel time and launches per round; top N host ops and kernels on stderr)")
@@ -355,6 +359,11 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("new", "repeat", "draft_len"):  # bytes per second / medians / drafts of nothing: no figure
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    from omnibyte.model.inference import graphs
+
+    if args.fuse_max_rows is not None:
+        graphs.FUSE_MAX_ROWS = args.fuse_max_rows
+    args.fuse_max_rows = graphs.FUSE_MAX_ROWS  # recorded in the rows
     if args.speculative:
         return main_speculative(args)
     from omnibyte.model.inference.graphs import GraphStepper

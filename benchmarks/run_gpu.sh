@@ -2,10 +2,10 @@
 # The GPU jobs behind benchmarks/RESULTS.md (model section). From the repository root, on a machine with
 # one H100 / H200, with the wheels of ../shared/wheels/gpu-py312 copied to .whl/:
 #   bash benchmarks/run_gpu.sh STEP OUTDIR
-# STEP: tests | train | generate | gen_table | context | vqa | first | small | small_ctx | pg19 | clevr | clevr_tests | issue17 | spec_static | speedrun (each fits in one 10-minute device command; a fresh machine
+# STEP: tests | train | generate | gen_table | context | vqa | first | small | small_ctx | pg19 | clevr | clevr_tests | issue17 | spec_static | spec_run | gen64 | speedrun (each fits in one 10-minute device command; a fresh machine
 # spends ~2 minutes on Triton JIT + autotuning of mamba-ssm's kernels in its first process).
 set -uo pipefail
-step=${1:?step: tests|train|generate|gen_table|context|vqa|first|small|small_ctx|pg19|clevr|clevr_tests|issue17|spec_static|speedrun}
+step=${1:?step: tests|train|generate|gen_table|context|vqa|first|small|small_ctx|pg19|clevr|clevr_tests|issue17|spec_static|spec_run|gen64|speedrun}
 out=${2:-/tmp/omnibyte_bench}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -138,6 +138,19 @@ case "$step" in
                 > "$out/spec_vc$vc.log" 2>&1; tail -c 1500 "$out/spec_vc$vc.log"
             done
             TESTS_PATHS=tests/test_graph_verify.py TESTS_TIMEOUT=${TESTS_TIMEOUT:-150} gpu_tests ;;
+  # issue 17 item 2 on an existing PG19 run (SPEC_RUN, default the 10-minute speedrun arm drop01 in /tmp/sr): the
+  # speculative timing with the compiled static pass (VERIFY_COMPILE=0: uncompiled), one profiled call
+  spec_run) timeout "${SPEC_TIMEOUT:-200}" python3 benchmarks/generate.py --speculative --run "${SPEC_RUN:-/tmp/sr/runs/drop01}" \
+              --draft lookup --draft-len ${DRAFT_LEN:-8} --graph --compile --graph-verify \
+              --verify-compile "${VERIFY_COMPILE:-1}" --profile 15 --prompt-file "$pg19_root/validation/11.txt" \
+              --contexts 1024 --new 512 --out "$out/bench.jsonl" > "$out/spec.log" 2>&1; tail -c 2500 "$out/spec.log" ;;
+  # issue 17 item 3: the batch-64 row of the table, the decode kernels in row chunks (--kernels 1) and the
+  # compiled torch step (--kernels 0), each in its own process (GEN64_TIMEOUT each)
+  gen64)    for k in ${GEN64_KERNELS:-1 0}; do
+              timeout "${GEN64_TIMEOUT:-130}" python3 benchmarks/generate.py --graph --compile --batches 64 \
+                --contexts 1024 --new 128 --kernels "$k" --out "$out/bench.jsonl" > "$out/gen64_k$k.log" 2>&1
+              tail -c 1500 "$out/gen64_k$k.log"
+            done ;;
   # issue 18 item 4: speedrun arms (SR_ARMS: NAME:override,... space-separated; SR_ONLY picks; SR_MINUTES);
   # --call-seconds pauses a long arm with a checkpoint: run the same step again on the warm machine to go on
   speedrun) arms=(); for x in ${SR_ARMS:-base: drop:model.dropout=0.1}; do arms+=(--arm "$x"); done

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from omnibyte.model.inference import graphs
 from omnibyte.model.inference import kernels as decode_kernels
 from omnibyte.model.inference.decoder import Decoder
 from omnibyte.model.inference.graphs import GraphStepper
@@ -21,7 +22,8 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 @pytest.fixture
 def bench(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH))
-    for obj, attr in ((Decoder, "static_step_off_cuda"), (GraphStepper, "fuse_linears"), (decode_kernels, "use_pdl")):
+    for obj, attr in ((Decoder, "static_step_off_cuda"), (GraphStepper, "fuse_linears"), (decode_kernels, "use_pdl"),
+                      (graphs, "FUSE_MAX_ROWS")):
         monkeypatch.setattr(obj, attr, getattr(obj, attr))  # the benchmark sets them: restored after the test
     spec = importlib.util.spec_from_file_location("bench_generate", BENCH / "generate.py")
     mod = importlib.util.module_from_spec(spec)

@@ -246,10 +246,14 @@ def test_gpu_graph_generation_matches_forward(kernels, compile):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fuse", [False, True])
-def test_compiled_static_step_matches_forward(fuse, monkeypatch):
-    """torch.compile of the per-stage steps (what --compile captures on GPU) == full forward, on CPU."""
+@pytest.mark.parametrize("fuse,max_rows", [(False, 1), (True, 2)])
+def test_compiled_static_step_matches_forward(fuse, max_rows, monkeypatch):
+    """torch.compile of the per-stage steps (what --compile captures on GPU) == full forward, on CPU: linears as
+    matrix products, and (2 rows, FUSE_MAX_ROWS 2) as fused products and sums."""
+    from omnibyte.model.inference import graphs
     from omnibyte.model.inference.graphs import GraphStepper
+
+    monkeypatch.setattr(graphs, "FUSE_MAX_ROWS", max_rows)
 
     m = tiny([(4, 32, M2K), (4, 32, TF)])
     x = torch.randint(0, 256, (2, 30))
@@ -295,6 +299,28 @@ def test_gpu_stage_graphs_match_eager_training():
     with torch.no_grad():
         m.eval()
         assert m(xs[0][:, :32]).shape == (2, 32, 264)  # eval: eager
+
+
+def test_lin_fuses_only_single_rows_under_compile():
+    """graphs._lin writes a linear as a product and a sum only when asked, while torch.compile traces, and for at
+    most FUSE_MAX_ROWS rows (the fused form reads the weight once per row); the answer is lin(x) either way."""
+    from omnibyte.model.inference import graphs
+
+    lin = torch.nn.Linear(8, 5)
+    seen = []
+
+    def f(x, fuse):
+        seen.append(graphs._fuses(x, fuse))
+        return graphs._lin(x, lin, fuse)
+
+    for shape in ((1, 1, 8), (1, 3, 8), (4, 1, 8)):
+        x = torch.randn(shape)
+        for fuse in (False, True):
+            seen.clear()
+            got = torch.compile(f, backend="eager", fullgraph=True, dynamic=False)(x, fuse)
+            assert torch.allclose(got, lin(x), atol=1e-6)
+            assert seen == [fuse and shape[0] * shape[1] <= graphs.FUSE_MAX_ROWS], (shape, fuse, seen)
+    assert graphs._fuses(torch.randn(1, 1, 8), True) is False  # eagerly: never
 
 
 def test_causal_conv_silu_equals_conv1d_path():

@@ -34,11 +34,24 @@ from ..blocks.transformer import TransformerBlock
 from ..cache import GenerationState
 from ..layers import apply_rope, rope_cos_sin
 
+# the fused form below is a reduction per output element, so it reads the weight once per row of ``x``; over this
+# many rows (batch x positions: batches, static verification's segments) a linear is a matrix product, which
+# reads it once. (H100, 360M config, batch 4: the compiled torch step, fused, gave 840 bytes/s per sequence; the
+# decode kernels, which read each weight block once for all rows, 1,316.)
+FUSE_MAX_ROWS = 1
+
+
+def _fuses(x: torch.Tensor, fuse: bool) -> bool:
+    """Whether :func:`_lin` writes ``lin(x)`` as a product and a sum: asked for, traced by torch.compile (eagerly
+    the product would be materialised) and at most ``FUSE_MAX_ROWS`` rows (static: compiled with
+    ``dynamic=False``)."""
+    return fuse and torch.compiler.is_compiling() and x[..., 0].numel() <= FUSE_MAX_ROWS
+
 
 def _lin(x: torch.Tensor, lin: torch.nn.Linear, fuse: bool) -> torch.Tensor:
-    """``lin(x)``; with ``fuse`` as a product and a sum (a matrix-vector product that torch.compile fuses
-    with the elementwise work around it instead of calling a separate GEMV kernel)."""
-    if not (fuse and torch.compiler.is_compiling()):  # eagerly the product would be materialised
+    """``lin(x)``; where :func:`_fuses`, as a product and a sum (a matrix-vector product that torch.compile
+    fuses with the elementwise work around it instead of calling a separate GEMV kernel)."""
+    if not _fuses(x, fuse):
         return lin(x)
     y = (x[..., None, :] * lin.weight).sum(-1, dtype=torch.float32).to(x.dtype)
     return y + lin.bias if lin.bias is not None else y
