@@ -36,7 +36,8 @@ its graphs and the timed ``plain_graph`` calls replay them: the rows compare dec
 runs the same static step eagerly (``Decoder.static_step_off_cuda``): a dry run of the machinery.
 ``--graph-verify``: the speculative calls verify on the kept GraphStepper's static buffers, one CUDA graph per
 (start phase, pass length) (``generate(..., graph_verify=True)``, omnibyte.model.inference.graph_verify; the
-stepper's key as the ``--graph`` calls': ``--compile`` applies); rows record ``graph_verify``. With ``--graph`` its
+stepper's key as the ``--graph`` calls': ``--compile`` applies); ``--aligned``: patch-aligned passes
+(``graph_verify="aligned"``: drafts end with the current patch); rows record ``graph_verify``. With ``--graph`` its
 reference is the graphed plain output (the same numerics; in bf16 that can differ from eager at near-ties).
 A speculative output that leaves its reference is recorded, not fatal (``same_output_as_reference``,
 ``first_difference``; the timings are kept), and the row records both comparisons.
@@ -177,7 +178,7 @@ def bench_speculative(args, model, make_drafter, ctx: int, text: bytes | None) -
         prompt = torch.randint(0, 256, (1, ctx), device=dev)
     # allocator, kernels, and the CUDA-graph stepper's capture (and compile): untimed. Each warm-up call decodes
     # --new bytes, so the kept stepper has captured every phase the timed calls replay
-    spec_kw = dict(graph_verify=True, compile_step=args.compile) if args.graph_verify else {}
+    spec_kw = dict(graph_verify=args.graph_verify, compile_step=args.compile) if args.graph_verify else {}
     if args.graph_verify:
         from omnibyte.model.inference.graph_verify import StaticVerifier
         StaticVerifier.compile_pass = bool(args.verify_compile)
@@ -189,7 +190,7 @@ def bench_speculative(args, model, make_drafter, ctx: int, text: bytes | None) -
     base = dict(bench="generate_speculative", target=args.run or args.preset, draft=args.draft or args.draft_preset,
                 draft_layers=args.draft_layers, device=device_name(dev), context=ctx, new_bytes=args.new,
                 prompt="file" if text is not None else "random", dtype=args.dtype, repeat=args.repeat,
-                graph_verify=bool(args.graph_verify),
+                graph_verify=args.graph_verify,  # false, true or "aligned"
                 verify_compiled=bool(args.graph_verify and args.compile and args.verify_compile),
                 fuse_max_rows=getattr(args, "fuse_max_rows", None))
     times: dict[str, list[float]] = {"plain": [], "plain_graph": [], "speculative": []}
@@ -355,7 +356,13 @@ def main(argv: list[str] | None = None) -> None:
                    "passes too (StaticVerifier.compile_pass; 0: their eager torch ops inside the graphs, to compare)")
     p.add_argument("--graph-verify", action="store_true", help="--speculative: verification passes on the kept "
                    "GraphStepper's static buffers, as CUDA graphs (generate(..., graph_verify=True))")
+    p.add_argument("--aligned", action="store_true", help="--graph-verify: patch-aligned passes "
+                   "(generate(..., graph_verify=\"aligned\"))")
     args = p.parse_args(argv)
+    if args.aligned:
+        if not args.graph_verify:
+            p.error("--aligned shapes the --graph-verify passes: it needs --graph-verify")
+        args.graph_verify = "aligned"
     for name in ("new", "repeat", "draft_len"):  # bytes per second / medians / drafts of nothing: no figure
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

@@ -73,6 +73,13 @@ def test_speculative_rows_with_static_verification(bench, tmp_path):
     assert [r["capture_in_timing"] for r in rows] == [False, False, False]
     assert not any(r["verify_compiled"] for r in rows)  # no --compile
     (tmp_path / "rows.jsonl").unlink()
+    rows = _rows(bench, tmp_path, "--speculative", "--draft", "lookup", "--graph", "--graph-verify", "--aligned",
+                 "--new", "20", "--repeat", "1")
+    assert rows[2]["graph_verify"] == "aligned" and rows[2]["same_output_as_reference"]
+    _check_stats(rows[2])
+    with pytest.raises(SystemExit):  # --aligned shapes the static passes only
+        _rows(bench, tmp_path, "--speculative", "--draft", "lookup", "--aligned")
+    (tmp_path / "rows.jsonl").unlink(missing_ok=True)
     prof = _rows(bench, tmp_path, "--speculative", "--draft", "lookup", "--graph", "--graph-verify", "--new", "20",
                  "--repeat", "1", "--profile", "3")[-1]
     assert prof["impl"] == "speculative_profile" and prof["wall_ms"] > 0

@@ -55,6 +55,7 @@ GENERATE_BAD = {
     ("--draft", "x", "--compile"): "--compile",
     ("--graph-verify",): "--draft",  # graph verification verifies drafts
     ("--draft", "lookup", "--graph-verify", "--no-graphs"): "--no-graphs",
+    ("--draft", "lookup", "--aligned"): "--graph-verify",  # aligned shapes the static passes
     ("--draft-layers", "1,1"): "--draft-layers",
     ("--draft", "self", "--draft-layers", "1,x"): "--draft-layers",
     ("--lookup-ngram", "2,8"): "--draft lookup",  # lookup's tuning without the lookup drafter
@@ -174,6 +175,8 @@ def test_generate_graph_verify_prints_the_plain_greedy_output(run, mamba_run, ca
         assert bool(passes) == static, (r, passes)
         assert ("no static verification" in out.err) != static, out.err
         assert main(argv + ["--draft", "lookup", "--graph-verify"]) == 0
+        assert capsys.readouterr().out == plain
+        assert main(argv + ["--draft", "lookup", "--graph-verify", "--aligned"]) == 0  # patch-aligned passes
         assert capsys.readouterr().out == plain
     # one new byte: the prefill's, no round, nothing drafted
     argv[argv.index("12")] = "1"

@@ -246,6 +246,52 @@ def test_the_static_and_eager_passes_share_one_round_loop():
     assert ran > 0 and verifier(m.decoder.kept_steppers()[0]).passes > 0
 
 
+def test_aligned_passes_stay_in_one_patch_and_equal_plain_greedy(monkeypatch):
+    """graph_verify="aligned": every static pass is one within-patch segment (a global step only where it starts a
+    patch), its length is 1 + min(draft_len, the room left in the patch) -- one length per start phase, so one
+    graph each -- and greedy output is plain greedy's (lookup and model drafters, a batch, stops, short prompts)."""
+    m = tiny(STAGES)
+    Q0 = m.units[0]
+    seen = []
+    run = StaticVerifier._pass
+
+    def record(self, phase0, T):
+        seen.append((phase0, T))
+        return run(self, phase0, T)
+
+    monkeypatch.setattr(StaticVerifier, "_pass", record)
+    prompt = _echo_prompt(m)
+    plain = m.generate(prompt, 40, temperature=0)
+    for k in (1, 3, Q0 - 1, Q0, Q0 + 3):
+        seen.clear()
+        d = LookupDrafter()
+        out = m.generate(prompt, 40, temperature=0, draft=d, draft_len=k, graph_verify="aligned")
+        assert torch.equal(out, plain), k
+        assert seen and d.accepted > 0, k
+        for phase0, T in seen:
+            assert len(segments(phase0, T, Q0)) == 1, (k, phase0, T)  # no second local segment in a pass
+            assert T == 1 + min(k, Q0 - 1 - phase0), (k, phase0, T)  # the room left in the patch
+        assert len({T for _, T in seen}) <= Q0 and len(set(seen)) == len({p for p, _ in seen})  # one T per phase
+    # unaligned passes of the same drafts do cross patches
+    seen.clear()
+    assert torch.equal(m.generate(prompt, 40, temperature=0, draft=LookupDrafter(), draft_len=Q0, graph_verify=True),
+                       plain)
+    assert any(len(segments(p0, T, Q0)) > 1 for p0, T in seen)
+    other = torch.randint(0, 256, (1, len(prompt)), generator=torch.Generator().manual_seed(0))
+    batch = torch.cat((torch.tensor([prompt]), other))
+    kw = dict(temperature=0, draft="lookup", draft_len=5, graph_verify="aligned")
+    stops = (int(plain[0, 17]),)
+    assert torch.equal(m.generate(batch, 30, stop_tokens=stops, **kw),
+                       m.generate(batch, 30, temperature=0, stop_tokens=stops))
+    md, bad = _models("m2_tf")
+    for p in (torch.randint(0, 256, (3, 5), generator=torch.Generator().manual_seed(2)), list(b"a"), []):
+        want = md.generate(p, 20, temperature=0)
+        got = md.generate(p, 20, temperature=0, draft=ModelDrafter(bad, md), draft_len=6, graph_verify="aligned")
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="graph_verify must be"):
+        m.generate(prompt, 4, temperature=0, draft="lookup", graph_verify="yes")
+
+
 def _live_state(gs: GraphStepper) -> list[torch.Tensor]:
     return [gs.window, gs.ctx[1], *(t for c in gs.caches for d in c for t in d.values())]
 

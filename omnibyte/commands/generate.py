@@ -57,6 +57,9 @@ def add_arguments(p) -> None:
                         "global stage and one inner Transformer stage over bytes) uses the eager passes, logged. "
                         "Decodes at the weights' dtype on CUDA, as the CUDA-graph step (the eager fallback too; the "
                         "precision line says which runs); --compile applies")
+    p.add_argument("--aligned", action="store_true",
+                   help="--graph-verify: patch-aligned passes, each round's drafts ending with the current patch, so "
+                        "a pass runs the local stage once (generate(..., graph_verify=\"aligned\"))")
     p.add_argument("--compile", action="store_true",
                    help="CUDA: also torch.compile the Mamba stages' step first (~30 s once; 1.55x the bytes/s on an H100)")
 
@@ -102,6 +105,8 @@ def check_arguments(args) -> bytes | None:
         raise ConfigError("--lookup-ngram and --lookup-candidates tune --draft lookup")
     if args.lookup_ngram is not None:
         args.lookup_ngram = _ints(args.lookup_ngram, "--lookup-ngram must be two integers MIN,MAX (e.g. 2,8)", 2)
+    if args.aligned and not args.graph_verify:
+        raise ConfigError("--aligned shapes the --graph-verify passes: it needs --graph-verify")
     if args.graph_verify and not args.draft:
         raise ConfigError("--graph-verify verifies drafts: it needs --draft RUN|self|lookup")
     if args.graph_verify and args.no_graphs:
@@ -197,7 +202,7 @@ def run(args) -> int:
     drafter = None
     if args.draft:
         drafter = load_drafter(args, model, device)
-        kw.update(draft=drafter, draft_len=args.draft_len, graph_verify=args.graph_verify)
+        kw.update(draft=drafter, draft_len=args.draft_len, graph_verify="aligned" if args.aligned else args.graph_verify)
     from omnibyte.model.inference.decoder import check_room
 
     try:  # the model's own check, as a one-line argument error

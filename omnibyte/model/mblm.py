@@ -338,7 +338,7 @@ class MBLM(StreamModel):
     def generate(self, prompt, max_new_bytes: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  stop_tokens=(), generator: torch.Generator | None = None, use_graphs: bool = False,
                  compile_step: bool = False, draft=None, draft_len: int = 4, modality=None,
-                 base_modality: int | None = None, graph_verify: bool = False) -> torch.Tensor:
+                 base_modality: int | None = None, graph_verify: bool | str = False) -> torch.Tensor:
         """See :meth:`Decoder.generate <omnibyte.model.inference.decoder.Decoder.generate>` (``draft``:
         speculative decoding, :mod:`omnibyte.model.inference.speculative`)."""
         return self.decoder.generate(prompt, max_new_bytes, temperature, top_k, top_p, stop_tokens, generator,

@@ -237,7 +237,7 @@ class Decoder:
     def generate(self, prompt, max_new_bytes: int, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, stop_tokens=(), generator: torch.Generator | None = None,
                  use_graphs: bool = False, compile_step: bool = False, draft=None, draft_len: int = 4,
-                 modality=None, base_modality: int | None = None, graph_verify: bool = False) -> torch.Tensor:
+                 modality=None, base_modality: int | None = None, graph_verify: bool | str = False) -> torch.Tensor:
         """Sample up to ``max_new_bytes`` tokens after ``prompt`` ((B, P) LongTensor, list[int] or bytes).
         Returns (B, <= max_new_bytes) new tokens; generation stops early once every row has produced a stop
         token (rows that stopped are padded with PAD). temperature 0 = greedy. ``use_graphs=True`` (CUDA, Mamba-2
@@ -257,12 +257,16 @@ class Decoder:
         special). ``graph_verify=True`` (with ``draft``; opt-in; benchmarks/RESULTS.md has its H100 figures):
         verification passes on the kept GraphStepper's static buffers, one CUDA graph per (phase, pass length)
         on CUDA, eagerly elsewhere (:mod:`omnibyte.model.inference.graph_verify`; ``use_graphs`` /
-        ``compile_step`` allowed with it); models it does not cover use the eager passes."""
+        ``compile_step`` allowed with it); models it does not cover use the eager passes. ``graph_verify="aligned"``:
+        the same with patch-aligned passes (drafts end with the current patch, so a pass never runs the local stage
+        twice: :class:`~omnibyte.model.inference.graph_verify.StaticPasses`)."""
         # refused before any work, not after the last byte
         check_room(self.model, int(prompt.shape[-1]) if torch.is_tensor(prompt) else len(prompt), max_new_bytes)
         if draft is not None and self.model.modality_aware:
             raise NotImplementedError("generate: speculative decoding (draft=) does not route modality-aware "
                                       "models (modality_experts); generate without draft=")
+        if graph_verify not in (False, True, "aligned"):
+            raise ValueError(f"generate: graph_verify must be False, True or 'aligned', got {graph_verify!r}")
         if graph_verify and draft is None:
             raise ValueError("generate: graph_verify=True is for speculative decoding (draft=)")
         if draft is not None:
@@ -274,7 +278,8 @@ class Decoder:
             if graph_verify:
                 from .graph_verify import generate_static
 
-                loop = functools.partial(generate_static, compile_step=compile_step)
+                loop = functools.partial(generate_static, compile_step=compile_step,
+                                         aligned=graph_verify == "aligned")
             return speculative_generate(self, prompt, max_new_bytes, temperature, top_k, top_p, stop_tokens,
                                         generator, draft=draft, draft_len=draft_len, static_loop=loop)
         m = self.model

@@ -14,7 +14,8 @@ from ... import vocab
 class Drafter:
     """Proposes bytes for speculative decoding. ``reset(context)`` starts from (B, L) streams;
     ``propose(k, temperature, top_k, top_p, generator)`` returns (B, j) tokens, j <= k (j = 0: nothing to
-    propose, the model then steps by itself as in plain decoding), and the distributions they were drawn from,
+    propose, the model then steps by itself as in plain decoding; k may be 0, where the pass has no room for
+    drafts, e.g. patch-aligned static passes at a patch's last phase), and the distributions they were drawn from,
     (B, j, V) after the same temperature / top-k / top-p as the target's, or None: greedy, or a drafter whose
     drafts are certain (q one-hot at each draft, as :class:`LookupDrafter`'s); ``advance(kept, tokens)``: every row
     kept its first ``kept`` proposals, then ``tokens`` (B,) (a CPU tensor) followed. A row with fewer real drafts

@@ -71,8 +71,9 @@ def rounds(passes, prompt, max_new: int, temperature, top_k, top_p, stop_tokens,
            draft_len: int) -> torch.Tensor:
     """The speculative round loop, one for the eager and the static passes: ``passes`` (:class:`EagerPasses` or
     :class:`~omnibyte.model.inference.graph_verify.StaticPasses`) does the model's work -- ``prefill``, ``step``
-    (a plain step), ``verify`` (a pass over the last kept byte and the drafts), ``argmax`` (of that pass, for
-    greedy), ``rollback`` (to the kept prefix) -- and this loop the rest, on the host (one sync per round):
+    (a plain step), ``room`` (the most drafts the next pass takes, or None), ``verify`` (a pass over the last kept
+    byte and the drafts), ``argmax`` (of that pass, for greedy), ``rollback`` (to the kept prefix) -- and this loop
+    the rest, on the host (one sync per round):
     emitted bytes, stops, the drafter's rounds and statistics (:func:`count_round`).
 
     The rows advance together: each round every unfinished row gets its own acceptance, and all rows keep the
@@ -109,6 +110,9 @@ def rounds(passes, prompt, max_new: int, temperature, top_k, top_p, stop_tokens,
         if not k:  # one byte left: a plain step
             emit([[t] for t in step(xs)])
             break
+        room = passes.room()  # the backend's most drafts this round (static passes: patch-aligned; None: any)
+        if room is not None:
+            k = min(k, room)  # may be 0: asked all the same, so every advance follows a propose
         drafts, q = drafter.propose(k, temperature, top_k, top_p, generator)
         k = drafts.shape[1]  # a drafter may propose fewer (LookupDrafter: where nothing matches)
         if not k:  # nothing to verify: a plain step

@@ -194,6 +194,9 @@ class _CachedDrafter(Drafter):
 
     def propose(self, k, temperature, top_k, top_p, generator):
         toks, qs, self.snaps = [], [], []
+        if not k:  # no room for drafts this round: the next advance feeds its token alone
+            self.drafts = torch.zeros(self.logits.shape[0], 0, dtype=torch.long, device=self.device)
+            return self.drafts, None
         for i in range(k):
             if temperature <= 0:
                 d = self.logits.float().argmax(-1)
@@ -328,6 +331,9 @@ class EagerPasses:
         return self.decoder.feed(self.state, prompt)
 
     step = prefill
+
+    def room(self) -> None:  # a pass takes any number of drafts
+        return None
 
     def verify(self, tokens: torch.Tensor) -> torch.Tensor:
         self.ver = verify(self.decoder, self.state, tokens)
