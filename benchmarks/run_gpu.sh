@@ -139,11 +139,13 @@ case "$step" in
             done
             TESTS_PATHS=tests/test_graph_verify.py TESTS_TIMEOUT=${TESTS_TIMEOUT:-150} gpu_tests ;;
   # issue 17 item 2 on an existing PG19 run (SPEC_RUN, default the 10-minute speedrun arm drop01 in /tmp/sr): the
-  # speculative timing with the compiled static pass (VERIFY_COMPILE=0: uncompiled), one profiled call
+  # speculative timing with the compiled static pass (VERIFY_COMPILE=0: uncompiled; SPEC_FLAGS_EXTRA=--aligned:
+  # patch-aligned passes), one profiled call
   spec_run) timeout "${SPEC_TIMEOUT:-200}" python3 benchmarks/generate.py --speculative --run "${SPEC_RUN:-/tmp/sr/runs/drop01}" \
               --draft lookup --draft-len ${DRAFT_LEN:-8} --graph --compile --graph-verify \
               --verify-compile "${VERIFY_COMPILE:-1}" --profile 15 --prompt-file "$pg19_root/validation/11.txt" \
-              --contexts 1024 --new 512 --out "$out/bench.jsonl" > "$out/spec.log" 2>&1; tail -c 2500 "$out/spec.log" ;;
+              --contexts 1024 --new 512 ${SPEC_FLAGS_EXTRA:-} --out "$out/bench.jsonl" > "$out/spec.log" 2>&1
+            tail -c 2500 "$out/spec.log" ;;
   # issue 17 item 3: the batch-64 row of the table, the decode kernels in row chunks (--kernels 1) and the
   # compiled torch step (--kernels 0), each in its own process (GEN64_TIMEOUT each)
   gen64)    for k in ${GEN64_KERNELS:-1 0}; do
