@@ -2,10 +2,10 @@
 # The GPU jobs behind benchmarks/RESULTS.md (model section). From the repository root, on a machine with
 # one H100 / H200, with the wheels of ../shared/wheels/gpu-py312 copied to .whl/:
 #   bash benchmarks/run_gpu.sh STEP OUTDIR
-# STEP: tests | train | generate | gen_table | context | vqa | first | small | small_ctx | pg19 | clevr | clevr_tests | issue17 | spec_static | spec_run | gen64 | speedrun (each fits in one 10-minute device command; a fresh machine
+# STEP: tests | train | generate | gen_table | context | vqa | first | small | small_ctx | pg19 | clevr | clevr_tests | issue17 | spec_static | spec_run | spec360 | gen64 | speedrun (each fits in one 10-minute device command; a fresh machine
 # spends ~2 minutes on Triton JIT + autotuning of mamba-ssm's kernels in its first process).
 set -uo pipefail
-step=${1:?step: tests|train|generate|gen_table|context|vqa|first|small|small_ctx|pg19|clevr|clevr_tests|issue17|spec_static|spec_run|gen64|speedrun}
+step=${1:?step: tests|train|generate|gen_table|context|vqa|first|small|small_ctx|pg19|clevr|clevr_tests|issue17|spec_static|spec_run|spec360|gen64|speedrun}
 out=${2:-/tmp/omnibyte_bench}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -146,6 +146,23 @@ case "$step" in
               --verify-compile "${VERIFY_COMPILE:-1}" --profile 15 --prompt-file "$pg19_root/validation/11.txt" \
               --contexts 1024 --new 512 ${SPEC_FLAGS_EXTRA:-} --out "$out/bench.jsonl" > "$out/spec.log" 2>&1
             tail -c 2500 "$out/spec.log" ;;
+  # issue 17 item 2 where weight reads are the cost: a 360M-shaped model (benchmarks' mblm360m: Mamba-2 1024 x 25,
+  # Transformer 1024 x 21) trained T360_MIN minutes on PG19-mini, then the speculative timings on it, patch-aligned
+  # and not (each SPEC_TIMEOUT)
+  spec360)  run360=/tmp/omnibyte_360/pg19_360m
+            if [ ! -f "$run360/config.yaml" ] || [ "${T360_AGAIN:-0}" = 1 ]; then
+              timeout -k 30 "${T360_TIMEOUT:-330}" python3 -m omnibyte train pg19_lm task.root="$pg19_root" \
+                out_dir=/tmp/omnibyte_360 run_name=pg19_360m model.stages.0.width=1024 model.stages.0.layers=25 \
+                model.stages.1.width=1024 model.stages.1.layers=21 model.stages.1.block.heads=16 \
+                model.stages.1.block.head_dim=64 model.stages.1.block.mlp_hidden=1344 data.batch_size=6 \
+                train.steps=3000 train.warmup=100 train.lr=3e-4 train.stop_after_minutes="${T360_MIN:-4}" \
+                train.eval_every=0 train.ckpt_every=0 train.compile=true train.cuda_graphs=true --quiet \
+                > "$out/train360.log" 2>&1
+              tail -n 5 "$out/train360.log"
+            fi
+            for extra in --aligned ""; do
+              SPEC_RUN=$run360 SPEC_FLAGS_EXTRA=$extra SPEC_TIMEOUT=${SPEC_TIMEOUT:-150} bash "$0" spec_run "$out/spec${extra#--}"
+            done ;;
   # issue 17 item 3: the batch-64 row of the table, the decode kernels in row chunks (--kernels 1) and the
   # compiled torch step (--kernels 0), each in its own process (GEN64_TIMEOUT each)
   gen64)    for k in ${GEN64_KERNELS:-1 0}; do
