@@ -98,7 +98,7 @@ def bench_omnibyte(args, model, ctx: int) -> dict:
                 total_bytes_per_s=round(args.batch * args.new / dt, 1),
                 ms_per_byte=round(1000 * dt / args.new, 3), graph=bool(args.graph), compile=args.compile,
                 fuse_linears=bool(args.fuse_linears), fuse_max_rows=getattr(args, "fuse_max_rows", None),
-                kernels=stepper.kernels if stepper else None,
+                kernels=stepper.kernels if stepper else None, ssm_kernels=stepper.ssm_kernels if stepper else None,
                 pdl=bool(args.pdl), warm=args.warm, dtype=getattr(args, "dtype", None),
                 capture_in_timing=capture_in_timing, cuda_graphs=bool(stepper and stepper.use_graphs),
                 peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None)
@@ -192,7 +192,8 @@ def bench_speculative(args, model, make_drafter, ctx: int, text: bytes | None) -
                 prompt="file" if text is not None else "random", dtype=args.dtype, repeat=args.repeat,
                 graph_verify=args.graph_verify,  # false, true or "aligned"
                 verify_compiled=bool(args.graph_verify and args.compile and args.verify_compile),
-                fuse_max_rows=getattr(args, "fuse_max_rows", None))
+                fuse_max_rows=getattr(args, "fuse_max_rows", None),
+                ssm_kernels=getattr(args, "ssm_kernels", None))
     times: dict[str, list[float]] = {"plain": [], "plain_graph": [], "speculative": []}
     captured = {k: False for k in times}  # a capture inside any timed call of the row
     first_difference = None  # first byte where the speculative output left its reference's (None: identical)
@@ -334,6 +335,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--kernels", default="auto", help="--graph: Triton decode kernels for Transformer stages "
                    "(auto: on CUDA; 1/0)")
     p.add_argument("--pdl", type=int, default=1, help="decode kernels: programmatic dependent launch (1/0)")
+    p.add_argument("--ssm-kernels", type=int, default=None, help="--graph with the decode kernels: Mamba-2 stages "
+                   "through ssm_kernels (GraphStepper.ssm_kernels, 1/0; default: the class's)")
     p.add_argument("--fuse-linears", type=int, default=1, help="--compile: GraphStepper.fuse_linears (1/0)")
     p.add_argument("--fuse-max-rows", type=int, default=None, help="--compile: graphs.FUSE_MAX_ROWS, the most rows "
                    "(batch x positions) a linear is fused for (default: the module's)")
@@ -371,6 +374,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.fuse_max_rows is not None:
         graphs.FUSE_MAX_ROWS = args.fuse_max_rows
     args.fuse_max_rows = graphs.FUSE_MAX_ROWS  # recorded in the rows
+    if args.ssm_kernels is not None:
+        graphs.GraphStepper.ssm_kernels = bool(args.ssm_kernels)
     if args.speculative:
         return main_speculative(args)
     from omnibyte.model.inference.graphs import GraphStepper

@@ -2,10 +2,10 @@
 # The GPU jobs behind benchmarks/RESULTS.md (model section). From the repository root, on a machine with
 # one H100 / H200, with the wheels of ../shared/wheels/gpu-py312 copied to .whl/:
 #   bash benchmarks/run_gpu.sh STEP OUTDIR
-# STEP: tests | train | generate | gen_table | context | vqa | first | small | small_ctx | pg19 | clevr | clevr_tests | issue17 | spec_static | spec_run | spec360 | gen64 | speedrun (each fits in one 10-minute device command; a fresh machine
+# STEP: tests | train | generate | gen_table | context | vqa | first | small | small_ctx | pg19 | clevr | clevr_tests | issue17 | spec_static | spec_run | spec360 | gen64 | gen_ssm | speedrun (each fits in one 10-minute device command; a fresh machine
 # spends ~2 minutes on Triton JIT + autotuning of mamba-ssm's kernels in its first process).
 set -uo pipefail
-step=${1:?step: tests|train|generate|gen_table|context|vqa|first|small|small_ctx|pg19|clevr|clevr_tests|issue17|spec_static|spec_run|spec360|gen64|speedrun}
+step=${1:?step: tests|train|generate|gen_table|context|vqa|first|small|small_ctx|pg19|clevr|clevr_tests|issue17|spec_static|spec_run|spec360|gen64|gen_ssm|speedrun}
 out=${2:-/tmp/omnibyte_bench}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -162,6 +162,15 @@ case "$step" in
             fi
             for extra in --aligned ""; do
               SPEC_RUN=$run360 SPEC_FLAGS_EXTRA=$extra SPEC_TIMEOUT=${SPEC_TIMEOUT:-150} bash "$0" spec_run "$out/spec${extra#--}"
+            done ;;
+  # issue 17 item 3: the Mamba-2 decode kernels (ssm_kernels) against the compiled torch step for the global stage,
+  # 360M config, batch 1 (then batch 4) at 1 KiB and 1 MiB, one process each, back to back; their GPU tests first
+  gen_ssm)  TESTS_PATHS=tests/test_ssm_kernels.py TESTS_TIMEOUT=120 gpu_tests
+            for sk in 1 0; do
+              timeout "${GEN_SSM_TIMEOUT:-150}" python3 benchmarks/generate.py --graph --compile --ssm-kernels "$sk" \
+                --batches "${GEN_SSM_BATCHES:-1,4}" --contexts 1024,1048576 --new 256 --out "$out/bench.jsonl" \
+                > "$out/gen_ssm$sk.log" 2>&1
+              tail -c 1500 "$out/gen_ssm$sk.log"
             done ;;
   # issue 17 item 3: the batch-64 row of the table, the decode kernels in row chunks (--kernels 1) and the
   # compiled torch step (--kernels 0), each in its own process (GEN64_TIMEOUT each)

@@ -23,7 +23,7 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 def bench(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH))
     for obj, attr in ((Decoder, "static_step_off_cuda"), (GraphStepper, "fuse_linears"), (decode_kernels, "use_pdl"),
-                      (graphs, "FUSE_MAX_ROWS")):
+                      (graphs, "FUSE_MAX_ROWS"), (GraphStepper, "ssm_kernels")):
         monkeypatch.setattr(obj, attr, getattr(obj, attr))  # the benchmark sets them: restored after the test
     spec = importlib.util.spec_from_file_location("bench_generate", BENCH / "generate.py")
     mod = importlib.util.module_from_spec(spec)

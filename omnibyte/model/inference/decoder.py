@@ -107,7 +107,7 @@ class Decoder:
     def stepper(self, state: GenerationState, compile_step: bool | str = False):
         """A :class:`~omnibyte.model.inference.graphs.GraphStepper` continuing ``state``: the one kept from an
         earlier call with the same key -- batch rows, device, parameter dtype, autocast, ``compile_step``,
-        ``GraphStepper.fuse_linears`` and the decode kernels' ``use_pdl`` -- reset to ``state`` (its captured graphs
+        ``GraphStepper.fuse_linears`` / ``ssm_kernels`` and the decode kernels' ``use_pdl`` -- reset to ``state`` (its captured graphs
         and compiled steps reused), else a new one, kept (:class:`StepperCache`). NotImplementedError where the
         model has no static step (e.g. a Transformer global stage)."""
         from . import kernels as decode_kernels
@@ -117,7 +117,7 @@ class Decoder:
         dev = m.head.weight.device
         autocast = torch.is_autocast_enabled(dev.type) and torch.get_autocast_dtype(dev.type)
         key = (int(state.tokens.shape[0]), dev, m.head.weight.dtype, autocast, compile_step,
-               GraphStepper.fuse_linears, decode_kernels.use_pdl)
+               GraphStepper.fuse_linears, GraphStepper.ssm_kernels, decode_kernels.use_pdl)
         cache = self._steppers()
         st = cache.get(key, m)
         if st is None:

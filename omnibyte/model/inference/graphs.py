@@ -152,6 +152,9 @@ class GraphStepper:
     # compiled steps: matrix-vector products as fused products and sums (see _lin); on an H100 (360M config)
     # 1,361 vs 1,207 bytes/s with aten's GEMV in the same job
     fuse_linears = True
+    # with the decode kernels, Mamba-2 stages through the Triton kernels of ssm_kernels (three per layer) instead of
+    # the compiled torch step; opt-in until measured on a GPU (benchmarks/generate.py --ssm-kernels 1)
+    ssm_kernels = False
 
     def __init__(self, model, state: GenerationState, use_graphs: bool | None = None,
                  compile: bool | str = False, kernels: bool | None = None):
@@ -199,6 +202,13 @@ class GraphStepper:
             self.ssm_step = compile_tuned(ssm_stage_step, compile)
         if self.kernels:  # (blk, x, caches, rope, pos): the position as an int, one graph per phase anyway
             self.tf_step = decode_kernels.transformer_stage_step
+        from . import ssm_kernels
+
+        # instance attribute: whether this stepper's SSM stages run the kernels (all of them fit, and asked for)
+        self.ssm_kernels = bool(self.kernels and type(self).ssm_kernels and all(
+            ssm_kernels.supports(b) for b in blocks if isinstance(b, SSMStack)))
+        if self.ssm_kernels:
+            self.ssm_step = ssm_kernels.ssm_stage_step
 
     def reset(self, state: GenerationState) -> None:
         """Continue ``state`` (a new stream of the same ``N`` rows) from now on. The static buffers, compiled steps
