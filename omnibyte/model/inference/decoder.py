@@ -259,7 +259,7 @@ class Decoder:
         on CUDA, eagerly elsewhere (:mod:`omnibyte.model.inference.graph_verify`; ``use_graphs`` /
         ``compile_step`` allowed with it); models it does not cover use the eager passes. ``graph_verify="aligned"``:
         the same with patch-aligned passes (drafts end with the current patch, so a pass never runs the local stage
-        twice: :class:`~omnibyte.model.inference.graph_verify.StaticPasses`)."""
+        twice: :class:`~omnibyte.model.inference.static_passes.StaticPasses`)."""
         # refused before any work, not after the last byte
         check_room(self.model, int(prompt.shape[-1]) if torch.is_tensor(prompt) else len(prompt), max_new_bytes)
         if draft is not None and self.model.modality_aware:
@@ -276,7 +276,7 @@ class Decoder:
                                  "static verification passes)")
             loop = None
             if graph_verify:
-                from .graph_verify import generate_static
+                from .static_passes import generate_static
 
                 loop = functools.partial(generate_static, compile_step=compile_step,
                                          aligned=graph_verify == "aligned")

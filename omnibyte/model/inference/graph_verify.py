@@ -14,26 +14,28 @@ per-phase step (warm-up on a side stream, buffers saved and restored around capt
 the same code runs eagerly. :meth:`StaticVerifier.rollback` then leaves the stepper as if only the first
 ``keep`` tokens had been fed (snapshot restored where a boundary was not kept; token window and position set).
 The decoding loop is the eager one's (:func:`~omnibyte.model.inference.speculative.rounds`), with
-:class:`StaticPasses` as its backend (:func:`generate_static`).
+:class:`~omnibyte.model.inference.static_passes.StaticPasses` as its backend
+(:func:`~omnibyte.model.inference.static_passes.generate_static`).
 
-Where the stepper's steps are compiled (``GraphStepper(..., compile=...)``, ``generate(..., compile_step=True)``;
-``stepper.compiled``), each within-patch segment's local work -- input embeddings, the Transformer stage on the
-static KV, head and argmax -- is one ``torch.compile``d function (the stepper's mode, ``fullgraph``, coordinate-
-descent tuning, ``GraphStepper.fuse_linears``), compiled at its first pass, i.e. before capture, so that the graph
-replays a few fused kernels per segment rather than the eager ops' several hundred per pass; the global step is the
-stepper's own compiled ``ssm_step``. Dynamo specialises on the segment's ints (first step, length, local
-position), so each segment gets a function with a code object of its own (up to ~2 Q_0 per T: more than dynamo's
-recompile limit if they shared one), compiled exactly once. Uncompiled steppers run the same ops eagerly.
+Every within-patch segment runs the local stage over a patch's worth of rows (Q_0: the segment's positions, then
+padding rows, computed and ignored), its positions, token columns, cache slots and attention mask given as index
+tensors, so all segments of all pass lengths share one set of shapes. Where the stepper's steps are compiled
+(``GraphStepper(..., compile=...)``, ``generate(..., compile_step=True)``; ``stepper.compiled``), that work -- input
+embeddings, the Transformer stage on the static KV, head and argmax -- is one ``torch.compile``d function (the
+stepper's mode, ``fullgraph``, coordinate-descent tuning, ``GraphStepper.fuse_linears``) compiled ONCE, at the first
+pass (before capture), so the graph replays a few fused kernels per segment rather than the eager ops' several
+hundred per pass; the global step is the stepper's own compiled ``ssm_step``. (Compiling one function per segment,
+as before, meant up to 16 compiles for passes of 9 over patches of 8: more than a 170-s benchmark had on an H100.)
+Uncompiled steppers run the same ops eagerly.
 
 Supported: a Mamba-2 global stage and ONE inner Transformer stage of one-byte units (the shipped pg19_lm and
 mblm360m shapes); otherwise :class:`StaticVerifier` raises ``NotImplementedError`` and
 :func:`speculative_generate <omnibyte.model.inference.speculative.speculative_generate>` falls back to the eager
-path. The compiled pass is not yet measured on a GPU.
+path. The compiled pass is not yet timed on a GPU (its captured graphs equal the eager pass there: tested).
 """
 
 from __future__ import annotations
 
-import logging
 import types
 
 import torch
@@ -42,9 +44,6 @@ from ... import vocab
 from ..blocks.transformer import TransformerBlock
 from ..layers import apply_rope, rope_cos_sin
 from .graphs import _lin, _mlp, compile_tuned
-from .speculative import rounds, verify
-
-log = logging.getLogger("omnibyte.model")
 
 
 def check_supported(model) -> None:
@@ -77,29 +76,49 @@ def static_support(model, passes: bool = True) -> str | None:
     return None
 
 
-def transformer_multi_step(blk: TransformerBlock, x: torch.Tensor, caches: list[dict], p0: int, rope,
-                           allowed: torch.Tensor, fuse: bool = False) -> torch.Tensor:
-    """Positions p0..p0+L-1 (x: (N, L, D)) of a patch through every layer of a Transformer stage on static KV
-    buffers (N, H, P, hd): their k, v written into slots p0.., each attending to slots <= its own position
-    (``allowed`` (L, P) bool). ``rope``: (cos, sin) (L, hd/2) or None. ``fuse``: under torch.compile the
-    linears as products and sums, as the GraphStepper's compiled steps (graphs._lin; eagerly the same ops either
-    way)."""
-    N, L, _ = x.shape
+def transformer_segment(blk: TransformerBlock, x: torch.Tensor, caches: list[dict], rope, write: torch.Tensor,
+                        src: torch.Tensor, allowed: torch.Tensor, fuse: bool = False) -> torch.Tensor:
+    """The rows of a within-patch segment (x: (N, R, D), R = the patch length: the segment's positions, then rows
+    that pad it, computed and ignored) through every layer of a Transformer stage on static KV buffers (N, H, P,
+    hd): cache slot s takes row ``src[s]``'s k and v where ``write[s]`` ((P,) long / bool), row r attends to the
+    slots ``allowed[r]`` ((R, P) bool: up to its own position). ``rope``: (cos, sin) (R, hd/2) per row, or None.
+    Every index is a tensor, so one compiled graph serves every segment. ``fuse``: under torch.compile, linears
+    over one row as products and sums (graphs._lin; a segment's R rows are matrix products)."""
+    N, R, _ = x.shape
+    wm = write.view(1, 1, -1, 1)
     for lay, c in zip(blk.layers, caches):
         at = lay.attn
         qkv = _lin(lay.norm1(x), at.qkv, fuse)
-        q, k, v = qkv.view(N, L, 3, at.heads, at.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = qkv.view(N, R, 3, at.heads, at.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # (N, H, R, hd)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         kb, vb = c["k"], c["v"]
-        kb[:, :, p0:p0 + L].copy_(k)
-        vb[:, :, p0:p0 + L].copy_(v)
-        scores = (q.float() @ kb.float().transpose(-1, -2)) * at.head_dim ** -0.5  # (N, H, L, P)
+        kb.copy_(torch.where(wm, k.index_select(2, src), kb))
+        vb.copy_(torch.where(wm, v.index_select(2, src), vb))
+        scores = (q.float() @ kb.float().transpose(-1, -2)) * at.head_dim ** -0.5  # (N, H, R, P)
         probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
-        y = (probs @ vb.float()).to(x.dtype)  # (N, H, L, hd)
-        x = x + _lin(y.transpose(1, 2).reshape(N, L, at.heads * at.head_dim), at.out, fuse)
+        y = (probs @ vb.float()).to(x.dtype)  # (N, H, R, hd)
+        x = x + _lin(y.transpose(1, 2).reshape(N, R, at.heads * at.head_dim), at.out, fuse)
         x = x + _mlp(lay.mlp, lay.norm2(x), fuse)
     return blk.norm(x)
+
+
+def _segment(ver: StaticVerifier, toks: torch.Tensor, seg: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """One segment's local work: the rows' inputs (the start vector at local position 0, else the embedding of the
+    token fed at that step; plus the global stage's context), the Transformer stage on the static KV, head and argmax.
+    ``toks`` (N, R): each row's token; ``seg``: the segment's index tensors (:meth:`StaticVerifier._seg`). What the
+    compiled pass compiles, once (every segment has the same shapes)."""
+    st, m = ver.st, ver.model
+    N, R = toks.shape
+    dtype = m.head.weight.dtype
+    emb = st.decoder.unit_embedding(1, toks.view(N, R, 1)).to(dtype)
+    start = m.start[1].to(dtype).view(1, 1, -1)
+    inp = torch.where(seg["start"].view(1, R, 1), start, emb) + st.ctx[1].index_select(1, seg["pos"])
+    rope = (ver.cos.index_select(0, seg["pos"]), ver.sin.index_select(0, seg["pos"])) if ver.cos is not None else None
+    h = transformer_segment(m.blocks[1], inp, st.caches[1], rope, seg["write"], seg["src"], seg["allowed"],
+                            st.fuse_linears)
+    logits = m.head(h).float()
+    return logits, logits.argmax(-1)
 
 
 def _own_code(fn):
@@ -107,11 +126,6 @@ def _own_code(fn):
     against its recompile limit, per code object: each copy compiled once holds one graph and counts against no
     other copy's limit."""
     return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
-
-
-def _compiled_local(ver: StaticVerifier, b: dict, i0: int, i1: int, p0: int) -> None:
-    """What :meth:`StaticVerifier._segment_fn` compiles: one segment's local work, head and argmax."""
-    ver._local(b, i0, i1, p0, True)
 
 
 def segments(phase0: int, T: int, Q0: int) -> list[tuple[int, int, int]]:
@@ -132,10 +146,12 @@ class StaticVerifier:
     returns the logits (N, T, V) in a static buffer (overwritten by the next pass); every ``run`` must be
     followed by one ``rollback``.
 
-    Where the stepper's steps are compiled (``stepper.compiled``: ``GraphStepper(..., compile=...)``), each
-    segment's local-stage work, head and argmax is one ``torch.compile``d function (same mode, ``fullgraph``,
-    coordinate-descent tuning), compiled at its first pass (before capture on CUDA); the global step is the stepper's
-    own (compiled) ``ssm_step``."""
+    Each within-patch segment runs the local stage over a patch's worth of rows (Q_0: its positions, then padding
+    rows, computed and ignored), driven by index tensors (:meth:`_seg`): every segment has the same shapes. Where the
+    stepper's steps are compiled (``stepper.compiled``: ``GraphStepper(..., compile=...)``), that work (inputs,
+    Transformer stage on the static KV, head and argmax) is one ``torch.compile``d function (same mode,
+    ``fullgraph``, coordinate-descent tuning) compiled once, at the first pass (before capture on CUDA), for every
+    segment of every pass length; the global step is the stepper's own (compiled) ``ssm_step``."""
 
     compile_backend = "inductor"  # (tests: "eager" / "aot_eager" check the dynamo path alone)
     compile_pass = True  # False: the passes run their eager torch ops even where the stepper is compiled (to compare)
@@ -144,10 +160,16 @@ class StaticVerifier:
         check_supported(stepper.model)
         self.st, self.model = stepper, stepper.model
         self.compile = getattr(stepper, "compiled", False) if self.compile_pass else False
-        # per segment (T, first step, last step, local position): its compiled function. The ints are
-        # specialised (different slices and shapes): one function per segment, each with a code object of its own,
-        # so none of the (up to ~2 Q_0 per T) segments counts against another's recompile limit or falls back
-        self.local_fns: dict[tuple[int, int, int, int], object] = {}
+        # the segment's local work: compiled once (a code object of its own, so that verifiers of other steppers do
+        # not count against its recompile limit), or eager
+        self.segment = (compile_tuned(_own_code(_segment), self.compile, self.compile_backend) if self.compile
+                        else _segment)
+        self.seen: set[tuple[int, int, int, int]] = set()  # segments run: (T, first step, last step, position)
+        self.segs: dict[tuple[int, int, int, int], dict] = {}
+        at = self.model.blocks[1].layers[0].attn
+        self.cos = self.sin = None
+        if at.rope:
+            self.cos, self.sin = rope_cos_sin(torch.arange(stepper.Q0, device=stepper.dev), at.head_dim, at.rope_base)
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.bufs: dict[int, dict] = {}
         self.captures = 0
@@ -166,48 +188,46 @@ class StaticVerifier:
         if b is None:
             st, m, N, Q0 = self.st, self.model, self.st.N, self.st.Q0
             dev = st.dev
-            at = m.blocks[1].layers[0].attn
-            pos = torch.arange(Q0, device=dev)
-            cos, sin = rope_cos_sin(pos, at.head_dim, at.rope_base)
             nsnap = (T - 1) // Q0 + 1  # boundaries at steps >= 1 (a boundary at step 0 is always kept)
+            # logits and argmax: T steps, then Q_0 columns the padding rows of a segment write into
+            out = torch.zeros(N, T + Q0, m.config.vocab_size, dtype=torch.float32, device=dev)
+            arg = torch.zeros(N, T + Q0, dtype=torch.long, device=dev)
             b = dict(tok=torch.full((N, T), vocab.PAD, dtype=torch.long, device=dev),
                      hist=torch.zeros(N, Q0 + T, dtype=torch.long, device=dev),  # window before, then the T tokens
-                     out=torch.zeros(N, T, m.config.vocab_size, dtype=torch.float32, device=dev),
-                     arg=torch.zeros(N, T, dtype=torch.long, device=dev),
-                     snaps=[[t.clone() for t in self._live()] for _ in range(nsnap)],
-                     rope=(cos, sin) if at.rope else None,
-                     allowed=pos[None, :] <= pos[:, None])  # (position, slot)
+                     out_all=out, arg_all=arg, out=out[:, :T], arg=arg[:, :T],
+                     snaps=[[t.clone() for t in self._live()] for _ in range(nsnap)])
             self.bufs[T] = b
         return b
 
-    # -- the pass ---------------------------------------------------------------------------------
-    def _local(self, b: dict, i0: int, i1: int, p0: int, arg: bool) -> None:
-        """Steps i0..i1 (local positions p0..) through the local stage on the static KV, their logits into
-        ``b["out"]`` (``arg``: and their argmax into ``b["arg"]``)."""
-        st, m, N, Q0 = self.st, self.model, self.st.N, self.st.Q0
-        dec, dtype, hist = st.decoder, m.head.weight.dtype, b["hist"]
-        L = i1 - i0 + 1
-        # inputs: the start vector at position 0, else the embedding of the token fed at that step
-        parts = [m.start[1].to(dtype).expand(N, 1, -1)] if p0 == 0 else []
-        a = i0 + (p0 == 0)
-        if a <= i1:
-            parts.append(dec.unit_embedding(1, hist[:, Q0 + a:Q0 + i1 + 1].reshape(N, i1 + 1 - a, 1)).to(dtype))
-        inp = (torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]) + st.ctx[1][:, p0:p0 + L]
-        rope = (b["rope"][0][p0:p0 + L], b["rope"][1][p0:p0 + L]) if b["rope"] is not None else None
-        h = transformer_multi_step(m.blocks[1], inp, st.caches[1], p0, rope, b["allowed"][p0:p0 + L],
-                                   st.fuse_linears)
-        logits = m.head(h).float()
-        b["out"][:, i0:i1 + 1].copy_(logits)
-        if arg:
-            b["arg"][:, i0:i1 + 1].copy_(logits.argmax(-1))
-
-    def _segment_fn(self, T: int, i0: int, i1: int, p0: int):
-        """The compiled ``_local`` of one segment (compiled at its first call)."""
+    def _seg(self, T: int, i0: int, i1: int, p0: int) -> dict:
+        """The index tensors of the segment of steps i0..i1 at local positions p0.. of a pass of T (made once, before
+        any capture): per row r < R = Q_0 its position (``pos``; padding rows: the last), the column of ``hist``
+        holding its token (``tok``), whether it takes the start vector (``start``), its column of the pass's logits
+        (``dest``; padding rows: past T); per cache slot whether it is written (``write``) and from which row
+        (``src``); per row the slots it attends to (``allowed``)."""
         key = (T, i0, i1, p0)
-        fn = self.local_fns.get(key)
-        if fn is None:  # compiled as the stepper's own steps are
-            fn = self.local_fns[key] = compile_tuned(_own_code(_compiled_local), self.compile, self.compile_backend)
-        return fn
+        seg = self.segs.get(key)
+        if seg is None:
+            Q0, dev = self.st.Q0, self.st.dev
+            r = torch.arange(Q0, device=dev)
+            L = i1 - i0 + 1
+            valid = r < L
+            pos = torch.where(valid, p0 + r, Q0 - 1)
+            seg = self.segs[key] = dict(
+                pos=pos, tok=torch.where(valid, Q0 + i0 + r, 0), start=valid & (pos == 0),
+                dest=torch.where(valid, i0 + r, T + r), write=(r >= p0) & (r < p0 + L),
+                src=(r - p0).clamp(0, Q0 - 1), allowed=r[None, :] <= pos[:, None])
+        return seg
+
+    # -- the pass ---------------------------------------------------------------------------------
+    def _local(self, b: dict, T: int, i0: int, i1: int, p0: int) -> None:
+        """Steps i0..i1 (local positions p0..) through the local stage on the static KV: their logits and argmax
+        into ``b["out"]`` / ``b["arg"]``."""
+        seg = self._seg(T, i0, i1, p0)
+        self.seen.add((T, i0, i1, p0))
+        logits, arg = self.segment(self, b["hist"].index_select(1, seg["tok"]), seg)
+        b["out_all"].index_copy_(1, seg["dest"], logits)
+        b["arg_all"].index_copy_(1, seg["dest"], arg)
 
     def _pass(self, phase0: int, T: int) -> None:
         st, m, N, Q0 = self.st, self.model, self.st.N, self.st.Q0
@@ -225,12 +245,7 @@ class StaticVerifier:
                 inp = dec.unit_embedding(0, hist[:, i0 + 1:i0 + 1 + Q0].reshape(N, 1, Q0)).to(dtype)
                 h = st.ssm_step(m.blocks[0], inp, st.caches[0], st.fuse_linears)[:, -1]
                 st.ctx[1].copy_(m.stage_context(0, h).view(N, m.lengths[1], m.widths[1]))
-            if self.compile:  # local stage, head and argmax as a few fused kernels
-                self._segment_fn(T, i0, i1, p0)(self, b, i0, i1, p0)
-            else:
-                self._local(b, i0, i1, p0, False)
-        if not self.compile:
-            b["arg"].copy_(b["out"].argmax(-1))
+            self._local(b, T, i0, i1, p0)
 
     @torch.no_grad()
     def run(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -292,105 +307,3 @@ def verifier(stepper) -> StaticVerifier:
         v = StaticVerifier(stepper)
         stepper.__dict__["_static_verifier"] = v
     return v
-
-
-class StaticPasses:
-    """The round loop's backend (:func:`~omnibyte.model.inference.speculative.rounds`) on the kept GraphStepper:
-    plain steps as the stepper's (graphed) step, verification passes of fixed T = 1 + ``draft_len`` through the
-    :class:`StaticVerifier` (shorter drafts padded, their logits ignored), and until the stepper holds Q_0 bytes the
-    eager pass on its state. The prefill runs eagerly on ``state`` (the stepper's), as plain decoding's.
-
-    ``aligned`` (``generate(..., graph_verify="aligned")``): patch-aligned passes. A pass that
-    crosses a patch boundary runs the local stage twice (once per within-patch segment) and the global step
-    between; where the weights' reads are the cost (a large model) each local segment costs about one plain byte's
-    step, so a pass of T = 9 over 8-byte patches costs two bytes' steps and a global step, whatever is kept. Aligned,
-    each round drafts at most up to the end of the current patch (``room``): every pass is one local segment (after
-    a global step where it starts a patch), T = 1 + min(draft_len, room) for its start phase (so still one CUDA
-    graph per phase), and a phase with no room takes a plain step. The output is the same either way (the drafts
-    are only shorter)."""
-
-    def __init__(self, decoder, state, stepper, ver: StaticVerifier, draft_len: int, aligned: bool = False):
-        self.decoder, self.state, self.stepper, self.ver = decoder, state, stepper, ver
-        self.aligned = aligned
-        self.device = decoder.model.head.weight.device
-        self.B, self.draft_len = state.tokens.shape[0], draft_len
-        self.toks: dict[int, torch.Tensor] = {}  # per pass length T: pinned host tokens (B, T)
-        self.eager = None  # the eager Verification of the last pass, where the stepper held fewer than Q_0 bytes
-
-    def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
-        return self.decoder.feed(self.state, prompt)
-
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:  # the stepper: eager until it holds Q_0 bytes
-        return self.stepper.feed(tokens)
-
-    def _convert(self) -> None:  # the eager state into the static buffers once it holds Q_0 bytes
-        st = self.stepper
-        if not st.ready and st.state.length >= st.Q0:
-            st._convert()
-
-    def room(self) -> int | None:
-        """Aligned: the drafts that fit before the current patch ends (the next pass's steps all in one patch);
-        else None (any number)."""
-        self._convert()
-        st = self.stepper
-        if not (self.aligned and st.ready):
-            return None
-        return st.Q0 - 1 - (st.n + 1) % st.Q0
-
-    def _length(self, n: int) -> int:
-        """The static pass length for ``n`` tokens (the last kept byte and n - 1 drafts)."""
-        room = self.room()
-        T = 1 + (self.draft_len if room is None else min(self.draft_len, room))
-        if n > T:
-            raise ValueError(f"StaticPasses.verify: {n} tokens for a pass of {T} (draft_len {self.draft_len}, "
-                             f"room {room})")
-        return T
-
-    def verify(self, tokens: torch.Tensor) -> torch.Tensor:
-        self._convert()
-        n = tokens.shape[1]
-        T = self._length(n)
-        toks = self.toks.get(T)
-        if toks is None:
-            toks = self.toks[T] = torch.full((self.B, T), vocab.PAD, dtype=torch.long,
-                                             pin_memory=self.device.type == "cuda")
-        toks.fill_(vocab.PAD)
-        toks[:, :n] = tokens
-        if self.stepper.ready:
-            self.eager = None
-            return self.ver.run(toks)[:, :n]
-        self.eager = verify(self.decoder, self.stepper.state, toks[:, :n].to(self.device))
-        return self.eager.logits
-
-    def argmax(self) -> torch.Tensor:  # computed inside the static pass
-        return self.ver.argmax if self.eager is None else self.eager.logits.argmax(-1)
-
-    def rollback(self, keep: int) -> None:
-        if self.eager is None:
-            self.ver.rollback(keep)
-        else:
-            self.eager.rollback(keep)
-            self.eager = None
-        self._convert()
-
-
-def generate_static(decoder, prompt, max_new: int, temperature, top_k, top_p, stop_tokens, generator, drafter,
-                    draft_len: int, compile_step=False, aligned: bool = False) -> torch.Tensor:
-    """The speculative loop (:func:`~omnibyte.model.inference.speculative.rounds`, the eager loop's) on the kept
-    GraphStepper through :class:`StaticPasses`: verification passes of fixed T = 1 + ``draft_len`` through
-    :class:`StaticVerifier` (``aligned``: patch-aligned, see :class:`StaticPasses`), rounds without drafts as the
-    stepper's graphed step. None, before any work, where the
-    model has no static verification (the caller then runs the eager passes)."""
-    m = decoder.model
-    B, device = prompt.shape[0], prompt.device
-    state = decoder.new_state(B, device)
-    try:
-        check_supported(m)
-        stepper = decoder.stepper(state, compile_step)  # NotImplementedError: no static step
-        ver = verifier(stepper)
-    except NotImplementedError as e:
-        log.info("speculative decoding: no static verification (%s); eager passes", e)
-        return None
-    ver.pending = None  # (a pass interrupted by an exception in an earlier call)
-    passes = StaticPasses(decoder, state, stepper, ver, draft_len, aligned)
-    return rounds(passes, prompt, max_new, temperature, top_k, top_p, stop_tokens, generator, drafter, draft_len)

@@ -1,6 +1,6 @@
 """The speculative round loop (:func:`rounds`) and its acceptance rules, one for the eager passes
 (:class:`~omnibyte.model.inference.speculative.EagerPasses`) and the static ones
-(:class:`~omnibyte.model.inference.graph_verify.StaticPasses`): a backend feeds, verifies and rolls back; this
+(:class:`~omnibyte.model.inference.static_passes.StaticPasses`): a backend feeds, verifies and rolls back; this
 module decides what is kept (:func:`accept`, :func:`accept_greedy`), counts each round's drafts
 (:func:`count_round`) and emits the bytes. The scheme: :mod:`~omnibyte.model.inference.speculative`."""
 
@@ -70,7 +70,7 @@ def count_round(drafter: Drafter, drafts: torch.Tensor, j: int, live: Sequence[b
 def rounds(passes, prompt, max_new: int, temperature, top_k, top_p, stop_tokens, generator, drafter,
            draft_len: int) -> torch.Tensor:
     """The speculative round loop, one for the eager and the static passes: ``passes`` (:class:`EagerPasses` or
-    :class:`~omnibyte.model.inference.graph_verify.StaticPasses`) does the model's work -- ``prefill``, ``step``
+    :class:`~omnibyte.model.inference.static_passes.StaticPasses`) does the model's work -- ``prefill``, ``step``
     (a plain step), ``room`` (the most drafts the next pass takes, or None), ``verify`` (a pass over the last kept
     byte and the drafts), ``argmax`` (of that pass, for greedy), ``rollback`` (to the kept prefix) -- and this loop
     the rest, on the host (one sync per round):

@@ -21,7 +21,7 @@ teacher-forced pass from its cached state, and the state rolls back to the last 
   is shorter than the batch's is padded (``Drafter.draft_lengths``); the pad slots count neither as drafted nor
   as kept. One round loop, :func:`~omnibyte.model.inference.rounds.rounds`, serves the eager passes (backend
   :class:`EagerPasses`) and the static
-  ones of :mod:`~omnibyte.model.inference.graph_verify` (``StaticPasses``); a backend only feeds, verifies and
+  ones of :mod:`~omnibyte.model.inference.static_passes` (``StaticPasses``); a backend only feeds, verifies and
   rolls back.
 * Drafters: :class:`ModelDrafter`, a smaller byte model with the same vocabulary and token contract (any
   model with an MBLM's ``decoder``); :class:`SelfDrafter`, self-speculation by layer skipping (the model's own
@@ -288,7 +288,7 @@ def speculative_generate(decoder, prompt, max_new_bytes: int, temperature: float
                          draft=None, draft_len: int = 4, static_loop=None) -> torch.Tensor:
     """``Decoder.generate`` with a drafter (same arguments and output: (B, <= max_new_bytes), rows that stop
     early padded with PAD, ending at the last row's stop when every row stopped). See the module docstring.
-    ``static_loop``: :func:`~omnibyte.model.inference.graph_verify.generate_static` (static passes; None: eager)."""
+    ``static_loop``: :func:`~omnibyte.model.inference.static_passes.generate_static` (static passes; None: eager)."""
     m = decoder.model
     if getattr(m, "modality_aware", False):
         raise NotImplementedError("speculative decoding: modality-aware stages (modality_experts) are not "
@@ -321,7 +321,7 @@ class EagerPasses:
     """The backend of :func:`rounds` on a :class:`GenerationState`: ``prefill`` (prompt (B, P)) and ``step``
     (tokens (B, 1)) -> logits (B, V) through ``Decoder.feed``; ``verify`` (tokens (B, T), the last kept byte then
     the drafts) -> logits (B, T, V) through :func:`verify`, then ``argmax`` (B, T) of them and one ``rollback(keep)``
-    to the first ``keep`` tokens. The static backend: :class:`~omnibyte.model.inference.graph_verify.StaticPasses`."""
+    to the first ``keep`` tokens. The static backend: :class:`~omnibyte.model.inference.static_passes.StaticPasses`."""
 
     def __init__(self, decoder, state: GenerationState):
         self.decoder, self.state = decoder, state
