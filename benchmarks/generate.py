@@ -182,11 +182,16 @@ def bench_speculative(args, model, make_drafter, ctx: int, text: bytes | None) -
     if args.graph_verify:
         from omnibyte.model.inference.graph_verify import StaticVerifier
         StaticVerifier.compile_pass = bool(args.verify_compile)
-    for _ in range(2 if args.warm else 0):
+    for w in range(2 if args.warm else 0):  # each call's wall time on stderr: where a slow warm-up goes
+        t0 = now()
         model.generate(prompt, args.new, temperature=0.0)
+        t1 = now()
         model.generate(prompt, args.new, temperature=0.0, draft=make_drafter(), draft_len=args.draft_len, **spec_kw)
+        t2 = now()
         if args.graph:
             model.generate(prompt, args.new, temperature=0.0, use_graphs=True, compile_step=args.compile)
+        print(f"warm-up {w + 1}: plain {t1 - t0:.1f} s, speculative {t2 - t1:.1f} s"
+              + (f", graphed plain {now() - t2:.1f} s" if args.graph else ""), file=sys.stderr, flush=True)
     base = dict(bench="generate_speculative", target=args.run or args.preset, draft=args.draft or args.draft_preset,
                 draft_layers=args.draft_layers, device=device_name(dev), context=ctx, new_bytes=args.new,
                 prompt="file" if text is not None else "random", dtype=args.dtype, repeat=args.repeat,
