@@ -21,11 +21,12 @@ from tests.test_speculative import _exact_joint, _models, _peaked_pair, _tv
 STAGES = [(16, 16, M2), (4, 16)]  # test_speculative's m2_tf: patches of 4 bytes
 
 
-def _stepper(m, tokens: torch.Tensor, use_graphs: bool = False) -> GraphStepper:
-    """A GraphStepper holding the state after ``tokens`` (>= Q_0 of them) in its static buffers."""
+def _stepper(m, tokens: torch.Tensor, use_graphs: bool = False, kernels: bool | None = None) -> GraphStepper:
+    """A GraphStepper holding the state after ``tokens`` (>= Q_0 of them) in its static buffers (``kernels``: the
+    decode kernels for its steps and the passes' segments; default: on CUDA)."""
     st = m.new_state(tokens.shape[0], tokens.device)
     m.feed(st, tokens)
-    gs = GraphStepper(m, st, use_graphs=use_graphs)
+    gs = GraphStepper(m, st, use_graphs=use_graphs, kernels=kernels)
     gs._convert()
     return gs
 
@@ -394,6 +395,10 @@ with torch.no_grad():
     m.feed(st, x[:, :6])
     gs = GraphStepper(m, st, use_graphs=False, kernels=True)
     gs._convert()
+    from omnibyte.model.inference import graph_verify
+    seg_calls = []
+    real = graph_verify._segment_kernels
+    graph_verify._segment_kernels = lambda *a: seg_calls.append(1) or real(*a)
     v, n, worst, passes = StaticVerifier(gs), 6, 0.0, 0
     while n < 55:
         if random.random() < 0.5:  # a pass of T tokens, keeping a random prefix
@@ -407,14 +412,15 @@ with torch.no_grad():
             o = gs.feed(x[:, n:n + 1])
             n += 1
             worst = max(worst, (o - full[:, n]).abs().max().item())
-print(json.dumps(dict(kernels=gs.kernels, worst=worst, passes=passes)))
+print(json.dumps(dict(kernels=gs.kernels, worst=worst, passes=passes, segment_kernel_calls=len(seg_calls))))
 """
 
 
 @pytest.mark.slow  # Triton's interpreter in a subprocess: ~5 s
 def test_static_passes_interleave_with_the_kernel_step_interpreted():
-    """The GraphStepper's Triton decode kernels (under Triton's interpreter) and the static passes share the KV
-    buffers: plain kernel steps and passes with random rollbacks, interleaved, give the full forward's logits."""
+    """The GraphStepper's Triton decode kernels (under Triton's interpreter) and the static passes -- their segments
+    through the same kernels (segment_kernels) -- share the KV buffers: plain kernel steps and passes with random
+    rollbacks, interleaved, give the full forward's logits."""
     import json
     import os
     import subprocess
@@ -427,15 +433,17 @@ def test_static_passes_interleave_with_the_kernel_step_interpreted():
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
-    assert r["kernels"] is True and r["passes"] > 5
+    assert r["kernels"] is True and r["passes"] > 5 and r["segment_kernel_calls"] >= r["passes"]
     assert r["worst"] < 1e-5, r
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_captured_pass_equals_the_eager_static_pass():
-    """The CUDA graph of each (start phase, T) gives the eager static pass's logits, and rollback after a replay
-    leaves the stepper as the eager one (then fed on: same logits)."""
+@pytest.mark.parametrize("kernels", [True, False])
+def test_gpu_captured_pass_equals_the_eager_static_pass(kernels):
+    """The CUDA graph of each (start phase, T) -- its segments through the decode kernels (segment_kernels) or torch
+    ops -- gives the eager torch static pass's logits, and rollback after a replay leaves the stepper as the eager
+    one (then fed on: same logits)."""
     from omnibyte.model.blocks.mamba2 import load_mamba_kernels
 
     if load_mamba_kernels() is None:
@@ -447,7 +455,9 @@ def test_gpu_captured_pass_equals_the_eager_static_pass():
         prompt = torch.randint(0, 256, (2, plen), generator=g).cuda()
         for T in (3, Q0 + 1):
             toks = torch.randint(0, 256, (2, T), generator=g).cuda()
-            graphed, eager = StaticVerifier(_stepper(m, prompt, True)), StaticVerifier(_stepper(m, prompt, False))
+            graphed = StaticVerifier(_stepper(m, prompt, True, kernels))
+            eager = StaticVerifier(_stepper(m, prompt, False, False))
+            assert graphed.st.kernels is kernels
             for keep in (1, T):
                 a, b = graphed.run(toks).clone(), eager.run(toks).clone()
                 torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
@@ -475,9 +485,9 @@ def test_gpu_compiled_captured_pass_equals_the_eager_static_pass():
     prompt = torch.randint(0, 256, (2, Q0), generator=g).cuda()
     st = m.new_state(2)
     m.feed(st, prompt)
-    graphed = StaticVerifier(GraphStepper(m, st, use_graphs=True, compile=True))
+    graphed = StaticVerifier(GraphStepper(m, st, use_graphs=True, compile=True, kernels=False))  # compiled torch
     graphed.st._convert()
-    eager = StaticVerifier(_stepper(m, prompt, False))
+    eager = StaticVerifier(_stepper(m, prompt, False, False))
     T = Q0 + 1
     for i in range(2 * Q0):  # keeps 1..T in turn: every start phase
         toks = torch.randint(0, 256, (2, T), generator=g).cuda()

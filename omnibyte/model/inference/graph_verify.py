@@ -103,22 +103,42 @@ def transformer_segment(blk: TransformerBlock, x: torch.Tensor, caches: list[dic
     return blk.norm(x)
 
 
-def _segment(ver: StaticVerifier, toks: torch.Tensor, seg: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """One segment's local work: the rows' inputs (the start vector at local position 0, else the embedding of the
-    token fed at that step; plus the global stage's context), the Transformer stage on the static KV, head and argmax.
-    ``toks`` (N, R): each row's token; ``seg``: the segment's index tensors (:meth:`StaticVerifier._seg`). What the
-    compiled pass compiles, once (every segment has the same shapes)."""
+def _inputs(ver: StaticVerifier, toks: torch.Tensor, seg: dict) -> torch.Tensor:
+    """A segment's rows' inputs (N, R, D): the start vector at local position 0, else the embedding of the token fed
+    at that step (``toks`` (N, R)), plus the global stage's context at the row's position."""
     st, m = ver.st, ver.model
     N, R = toks.shape
     dtype = m.head.weight.dtype
     emb = st.decoder.unit_embedding(1, toks.view(N, R, 1)).to(dtype)
     start = m.start[1].to(dtype).view(1, 1, -1)
-    inp = torch.where(seg["start"].view(1, R, 1), start, emb) + st.ctx[1].index_select(1, seg["pos"])
-    rope = (ver.cos.index_select(0, seg["pos"]), ver.sin.index_select(0, seg["pos"])) if ver.cos is not None else None
-    h = transformer_segment(m.blocks[1], inp, st.caches[1], rope, seg["write"], seg["src"], seg["allowed"],
-                            st.fuse_linears)
-    logits = m.head(h).float()
+    return torch.where(seg["start"].view(1, R, 1), start, emb) + st.ctx[1].index_select(1, seg["pos"])
+
+
+def _head(ver: StaticVerifier, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = ver.model.head(h).float()
     return logits, logits.argmax(-1)
+
+
+def _segment(ver: StaticVerifier, toks: torch.Tensor, seg: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """One segment's local work in torch ops: inputs, the Transformer stage on the static KV, head and argmax.
+    ``toks`` (N, R): each row's token; ``seg``: the segment's index tensors (:meth:`StaticVerifier._seg`). What the
+    compiled pass compiles, once (every segment has the same shapes)."""
+    st = ver.st
+    rope = (ver.cos.index_select(0, seg["pos"]), ver.sin.index_select(0, seg["pos"])) if ver.cos is not None else None
+    h = transformer_segment(ver.model.blocks[1], _inputs(ver, toks, seg), st.caches[1], rope, seg["write"],
+                            seg["src"], seg["allowed"], st.fuse_linears)
+    return _head(ver, h)
+
+
+def _segment_kernels(ver: StaticVerifier, toks: torch.Tensor, seg: dict, p0: int, L: int):
+    """The same with the stepper's decode kernels (``stepper.kernels``): the Transformer stage through
+    :func:`~omnibyte.model.inference.segment_kernels.transformer_segment` (positions p0.. as ints: each captured
+    graph serves one segment anyway), nothing to compile."""
+    from .segment_kernels import transformer_segment as kernel_segment
+
+    rope = (ver.cos, ver.sin) if ver.cos is not None else None
+    h = kernel_segment(ver.model.blocks[1], _inputs(ver, toks, seg), ver.st.caches[1], rope, p0, L)
+    return _head(ver, h)
 
 
 def _own_code(fn):
@@ -169,7 +189,8 @@ class StaticVerifier:
         at = self.model.blocks[1].layers[0].attn
         self.cos = self.sin = None
         if at.rope:
-            self.cos, self.sin = rope_cos_sin(torch.arange(stepper.Q0, device=stepper.dev), at.head_dim, at.rope_base)
+            cos, sin = rope_cos_sin(torch.arange(stepper.Q0, device=stepper.dev), at.head_dim, at.rope_base)
+            self.cos, self.sin = cos.contiguous(), sin.contiguous()
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.bufs: dict[int, dict] = {}
         self.captures = 0
@@ -225,7 +246,11 @@ class StaticVerifier:
         into ``b["out"]`` / ``b["arg"]``."""
         seg = self._seg(T, i0, i1, p0)
         self.seen.add((T, i0, i1, p0))
-        logits, arg = self.segment(self, b["hist"].index_select(1, seg["tok"]), seg)
+        toks = b["hist"].index_select(1, seg["tok"])
+        if self.st.kernels:  # the decode kernels, every row of the segment as a batch row
+            logits, arg = _segment_kernels(self, toks, seg, p0, i1 - i0 + 1)
+        else:
+            logits, arg = self.segment(self, toks, seg)
         b["out_all"].index_copy_(1, seg["dest"], logits)
         b["arg_all"].index_copy_(1, seg["dest"], arg)
 

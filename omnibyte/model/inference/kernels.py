@@ -178,14 +178,17 @@ if triton is not None:
             x = (x.to(tl.float32) * c[None, :] + sign[None, :] * xp * s[None, :]).to(x.dtype)
         return x
 
-    @triton.autotune(configs=_ATTN, key=["R", "P", "N"])
+    @triton.autotune(configs=_ATTN, key=["R", "P", "N", "SEG"])
     @triton.jit
     def _attn_out(qkv_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, w_ptr, b_ptr, x_ptr, out_ptr, pos, R, N, P, scale,
-                  stride_qkv, stride_cn, stride_x, stride_o,
+                  stride_qkv, stride_cn, stride_x, stride_o, SL,
                   H: tl.constexpr, HD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
                   BLOCK_P: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr,
-                  RPP: tl.constexpr, CHUNKED: tl.constexpr, BLOCK_R: tl.constexpr):
-        """out[n] = x[n] + round(W_out @ attention(n)); the cache is (N, H, P, hd) contiguous, slots < pos valid."""
+                  RPP: tl.constexpr, CHUNKED: tl.constexpr, SEG: tl.constexpr, BLOCK_R: tl.constexpr):
+        """out[n] = x[n] + round(W_out @ attention(n)); the cache is (N, H, P, hd) contiguous, slots < pos valid.
+        SEG (a verification segment, ``segment_kernels``): row n is position pos + n % SL of cache row n // SL
+        (clamped to the last slot), whose k and v are already in the cache: it attends to slots <= its position,
+        and the rope tables (cos, sin) are per slot (P, hd / 2), not one row."""
         pid = tl.program_id(0)
         h = tl.arange(0, BLOCK_H)
         d = tl.arange(0, BLOCK_D)
@@ -196,7 +199,6 @@ if triton is not None:
                     mask=rm[:, None, None] & hdm[None, :, :], other=0.0)  # (BLOCK_R, H, hd), first
         _after_prior(PDL)
         p = tl.arange(0, BLOCK_P)
-        cm = hdm[:, None, :] & (p[None, :, None] < pos)
         dt = out_ptr.dtype.element_ty
         if CHUNKED:  # this program's chunk of rows (a batch over RPP rows)
             lo, hi = tl.program_id(1) * RPP, tl.minimum(tl.program_id(1) * RPP + RPP, N)
@@ -204,25 +206,42 @@ if triton is not None:
             lo, hi = 0, N
         for n in range(lo, hi):
             base = qkv_ptr + n * stride_qkv
-            q = _rope(base, h, d, hdm, cos_ptr, sin_ptr, HD, HAS_ROPE).to(tl.float32)
-            k = _rope(base + H * HD, h, d, hdm, cos_ptr, sin_ptr, HD, HAS_ROPE)
-            v = tl.load(base + 2 * H * HD + h[:, None] * HD + d[None, :], mask=hdm, other=0.0)
-            slot = n * stride_cn + h[:, None, None] * (P * HD) + p[None, :, None] * HD + d[None, None, :]
+            if SEG:  # this row's sequence and position; its k, v and those before it are in the cache
+                seq = n // SL
+                pn = tl.minimum(pos + n % SL, P - 1)
+                cs = cos_ptr + pn * (HD // 2)
+                sn_ = sin_ptr + pn * (HD // 2)
+                lim = pn + 1  # cached slots read: up to this position
+            else:
+                seq = n
+                cs = cos_ptr
+                sn_ = sin_ptr
+                lim = pos  # cached slots read: those before the new position
+            q = _rope(base, h, d, hdm, cs, sn_, HD, HAS_ROPE).to(tl.float32)
+            slot = seq * stride_cn + h[:, None, None] * (P * HD) + p[None, :, None] * HD + d[None, None, :]
+            cm = hdm[:, None, :] & (p[None, :, None] < lim)
             kc = tl.load(kc_ptr + slot, mask=cm, other=0.0).to(tl.float32)  # (H, P, hd)
             vc = tl.load(vc_ptr + slot, mask=cm, other=0.0).to(tl.float32)
             sc = tl.sum(q[:, None, :] * kc, 2) * scale  # (H, P)
-            sc = tl.where(p[None, :] < pos, sc, float("-inf"))
-            sn = tl.sum(q * k.to(tl.float32), 1) * scale  # (H,) the new position
-            mx = tl.maximum(tl.max(sc, 1), sn)
-            e = tl.exp(sc - mx[:, None])
-            en = tl.exp(sn - mx)
-            y = (tl.sum(e[:, :, None] * vc, 1) + en[:, None] * v.to(tl.float32)) / (tl.sum(e, 1) + en)[:, None]
+            sc = tl.where(p[None, :] < lim, sc, float("-inf"))
+            if SEG:
+                mx = tl.max(sc, 1)
+                e = tl.exp(sc - mx[:, None])
+                y = tl.sum(e[:, :, None] * vc, 1) / tl.sum(e, 1)[:, None]
+            else:
+                k = _rope(base + H * HD, h, d, hdm, cs, sn_, HD, HAS_ROPE)
+                v = tl.load(base + 2 * H * HD + h[:, None] * HD + d[None, :], mask=hdm, other=0.0)
+                sn = tl.sum(q * k.to(tl.float32), 1) * scale  # (H,) the new position
+                mx = tl.maximum(tl.max(sc, 1), sn)
+                e = tl.exp(sc - mx[:, None])
+                en = tl.exp(sn - mx)
+                y = (tl.sum(e[:, :, None] * vc, 1) + en[:, None] * v.to(tl.float32)) / (tl.sum(e, 1) + en)[:, None]
+                if pid == 0:  # the new slot, read by later positions (slots < pos are all this program reads);
+                    # one program per chunk of rows writes its rows
+                    new = n * stride_cn + h[:, None] * (P * HD) + pos * HD + d[None, :]
+                    tl.store(kc_ptr + new, k, mask=hdm)
+                    tl.store(vc_ptr + new, v, mask=hdm)
             y = y.to(dt).to(tl.float32)  # (H, hd)
-            if pid == 0:  # the new slot, read by later positions (slots < pos are all this program reads); one
-                # program per chunk of rows writes its rows
-                new = n * stride_cn + h[:, None] * (P * HD) + pos * HD + d[None, :]
-                tl.store(kc_ptr + new, k, mask=hdm)
-                tl.store(vc_ptr + new, v, mask=hdm)
             acc = tl.sum(tl.sum(w.to(tl.float32) * y[None, :, :], 2), 1)
             _store_residual(acc, b_ptr, x_ptr + n * stride_x, out_ptr + n * stride_o, rows, rm, HAS_BIAS)
 
@@ -320,10 +339,10 @@ def attention_out_residual(qkv: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor
     b, has_b = _bias(attn.out)
     cos, sin = rope if rope is not None else (qkv, qkv)
     _attn_out[_grid(R, N)](qkv, kc, vc, cos, sin, attn.out.weight, b, x, out, pos, R, N, P, hd ** -0.5,
-                        qkv.stride(0), kc.stride(0), x.stride(0), out.stride(0), H=H, HD=hd,
+                        qkv.stride(0), kc.stride(0), x.stride(0), out.stride(0), 1, H=H, HD=hd,
                         BLOCK_H=triton.next_power_of_2(H), BLOCK_D=triton.next_power_of_2(hd),
                         BLOCK_P=triton.next_power_of_2(P), HAS_ROPE=rope is not None, HAS_BIAS=has_b,
-                        **_chunks(N), **_launch(x))
+                        SEG=False, **_chunks(N), **_launch(x))
     return out
 
 
