@@ -125,19 +125,17 @@ case "$step" in
   clevr_tests) gpu_tests & clevr_train & wait
             clevr_robustness ;;
   # issue 17 item 2 on the static passes, in one call: a 3-minute pg19_lm speedrun arm (also the target), the
-  # speculative timing with the compiled pass and (--verify-compile 0) the uncompiled one, one profiled call, then
-  # the graph_verify GPU tests in the time left
+  # speculative timing with patch-aligned passes and without (segments through the decode kernels, the default on
+  # CUDA), each profiled, then the GPU tests of graph_verify and the Mamba-2 kernels in the time left
   spec_static)
             timeout -k 20 420 python3 benchmarks/speedrun.py --root "$pg19_root" --minutes "${SR_MINUTES:-3}" \
               --work /tmp/sr --out "$out/sweep.jsonl" --common train.compile=true train.cuda_graphs=true \
               --arm base: --only base > "$out/sweep.log" 2>&1; tail -c 1500 "$out/sweep.log"
-            for vc in 1 0; do
-              timeout 200 python3 benchmarks/generate.py --speculative --run /tmp/sr/runs/base --draft lookup \
-                --draft-len ${DRAFT_LEN:-8} --graph --compile --graph-verify --verify-compile $vc --profile 15 \
-                --prompt-file "$pg19_root/validation/11.txt" --contexts 1024 --new 512 --out "$out/bench.jsonl" \
-                > "$out/spec_vc$vc.log" 2>&1; tail -c 1500 "$out/spec_vc$vc.log"
+            for extra in --aligned ""; do
+              SPEC_RUN=/tmp/sr/runs/base SPEC_FLAGS_EXTRA=$extra SPEC_TIMEOUT=${SPEC_TIMEOUT:-150} bash "$0" spec_run \
+                "$out/spec${extra#--}"
             done
-            TESTS_PATHS=tests/test_graph_verify.py TESTS_TIMEOUT=${TESTS_TIMEOUT:-150} gpu_tests ;;
+            TESTS_PATHS="tests/test_graph_verify.py tests/test_ssm_kernels.py" TESTS_TIMEOUT=${TESTS_TIMEOUT:-150} gpu_tests ;;
   # issue 17 item 2 on an existing PG19 run (SPEC_RUN, default the 10-minute speedrun arm drop01 in /tmp/sr): the
   # speculative timing with the compiled static pass (VERIFY_COMPILE=0: uncompiled; SPEC_FLAGS_EXTRA=--aligned:
   # patch-aligned passes), one profiled call
