@@ -42,3 +42,16 @@ def assert_cached_matches_forward(m, x: torch.Tensor, prompt: int, atol: float) 
     for t in range(prompt, x.shape[1] - 1):
         outs.append(m.feed(st, x[:, t:t + 1]))
     assert torch.allclose(torch.stack(outs, 1), full[:, prompt:], atol=atol)
+
+
+def stepper_logits(model, x: torch.Tensor, kernels: bool, prompt: int = 9, end: int | None = None):
+    """Logits of a GraphStepper (eager, no graphs; ``kernels``: its decode kernels) after feeding ``x[:, :prompt]``
+    eagerly then one byte at a time up to ``end`` (default: all but the last byte), stacked (N, end - prompt + 1, V),
+    and the stepper (to ask which kernels it used)."""
+    from omnibyte.model.inference.graphs import GraphStepper
+
+    end = x.shape[1] - 1 if end is None else end
+    st = model.new_state(x.shape[0])
+    gs = GraphStepper(model, st, use_graphs=False, kernels=kernels)
+    outs = [model.feed(st, x[:, :prompt])] + [gs.feed(x[:, t:t + 1]) for t in range(prompt, end)]
+    return torch.stack(outs, 1), gs

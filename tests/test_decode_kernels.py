@@ -25,7 +25,7 @@ TFK = {"name": "transformer", "heads": 3, "head_dim": 8, "mlp_hidden": 40}
 _SCRIPT = r"""
 import json, sys, torch
 sys.path.insert(0, sys.argv[1])
-from model_helpers import tiny, M2
+from model_helpers import tiny, M2, stepper_logits
 from omnibyte.model.inference.graphs import GraphStepper
 TFK = json.loads(sys.argv[2])
 bias = sys.argv[3] == "1"
@@ -38,10 +38,8 @@ if bias:  # nn.Linear biases start at zero; make them matter
 x = torch.randint(0, 256, (2, 22))
 
 def run(model, kernels):
-    st = model.new_state(2)
-    gs = GraphStepper(model, st, use_graphs=False, kernels=kernels)
-    outs = [model.feed(st, x[:, :9])] + [gs.feed(x[:, t:t + 1]) for t in range(9, 21)]
-    return torch.stack(outs, 1), gs.kernels
+    out, gs = stepper_logits(model, x, kernels)
+    return out, gs.kernels
 
 with torch.no_grad():
     full = m(x)[:, 9:]

@@ -21,7 +21,7 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 _SCRIPT = r"""
 import json, sys, torch
 sys.path.insert(0, sys.argv[1])
-from model_helpers import tiny, M2
+from model_helpers import tiny, M2, stepper_logits
 from omnibyte.model.inference import graphs, ssm_kernels
 from omnibyte.model.inference.graphs import GraphStepper
 
@@ -54,10 +54,8 @@ GraphStepper.ssm_kernels = True
 m = tiny([(4, 32, dict(M2, d_state=12, headdim=8)), (4, 32, dict(M2, d_state=8, headdim=16))])
 x = torch.randint(0, 256, (2, 22))
 def run(model, kernels):
-    st = model.new_state(2)
-    gs = GraphStepper(model, st, use_graphs=False, kernels=kernels)
-    outs = [model.feed(st, x[:, :9])] + [gs.feed(x[:, t:t + 1]) for t in range(9, 21)]
-    return torch.stack(outs, 1), gs.ssm_kernels
+    out, gs = stepper_logits(model, x, kernels)
+    return out, gs.ssm_kernels
 with torch.no_grad():
     full = m(x)[:, 9:]
     k32, used = run(m, True)
