@@ -15,12 +15,15 @@ from .drafters import Drafter, LookupDrafter
 from .sampling import sample, sampling_probs
 
 
-def accept_greedy(tgt: torch.Tensor, drafts: torch.Tensor) -> tuple[int, int]:
-    """The greedy rule of :func:`accept` from the target's argmax: one row's tgt (k+1,) and drafts (k,) -> (kept,
-    next token): drafts are kept while they equal the argmax, the next token is the argmax after them."""
-    k = drafts.shape[0]
-    miss = (drafts != tgt[:k]).nonzero()
-    kept = int(miss[0, 0]) if miss.numel() else k
+def accept_greedy(tgt: Sequence[int], drafts: Sequence[int]) -> tuple[int, int]:
+    """The greedy rule of :func:`accept` from the target's argmax: one row's tgt (k+1 ints) and drafts (k ints) ->
+    (kept, next token): drafts are kept while they equal the argmax, the next token is the argmax after them.
+    (Python ints: the round loop's host side, where tiny tensor ops cost more than the comparison.)"""
+    kept = 0
+    for d, t in zip(drafts, tgt):
+        if d != t:
+            break
+        kept += 1
     return kept, int(tgt[kept])
 
 
@@ -33,7 +36,7 @@ def accept(logits: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor | None, t
     without x); when all k are kept the next token is drawn from p_k."""
     k = drafts.shape[0]
     if temperature <= 0:
-        return accept_greedy(logits.float().argmax(-1), drafts)
+        return accept_greedy(logits.float().argmax(-1).tolist(), drafts.tolist())
     p = sampling_probs(logits, temperature, top_k, top_p)  # (k + 1, V)
     if k:
         idx = torch.arange(k, device=p.device)
@@ -122,10 +125,11 @@ def rounds(passes, prompt, max_new: int, temperature, top_k, top_p, stop_tokens,
                 drafter.advance(0, torch.tensor(xs))
             continue
         dh = drafts.cpu()
-        logits = passes.verify(torch.cat((torch.tensor(xs)[:, None], dh), dim=1))  # (B, k + 1, V)
+        dl = dh.tolist()  # (the host side works on Python ints: one conversion, not one per use)
+        logits = passes.verify(torch.tensor([[x] + d for x, d in zip(xs, dl)]))  # (B, k + 1, V)
         if greedy:  # accept's greedy rule, from the argmax of every row copied to the host at once
-            tgt = passes.argmax()[:, :k + 1].cpu()
-            acc = [accept_greedy(tgt[r], dh[r]) for r in range(B)]
+            tgt = passes.argmax()[:, :k + 1].tolist()
+            acc = [accept_greedy(tgt[r], dl[r]) for r in range(B)]
         else:
             q = q.to(device) if q is not None else None
             dd = drafts.to(device)
@@ -134,10 +138,10 @@ def rounds(passes, prompt, max_new: int, temperature, top_k, top_p, stop_tokens,
         kept = [k if done[r] else j for r, (j, _) in enumerate(acc)]  # finished rows do not hold the others back
         nxt = [t for _, t in acc]
         j = min(kept)
-        xs = [int(dh[r, j]) if kept[r] > j else nxt[r] for r in range(B)]
+        xs = [dl[r][j] if kept[r] > j else nxt[r] for r in range(B)]
         passes.rollback(j + 1)
         count_round(drafter, dh, j, [not d for d in done])
-        emit([dh[r, :j].tolist() + [xs[r]] for r in range(B)])
+        emit([dl[r][:j] + [xs[r]] for r in range(B)])
         if more():
             drafter.advance(j, torch.tensor(xs))
     new = torch.tensor(rows, dtype=torch.long, device=device).view(B, -1)
