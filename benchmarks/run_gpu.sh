@@ -170,10 +170,11 @@ case "$step" in
                 > "$out/gen_ssm$sk.log" 2>&1
               tail -c 1500 "$out/gen_ssm$sk.log"
             done ;;
-  # issue 17 item 3: the batch-64 row of the table, the decode kernels in row chunks (--kernels 1) and the
-  # compiled torch step (--kernels 0), each in its own process (GEN64_TIMEOUT each)
+  # issue 17 item 3: the batch-64 row of the table (GEN_BATCHES: e.g. 4,16,64 to find where the torch step, whose
+  # linears are matrix products over several rows since c8ba61c, overtakes the kernels), the decode kernels in row
+  # chunks (--kernels 1) and the compiled torch step (--kernels 0), each in its own process (GEN64_TIMEOUT each)
   gen64)    for k in ${GEN64_KERNELS:-1 0}; do
-              timeout "${GEN64_TIMEOUT:-130}" python3 benchmarks/generate.py --graph --compile --batches 64 \
+              timeout "${GEN64_TIMEOUT:-130}" python3 benchmarks/generate.py --graph --compile --batches "${GEN_BATCHES:-64}" \
                 --contexts 1024 --new 128 --kernels "$k" --out "$out/bench.jsonl" > "$out/gen64_k$k.log" 2>&1
               tail -c 1500 "$out/gen64_k$k.log"
             done ;;
