@@ -111,7 +111,9 @@ def test_supports_refuses_what_the_kernels_do_not_cover():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_ssm_kernel_step_matches_torch_step(dtype, monkeypatch):
     """Compiled on CUDA: the stepper with the Mamba-2 kernels == without (the compiled torch step), on a global
-    stage shaped like the 360M config's (1024 wide, d_state 128, heads of 64), eager and as CUDA graphs."""
+    stage shaped like the 360M config's (1024 wide, d_state 128, heads of 64), eager and as CUDA graphs. The eager
+    stepper's first call autotunes the gated-norm kernel over several configs, each run shifting the B / C conv
+    window: the window must survive that (``restore_value``), which the interpreter (one config) cannot check."""
     from omnibyte.model.blocks.mamba2 import load_mamba_kernels
     from omnibyte.model.inference.graphs import GraphStepper
 

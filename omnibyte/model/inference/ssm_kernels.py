@@ -102,7 +102,10 @@ if triton is not None:
         y = tl.sum(S * cv[None, :], 1) + tl.load(d_ptr + h).to(tl.float32) * xv
         tl.store(y_ptr + n * stride_y + cx, y.to(y_ptr.dtype.element_ty), mask=xm)
 
-    @triton.autotune(configs=_MATVEC, key=["R", "KI", "N"], prune_configs_by={"early_config_prune": _prune})
+    # restore_value: autotuning runs the kernel once per candidate config (and times it several times); each run
+    # shifts the B / C conv window again, so the autotuner must put the window back after every run
+    @triton.autotune(configs=_MATVEC, key=["R", "KI", "N"], prune_configs_by={"early_config_prune": _prune},
+                     restore_value=["conv_ptr"])
     @triton.jit
     def _gated_out(y_ptr, zx_ptr, nw_ptr, w_ptr, b_ptr, x_ptr, out_ptr, conv_ptr, R, KI, N, eps,
                    stride_y, stride_zx, stride_x, stride_o, stride_conv, BC0, BCN,
