@@ -16,8 +16,8 @@ Mamba-2 mixers is
    reads, so it can only move once kernel 2 is done;
 
 then, where the layers have an MLP, the Transformer kernels' norm + SwiGLU and down projection + residual. The
-weights are loaded before the wait on the previous kernel (programmatic dependent launch, as in
-:mod:`~omnibyte.model.inference.kernels`). Values are rounded to the activation dtype where the torch step
+weights (read-only) are loaded before the wait on the previous kernel (programmatic dependent launch, as in
+:mod:`~omnibyte.model.inference.kernels`); state and activations only after it. Values are rounded to the activation dtype where the torch step
 (:func:`~omnibyte.model.inference.graphs._mamba2_layer_step`) rounds them, so the result matches it to rounding
 order. Tested on CPU under Triton's interpreter against the torch step, and on CUDA.
 """
@@ -85,8 +85,10 @@ if triton is not None:
         s = tl.arange(0, NSP)
         sm = s < NS
         st_ptrs = ssm_ptr + n * stride_ssm + h * (P * NS) + pr[:, None] * NS + s[None, :]
-        S = tl.load(st_ptrs, mask=sm[None, :], other=0.0)  # the state block first: the kernel's stream
+        # only after the wait: with PDL the part before it may run ahead of earlier kernels, and a pass with two
+        # global steps writes this state in the same graph (read-only weights are all that may load early)
         _after_prior(PDL)
+        S = tl.load(st_ptrs, mask=sm[None, :], other=0.0)
         zx = zx_ptr + n * stride_zx
         conv = conv_ptr + n * stride_conv
         cx = h * P + pr
