@@ -184,6 +184,7 @@ case "$step" in
             timeout -k 20 590 python3 benchmarks/speedrun.py --root "$pg19_root" --minutes "${SR_MINUTES:-3}" \
               --work /tmp/sr --out "$out/sweep.jsonl" --common train.compile=true train.cuda_graphs=true \
               "${arms[@]}" ${SR_ONLY:+--only $SR_ONLY} --call-seconds "${SR_CALL_SECONDS:-560}" \
+              --eval-points "${SR_EVAL_POINTS:-0}" \
               ${SR_FINAL:+--final-test --choose-from "$out/sweep.jsonl"} > "$out/sweep.log" 2>&1
             tail -c 3000 "$out/sweep.log" ;;
   *) echo "unknown step $step" >&2; exit 2 ;;

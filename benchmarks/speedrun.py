@@ -61,6 +61,17 @@ def _train_records(run: Path) -> list[dict]:
     return [r for r in read_metrics(run) if r.get("split") == "train"]
 
 
+def validation_curve(run: Path) -> list[list[float]]:
+    """[[step, bpb], ...] of the run's own validation evaluations during training (``--eval-points``; the
+    trainer's figure over the validation split's chunks, not ``omnibyte eval``'s whole-book score): where an arm
+    stopped improving, e.g. from reading its data too many times. Diagnostic only: arms are chosen on the final
+    score."""
+    from omnibyte.logging import read_metrics
+
+    return [[r["step"], round(r["bpb"], 4)] for r in read_metrics(run)
+            if r.get("split") == "validation" and isinstance(r.get("bpb"), (int, float))]
+
+
 def steady_rate(recs: list[dict], what: str) -> float:
     """Steady seconds per step from training lines: from the first log line (whose window holds the start-up and
     compiles) to the last."""
@@ -142,7 +153,8 @@ def _plan(name: str, overrides: list[str], a, work: Path, common: list[str]) -> 
     arm reads it back; a different arm definition under the same name is refused)."""
     path = work / f"{name}.plan.json"
     what = {"config": a.config, "overrides": overrides, "common": list(a.common), "budget_minutes": a.minutes,
-            "margin_s": a.margin, "calibrate_steps": a.calibrate_steps, "root": str(Path(a.root).resolve())}
+            "margin_s": a.margin, "calibrate_steps": a.calibrate_steps, "root": str(Path(a.root).resolve()),
+            "eval_points": a.eval_points}
     if path.exists():
         plan = json.loads(path.read_text())
         if {k: plan.get(k) for k in what} != what:
@@ -193,7 +205,8 @@ def one_arm(name: str, overrides: list[str], a, work: Path, started: float) -> d
                                     "cap_s": round(cap, 1)})
         _save_plan(work, name, plan)
         run(_omnibyte("train", *common, f"run_name={name}", f"train.steps={steps}",
-                      f"train.stop_after_minutes={cap / 60.0:.4f}", f"train.eval_every={steps}",
+                      f"train.stop_after_minutes={cap / 60.0:.4f}",
+                      f"train.eval_every={max(1, steps // a.eval_points) if a.eval_points else steps}",
                       f"train.ckpt_every={steps}"), work / f"{name}.log")
         recs = _train_records(run_dir)
         reached = recs[-1]["step"] if recs else 0
@@ -217,7 +230,7 @@ def one_arm(name: str, overrides: list[str], a, work: Path, started: float) -> d
             "over_budget": tm["training_s"] is not None and tm["training_s"] > budget, **tm,
             "invocations": len(plan["invocations"]), "calibration_startup_s": plan["calibration_startup_s"],
             "allowance_s": round(allowance, 1), "validation_bpb": val["bpb"], "validation_word_ppl": val["word_ppl"],
-            "run": str(run_dir), "common": list(a.common), "root": a.root, "margin_s": a.margin,
+            "validation_curve": validation_curve(run_dir), "run": str(run_dir), "common": list(a.common), "root": a.root, "margin_s": a.margin,
             "calibrate_steps": a.calibrate_steps}
 
 
@@ -229,6 +242,9 @@ def main() -> None:
     p.add_argument("--margin", type=float, default=30.0, help="seconds of the budget left for evaluations and the "
                                                                "first step's compile")
     p.add_argument("--calibrate-steps", type=int, default=40)
+    p.add_argument("--eval-points", type=int, default=0, help="validation evaluations during each arm's run (its "
+                   "validation_curve: where it stopped improving; they take time inside the cap, not training_s); "
+                   "0: only the final one")
     p.add_argument("--arm", action="append", default=[], help="NAME:override,override,... (repeatable)")
     p.add_argument("--only", default="", help="run only these arms (comma-separated names)")
     p.add_argument("--common", nargs="*", default=[], help="overrides for every arm")
@@ -248,6 +264,8 @@ def main() -> None:
     started = time.time()
     if not (math.isfinite(a.minutes) and a.minutes > 0):
         raise SystemExit(f"--minutes must be > 0, got {a.minutes}")
+    if a.eval_points < 0:
+        raise SystemExit(f"--eval-points must be >= 0, got {a.eval_points}")
     work = Path(a.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     arms = [parse_arm(x) for x in a.arm]

@@ -111,7 +111,7 @@ def test_an_arm_paused_by_the_call_limit_goes_on_where_it_stopped(speedrun, monk
     plan back (no second calibration), resumes, and scores the arm once its schedule has run."""
     root, work, out = _pg19(tmp_path), tmp_path / "work", tmp_path / "sweep.jsonl"
     argv = ["speedrun.py", "--root", str(root), "--minutes", "0.5", "--margin", "2", "--calibrate-steps", "12",
-            "--work", str(work), "--out", str(out), "--common", *TINY, "--arm", "base:"]
+            "--work", str(work), "--out", str(out), "--eval-points", "3", "--common", *TINY, "--arm", "base:"]
     # 8 s of a 30-s budget in the first invocation (--call-train-seconds: independent of how long the calibration
     # took on this machine; --call-seconds, which counts it, is the device-call form of the same pause)
     monkeypatch.setattr(sys, "argv", [*argv, "--call-train-seconds", "8", "--call-seconds", "600"])
@@ -126,6 +126,8 @@ def test_an_arm_paused_by_the_call_limit_goes_on_where_it_stopped(speedrun, monk
     arm = json.loads(out.read_text().splitlines()[-1])
     assert arm["bench"] == "speedrun_arm" and arm["steps_reached"] == arm["steps_planned"] == plan["steps"]
     assert arm["invocations"] == 2 and not arm["cut_by_budget"] and arm["validation_bpb"] > 0
+    curve = arm["validation_curve"]  # --eval-points 3: evaluations during the run, the last at its end
+    assert len(curve) >= 3 and [s for s, _ in curve] == sorted({s for s, _ in curve}) and curve[-1][0] == plan["steps"]
     assert (work / "runs" / "base_calibration" / "metrics.jsonl").stat().st_mtime == cal_mtime  # not recalibrated
     steps = [r["step"] for r in speedrun._train_records(work / "runs" / "base")]
     assert steps == sorted(set(steps))  # resumed from the checkpoint: no step twice
@@ -133,6 +135,15 @@ def test_an_arm_paused_by_the_call_limit_goes_on_where_it_stopped(speedrun, monk
     speedrun.main()
     again = json.loads(out.read_text().splitlines()[-1])
     assert again["steps_reached"] == arm["steps_reached"] and again["invocations"] == 2
+
+
+def test_validation_curve_reads_the_runs_own_evaluations(speedrun, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    recs = [{"step": 5, "split": "train", "time": 1.0, "bpb": 3.0}, {"step": 5, "split": "validation", "time": 2.0,
+            "bpb": 2.51234}, {"step": 10, "split": "validation", "time": 3.0, "bpb": 2.4}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert speedrun.validation_curve(run) == [[5, 2.5123], [10, 2.4]]
 
 
 def test_the_test_book_is_scored_once_per_sweep(speedrun, monkeypatch, tmp_path):
