@@ -178,14 +178,18 @@ case "$step" in
                 --contexts 1024 --new 128 --kernels "$k" --out "$out/bench.jsonl" > "$out/gen64_k$k.log" 2>&1
               tail -c 1500 "$out/gen64_k$k.log"
             done ;;
-  # issue 18 item 4: speedrun arms (SR_ARMS: NAME:override,... space-separated; SR_ONLY picks; SR_MINUTES);
+  # issue 18 item 4: speedrun arms (SR_ARMS: NAME:override,... space-separated; SR_ONLY picks; SR_MINUTES;
+  # SR_FINAL=1: the test book, its looks recorded in benchmarks/speedrun_looks.jsonl, SR_LOOK_AGAIN=1 after one);
   # --call-seconds pauses a long arm with a checkpoint: run the same step again on the warm machine to go on
   speedrun) arms=(); for x in ${SR_ARMS:-base: drop:model.dropout=0.1}; do arms+=(--arm "$x"); done
             timeout -k 20 590 python3 benchmarks/speedrun.py --root "$pg19_root" --minutes "${SR_MINUTES:-3}" \
               --work /tmp/sr --out "$out/sweep.jsonl" --common train.compile=true train.cuda_graphs=true \
               "${arms[@]}" ${SR_ONLY:+--only $SR_ONLY} --call-seconds "${SR_CALL_SECONDS:-560}" \
               --eval-points "${SR_EVAL_POINTS:-0}" \
-              ${SR_FINAL:+--final-test --choose-from "$out/sweep.jsonl"} > "$out/sweep.log" 2>&1
+              ${SR_FINAL:+--final-test --choose-from "$out/sweep.jsonl" --looks benchmarks/speedrun_looks.jsonl} \
+              ${SR_LOOK_AGAIN:+--look-again} > "$out/sweep.log" 2>&1
+            # the sweep's test-book looks (kept in the repository: copy this file back over benchmarks/)
+            [ -n "${SR_FINAL:-}" ] && cp benchmarks/speedrun_looks.jsonl "$out/"
             tail -c 3000 "$out/sweep.log" ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
 esac

@@ -22,8 +22,10 @@ An arm is ``NAME:override,override,...`` on top of ``--config`` (default ``pg19_
 
 One JSON line per arm (arm, overrides, seconds per step, steps planned / reached, training seconds, validation
 bpb); with ``--final-test`` a last line: the best arm by validation bpb and its test-book bpb. The test book is
-scored once per sweep (``WORK/test_looks.jsonl``): a second ``--final-test``, e.g. after more arms, is refused
-unless ``--look-again``, and then the final line lists every earlier look (``earlier_test_looks``).
+scored once per sweep (``WORK/test_looks.jsonl``, or ``--looks FILE``: the repository's
+``benchmarks/speedrun_looks.jsonl`` records the looks of the PG19-mini sweep, which spans machines whose work folders
+are gone): a second ``--final-test``, e.g. after more arms, is refused unless ``--look-again``, and then the final
+line lists every earlier look (``earlier_test_looks``).
 
 **An arm longer than one command.** A 10-minute arm with its calibration, start-up and evaluation does not fit a
 device command of 10 minutes. ``--call-seconds S`` caps this invocation's training so the harness exits inside S
@@ -252,6 +254,9 @@ def main() -> None:
     p.add_argument("--final-test", action="store_true", help="score the best arm by validation bpb on the test book")
     p.add_argument("--look-again", action="store_true", help="--final-test although this sweep's test book was "
                    "already scored (every earlier look is recorded in the final line)")
+    p.add_argument("--looks", default="", help="the record of this sweep's test-book looks (default: "
+                   "WORK/test_looks.jsonl); a file kept with the repository (benchmarks/speedrun_looks.jsonl) holds "
+                   "the looks of a sweep that spans machines, whose work folders are gone")
     p.add_argument("--choose-from", default="", help="JSON lines of earlier arms (this sweep's --out) to choose among")
     p.add_argument("--out", default=None)
     p.add_argument("--call-seconds", type=float, default=0.0, help="stop this invocation's training so the harness "
@@ -302,7 +307,7 @@ def main() -> None:
                          f"inside the budget; excluded: {excluded}")
     best = min(pool, key=lambda r: r["validation_bpb"])  # chosen on validation only
     # the test book is scored once per sweep: a second look after changing the pool is selection on test
-    looks = work / "test_looks.jsonl"
+    looks = Path(a.looks) if a.looks else work / "test_looks.jsonl"
     earlier = [json.loads(x) for x in looks.read_text().splitlines() if x.strip()] if looks.exists() else []
     if earlier and not a.look_again:
         e = earlier[-1]
@@ -310,8 +315,10 @@ def main() -> None:
                          f"{looks}): looking again after changing the arms is choosing on test. Pass --look-again "
                          f"to score it anyway; the final line then records every earlier look")
     test = evaluate(Path(best["run"]), "test", work / f"{best['arm']}_eval_test.log")
+    looks.parent.mkdir(parents=True, exist_ok=True)
     with open(looks, "a") as f:
         f.write(json.dumps({"arm": best["arm"], "run": best["run"], "test_bpb": test["bpb"],
+                            "config": a.config, "budget_minutes": best["budget_minutes"],
                             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}) + "\n")
     emit({"bench": "speedrun_final", "config": a.config, "chosen_by": "validation_bpb", "arm": best["arm"],
           "overrides": best["overrides"], "validation_bpb": best["validation_bpb"], "test_bpb": test["bpb"],

@@ -156,3 +156,25 @@ def test_the_test_book_is_scored_once_per_sweep(speedrun, monkeypatch, tmp_path)
         _final(speedrun, monkeypatch, tmp_path, [_arm("a", 1.9), _arm("b", 1.8)])
     final = _final(speedrun, monkeypatch, tmp_path, [_arm("a", 1.9), _arm("b", 1.8)], "--look-again")[-1]
     assert final["arm"] == "b" and [e["arm"] for e in final["earlier_test_looks"]] == ["a"]
+
+
+def test_a_looks_file_carries_the_record_across_work_folders(speedrun, monkeypatch, tmp_path):
+    """--looks FILE (the repository's benchmarks/speedrun_looks.jsonl): a sweep spanning machines, each with a
+    fresh work folder, still refuses a second look at the test book, and records both in the file."""
+    looks = tmp_path / "kept" / "looks.jsonl"
+    for m in ("machine1", "machine2"):
+        (tmp_path / m).mkdir()
+    _final(speedrun, monkeypatch, tmp_path / "machine1", [_arm("a", 1.9)], "--looks", str(looks))
+    with pytest.raises(SystemExit, match="already scored .arm a"):
+        _final(speedrun, monkeypatch, tmp_path / "machine2", [_arm("b", 1.8)], "--looks", str(looks))
+    final = _final(speedrun, monkeypatch, tmp_path / "machine2", [_arm("b", 1.8)], "--looks", str(looks),
+                   "--look-again")[-1]
+    assert [e["arm"] for e in final["earlier_test_looks"]] == ["a"]
+    assert [json.loads(x)["arm"] for x in looks.read_text().splitlines()] == ["a", "b"]
+
+
+def test_the_repository_keeps_the_pg19_sweeps_looks():
+    """benchmarks/speedrun_looks.jsonl: the PG19-mini sweep's test book was looked at (the tenth session's drop01);
+    the next --final-test of that sweep must say it looks again."""
+    recs = [json.loads(x) for x in (BENCH / "speedrun_looks.jsonl").read_text().splitlines() if x.strip()]
+    assert recs and recs[0]["arm"] == "drop01" and abs(recs[0]["test_bpb"] - 1.7205) < 1e-3
