@@ -190,6 +190,13 @@ case "$step" in
               ${SR_LOOK_AGAIN:+--look-again} > "$out/sweep.log" 2>&1
             # the sweep's test-book looks (kept in the repository: copy this file back over benchmarks/)
             [ -n "${SR_FINAL:-}" ] && cp benchmarks/speedrun_looks.jsonl "$out/"
+            # each arm's training log and plan (the start-up of ~2 minutes even after a warm calibration is not
+            # understood: its log lines say where it goes)
+            mkdir -p "$out/work" && cp /tmp/sr/*.log /tmp/sr/*.plan.json "$out/work/" 2>/dev/null
+            for r in /tmp/sr/runs/*/; do
+              n=$(basename "$r"); cp "$r/train.log" "$out/work/$n.train.log" 2>/dev/null
+              cp "$r/metrics.jsonl" "$out/work/$n.metrics.jsonl" 2>/dev/null
+            done
             tail -c 3000 "$out/sweep.log" ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
 esac
