@@ -1,6 +1,8 @@
-"""Shared tiny model configs for the model tests."""
+"""Shared tiny model configs for the model tests, and the benchmarks as modules for theirs."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,3 +57,18 @@ def stepper_logits(model, x: torch.Tensor, kernels: bool, prompt: int = 9, end: 
     gs = GraphStepper(model, st, use_graphs=False, kernels=kernels)
     outs = [model.feed(st, x[:, :prompt])] + [gs.feed(x[:, t:t + 1]) for t in range(prompt, end)]
     return torch.stack(outs, 1), gs
+
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load_benchmark(monkeypatch, name: str):
+    """``benchmarks/NAME.py`` as a module (the benchmarks are scripts, not a package: their folder goes on sys.path
+    for their ``_common`` import, for this test only)."""
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

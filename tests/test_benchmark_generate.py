@@ -14,21 +14,15 @@ from omnibyte.model.inference import graphs
 from omnibyte.model.inference import kernels as decode_kernels
 from omnibyte.model.inference.decoder import Decoder
 from omnibyte.model.inference.graphs import GraphStepper
-from tests.model_helpers import one_thread  # noqa: F401 - an autouse fixture
-
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+from tests.model_helpers import load_benchmark, one_thread  # noqa: F401 - one_thread: an autouse fixture
 
 
 @pytest.fixture
 def bench(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))
     for obj, attr in ((Decoder, "static_step_off_cuda"), (GraphStepper, "fuse_linears"), (decode_kernels, "use_pdl"),
                       (graphs, "FUSE_MAX_ROWS"), (GraphStepper, "ssm_kernels")):
         monkeypatch.setattr(obj, attr, getattr(obj, attr))  # the benchmark sets them: restored after the test
-    spec = importlib.util.spec_from_file_location("bench_generate", BENCH / "generate.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark(monkeypatch, "generate")
 
 
 def _no_nan(name):
@@ -120,7 +114,6 @@ def test_a_snapshot_inside_another_checkout_is_not_recorded_as_its_commit(tmp_pa
     """The device runs a snapshot folder of the tree inside the carried checkout: git answered that checkout's HEAD
     (and -dirty) for code that was another commit. Only a checkout whose root is the benchmarks' tree counts; else
     the rows take OMNIBYTE_COMMIT."""
-    import importlib.util
     import shutil
     import subprocess
 

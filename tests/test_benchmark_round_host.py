@@ -3,22 +3,16 @@ counts the rounds the loop ran and the loop reproduces the text (the fake target
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+from tests.model_helpers import load_benchmark
 
 
 @pytest.fixture
 def bench(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))
-    spec = importlib.util.spec_from_file_location("bench_round_host", BENCH / "round_host.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark(monkeypatch, "round_host")
 
 
 def test_round_host_row(bench, tmp_path):

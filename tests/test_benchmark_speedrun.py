@@ -4,23 +4,18 @@ compiling in its first step and was cut at 2,160 of 4,836 steps, beside a warm a
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+from tests.model_helpers import BENCH, load_benchmark
 
 
 @pytest.fixture
 def speedrun(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))
-    spec = importlib.util.spec_from_file_location("bench_speedrun", BENCH / "speedrun.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark(monkeypatch, "speedrun")
 
 
 def _recs(t_first: float, sps: float, steps: range) -> list[dict]:
