@@ -326,10 +326,14 @@ def linear_residual(h: torch.Tensor, lin, x: torch.Tensor) -> torch.Tensor:
 
 
 def attention_out_residual(qkv: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, rope, pos: int, attn,
-                           x: torch.Tensor) -> torch.Tensor:
+                           x: torch.Tensor, seg: int = 0) -> torch.Tensor:
     """x + attn.out(attention of the new position ``pos`` over cache slots < pos and itself); writes the new
-    (rotated) k and v into slot ``pos`` of ``kc``/``vc`` (N, H, P, hd). ``rope``: (cos, sin) (1, hd/2) or None."""
-    N, H, P, hd = kc.shape
+    (rotated) k and v into slot ``pos`` of ``kc``/``vc`` (N, H, P, hd). ``rope``: (cos, sin) (1, hd/2) or None.
+    ``seg`` > 0 (a verification segment, :mod:`~omnibyte.model.inference.segment_kernels`): the rows of qkv / x
+    are ``seg`` per cache row, row n at position pos + n % seg, its k and v already in the cache (nothing written);
+    ``rope`` is then the tables over all P slots."""
+    _, H, P, hd = kc.shape
+    N = x.shape[0]
     if not (kc.is_contiguous() and vc.is_contiguous()):
         raise ValueError("attention_out_residual: the KV cache must be contiguous (N, H, P, hd)")
     if not 0 <= pos < P:
@@ -339,11 +343,16 @@ def attention_out_residual(qkv: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor
     b, has_b = _bias(attn.out)
     cos, sin = rope if rope is not None else (qkv, qkv)
     _attn_out[_grid(R, N)](qkv, kc, vc, cos, sin, attn.out.weight, b, x, out, pos, R, N, P, hd ** -0.5,
-                        qkv.stride(0), kc.stride(0), x.stride(0), out.stride(0), 1, H=H, HD=hd,
+                        qkv.stride(0), kc.stride(0), x.stride(0), out.stride(0), max(seg, 1), H=H, HD=hd,
                         BLOCK_H=triton.next_power_of_2(H), BLOCK_D=triton.next_power_of_2(hd),
                         BLOCK_P=triton.next_power_of_2(P), HAS_ROPE=rope is not None, HAS_BIAS=has_b,
-                        SEG=False, **_chunks(N), **_launch(x))
+                        SEG=seg > 0, **_chunks(N), **_launch(x))
     return out
+
+
+def mlp_residual(lay, h: torch.Tensor) -> torch.Tensor:
+    """h + lay.mlp(lay.norm2(h)) (a SwiGLU) as two kernels: norm + gate/up + SiLU gating, then down + residual."""
+    return linear_residual(norm_linear(h, lay.norm2, lay.mlp.gate_up, swiglu=True), lay.mlp.down, h)
 
 
 def transformer_stage_step(blk, x: torch.Tensor, caches: list[dict], rope, pos: int) -> torch.Tensor:
@@ -354,6 +363,5 @@ def transformer_stage_step(blk, x: torch.Tensor, caches: list[dict], rope, pos: 
     h = x.reshape(N, D).contiguous()
     for lay, c in zip(blk.layers, caches):
         qkv = norm_linear(h, lay.norm1, lay.attn.qkv)
-        h = attention_out_residual(qkv, c["k"], c["v"], rope, pos, lay.attn, h)
-        h = linear_residual(norm_linear(h, lay.norm2, lay.mlp.gate_up, swiglu=True), lay.mlp.down, h)
+        h = mlp_residual(lay, attention_out_residual(qkv, c["k"], c["v"], rope, pos, lay.attn, h))
     return blk.norm(h.view(N, 1, D))

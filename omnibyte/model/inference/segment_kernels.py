@@ -53,23 +53,14 @@ def transformer_segment(blk, x: torch.Tensor, caches: list[dict], rope, p0: int,
     N, R, D = x.shape
     h = x.reshape(N * R, D).contiguous()
     for lay, c in zip(blk.layers, caches):
-        at = lay.attn
-        qkv = K.norm_linear(h, lay.norm1, at.qkv)
+        qkv = K.norm_linear(h, lay.norm1, lay.attn.qkv)
         kc, vc = c["k"], c["v"]
         if not (kc.is_contiguous() and vc.is_contiguous()):
             raise ValueError("transformer_segment: the KV cache must be contiguous (N, H, P, hd)")
         _, H, P, hd = kc.shape
         cos, sin = rope if rope is not None else (qkv, qkv)
-        meta = dict(H=H, HD=hd, BLOCK_H=triton.next_power_of_2(H), BLOCK_D=triton.next_power_of_2(hd),
-                    HAS_ROPE=rope is not None)
-        _kv_write[(N * R,)](qkv, kc, vc, cos, sin, p0, R, L, P, qkv.stride(0), kc.stride(0), **meta,
-                            **K._launch(h))
-        Rw = at.out.weight.shape[0]
-        out = torch.empty_like(h)
-        b, has_b = K._bias(at.out)
-        K._attn_out[K._grid(Rw, N * R)](qkv, kc, vc, cos, sin, at.out.weight, b, h, out, p0, Rw, N * R, P,
-                                         hd ** -0.5, qkv.stride(0), kc.stride(0), h.stride(0), out.stride(0), R,
-                                         BLOCK_P=triton.next_power_of_2(P), HAS_BIAS=has_b, SEG=True, **meta,
-                                         **K._chunks(N * R), **K._launch(h))
-        h = K.linear_residual(K.norm_linear(out, lay.norm2, lay.mlp.gate_up, swiglu=True), lay.mlp.down, out)
+        _kv_write[(N * R,)](qkv, kc, vc, cos, sin, p0, R, L, P, qkv.stride(0), kc.stride(0), H=H, HD=hd,
+                            BLOCK_H=triton.next_power_of_2(H), BLOCK_D=triton.next_power_of_2(hd),
+                            HAS_ROPE=rope is not None, **K._launch(h))
+        h = K.mlp_residual(lay, K.attention_out_residual(qkv, kc, vc, rope, p0, lay.attn, h, seg=R))
     return blk.norm(h.view(N, R, D))

@@ -220,5 +220,5 @@ def ssm_stage_step(blk: SSMStack, x: torch.Tensor, caches: list[dict], fuse: boo
         y = mamba2_ssm(m, zx, c["conv"], c["ssm"])
         h = gated_out_residual(m, y, zx, c["conv"], h)
         if lay.mlp is not None:
-            h = K.linear_residual(K.norm_linear(h, lay.norm2, lay.mlp.gate_up, swiglu=True), lay.mlp.down, h)
+            h = K.mlp_residual(lay, h)
     return blk.norm(h.view(N, 1, D))
