@@ -347,7 +347,7 @@ def test_compiled_pass_equals_the_uncompiled_pass(monkeypatch):
     graphs = counters["stats"]["unique_graphs"]
     comp = _compiled_pass_walk(m, Ts, 40, 0)
     want = {(T, *seg) for T in Ts for phase0 in range(Q0) for seg in segments(phase0, T, Q0)}
-    assert comp.seen == want  # every segment of every start phase ran
+    assert set(comp.segs) == want  # every segment of every start phase ran
     assert len(want) > dynamo_config.recompile_limit
     assert counters["stats"]["unique_graphs"] - graphs == 1  # one graph for all of them, no recompiles
 
@@ -373,7 +373,7 @@ def test_compiled_pass_inductor_and_greedy():
     m = tiny(STAGES)
     Q0 = m.units[0]
     comp = _compiled_pass_walk(m, (Q0 + 1,), 6, 1)
-    assert len(comp.seen) >= 4
+    assert len(comp.segs) >= 4
     prompt = _echo_prompt(m)
     plain = m.generate(prompt, 24, temperature=0)
     d = LookupDrafter()
@@ -381,7 +381,7 @@ def test_compiled_pass_inductor_and_greedy():
                                   compile_step=True), plain)
     assert d.accepted > 0
     (gs,) = [s for s in m.decoder.kept_steppers() if s.compiled]
-    assert verifier(gs).passes > 0 and verifier(gs).seen
+    assert verifier(gs).passes > 0 and verifier(gs).segs
 
 
 _INTERLEAVED = r"""
@@ -503,7 +503,7 @@ def test_gpu_compiled_captured_pass_equals_the_eager_static_pass():
         eager.rollback(keep)
         nxt = toks[:, :1]
         torch.testing.assert_close(graphed.st.feed(nxt), eager.st.feed(nxt), atol=1e-4, rtol=0)
-    assert graphed.compile and graphed.seen and graphed.captures == len(graphed.graphs) >= 2
+    assert graphed.compile and graphed.segs and graphed.captures == len(graphed.graphs) >= 2
     prompt = torch.tensor([_echo_prompt(m)], device="cuda")
     kw = dict(temperature=0, use_graphs=True, compile_step=True)
     plain = m.generate(prompt, 64, **kw)

@@ -184,7 +184,7 @@ class StaticVerifier:
         # not count against its recompile limit), or eager
         self.segment = (compile_tuned(_own_code(_segment), self.compile, self.compile_backend) if self.compile
                         else _segment)
-        self.seen: set[tuple[int, int, int, int]] = set()  # segments run: (T, first step, last step, position)
+        # per segment run so far, (T, first step, last step, position): its index tensors (_seg)
         self.segs: dict[tuple[int, int, int, int], dict] = {}
         at = self.model.blocks[1].layers[0].attn
         self.cos = self.sin = None
@@ -245,7 +245,6 @@ class StaticVerifier:
         """Steps i0..i1 (local positions p0..) through the local stage on the static KV: their logits and argmax
         into ``b["out"]`` / ``b["arg"]``."""
         seg = self._seg(T, i0, i1, p0)
-        self.seen.add((T, i0, i1, p0))
         toks = b["hist"].index_select(1, seg["tok"])
         if self.st.kernels:  # the decode kernels, every row of the segment as a batch row
             logits, arg = _segment_kernels(self, toks, seg, p0, i1 - i0 + 1)

@@ -68,9 +68,8 @@ class StaticPasses:
         return T
 
     def verify(self, tokens: torch.Tensor) -> torch.Tensor:
-        self._convert()
         n = tokens.shape[1]
-        T = self._length(n)
+        T = self._length(n)  # (room() first moves the eager state into the static buffers where it is due)
         toks = self.toks.get(T)
         if toks is None:
             toks = self.toks[T] = torch.full((self.B, T), vocab.PAD, dtype=torch.long,
