@@ -80,6 +80,11 @@ small() {  # the shipped 15.8M model (pg19_lm, also CLEVR's): omnibyte (compiled
     --length 8192 --order omnibyte+compile+graphs,mblm,omnibyte --steps 20 --warmup 3 \
     --out "$out/bench.jsonl" 2>&1 | tail -c 6000 | tee "$out/small.log"
 }
+spec_pair() {  # the speculative timing on run $1 with patch-aligned passes, then without (the spec_run step each)
+  for extra in --aligned ""; do
+    SPEC_RUN=$1 SPEC_FLAGS_EXTRA=$extra SPEC_TIMEOUT=${SPEC_TIMEOUT:-150} bash "$0" spec_run "$out/spec${extra#--}"
+  done
+}
 # the device returns at most 8 files: at the end, everything but bench.jsonl and env.txt goes into logs.tgz
 pack() {
   local rest
@@ -131,10 +136,7 @@ case "$step" in
             timeout -k 20 420 python3 benchmarks/speedrun.py --root "$pg19_root" --minutes "${SR_MINUTES:-3}" \
               --work /tmp/sr --out "$out/sweep.jsonl" --common train.compile=true train.cuda_graphs=true \
               --arm base: --only base > "$out/sweep.log" 2>&1; tail -c 1500 "$out/sweep.log"
-            for extra in --aligned ""; do
-              SPEC_RUN=/tmp/sr/runs/base SPEC_FLAGS_EXTRA=$extra SPEC_TIMEOUT=${SPEC_TIMEOUT:-150} bash "$0" spec_run \
-                "$out/spec${extra#--}"
-            done
+            spec_pair /tmp/sr/runs/base
             TESTS_PATHS="tests/test_graph_verify.py tests/test_ssm_kernels.py" TESTS_TIMEOUT=${TESTS_TIMEOUT:-150} gpu_tests ;;
   # issue 17 item 2 on an existing PG19 run (SPEC_RUN, default the 10-minute speedrun arm drop01 in /tmp/sr): the
   # speculative timing with the compiled static pass (VERIFY_COMPILE=0: uncompiled; SPEC_FLAGS_EXTRA=--aligned:
@@ -158,9 +160,7 @@ case "$step" in
                 > "$out/train360.log" 2>&1
               tail -n 5 "$out/train360.log"
             fi
-            for extra in --aligned ""; do
-              SPEC_RUN=$run360 SPEC_FLAGS_EXTRA=$extra SPEC_TIMEOUT=${SPEC_TIMEOUT:-150} bash "$0" spec_run "$out/spec${extra#--}"
-            done ;;
+            spec_pair "$run360" ;;
   # issue 17 item 3: the Mamba-2 decode kernels (ssm_kernels) against the compiled torch step for the global stage,
   # 360M config, batch 1 (then batch 4) at 1 KiB and 1 MiB, one process each, back to back; their GPU tests first
   gen_ssm)  TESTS_PATHS=tests/test_ssm_kernels.py TESTS_TIMEOUT=120 gpu_tests
