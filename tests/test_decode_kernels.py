@@ -37,24 +37,18 @@ if bias:  # nn.Linear biases start at zero; make them matter
                 p.normal_(0, 0.1)
 x = torch.randint(0, 256, (2, 22))
 
-def run(model, kernels):
-    out, gs = stepper_logits(model, x, kernels)
-    return out, gs.kernels
-
 with torch.no_grad():
     full = m(x)[:, 9:]
-    k32, used = run(m, True)
+    k32, gs = stepper_logits(m, x, True)
+    used = gs.kernels
     # 20 rows: two chunks of ROW_CHUNK rows per weight block (grid axis 1), the second ragged; asked for explicitly
     x20 = torch.randint(0, 256, (20, 13))
-    def rows(kernels):
-        st = m.new_state(20)
-        gs = GraphStepper(m, st, use_graphs=False, kernels=kernels)
-        return torch.stack([m.feed(st, x20[:, :9])] + [gs.feed(x20[:, t:t + 1]) for t in range(9, 12)], 1), gs.kernels
-    k20, used20 = rows(True)
-    t20, _ = rows(False)
+    k20, gs = stepper_logits(m, x20, True, end=12)
+    used20 = gs.kernels
+    t20, _ = stepper_logits(m, x20, False, end=12)
     mb = m.to(torch.bfloat16)
-    kb, _ = run(mb, True)
-    tb, _ = run(mb, False)
+    kb, _ = stepper_logits(mb, x, True)
+    tb, _ = stepper_logits(mb, x, False)
     st = m.new_state(17)  # above MAX_ROWS the default is the torch step
     m.feed(st, torch.randint(0, 256, (17, 9)))
     big = GraphStepper(m, st, use_graphs=False).kernels

@@ -53,15 +53,14 @@ for name, cfg, N in [("bias_mlp_20rows", dict(M2, d_state=12, headdim=32, conv_b
 GraphStepper.ssm_kernels = True
 m = tiny([(4, 32, dict(M2, d_state=12, headdim=8)), (4, 32, dict(M2, d_state=8, headdim=16))])
 x = torch.randint(0, 256, (2, 22))
-def run(model, kernels):
-    out, gs = stepper_logits(model, x, kernels)
-    return out, gs.ssm_kernels
 with torch.no_grad():
     full = m(x)[:, 9:]
-    k32, used = run(m, True)
+    k32, gs = stepper_logits(m, x, True)
+    used = gs.ssm_kernels
     mb = m.to(torch.bfloat16)
-    kb, _ = run(mb, True)
-    tb, off = run(mb, False)
+    kb, _ = stepper_logits(mb, x, True)
+    tb, gs = stepper_logits(mb, x, False)
+    off = gs.ssm_kernels
     grouped = tiny([(4, 32, dict(M2, d_state=8, headdim=8, ngroups=2)), (4, 32)])
     st = grouped.new_state(1)
     grouped.feed(st, x[:1, :9])
