@@ -162,6 +162,11 @@ def apply_stage_graphs(model: nn.Module) -> int:
     beyond that, and for other calls (eval, generation with a cache), the block runs eagerly. Each shape's
     graphs keep their own activation buffers (memory grows with the number of shapes). Autocast must run with
     ``cache_enabled=False`` (a requirement of make_graphed_callables). Returns the number of wrapped blocks.
+
+    Under DDP each rank captures its own graphs. The graphs hold no collective: the parameters' gradients
+    leave the graphed backward as ordinary autograd outputs, so DDP's hooks all-reduce them as in an eager
+    step (make_graphed_callables' warm-up and capture take gradients with ``autograd.grad``, which fires no
+    hook, so nothing is reduced twice).
     """
     n = 0
     for block in getattr(unwrap(model), "blocks", []):
@@ -216,10 +221,14 @@ def parallelize(model: nn.Module, info: DistInfo, tcfg, pcfg, bf16: bool) -> nn.
     if tcfg.compile:
         log.info("torch.compile on %d blocks", apply_compile(model))
     if getattr(tcfg, "cuda_graphs", False):
-        if info.strategy != "none":
+        if info.strategy == "fsdp2":
             from .config import ConfigError
 
-            raise ConfigError(f"train.cuda_graphs: single-process runs only (this run uses {info.strategy})")
+            # fully_shard hooks each block's forward to gather its weights: a graph would bake in one gather
+            raise ConfigError("train.cuda_graphs: not with parallel.strategy=fsdp2 (its per-block weight "
+                              "gathers are hooks a captured graph cannot replay); use ddp or one process")
+        # before DDP wraps the model (partial-network capture): the graphs hold each block's forward and
+        # backward only, so DDP's gradient all-reduce runs outside them, from its hooks, as without graphs
         n = apply_stage_graphs(model)
         log.info("CUDA graphs for %d stage block(s) on mamba-ssm kernels%s", n,
                  "" if n else " (none here: no such stage, or no CUDA / mamba-ssm)")

@@ -83,7 +83,7 @@ class TrainConfig:
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     compile: bool = False  # torch.compile each block
     activation_checkpointing: bool = False  # recompute each block in backward
-    cuda_graphs: bool = False  # one GPU: stages on mamba-ssm's kernels replayed as CUDA graphs (launch-bound)
+    cuda_graphs: bool = False  # one GPU or DDP (not FSDP2): stages on mamba-ssm's kernels replayed as CUDA graphs (launch-bound)
     warm_shapes: Literal["auto"] | bool = "auto"  # pad_to=buckets: forward+backward at every bucket before step 1 (kernel autotuning up front); auto: on CUDA without cuda_graphs
     log_every: int = 10  # steps between training-loss lines (console, metrics.jsonl, TensorBoard)
     eval_every: int = 0  # 0 = only at the end

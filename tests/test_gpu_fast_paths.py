@@ -40,3 +40,34 @@ def test_gpu_fast_paths_follow_the_eager_curve(tmp_path):
     assert fast == pytest.approx(eager, rel=2e-2)
     nan = _curve(tmp_path, "nan", fused_optimizer=True, inject_nan_at=[5, 6])  # skipped on the device
     assert nan[4] is None and nan[5] is None and nan[6] is not None
+
+
+def test_gpu_ddp_cuda_graphs_follow_the_ddp_eager_curve(tmp_path):
+    """Two DDP processes (NCCL on two GPUs; on one GPU both ranks share it over gloo): the Mamba stage replayed
+    as CUDA graphs gives the eager DDP run's loss curve, so the all-reduce (outside the graphs, from DDP's hooks)
+    reduces each step's gradients once."""
+    import os
+    import subprocess
+    import sys
+
+    from omnibyte.model.blocks.mamba2 import load_mamba_kernels
+
+    if load_mamba_kernels() is None:
+        pytest.skip("mamba-ssm Triton kernels not loadable")
+    two = torch.cuda.device_count() >= 2
+    curves = {}
+    for name, fast in (("ddp_eager", {}), ("ddp_graphs", {"compile": True, "cuda_graphs": True})):
+        cfg = write_config(tmp_path, name, model=MODEL, parallel={"strategy": "ddp", "backend": "auto" if two else "gloo"},
+                           train={"steps": 20, "log_every": 1, "eval_every": 0, "ckpt_every": 0, "warmup": 2,
+                                  "device": "cuda" if two else "cuda:0", "fused_optimizer": True, **fast})
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "omnibyte", "train", str(cfg), "--quiet"]
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+        assert res.returncode == 0, res.stderr[-4000:]
+        curves[name] = [r["loss"] for r in read_metrics(tmp_path / "runs" / name) if r["split"] == "train"]
+    log = (tmp_path / "runs/ddp_graphs/train.log").read_text()
+    assert "CUDA graphs for 1 stage block(s)" in log and "CUDA graphs captured" in log
+    eager = curves["ddp_eager"]
+    assert len(eager) == 20 and eager[-1] < eager[0]
+    assert curves["ddp_graphs"] == pytest.approx(eager, rel=2e-2)

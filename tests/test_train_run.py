@@ -153,6 +153,21 @@ def test_cuda_graphs_option_is_a_no_op_without_cuda(tmp_path):
     assert "CUDA graphs for 0 stage block(s)" in (tmp_path / "runs/graphs/train.log").read_text()
 
 
+def test_cuda_graphs_are_refused_under_fsdp2_by_name():
+    """FSDP2 gathers each block's weights from a forward hook, which a captured graph would not replay: the
+    combination is a ConfigError that says why and what works (DDP or one process), before any step."""
+    from types import SimpleNamespace
+
+    from omnibyte import build_model
+    from omnibyte.config import ConfigError
+    from omnibyte.parallel import DistInfo, parallelize
+
+    m = build_model({"stages": [{"length": 4, "width": 16, "layers": 1}, {"length": 4, "width": 16, "layers": 1}]})
+    tcfg = SimpleNamespace(activation_checkpointing=False, compile=False, cuda_graphs=True)
+    with pytest.raises(ConfigError, match=r"cuda_graphs.*fsdp2.*use ddp or one process"):
+        parallelize(m, DistInfo(strategy="fsdp2"), tcfg, SimpleNamespace(), bf16=False)
+
+
 def test_per_block_wrappers_reach_the_model_inside_the_loss_module():
     """AC, compile and FSDP2 act on the model's layers through the BatchLoss wrapper the engine trains."""
     from omnibyte import build_model

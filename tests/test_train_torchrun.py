@@ -138,3 +138,21 @@ def test_sigterm_stops_a_ddp_run_at_a_log_step_with_a_checkpoint_and_it_resumes(
     assert sorted(resumed) == sorted(whole)
     for k in whole:
         assert resumed[k] == pytest.approx(whole[k], rel=1e-5, abs=1e-6), k
+
+
+@pytest.mark.slow
+def test_ddp_run_with_cuda_graphs_on_follows_the_ddp_curve(tmp_path):
+    """train.cuda_graphs is no longer refused under DDP: the graphs sit inside each block and DDP's all-reduce
+    runs outside them (GPU: test_gpu_ddp_cuda_graphs_follow_the_ddp_eager_curve). On CPU there is no stage
+    to graph, so the 2-process run's losses equal the run without the option."""
+    curves = {}
+    for name, graphs in (("plain", False), ("graphs", True)):
+        cfg = write_config(tmp_path, name, train={"steps": 4, "log_every": 1, "eval_every": 0, "ckpt_every": 0,
+                                                  "cuda_graphs": graphs},
+                           data={"batch_size": 4}, parallel={"strategy": "ddp"})
+        cmd, env = _torchrun(cfg)
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+        assert res.returncode == 0, res.stderr[-4000:]
+        curves[name] = [r["loss"] for r in read_metrics(tmp_path / "runs" / name) if r["split"] == "train"]
+    assert len(curves["plain"]) == 4 and curves["graphs"] == curves["plain"]
+    assert "CUDA graphs for 0 stage block(s)" in (tmp_path / "runs/graphs/train.log").read_text()
