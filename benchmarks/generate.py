@@ -198,7 +198,8 @@ def bench_speculative(args, model, make_drafter, ctx: int, text: bytes | None) -
                 graph_verify=args.graph_verify,  # false, true or "aligned"
                 verify_compiled=bool(args.graph_verify and args.compile and args.verify_compile),
                 fuse_max_rows=getattr(args, "fuse_max_rows", None),
-                ssm_kernels=getattr(args, "ssm_kernels", None))
+                ssm_kernels=getattr(args, "ssm_kernels", None),
+                kernel_segments=getattr(args, "kernel_segments", None))
     times: dict[str, list[float]] = {"plain": [], "plain_graph": [], "speculative": []}
     captured = {k: False for k in times}  # a capture inside any timed call of the row
     first_difference = None  # first byte where the speculative output left its reference's (None: identical)
@@ -364,6 +365,8 @@ def main(argv: list[str] | None = None) -> None:
                    "passes too (StaticVerifier.compile_pass; 0: their eager torch ops inside the graphs, to compare)")
     p.add_argument("--graph-verify", action="store_true", help="--speculative: verification passes on the kept "
                    "GraphStepper's static buffers, as CUDA graphs (generate(..., graph_verify=True))")
+    p.add_argument("--kernel-segments", type=int, default=None, help="--graph-verify: the passes' segments through "
+                   "the decode kernels (StaticVerifier.kernel_segments, 1/0; default: up to kernels.MAX_ROWS rows)")
     p.add_argument("--aligned", action="store_true", help="--graph-verify: patch-aligned passes "
                    "(generate(..., graph_verify=\"aligned\"))")
     args = p.parse_args(argv)
@@ -381,6 +384,10 @@ def main(argv: list[str] | None = None) -> None:
     args.fuse_max_rows = graphs.FUSE_MAX_ROWS  # recorded in the rows
     if args.ssm_kernels is not None:
         graphs.GraphStepper.ssm_kernels = bool(args.ssm_kernels)
+    if args.kernel_segments is not None:
+        from omnibyte.model.inference.graph_verify import StaticVerifier
+
+        StaticVerifier.kernel_segments = bool(args.kernel_segments)
     if args.speculative:
         return main_speculative(args)
     from omnibyte.model.inference.graphs import GraphStepper

@@ -49,8 +49,9 @@ with torch.no_grad():
     mb = m.to(torch.bfloat16)
     kb, _ = stepper_logits(mb, x, True)
     tb, _ = stepper_logits(mb, x, False)
-    st = m.new_state(17)  # above MAX_ROWS the default is the torch step
-    m.feed(st, torch.randint(0, 256, (17, 9)))
+    from omnibyte.model.inference.kernels import MAX_ROWS
+    st = m.new_state(MAX_ROWS + 1)  # above MAX_ROWS the default is the torch step
+    m.feed(st, torch.randint(0, 256, (MAX_ROWS + 1, 9)))
     big = GraphStepper(m, st, use_graphs=False).kernels
 print(json.dumps(dict(used=used, big=big, used20=used20, err20=(k20 - t20).abs().max().item(),
                       err32=(k32 - full).abs().max().item(), errbf16=(kb - tb).abs().max().item(),

@@ -403,6 +403,8 @@ with torch.no_grad():
     seg_calls = []
     real = graph_verify._segment_kernels
     graph_verify._segment_kernels = lambda *a: seg_calls.append(1) or real(*a)
+    default = StaticVerifier(gs).kernels  # 2 x 4 rows per segment: over kernels.MAX_ROWS, torch segments
+    StaticVerifier.kernel_segments = True  # asked for: the segments through the kernels too
     v, n, worst, passes = StaticVerifier(gs), 6, 0.0, 0
     while n < 55:
         if random.random() < 0.5:  # a pass of T tokens, keeping a random prefix
@@ -416,7 +418,8 @@ with torch.no_grad():
             o = gs.feed(x[:, n:n + 1])
             n += 1
             worst = max(worst, (o - full[:, n]).abs().max().item())
-print(json.dumps(dict(kernels=gs.kernels, worst=worst, passes=passes, segment_kernel_calls=len(seg_calls))))
+print(json.dumps(dict(kernels=gs.kernels, default=default, worst=worst, passes=passes,
+                      segment_kernel_calls=len(seg_calls))))
 """
 
 
@@ -438,17 +441,20 @@ def test_static_passes_interleave_with_the_kernel_step_interpreted():
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["kernels"] is True and r["passes"] > 5 and r["segment_kernel_calls"] >= r["passes"]
+    assert r["default"] is False  # by default segments of more rows than kernels.MAX_ROWS take the torch ops
     assert r["worst"] < 1e-5, r
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("kernels", [True, False])
-def test_gpu_captured_pass_equals_the_eager_static_pass(kernels):
+def test_gpu_captured_pass_equals_the_eager_static_pass(kernels, monkeypatch):
     """The CUDA graph of each (start phase, T) -- its segments through the decode kernels (segment_kernels) or torch
     ops -- gives the eager torch static pass's logits, and rollback after a replay leaves the stepper as the eager
     one (then fed on: same logits)."""
     from omnibyte.model.blocks.mamba2 import load_mamba_kernels
+
+    monkeypatch.setattr(StaticVerifier, "kernel_segments", kernels)
 
     if load_mamba_kernels() is None:
         pytest.skip("mamba-ssm Triton kernels not loadable")
@@ -461,7 +467,7 @@ def test_gpu_captured_pass_equals_the_eager_static_pass(kernels):
             toks = torch.randint(0, 256, (2, T), generator=g).cuda()
             graphed = StaticVerifier(_stepper(m, prompt, True, kernels))
             eager = StaticVerifier(_stepper(m, prompt, False, False))
-            assert graphed.st.kernels is kernels
+            assert graphed.st.kernels is kernels and graphed.kernels is kernels
             for keep in (1, T):
                 a, b = graphed.run(toks).clone(), eager.run(toks).clone()
                 torch.testing.assert_close(a, b, atol=1e-4, rtol=0)

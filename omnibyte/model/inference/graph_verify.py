@@ -131,7 +131,7 @@ def _segment(ver: StaticVerifier, toks: torch.Tensor, seg: dict) -> tuple[torch.
 
 
 def _segment_kernels(ver: StaticVerifier, toks: torch.Tensor, seg: dict, p0: int, L: int):
-    """The same with the stepper's decode kernels (``stepper.kernels``): the Transformer stage through
+    """The same with the stepper's decode kernels (``StaticVerifier.kernels``): the Transformer stage through
     :func:`~omnibyte.model.inference.segment_kernels.transformer_segment` (positions p0.. as ints: each captured
     graph serves one segment anyway), nothing to compile."""
     from .segment_kernels import transformer_segment as kernel_segment
@@ -175,11 +175,22 @@ class StaticVerifier:
 
     compile_backend = "inductor"  # (tests: "eager" / "aot_eager" check the dynamo path alone)
     compile_pass = True  # False: the passes run their eager torch ops even where the stepper is compiled (to compare)
+    # segments through the stepper's decode kernels (segment_kernels) where its steps use them: None (default) only
+    # while a segment's rows (batch x Q_0) are within kernels.MAX_ROWS, the row count up to which the kernels beat
+    # the torch step's matrix products; True / False: always / never. (The kernels loop over rows: on an H100 a
+    # segment of 8 rows of the 360M shape took ~2.4 ms through them, ~4.5 plain steps, so verification cost more
+    # than it saved.)
+    kernel_segments: bool | None = None
 
     def __init__(self, stepper):
         check_supported(stepper.model)
         self.st, self.model = stepper, stepper.model
         self.compile = getattr(stepper, "compiled", False) if self.compile_pass else False
+        from . import kernels as decode_kernels
+
+        self.rule = rule = type(self).kernel_segments
+        self.kernels = bool(stepper.kernels and (stepper.N * stepper.Q0 <= decode_kernels.MAX_ROWS if rule is None
+                                                 else rule))
         # the segment's local work: compiled once (a code object of its own, so that verifiers of other steppers do
         # not count against its recompile limit), or eager
         self.segment = (compile_tuned(_own_code(_segment), self.compile, self.compile_backend) if self.compile
@@ -246,7 +257,7 @@ class StaticVerifier:
         into ``b["out"]`` / ``b["arg"]``."""
         seg = self._seg(T, i0, i1, p0)
         toks = b["hist"].index_select(1, seg["tok"])
-        if self.st.kernels:  # the decode kernels, every row of the segment as a batch row
+        if self.kernels:  # the decode kernels, every row of the segment as a batch row
             logits, arg = _segment_kernels(self, toks, seg, p0, i1 - i0 + 1)
         else:
             logits, arg = self.segment(self, toks, seg)
@@ -327,7 +338,7 @@ class StaticVerifier:
 def verifier(stepper) -> StaticVerifier:
     """The StaticVerifier kept on ``stepper`` (its captured graphs live as long as the kept stepper)."""
     v = stepper.__dict__.get("_static_verifier")
-    if v is None:
+    if v is None or v.rule is not StaticVerifier.kernel_segments:  # (asked for kernel segments or not since)
         v = StaticVerifier(stepper)
         stepper.__dict__["_static_verifier"] = v
     return v

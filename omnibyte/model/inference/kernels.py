@@ -48,7 +48,13 @@ def available(device: torch.device) -> bool:
 
 
 MAX_K = 4096  # each program holds whole rows of its weight block (input widths up to this)
-MAX_ROWS = 16  # GraphStepper uses the kernels by default up to this batch size (larger: kernels=True)
+# GraphStepper uses the kernels by default up to this batch size (larger: kernels=True). A program loops over its
+# rows one after another, so a step's time grows by ~0.12 ms a row (H100, 360M config: 0.41 ms at batch 1, 0.75 at 4,
+# 2.25 at 16), where the torch step's matrix products took 0.96 ms at 16 rows (2.3x the kernels' total bytes/s).
+# From 8 rows the torch step wins (0.96 ms at 16 is under the kernels' ~1.2 ms at 8). At 4 the torch step with
+# matrix-product linears is not measured yet, so the crossover (between 2 and 8 rows) is open: 4 keeps the
+# kernels where they measured well (benchmarks/RESULTS.md, eleventh session).
+MAX_ROWS = 4
 ROW_CHUNK = 16  # batch rows per program (a larger batch: more programs per weight block, grid axis 1)
 
 
