@@ -13,6 +13,7 @@ import pytest
 from omnibyte.model.inference import graphs
 from omnibyte.model.inference import kernels as decode_kernels
 from omnibyte.model.inference.decoder import Decoder
+from omnibyte.model.inference.graph_verify import StaticVerifier
 from omnibyte.model.inference.graphs import GraphStepper
 from tests.model_helpers import load_benchmark, one_thread  # noqa: F401 - one_thread: an autouse fixture
 
@@ -20,7 +21,7 @@ from tests.model_helpers import load_benchmark, one_thread  # noqa: F401 - one_t
 @pytest.fixture
 def bench(monkeypatch):
     for obj, attr in ((Decoder, "static_step_off_cuda"), (GraphStepper, "fuse_linears"), (decode_kernels, "use_pdl"),
-                      (graphs, "FUSE_MAX_ROWS"), (GraphStepper, "ssm_kernels")):
+                      (graphs, "FUSE_MAX_ROWS"), (GraphStepper, "ssm_kernels"), (StaticVerifier, "kernel_segments")):
         monkeypatch.setattr(obj, attr, getattr(obj, attr))  # the benchmark sets them: restored after the test
     return load_benchmark(monkeypatch, "generate")
 
