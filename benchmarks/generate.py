@@ -342,7 +342,8 @@ def main(argv: list[str] | None = None) -> None:
                    "(auto: on CUDA; 1/0)")
     p.add_argument("--pdl", type=int, default=1, help="decode kernels: programmatic dependent launch (1/0)")
     p.add_argument("--ssm-kernels", type=int, default=None, help="--graph with the decode kernels: Mamba-2 stages "
-                   "through ssm_kernels (GraphStepper.ssm_kernels, 1/0; default: the class's)")
+                   "through ssm_kernels (GraphStepper.ssm_kernels, 1/0; default: the class's, off: they failed their "
+                   "GPU test, see RESULTS.md)")
     p.add_argument("--fuse-linears", type=int, default=1, help="--compile: GraphStepper.fuse_linears (1/0)")
     p.add_argument("--fuse-max-rows", type=int, default=None, help="--compile: graphs.FUSE_MAX_ROWS, the most rows "
                    "(batch x positions) a linear is fused for (default: the module's)")

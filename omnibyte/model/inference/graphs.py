@@ -25,6 +25,8 @@ steps compiled) for earlier states replay unchanged. ``Decoder.generate`` keeps 
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
@@ -33,6 +35,8 @@ from ..blocks.ssm_stack import SSMStack
 from ..blocks.transformer import TransformerBlock
 from ..cache import GenerationState
 from ..layers import apply_rope, rope_cos_sin
+
+log = logging.getLogger("omnibyte.model")
 
 # the fused form below is a reduction per output element, so it reads the weight once per row of ``x``; over this
 # many rows (batch x positions: batches, static verification's segments) a linear is a matrix product, which
@@ -153,7 +157,9 @@ class GraphStepper:
     # 1,361 vs 1,207 bytes/s with aten's GEMV in the same job
     fuse_linears = True
     # with the decode kernels, Mamba-2 stages through the Triton kernels of ssm_kernels (three per layer) instead of
-    # the compiled torch step; opt-in until measured on a GPU (benchmarks/generate.py --ssm-kernels 1)
+    # the compiled torch step. Opt-in and NOT trusted: on an H100 they were 10.6% faster at batch 1 (2,712 vs 2,453
+    # bytes/s) but failed their GPU test against the torch step (fp32 under CUDA graphs: 4.1e-3 off, tolerance 1e-3;
+    # bf16 eager: 0.217 off, tolerance 0.083; cause not found), so turning them on logs a warning
     ssm_kernels = False
 
     def __init__(self, model, state: GenerationState, use_graphs: bool | None = None,
@@ -208,6 +214,8 @@ class GraphStepper:
         self.ssm_kernels = bool(self.kernels and type(self).ssm_kernels and all(
             ssm_kernels.supports(b) for b in blocks if isinstance(b, SSMStack)))
         if self.ssm_kernels:
+            log.warning("GraphStepper.ssm_kernels: the Mamba-2 decode kernels failed their GPU test against the torch "
+                        "step (benchmarks/RESULTS.md, eleventh session): outputs may differ beyond rounding")
             self.ssm_step = ssm_kernels.ssm_stage_step
 
     def reset(self, state: GenerationState) -> None:
