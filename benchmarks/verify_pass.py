@@ -7,7 +7,9 @@ sync and rollback -- costs less than the plain steps of the bytes it keeps. That
 through the bytes kept, so it can be measured without a trained model or a drafter: the kept GraphStepper
 (graphed, compiled as ``generate(use_graphs=True, compile_step=True)``) steps plain bytes, then its
 :class:`~omnibyte.model.inference.graph_verify.StaticVerifier` runs passes of each T from every start phase (the
-argmax read on the host, ``rollback(1)``: the phases rotate), each pass captured before the timing.
+argmax read on the host, ``rollback(1)``: the phases rotate), each pass captured before the timing. Plain steps
+are timed back to back with no host read between them, so their cost is a lower bound and the byte counts below
+are on the safe side.
 
 One JSON line per (segments, T): milliseconds per plain step and per round, and the bytes a round must keep for the
 speculative decoder to match plain decoding (``break_even_bytes``: their ratio) and to double it (``bytes_for_2x``;
