@@ -2,10 +2,10 @@
 # The GPU jobs behind benchmarks/RESULTS.md (model section). From the repository root, on a machine with
 # one H100 / H200, with the wheels of ../shared/wheels/gpu-py312 copied to .whl/:
 #   bash benchmarks/run_gpu.sh STEP OUTDIR
-# STEP: tests | train | generate | gen_table | context | vqa | first | small | small_ctx | pg19 | clevr | clevr_tests | issue17 | spec_static | spec_run | spec360 | gen64 | gen_ssm | verify_pass | speedrun (each fits in one 10-minute device command; a fresh machine
+# STEP: tests | train | generate | gen_table | context | vqa | first | small | small_ctx | pg19 | clevr | clevr_tests | issue17 | spec_static | spec_run | spec360 | gen64 | gen_ssm | verify_pass | triage | speedrun (each fits in one 10-minute device command; a fresh machine
 # spends ~2 minutes on Triton JIT + autotuning of mamba-ssm's kernels in its first process).
 set -uo pipefail
-step=${1:?step: tests|train|generate|gen_table|context|vqa|first|small|small_ctx|pg19|clevr|clevr_tests|issue17|spec_static|spec_run|spec360|gen64|gen_ssm|verify_pass|speedrun}
+step=${1:?step: tests|train|generate|gen_table|context|vqa|first|small|small_ctx|pg19|clevr|clevr_tests|issue17|spec_static|spec_run|spec360|gen64|gen_ssm|verify_pass|triage|speedrun}
 out=${2:-/tmp/omnibyte_bench}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -183,6 +183,11 @@ case "$step" in
   verify_pass) timeout "${VP_TIMEOUT:-300}" python3 benchmarks/verify_pass.py --preset mblm360m --T "${VP_T:-5,9}" \
               --segments "${VP_SEGMENTS:-torch,kernels}" --out "$out/bench.jsonl" > "$out/verify_pass.log" 2>&1
             tail -c 2500 "$out/verify_pass.log" ;;
+  # the eleventh session's open GPU questions in one call: verify_pass (torch vs kernel segments), then the GPU tests
+  # of CUDA graphs under DDP, of the Mamba-2 decode kernels (per graphs / PDL combination) and of the static passes
+  triage)   VP_TIMEOUT=${VP_TIMEOUT:-270} VP_T=${VP_T:-5,9} bash "$0" verify_pass "$out/vp"
+            TESTS_PATHS="tests/test_gpu_fast_paths.py::test_gpu_ddp_cuda_graphs_follow_the_ddp_eager_curve
+              tests/test_ssm_kernels.py tests/test_graph_verify.py" TESTS_TIMEOUT=${TESTS_TIMEOUT:-270} gpu_tests ;;
   # issue 18 item 4: speedrun arms (SR_ARMS: NAME:override,... space-separated; SR_ONLY picks; SR_MINUTES;
   # SR_FINAL=1: the test book, its looks recorded in benchmarks/speedrun_looks.jsonl, SR_LOOK_AGAIN=1 after one);
   # --call-seconds pauses a long arm with a checkpoint: run the same step again on the warm machine to go on
