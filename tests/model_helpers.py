@@ -13,6 +13,7 @@ TF = {"name": "transformer", "heads": 2}
 M2 = {"name": "mamba2_ref", "d_state": 8, "headdim": 8, "chunk_size": 4}
 M2K = dict(M2, name="mamba2")
 M1 = {"name": "mamba1", "d_state": 4}
+TF360 = {"name": "transformer", "heads": 16, "head_dim": 64, "mlp_hidden": 1344}  # the 360M config's local layer
 
 
 def tiny(stages, block=TF, seed=0, **kw):
@@ -46,15 +47,16 @@ def assert_cached_matches_forward(m, x: torch.Tensor, prompt: int, atol: float) 
     assert torch.allclose(torch.stack(outs, 1), full[:, prompt:], atol=atol)
 
 
-def stepper_logits(model, x: torch.Tensor, kernels: bool, prompt: int = 9, end: int | None = None):
-    """Logits of a GraphStepper (eager, no graphs; ``kernels``: its decode kernels) after feeding ``x[:, :prompt]``
-    eagerly then one byte at a time up to ``end`` (default: all but the last byte), stacked (N, end - prompt + 1, V),
-    and the stepper (to ask which kernels it used)."""
+def stepper_logits(model, x: torch.Tensor, kernels: bool, prompt: int = 9, end: int | None = None,
+                   use_graphs: bool = False):
+    """Logits of a GraphStepper (eager unless ``use_graphs``; ``kernels``: its decode kernels) after feeding
+    ``x[:, :prompt]`` eagerly then one byte at a time up to ``end`` (default: all but the last byte), stacked
+    (N, end - prompt + 1, V), and the stepper (to ask which kernels it used)."""
     from omnibyte.model.inference.graphs import GraphStepper
 
     end = x.shape[1] - 1 if end is None else end
     st = model.new_state(x.shape[0])
-    gs = GraphStepper(model, st, use_graphs=False, kernels=kernels)
+    gs = GraphStepper(model, st, use_graphs=use_graphs, kernels=kernels)
     outs = [model.feed(st, x[:, :prompt])] + [gs.feed(x[:, t:t + 1]) for t in range(prompt, end)]
     return torch.stack(outs, 1), gs
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from model_helpers import M2, M2K, tiny  # noqa: F401
+from model_helpers import M2, M2K, TF360, stepper_logits, tiny  # noqa: F401
 
 triton = pytest.importorskip("triton")
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -119,20 +119,13 @@ def test_gpu_kernel_step_matches_torch_step(dtype):
     """Compiled on CUDA: the kernel stepper's logits == the torch stepper's, same weights and bytes (eager,
     no graphs), including a 16x64-head layer shaped like the 360M config's local stage."""
     from omnibyte.model.blocks.mamba2 import load_mamba_kernels
-    from omnibyte.model.inference.graphs import GraphStepper
 
     if load_mamba_kernels() is None:
         pytest.skip("mamba-ssm Triton kernels not loadable")
-    tf = {"name": "transformer", "heads": 16, "head_dim": 64, "mlp_hidden": 1344}
-    m = tiny([(8, 1024, dict(M2K, d_state=32, headdim=64, chunk_size=16)), (8, 1024, tf)]).cuda().to(dtype)
+    m = tiny([(8, 1024, dict(M2K, d_state=32, headdim=64, chunk_size=16)), (8, 1024, TF360)]).cuda().to(dtype)
     x = torch.randint(0, 256, (2, 40), device="cuda")
-    res = []
     with torch.no_grad():
-        for k in (True, False):
-            st = m.new_state(2)
-            gs = GraphStepper(m, st, use_graphs=False, kernels=k)
-            outs = [m.feed(st, x[:, :9])] + [gs.feed(x[:, t:t + 1]) for t in range(9, 39)]
-            res.append(torch.stack(outs, 1))
+        res = [stepper_logits(m, x, k)[0] for k in (True, False)]
     err = (res[0] - res[1]).abs().max().item()
     tol = 1e-3 if dtype == torch.float32 else 0.03 * res[1].abs().max().item()
     assert err < tol, (err, tol)

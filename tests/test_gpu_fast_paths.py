@@ -46,9 +46,9 @@ def test_gpu_ddp_cuda_graphs_follow_the_ddp_eager_curve(tmp_path):
     """Two DDP processes (NCCL on two GPUs; on one GPU both ranks share it over gloo): the Mamba stage replayed
     as CUDA graphs gives the eager DDP run's loss curve, so the all-reduce (outside the graphs, from DDP's hooks)
     reduces each step's gradients once."""
-    import os
     import subprocess
-    import sys
+
+    from test_train_torchrun import _torchrun
 
     from omnibyte.model.blocks.mamba2 import load_mamba_kernels
 
@@ -61,9 +61,7 @@ def test_gpu_ddp_cuda_graphs_follow_the_ddp_eager_curve(tmp_path):
         cfg = write_config(tmp_path, name, model=MODEL, parallel={"strategy": "ddp", "backend": "auto" if two else "gloo"},
                            train={"steps": 20, "log_every": 1, "eval_every": 0, "ckpt_every": 0, "warmup": 2,
                                   "device": "cuda" if two else "cuda:0", "fused_optimizer": False, **fast})
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "omnibyte", "train", str(cfg), "--quiet"]
+        cmd, env = _torchrun(cfg)
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
         assert res.returncode == 0, res.stderr[-4000:]
         curves[name] = [r["loss"] for r in read_metrics(tmp_path / "runs" / name) if r["split"] == "train"]
