@@ -57,10 +57,14 @@ def _omnibyte(*args: str) -> list[str]:
     return [sys.executable, "-m", "omnibyte", *args]
 
 
-def _train_records(run: Path) -> list[dict]:
+def _records(run: Path, split: str) -> list[dict]:
     from omnibyte.logging import read_metrics
 
-    return [r for r in read_metrics(run) if r.get("split") == "train"]
+    return [r for r in read_metrics(run) if r.get("split") == split]
+
+
+def _train_records(run: Path) -> list[dict]:
+    return _records(run, "train")
 
 
 def validation_curve(run: Path) -> list[list[float]]:
@@ -68,10 +72,8 @@ def validation_curve(run: Path) -> list[list[float]]:
     trainer's figure over the validation split's chunks, not ``omnibyte eval``'s whole-book score): where an arm
     stopped improving, e.g. from reading its data too many times. Diagnostic only: arms are chosen on the final
     score."""
-    from omnibyte.logging import read_metrics
-
-    return [[r["step"], round(r["bpb"], 4)] for r in read_metrics(run)
-            if r.get("split") == "validation" and isinstance(r.get("bpb"), (int, float))]
+    return [[r["step"], round(r["bpb"], 4)] for r in _records(run, "validation")
+            if isinstance(r.get("bpb"), (int, float))]
 
 
 def steady_rate(recs: list[dict], what: str) -> float:
@@ -232,8 +234,8 @@ def one_arm(name: str, overrides: list[str], a, work: Path, started: float) -> d
             "over_budget": tm["training_s"] is not None and tm["training_s"] > budget, **tm,
             "invocations": len(plan["invocations"]), "calibration_startup_s": plan["calibration_startup_s"],
             "allowance_s": round(allowance, 1), "validation_bpb": val["bpb"], "validation_word_ppl": val["word_ppl"],
-            "validation_curve": validation_curve(run_dir), "run": str(run_dir), "common": list(a.common), "root": a.root, "margin_s": a.margin,
-            "calibrate_steps": a.calibrate_steps}
+            "validation_curve": validation_curve(run_dir), "run": str(run_dir), "common": list(a.common),
+            "root": a.root, "margin_s": a.margin, "calibrate_steps": a.calibrate_steps}
 
 
 def main() -> None:
