@@ -331,6 +331,12 @@ def linear_residual(h: torch.Tensor, lin, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def check_kv(kc: torch.Tensor, vc: torch.Tensor, who: str) -> None:
+    """The kernels index the KV cache as contiguous (N, H, P, hd): a ValueError naming ``who`` otherwise."""
+    if not (kc.is_contiguous() and vc.is_contiguous()):
+        raise ValueError(f"{who}: the KV cache must be contiguous (N, H, P, hd)")
+
+
 def attention_out_residual(qkv: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, rope, pos: int, attn,
                            x: torch.Tensor, seg: int = 0) -> torch.Tensor:
     """x + attn.out(attention of the new position ``pos`` over cache slots < pos and itself); writes the new
@@ -340,8 +346,7 @@ def attention_out_residual(qkv: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor
     ``rope`` is then the tables over all P slots."""
     _, H, P, hd = kc.shape
     N = x.shape[0]
-    if not (kc.is_contiguous() and vc.is_contiguous()):
-        raise ValueError("attention_out_residual: the KV cache must be contiguous (N, H, P, hd)")
+    check_kv(kc, vc, "attention_out_residual")
     if not 0 <= pos < P:
         raise ValueError(f"attention_out_residual: position {pos} outside the cache of {P} slots")
     R = attn.out.weight.shape[0]

@@ -55,8 +55,7 @@ def transformer_segment(blk, x: torch.Tensor, caches: list[dict], rope, p0: int,
     for lay, c in zip(blk.layers, caches):
         qkv = K.norm_linear(h, lay.norm1, lay.attn.qkv)
         kc, vc = c["k"], c["v"]
-        if not (kc.is_contiguous() and vc.is_contiguous()):
-            raise ValueError("transformer_segment: the KV cache must be contiguous (N, H, P, hd)")
+        K.check_kv(kc, vc, "transformer_segment")  # before _kv_write writes into it
         _, H, P, hd = kc.shape
         cos, sin = rope if rope is not None else (qkv, qkv)
         _kv_write[(N * R,)](qkv, kc, vc, cos, sin, p0, R, L, P, qkv.stride(0), kc.stride(0), H=H, HD=hd,
