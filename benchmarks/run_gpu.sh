@@ -80,9 +80,14 @@ small() {  # the shipped 15.8M model (pg19_lm, also CLEVR's): omnibyte (compiled
     --length 8192 --order omnibyte+compile+graphs,mblm,omnibyte --steps 20 --warmup 3 \
     --out "$out/bench.jsonl" 2>&1 | tail -c 6000 | tee "$out/small.log"
 }
-spec_pair() {  # the speculative timing on run $1 with patch-aligned passes, then without (the spec_run step each)
-  for extra in --aligned ""; do
-    SPEC_RUN=$1 SPEC_FLAGS_EXTRA=$extra SPEC_TIMEOUT=${SPEC_TIMEOUT:-150} bash "$0" spec_run "$out/spec${extra#--}"
+spec_pair() {  # the speculative timing on run $1 in each of SPEC_MODES (default "aligned plain": patch-aligned passes,
+  # then not; the spec_run step each), SPEC_TIMEOUT seconds each (SPEC_TIMEOUT_ALIGNED for the aligned one)
+  local mode extra
+  for mode in ${SPEC_MODES:-aligned plain}; do
+    case "$mode" in aligned) extra=--aligned ;; plain) extra="" ;; *) echo "SPEC_MODES: unknown mode $mode" >&2; return 1 ;; esac
+    local t=${SPEC_TIMEOUT:-150}
+    [ "$mode" = aligned ] && t=${SPEC_TIMEOUT_ALIGNED:-$t}
+    SPEC_RUN=$1 SPEC_FLAGS_EXTRA=$extra SPEC_TIMEOUT=$t bash "$0" spec_run "$out/spec${extra#--}"
   done
 }
 # the device returns at most 8 files: at the end, everything but bench.jsonl and env.txt goes into logs.tgz
