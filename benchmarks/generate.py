@@ -28,8 +28,11 @@ is compared with the eager plain output. The target is ``--run RUN`` (a trained 
 model) or ``--draft self`` (the target drafts for itself: acceptance 1, the verification machinery's cost and
 best case; with ``--draft-layers 4,2`` only its first layers per stage draft: self-speculation by layer
 skipping). Acceptance rates only mean something for trained models on real text (``--prompt-file``: the
-prompt is its first ``context`` bytes). Times include each call's prefill (reported separately); plain and
-speculative runs alternate ``--repeat`` times and the medians are reported. ``generate`` keeps its CUDA-graph
+prompt is its first ``context`` bytes). ``bytes_per_s`` and ``total_s`` include each call's prefill of the
+prompt (``prefill_s``: the eager one's); ``decode_bytes_per_s`` leaves it out, as the plain rows of the batch
+table do: each path's call of ``--new`` bytes minus its call of one byte (prefill and set-up, no step), for the
+other ``--new`` - 1 bytes, and ``decode_speedup_vs_best_plain`` compares those (the decoder's own speed-up). Plain and speculative runs alternate
+``--repeat`` times and the medians are reported. ``generate`` keeps its CUDA-graph
 stepper between calls, so the untimed warm-up calls (``--new`` bytes each: every phase of the patch) capture
 its graphs and the timed ``plain_graph`` calls replay them: the rows compare decoding with decoding
 (``capture_in_timing`` says so; it is true only where a timed call captured or compiled). On CPU, ``--graph``
@@ -164,6 +167,15 @@ def _prefill_s(model, prompt, dev: str) -> float:
     return now() - t0
 
 
+def _decode_rate(nbytes: int, seconds: list[float]) -> float | None:
+    """Bytes per second from the per-repeat decoding times (a call minus its 1-byte call), their median; null
+    where there is nothing to time (one new byte) or the difference is not positive (noise over no work)."""
+    import statistics
+
+    t = statistics.median(seconds)
+    return round(nbytes / t, 1) if nbytes > 0 and t > 0 else None
+
+
 def bench_speculative(args, model, make_drafter, ctx: int, text: bytes | None) -> list[dict]:
     """Plain greedy (eager, and with --graph the CUDA-graph step) and speculative greedy after one prompt,
     alternated ``--repeat`` times (medians reported, so a machine whose load drifts skews both alike)."""
@@ -201,22 +213,27 @@ def bench_speculative(args, model, make_drafter, ctx: int, text: bytes | None) -
                 ssm_kernels=getattr(args, "ssm_kernels", None),
                 kernel_segments=getattr(args, "kernel_segments", None))
     times: dict[str, list[float]] = {"plain": [], "plain_graph": [], "speculative": []}
+    decode: dict[str, list[float]] = {k: [] for k in times}  # each call minus the same path's 1-byte call
     captured = {k: False for k in times}  # a capture inside any timed call of the row
     first_difference = None  # first byte where the speculative output left its reference's (None: identical)
+
+    def timed(name, **kw):
+        """The path's call of --new bytes, then its call of one byte (prefill and set-up, no step): their
+        difference is the decoding of the other bytes alone."""
+        out, dt, cap = _timed_generate(model, prompt, args.new, dev, **kw)
+        kw1 = dict(kw, draft=make_drafter()) if "draft" in kw else kw
+        _, dt1, cap1 = _timed_generate(model, prompt, 1, dev, **kw1)
+        times[name].append(dt)
+        decode[name].append(dt - dt1)
+        captured[name] |= cap or cap1
+        return out
+
     for _ in range(args.repeat):
-        plain, dt, cap = _timed_generate(model, prompt, args.new, dev)
-        times["plain"].append(dt)
-        captured["plain"] |= cap
+        plain = timed("plain")
         if args.graph:
-            graph, dt, cap = _timed_generate(model, prompt, args.new, dev, use_graphs=True,
-                                             compile_step=args.compile)
-            times["plain_graph"].append(dt)
-            captured["plain_graph"] |= cap
+            graph = timed("plain_graph", use_graphs=True, compile_step=args.compile)
         drafter = make_drafter()
-        spec, dt, cap = _timed_generate(model, prompt, args.new, dev, draft=drafter, draft_len=args.draft_len,
-                                        **spec_kw)
-        times["speculative"].append(dt)
-        captured["speculative"] |= cap
+        spec = timed("speculative", draft=drafter, draft_len=args.draft_len, **spec_kw)
         # static verification computes as the graphed step does: with --graph its output is the reference (in
         # bf16 the graphed and eager plain outputs can differ at near-ties; both comparisons are recorded)
         ref, ref_name = (graph, "graphed plain") if args.graph_verify and args.graph else (plain, "plain")
@@ -226,23 +243,29 @@ def bench_speculative(args, model, make_drafter, ctx: int, text: bytes | None) -
                   f"its row says same_output_as_reference false", file=sys.stderr)
     med = {k: statistics.median(v) for k, v in times.items() if v}
     bps = {k: round(args.new / t, 1) for k, t in med.items()}
-    rows = [dict(base, impl="plain", bytes_per_s=bps["plain"], total_s=round(med["plain"], 3),
-                 prefill_s=round(_prefill_s(model, prompt, dev), 3), capture_in_timing=captured["plain"])]
+    dec = {k: _decode_rate(args.new - 1, v) for k, v in decode.items() if v}
+
+    def timing(name):
+        return dict(bytes_per_s=bps[name], total_s=round(med[name], 3), decode_bytes_per_s=dec[name],
+                    capture_in_timing=captured[name])
+
+    rows = [dict(base, impl="plain", **timing("plain"), prefill_s=round(_prefill_s(model, prompt, dev), 3))]
     if args.graph:
-        rows.append(dict(base, impl="plain_graph", compile=args.compile, bytes_per_s=bps["plain_graph"],
-                         total_s=round(med["plain_graph"], 3), same_output_as_eager=bool(torch.equal(graph, plain)),
-                         capture_in_timing=captured["plain_graph"], cuda_graphs=str(dev).startswith("cuda")))
+        rows.append(dict(base, impl="plain_graph", compile=args.compile, **timing("plain_graph"),
+                         same_output_as_eager=bool(torch.equal(graph, plain)), cuda_graphs=str(dev).startswith("cuda")))
     best = max(r["bytes_per_s"] for r in rows)
+    best_decode = max((r["decode_bytes_per_s"] for r in rows if r["decode_bytes_per_s"] is not None), default=None)
     dmodel = getattr(drafter, "model", None)  # LookupDrafter: none
-    rows.append(dict(base, impl="speculative", draft_len=args.draft_len, bytes_per_s=bps["speculative"],
-                     total_s=round(med["speculative"], 3), capture_in_timing=captured["speculative"],
+    rows.append(dict(base, impl="speculative", draft_len=args.draft_len, **timing("speculative"),
                      draft_prefill_s=round(_prefill_s(dmodel, prompt, dev), 3) if dmodel is not None else None,
                      **speculative_stats(drafter, spec.shape[1]),
                      same_output_as_reference=first_difference is None, first_difference=first_difference,
                      same_output_as_plain=bool(torch.equal(spec, plain)),
                      same_output_as_plain_graph=bool(torch.equal(spec, graph)) if args.graph else None,
                      speedup_vs_plain_eager=round(med["plain"] / med["speculative"], 3),
-                     speedup_vs_best_plain=round(bps["speculative"] / best, 3)))
+                     speedup_vs_best_plain=round(bps["speculative"] / best, 3),
+                     decode_speedup_vs_best_plain=(round(dec["speculative"] / best_decode, 3)
+                                                   if dec["speculative"] is not None and best_decode else None)))
     if args.profile:  # after the timings: where a speculative call's time goes
         rows.append(dict(base, **profile_speculative(model, prompt, args.new, make_drafter(), args.draft_len, spec_kw,
                                                      args.profile)))

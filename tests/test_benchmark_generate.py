@@ -45,6 +45,14 @@ def _check_stats(row: dict) -> None:
                                      else None)
 
 
+def _check_decode(rows: list[dict]) -> None:
+    """Every row times decoding without the prefill too (its call minus its 1-byte call), and the speculative
+    row's decode speed-up is its decode rate over the best plain row's."""
+    dec = [r["decode_bytes_per_s"] for r in rows]
+    assert all(d is not None and d > 0 for d in dec)
+    assert rows[-1]["decode_speedup_vs_best_plain"] == pytest.approx(dec[-1] / max(dec[:-1]), abs=1e-3)
+
+
 def test_speculative_rows_time_decoding_only(bench, tmp_path):
     rows = _rows(bench, tmp_path, "--speculative", "--draft", "lookup", "--graph", "--new", "20", "--repeat", "1")
     assert [r["impl"] for r in rows] == ["plain", "plain_graph", "speculative"]
@@ -52,6 +60,7 @@ def test_speculative_rows_time_decoding_only(bench, tmp_path):
     assert rows[1]["same_output_as_eager"] and rows[1]["cuda_graphs"] is False
     assert rows[2]["draft"] == "lookup" and rows[2]["draft_prefill_s"] is None
     _check_stats(rows[2])
+    _check_decode(rows)
     # without the warm-up the graphed row's first call builds its stepper inside the timing, and says so
     (tmp_path / "rows.jsonl").unlink()
     rows = _rows(bench, tmp_path, "--speculative", "--draft", "lookup", "--graph", "--new", "20", "--repeat", "1",
@@ -64,6 +73,7 @@ def test_speculative_rows_with_static_verification(bench, tmp_path):
                  "--repeat", "1")
     assert [r["impl"] for r in rows] == ["plain", "plain_graph", "speculative"]
     assert all(r["graph_verify"] for r in rows) and rows[2]["same_output_as_plain"]
+    _check_decode(rows)
     assert rows[2]["same_output_as_reference"] and rows[2]["first_difference"] is None
     assert [r["capture_in_timing"] for r in rows] == [False, False, False]
     assert not any(r["verify_compiled"] for r in rows)  # no --compile
@@ -91,6 +101,8 @@ def test_speculative_row_without_a_pass_has_null_ratios(bench, tmp_path):
     spec = rows[-1]
     assert spec["impl"] == "speculative" and spec["passes"] == spec["drafted"] == 0
     assert spec["acceptance"] is None and spec["bytes_per_pass"] is None and spec["plain_steps"] == 0
+    assert all(r["decode_bytes_per_s"] is None for r in rows)  # one byte: no decoding to time, not a figure
+    assert spec["decode_speedup_vs_best_plain"] is None
     _check_stats(spec)
     (tmp_path / "rows.jsonl").unlink()
     spec = _rows(bench, tmp_path, "--speculative", "--draft", "self", "--new", "20", "--repeat", "1")[-1]
