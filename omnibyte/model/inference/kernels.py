@@ -91,6 +91,14 @@ if triton is not None:
             tl.extra.cuda.gdc_wait()
 
     @triton.jit
+    def _batch_rows(N, RPP: tl.constexpr, CHUNKED: tl.constexpr):
+        """The batch rows [lo, hi) this program loops over: its chunk of RPP rows (grid axis 1) when CHUNKED (a
+        batch over RPP rows), else every row, as one program did before chunks (the batch-1 path unchanged)."""
+        if CHUNKED:
+            return tl.program_id(1) * RPP, tl.minimum(tl.program_id(1) * RPP + RPP, N)
+        return 0, N
+
+    @triton.jit
     def _normed(x_ptr, g_ptr, K, eps, BLOCK_K: tl.constexpr):
         """RMSNorm of the row at x_ptr (width K) in fp32, rounded to x's dtype like F.rms_norm's output."""
         offs = tl.arange(0, BLOCK_K)
@@ -132,10 +140,7 @@ if triton is not None:
             wu = _rows(w_ptr, rows + R, rm, K, BLOCK_K)
         _after_prior(PDL)
         dt = out_ptr.dtype.element_ty
-        if CHUNKED:  # this program's chunk of rows (a batch over RPP rows)
-            lo, hi = tl.program_id(1) * RPP, tl.minimum(tl.program_id(1) * RPP + RPP, N)
-        else:  # every row, as one program did before chunks (the batch-1 path unchanged)
-            lo, hi = 0, N
+        lo, hi = _batch_rows(N, RPP, CHUNKED)
         for n in range(lo, hi):  # the weight block is read once for the chunk's rows
             xn = _normed(x_ptr + n * stride_x, g_ptr, K, eps, BLOCK_K)
             y = tl.sum(w.to(tl.float32) * xn[None, :], 1)
@@ -160,10 +165,7 @@ if triton is not None:
         w = _rows(w_ptr, rows, rm, K, BLOCK_K)
         offs = tl.arange(0, BLOCK_K)
         _after_prior(PDL)
-        if CHUNKED:  # this program's chunk of rows (a batch over RPP rows)
-            lo, hi = tl.program_id(1) * RPP, tl.minimum(tl.program_id(1) * RPP + RPP, N)
-        else:  # every row, as one program did before chunks (the batch-1 path unchanged)
-            lo, hi = 0, N
+        lo, hi = _batch_rows(N, RPP, CHUNKED)
         for n in range(lo, hi):
             hv = tl.load(h_ptr + n * stride_h + offs, mask=offs < K, other=0.0).to(tl.float32)
             acc = tl.sum(w.to(tl.float32) * hv[None, :], 1)
@@ -206,10 +208,7 @@ if triton is not None:
         _after_prior(PDL)
         p = tl.arange(0, BLOCK_P)
         dt = out_ptr.dtype.element_ty
-        if CHUNKED:  # this program's chunk of rows (a batch over RPP rows)
-            lo, hi = tl.program_id(1) * RPP, tl.minimum(tl.program_id(1) * RPP + RPP, N)
-        else:  # every row, as one program did before chunks (the batch-1 path unchanged)
-            lo, hi = 0, N
+        lo, hi = _batch_rows(N, RPP, CHUNKED)
         for n in range(lo, hi):
             base = qkv_ptr + n * stride_qkv
             if SEG:  # this row's sequence and position; its k, v and those before it are in the cache

@@ -34,7 +34,7 @@ from .kernels import triton
 if triton is not None:
     import triton.language as tl
 
-    from .kernels import _MATVEC, _after_prior, _prune, _rows, _store_residual
+    from .kernels import _MATVEC, _after_prior, _batch_rows, _prune, _rows, _store_residual
 
     @triton.jit
     def _window(zx_ptr, conv_ptr, ch, cm, KM1: tl.constexpr, KP: tl.constexpr):
@@ -123,10 +123,7 @@ if triton is not None:
         km = offs < KI
         nw = tl.load(nw_ptr + offs, mask=km, other=0.0).to(tl.float32)
         _after_prior(PDL)
-        if CHUNKED:
-            lo, hi = tl.program_id(1) * RPP, tl.minimum(tl.program_id(1) * RPP + RPP, N)
-        else:
-            lo, hi = 0, N
+        lo, hi = _batch_rows(N, RPP, CHUNKED)
         dt = out_ptr.dtype.element_ty
         for n in range(lo, hi):
             yv = tl.load(y_ptr + n * stride_y + offs, mask=km, other=0.0).to(tl.float32)
