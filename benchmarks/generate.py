@@ -32,7 +32,9 @@ prompt is its first ``context`` bytes). ``bytes_per_s`` and ``total_s`` include 
 prompt (``prefill_s``: the eager one's); ``decode_bytes_per_s`` leaves it out, as the plain rows of the batch
 table do: each path's call of ``--new`` bytes minus its call of one byte (prefill and set-up, no step), for the
 other ``--new`` - 1 bytes, and ``decode_speedup_vs_best_plain`` compares those (the decoder's own speed-up). Plain and speculative runs alternate
-``--repeat`` times and the medians are reported. ``generate`` keeps its CUDA-graph
+``--repeat`` times and the medians are reported
+(``--eager-repeat N``: the eager plain decoder, only a reference, timed in the first N rounds). Rows are written
+before ``--profile`` runs, so a call cut short while profiling keeps its timings. ``generate`` keeps its CUDA-graph
 stepper between calls, so the untimed warm-up calls (``--new`` bytes each: every phase of the patch) capture
 its graphs and the timed ``plain_graph`` calls replay them: the rows compare decoding with decoding
 (``capture_in_timing`` says so; it is true only where a timed call captured or compiled). On CPU, ``--graph``
@@ -176,9 +178,11 @@ def _decode_rate(nbytes: int, seconds: list[float]) -> float | None:
     return round(nbytes / t, 1) if nbytes > 0 and t > 0 else None
 
 
-def bench_speculative(args, model, make_drafter, ctx: int, text: bytes | None) -> list[dict]:
+def bench_speculative(args, model, make_drafter, ctx: int, text: bytes | None):
     """Plain greedy (eager, and with --graph the CUDA-graph step) and speculative greedy after one prompt,
-    alternated ``--repeat`` times (medians reported, so a machine whose load drifts skews both alike)."""
+    alternated ``--repeat`` times (medians reported, so a machine whose load drifts skews both alike; the eager
+    plain call in the first ``--eager-repeat`` of them). Yields the rows, then (``--profile``) the profile's row:
+    a caller that writes each as it comes keeps the timings if the profile runs out of time."""
     import statistics
 
     dev = args.device
@@ -194,9 +198,10 @@ def bench_speculative(args, model, make_drafter, ctx: int, text: bytes | None) -
     if args.graph_verify:
         from omnibyte.model.inference.graph_verify import StaticVerifier
         StaticVerifier.compile_pass = bool(args.verify_compile)
+    eager_repeat = args.repeat if args.eager_repeat is None else max(1, min(args.eager_repeat, args.repeat))
     for w in range(2 if args.warm else 0):  # each call's wall time on stderr: where a slow warm-up goes
         t0 = now()
-        model.generate(prompt, args.new, temperature=0.0)
+        model.generate(prompt, min(args.new, 16), temperature=0.0)  # eager: nothing captured, a short call warms it
         t1 = now()
         model.generate(prompt, args.new, temperature=0.0, draft=make_drafter(), draft_len=args.draft_len, **spec_kw)
         t2 = now()
@@ -206,7 +211,7 @@ def bench_speculative(args, model, make_drafter, ctx: int, text: bytes | None) -
               + (f", graphed plain {now() - t2:.1f} s" if args.graph else ""), file=sys.stderr, flush=True)
     base = dict(bench="generate_speculative", target=args.run or args.preset, draft=args.draft or args.draft_preset,
                 draft_layers=args.draft_layers, device=device_name(dev), context=ctx, new_bytes=args.new,
-                prompt="file" if text is not None else "random", dtype=args.dtype, repeat=args.repeat,
+                prompt="file" if text is not None else "random", dtype=args.dtype, repeat=args.repeat, eager_repeat=eager_repeat,
                 graph_verify=args.graph_verify,  # false, true or "aligned"
                 verify_compiled=bool(args.graph_verify and args.compile and args.verify_compile),
                 fuse_max_rows=getattr(args, "fuse_max_rows", None),
@@ -228,8 +233,9 @@ def bench_speculative(args, model, make_drafter, ctx: int, text: bytes | None) -
         captured[name] |= cap or cap1
         return out
 
-    for _ in range(args.repeat):
-        plain = timed("plain")
+    for i in range(args.repeat):
+        if i < eager_repeat:  # the eager decoder is slow (360M shape: ~11 s for 512 bytes) and only a reference
+            plain = timed("plain")
         if args.graph:
             graph = timed("plain_graph", use_graphs=True, compile_step=args.compile)
         drafter = make_drafter()
@@ -266,10 +272,10 @@ def bench_speculative(args, model, make_drafter, ctx: int, text: bytes | None) -
                      speedup_vs_best_plain=round(bps["speculative"] / best, 3),
                      decode_speedup_vs_best_plain=(round(dec["speculative"] / best_decode, 3)
                                                    if dec["speculative"] is not None and best_decode else None)))
-    if args.profile:  # after the timings: where a speculative call's time goes
-        rows.append(dict(base, **profile_speculative(model, prompt, args.new, make_drafter(), args.draft_len, spec_kw,
-                                                     args.profile)))
-    return rows
+    yield from rows
+    if args.profile:  # after the timings (written by then): where a speculative call's time goes
+        yield dict(base, **profile_speculative(model, prompt, args.new, make_drafter(), args.draft_len, spec_kw,
+                                               args.profile))
 
 
 def profile_speculative(model, prompt, new: int, drafter, draft_len: int, spec_kw: dict, top: int) -> dict:
@@ -385,6 +391,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--draft-len", type=int, default=8, help="--speculative: bytes drafted per verification")
     p.add_argument("--prompt-file", default=None, help="--speculative: the prompt's bytes (else random bytes)")
     p.add_argument("--repeat", type=int, default=3, help="--speculative: alternated timings (medians reported)")
+    p.add_argument("--eager-repeat", type=int, default=None, help="--speculative: time the eager plain decoder in "
+                   "only the first N of the --repeat rounds (default: all; its output is the reference either way)")
     p.add_argument("--verify-compile", type=int, default=1, help="--graph-verify --compile: compile the static "
                    "passes too (StaticVerifier.compile_pass; 0: their eager torch ops inside the graphs, to compare)")
     p.add_argument("--graph-verify", action="store_true", help="--speculative: verification passes on the kept "

@@ -2,10 +2,10 @@
 # The GPU jobs behind benchmarks/RESULTS.md (model section). From the repository root, on a machine with
 # one H100 / H200, with the wheels of ../shared/wheels/gpu-py312 copied to .whl/:
 #   bash benchmarks/run_gpu.sh STEP OUTDIR
-# STEP: tests | train | generate | gen_table | context | vqa | first | small | small_ctx | pg19 | clevr | clevr_tests | issue17 | spec_static | spec_run | spec360 | gen64 | gen_ssm | verify_pass | triage | speedrun (each fits in one 10-minute device command; a fresh machine
+# STEP: tests | train | generate | gen_table | context | vqa | first | small | small_ctx | pg19 | clevr | clevr_tests | issue17 | spec_static | spec_run | spec360 | gen64 | gen_ssm | verify_pass | triage | probe | speedrun (each fits in one 10-minute device command; a fresh machine
 # spends ~2 minutes on Triton JIT + autotuning of mamba-ssm's kernels in its first process).
 set -uo pipefail
-step=${1:?step: tests|train|generate|gen_table|context|vqa|first|small|small_ctx|pg19|clevr|clevr_tests|issue17|spec_static|spec_run|spec360|gen64|gen_ssm|verify_pass|triage|speedrun}
+step=${1:?step: tests|train|generate|gen_table|context|vqa|first|small|small_ctx|pg19|clevr|clevr_tests|issue17|spec_static|spec_run|spec360|gen64|gen_ssm|verify_pass|triage|probe|speedrun}
 out=${2:-/tmp/omnibyte_bench}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -148,7 +148,7 @@ case "$step" in
   # patch-aligned passes), one profiled call
   spec_run) timeout "${SPEC_TIMEOUT:-200}" python3 benchmarks/generate.py --speculative --run "${SPEC_RUN:-/tmp/sr/runs/drop01}" \
               --draft lookup --draft-len ${DRAFT_LEN:-8} --graph --compile --graph-verify \
-              --verify-compile "${VERIFY_COMPILE:-1}" --profile 15 --prompt-file "$pg19_root/validation/11.txt" \
+              --verify-compile "${VERIFY_COMPILE:-1}" --eager-repeat 1 --profile 15 --prompt-file "$pg19_root/validation/11.txt" \
               --contexts 1024 --new 512 ${SPEC_FLAGS_EXTRA:-} --out "$out/bench.jsonl" > "$out/spec.log" 2>&1
             tail -c 2500 "$out/spec.log" ;;
   # issue 17 item 2 where weight reads are the cost: a 360M-shaped model (benchmarks' mblm360m: Mamba-2 1024 x 25,
@@ -193,6 +193,11 @@ case "$step" in
   triage)   VP_TIMEOUT=${VP_TIMEOUT:-270} VP_T=${VP_T:-5,9} bash "$0" verify_pass "$out/vp"
             TESTS_PATHS="tests/test_gpu_fast_paths.py::test_gpu_ddp_cuda_graphs_follow_the_ddp_eager_curve
               tests/test_ssm_kernels.py tests/test_graph_verify.py" TESTS_TIMEOUT=${TESTS_TIMEOUT:-270} gpu_tests ;;
+  # issue 16 item 4: two gpu2-scale probes of the scratch pixels arm side by side (results/probe_pair.sh; its
+  # A_/B_ variables pass through), in /tmp/probes (its folders are deeper than the device returns), then
+  # probes.tgz into $out
+  probe)    timeout -k 20 "${PROBE_TIMEOUT:-560}" bash results/probe_pair.sh /tmp/probes
+            cp /tmp/probes/probes.tgz "$out/" ;;
   # issue 18 item 4: speedrun arms (SR_ARMS: NAME:override,... space-separated; SR_ONLY picks; SR_MINUTES;
   # SR_FINAL=1: the test book, its looks recorded in benchmarks/speedrun_looks.jsonl, SR_LOOK_AGAIN=1 after one);
   # --call-seconds pauses a long arm with a checkpoint: run the same step again on the warm machine to go on

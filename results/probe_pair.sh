@@ -22,8 +22,17 @@ common=(--scale "${SCALE:-gpu2}" --arms scratch --seeds 1 --kinds pixels --no-cn
         --images "${IMAGES:-6000}" --pg19 .data/pg19-mini
         --clevr-set serializer.loss=weights --clevr-set serializer.weights.image=0.1)
 python3 results/run_transfer.py "${common[@]}" --out "$out/$a" --budget "${BUDGET:-540}" ${STEPS30:+--clevr-set train.steps=$STEPS30} "${aset[@]}" > "$out/$a.log" 2>&1 &
-( # the second probe reuses the first one's data once its prior (computed after the data) is written
-  while [ ! -f "$out/$a/prior.json" ]; do sleep 2; done
+apid=$!
+( # the second probe reuses the first one's data once its prior (computed after the data) is written; if the
+  # first probe ends without it (its data step failed), the second does not start (it waited until the call's
+  # time limit once: twelfth session)
+  while [ ! -f "$out/$a/prior.json" ]; do
+    if ! kill -0 "$apid" 2>/dev/null && [ ! -f "$out/$a/prior.json" ]; then
+      echo "probe $b: not started: the first probe ($a) ended without its data (see $out/$a.log)" | tee "$out/$b.log" >&2
+      exit 1
+    fi
+    sleep 2
+  done
   bset=()
   read -ra bparts <<< "${B_SET:-serializer.image.size=[40,27] data.seq_len=4096 model.stages.0.length=512}"  # no globbing
   for x in "${bparts[@]}"; do bset+=(--clevr-set "$x"); done

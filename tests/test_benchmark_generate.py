@@ -145,3 +145,20 @@ def test_a_snapshot_inside_another_checkout_is_not_recorded_as_its_commit(tmp_pa
     monkeypatch.setenv("OMNIBYTE_COMMIT", "abc1234")
     mod.emit({"bench": "x"}, str(tmp_path / "rows.jsonl"))
     assert json.loads((tmp_path / "rows.jsonl").read_text())["commit"] == "abc1234"
+
+
+def test_speculative_rows_are_written_before_the_profile(bench, tmp_path, monkeypatch):
+    """A profile that never ends (a device call's time limit) must not take the timings with it: the rows are in
+    the file before profiling starts. The eager decoder is timed in the first --eager-repeat rounds only."""
+    def cut(*a, **k):
+        raise KeyboardInterrupt("the call's time limit")
+
+    monkeypatch.setattr(bench, "profile_speculative", cut)
+    with pytest.raises(KeyboardInterrupt):
+        _rows(bench, tmp_path, "--speculative", "--draft", "lookup", "--graph", "--new", "20", "--repeat", "2",
+              "--eager-repeat", "1", "--profile", "3")
+    rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert [r["impl"] for r in rows] == ["plain", "plain_graph", "speculative"]
+    assert all(r["repeat"] == 2 and r["eager_repeat"] == 1 for r in rows)
+    _check_decode(rows)
+
