@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt_io
-from . import parallel, provenance
+from . import parallel, provenance, replicas
 from .checkpointer import Checkpointer, ResumeError
 from .config import ConfigError, to_dict
 from .data import TrainLoader, eval_batches
@@ -341,6 +341,8 @@ def _train(cfg: RunConfig, info: parallel.DistInfo, early: EarlyRecords | None =
             # --- log ------------------------------------------------------------------------------
             if step % t.log_every == 0 or step == t.steps:
                 settle(step)
+                if info.strategy == "ddp" and info.distributed:  # the copies are still one model (replicas.py)
+                    replicas.check(model, step)
                 summary = window.summary(info, device)
                 counters["bytes_seen"] += int(summary.pop("tokens"))
                 rec = {"step": step, "split": "train", **summary, "lr": lr, "grad_norm": float(grad_norm),
