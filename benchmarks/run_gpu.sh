@@ -11,6 +11,23 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 # cache mamba-ssm's Triton autotuning results on disk so later processes on the machine skip it
 export TRITON_CACHE_AUTOTUNING=1
+# compile caches from one session's machine to the next (a fresh machine's first process spends ~2 minutes on
+# Triton JIT, autotuning and inductor compiles): DEVCACHE_SAVE=1 packs the inductor and Triton caches into
+# $out/devcache.tgz after the step (15 MiB parts, devcache.tgz.part-NN, when larger; the size goes to env.txt);
+# DEVCACHE=path/to/devcache.tgz (a carried copy, parts beside it) unpacks them before the step. The caches check
+# the torch / Triton versions and the GPU themselves: a stale entry is recompiled, never used
+top=0
+if [ -z "${RUN_GPU_NESTED:-}" ]; then
+  top=1
+  export RUN_GPU_NESTED=1  # the steps that run this script again (triage, spec_pair) share the top one's caches
+  if [ -n "${DEVCACHE:-}" ] || [ "${DEVCACHE_SAVE:-0}" = 1 ]; then
+    export TORCHINDUCTOR_CACHE_DIR=/tmp/devcache/inductor TRITON_CACHE_DIR=/tmp/devcache/triton
+    mkdir -p /tmp/devcache
+    if [ -n "${DEVCACHE:-}" ]; then
+      cat "$DEVCACHE"* | tar xz -C /tmp/devcache || echo "DEVCACHE=$DEVCACHE: not unpacked; compiling afresh" >&2
+    fi
+  fi
+fi
 if [ "${RUN_GPU_SETUP:-1}" = 1 ]; then  # RUN_GPU_SETUP=0: a CPU dry run of a step in an installed venv
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
@@ -93,9 +110,20 @@ spec_pair() {  # the speculative timing on run $1 in each of SPEC_MODES (default
 # the device returns at most 8 files: at the end, everything but bench.jsonl and env.txt goes into logs.tgz
 pack() {
   local rest
-  rest=$(cd "$out" && find . -type f ! -name bench.jsonl ! -name env.txt ! -name logs.tgz | sort)
+  rest=$(cd "$out" && find . -type f ! -name bench.jsonl ! -name env.txt ! -name logs.tgz ! -name 'devcache.tgz*' | sort)
   if [ -n "$rest" ]; then
     (cd "$out" && tar czf logs.tgz $rest && rm -f $rest)
+  fi
+  if [ "$top" = 1 ] && [ "${DEVCACHE_SAVE:-0}" = 1 ] && [ -d /tmp/devcache ]; then
+    tar czf /tmp/devcache.tgz -C /tmp/devcache .
+    local size
+    size=$(stat -c %s /tmp/devcache.tgz)
+    echo "devcache.tgz: $size bytes" | tee -a "$out/env.txt"
+    if [ "$size" -le $((15 * 1024 * 1024)) ]; then
+      cp /tmp/devcache.tgz "$out/"
+    else
+      split -b 15M -d /tmp/devcache.tgz "$out/devcache.tgz.part-"
+    fi
   fi
 }
 trap pack EXIT
