@@ -31,10 +31,10 @@ skipping). Acceptance rates only mean something for trained models on real text 
 prompt is its first ``context`` bytes). ``bytes_per_s`` and ``total_s`` include each call's prefill of the
 prompt (``prefill_s``: the eager one's); ``decode_bytes_per_s`` leaves it out, as the plain rows of the batch
 table do: each path's call of ``--new`` bytes minus its call of one byte (prefill and set-up, no step), for the
-other ``--new`` - 1 bytes, and ``decode_speedup_vs_best_plain`` compares those (the decoder's own speed-up). Plain and speculative runs alternate
-``--repeat`` times and the medians are reported
-(``--eager-repeat N``: the eager plain decoder, only a reference, timed in the first N rounds). Rows are written
-before ``--profile`` runs, so a call cut short while profiling keeps its timings. ``generate`` keeps its CUDA-graph
+other ``--new`` - 1 bytes, and ``decode_speedup_vs_best_plain`` compares those (the decoder's own speed-up).
+Plain and speculative runs alternate ``--repeat`` times and the medians are reported (``--eager-repeat N``: the
+eager plain decoder, only a reference, timed in the first N rounds). Rows are written before ``--profile`` runs,
+so a call cut short while profiling keeps its timings. ``generate`` keeps its CUDA-graph
 stepper between calls, so the untimed warm-up calls (``--new`` bytes each: every phase of the patch) capture
 its graphs and the timed ``plain_graph`` calls replay them: the rows compare decoding with decoding
 (``capture_in_timing`` says so; it is true only where a timed call captured or compiled). On CPU, ``--graph``
@@ -211,7 +211,8 @@ def bench_speculative(args, model, make_drafter, ctx: int, text: bytes | None):
               + (f", graphed plain {now() - t2:.1f} s" if args.graph else ""), file=sys.stderr, flush=True)
     base = dict(bench="generate_speculative", target=args.run or args.preset, draft=args.draft or args.draft_preset,
                 draft_layers=args.draft_layers, device=device_name(dev), context=ctx, new_bytes=args.new,
-                prompt="file" if text is not None else "random", dtype=args.dtype, repeat=args.repeat, eager_repeat=eager_repeat,
+                prompt="file" if text is not None else "random", dtype=args.dtype, repeat=args.repeat,
+                eager_repeat=eager_repeat,
                 graph_verify=args.graph_verify,  # false, true or "aligned"
                 verify_compiled=bool(args.graph_verify and args.compile and args.verify_compile),
                 fuse_max_rows=getattr(args, "fuse_max_rows", None),
