@@ -329,9 +329,12 @@ def _environment() -> dict:
     try:
         import torch
 
+        from omnibyte.provenance import git_state
+
         dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-        return {"torch": torch.__version__, "device": dev, "cpus": os.cpu_count(),
-                "commit": (REPO / "COMMIT").read_text().strip() if (REPO / "COMMIT").is_file() else ""}
+        git = git_state()  # OMNIBYTE_COMMIT on a copy without .git (the device), else the checkout's HEAD
+        return {"torch": torch.__version__, "device": dev, "cpus": os.cpu_count(), "commit": git["commit"],
+                "dirty": git["dirty"]}
     except Exception as e:  # pragma: no cover - informational only
         return {"environment_error": repr(e)}
 

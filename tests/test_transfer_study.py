@@ -88,3 +88,22 @@ def test_the_runner_gives_a_freed_slot_to_the_evaluation_of_the_training_that_ju
     assert "eval_bad" not in done and r.status["eval_bad"].startswith("skipped (train_bad failed)")
     assert r.status["train_a"] == 0 and r.status["train_bad"] == 1 and r.status["train_b"] == 0
     assert not r.pending and r.running == 0
+
+
+def test_the_summary_names_the_commit_of_a_copy_without_git(monkeypatch):
+    """On the device the study runs from a copy without .git: the summary's commit is OMNIBYTE_COMMIT (it said ""
+    in the twelfth session's probe, which had exported it), as every other record's is."""
+    from omnibyte import provenance
+
+    sys.path.insert(0, str(REPO / "results"))
+    try:
+        import run_transfer
+    finally:
+        sys.path.remove(str(REPO / "results"))
+    monkeypatch.setenv("OMNIBYTE_COMMIT", "f7b0ff9")
+    provenance.git_state.cache_clear()
+    try:
+        env = run_transfer._environment()
+    finally:
+        provenance.git_state.cache_clear()
+    assert env["commit"] == "f7b0ff9" and env["dirty"] is None
