@@ -284,8 +284,9 @@ def experiment(a) -> int:
                     continue
                 config = CONFIG[kind, "pg19" if init == "pg19" else "scratch"]
                 stages = stages_override(sc["stages"], modality_aware=init.startswith("mom"))
-                # the checkpoint is picked on the answer bytes: with a loss weight on the image bytes (--clevr-set
-                # serializer.loss=weights) their over-fitting would pick it (gpu2 probe: step 2,250 of 5,000)
+                # best.json by the answer bytes (with a loss weight on the image bytes, --clevr-set
+                # serializer.loss=weights, their over-fitting named step 2,250 of 5,000 in a gpu2 probe); the study
+                # itself scores every arm at its final checkpoint (eval_run: latest), all at the same step
                 argv = omnibyte("train", config, f"task.root={data}", f"run_name={name}", f"seed={seed}",
                                 stages, *common, "eval.select=bpb/answer", *sc["clevr"],
                                 *arm_overrides(init, runs / "pg19_lm"))
@@ -358,7 +359,8 @@ def pack(runs: Path, dest: Path, extra: list[Path] = ()) -> Path:
 
 def eval_run(a) -> int:
     """VQA accuracy by question type (closed-set ranking through ``score``, for byte models and the CNN+LSTM
-    alike) and a few rows of per-token losses, through the library's own run evaluation."""
+    alike) and a few rows of per-token losses, through the library's own run evaluation. Every result is of the
+    run's final checkpoint (``latest``: every arm at the same step, no selection on the split scored)."""
     from omnibyte.run import evaluate_run, load_run
 
     run = load_run(a.run_dir, "latest", overrides=["task.eval_mode=rank"])
