@@ -12,9 +12,16 @@ SPECIAL; bytes have the modality of their segment (IMAGE, QUESTION, ANSWER).
 
 Exact length, with ``n_image`` / ``n_question`` the number of such segments in ``order``:
 
-    L = 1 + n_image * (2 + L_image) + n_question * (2 + len(utf8(question))) + 2 + len(utf8(answer))
+    L = 1 + n_image * (2 + L_image) + n_question * (2 + len(utf8(question))) + 2 + len(utf8(answer)) + pads
 
-where ``L_image`` is the image serializer's own length. :meth:`QASerializer.prompt` stops after
+where ``L_image`` is the image serializer's own length and ``pads`` is 0 unless ``image_align`` > 1.
+
+``image_align`` (default 1: none): PAD tokens (modality SPECIAL, loss weight 0 under every policy) after each
+SOM_IMAGE, as few as put the first image byte at a stream index that is a multiple of ``image_align``. With the
+model's patch size (or a multiple of it), every image starts at a patch boundary: the pixel -> patch layout is the
+same in every stream, where a question before the image would otherwise shift it by the question's length, and
+with a patch of whole pixels (12 bytes = 4 RGB pixels) and rows of whole patches (32 pixels = 8 patches) each
+global position holds the same pixels of the same row in every image. :meth:`QASerializer.prompt` stops after
 SOM_ANSWER: ``L_prompt = L - len(utf8(answer)) - 1``.
 
 Loss policy (``loss``):
@@ -63,6 +70,7 @@ class QASerializer(Serializer):
         weights: dict[str, float] = field(default_factory=dict)  # loss=weights: special/image/question/answer
         question_field: str = "question"
         answer_field: str = "answer"
+        image_align: int = 1  # PADs after SOM_IMAGE so image bytes start at a multiple of this (1: none)
 
         def __post_init__(self) -> None:
             if self.image is None:  # built directly in Python rather than from a dict
@@ -73,6 +81,8 @@ class QASerializer(Serializer):
                                  f"(image serializers: {', '.join(n for n in SERIALIZERS.names() if getattr(SERIALIZERS.get(n), 'is_image', False))})")
             if self.order.count("answer") != 1 or self.order[-1] != "answer":
                 raise ValueError(f"order must contain 'answer' exactly once, as the last segment; got {list(self.order)}")
+            if isinstance(self.image_align, bool) or not isinstance(self.image_align, int) or self.image_align < 1:
+                raise ValueError(f"image_align must be a whole number >= 1, got {self.image_align!r}")
             for k, w in self.weights.items():
                 if k not in _WEIGHT_KEYS:
                     raise ValueError(f"weights: unknown key {k!r} (one of {', '.join(_WEIGHT_KEYS)})")
@@ -119,6 +129,9 @@ class QASerializer(Serializer):
                 i += 1
                 continue
             j = i + 1
+            while kind == "image" and j < n and t[j] == vocab.PAD:  # image_align's PADs
+                j += 1
+            first = j  # the segment's bytes start after the marker (and its PADs)
             while j < n and t[j] < vocab.NUM_BYTES:
                 j += 1
             closer = int(t[j]) if j < n else None
@@ -126,7 +139,7 @@ class QASerializer(Serializer):
                 raise ValueError(f"stream {stream.id!r}: {kind} segment at {i} is not closed by EOM")
             if kind == "answer" and closer not in (vocab.EOS, None):
                 raise ValueError(f"stream {stream.id!r}: answer segment at {i} is not closed by EOS")
-            out.setdefault(kind, t[i + 1:j].astype(np.uint8).tobytes())
+            out.setdefault(kind, t[first:j].astype(np.uint8).tobytes())
             i = j + 1
         result = {"image": out.get("image", b"")}
         for k in ("question", "answer"):
@@ -173,9 +186,15 @@ class QASerializer(Serializer):
 
         # one pass to place every segment; tokens and modality filled in place
         pieces: list[tuple[np.ndarray | bytes | None, int, int]] = [(None, vocab.BOS, 0)]  # (payload, marker, mod)
+        pads = 0
         for seg in cfg.order:
             if seg == "image":
-                pieces += [(None, vocab.SOM_IMAGE, 0), (img_tokens, 0, Modality.IMAGE), (None, vocab.EOM, 0)]
+                pieces.append((None, vocab.SOM_IMAGE, 0))
+                if cfg.image_align > 1:  # PADs up to the next multiple of image_align
+                    k = -sum(1 if p is None else len(p) for p, _, _ in pieces) % cfg.image_align
+                    pieces += [(None, vocab.PAD, 0)] * k
+                    pads += k
+                pieces += [(img_tokens, 0, Modality.IMAGE), (None, vocab.EOM, 0)]
             elif seg == "question":
                 pieces += [(None, vocab.SOM_QUESTION, 0), (question, 0, Modality.QUESTION), (None, vocab.EOM, 0)]
             else:
@@ -206,4 +225,6 @@ class QASerializer(Serializer):
             loss = self._weight_by_modality[modality]
             if with_answer:
                 loss[-1] = self._eos_weight
+        if pads:  # alignment PADs are never predicted (loss=all / weights would weigh them as specials)
+            loss = np.where(tokens == vocab.PAD, np.float32(0), loss).astype(np.float32)
         return ByteStream(tokens, loss, modality, id=sid)

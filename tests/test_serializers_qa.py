@@ -99,6 +99,39 @@ def test_qiqa_order():
     assert ser.decode(s) == {"image": img, "question": Q, "answer": A}
 
 
+@pytest.mark.parametrize("order", [["image", "question", "answer"], ["question", "image", "question", "answer"]])
+def test_image_align_starts_every_image_at_a_multiple_with_unweighted_pads(order):
+    """image_align: as few PADs after SOM_IMAGE as put the first image byte at a multiple of it, whatever came
+    before (question-first streams shift with the question's length); the PADs weigh 0 under every loss policy,
+    decode skips them, and image_align=1 is the stream without them."""
+    node = {"name": "pixels", "size": [8, 5]}
+    img = IMAGES[0]
+    plain = qa(image=node, order=order)(sample(img))
+    for q in (Q, "Is there a cube?", "x" * 13):
+        for loss in ("answer", "all", "weights"):
+            ser = qa(image=node, order=order, image_align=12, loss=loss, weights={"special": 1.0})
+            s = ser(sample(img, q=q))
+            s.validate()
+            t = s.tokens
+            first = int(np.flatnonzero(s.modality == Modality.IMAGE)[0])
+            assert first % 12 == 0 and t[first - 1] in (vocab.PAD, vocab.SOM_IMAGE)
+            som = int(np.flatnonzero(t == vocab.SOM_IMAGE)[0])
+            pads = first - som - 1
+            assert 0 <= pads < 12 and (t[som + 1:first] == vocab.PAD).all()
+            assert int((t == vocab.PAD).sum()) == pads and (s.loss_mask[t == vocab.PAD] == 0).all()
+            assert (s.modality[t == vocab.PAD] == Modality.SPECIAL).all()
+            ref = qa(image=node, order=order, loss=loss, weights={"special": 1.0})(sample(img, q=q))
+            assert len(s) == len(ref) + pads  # the documented length, plus the PADs
+            assert ser.decode(s) == ref_decode(ref, order, node)
+    assert np.array_equal(qa(image=node, order=order, image_align=1)(sample(img)).tokens, plain.tokens)
+    with pytest.raises((ValueError, ConfigError), match="image_align"):
+        qa(image_align=0)
+
+
+def ref_decode(stream, order, node):
+    return qa(image=node, order=order).decode(stream)
+
+
 def test_loss_policies():
     img = IMAGES[-2]
     s_all = qa(loss="all")(sample(img))
