@@ -67,6 +67,17 @@ def _train_records(run: Path) -> list[dict]:
     return _records(run, "train")
 
 
+def reached_step(run: Path, recs: list[dict]) -> int:
+    """The step a run reached: its latest checkpoint's, or its last training line's if that is later. A stop
+    request (the time cap, ``--call-seconds``) checkpoints the step it stops at, which is often between two log
+    lines: the last line alone under-counts by up to ``train.log_every - 1`` steps, and says 0 when the stop came
+    before the first line (the checkpoint's log window carries those steps into the resumed run's first line)."""
+    from omnibyte.checkpoint import latest_checkpoint, read_state
+
+    ckpt = latest_checkpoint(run / "checkpoints") if (run / "checkpoints").is_dir() else None
+    return max(int(read_state(ckpt)["step"]) if ckpt else 0, recs[-1]["step"] if recs else 0)
+
+
 def validation_curve(run: Path) -> list[list[float]]:
     """[[step, bpb], ...] of the run's own validation evaluations during training (``--eval-points``; the
     trainer's figure over the validation split's chunks, not ``omnibyte eval``'s whole-book score): where an arm
@@ -101,16 +112,19 @@ def median_rate(recs: list[dict]) -> float | None:
     return rates[n // 2] if n % 2 else (rates[n // 2 - 1] + rates[n // 2]) / 2
 
 
-def timing(recs: list[dict], started: float, fallback_sps: float) -> dict:
-    """``training_s``: the steps reached at the median per-window rate (the run's own, else ``fallback_sps`` when
-    it logged one line); ``startup_s``: from ``started`` (an invocation's launch, epoch seconds) to its first
-    training line, less that line's steps at that rate (meaningful for a run's first invocation)."""
+def timing(recs: list[dict], started: float, fallback_sps: float, reached: int | None = None) -> dict:
+    """``training_s``: the steps reached (``reached``, else the last line's step) at the median per-window rate
+    (the run's own, else ``fallback_sps`` when it logged one line); ``startup_s``: from ``started`` (an
+    invocation's launch, epoch seconds) to its first training line, less that line's steps at that rate
+    (meaningful for a run's first invocation)."""
     if not recs:
-        return {"startup_s": None, "training_s": None, "run_seconds_per_step": None}
+        return {"startup_s": None, "training_s": None if not reached else round(fallback_sps * reached, 1),
+                "run_seconds_per_step": None}
     sps = median_rate(recs) or fallback_sps
     first, last = recs[0], recs[-1]
+    steps = max(reached or 0, last["step"])
     return {"startup_s": round(first["time"] - started - sps * first["step"], 1),
-            "training_s": round(sps * last["step"], 1), "run_seconds_per_step": round(sps, 4)}
+            "training_s": round(sps * steps, 1), "run_seconds_per_step": round(sps, 4)}
 
 
 def eligible(rec: dict) -> str | None:
@@ -191,8 +205,8 @@ def one_arm(name: str, overrides: list[str], a, work: Path, started: float) -> d
     recs = _train_records(run_dir) if run_dir.exists() else []
     inv = plan["invocations"]
     ended = bool(inv) and not inv[-1].get("paused_by_call")  # the last invocation met the budget's cap (or ended)
-    if (not recs or recs[-1]["step"] < steps) and not ended:
-        spent = timing(recs, time.time(), sps)["training_s"] or 0.0
+    if reached_step(run_dir, recs) < steps and not ended:
+        spent = timing(recs, time.time(), sps, reached_step(run_dir, recs))["training_s"] or 0.0
         cap = budget - spent + allowance  # the budget left, and this invocation's start-up
         paused_by_call = False
         limits = [a.call_train_seconds] if a.call_train_seconds else []
@@ -213,17 +227,17 @@ def one_arm(name: str, overrides: list[str], a, work: Path, started: float) -> d
                       f"train.eval_every={max(1, steps // a.eval_points) if a.eval_points else steps}",
                       f"train.ckpt_every={steps}"), work / f"{name}.log")
         recs = _train_records(run_dir)
-        reached = recs[-1]["step"] if recs else 0
+        reached = reached_step(run_dir, recs)
         plan["invocations"][-1]["paused_by_call"] = reached < steps and paused_by_call
         _save_plan(work, name, plan)
         if reached < steps and paused_by_call:
-            tm = timing(recs, t0, sps)
+            tm = timing(recs, t0, sps, reached)
             return {"bench": "speedrun_paused", "arm": name, "steps_reached": reached, "steps_planned": steps,
                     "training_s": tm["training_s"], "budget_minutes": a.minutes, "run": str(run_dir),
                     "next": "run the same command again (same --work) to go on from the checkpoint"}
-    reached = recs[-1]["step"] if recs else 0
+    reached = reached_step(run_dir, recs)
     first = plan["invocations"][0]["started"] if plan["invocations"] else time.time()
-    tm = timing([r for r in recs if r["time"] >= first], first, sps)
+    tm = timing([r for r in recs if r["time"] >= first], first, sps, reached)
     if len(plan["invocations"]) > 1:  # the start-up of the first invocation only: later ones resumed
         tm["startup_s"] = timing([r for r in recs if first <= r["time"] < plan["invocations"][1]["started"]],
                                  first, sps)["startup_s"]

@@ -35,6 +35,25 @@ def test_timing_separates_start_up_from_training(speedrun):
     assert speedrun.timing([], 1000.0, 0.05)["training_s"] is None
 
 
+def test_steps_reached_count_the_checkpoint_a_stop_wrote_between_log_lines(speedrun, tmp_path):
+    """A stop request checkpoints the step it stops at, usually between log lines: the run reached that step, not
+    the last line's (a loaded CI box once stopped an arm before its first line, and the harness said step 0)."""
+    from omnibyte.vocab import CONTRACT_VERSION
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_000007").mkdir(parents=True)
+    (run / "checkpoints" / "step_000007" / "state.json").write_text(
+        json.dumps({"step": 7, "contract_version": CONTRACT_VERSION}))
+    (run / "checkpoints" / "latest").write_text("step_000007")
+    recs = _recs(100.0, 0.5, range(5, 6))
+    assert speedrun.reached_step(run, recs) == 7
+    assert speedrun.reached_step(run, []) == 7  # stopped before the first log line
+    assert speedrun.reached_step(run, _recs(100.0, 0.5, range(5, 11, 5))) == 10  # a line past the checkpoint
+    assert speedrun.reached_step(tmp_path / "none", []) == 0
+    assert speedrun.timing(recs, 90.0, 0.5, reached=7)["training_s"] == pytest.approx(3.5)
+    assert speedrun.timing([], 90.0, 0.5, reached=7)["training_s"] == pytest.approx(3.5)
+
+
 def test_eligible_names_why_an_arm_may_not_be_chosen(speedrun):
     ok = {"cut_by_budget": False, "over_budget": False}
     assert speedrun.eligible(ok) is None
