@@ -37,8 +37,10 @@ class LogWindow:
     def __init__(self, saved: dict | None = None):
         self.tokens, self.steps = 0, 0
         self._start = [0.0] * (2 + 2 * len(self.CODES))  # nats, weight, then (nats, weight) per modality code
+        self._carried = 0  # tokens of a saved window: trained by an earlier process, not in this one's bytes/s
         if saved:
             self.tokens, self.steps = saved["tokens"], saved["steps"]
+            self._carried = saved["tokens"]
             mod = {int(c): v for c, v in saved["mod"].items()}
             self._start = [saved["nats"], saved["weight"], *(x for c in self.CODES for x in mod.get(c, (0.0, 0.0)))]
         self._sums: torch.Tensor | None = None
@@ -76,11 +78,14 @@ class LogWindow:
         from .parallel import all_reduce_sum
 
         # every rank sends every modality: a same-shaped all-reduce
-        flat = torch.cat((self._values(device), torch.tensor([float(self.tokens)], dtype=torch.float64, device=device)))
+        flat = torch.cat((self._values(device), torch.tensor([float(self.tokens), float(self.tokens - self._carried)],
+                                                             dtype=torch.float64, device=device)))
         sums = all_reduce_sum(flat, info).tolist()
         mod = {c: (sums[2 + 2 * i], sums[3 + 2 * i]) for i, c in enumerate(self.CODES)}
         out = summarize(sums[0], sums[1], mod)
         out.pop("weight")
+        # the rate of this process: a resumed run's first line does not credit it with the tokens the saved part
+        # of its window took in the process before (their time is not in this one's clock)
         out["bytes_per_s"] = sums[-1] / max(time.perf_counter() - self.t0, 1e-9)
-        out["tokens"] = sums[-1]
+        out["tokens"] = sums[-2]
         return out
