@@ -58,6 +58,7 @@ is null, never a stand-in figure (and ``emit`` writes any NaN as null, named in 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 
 import torch
@@ -172,8 +173,6 @@ def _prefill_s(model, prompt, dev: str) -> float:
 def _decode_rate(nbytes: int, seconds: list[float]) -> float | None:
     """Bytes per second from the per-repeat decoding times (a call minus its 1-byte call), their median; null
     where there is nothing to time (one new byte) or the difference is not positive (noise over no work)."""
-    import statistics
-
     t = statistics.median(seconds)
     return round(nbytes / t, 1) if nbytes > 0 and t > 0 else None
 
@@ -183,8 +182,6 @@ def bench_speculative(args, model, make_drafter, ctx: int, text: bytes | None):
     alternated ``--repeat`` times (medians reported, so a machine whose load drifts skews both alike; the eager
     plain call in the first ``--eager-repeat`` of them). Yields the rows, then (``--profile``) the profile's row:
     a caller that writes each as it comes keeps the timings if the profile runs out of time."""
-    import statistics
-
     dev = args.device
     if text is not None:
         if len(text) < ctx:

@@ -191,7 +191,7 @@ class StaticVerifier:
         from . import kernels as decode_kernels
 
         self.rule = rule = type(self).kernel_segments
-        self.kernels = bool(stepper.kernels and (stepper.N * stepper.Q0 <= decode_kernels.MAX_ROWS if rule is None
+        self.kernels = bool(stepper.kernels and (decode_kernels.by_default(stepper.N * stepper.Q0) if rule is None
                                                  else rule))
         # the segment's local work: compiled once (a code object of its own, so that verifiers of other steppers do
         # not count against its recompile limit), or eager

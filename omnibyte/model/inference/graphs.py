@@ -192,7 +192,7 @@ class GraphStepper:
 
         fits = all(decode_kernels.supports(b) for b in blocks if isinstance(b, TransformerBlock))
         if kernels is None:  # larger batches: the torch step's matrix products
-            kernels = decode_kernels.available(dev) and fits and self.N <= decode_kernels.MAX_ROWS
+            kernels = decode_kernels.available(dev) and fits and decode_kernels.by_default(self.N)
         elif kernels and not decode_kernels.available(dev):
             raise NotImplementedError(f"GraphStepper: the Triton decode kernels cannot run on {dev}")
         elif kernels and not fits:

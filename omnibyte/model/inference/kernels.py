@@ -55,6 +55,14 @@ MAX_K = 4096  # each program holds whole rows of its weight block (input widths 
 # matrix-product linears is not measured yet, so the crossover (between 2 and 8 rows) is open: 4 keeps the
 # kernels where they measured well (benchmarks/RESULTS.md, eleventh session).
 MAX_ROWS = 4
+
+
+def by_default(rows: int) -> bool:
+    """Whether a decode step (GraphStepper: its batch) or a verification segment (StaticVerifier: batch x patch
+    rows) of ``rows`` rows takes these kernels when nobody chose: the one place the measured crossover is applied."""
+    return rows <= MAX_ROWS
+
+
 ROW_CHUNK = 16  # batch rows per program (a larger batch: more programs per weight block, grid axis 1)
 
 
