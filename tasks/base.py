@@ -25,6 +25,15 @@ class Task:
     Config = TaskConfig
     #: how samples become fixed-length rows: one per row ("pad") or concatenated and chunked ("concat")
     packing: Literal["pad", "concat"] = "pad"
+    #: task-config keys that do not shape the samples (read at evaluation or run time): a prepared store made
+    #: under other values of them is still this run's (every other key must match: data/provenance.py).
+    #: on_bad_sample: a store holds the samples that were good; it records how many it skipped
+    store_neutral: frozenset[str] = frozenset({"on_bad_sample"})
+
+    def store_neutral_for(self, recorded: dict) -> frozenset[str]:
+        """:attr:`store_neutral` for a store whose recorded task config is ``recorded`` (a task whose neutral keys
+        depend on it, e.g. on its source folder, overrides this)."""
+        return self.store_neutral
 
     def __init__(self, config: TaskConfig | None = None):
         self.config = config if config is not None else self.Config()

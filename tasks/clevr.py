@@ -96,6 +96,12 @@ class ClevrVQA(Task):
     """CLEVR v1.0 visual question answering (real layout; generated on first use when root is empty)."""
 
     Config = ClevrConfig
+    store_neutral = Task.store_neutral | {"answers", "eval_mode", "cache_dir"}  # scoring; where the default set is
+
+    def store_neutral_for(self, recorded: dict) -> frozenset[str]:
+        """``synth`` too unless both the store and this run use the generated default set (empty ``task.root``):
+        the generator's settings shape only that set's samples (another root is logged, not refused)."""
+        return self.store_neutral | ({"synth"} if self.config.root or recorded.get("root") else set())
     generators = {"clevr-synth": "omnibyte.tasks.clevr_synth:main"}  # `omnibyte prepare clevr-synth ...`
     packing = "pad"
 

@@ -63,6 +63,7 @@ class PG19(Task):
 
     Config = PG19Config
     packing = "concat"
+    store_neutral = Task.store_neutral | {"eval_context", "eval_stride"}  # the evaluation's windows
 
     def __init__(self, config: PG19Config | None = None):
         super().__init__(config)

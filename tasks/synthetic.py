@@ -44,6 +44,7 @@ class SyntheticText(Task):
     """Generated grammar-and-counting text (no data needed)."""
 
     Config = SyntheticTextConfig
+    store_neutral = Task.store_neutral | {"packing"}  # how samples become rows, not the samples
 
     def __init__(self, config: SyntheticTextConfig | None = None):
         super().__init__(config)

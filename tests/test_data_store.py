@@ -323,3 +323,34 @@ def test_prepare_options_before_the_config_are_kept_and_checked(tmp_path, capsys
     capsys.readouterr()
     assert main(["prepare", "--shard-mb", "0", "debug_tiny", "--out", str(out), "--no-progress"]) == 2
     assert "--shard-mb must be >= 1" in capsys.readouterr().err
+
+
+def test_a_store_prepared_under_other_task_settings_is_refused_naming_them(tmp_path, caplog):
+    """A store holds the samples of the task settings it was prepared with: read by a run whose task config
+    shapes its samples otherwise (here task.max_questions: a subset), it used to be taken as that run's data
+    without a word. Settings that only evaluation reads (task.eval_mode) and the source folder may differ."""
+    from omnibyte.cli import main
+    from omnibyte.data.loader import eval_streams
+    from omnibyte.registry import SERIALIZERS
+    from omnibyte.runconfig import load_run_config
+
+    out = tmp_path / "prepared"
+    assert main(["prepare", "clevr_vqa_png", f"task.root={FIXTURE}", "task.max_questions=3", "--out", str(out),
+                 "--h5", "--no-progress", "--splits", "val"]) == 0
+
+    def streams(source, *extra):
+        cfg = load_run_config("clevr_vqa_png", [f"task.root={FIXTURE}", f"data.source={source}",
+                                                f"data.path={out}", *extra])
+        return list(eval_streams(cfg.data, TASKS.build(cfg.task), SERIALIZERS.build(cfg.serializer), "val"))
+
+    for source in ("h5", "shards"):
+        with pytest.raises(DataError, match=r"other task settings.*task\.max_questions: 3 -> 0"):
+            streams(source)
+        assert len(streams(source, "task.max_questions=3", "task.eval_mode=rank")) == 3
+    moved = tmp_path / "moved"
+    moved.symlink_to(FIXTURE)
+    cfg = load_run_config("clevr_vqa_png", [f"task.root={moved}", "task.max_questions=3", "data.source=h5",
+                                            f"data.path={out}"])
+    with caplog.at_level("WARNING", logger="omnibyte.data"):
+        assert len(list(eval_streams(cfg.data, TASKS.build(cfg.task), SERIALIZERS.build(cfg.serializer), "val"))) == 3
+    assert "is not read" in caplog.text and str(moved) in caplog.text

@@ -174,10 +174,11 @@ class H5Streams:
                 "serializer": self.serializer_config, "serializer_sha256": self.attrs.get("serializer_sha256") or None,
                 "answers": self._json("answers")}
 
-    def check(self, task_name: str, serializer_config: Any, where: str = "") -> H5Streams:
-        """Refuse a store made for another task or with another serializer config."""
+    def check(self, task_name: str, serializer_config: Any, where: str = "", task=None) -> H5Streams:
+        """Refuse a store made for another task, under other task settings (``task``: this run's task object) or
+        with another serializer config."""
         check_store(self.record, where or str(self.path), task_name=task_name, serializer_config=serializer_config,
-                    streams=True)
+                    streams=True, run_task=task)
         return self
 
     @property

@@ -12,17 +12,22 @@ Shard indexes (``<split>.shards.json``) and h5 stores record, when they are writ
 * ``task_skipped`` / ``bad_samples``: what the task and the serializer skipped while writing.
 
 :func:`check_store` refuses (:class:`~omnibyte.errors.DataError`, naming ``data.path`` and both sides) a store
-made under another token contract or for another task, and an h5 store made with another serializer config.
+made under another token contract, for another task or under other task settings that shape the samples (e.g.
+``task.max_bytes``, ``task.families``: a store prepared with books cut to 2,000 bytes used to train a run whose
+config said whole books), and an h5 store made with another serializer config.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from typing import Any
 
 from ..errors import DataError
 from ..vocab import CONTRACT_VERSION
+
+log = logging.getLogger("omnibyte.data")
 
 
 def canonical(obj: Any) -> str:
@@ -71,10 +76,26 @@ def _short(cfg: Any) -> str:
     return canonical(cfg) if cfg is not None else "none recorded"
 
 
+def task_differences(recorded: dict[str, Any], current: Any, neutral: frozenset[str] = frozenset()) -> list[str]:
+    """The task-config keys whose recorded value (the store's) differs from ``current`` (this run's config), as
+    ``key: store's -> run's`` lines. Keys in ``neutral`` (a task's
+    :meth:`~tasks.base.Task.store_neutral_for`: read at evaluation or run time, not by the samples), ``name``
+    and ``root`` are left out, and so is a key the store does not record (written before the key existed)."""
+    mine = config_record(current) or {}
+    out = []
+    for key in sorted(set(mine) - {"name", "root"} - set(neutral)):
+        if key in recorded and canonical(recorded[key]) != canonical(mine[key]):
+            out.append(f"task.{key}: {_short(recorded[key])} -> {_short(mine[key])}")
+    return out
+
+
 def check_store(record: dict[str, Any], where: str, *, task_name: str, serializer_config: Any = None,
-                streams: bool = False) -> None:
+                streams: bool = False, run_task: Any = None) -> None:
     """Refuse a store made for another run (module docstring). ``streams``: the store holds serialized
-    streams (h5), so its serializer config must be this run's too. ``where`` names the store in errors."""
+    streams (h5), so its serializer config must be this run's too. ``run_task``: this run's task object; a
+    store whose samples were made under other task settings (``task.max_bytes``, ``task.families``, ...) is
+    refused, naming each key (:func:`task_differences`); another ``task.root`` is only logged, since a store's
+    samples are the same wherever its source folder has moved. ``where`` names the store in errors."""
     hint = "re-run `omnibyte prepare <config>` for this run"
     version = record.get("contract_version")
     if version is None or int(version) != CONTRACT_VERSION:
@@ -85,6 +106,16 @@ def check_store(record: dict[str, Any], where: str, *, task_name: str, serialize
         raise DataError(f"{where}: the store records no task; {hint}")
     if task["name"] != task_name:
         raise DataError(f"{where}: store made for task {task['name']!r}, this run's task is {task_name!r}")
+    if run_task is not None:
+        task_config = run_task.config
+        diff = task_differences(task, task_config, run_task.store_neutral_for(task))
+        if diff:
+            raise DataError(f"{where}: store made under other task settings, so its samples are not this run's "
+                            f"({'; '.join(diff)}); {hint}, or set those keys as the store has them")
+        theirs, mine = task.get("root"), (config_record(task_config) or {}).get("root")
+        if theirs is not None and mine and theirs != mine:
+            log.warning("%s: store prepared from task.root=%s; this run's task.root=%s is not read (the store's "
+                        "samples are used)", where, theirs, mine)
     if not streams:
         return
     mine = serializer_record(serializer_config)

@@ -154,9 +154,10 @@ class ShardSet:
     def where(self) -> str:
         return f"data.path={self.path} (split {self.split!r})"
 
-    def check(self, task_name: str) -> ShardSet:
-        """Refuse shards of another task or token contract (:func:`.provenance.check_store`)."""
-        check_store(self.index, self.where, task_name=task_name)
+    def check(self, task_name: str, task=None) -> ShardSet:
+        """Refuse shards of another task, token contract or (``task``: this run's task object) task settings
+        (:func:`.provenance.check_store`)."""
+        check_store(self.index, self.where, task_name=task_name, run_task=task)
         return self
 
     @property

@@ -173,13 +173,13 @@ def open_h5(cfg, task, serializer, split: str, *, training: bool):
     if not store.split and p.stem != split:
         raise DataError(f"data.path={cfg.path}: {p} records no split and is not named {split}.h5: cannot tell that "
                         f"it holds split {split!r} ({use}); rename it or re-write it with `omnibyte prepare --h5`")
-    return store.check(task.name, serializer.config, where=f"data.path={cfg.path} ({p.name})")
+    return store.check(task.name, serializer.config, where=f"data.path={cfg.path} ({p.name})", task=task)
 
 
 def open_shards(cfg, task, split: str):
     from .shards import ShardSet
 
-    return ShardSet(cfg.path, split).check(task.name)
+    return ShardSet(cfg.path, split).check(task.name, task)
 
 
 def split_samples(cfg, task, split: str, stats: dict) -> Iterator[tuple[int, dict]]:
