@@ -143,11 +143,27 @@ def test_shards_and_h5_sources_give_the_task_stream(tmp_path):
         got = _ids(itertools.islice(iter(TrainLoader(cfg, task, ser, seed=0)), 12))
         assert sorted(got) == want, source
         assert _ids(eval_batches(cfg, task, ser, "validation")) == [s["id"] for s in task.samples("validation")]
-    # enough shard files for every rank: whole files per rank
+    # files of 5, 5 and 2 samples over 3 ranks: whole files would give one rank 2 samples to cycle while the
+    # others cycle 5 (its samples trained 2.5x as often), so every rank reads every file for its 4 samples
     cfg = DataConfig(source="shards", path=str(tmp_path), seq_len=512, batch_size=1, workers=0)
-    parts = [_ids(itertools.islice(iter(TrainLoader(cfg, task, ser, seed=0, rank=r, world=3)), 5 if r < 2 else 2))
-             for r in range(3)]
+    parts = [_ids(itertools.islice(iter(TrainLoader(cfg, task, ser, seed=0, rank=r, world=3)), 4)) for r in range(3)]
+    assert sorted(sum(parts, [])) == want and all(len(set(p)) == 4 for p in parts)
+    # files of 4 samples each (3 over 3 ranks, 6 over 2): whole files, with equal shares
+    _prepare(tmp_path / "even", task, ser, max_count=4, splits=("train",))
+    cfg = DataConfig(source="shards", path=str(tmp_path / "even"), seq_len=512, batch_size=1, workers=0)
+    parts = [_ids(itertools.islice(iter(TrainLoader(cfg, task, ser, seed=0, rank=r, world=3)), 4)) for r in range(3)]
     assert sorted(sum(parts, [])) == want
+    assert all(len({int(i.rsplit("-", 1)[1]) // 4 for i in p}) == 1 for p in parts)  # one whole file per rank
+
+
+def test_shard_files_are_owned_whole_only_where_every_data_shard_gets_as_many_samples(caplog):
+    from omnibyte.data.sources import whole_files
+
+    assert whole_files([8, 8, 8, 8], 2) and whole_files([8, 8, 8, 4], 2) is False
+    assert whole_files([8, 8, 4, 4], 2) and whole_files([5, 5, 2], 3) is False and whole_files([8], 2) is False
+    with caplog.at_level("WARNING", logger="omnibyte.data"):
+        assert whole_files([8, 8, 8], 2) is False
+    assert "[8, 16] samples each" in caplog.text
 
 
 # --- exact resume for every source, with every counter ------------------------------------------------------

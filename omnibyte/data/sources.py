@@ -18,6 +18,7 @@ split. Each pass uses a fresh task instance: a task may count some skips only wh
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import DataError, SerializationError
+
+log = logging.getLogger("omnibyte.data")
 
 
 def sample_meta(sample: dict[str, Any]) -> dict[str, Any]:
@@ -206,13 +209,38 @@ def recorded_answers(data_cfg, split: str) -> tuple[str, ...] | None:
     return None
 
 
+_warned_files: set[tuple[int, ...]] = set()
+
+
+def whole_files(counts: list[int], shards: int) -> bool:
+    """Whether ``shards`` data shards can own whole shard files (``files[shard::shards]``) and still see the same
+    number of samples each. Every data shard hands out a batch per step and loops its own items, so one that
+    owned fewer samples repeated them more often: 3 files of 8 samples over 2 ranks trained file 1 twice as often
+    as files 0 and 2, without a word. Otherwise each data shard reads every file and keeps every ``shards``-th
+    sample (equal to one sample; more reading), with a warning saying how to get whole files back."""
+    if len(counts) < shards:
+        return False
+    totals = {sum(counts[i::shards]) for i in range(shards)}
+    if len(totals) == 1:
+        return True
+    key = (shards, *counts)
+    if key not in _warned_files:
+        _warned_files.add(key)
+        log.warning("data.source=shards: %d shard files over %d data shards (ranks x workers) would give them %s "
+                    "samples each, so some would be seen more often; each data shard reads every file instead and "
+                    "keeps every %d-th sample (write a multiple of %d equal shard files to read whole files)",
+                    len(counts), shards, sorted(sum(counts[i::shards]) for i in range(shards)), shards, shards)
+    return False
+
+
 class DataShard:
     """One data shard's items in their fixed order for one epoch (:mod:`.loader`), entered at any item.
 
-    ``raw``: items are raw samples (task, shards) or serialized streams (h5). Shards: with at least as many
-    shard files as data shards, whole files (``files[shard::shards]``, in an order drawn from ``rng`` each
-    epoch when shuffling), else every ``shards``-th sample. h5: every ``shards``-th entry of a permutation
-    of the store drawn from ``(seed, epoch)``. Task: every ``shards``-th sample of the task's order.
+    ``raw``: items are raw samples (task, shards) or serialized streams (h5). Shards: whole files
+    (``files[shard::shards]``, in an order drawn from ``rng`` each epoch when shuffling) where every data shard
+    then gets the same number of samples (:func:`whole_files`), else every ``shards``-th sample. h5: every
+    ``shards``-th entry of a permutation of the store drawn from ``(seed, epoch)``. Task: every ``shards``-th
+    sample of the task's order.
     """
 
     def __init__(self, cfg, task, split: str, store: Any, *, seed: int, epoch: int, shard: int, shards: int,
@@ -225,7 +253,7 @@ class DataShard:
             n = len(store)
             order = np.random.default_rng([seed, epoch]).permutation(n) if cfg.shuffle else np.arange(n)
             self.order = order[shard::shards]
-        elif cfg.source == "shards" and len(store.urls) >= shards:
+        elif cfg.source == "shards" and whole_files(store.counts, shards):
             files = list(range(len(store.urls)))[shard::shards]
             if cfg.shuffle:
                 files = [files[i] for i in rng.permutation(len(files))]
