@@ -179,7 +179,8 @@ def load_pixels(data: bytes, cfg: ProcessConfig):
     half the crop in both directions: faster, deterministic for a given libjpeg, the crop box scaled to
     match; a JPEG whose scan data ends before the image is complete is refused (:func:`load_strict`).
 
-    EXIF orientation (a JPEG's APP1 or a PNG's eXIf tag 274, values 2-8): the image is turned and mirrored to
+    EXIF orientation (a JPEG's APP1, a PNG's eXIf or a WEBP's EXIF chunk: tag 274, values 2-8; a WEBP's used to
+    be ignored, so the same photo came out turned one way as JPEG and another as WEBP): the image is turned and mirrored to
     how it displays before the crop, so ``crop``, ``crop_box`` and ``size`` are in displayed coordinates and the
     output (re-encoded file or pixels, which carry no metadata) shows what a viewer shows; ``passthrough`` keeps
     the file and its tag. An EXIF block Pillow cannot read counts as orientation 1.
@@ -205,7 +206,7 @@ def load_pixels(data: bytes, cfg: ProcessConfig):
         return _finish(im, box, cfg)
     im = open_image(data, cfg, structure=False)
     W, H = im.size
-    # EXIF orientation (JPEG APP1; a PNG's eXIf chunk is read with the pixels): the pixels as displayed, then the
+    # EXIF orientation (JPEG APP1; a PNG's eXIf or WEBP's EXIF chunk is read with the pixels): the pixels as displayed, then the
     # crop, in displayed coordinates (such a JPEG is decoded at full scale)
     turned = im.format == "JPEG" and orientation(im) != 1
     box = None
@@ -217,7 +218,7 @@ def load_pixels(data: bytes, cfg: ProcessConfig):
             if im.size != (W, H):  # the crop box follows the reduced scale
                 box = draft_box(box, (W, H), im.size)
     decode(im, data)
-    if turned or (im.format == "PNG" and orientation(im) != 1):
+    if turned or (im.format != "JPEG" and orientation(im) != 1):  # PNG eXIf, WEBP EXIF chunk, ...
         from PIL import ImageOps
 
         im = ImageOps.exif_transpose(im)

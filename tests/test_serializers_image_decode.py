@@ -396,16 +396,17 @@ def _oriented(fmt: str, orientation: int) -> tuple[bytes, np.ndarray]:
     ex = Image.Exif()
     ex[0x0112] = orientation
     buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, fmt, exif=ex.tobytes(), **({"quality": 100, "subsampling": 0} if fmt == "JPEG" else {}))
+    opts = {"JPEG": {"quality": 100, "subsampling": 0}, "WEBP": {"lossless": True, "exact": True}}.get(fmt, {})
+    Image.fromarray(arr).save(buf, fmt, exif=ex.tobytes(), **opts)
     data = buf.getvalue()
     return data, np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
 
 
-@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
 @pytest.mark.parametrize("orientation", [1, 3, 6, 8, 5])
 def test_exif_orientation_is_applied_before_the_crop(fmt, orientation, monkeypatch):
     """Re-encoded files and pixels show what a viewer shows (they carry no tag): an EXIF-turned photo is turned,
-    and the crop is taken in displayed coordinates, with either PNG decoder."""
+    and the crop is taken in displayed coordinates, with either PNG decoder (a WEBP's tag was once ignored)."""
     data, shown = _oriented(fmt, orientation)
     for spng in ("0", "1"):
         monkeypatch.setenv("OMNIBYTE_NO_SPNG", spng)
