@@ -187,12 +187,17 @@ def load_run(run_dir: str | Path, checkpoint: str | int | None = None, *, device
     from .checkpoint import load_weights
     from .parallel import pick_device
 
-    if checkpoint is None:  # the run's own default (eval.checkpoint), read from its record
+    wanted = _checkpoint_override(overrides)
+    if checkpoint is None:  # an eval.checkpoint override, else the run's own default, read from its record
         from .config import load_yaml
         from .runconfig import RESOLVED_NAME
 
         rec = Path(run_dir) / RESOLVED_NAME
-        checkpoint = ((load_yaml(rec).get("eval") or {}).get("checkpoint") if rec.is_file() else None) or "auto"
+        checkpoint = wanted or ((load_yaml(rec).get("eval") or {}).get("checkpoint") if rec.is_file() else None) \
+            or "auto"
+    elif wanted is not None and wanted != "auto" and str(wanted) != str(checkpoint):
+        raise ConfigError(f"--checkpoint {checkpoint} and the override eval.checkpoint={wanted} name different "
+                          f"checkpoints; give one of them")
     ckpt, which = find_checkpoint(run_dir, checkpoint)
     cfg = checkpoint_config(ckpt, trust_plugins=trust_plugins, overrides=overrides)
     state = read_state(ckpt)
@@ -206,6 +211,22 @@ def load_run(run_dir: str | Path, checkpoint: str | int | None = None, *, device
                           f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]})")
     model.to(pick_device(device if device != "auto" else cfg.train.device)).eval()
     return Run(Path(run_dir), cfg, task, serializer, model, ckpt, int(state["step"]), which, state)
+
+
+def _checkpoint_override(overrides) -> str | None:
+    """The value of the last ``eval.checkpoint=`` override (or ``eval={checkpoint: ...}``), else None. It picks the
+    checkpoint, so it is read before the checkpoint's config is loaded (overrides apply to that config): applied
+    only there, ``eval.checkpoint=latest`` scored the best checkpoint while the loaded config said latest."""
+    from .config_files import parse_override
+
+    found = None
+    for text in overrides:
+        key, value = parse_override(text)
+        if key == ["eval", "checkpoint"]:
+            found = value
+        elif key == ["eval"] and isinstance(value, dict) and "checkpoint" in value:
+            found = value["checkpoint"]
+    return None if found is None else str(found)
 
 
 def _merged_pathway(weights: dict, cfg: RunConfig, ckpt: Path) -> dict:

@@ -331,6 +331,23 @@ def test_explicit_best_still_loads_the_best(run):
     assert which == "best" and path.name == f"step_{step:06d}"
 
 
+def test_an_eval_checkpoint_override_picks_the_checkpoint_it_names(run, tmp_path):
+    """`omnibyte eval RUN eval.checkpoint=latest` scored the best checkpoint: the override was applied to the
+    loaded config only after the run's recorded eval.checkpoint (auto) had chosen. Against --checkpoint it is a
+    conflict, refused."""
+    from omnibyte.run import load_run
+
+    r = _copy(run, tmp_path)
+    (r / "checkpoints" / "best.json").write_text(json.dumps({"step": 1, "metric": "validation/bpb", "value": 1.0}))
+    assert (load_run(r).step, load_run(r).which) == (1, "best")
+    latest = load_run(r, overrides=["eval.checkpoint=latest"])
+    assert (latest.step, latest.which, latest.config.eval.checkpoint) == (2, "latest", "latest")
+    assert load_run(r, overrides=["eval.checkpoint=latest", "eval.checkpoint=best"]).step == 1  # the last one
+    assert load_run(r, "latest", overrides=["eval.checkpoint=latest"]).step == 2
+    with pytest.raises(ConfigError, match="--checkpoint 1 and the override eval.checkpoint=latest"):
+        load_run(r, "1", overrides=["eval.checkpoint=latest"])
+
+
 def test_a_generation_prompt_is_never_cut_by_the_training_length_cap():
     """utf8 with max_bytes: truncate=head fed the model the first max_bytes of the prompt (and the CLI printed
     the whole prompt before the continuation); truncate=error fell back to raw bytes, without the BOS."""
