@@ -1,6 +1,6 @@
 """The generate-mode answer rule: how a greedily generated VQA answer and the gold answer are made comparable.
 
-One owner for the rule, so the evaluation (``tasks/vqa_eval.py``: accuracies, ``vqa_<split>.json``) and the
+One owner for the rule, so the evaluation (``tasks/vqa_eval.py``: accuracies, ``vqa_<split>_<step>.json``) and the
 analysis of its per-question records (:mod:`omnibyte.analysis.transfer`: standard errors, paired differences)
 cannot drift apart and report different numbers for the same predictions:
 
@@ -12,11 +12,16 @@ cannot drift apart and report different numbers for the same predictions:
   answer with surrounding whitespace could otherwise never be matched.
 
 Rank mode compares the answers as given (no rule: the prediction is one of the closed set).
+
+:func:`result_files` is the other shared rule: where an evaluation of a split at a checkpoint writes its results
+and per-question records, and so where the analysis and the robustness table read them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
 
 from .vocab import NUM_BYTES
 
@@ -36,3 +41,11 @@ def decode_answer(tokens: Iterable[int]) -> str:
             break
         out.append(t)
     return normalize_answer(out.decode("utf-8", errors="replace"))
+
+
+def result_files(out_dir: Any, split: str, step: int | None = None) -> tuple[Path, Path]:
+    """``(results .json, predictions .jsonl)`` of the VQA evaluation of ``split`` at checkpoint ``step``:
+    ``vqa_<split>_<step>.json`` and ``vqa_<split>_<step>_predictions.jsonl`` (without a step, and in runs
+    evaluated before the step was in the name, ``vqa_<split>.json`` / ``vqa_<split>_predictions.jsonl``)."""
+    stem = f"vqa_{split}" if step is None else f"vqa_{split}_{int(step)}"
+    return Path(out_dir) / f"{stem}.json", Path(out_dir) / f"{stem}_predictions.jsonl"

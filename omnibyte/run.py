@@ -349,6 +349,7 @@ def evaluate_run(run: Run, split: str | None = None, *, max_samples: int | None 
         with autocast(device, bf16):  # the run's precision policy, as in training
             extra = run.task.evaluate(model, iter(items), split=split, out_dir=out, context=cfg.data.seq_len,
                                       batch_size=cfg.eval.batch_size or cfg.data.batch_size, progress=progress,
+                                      step=run.step, checkpoint=str(run.checkpoint),
                                       prior_from=lambda: training_meta(cfg, run.task, run.serializer))
         if extra:
             results["task"] = extra

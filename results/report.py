@@ -62,7 +62,9 @@ def tables(runs_dir: str, smooth: int = 1) -> str:
                    + ", ".join(f"{k} {v:.3f}" for k, v in pr["majority_by_qtype_per_qtype"].items()))
     split_rows = []
     for arm, rs in A.group_runs(runs, report_arm, check=True).items():
-        rows = [row for r in rs for f in range(len(r.per_token_files)) for row in A.per_token_losses(r, which=f)]
+        # one file per run: the val split's at the step whose accuracy is reported (pooling every eval/*.h5
+        # counted a question once per evaluated checkpoint)
+        rows = [row for r in rs for row in _val_rows(r)]
         if rows:
             split_rows.append({"arm": arm, "rows": len(rows), **A.answer_loss_split(rows)})
     if split_rows:
@@ -78,6 +80,18 @@ def tables(runs_dir: str, smooth: int = 1) -> str:
     out.append("\n### Final losses per arm\n")
     out.append(A.markdown_table(finals))
     return "\n".join(out) + "\n"
+
+
+def _val_rows(run) -> list[dict]:
+    """The run's per-token rows of the val split at the step whose VQA accuracy the report shows (its latest
+    per-token file when it has no accuracy); none without a val per-token file; a file of another step only is
+    refused (per_token_file names the steps)."""
+    from omnibyte import analysis as A
+
+    if not any(f.stem.startswith("val_") and f.stem[4:].isdigit() for f in run.per_token_files):
+        return []
+    acc = A.vqa_accuracy(run, "val")
+    return A.per_token_losses(run, split="val", step=acc.get("step") if acc else None)
 
 
 def _pm(x: dict | None, digits: int = 3) -> str:

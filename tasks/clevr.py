@@ -278,8 +278,8 @@ class ClevrVQA(Task):
 
         The closed set is :attr:`answer_vocab`. ``options``: ``mode`` (auto|generate|rank|both, default
         ``task.eval_mode``), ``batch_size``, ``max_new_bytes``, ``progress`` (see
-        :func:`tasks.vqa_eval.evaluate_vqa`). Results also go to ``out_dir`` (``vqa_<split>.json`` and
-        ``vqa_<split>_predictions.jsonl``).
+        :func:`tasks.vqa_eval.evaluate_vqa`; ``step``, ``checkpoint``: what is evaluated). Results also go to
+        ``out_dir`` (``vqa_<split>_<step>.json`` and ``vqa_<split>_<step>_predictions.jsonl``).
         """
         from .vqa_eval import evaluate_vqa
 

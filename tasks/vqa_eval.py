@@ -22,8 +22,11 @@ the results. The model is used only through :class:`omnibyte.model.api.StreamMod
 mode reports ``accuracy_<mode>`` over all questions and ``accuracy_answerable_<mode>`` over the answerable
 ones (gold in ``labels``), the same per question type, and ``num_unanswerable`` (also per question type).
 
-Results go to ``out_dir/vqa_<split>.json`` (metrics, confusion matrices, the closed set) and
-``vqa_<split>_predictions.jsonl`` (one record per question: ``id``, ``question_index``, gold, predictions).
+Results go to ``out_dir/vqa_<split>_<step>.json`` (metrics, confusion matrices, the closed set, ``step`` and
+``checkpoint``) and ``vqa_<split>_<step>_predictions.jsonl`` (one record per question: ``id``,
+``question_index``, gold, predictions): one pair per evaluated checkpoint (:func:`omnibyte.answers.result_files`; without a step,
+``vqa_<split>.json``). They were once named without the step, so evaluating a second checkpoint replaced the
+first's predictions, and per-question tables could describe another checkpoint than the accuracy beside them.
 Item ids must be unique within a split (a repeated id is a :class:`DataError` naming both positions).
 """
 
@@ -37,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from omnibyte import vocab
-from omnibyte.answers import decode_answer, normalize_answer
+from omnibyte.answers import decode_answer, normalize_answer, result_files
 from omnibyte.errors import DataError
 from omnibyte.logging import show_bar
 
@@ -157,7 +160,8 @@ def answer_prior(train: Iterable[dict[str, Any]], golds: Sequence[str], families
     best = {f: top(c) for f, c in counts.items()}
     preds = [best.get(f, fallback) for f in families]
     by = accuracy_by(golds, preds, qtypes)
-    return {"accuracy": sum(g == p for g, p in zip(golds, preds)) / max(1, len(golds)),
+    # no eval questions: NaN, as the model's own accuracy beside it (0.0 read as a measured prior)
+    return {"accuracy": sum(g == p for g, p in zip(golds, preds)) / len(golds) if golds else float("nan"),
             "by_qtype": {k: v["accuracy"] for k, v in by.items()},
             "rule": "the most frequent training answer of the question's family"}
 
@@ -180,12 +184,13 @@ def vqa_report(results: dict[str, Any]) -> list[str]:
 
 def evaluate_vqa(model: Any, items: Iterable[Any], *, split: str, labels: Sequence[str], out_dir: Any = None,
                  mode: str = "auto", batch_size: int = 32, max_new_bytes: int = 0, progress: bool = True,
-                 prior_from: Any = None, rank_batch_size: int = RANK_BATCH, **_: Any) -> dict[str, Any]:
+                 prior_from: Any = None, rank_batch_size: int = RANK_BATCH, step: int | None = None,
+                 checkpoint: str | None = None, **_: Any) -> dict[str, Any]:
     """Score ``model`` (a StreamModel) on ``items`` of ``split`` against the closed set ``labels``; see the
     module docstring. ``prior_from``: a callable giving the training split's samples (metadata suffices), to
     report the per-family answer prior beside the model. ``batch_size``: rows per ``generate`` call;
-    ``rank_batch_size``: questions per ``score_batch`` call. Options it does not use (``context``, ...) are
-    ignored."""
+    ``rank_batch_size``: questions per ``score_batch`` call. ``step`` / ``checkpoint``: what was evaluated (in the
+    results and the file names). Options it does not use (``context``, ...) are ignored."""
     import torch
     from tqdm.auto import tqdm
 
@@ -254,6 +259,8 @@ def evaluate_vqa(model: Any, items: Iterable[Any], *, split: str, labels: Sequen
         "num_unanswerable": head["unanswerable"],
         "unanswerable_by_qtype": {k: v["total"] - v["answerable"] for k, v in head["by_qtype"].items()},
         "num_answers": len(labels),
+        **({"step": int(step)} if step is not None else {}),
+        **({"checkpoint": str(checkpoint)} if checkpoint is not None else {}),
     }
     if prior_from is not None:
         results["prior"] = answer_prior(prior_from(), golds, families, qtypes)
@@ -265,12 +272,12 @@ def evaluate_vqa(model: Any, items: Iterable[Any], *, split: str, labels: Sequen
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"vqa_{split}.json").write_text(
-            json.dumps({**results, "answers": labels, "details": by_mode}, indent=1) + "\n")
-        with open(out / f"vqa_{split}_predictions.jsonl", "w") as f:
+        res_file, pred_file = result_files(out, split, step)
+        res_file.write_text(json.dumps({**results, "answers": labels, "details": by_mode}, indent=1) + "\n")
+        with open(pred_file, "w") as f:
             for r in records:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        results["results_file"] = str(out / f"vqa_{split}.json")
+        results["results_file"] = str(res_file)
     return results
 
 

@@ -284,6 +284,48 @@ def test_binomial_accuracy_and_the_paired_difference_on_the_same_questions(tmp_p
         A.paired_difference(A.load_run(make_run(tmp_path, "c")), ra)
 
 
+def test_per_question_records_are_those_of_the_step_whose_accuracy_is_reported(tmp_path: Path):
+    """An evaluation writes vqa_<split>_<step>_predictions.jsonl; the per-question tables read the step the
+    accuracy table reports. With the step-less name, evaluating a second checkpoint replaced the first's records
+    and the tables beside the accuracy described the other checkpoint."""
+    a = make_run(tmp_path, "a")
+    for step, acc, preds in ((4, 1.0, ["yes", "no"]), (2, 0.5, ["yes", "yes"])):  # step 2 evaluated last
+        (a / "eval" / f"vqa_val_{step}.json").write_text(json.dumps({**vqa_result(acc, {"exist": acc}), "step": step}))
+        recs = [{"id": f"q{i}", "qtype": "exist", "gold": g, "pred_rank": p}
+                for i, (g, p) in enumerate(zip(["yes", "no"], preds))]
+        (a / "eval" / f"vqa_val_{step}_predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    ra = A.load_run(a)
+    assert A.vqa_accuracy(ra)["step"] == 4 and A.accuracy_table([ra])[0]["accuracy"]["mean"] == 1.0
+    assert A.binomial_accuracy(ra)["all"]["mean"] == 1.0  # step 4's records, as the accuracy table
+    assert [r["pred_rank"] for r in A.vqa_predictions(ra, step=2)] == ["yes", "yes"]
+    (a / "eval" / "vqa_val_4_predictions.jsonl").unlink()
+    with pytest.raises(ValueError, match=r"at steps \[2\], none at step 4"):
+        A.vqa_predictions(A.load_run(a))
+
+
+def test_seeds_scored_in_different_modes_are_not_averaged_under_one(tmp_path: Path):
+    runs = [A.load_run(make_run(tmp_path, f"s{seed}", seed=seed, vqa=vqa_result(0.4 + seed / 10, {}, mode=m)))
+            for seed, m in ((0, "rank"), (1, "generate"))]
+    with pytest.raises(ValueError, match="different modes .*s0: rank, s1: generate"):
+        A.accuracy_table(runs)
+
+
+def test_the_answer_loss_split_reads_one_per_token_file_per_run(tmp_path: Path):
+    """A run evaluated at two checkpoints (and on two splits) has several eval/*.h5: pooling them counted each
+    question once per file."""
+    from omnibyte.analysis.token_losses import per_token_file
+
+    a = make_run(tmp_path, "a")
+    for name in ("val_2.h5", "val_4.h5", "test_6.h5"):
+        (a / "eval" / name).write_bytes(b"")
+    ra = A.load_run(a)
+    assert per_token_file(ra, "val").name == "val_4.h5" and per_token_file(ra, "val", 2).name == "val_2.h5"
+    with pytest.raises(FileNotFoundError, match=r"split 'val' at step 3 \(steps: \[2, 4\]\)"):
+        per_token_file(ra, "val", 3)
+    with pytest.raises(FileNotFoundError, match="no per-token file of split 'validation'"):
+        per_token_file(ra, "validation")
+
+
 def test_a_mode_the_run_was_not_scored_in_is_refused_not_counted_wrong(tmp_path: Path):
     a = make_run(tmp_path, "a", vqa=vqa_result(0.5, {"exist": 0.5}, mode="rank"))
     _predictions(a, [("exist", "yes", "yes"), ("exist", "no", "yes")])

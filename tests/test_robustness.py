@@ -324,7 +324,10 @@ def test_the_table_rows_are_evaluate_runs_results_on_corrupted_copies(tmp_path):
     assert rows[0]["bpb"] == direct["bpb"]
     assert rows[1]["bpb"] != rows[0]["bpb"] and rows[1]["delta_bpb"] == rows[1]["bpb"] - rows[0]["bpb"]
     assert json.loads(Path(res["results_file"]).read_text())["rows"] == rows
-    assert Path(res["results_file"]) == tmp_path / "eval" / "robustness_validation_0.json"
+    assert Path(res["results_file"]) == tmp_path / "eval" / "robustness_validation_0_seed0_n4.json"
+    with pytest.raises(ConfigError, match="would replace it"):  # another set under the same key: refused
+        run_robustness(run, corruptions=["drop:0.3"], limit=4, progress=False)
+    assert json.loads(Path(res["results_file"]).read_text())["rows"] == rows  # kept
     assert any(line.startswith("antspeak") for line in table_lines(res))
     again = run_robustness(run, corruptions=["uppercase:0.3"], limit=4, progress=False, out=tmp_path / "b.json")
     assert again["rows"][1]["bpb"] == rows[1]["bpb"]  # same seed, same corrupted copy
@@ -360,8 +363,8 @@ def test_vqa_rows_score_corrupted_questions_and_image_bytes(tmp_path):
     # the predictions file of a question corruption shows the question the model read, beside the clean one
     detail = Path(res["rows"][0]["detail"]).parent.parent
     assert detail == tmp_path / "eval" / "robustness" / "val_0_seed0_n2"  # its own folder: seed and sample count
-    recs = [json.loads(x) for x in (detail / "random_case" / "vqa_val_predictions.jsonl").read_text().splitlines()]
-    clean = [json.loads(x) for x in (detail / "clean" / "vqa_val_predictions.jsonl").read_text().splitlines()]
+    recs = [json.loads(x) for x in (detail / "random_case" / "vqa_val_0_predictions.jsonl").read_text().splitlines()]
+    clean = [json.loads(x) for x in (detail / "clean" / "vqa_val_0_predictions.jsonl").read_text().splitlines()]
     assert len(recs) == 2 and all("question_clean" not in r for r in clean)
     for r, c in zip(recs, clean):
         assert r["question_clean"] == c["question"] and r["question"] != c["question"]
@@ -470,7 +473,7 @@ def test_robustness_on_a_vqa_run_scores_corrupted_questions_and_images(tmp_path,
     run = runs / "clevr_vqa_png"
     assert main(["robustness", str(run), "--limit", "2", "--corruptions", "uppercase:0.3", "image_flip:0.05",
                  "noise:16", "--quiet"]) == 0
-    res = json.loads((run / "eval" / "robustness_val_2.json").read_text())
+    res = json.loads(next((run / "eval").glob("robustness_val_2_seed0_n*.json")).read_text())
     rows = {r["corruption"]: r for r in res["rows"]}
     assert list(rows) == ["clean", "uppercase:0.3", "image_flip:0.05", "noise:16"]
     for r in rows.values():

@@ -4,6 +4,7 @@ prior of the training split, and where the run's files are."""
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 from omnibyte.runconfig import load_run_config
@@ -20,6 +21,11 @@ def test_answer_prior_is_the_majority_training_answer_per_family():
                        qtypes=["exist", "exist", "count", "query_attribute"])
     assert out["by_qtype"] == {"count": 1.0, "exist": 0.5, "query_attribute": 0.0}  # family 9: overall "yes"
     assert out["accuracy"] == 0.5
+
+
+def test_the_answer_prior_on_no_questions_is_not_a_measured_zero():
+    out = answer_prior([{"answer": "yes", "family": 1}], golds=[], families=[], qtypes=[])
+    assert math.isnan(out["accuracy"]) and out["by_qtype"] == {}
 
 
 def test_the_prior_reads_the_same_training_meta_from_every_source(tmp_path):

@@ -155,6 +155,8 @@ def test_a_trained_run_records_and_ranks_the_answers_of_its_own_training_split(t
     out = capsys.readouterr().out
     task = json.loads(out[out.index("{"):])["task"]
     assert task["num_samples"] == 4 and task["num_unanswerable"] == 1  # "hexagon" is not a training answer
-    preds = [json.loads(line) for line in (run / "eval" / "vqa_val_predictions.jsonl").read_text().splitlines()]
+    step = task["step"]  # the evaluated checkpoint's step, in the results and their file names
+    assert task["checkpoint"].endswith(f"step_{step:06d}") and (run / "eval" / f"vqa_val_{step}.json").is_file()
+    preds = [json.loads(line) for line in (run / "eval" / f"vqa_val_{step}_predictions.jsonl").read_text().splitlines()]
     assert len(preds) == 4 and {p["pred_rank"] for p in preds} <= set(trained)  # ranked among the training answers
     assert [p["answerable"] for p in preds] == [p["gold"] in trained for p in preds] == [True, True, False, True]

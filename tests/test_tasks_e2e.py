@@ -32,7 +32,7 @@ def test_clevr_prepare_train_eval(tmp_path, capsys):
     task = res["task"]
     assert task["num_samples"] == 4 and set(task["modes"]) == {"generate", "rank"}
     assert set(task["by_qtype_rank"]) == {"count", "exist", "compare_attribute", "query_attribute"}
-    assert (runs / "clevr_vqa_png" / "eval" / "vqa_val.json").is_file()
+    assert list((runs / "clevr_vqa_png" / "eval").glob("vqa_val_*.json"))
     assert "bpb/answer" in res
 
 

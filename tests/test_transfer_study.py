@@ -43,7 +43,7 @@ def test_the_micro_study_runs_every_arm_and_reports_paired_differences(tmp_path)
     for d in runs.values():
         split = json.loads((d / "eval" / "answer_split_val.json").read_text())
         assert split["rows"] == 3 and split["first_byte"]["n"] == 3
-        assert (d / "eval" / "vqa_val_predictions.jsonl").is_file()
+        assert list((d / "eval").glob("vqa_val_*_predictions.jsonl"))
         blind = {r["corruption"]: r for r in json.loads((d / "eval" / "blind_val.json").read_text())["rows"]}
         assert list(blind) == ["clean", "blank"] and blind["blank"]["paired"]["all"]["n"] == 4  # vqa_samples
         assert blind["blank"]["paired"]["all"]["mean"] == pytest.approx(blind["blank"]["accuracy"]

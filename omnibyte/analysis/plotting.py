@@ -55,8 +55,9 @@ def arm_colours(arms: Iterable[str]) -> dict[str, tuple[float, float, float, flo
 
 
 def image_loss_maps(arms: Mapping[str, Any], *, max_rows: int = 1, cmap: str = "magma",
-                    kinds: Iterable[str] = KINDS):
-    """Per-byte loss maps (nats) of the first eval stream of one run per arm, in a grid: a column per input
+                    kinds: Iterable[str] = KINDS, split: str = "val"):
+    """Per-byte loss maps (nats) of the first eval stream of ``split`` (its latest per-token file) of one run per
+    arm, in a grid: a column per input
     kind, a row per initialisation (``scratch``, ``pg19``) or loss policy (``all`` for ``png+all/...``).
 
     ``arms``: ``{arm name: Run}``; runs without per-token eval files are left out. Every map uses the same ``vmin``/``vmax``
@@ -69,7 +70,10 @@ def image_loss_maps(arms: Mapping[str, Any], *, max_rows: int = 1, cmap: str = "
         kind = name.split("/", 1)[0].split("+", 1)[0]
         if kind not in kinds or not getattr(run, "per_token_files", None):
             continue
-        rows = per_token_losses(run, max_rows=max_rows)
+        try:  # the val split's latest file (not whichever split was evaluated last)
+            rows = per_token_losses(run, max_rows=max_rows, split=split)
+        except FileNotFoundError:
+            continue
         if rows:
             maps[name] = (image_loss_map(rows[0], run.config), str(rows[0].get("id", "")))
     if not maps:

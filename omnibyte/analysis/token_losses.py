@@ -16,16 +16,36 @@ from .runs import Run, aggregate
 # --- per-token losses and image loss maps ------------------------------------------------------------------
 
 
-def per_token_losses(run_or_path: Run | str | os.PathLike, which: int = -1, max_rows: int = 0
-                     ) -> list[dict[str, Any]]:
-    """Rows of a per-token h5 file (a run's ``which``-th by step, default the latest, or a path): each
+def per_token_file(run: Run, split: str, step: int | None = None) -> Path:
+    """The run's per-token file of ``split`` (``eval/<split>_<step>.h5``) at ``step``, default the latest step.
+    One file: pooling a run's files counted each question once per evaluated checkpoint (and split)."""
+    import re
+
+    found = {int(m.group(1)): f for f in run.per_token_files
+             if (m := re.fullmatch(rf"{re.escape(split)}_(\d+)", f.stem))}
+    if not found:
+        raise FileNotFoundError(f"{run.path}: no per-token file of split {split!r} (eval/{split}_<step>.h5; it has "
+                                f"{[f.name for f in run.per_token_files] or 'none'}); run `omnibyte eval`")
+    if step is None:
+        return found[max(found)]
+    if step not in found:
+        raise FileNotFoundError(f"{run.path}: no per-token file of split {split!r} at step {step} (steps: "
+                                f"{sorted(found)})")
+    return found[step]
+
+
+def per_token_losses(run_or_path: Run | str | os.PathLike, which: int = -1, max_rows: int = 0, *,
+                     split: str | None = None, step: int | None = None) -> list[dict[str, Any]]:
+    """Rows of a per-token h5 file (a path; or a run's: with ``split``, :func:`per_token_file` of that split and
+    ``step``, else its ``which``-th file by step, default the latest, of whatever split): each
     ``{"id", "tokens", "nll", "loss_mask", "modality"}`` cropped to its length (nll in nats)."""
     import h5py
 
     if isinstance(run_or_path, Run):
         if not run_or_path.per_token_files:
             raise FileNotFoundError(f"{run_or_path.path}: no eval/*.h5 per-token files (run `omnibyte eval`)")
-        path = run_or_path.per_token_files[which]
+        path = (per_token_file(run_or_path, split, step) if split is not None
+                else run_or_path.per_token_files[which])
     else:
         path = Path(run_or_path)
     rows = []

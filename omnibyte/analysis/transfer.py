@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from ..answers import normalize_answer
+from ..answers import normalize_answer, result_files
 from ..identity import flatten
 from .runs import Run, _step_of, aggregate, censored_aggregate, curve, final_value, steps_to_target
 
@@ -184,8 +184,8 @@ def transfer_table(runs: Iterable[Run], *, key: str = "loss", split: str = "val"
 
 
 def vqa_accuracy(run: Run, split: str | None = None, mode: str | None = None) -> dict[str, Any] | None:
-    """``{"split", "mode", "accuracy", "by_qtype": {qtype: accuracy}, "num_samples"}`` from the run's VQA
-    results (``eval/vqa_<split>.json``, or the ``task`` part of ``eval/<split>_<step>.json``, latest step);
+    """``{"split", "mode", "accuracy", "by_qtype": {qtype: accuracy}, "num_samples", "step"}`` from the run's VQA
+    results (``eval/vqa_<split>_<step>.json``, or the ``task`` part of ``eval/<split>_<step>.json``, latest step);
     ``mode`` picks generate/rank (``classify`` in files written before the CNN+LSTM ranked through ``score``;
     default: the file's main mode). None when there are none."""
     cands: list[tuple[int, dict]] = []
@@ -200,7 +200,7 @@ def vqa_accuracy(run: Run, split: str | None = None, mode: str | None = None) ->
         cands.append((int(d.get("step", res.get("step", _step_of(Path(stem))))), res))
     if not cands:
         return None
-    res = max(cands, key=lambda c: c[0])[1]
+    step, res = max(cands, key=lambda c: c[0])
     m = mode or res.get("main_mode") or (res.get("modes") or ["?"])[0]
     by = res.get(f"by_qtype_{m}")
     if by is None and isinstance(res.get("details"), dict) and m in res["details"]:
@@ -212,17 +212,24 @@ def vqa_accuracy(run: Run, split: str | None = None, mode: str | None = None) ->
                              f"{res.get('main_mode')!r})")
         acc = res.get("accuracy")
     return {"split": res.get("split"), "mode": m, "accuracy": acc, "by_qtype": dict(by or {}),
-            "num_samples": res.get("num_samples")}
+            "num_samples": res.get("num_samples"), "step": step if step >= 0 else None}
 
 
-def accuracy_table(runs: Iterable[Run], split: str | None = None) -> list[dict[str, Any]]:
-    """Per arm: overall accuracy and accuracy per question type, aggregated over seeds."""
+def accuracy_table(runs: Iterable[Run], split: str | None = None, mode: str | None = None) -> list[dict[str, Any]]:
+    """Per arm: overall accuracy and accuracy per question type, aggregated over seeds (in ``mode``, default each
+    file's main mode; seeds scored in different modes are refused, not averaged under one mode's name)."""
     rows = []
     for name, group in group_runs(runs).items():
-        accs = [a for a in (vqa_accuracy(r, split) for r in group) if a is not None]
+        scored = [(r, a) for r in group if (a := vqa_accuracy(r, split, mode)) is not None]
+        accs = [a for _, a in scored]
         if not accs:
             continue
         check_seeds_of_one_arm(name, group)
+        modes = {a["mode"] for a in accs}
+        if len(modes) > 1:
+            raise ValueError(f"arm {name!r}: its seeds' VQA accuracies are in different modes ("
+                             + ", ".join(f"{r.name}: {a['mode']}" for r, a in scored)
+                             + "); pass mode= to compare one mode, or evaluate them alike")
         qtypes = sorted({q for a in accs for q in a["by_qtype"]})
         rows.append({"arm": name, "mode": accs[0]["mode"], "accuracy": aggregate(a["accuracy"] for a in accs),
                      "by_qtype": {q: aggregate(a["by_qtype"].get(q) for a in accs) for q in qtypes}})
@@ -232,12 +239,28 @@ def accuracy_table(runs: Iterable[Run], split: str | None = None) -> list[dict[s
 # --- per-question comparisons (one seed: the questions give the error bar) -------------------------------------
 
 
-def vqa_predictions(run: Run, split: str = "val") -> list[dict[str, Any]]:
-    """The run's per-question VQA records (``eval/vqa_<split>_predictions.jsonl``: ``id``, ``gold``, ``qtype``,
-    ``pred_<mode>``, ...); empty when there are none."""
+def vqa_predictions(run: Run, split: str = "val", step: int | None = None) -> list[dict[str, Any]]:
+    """The run's per-question VQA records (``eval/vqa_<split>_<step>_predictions.jsonl``: ``id``, ``gold``,
+    ``qtype``, ``pred_<mode>``, ...) of checkpoint ``step``, by default the step whose accuracy
+    :func:`vqa_accuracy` reports, so per-question tables and the accuracy table describe one checkpoint. A run
+    with records of other steps only is refused (naming them); one evaluated before the file names carried the
+    step has ``vqa_<split>_predictions.jsonl``, read as it is. Empty when there are none."""
     import json
+    import re
 
-    path = Path(run.path) / "eval" / f"vqa_{split}_predictions.jsonl"
+    ev = Path(run.path) / "eval"
+    have = sorted(int(m.group(1)) for f in ev.glob(f"vqa_{split}_*_predictions.jsonl")
+                  if (m := re.fullmatch(rf"vqa_{re.escape(split)}_(\d+)_predictions\.jsonl", f.name)))
+    if step is None and have:
+        acc = vqa_accuracy(run, split)
+        step = acc["step"] if acc and acc.get("step") is not None else have[-1]
+    if have:
+        if step not in have:
+            raise ValueError(f"{run.path}: VQA predictions of {split!r} at steps {have}, none at step {step} (the "
+                             f"step whose accuracy is reported); evaluate that checkpoint, or pass step=")
+        path = result_files(ev, split, step)[1]
+    else:
+        path = result_files(ev, split)[1]  # written before the step was in the name
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -18,7 +18,8 @@ def add_arguments(p) -> None:
     p.add_argument("--limit", type=int, default=None, metavar="N",
                    help="score N samples spread over the split, as eval.max_samples (default: the run's eval.max_samples; 0: all)")
     p.add_argument("--out", default=None, metavar="FILE",
-                   help="the JSON table (default: <run>/eval/robustness_<split>_<step>.json)")
+                   help="the JSON table (default: <run>/eval/robustness_<split>_<step>_seed<S>_n<N>.json; "
+                        "one holding another corruption set is not replaced: the call is refused)")
     p.add_argument("--plot", nargs="?", const="", default=None, metavar="FILE",
                    help="also draw the table as a PNG (default file: the JSON's path with .png)")
     p.add_argument("--quiet", action="store_true", help="print only the table")

@@ -28,6 +28,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ..answers import result_files
 from ..config import ConfigError
 from ..errors import DataError
 from .corruptions import (
@@ -239,6 +240,18 @@ def run_robustness(run, split: str | None = None, *, corruptions=None, seed: int
     # one folder per (split, step, seed, sample count): a later call with another seed or --limit writes beside it,
     # so the "detail" paths in an earlier call's JSON keep pointing at that call's own records
     detail = run.run_dir / "eval" / "robustness" / f"{split}_{run.step}_seed{seed}_n{n}"
+    # the table: named by the same key; another corruption set under that key is refused before any scoring
+    # (the name once had no seed, --limit or set, so a second call replaced the first call's table)
+    path = Path(out) if out else run.run_dir / "eval" / f"robustness_{split}_{run.step}_seed{seed}_n{n}.json"
+    labels = ["clean", *(c.label for c in plan.corruptions)]
+    if not out and path.is_file():
+        try:
+            before = [r.get("corruption") for r in json.loads(path.read_text()).get("rows", [])]
+        except (ValueError, OSError, AttributeError):
+            before = None
+        if before != labels:
+            raise ConfigError(f"{path} holds a table of {before or 'unreadable rows'}, not of {labels}: this call "
+                              f"would replace it; pass --out FILE for this one (or remove that file)")
     rows: list[dict[str, Any]] = []
     clean_words = None
     for c in (None, *plan.corruptions):
@@ -254,7 +267,7 @@ def run_robustness(run, split: str | None = None, *, corruptions=None, seed: int
         if c is None:
             clean_words = (res.get("task") or {}).get("num_words")
         elif ser.questions:
-            _show_corrupted_questions(detail / label.replace(":", "_") / f"vqa_{split}_predictions.jsonl",
+            _show_corrupted_questions(result_files(detail / label.replace(":", "_"), split, run.step)[1],
                                       ser.questions)
         rows.append(_row(label, res, img.result(res.get("bpb_rows") or {}) if img is not None else None))
     clean_bytes = rows[0].get("num_bytes")
@@ -268,7 +281,7 @@ def run_robustness(run, split: str | None = None, *, corruptions=None, seed: int
             r["clean_byte_bpb"] = r["total_nats"] / (clean_bytes * math.log(2)) if clean_bytes else float("nan")
             r["clean_bytes"] = clean_bytes
     clean = rows[0]
-    _pair_with_clean(rows, detail, split, log)
+    _pair_with_clean(rows, detail, split, run.step, log)
     for r in rows[1:]:
         count = "num_books" if "num_books" in clean else "num_questions" if "num_questions" in clean else None
         if count and r.get(count) != clean.get(count):  # e.g. on_bad_sample=skip dropped corrupted samples
@@ -303,20 +316,19 @@ def run_robustness(run, split: str | None = None, *, corruptions=None, seed: int
         "definitions": {c.label: CORRUPTIONS[c.name][2] for c in plan.corruptions},
         "rows": rows,
     }
-    path = Path(out) if out else run.run_dir / "eval" / f"robustness_{split}_{run.step}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1, default=str) + "\n")
     result["results_file"] = str(path)
     return result
 
 
-def _pair_with_clean(rows: list[dict[str, Any]], detail: Path, split: str, log=None) -> None:
+def _pair_with_clean(rows: list[dict[str, Any]], detail: Path, split: str, step: int, log=None) -> None:
     """VQA rows: each corrupted row's accuracy change per question type, paired question by question against the
     clean row (``paired``: mean, paired stderr, n), from the per-question records the passes wrote."""
     from ..analysis.transfer import paired_records
 
     def records(r):
-        path = detail / r["corruption"].replace(":", "_") / f"vqa_{split}_predictions.jsonl"
+        path = result_files(detail / r["corruption"].replace(":", "_"), split, step)[1]
         if not path.is_file():
             return []
         return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
