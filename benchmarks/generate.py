@@ -30,8 +30,9 @@ best case; with ``--draft-layers 4,2`` only its first layers per stage draft: se
 skipping). Acceptance rates only mean something for trained models on real text (``--prompt-file``: the
 prompt is its first ``context`` bytes). ``bytes_per_s`` and ``total_s`` include each call's prefill of the
 prompt (``prefill_s``: the eager one's); ``decode_bytes_per_s`` leaves it out, as the plain rows of the batch
-table do: each path's call of ``--new`` bytes minus its call of one byte (prefill and set-up, no step), for the
-other ``--new`` - 1 bytes, and ``decode_speedup_vs_best_plain`` compares those (the decoder's own speed-up).
+table do: each path's call of ``--new`` bytes minus its call of one byte (prefill and set-up, no step; for the
+speculative path also its drafter's prefill, timed apart since a 1-byte call drafts nothing), for the other
+``--new`` - 1 bytes, and ``decode_speedup_vs_best_plain`` compares those (the decoder's own speed-up).
 Plain and speculative runs alternate ``--repeat`` times and the medians are reported (``--eager-repeat N``: the
 eager plain decoder, only a reference, timed in the first N rounds). Rows are written before ``--profile`` runs,
 so a call cut short while profiling keeps its timings. ``generate`` keeps its CUDA-graph
@@ -162,6 +163,17 @@ def _timed_generate(model, prompt, new: int, dev: str, **kw):
     return out, dt, _graph_state(model) != before
 
 
+def _drafter_reset_s(drafter, ctx, dev: str) -> float:
+    """Seconds of a fresh drafter's prefill over ``ctx`` (what speculative generate does after the first byte)."""
+    from omnibyte.model.inference.drafters import LookupDrafter
+
+    sync(dev)
+    t0 = now()
+    drafter.reset(ctx.cpu() if isinstance(drafter, LookupDrafter) else ctx)
+    sync(dev)
+    return now() - t0
+
+
 def _prefill_s(model, prompt, dev: str) -> float:
     sync(dev)
     t0 = now()
@@ -222,10 +234,14 @@ def bench_speculative(args, model, make_drafter, ctx: int, text: bytes | None):
 
     def timed(name, **kw):
         """The path's call of --new bytes, then its call of one byte (prefill and set-up, no step): their
-        difference is the decoding of the other bytes alone."""
+        difference is the decoding of the other bytes alone. A speculative call's set-up also holds the drafter's
+        prefill (``drafter.reset`` over the prompt and the first byte), which a 1-byte call skips (no drafting):
+        timed on its own and counted as set-up, or a model drafter's prefill would be timed as decoding."""
         out, dt, cap = _timed_generate(model, prompt, args.new, dev, **kw)
         kw1 = dict(kw, draft=make_drafter()) if "draft" in kw else kw
         _, dt1, cap1 = _timed_generate(model, prompt, 1, dev, **kw1)
+        if "draft" in kw and args.new > 1:
+            dt1 += _drafter_reset_s(make_drafter(), torch.cat((prompt, out[:, :1]), dim=1), dev)
         times[name].append(dt)
         decode[name].append(dt - dt1)
         captured[name] |= cap or cap1

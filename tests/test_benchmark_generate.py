@@ -117,6 +117,25 @@ def test_speculative_row_without_a_pass_has_null_ratios(bench, tmp_path):
     assert row["nonfinite"] == ["ratio", "rows[1].bpb"]
 
 
+def test_the_drafters_prefill_is_set_up_not_decoding(bench, tmp_path, monkeypatch):
+    """A 1-byte speculative call drafts nothing, so it never prefills its drafter: subtracting it left a model
+    drafter's whole prefill in the speculative row's decoding time (0.17 s of a 0.18-s "decode" at 64 KiB)."""
+    import time
+
+    from omnibyte.model.inference import speculative
+
+    real = speculative._CachedDrafter.reset  # the model drafters' (self, --draft RUN) prefill
+
+    def slow_reset(self, ctx):
+        time.sleep(0.5)
+        return real(self, ctx)
+
+    monkeypatch.setattr(speculative._CachedDrafter, "reset", slow_reset)
+    spec = _rows(bench, tmp_path, "--speculative", "--draft", "self", "--new", "20", "--repeat", "1")[-1]
+    assert spec["total_s"] > 0.5  # the call did prefill the drafter
+    assert 19 / spec["decode_bytes_per_s"] < 0.45  # ... and its decoding time does not hold that prefill
+
+
 def test_per_context_rows_say_where_capture_fell(bench, tmp_path):
     rows = _rows(bench, tmp_path, "--graph", "--new", "4", "--warm", "9")
     assert rows[0]["bench"] == "generate" and rows[0]["capture_in_timing"] is False
