@@ -355,6 +355,24 @@ def test_flops_per_byte_equal_the_dense_twin():
         assert train_flops_per_step(a, 2, 64) == train_flops_per_step(d, 2, 64)
 
 
+def test_attention_flops_follow_heads_times_head_dim_not_the_stage_width():
+    """A block's head_dim may set the attention apart from the stage width (4 heads x 16 on a 32-wide stage):
+    QK^T and AV run at heads x head_dim; the count used the stage width."""
+    from omnibyte.model.flops import train_flops_per_step
+
+    def model(hd):
+        return tiny([(4, 32, dict(TF, heads=4, head_dim=hd)), (4, 16, TF)])
+
+    m8, m16 = model(8), model(16)  # 4 x 8 = the stage width; 4 x 16 = twice it
+    positions, T = 2 * 64 / m8.units[0], 64 / m8.units[0]
+    layers = len(m8.blocks[0].layers)
+    more_weights = sum(p.numel() for p in m16.blocks[0].parameters() if p.dim() == 2) - \
+        sum(p.numel() for p in m8.blocks[0].parameters() if p.dim() == 2)  # the wider qkv and out projections
+    attention_at_32 = 2 * layers * positions * T * 32
+    assert train_flops_per_step(m16, 2, 64) - train_flops_per_step(m8, 2, 64) == \
+        3 * (2 * more_weights * positions + attention_at_32)  # the attention term doubled with heads x head_dim
+
+
 def test_optimizer_never_decays_stacked_biases_and_norms():
     from omnibyte.optim import build_optimizer
     from omnibyte.runconfig import TrainConfig

@@ -2,8 +2,8 @@
 "FLOPs per step" column, so that both say the same thing.
 
 Forward + backward = 3x forward (no recompute counted): 2 * (matrix-multiply parameters) per position for
-every linear layer, plus causal attention's ``QK^T`` and ``AV`` (2 * 2 * T * width / 2 per position and
-layer), plus the SSD state products of a Mamba stage. Modality-aware blocks count one expert's weights per
+every linear layer, plus causal attention's ``QK^T`` and ``AV`` (2 * 2 * T * heads * head_dim / 2 per position
+and layer), plus the SSD state products of a Mamba stage. Modality-aware blocks count one expert's weights per
 position (each position runs one expert), so their count equals the dense twin's. A Multimodal Pathway layer
 multiplies once by ``W + lambda * W'``: its auxiliary weight adds no matrix-multiply FLOPs per position, only
 the per-step combination (``W + lambda W'`` forward; ``lambda * g`` and ``sum(g * W')`` backward: 5 FLOPs per
@@ -38,7 +38,11 @@ def train_flops_per_step(model: nn.Module, batch: int, length: int) -> float:
         total += 2 * mm * positions
         if blk.__class__.__name__ == "TransformerBlock":
             T = model.lengths[s] if s else length / model.units[0]
-            total += 2 * len(blk.layers) * positions * T * model.widths[s]  # QK^T and AV, causal half
+            for layer in blk.layers:  # QK^T and AV, causal half, at the attention's own width (heads x head_dim,
+                # which a block's head_dim may set apart from the stage width; counting the stage width under-
+                # stated it, and with it MFU)
+                a = layer.attn
+                total += 2 * positions * T * a.heads * a.head_dim
         else:  # SSD, recurrent form: per position and layer, the state update (B x) and the readout (C h), each
             # d_inner * d_state multiply-adds: 2 * (2 * d_inner * d_state) FLOPs (until 2026-12-07 twice that,
             # which overstated MFU by 1.6% for mblm360m and 7.5% for pg19_lm)
