@@ -115,9 +115,17 @@ def git_commit() -> str:  # once per process: every emitted row records it
         return "unknown"
 
 
+def use_device(device: str) -> str:
+    """Make ``device`` (e.g. ``cuda:1``) the current CUDA device, so that every call without a device (peak memory
+    statistics, synchronisation, capture) is about the one the benchmark runs on, not GPU 0; returns it."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.set_device(torch.device(device))
+    return device
+
+
 def device_name(device: str) -> str:
     if device.startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
+        return torch.cuda.get_device_name(torch.device(device))
     return f"cpu: {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
 
 
@@ -159,7 +167,7 @@ def emit(record: dict, out: str | None = None) -> None:
 
 def sync(device: str) -> None:
     if device.startswith("cuda"):
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(torch.device(device))
 
 
 def now() -> float:

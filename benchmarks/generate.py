@@ -63,7 +63,16 @@ import statistics
 import sys
 
 import torch
-from _common import build_mblm, build_omnibyte, device_name, emit, now, stub_selective_scan_cuda, sync
+from _common import (
+    build_mblm,
+    build_omnibyte,
+    device_name,
+    emit,
+    now,
+    stub_selective_scan_cuda,
+    sync,
+    use_device,
+)
 
 
 def bench_omnibyte(args, model, ctx: int) -> dict:
@@ -416,6 +425,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--aligned", action="store_true", help="--graph-verify: patch-aligned passes "
                    "(generate(..., graph_verify=\"aligned\"))")
     args = p.parse_args(argv)
+    use_device(args.device)  # cuda:N: memory statistics and synchronisation follow it, not GPU 0
     if args.aligned:
         if not args.graph_verify:
             p.error("--aligned shapes the --graph-verify passes: it needs --graph-verify")

@@ -19,7 +19,16 @@ import gc
 import math
 
 import torch
-from _common import H100_BF16_PEAK, build_omnibyte, device_name, emit, now, sync, train_flops_per_step
+from _common import (
+    H100_BF16_PEAK,
+    build_omnibyte,
+    device_name,
+    emit,
+    now,
+    sync,
+    train_flops_per_step,
+    use_device,
+)
 
 
 def main() -> None:
@@ -37,6 +46,7 @@ def main() -> None:
                         "only; benchmarks/memory_breakdown.py says what that saves")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    use_device(args.device)  # cuda:N: memory statistics and synchronisation follow it, not GPU 0
     dev = args.device
     cuda = dev.startswith("cuda")  # on CPU: no peak-memory figure (a smoke run of the sweep)
     torch.manual_seed(0)

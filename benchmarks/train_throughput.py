@@ -36,6 +36,7 @@ from _common import (
     stub_selective_scan_cuda,
     sync,
     train_flops_per_step,
+    use_device,
 )
 
 
@@ -209,6 +210,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--out", default=None, help="append the JSON lines to this file")
     args = p.parse_args()
+    use_device(args.device)  # cuda:N: memory statistics and synchronisation follow it, not GPU 0
     shape = SHAPES.get(args.preset, (6, 8192))
     args.batch = args.batch or shape[0]
     args.length = args.length or shape[1]
