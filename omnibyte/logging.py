@@ -136,8 +136,9 @@ class RunLogger:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(Path(run_dir) / "events"),
-                                        purge_step=start_step + 1 if start_step else None)
+            # every event after the step this process starts from belongs to an attempt that did not last: purged
+            # (also at step 0: an attempt that died before its first checkpoint left its curve beside the new one)
+            self.writer = SummaryWriter(str(Path(run_dir) / "events"), purge_step=start_step + 1)
         except ImportError:  # pragma: no cover - tensorboard is a dependency, but keep training without it
             log.warning("tensorboard not installed: no event files")
         file_handler = logging.FileHandler(Path(run_dir) / "train.log")

@@ -106,8 +106,9 @@ def evals_since_best(records: list[dict], split: str, select: str, upto: int) ->
     counter misses that evaluation: a resumed run recounts from the records."""
     by_step: dict[int, float] = {}
     for r in records:
-        if r.get("split") == split and r.get("step", upto + 1) <= upto and r.get(select) is not None:
-            by_step[int(r["step"])] = float(r[select])
+        # a non-finite evaluation is logged as null: it counts, as in the loop, as one that did not improve
+        if r.get("split") == split and r.get("step", upto + 1) <= upto and select in r:
+            by_step[int(r["step"])] = float("nan") if r[select] is None else float(r[select])
     best, since = None, 0
     for _, value in sorted(by_step.items()):
         if improves(value, best):
@@ -177,7 +178,13 @@ def init_weights_from(model: torch.nn.Module, source: str, stages: tuple[int, ..
     unknown = [k for k in weights if k not in own]
     wrong = [f"{k} {tuple(v.shape)} (this model: {tuple(own[k].shape)})" for k, v in weights.items()
              if k in own and own[k].shape != v.shape]
-    missing = [] if stages else [k for k in own if k not in weights]
+    # with init_stages, every tensor of the chosen stages must come from the source: a source stage with fewer
+    # layers loaded the first ones and left the rest at init, in silence
+    try:
+        chosen = ckpt_io.select_stages(own, stages) if stages else own
+    except ValueError:
+        chosen = {}
+    missing = [k for k in chosen if k not in weights]
     if unknown or wrong or missing:
         detail = "; ".join(filter(None, [f"shapes differ: {', '.join(wrong[:3])}" if wrong else "",
                                          f"not in this model: {', '.join(unknown[:3])}" if unknown else "",

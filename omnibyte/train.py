@@ -88,6 +88,11 @@ def train(cfg: RunConfig, *, dry_run: bool = False) -> Path:
                           f"(and to stop early), so a test split would become a validation split. Select on "
                           f"validation (val / validation) and score the test split once, at the end: "
                           f"`omnibyte eval {cfg.run_dir} {cfg.eval.split}`")
+    if cfg.eval.split == "train":
+        raise ConfigError("eval.split=train: the training loss lines are recorded under split 'train' too, so a "
+                          "resumed run would take them for evaluations (a missed evaluation never run, early stopping "
+                          "recounted over loss lines); select on a validation split, and score the training split "
+                          f"with `omnibyte eval {cfg.run_dir} train`")
     info = parallel.init_distributed(cfg.parallel, cfg.train.device)
     # records logged before train.log opens (model size, init_from, resume) go into it once it does
     early = EarlyRecords() if info.is_main and not dry_run else None
@@ -170,6 +175,9 @@ def _train(cfg: RunConfig, info: parallel.DistInfo, early: EarlyRecords | None =
     eval_list = eval_batches(cfg.data, task, serializer, cfg.eval.split, max_samples=cfg.eval.max_samples,
                              batch_size=cfg.eval.batch_size, pad_multiple=pad, rank=info.rank, world=info.world,
                              rule=subset_rule)
+    if resume_from is None and t.init_stages and not t.init_from:
+        raise ConfigError(f"train.init_stages={list(t.init_stages)} chooses stages of train.init_from, which is not "
+                          f"set: nothing would be loaded; set train.init_from (or leave init_stages empty)")
     if resume_from is None and t.init_from:
         init_weights_from(model, t.init_from, t.init_stages)
     pathway = attach_pathway_from(model, cfg, info, resume_from)  # train.pathway_from: W + lambda W' layers
@@ -200,11 +208,18 @@ def _train(cfg: RunConfig, info: parallel.DistInfo, early: EarlyRecords | None =
         except ResumeError as e:
             raise TrainingError(str(e)) from None
         loader.load_state_dict(state["data"][info.rank])
-        step, best = state["step"], state.get("best")
-        eval_due = eval_pending(state, history, cfg.eval.split)
+        # a branch (train.resume=<another run's checkpoint>) selects among its own evaluations only: the source's
+        # best and its pending evaluation name steps whose checkpoints are in the other run, so a best.json here
+        # named a step this run never had (and eval fell back to the latest)
+        branch = Path(resume_from).resolve().parent != (run_dir / "checkpoints").resolve()
+        step, best = state["step"], None if branch else state.get("best")
+        eval_due = not branch and eval_pending(state, history, cfg.eval.split)
         counters.update(state["counters"])
         counters["evals_since_best"] = evals_since_best(history, cfg.eval.split, cfg.eval.select, step)
         best = ckpt_io.read_best(run_dir / "checkpoints") or best
+        if branch:
+            log.info("resume: a branch of %s: it selects its best checkpoint among its own evaluations (from step "
+                     "%d on)", resume_from, step + 1)
         saved_window = state["window"][info.rank]
         log.info("resumed from %s at step %d", resume_from, step)
         if state.get("loss_weighting") != "step" and (t.grad_accum > 1 or info.distributed):
@@ -297,10 +312,14 @@ def _train(cfg: RunConfig, info: parallel.DistInfo, early: EarlyRecords | None =
     stopped = None
     stops = StopRequests(t.stop_after_minutes, info, t.log_every)
     try:
-        if eval_due:  # the run stopped between a checkpoint and its evaluation
-            evaluate(step)
+        # the run stopped between a checkpoint and its evaluation: that evaluation may end it, as it would have
+        ended = bool(eval_due) and evaluate(step) and step < t.steps
+        if ended:
+            log.warning("early stopping at step %d: %d evaluations without a better %s bpb (train.patience=%d; "
+                        "best: step %s)", step, counters["evals_since_best"], cfg.eval.split, t.patience,
+                        best and best["step"])
         stops.install()
-        while step < t.steps:
+        while step < t.steps and not ended:
             lr = scheduler.get_last_lr()[0]
             nats = torch.zeros((), dtype=torch.float64, device=device)
             weight = torch.zeros((), dtype=torch.float64, device=device)

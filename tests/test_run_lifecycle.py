@@ -462,6 +462,96 @@ def test_resuming_an_earlier_checkpoint_inside_the_same_run_is_refused(tmp_path,
     assert (tmp_path / "runs" / "tiny-from10" / "checkpoints" / "step_000012").is_dir()
 
 
+@pytest.mark.slow  # several short trainings: the README command's 2-minute budget (CI runs -m slow too)
+def test_a_branch_selects_its_best_among_its_own_checkpoints(tmp_path, monkeypatch):
+    """A branch (train.resume=<another run's checkpoint>) took the source's best and re-evaluated the source's
+    step: its best.json named step 10, a checkpoint only the source has, and eval fell back to the latest."""
+    import omnibyte.train as T
+
+    at = {}
+    real_save = T.Checkpointer.save
+
+    def save(self, step, **kw):
+        at["step"] = step
+        return real_save(self, step, **kw)
+
+    monkeypatch.setattr(T.Checkpointer, "save", save)  # the source's step 10 is its best; the branch gets worse
+    values = {5: 5.0, 10: 2.0, 15: 3.0, 20: 4.0}
+    monkeypatch.setattr(T, "evaluate_bpb", lambda *a, **k: {"loss": values[at["step"]], "bpb": values[at["step"]],
+                                                             "weight": 1.0})
+    cfg = write_config(tmp_path, train={"steps": 10, "eval_every": 5, "ckpt_every": 5, "keep_last": 5})
+    assert main(["train", str(cfg), "--quiet"]) == 0
+    src = tmp_path / "runs" / "tiny" / "checkpoints"
+    assert json.loads((src / "best.json").read_text())["step"] == 10
+    assert main(["train", str(cfg), "run_name=tiny-from10", f"train.resume={src / 'step_000010'}",
+                 "train.steps=20", "--quiet"]) == 0
+    branch = tmp_path / "runs" / "tiny-from10"
+    best = json.loads((branch / "checkpoints" / "best.json").read_text())
+    assert best["step"] == 15 and (branch / "checkpoints" / "step_000015").is_dir()
+    assert [r["step"] for r in read_metrics(branch) if r["split"] == "validation"] == [15, 20]
+
+
+@pytest.mark.slow  # several short trainings: the README command's 2-minute budget (CI runs -m slow too)
+def test_an_evaluation_missed_by_a_crash_stops_the_resumed_run_when_it_reaches_patience(tmp_path, monkeypatch):
+    """The resumed run ran the evaluation its crash had missed and ignored that it reached train.patience: it
+    trained on and its later evaluation became the best, where the uninterrupted run had stopped. A non-finite
+    evaluation (logged as null) is one without improvement after a resume too, as it is in the loop."""
+    import omnibyte.train as T
+
+    at, crash = {}, {"at": None}
+    real_save = T.Checkpointer.save
+
+    def save(self, step, **kw):
+        at["step"] = step
+        return real_save(self, step, **kw)
+
+    def scripted(values):
+        def ev(*a, **k):
+            if at["step"] == crash["at"]:
+                raise RuntimeError("simulated crash during the evaluation")
+            return {"loss": values[at["step"]], "bpb": values[at["step"]], "weight": 1.0}
+        return ev
+
+    monkeypatch.setattr(T.Checkpointer, "save", save)
+    cfg = write_config(tmp_path, train={"steps": 12, "eval_every": 2, "ckpt_every": 0, "patience": 2,
+                                        "log_every": 2, "keep_last": 10})
+
+    def evals(name):
+        return [r["step"] for r in read_metrics(tmp_path / "runs" / name) if r["split"] == "validation"]
+
+    monkeypatch.setattr(T, "evaluate_bpb", scripted({2: 5.0, 4: 6.0, 6: 4.0, 8: 4.5, 10: 4.6, 12: 3.0}))
+    assert main(["train", str(cfg), "run_name=straight", "--quiet"]) == 0
+    assert evals("straight") == [2, 4, 6, 8, 10]
+    crash["at"] = 10
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(["train", str(cfg), "run_name=cut", "--quiet"])
+    crash["at"] = None
+    assert main(["train", str(cfg), "run_name=cut", "--quiet"]) == 0
+    assert evals("cut") == evals("straight")
+    assert json.loads((tmp_path / "runs/cut/checkpoints/best.json").read_text())["step"] == 6
+
+    nan = {2: 5.0, 4: float("nan"), 6: 5.5, 8: 5.6, 10: 5.7, 12: 1.0}  # stops at 6: the NaN counts
+    monkeypatch.setattr(T, "evaluate_bpb", scripted(nan))
+    assert main(["train", str(cfg), "run_name=nan_straight", "--quiet"]) == 0
+    assert evals("nan_straight") == [2, 4, 6]
+    crash["at"] = 6
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(["train", str(cfg), "run_name=nan_cut", "--quiet"])
+    crash["at"] = None
+    assert main(["train", str(cfg), "run_name=nan_cut", "--quiet"]) == 0
+    assert evals("nan_cut") == [2, 4, 6]
+    assert main(["train", str(cfg), "run_name=nan_straight", "--quiet"]) == 0  # stopped early: nothing to do
+    assert evals("nan_straight") == [2, 4, 6]
+
+
+def test_settings_that_would_be_read_wrongly_or_not_at_all_are_refused(tmp_path, capsys):
+    cfg = write_config(tmp_path, train={"steps": 2, "eval_every": 0, "ckpt_every": 0})
+    assert main(["train", str(cfg), "eval.split=train", "--quiet"]) == 2
+    assert "eval.split=train" in capsys.readouterr().err
+    assert main(["train", str(cfg), "train.init_stages=[0]", "--quiet"]) == 2
+    assert "train.init_from, which is not set" in capsys.readouterr().err
+
+
 def test_eval_select_picks_the_best_checkpoint_by_the_named_metric(tmp_path, monkeypatch, capsys):
     """With an auxiliary loss on image bytes, their over-fitting picked the VQA checkpoint (the loss-weighted
     bpb); eval.select=bpb/<modality> selects on one modality's bits per byte instead."""
@@ -522,3 +612,27 @@ def test_early_stopping_counts_the_same_across_a_resume_and_a_stopped_run_stays_
     assert main(["train", str(cfg), "run_name=cut", "--quiet"]) == 0  # stopped early: nothing to do
     assert evals("cut") == evals("straight")
     assert max(r["step"] for r in read_metrics(tmp_path / "runs" / "cut")) == 10
+
+
+@pytest.mark.slow  # two short trainings: the README command's 2-minute budget (CI runs -m slow too)
+def test_an_attempt_that_died_before_its_first_checkpoint_leaves_no_curve_in_tensorboard(tmp_path, monkeypatch):
+    """Started again from step 0, the run reset metrics.jsonl but TensorBoard showed the dead attempt's points
+    beside the new ones (no purge at step 0)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from omnibyte import stopping
+
+    cfg = write_config(tmp_path, train={"steps": 8, "log_every": 1, "eval_every": 0, "ckpt_every": 0})
+
+    def crash(self, step):
+        if step == 5:
+            raise RuntimeError("simulated crash before the first checkpoint")
+
+    monkeypatch.setattr(stopping.StopRequests, "due", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(["train", str(cfg), "--quiet"])
+    monkeypatch.setattr(stopping.StopRequests, "due", lambda self, step: None)
+    assert main(["train", str(cfg), "--quiet"]) == 0
+    acc = EventAccumulator(str(tmp_path / "runs" / "tiny" / "events"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 9))

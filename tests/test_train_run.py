@@ -10,7 +10,9 @@ import yaml
 from safetensors.torch import load_file
 
 from omnibyte.cli import main
+from omnibyte.config import ConfigError
 from omnibyte.logging import read_metrics
+from omnibyte.model import build_model
 
 TINY = {
     "seed": 0,
@@ -126,6 +128,14 @@ def test_init_from_loads_all_or_selected_stages(trained, tmp_path):
     stage0 = [k for k in src if k.startswith(("blocks.0.", "start.0", "patch_embed.0.", "to_next.0."))]
     assert stage0 and all(torch.equal(got[k], src[k]) for k in stage0)
     assert not torch.equal(got["head.weight"], src["head.weight"])  # the inner stage starts fresh
+    # a chosen stage the source holds only in part (here: one layer more than the source's) is refused, naming
+    # what is missing; it loaded the first layer and left the second at init, in silence
+    deeper = json.loads(json.dumps(TINY["model"]))
+    deeper["stages"][0]["layers"] += 1
+    with pytest.raises(ConfigError, match=r"missing there: blocks\.0\.layers\.1\."):
+        from omnibyte.startup import init_weights_from
+
+        init_weights_from(build_model(deeper), str(trained), (0,))
 
 
 def _curve(tmp_path, name, **train):
