@@ -146,9 +146,30 @@ def check_expert_assignment(model: torch.nn.Module, source_config: dict, stages:
                               f"start from another's weights; use the same modality_experts (or a dense source)")
 
 
+def check_eval_split(cfg: RunConfig) -> None:
+    """Refuse an ``eval.split`` that training cannot select on: a test split (it would become a validation split)
+    or ``train`` (the loss lines' split: a resume would take them for evaluations)."""
+    if cfg.eval.split.lower().startswith("test"):
+        raise ConfigError(f"eval.split={cfg.eval.split}: training evaluates eval.split to pick the best checkpoint "
+                          f"(and to stop early), so a test split would become a validation split. Select on "
+                          f"validation (val / validation) and score the test split once, at the end: "
+                          f"`omnibyte eval {cfg.run_dir} {cfg.eval.split}`")
+    if cfg.eval.split == "train":
+        raise ConfigError("eval.split=train: the training loss lines are recorded under split 'train' too, so a "
+                          "resumed run would take them for evaluations (a missed evaluation never run, early stopping "
+                          "recounted over loss lines); select on a validation split, and score the training split "
+                          f"with `omnibyte eval {cfg.run_dir} train`")
+
+
 def init_weights_from(model: torch.nn.Module, source: str, stages: tuple[int, ...]) -> None:
-    """Load another run's weights (all, or only ``stages``) into ``model`` before training (transfer). A
-    checkpoint of another architecture is a ConfigError naming the first tensors that do not fit."""
+    """Load another run's weights (all, or only ``stages``) into ``model`` before training (transfer); nothing
+    without a ``source``. A checkpoint of another architecture is a ConfigError naming the first tensors that do
+    not fit; ``stages`` without a source, too (nothing would be loaded)."""
+    if not source:
+        if stages:
+            raise ConfigError(f"train.init_stages={list(stages)} chooses stages of train.init_from, which is not "
+                              f"set: nothing would be loaded; set train.init_from (or leave init_stages empty)")
+        return
     try:
         path = ckpt_io.resolve_checkpoint(source)
     except FileNotFoundError as e:

@@ -33,7 +33,7 @@ import torch
 from . import checkpoint as ckpt_io
 from . import parallel, provenance, replicas
 from .checkpointer import Checkpointer, ResumeError
-from .config import ConfigError, to_dict
+from .config import to_dict
 from .data import TrainLoader, eval_batches
 from .errors import TrainingError
 from .evaluate import evaluate_bpb
@@ -49,6 +49,7 @@ from .run import build_components
 from .runconfig import RESOLVED_NAME, RunConfig
 from .startup import (
     attach_pathway_from,
+    check_eval_split,
     eval_pending,
     evals_since_best,
     find_resume,
@@ -83,16 +84,7 @@ def train(cfg: RunConfig, *, dry_run: bool = False) -> Path:
     """Run (or resume) training as configured; returns the run directory. ``dry_run``: build everything and
     check the eval data as a real start does, log the start-up summary, and stop before anything is written
     (no run directory, lock, record or checkpoint)."""
-    if cfg.eval.split.lower().startswith("test"):
-        raise ConfigError(f"eval.split={cfg.eval.split}: training evaluates eval.split to pick the best checkpoint "
-                          f"(and to stop early), so a test split would become a validation split. Select on "
-                          f"validation (val / validation) and score the test split once, at the end: "
-                          f"`omnibyte eval {cfg.run_dir} {cfg.eval.split}`")
-    if cfg.eval.split == "train":
-        raise ConfigError("eval.split=train: the training loss lines are recorded under split 'train' too, so a "
-                          "resumed run would take them for evaluations (a missed evaluation never run, early stopping "
-                          "recounted over loss lines); select on a validation split, and score the training split "
-                          f"with `omnibyte eval {cfg.run_dir} train`")
+    check_eval_split(cfg)
     info = parallel.init_distributed(cfg.parallel, cfg.train.device)
     # records logged before train.log opens (model size, init_from, resume) go into it once it does
     early = EarlyRecords() if info.is_main and not dry_run else None
@@ -175,10 +167,7 @@ def _train(cfg: RunConfig, info: parallel.DistInfo, early: EarlyRecords | None =
     eval_list = eval_batches(cfg.data, task, serializer, cfg.eval.split, max_samples=cfg.eval.max_samples,
                              batch_size=cfg.eval.batch_size, pad_multiple=pad, rank=info.rank, world=info.world,
                              rule=subset_rule)
-    if resume_from is None and t.init_stages and not t.init_from:
-        raise ConfigError(f"train.init_stages={list(t.init_stages)} chooses stages of train.init_from, which is not "
-                          f"set: nothing would be loaded; set train.init_from (or leave init_stages empty)")
-    if resume_from is None and t.init_from:
+    if resume_from is None:
         init_weights_from(model, t.init_from, t.init_stages)
     pathway = attach_pathway_from(model, cfg, info, resume_from)  # train.pathway_from: W + lambda W' layers
     if info.is_main:  # INFO on omnibyte.progress: --quiet keeps it, as it keeps the loss lines
