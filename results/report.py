@@ -56,10 +56,18 @@ def tables(runs_dir: str, smooth: int = 1) -> str:
         import json
 
         pr = json.loads(prior_file.read_text())
-        out.append(f"\nAnswer priors on the same {pr['num_val']} val questions (most frequent train answer): overall "
+        # a prior.json without val_subset took the FIRST num_val questions: where that is fewer than the split,
+        # not the questions the arms were scored on (spread over the split); said, not passed off as the same
+        where = (f"the same {pr['num_val']} val questions" if "val_subset" in pr else
+                 f"the first {pr['num_val']} val questions (an older prior.json: if that is fewer than the split, "
+                 f"not the questions the arms were scored on; the per-seed tables' prior is theirs)")
+        out.append(f"\nAnswer priors on {where} (most frequent train answer): overall "
                    f"{pr['majority_by_overall']:.3f}, per question type {pr['majority_by_qtype']:.3f}, per question "
-                   f"family {pr['majority_by_family']:.3f}; per type: "
-                   + ", ".join(f"{k} {v:.3f}" for k, v in pr["majority_by_qtype_per_qtype"].items()))
+                   f"family {pr['majority_by_family']:.3f}; "
+                   + ("the per-family prior per type: " if "majority_by_family_per_qtype" in pr else
+                      "the per-type prior per type (this prior.json has no per-family split): ")
+                   + ", ".join(f"{k} {v:.3f}" for k, v in (pr.get("majority_by_family_per_qtype")
+                                                           or pr["majority_by_qtype_per_qtype"]).items()))
     split_rows = []
     for arm, rs in A.group_runs(runs, report_arm, check=True).items():
         # one file per run: the val split's at the step whose accuracy is reported (pooling every eval/*.h5

@@ -437,8 +437,13 @@ def prior(a) -> int:
         return [(q["answer"], question_type(program_function(q.get("program"))), q.get("question_family_index"))
                 for q in qs]
 
-    train, val = load("train"), load("val")[:a.vqa_samples or None]
-    res = {"num_train": len(train), "num_val": len(val)}
+    # the val questions evaluation scores: with --vqa-samples N, the N that evaluate_run spreads over the split
+    # (omnibyte.data.sources.subset_positions), not the first N, which were another, image-clustered set
+    from omnibyte.data.sources import subset_positions, subset_record
+
+    train, every = load("train"), load("val")
+    val = [every[i] for i in subset_positions(len(every), a.vqa_samples)]
+    res = {"num_train": len(train), "num_val": len(val), "val_subset": subset_record(len(every), a.vqa_samples)}
     for key, idx in (("overall", None), ("qtype", 1), ("family", 2)):
         counts = defaultdict(Counter)
         for q in train:

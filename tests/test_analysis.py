@@ -397,3 +397,18 @@ def test_transfer_table_counts_runs_that_never_reach_the_target(tmp_path: Path):
     assert A.fmt(sp).startswith("<= 1.25 ± ") and "1 censored" in A.fmt(sp)
     assert math.isnan(row["reduction"]) and row["reduction_bound"].startswith("<= ")
     assert row["scratch_steps"]["censored"] == 0 and A.fmt(row["scratch_steps"]).startswith("30 ± 0")
+
+
+def test_seeds_scored_at_other_checkpoints_or_on_other_questions_are_not_averaged(tmp_path: Path):
+    """A seed whose study scoring was skipped keeps only its end-of-training report (the best checkpoint on
+    eval.max_samples questions): averaged with seeds scored at the last step on every question, without a word."""
+    def seed(s, step, n):
+        d = make_run(tmp_path, f"s{s}", seed=s)
+        (d / "eval" / f"vqa_val_{step}.json").write_text(json.dumps({**vqa_result(0.4, {}), "step": step,
+                                                                      "num_samples": n}))
+        return A.load_run(d)
+
+    runs = [seed(0, 5000, 1000), seed(1, 2250, 512)]
+    with pytest.raises(ValueError, match="different checkpoints or question sets .*s1: step 2250, 512 questions"):
+        A.accuracy_table(runs)
+    assert A.accuracy_table([runs[0], seed(2, 5000, 1000)])[0]["accuracy"]["n"] == 2

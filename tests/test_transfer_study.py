@@ -107,3 +107,32 @@ def test_the_summary_names_the_commit_of_a_copy_without_git(monkeypatch):
     finally:
         provenance.git_state.cache_clear()
     assert env["commit"] == "f7b0ff9" and env["dirty"] is None
+
+
+def test_the_answer_prior_is_taken_on_the_questions_evaluation_scores(tmp_path, monkeypatch):
+    """With --vqa-samples N the prior took the FIRST N val questions while evaluation scores N spread over the
+    split (subset_positions): the baseline of the report's sentence was another, image-clustered question set."""
+    from omnibyte.data.sources import subset_positions
+
+    monkeypatch.syspath_prepend(str(REPO / "results"))
+    import run_transfer
+
+    data = tmp_path / "clevr"
+    (data / "questions").mkdir(parents=True)
+    fam = {"exist": 0, "count": 1}
+
+    def q(i, split, answer, kind):
+        prog = [{"function": "scene", "inputs": []}, {"function": kind, "inputs": [0]}]
+        return {"question": f"q{i}", "answer": answer, "image_filename": f"CLEVR_{split}_{i:06d}.png",
+                "question_family_index": fam[kind], "program": prog}
+
+    train = [q(i, "train", "yes", "exist") for i in range(5)] + [q(5 + i, "train", "3", "count") for i in range(5)]
+    val = [q(i, "val", "yes" if i % 3 else "no", "exist") for i in range(30)]
+    for split, qs in (("train", train), ("val", val)):
+        (data / "questions" / f"CLEVR_{split}_questions.json").write_text(json.dumps({"questions": qs}))
+    out = tmp_path / "prior.json"
+    assert run_transfer.main(["prior", str(data), str(out), "--vqa-samples", "10"]) == 0
+    res = json.loads(out.read_text())
+    chosen = subset_positions(30, 10)
+    assert chosen != list(range(10)) and res["num_val"] == 10 and res["val_subset"]["rule"] == "spread"
+    assert res["majority_by_family"] == sum(val[i]["answer"] == "yes" for i in chosen) / 10

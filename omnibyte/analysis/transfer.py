@@ -230,6 +230,13 @@ def accuracy_table(runs: Iterable[Run], split: str | None = None, mode: str | No
             raise ValueError(f"arm {name!r}: its seeds' VQA accuracies are in different modes ("
                              + ", ".join(f"{r.name}: {a['mode']}" for r, a in scored)
                              + "); pass mode= to compare one mode, or evaluate them alike")
+        scored_as = {(a.get("step"), a.get("num_samples")) for a in accs}
+        if len(scored_as) > 1:  # e.g. one seed's study scoring was skipped: only its end-of-training report (the
+            # best checkpoint, chosen on this split, on eval.max_samples questions) is left
+            raise ValueError(f"arm {name!r}: its seeds' VQA accuracies are of different checkpoints or question "
+                             f"sets (" + ", ".join(f"{r.name}: step {a.get('step')}, {a.get('num_samples')} "
+                                                    f"questions" for r, a in scored)
+                             + "); score every seed alike (run_transfer.py eval) before averaging")
         qtypes = sorted({q for a in accs for q in a["by_qtype"]})
         rows.append({"arm": name, "mode": accs[0]["mode"], "accuracy": aggregate(a["accuracy"] for a in accs),
                      "by_qtype": {q: aggregate(a["by_qtype"].get(q) for a in accs) for q in qtypes}})
