@@ -100,6 +100,14 @@ def improves(value: float, best: float | None) -> bool:
     return math.isfinite(value) and (best is None or not math.isfinite(best) or value < best)
 
 
+def is_evaluation(record: dict, split: str) -> bool:
+    """A ``metrics.jsonl`` record of an evaluation of ``split``. The training loss lines are recorded under split
+    ``train`` too, so with ``eval.split=train`` a split alone took them for evaluations on resume (an evaluation a
+    crash had missed was never run; patience recounted over loss lines): a loss line has the step's ``lr``, an
+    evaluation never does."""
+    return record.get("split") == split and "lr" not in record
+
+
 def evals_since_best(records: list[dict], split: str, select: str, upto: int) -> int:
     """Evaluations since the best one, replayed from the run's ``metrics.jsonl`` records up to step ``upto`` with
     the training loop's rule (:func:`improves`). A checkpoint is written before its step's evaluation, so its own
@@ -107,7 +115,7 @@ def evals_since_best(records: list[dict], split: str, select: str, upto: int) ->
     by_step: dict[int, float] = {}
     for r in records:
         # a non-finite evaluation is logged as null: it counts, as in the loop, as one that did not improve
-        if r.get("split") == split and r.get("step", upto + 1) <= upto and select in r:
+        if is_evaluation(r, split) and r.get("step", upto + 1) <= upto and select in r:
             by_step[int(r["step"])] = float("nan") if r[select] is None else float(r[select])
     best, since = None, 0
     for _, value in sorted(by_step.items()):
@@ -122,8 +130,7 @@ def eval_pending(state: dict, records: list[dict], split: str) -> bool:
     """A checkpoint written before its step's evaluation, which then did not happen (a crash, a failure): no
     record of it among the run's ``metrics.jsonl`` ``records``."""
     step = state["step"]
-    return bool(state.get("eval_due")) and not any(
-        r.get("step") == step and r.get("split") == split for r in records)
+    return bool(state.get("eval_due")) and not any(r.get("step") == step and is_evaluation(r, split) for r in records)
 
 
 def check_expert_assignment(model: torch.nn.Module, source_config: dict, stages: tuple[int, ...], source: str
@@ -147,18 +154,13 @@ def check_expert_assignment(model: torch.nn.Module, source_config: dict, stages:
 
 
 def check_eval_split(cfg: RunConfig) -> None:
-    """Refuse an ``eval.split`` that training cannot select on: a test split (it would become a validation split)
-    or ``train`` (the loss lines' split: a resume would take them for evaluations)."""
+    """Refuse an ``eval.split`` that training cannot select on: a test split (it would become a validation
+    split)."""
     if cfg.eval.split.lower().startswith("test"):
         raise ConfigError(f"eval.split={cfg.eval.split}: training evaluates eval.split to pick the best checkpoint "
                           f"(and to stop early), so a test split would become a validation split. Select on "
                           f"validation (val / validation) and score the test split once, at the end: "
                           f"`omnibyte eval {cfg.run_dir} {cfg.eval.split}`")
-    if cfg.eval.split == "train":
-        raise ConfigError("eval.split=train: the training loss lines are recorded under split 'train' too, so a "
-                          "resumed run would take them for evaluations (a missed evaluation never run, early stopping "
-                          "recounted over loss lines); select on a validation split, and score the training split "
-                          f"with `omnibyte eval {cfg.run_dir} train`")
 
 
 def init_weights_from(model: torch.nn.Module, source: str, stages: tuple[int, ...]) -> None:

@@ -23,6 +23,6 @@ def test_verify_pass_rows_on_cpu(monkeypatch, tmp_path, capsys):
     for r in rows:
         assert r["step_ms"] > 0 and r["round_ms"] > 0 and not r["graphs"] and not r["compiled"]
         assert r["break_even_bytes"] == pytest.approx(r["round_ms"] / r["step_ms"], rel=0.01)
-        assert r["bytes_for_2x"] == pytest.approx(2 * r["break_even_bytes"], rel=0.01)
+        assert r["bytes_for_2x"] == pytest.approx(2 * r["break_even_bytes"], rel=0.01, abs=0.02)  # each rounded to 0.01
     with pytest.raises(SystemExit):
         bench.main(["--segments", "triton"])

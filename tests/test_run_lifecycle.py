@@ -544,12 +544,22 @@ def test_an_evaluation_missed_by_a_crash_stops_the_resumed_run_when_it_reaches_p
     assert evals("nan_straight") == [2, 4, 6]
 
 
-def test_settings_that_would_be_read_wrongly_or_not_at_all_are_refused(tmp_path, capsys):
+def test_init_stages_without_init_from_is_refused(tmp_path, capsys):
     cfg = write_config(tmp_path, train={"steps": 2, "eval_every": 0, "ckpt_every": 0})
-    assert main(["train", str(cfg), "eval.split=train", "--quiet"]) == 2
-    assert "eval.split=train" in capsys.readouterr().err
     assert main(["train", str(cfg), "train.init_stages=[0]", "--quiet"]) == 2
     assert "train.init_from, which is not set" in capsys.readouterr().err
+
+
+def test_with_eval_split_train_a_resume_tells_evaluations_from_loss_lines():
+    """The loss lines are recorded under split 'train': with eval.split=train a resume took them for evaluations
+    (a missed evaluation looked done; patience recounted over loss lines)."""
+    from omnibyte.startup import eval_pending, evals_since_best
+
+    loss = [{"step": s, "split": "train", "loss": 1.0, "bpb": 9.0 - s, "lr": 1e-3} for s in (5, 10)]
+    evals = [{"step": 5, "split": "train", "loss": 1.0, "bpb": 2.0}]
+    assert eval_pending({"step": 10, "eval_due": True}, loss + evals, "train")  # the step-10 line is no evaluation
+    assert not eval_pending({"step": 5, "eval_due": True}, loss + evals, "train")
+    assert evals_since_best(loss + evals, "train", "bpb", 10) == 0  # one evaluation, the best; loss lines ignored
 
 
 def test_eval_select_picks_the_best_checkpoint_by_the_named_metric(tmp_path, monkeypatch, capsys):
