@@ -39,6 +39,17 @@ def export_weights(run_dir: str | Path, checkpoint: str | int | None = None, out
         train = {**cfg["train"], "pathway_from": "", "pathway_stages": [], "pathway_layers": list(PATHWAY_DEFAULT),
                  "pathway_train_aux": True}  # merged: the base architecture, as omnibyte merge records it
         cfg = {**cfg, "train": train}
+    if out.exists():  # another export there is not replaced in silence (the same checkpoint's is: idempotent)
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(out), "pt") as f:
+                theirs = (f.metadata() or {}).get("checkpoint")
+        except Exception:  # noqa: BLE001 - not an export: not ours to replace
+            theirs = None
+        if theirs != str(ckpt):
+            raise ConfigError(f"--out {out} exists and holds {'the export of ' + theirs if theirs else 'another file'}"
+                              f", not of {ckpt}: choose another --out, or remove it")
     out.parent.mkdir(parents=True, exist_ok=True)
     ckpt_io.save_weights(out, weights, step, extra={
         "config": json.dumps(cfg), "run": str(run_dir), "checkpoint": str(ckpt),

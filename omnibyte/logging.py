@@ -70,6 +70,15 @@ def show_bar(progress: bool = True) -> bool:
     return bool(progress) and sys.stderr is not None and sys.stderr.isatty()
 
 
+def series(record: dict[str, Any]) -> str:
+    """The curve a ``metrics.jsonl`` record belongs to: its split, except an evaluation of the training split
+    (``eval.split=train``; the trainer marks those ``"evaluation": true``), which is ``train_eval``: the loss
+    lines are logged under split ``train`` too, and plots, TensorBoard and the analysis drew both as one zigzag
+    curve. (Runs of earlier versions have no mark: their evaluations of ``train`` stay in that curve.)"""
+    split = record.get("split", "train")
+    return "train_eval" if split == "train" and record.get("evaluation") is True else split
+
+
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     return read_jsonl(Path(run_dir) / METRICS)
 
@@ -161,9 +170,9 @@ class RunLogger:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         self._file.write(json.dumps(clean) + "\n")
         self._file.flush()
-        split, step = record.get("split", "train"), int(record["step"])
+        split, step = series(record), int(record["step"])
         scalars = {f"{split}/{k}": v for k, v in record.items()
-                   if k not in ("step", "split") and isinstance(v, (int, float)) and math.isfinite(v)}
+                   if k not in ("step", "split", "evaluation") and isinstance(v, (int, float)) and math.isfinite(v)}
         if self.writer is not None:
             for k, v in scalars.items():
                 if k != f"{split}/time":  # wall-clock time is the event's own, not a curve

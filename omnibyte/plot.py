@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .logging import read_metrics
+from .logging import read_metrics, series
 
 
 def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -32,8 +32,8 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
     records = read_metrics(run_dir)
     if not records:
         raise FileNotFoundError(f"{run_dir}: no metrics.jsonl records to plot")
-    splits = sorted({r.get("split", "train") for r in records}, key=lambda s: (s != "train", s))
-    by_split = {s: [r for r in records if r.get("split", "train") == s] for s in splits}
+    splits = sorted({series(r) for r in records}, key=lambda s: (s != "train", s))
+    by_split = {s: [r for r in records if series(r) == s] for s in splits}
     modality_keys = sorted({k for r in records for k in r if k.startswith("bpb/")})
 
     fig, (ax_loss, ax_bpb) = plt.subplots(1, 2, figsize=(12, 4.5))

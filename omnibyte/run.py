@@ -316,7 +316,18 @@ def evaluate_run(run: Run, split: str | None = None, *, max_samples: int | None 
     bf16 = use_bf16(cfg.train.precision, device)
     meta = model.stream_meta
     results: dict[str, Any] = {"run": str(run.run_dir), "checkpoint": str(run.checkpoint), "which": run.which,
-                               "step": run.step, "split": split, "data_source": cfg.data.source}
+                               "step": run.step, "split": split, "data_source": cfg.data.source,
+                               "data": {"source": cfg.data.source, "path": cfg.data.path,
+                                        "task_root": getattr(cfg.task, "root", None)}}
+    path = out / f"{split}_{run.step}.json"
+    earlier = json.loads(path.read_text()) if path.is_file() else None
+    if earlier and "data" in earlier and earlier["data"] != results["data"]:
+        # an evaluation of other data (task.root= / data.path= overrides) would merge into, or replace, the
+        # record of this checkpoint on the run's data: a bpb-only pass kept the earlier task results beside
+        # bits per byte of another data set, in one record, without a word
+        raise ConfigError(f"{path} holds step {run.step}'s {split} results on other data ({earlier['data']}; this "
+                          f"evaluation reads {results['data']}): move or remove it to score this data, or "
+                          f"evaluate into another folder")
     stats: dict = {}  # what serializing the items skipped
     subset: dict = {}  # which samples: all of the split, or max_samples of it spread over it (SUBSET_RULE)
     items = list(eval_items(cfg.data, run.task, run.serializer, split, max_samples=n, stats=stats,
@@ -356,9 +367,7 @@ def evaluate_run(run: Run, split: str | None = None, *, max_samples: int | None 
             results.update(task_max_samples=n, task_subset=subset, task_bf16=bf16)
         if stats:
             results["skipped"] = stats
-    path = out / f"{split}_{run.step}.json"
-    if path.is_file():
-        earlier = json.loads(path.read_text())
+    if earlier is not None:
         if earlier.get("checkpoint") == results["checkpoint"]:
             task_keys = ("task", "skipped", "task_max_samples", "task_subset", "task_bf16")
             if not bpb:  # a task-only pass: its task results replace the earlier ones, the bpb pass stays

@@ -259,7 +259,8 @@ def _train(cfg: RunConfig, info: parallel.DistInfo, early: EarlyRecords | None =
         result = evaluate_bpb(train_module, eval_list, device, bf16=bf16, info=info, seq_len=cfg.data.seq_len)
         seen = counters["bytes_seen"] + int(parallel.all_reduce_sum(
             torch.tensor(float(window.tokens), dtype=torch.float64, device=device), info))
-        record({"step": at, "split": cfg.eval.split, **{k: v for k, v in result.items() if k != "weight"}}, seen)
+        mark = {"evaluation": True} if cfg.eval.split == "train" else {}  # apart from the loss lines (series)
+        record({"step": at, "split": cfg.eval.split, **mark, **{k: v for k, v in result.items() if k != "weight"}}, seen)
         log.info("step %d: %s bpb %.4f", at, cfg.eval.split, result["bpb"])
         sel = cfg.eval.select
         if sel not in result:  # e.g. bpb/answer on a split whose scored bytes have no answer

@@ -75,6 +75,16 @@ def test_generate_refuses_a_prompt_file_that_is_not_a_readable_file(run, tmp_pat
     _error(capsys, "generate", ["generate", str(run), "--prompt-file", str(tmp_path / "absent")], "--prompt-file")
 
 
+def test_a_prompt_file_is_printed_before_its_continuation_as_a_prompt_is(run, tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("The ")
+    common = ["generate", str(run), "--max-new-bytes", "8", "--seed", "3", "--quiet"]
+    capsys.readouterr()
+    assert main([*common, "--prompt", "The "]) == 0
+    given = capsys.readouterr().out
+    assert main([*common, "--prompt-file", str(tmp_path / "p.txt")]) == 0
+    assert capsys.readouterr().out == given and given.startswith("The ")
+
+
 def test_generate_follows_the_runs_precision_policy_as_ask_does(run, capsys, monkeypatch):
     """generate ran in fp32 while ask and eval ran under the run's bf16 autocast: the same greedy prompt could
     answer differently in the two commands. It now decodes under the same policy (eager paths) and logs it."""
@@ -346,6 +356,21 @@ def test_an_eval_checkpoint_override_picks_the_checkpoint_it_names(run, tmp_path
     assert load_run(r, "latest", overrides=["eval.checkpoint=latest"]).step == 2
     with pytest.raises(ConfigError, match="--checkpoint 1 and the override eval.checkpoint=latest"):
         load_run(r, "1", overrides=["eval.checkpoint=latest"])
+
+
+def test_an_empty_prompt_starts_where_the_runs_documents_start():
+    """An empty prompt became BOS for every run, a token a run without BOS never trained on."""
+    from omnibyte import vocab
+    from omnibyte.commands.generate import document_start
+    from omnibyte.registry import SERIALIZERS
+
+    def utf8(**kw):
+        return SERIALIZERS.build({"name": "utf8", **kw})
+
+    assert document_start(utf8(bos=True, eos=True)) == [vocab.BOS]
+    assert document_start(utf8(eos=True)) == [vocab.EOS]  # concatenated documents follow EOS
+    with pytest.raises(ConfigError, match="neither BOS nor EOS"):
+        document_start(utf8())
 
 
 def test_a_generation_prompt_is_never_cut_by_the_training_length_cap():

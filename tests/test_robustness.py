@@ -331,6 +331,8 @@ def test_the_table_rows_are_evaluate_runs_results_on_corrupted_copies(tmp_path):
     assert any(line.startswith("antspeak") for line in table_lines(res))
     again = run_robustness(run, corruptions=["uppercase:0.3"], limit=4, progress=False, out=tmp_path / "b.json")
     assert again["rows"][1]["bpb"] == rows[1]["bpb"]  # same seed, same corrupted copy
+    with pytest.raises(ConfigError, match="pass another --out"):  # --out FILE of another set: not replaced
+        run_robustness(run, corruptions=["drop:0.3"], limit=4, progress=False, out=tmp_path / "b.json")
     other = run_robustness(run, corruptions=["uppercase:0.3"], limit=4, seed=1, progress=False,
                            out=tmp_path / "c.json")
     assert other["rows"][1]["bpb"] != rows[1]["bpb"]

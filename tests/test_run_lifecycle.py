@@ -373,6 +373,13 @@ def test_export_writes_the_chosen_checkpoints_weights(finished, tmp_path, capsys
     want = load_weights(resolve_checkpoint(run / "checkpoints" / "step_000010"))
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
     assert main(["export", str(run), "--checkpoint", "7"]) == 2  # no such step: one clear error
+    # another checkpoint's export is not written over the one there (it was, in silence); the same one's is
+    capsys.readouterr()
+    assert main(["export", str(run), "--checkpoint", "latest", "--out", str(out)]) == 2
+    assert "holds the export of" in capsys.readouterr().err
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["step"] == "10"
+    assert main(["export", str(run), "--checkpoint", "10", "--out", str(out)]) == 0
 
 
 def test_an_export_carries_its_config_and_rebuilds_alone(finished, tmp_path):
@@ -431,6 +438,18 @@ def test_task_only_evaluation_joins_the_checkpoints_record(finished, tmp_path, m
     assert "max_samples 2 (bpb) vs 3 (task)" in on_disk["parts"]
     same = evaluate_run(run, max_samples=3, per_token=False, task_metrics=False, progress=False, out_dir=tmp_path)
     assert "parts" not in json.loads(open(same["results_file"]).read())  # both parts over 3 samples now
+    # the same checkpoint on other data (a task.root / data.path override): a bpb-only pass kept the earlier task
+    # results beside bits per byte of the other data, in one record; refused before scoring, the record kept
+    import dataclasses
+
+    from omnibyte.config import ConfigError
+
+    cfg = run.config
+    moved = dataclasses.replace(run, config=dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, root="/other")))
+    kept = open(same["results_file"]).read()
+    with pytest.raises(ConfigError, match="results on other data"):
+        evaluate_run(moved, max_samples=3, per_token=False, task_metrics=False, progress=False, out_dir=tmp_path)
+    assert open(same["results_file"]).read() == kept
 
 
 def test_shape_warm_up_batch_covers_every_modality():
@@ -646,3 +665,23 @@ def test_an_attempt_that_died_before_its_first_checkpoint_leaves_no_curve_in_ten
     acc = EventAccumulator(str(tmp_path / "runs" / "tiny" / "events"))
     acc.Reload()
     assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 9))
+
+
+def test_evaluations_of_the_training_split_are_a_curve_of_their_own(tmp_path):
+    """With eval.split=train the evaluations and the loss lines were both split 'train': plots, TensorBoard and the
+    analysis drew them as one zigzag curve."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from omnibyte import analysis as A
+    from omnibyte.plot import plot_run
+
+    cfg = write_config(tmp_path, train={"steps": 10, "log_every": 5, "eval_every": 5, "ckpt_every": 5})
+    assert main(["train", str(cfg), "eval.split=train", "--quiet"]) == 0
+    run = A.load_run(tmp_path / "runs" / "tiny")
+    assert A.splits_of(run) == ["train", "train_eval"]
+    (steps, loss), (esteps, eloss) = A.curve(run, "loss", "train"), A.curve(run, "loss", "train_eval")
+    assert list(steps) == list(esteps) == [5, 10] and list(loss) != list(eloss)
+    acc = EventAccumulator(str(run.path / "events"))
+    acc.Reload()
+    assert "train_eval/bpb" in acc.Tags()["scalars"] and [e.step for e in acc.Scalars("train/loss")] == [5, 10]
+    assert plot_run(run.path).is_file()

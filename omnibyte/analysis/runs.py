@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..logging import read_metrics
+from ..logging import read_metrics, series
 from ..runconfig import RESOLVED_NAME
 
 log = logging.getLogger("omnibyte.analysis")
@@ -134,10 +134,10 @@ def load_runs(*roots: str | os.PathLike | Iterable[str | os.PathLike]) -> list[R
 def metrics_table(run: Run, split: str | None = None, keys: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """The metrics records (of one ``split`` if given) as a list of dicts, restricted to ``keys``
     (``step`` and ``split`` always kept); a key a record lacks is ``None``."""
-    rows = [r for r in run.metrics if split is None or r.get("split", "train") == split]
+    rows = [r for r in run.metrics if split is None or series(r) == split]
     if keys is None:
         return [dict(r) for r in rows]
-    return [{"step": r.get("step"), "split": r.get("split", "train"), **{k: r.get(k) for k in keys}} for r in rows]
+    return [{"step": r.get("step"), "split": series(r), **{k: r.get(k) for k in keys}} for r in rows]
 
 
 def curve(run: Run, key: str = "loss", split: str = "train") -> Curve:
@@ -145,7 +145,7 @@ def curve(run: Run, key: str = "loss", split: str = "train") -> Curve:
     deduplicated (the last record of a step wins, as after a resume)."""
     by_step: dict[int, float] = {}
     for r in run.metrics:
-        if r.get("split", "train") != split:
+        if series(r) != split:
             continue
         v = r.get(key)
         if isinstance(v, (int, float)) and math.isfinite(v):
@@ -156,13 +156,13 @@ def curve(run: Run, key: str = "loss", split: str = "train") -> Curve:
 
 def modality_curves(run: Run, split: str = "train", prefix: str = "bpb/") -> dict[str, Curve]:
     """``{modality: (steps, bits per byte)}`` from the ``bpb/<modality>`` keys of ``split``."""
-    keys = sorted({k for r in run.metrics if r.get("split", "train") == split for k in r if k.startswith(prefix)})
+    keys = sorted({k for r in run.metrics if series(r) == split for k in r if k.startswith(prefix)})
     return {k[len(prefix):]: curve(run, k, split) for k in keys}
 
 
 def splits_of(run: Run) -> list[str]:
     """The splits in a run's metrics, ``train`` first."""
-    return sorted({r.get("split", "train") for r in run.metrics}, key=lambda s: (s != "train", s))
+    return sorted({series(r) for r in run.metrics}, key=lambda s: (s != "train", s))
 
 
 def smooth(values: Sequence[float] | np.ndarray, window: int = 1, method: str = "mean") -> np.ndarray:

@@ -134,6 +134,24 @@ def check_arguments(args) -> bytes | None:
         raise ConfigError(f"--prompt-file {args.prompt_file}: cannot be read ({e.strerror or e})") from None
 
 
+def document_start(serializer) -> list[int]:
+    """What an empty prompt becomes: the context a document starts after in training. A text serializer's BOS
+    when it writes one; else EOS, which precedes each document of a concatenated stream; a text serializer with
+    neither is refused (its documents start after nothing the model can be given). BOS used to be given
+    always, a token a run without BOS never trained on. Serializers that take more than text: BOS, as before."""
+    from omnibyte import vocab
+
+    cfg = serializer.config
+    if getattr(cfg, "field", None) is None or getattr(cfg, "bos", False):
+        return [vocab.BOS]
+    if getattr(cfg, "eos", False):
+        return [vocab.EOS]
+    from omnibyte.config import ConfigError
+
+    raise ConfigError("an empty prompt: this run's serializer writes neither BOS nor EOS, so no token stands for "
+                      "the start of a document in its training; give --prompt TEXT")
+
+
 def prompt_tokens(serializer, text: str, data: bytes | None, raw: bool) -> list[int]:
     """The prompt as the model saw such text in training: serialized, trailing EOS/EOM dropped."""
     from omnibyte import vocab
@@ -184,7 +202,7 @@ def run(args) -> int:
     logging.getLogger("omnibyte.generate").info("sampling from %s checkpoint %s (step %d)", loaded.which,
                                                 loaded.checkpoint, loaded.step)
     serializer, model = loaded.serializer, loaded.model
-    prompt = prompt_tokens(serializer, args.prompt, data, args.raw) or [vocab.BOS]
+    prompt = prompt_tokens(serializer, args.prompt, data, args.raw) or document_start(serializer)
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(args.seed)
     batch = torch.tensor([prompt] * args.num, dtype=torch.long, device=device)
@@ -229,9 +247,11 @@ def run(args) -> int:
     elif drafter is not None:  # no acceptance rate without a draft (Drafter.acceptance None; not 0%)
         logging.getLogger("omnibyte.generate").info(
             "speculative decoding: no bytes drafted, so no acceptance rate (%d verification passes)", drafter.rounds)
+    # the prompt before its continuation, --prompt-file's as --prompt's (it printed the continuation alone)
+    shown = args.prompt if data is None else data.decode("utf-8", errors="replace")
     for row in out.tolist():
-        data = bytes(t for t in row if t < vocab.NUM_BYTES)
-        print(args.prompt + data.decode("utf-8", errors="replace"))
+        made = bytes(t for t in row if t < vocab.NUM_BYTES)
+        print(shown + made.decode("utf-8", errors="replace"))
         if args.num > 1:
             print("-" * 40)
     return 0

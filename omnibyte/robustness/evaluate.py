@@ -244,14 +244,15 @@ def run_robustness(run, split: str | None = None, *, corruptions=None, seed: int
     # (the name once had no seed, --limit or set, so a second call replaced the first call's table)
     path = Path(out) if out else run.run_dir / "eval" / f"robustness_{split}_{run.step}_seed{seed}_n{n}.json"
     labels = ["clean", *(c.label for c in plan.corruptions)]
-    if not out and path.is_file():
+    if path.is_file():  # --out FILE too: its table is not replaced by another set's
         try:
             before = [r.get("corruption") for r in json.loads(path.read_text()).get("rows", [])]
         except (ValueError, OSError, AttributeError):
             before = None
         if before != labels:
             raise ConfigError(f"{path} holds a table of {before or 'unreadable rows'}, not of {labels}: this call "
-                              f"would replace it; pass --out FILE for this one (or remove that file)")
+                              f"would replace it; pass {'another ' if out else ''}--out FILE for this one (or remove "
+                              f"that file)")
     rows: list[dict[str, Any]] = []
     clean_words = None
     for c in (None, *plan.corruptions):
