@@ -412,3 +412,21 @@ def test_seeds_scored_at_other_checkpoints_or_on_other_questions_are_not_average
     with pytest.raises(ValueError, match="different checkpoints or question sets .*s1: step 2250, 512 questions"):
         A.accuracy_table(runs)
     assert A.accuracy_table([runs[0], seed(2, 5000, 1000)])[0]["accuracy"]["n"] == 2
+
+
+def test_a_seed_recorded_before_a_config_key_existed_ran_its_default(tmp_path: Path):
+    """Seeds trained before serializer.image_align existed have no such key in their record; seeds after it
+    record its default, 1: the same setup, not runs that "differ in serializer.image_align"."""
+    import yaml
+
+    def seed(s, **serializer):
+        d = make_run(tmp_path, f"s{s}", seed=s)
+        cfg = yaml.safe_load((d / "config.resolved.yaml").read_text())
+        cfg["serializer"].update(serializer)
+        (d / "config.resolved.yaml").write_text(yaml.safe_dump(cfg))
+        return A.load_run(d)
+
+    old, new, other = seed(0), seed(1, image_align=1), seed(2, image_align=8)
+    A.check_seeds_of_one_arm("png/scratch", [old, new])
+    with pytest.raises(ValueError, match="differ in serializer.image_align"):
+        A.check_seeds_of_one_arm("png/scratch", [old, new, other])

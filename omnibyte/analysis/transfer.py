@@ -67,6 +67,19 @@ SEED_KEYS = frozenset({"seed", "run_name", "out_dir", "task.root", "train.progre
                        "train.keep_last", "train.ckpt_every", "train.log_every"})
 
 
+def _with_defaults(config: dict) -> dict:
+    """A run's recorded config with every key of this omnibyte's config at its default where the record lacks it:
+    a seed trained before a key existed (``serializer.image_align``) ran that key's default, and is not another
+    setup for it. A record this omnibyte cannot read (a plugin not loaded) is compared as recorded."""
+    from ..config import from_dict, to_dict
+    from ..runconfig import RunConfig
+
+    try:
+        return to_dict(from_dict(RunConfig, config))
+    except Exception:  # noqa: BLE001 - compared as recorded
+        return config
+
+
 def check_seeds_of_one_arm(name: str, group: list[Run]) -> None:
     """Refuse a group that is not seeds of one setup: two runs with the same seed, or runs whose configs differ
     outside :data:`SEED_KEYS` (e.g. a 30x20 and a 40x27 pixels run: pooled, one would be read as the other's
@@ -77,7 +90,7 @@ def check_seeds_of_one_arm(name: str, group: list[Run]) -> None:
             raise ValueError(f"arm {name}: {seeds[r.seed].path} and {r.path} both have seed {r.seed}: not seeds of "
                              f"one arm; analyse them apart (separate folders, or group_runs(key=...))")
         seeds[r.seed] = r
-    flats = [{k: repr(v) for k, v in flatten(r.config).items()} for r in group]  # repr: lists compare as text
+    flats = [{k: repr(v) for k, v in flatten(_with_defaults(r.config)).items()} for r in group]  # repr: lists as text
     keys = sorted(k for k in set().union(*flats) if k not in SEED_KEYS and len({f.get(k) for f in flats}) > 1)
     if keys:
         shown = ", ".join(keys[:6]) + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")
