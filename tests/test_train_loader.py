@@ -359,3 +359,20 @@ def test_bucketed_loss_equals_the_unbucketed_loss_on_the_same_rows():
             t = compute_loss(model, tight.tokens, tight.loss_mask, tight.modality)
         assert float(a.weight_sum) == float(t.weight_sum)
         assert abs(float(a.nats_sum) - float(t.nats_sum)) <= 1e-5 * abs(float(t.nats_sum))
+
+
+def test_a_position_saved_under_the_other_shard_file_rule_is_refused(tmp_path):
+    """Unequal shard files are no longer owned whole by data shards; a position saved when they were would name
+    other samples on resume, so it is refused (a position records the rule now)."""
+    task, ser = _task(12), UTF8Serializer()
+    _prepare(tmp_path, task, ser, max_count=5, splits=("train",))  # files of 5, 5 and 2 samples
+    cfg = DataConfig(source="shards", path=str(tmp_path), seq_len=512, batch_size=1, workers=2)
+    state = TrainLoader(cfg, task, ser, seed=0).state_dict()
+    assert state["whole_files"] is False  # 2 data shards would own 7 and 5 samples
+    TrainLoader(cfg, task, ser, seed=0).load_state_dict(state)
+    older = {k: v for k, v in state.items() if k != "whole_files"}  # written when 3 files >= 2 meant whole files
+    with pytest.raises(DataError, match="read whole shard files"):
+        TrainLoader(cfg, task, ser, seed=0).load_state_dict(older)
+    one = DataConfig(source="shards", path=str(tmp_path), seq_len=512, batch_size=1, workers=0)
+    TrainLoader(one, task, ser, seed=0).load_state_dict({k: v for k, v in TrainLoader(one, task, ser, seed=0)
+                                                        .state_dict().items() if k != "whole_files"})

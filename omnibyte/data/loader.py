@@ -156,15 +156,41 @@ class TrainLoader:
         ds = self.dataset
         return buckets_in_use(self.cfg, ds.task, ds.serializer, self.resolve_buckets())
 
+    def _whole_files(self) -> bool | None:
+        """data.source=shards: whether each data shard reads whole shard files (``sources.whole_files``), which
+        decides what a saved position's item numbers mean; None for other sources."""
+        if self.cfg.source != "shards":
+            return None
+        from .sources import whole_files
+
+        ds = self.dataset
+        return whole_files(ds._store().counts, ds.world * ds.num_workers)
+
     def state_dict(self) -> dict:
-        return {"consumed": self.consumed, "num_workers": self.dataset.num_workers,
-                "buckets": list(self.buckets) if self.buckets else [],
-                "workers": {str(w): dict(v) for w, v in self.workers.items()}}
+        out = {"consumed": self.consumed, "num_workers": self.dataset.num_workers,
+               "buckets": list(self.buckets) if self.buckets else [],
+               "workers": {str(w): dict(v) for w, v in self.workers.items()}}
+        if self.cfg.source == "shards":
+            out["whole_files"] = self._whole_files()
+        return out
 
     def load_state_dict(self, state: dict) -> None:
         if int(state["num_workers"]) != self.dataset.num_workers:
             raise DataError(f"checkpoint data position was taken with {state['num_workers']} data workers per "
                             f"rank; this run has {self.dataset.num_workers} (set data.workers to match)")
+        if self.cfg.source == "shards":
+            now = self._whole_files()
+            # a position saved before the mode was recorded: then every data shard with a file of its own read
+            # whole files, also where their samples were unequal in number (sources.whole_files)
+            ds = self.dataset
+            then = state.get("whole_files", len(ds._store().urls) >= ds.world * ds.num_workers)
+            if then != now:
+                raise DataError(f"data.path={self.cfg.path}: the checkpoint's data position was taken while each "
+                                f"(rank, worker) read {'whole shard files' if then else 'every S-th sample'}, and "
+                                f"this omnibyte reads {'whole files' if now else 'every S-th sample'} for these "
+                                f"files, whose samples cannot be shared equally by whole files: the position would "
+                                f"name other samples. Resume with the omnibyte that wrote it, or start a new run "
+                                f"from its weights (train.init_from)")
         saved = tuple(int(b) for b in state.get("buckets") or ())
         if self.cfg.pad_to == "buckets":
             if self.cfg.buckets and saved and tuple(self.cfg.buckets) != saved:
