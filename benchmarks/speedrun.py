@@ -205,8 +205,9 @@ def one_arm(name: str, overrides: list[str], a, work: Path, started: float) -> d
     recs = _train_records(run_dir) if run_dir.exists() else []
     inv = plan["invocations"]
     ended = bool(inv) and not inv[-1].get("paused_by_call")  # the last invocation met the budget's cap (or ended)
-    if reached_step(run_dir, recs) < steps and not ended:
-        spent = timing(recs, time.time(), sps, reached_step(run_dir, recs))["training_s"] or 0.0
+    before = reached_step(run_dir, recs)
+    if before < steps and not ended:
+        spent = timing(recs, time.time(), sps, before)["training_s"] or 0.0
         cap = budget - spent + allowance  # the budget left, and this invocation's start-up
         paused_by_call = False
         limits = [a.call_train_seconds] if a.call_train_seconds else []

@@ -96,7 +96,7 @@ def _val_rows(run) -> list[dict]:
     refused (per_token_file names the steps)."""
     from omnibyte import analysis as A
 
-    if not any(f.stem.startswith("val_") and f.stem[4:].isdigit() for f in run.per_token_files):
+    if not A.per_token_steps(run, "val"):
         return []
     acc = A.vqa_accuracy(run, "val")
     return A.per_token_losses(run, split="val", step=acc.get("step") if acc else None)

@@ -10,8 +10,9 @@
    batch and schedule, ``omnibyte train transfer_pg19_to_clevr_{png,jpeg,pixels}`` from the PG19 weights;
    ``omnibyte train clevr_cnn_lstm`` on the same data, steps and batch; every arm with ``--seeds`` seeds;
    ``--arms`` adds Multimodal Pathway from the PG19 run and modality-aware blocks (scratch and from PG19);
-4. ``run_transfer.py eval RUN_DIR``: VQA accuracy by question type on the first ``vqa_samples`` val
-   questions (closed-set ranking through each model's ``score``: byte models and the CNN+LSTM alike) into ``eval/vqa_val_<step>.json``,
+4. ``run_transfer.py eval RUN_DIR``: VQA accuracy by question type on ``vqa_samples`` val questions spread over
+   the split, as evaluation picks them (``prior.json`` is taken on the same ones), by closed-set ranking through
+   each model's ``score`` (byte models and the CNN+LSTM alike), into ``eval/vqa_val_<step>.json``,
    and per-token losses of a few val streams into ``eval/val_<step>.h5`` (heat maps);
 5. ``OUT/transfer_metrics.tar.gz``: config.resolved.yaml, metrics.jsonl, eval/*.json, eval/*.h5 of every
    run; no checkpoints.

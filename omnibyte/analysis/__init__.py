@@ -48,6 +48,7 @@ from .token_losses import (
     modality_bpb,
     per_token_file,
     per_token_losses,
+    per_token_steps,
 )
 from .transfer import (
     SEED_KEYS,
@@ -70,6 +71,6 @@ __all__ = [
     "Curve", "Run", "load_run", "load_runs", "find_run_dirs", "metrics_table", "curve", "modality_curves", "splits_of",
     "smooth", "steps_to_target", "final_value", "aggregate", "aggregate_curves", "censored_aggregate", "input_kind", "init_kind",
     "arm", "group_runs", "check_seeds_of_one_arm", "SEED_KEYS", "mean_stderr", "transfer_table", "vqa_accuracy", "accuracy_table", "vqa_predictions", "binomial_accuracy",
-    "paired_difference", "paired_records", "per_token_file", "per_token_losses", "modality_bpb", "answer_loss_split",
+    "paired_difference", "paired_records", "per_token_file", "per_token_losses", "per_token_steps", "modality_bpb", "answer_loss_split",
     "image_segment", "image_loss_map", "fmt", "markdown_table", "arm_colours", "image_loss_maps",
 ]

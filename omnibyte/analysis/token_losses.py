@@ -16,13 +16,18 @@ from .runs import Run, aggregate
 # --- per-token losses and image loss maps ------------------------------------------------------------------
 
 
+def per_token_steps(run: Run, split: str) -> dict[int, Path]:
+    """``{step: file}`` of the run's per-token files of ``split`` (``eval/<split>_<step>.h5``)."""
+    import re
+
+    return {int(m.group(1)): f for f in run.per_token_files
+            if (m := re.fullmatch(rf"{re.escape(split)}_(\d+)", f.stem))}
+
+
 def per_token_file(run: Run, split: str, step: int | None = None) -> Path:
     """The run's per-token file of ``split`` (``eval/<split>_<step>.h5``) at ``step``, default the latest step.
     One file: pooling a run's files counted each question once per evaluated checkpoint (and split)."""
-    import re
-
-    found = {int(m.group(1)): f for f in run.per_token_files
-             if (m := re.fullmatch(rf"{re.escape(split)}_(\d+)", f.stem))}
+    found = per_token_steps(run, split)
     if not found:
         raise FileNotFoundError(f"{run.path}: no per-token file of split {split!r} (eval/{split}_<step>.h5; it has "
                                 f"{[f.name for f in run.per_token_files] or 'none'}); run `omnibyte eval`")

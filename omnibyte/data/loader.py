@@ -134,6 +134,7 @@ class TrainLoader:
         self.consumed = 0
         self.workers: dict[int, dict] = {}
         self.buckets: tuple[int, ...] | None = None  # pad_to=buckets: resolved on first use or from a position
+        self._files_rule: tuple[bool, bool] | None = None  # data.source=shards: see _shard_rule
 
     @property
     def stats(self) -> dict:
@@ -156,22 +157,25 @@ class TrainLoader:
         ds = self.dataset
         return buckets_in_use(self.cfg, ds.task, ds.serializer, self.resolve_buckets())
 
-    def _whole_files(self) -> bool | None:
-        """data.source=shards: whether each data shard reads whole shard files (``sources.whole_files``), which
-        decides what a saved position's item numbers mean; None for other sources."""
-        if self.cfg.source != "shards":
-            return None
-        from .sources import whole_files
+    def _shard_rule(self) -> tuple[bool, bool]:
+        """data.source=shards: ``(now, before)``: whether each data shard reads whole shard files
+        (``sources.whole_files``), which decides what a saved position's item numbers mean, and whether it did
+        under the earlier rule (whole files wherever every data shard had a file). Read from the shard index once
+        a run: every checkpoint records it."""
+        if self._files_rule is None:
+            from .sources import whole_files
 
-        ds = self.dataset
-        return whole_files(ds._store().counts, ds.world * ds.num_workers)
+            ds = self.dataset
+            counts, shards = ds._store().counts, ds.world * ds.num_workers
+            self._files_rule = (whole_files(counts, shards), len(counts) >= shards)
+        return self._files_rule
 
     def state_dict(self) -> dict:
         out = {"consumed": self.consumed, "num_workers": self.dataset.num_workers,
                "buckets": list(self.buckets) if self.buckets else [],
                "workers": {str(w): dict(v) for w, v in self.workers.items()}}
         if self.cfg.source == "shards":
-            out["whole_files"] = self._whole_files()
+            out["whole_files"] = self._shard_rule()[0]
         return out
 
     def load_state_dict(self, state: dict) -> None:
@@ -179,11 +183,10 @@ class TrainLoader:
             raise DataError(f"checkpoint data position was taken with {state['num_workers']} data workers per "
                             f"rank; this run has {self.dataset.num_workers} (set data.workers to match)")
         if self.cfg.source == "shards":
-            now = self._whole_files()
-            # a position saved before the mode was recorded: then every data shard with a file of its own read
+            # a position saved before the rule was recorded: then every data shard with a file of its own read
             # whole files, also where their samples were unequal in number (sources.whole_files)
-            ds = self.dataset
-            then = state.get("whole_files", len(ds._store().urls) >= ds.world * ds.num_workers)
+            now, before = self._shard_rule()
+            then = state.get("whole_files", before)
             if then != now:
                 raise DataError(f"data.path={self.cfg.path}: the checkpoint's data position was taken while each "
                                 f"(rank, worker) read {'whole shard files' if then else 'every S-th sample'}, and "

@@ -76,12 +76,12 @@ def _short(cfg: Any) -> str:
     return canonical(cfg) if cfg is not None else "none recorded"
 
 
-def task_differences(recorded: dict[str, Any], current: Any, neutral: frozenset[str] = frozenset()) -> list[str]:
-    """The task-config keys whose recorded value (the store's) differs from ``current`` (this run's config), as
-    ``key: store's -> run's`` lines. Keys in ``neutral`` (a task's
+def task_differences(recorded: dict[str, Any], mine: dict[str, Any], neutral: frozenset[str] = frozenset()
+                     ) -> list[str]:
+    """The task-config keys whose recorded value (the store's) differs from ``mine`` (this run's, as
+    :func:`config_record` gives it), as ``key: store's -> run's`` lines. Keys in ``neutral`` (a task's
     :meth:`~tasks.base.Task.store_neutral_for`: read at evaluation or run time, not by the samples), ``name``
     and ``root`` are left out, and so is a key the store does not record (written before the key existed)."""
-    mine = config_record(current) or {}
     out = []
     for key in sorted(set(mine) - {"name", "root"} - set(neutral)):
         if key in recorded and canonical(recorded[key]) != canonical(mine[key]):
@@ -107,12 +107,12 @@ def check_store(record: dict[str, Any], where: str, *, task_name: str, serialize
     if task["name"] != task_name:
         raise DataError(f"{where}: store made for task {task['name']!r}, this run's task is {task_name!r}")
     if run_task is not None:
-        task_config = run_task.config
-        diff = task_differences(task, task_config, run_task.store_neutral_for(task))
+        current = config_record(run_task.config) or {}
+        diff = task_differences(task, current, run_task.store_neutral_for(task))
         if diff:
             raise DataError(f"{where}: store made under other task settings, so its samples are not this run's "
                             f"({'; '.join(diff)}); {hint}, or set those keys as the store has them")
-        theirs, mine = task.get("root"), (config_record(task_config) or {}).get("root")
+        theirs, mine = task.get("root"), current.get("root")
         if theirs is not None and mine and theirs != mine:
             log.warning("%s: store prepared from task.root=%s; this run's task.root=%s is not read (the store's "
                         "samples are used)", where, theirs, mine)

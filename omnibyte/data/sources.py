@@ -220,8 +220,8 @@ def whole_files(counts: list[int], shards: int) -> bool:
     sample (equal to one sample; more reading), with a warning saying how to get whole files back."""
     if len(counts) < shards:
         return False
-    totals = {sum(counts[i::shards]) for i in range(shards)}
-    if len(totals) == 1:
+    shares = [sum(counts[i::shards]) for i in range(shards)]
+    if len(set(shares)) == 1:
         return True
     key = (shards, *counts)
     if key not in _warned_files:
@@ -229,7 +229,7 @@ def whole_files(counts: list[int], shards: int) -> bool:
         log.warning("data.source=shards: %d shard files over %d data shards (ranks x workers) would give them %s "
                     "samples each, so some would be seen more often; each data shard reads every file instead and "
                     "keeps every %d-th sample (write a multiple of %d equal shard files to read whole files)",
-                    len(counts), shards, sorted(sum(counts[i::shards]) for i in range(shards)), shards, shards)
+                    len(counts), shards, sorted(shares), shards, shards)
     return False
 
 

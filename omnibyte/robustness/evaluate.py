@@ -239,10 +239,11 @@ def run_robustness(run, split: str | None = None, *, corruptions=None, seed: int
         raise ConfigError(f"--limit must be >= 0 (0: the whole split), got {n}")
     # one folder per (split, step, seed, sample count): a later call with another seed or --limit writes beside it,
     # so the "detail" paths in an earlier call's JSON keep pointing at that call's own records
-    detail = run.run_dir / "eval" / "robustness" / f"{split}_{run.step}_seed{seed}_n{n}"
+    key = f"{split}_{run.step}_seed{seed}_n{n}"
+    detail = run.run_dir / "eval" / "robustness" / key
     # the table: named by the same key; another corruption set under that key is refused before any scoring
     # (the name once had no seed, --limit or set, so a second call replaced the first call's table)
-    path = Path(out) if out else run.run_dir / "eval" / f"robustness_{split}_{run.step}_seed{seed}_n{n}.json"
+    path = Path(out) if out else run.run_dir / "eval" / f"robustness_{key}.json"
     labels = ["clean", *(c.label for c in plan.corruptions)]
     if path.is_file():  # --out FILE too: its table is not replaced by another set's
         try:
